@@ -1,0 +1,9 @@
+"""p2pstore: a peer-to-peer distributed relational store for Linux devices.
+
+Layers (lower never imports higher): errors, clock <- protocol <- store, schema
+<- net <- sync <- api <- daemon. ``client`` and ``cli`` reach the daemon only
+through its Unix socket.
+"""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1

@@ -1,0 +1,3 @@
+from p2pstore.cli.main import main
+
+raise SystemExit(main())
