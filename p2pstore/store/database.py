@@ -1,0 +1,430 @@
+"""A store: one SQLite file, one writer connection owned by the daemon.
+
+The connection lives on aiosqlite's worker thread. Every operation is one
+plain function ``fn(conn, ...)`` run on that thread (``Store.run``), so a
+whole transaction — the user's statement plus the stamping of what it
+captured — costs one hop and no other coroutine can slip a statement into it.
+
+Invariants:
+- WAL mode and a busy timeout, so other processes can read and write the file
+  while the daemon has it open; their changes are captured by the triggers.
+- Statements from the API run under an authorizer: no transaction control,
+  no ATTACH, no writes to ``_p2p_*`` internals, no pragma that would change
+  how the daemon relies on the file.
+- ``stamp`` runs in the same transaction as an API write, and after every
+  commit by another process (noticed through ``PRAGMA data_version``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from p2pstore.clock import HybridClock
+from p2pstore.errors import (
+    ConstraintViolation,
+    InvalidParams,
+    P2PStoreError,
+    PermissionDenied,
+    ReadOnlyTable,
+    SecurityLabelMismatch,
+    SqlError,
+    StoreInvalid,
+    TableNotDistributed,
+    TableTypeLocked,
+)
+from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
+from p2pstore.store import capture
+from p2pstore.store.capture import ChangeBatch, get_meta, set_meta
+from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, device_table_name, read_table_info
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TABLE_TYPES = ("collaborative", "single_version")
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+#: Rows a single store.query may return (protects the daemon and the socket).
+MAX_QUERY_ROWS = 200_000
+
+# Authorizer action codes (sqlite3 exposes them as constants).
+_DENY_PRAGMAS = {"journal_mode", "locking_mode", "writable_schema", "query_only", "read_uncommitted", "recursive_triggers"}
+_WRITE_ACTIONS = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
+_DROP_ACTIONS = {sqlite3.SQLITE_DROP_TABLE, sqlite3.SQLITE_DROP_TRIGGER, sqlite3.SQLITE_DROP_INDEX}
+
+
+def map_sqlite_error(exc: sqlite3.Error, sql: str | None = None) -> P2PStoreError:
+    """The one place sqlite3 errors become p2pstore errors."""
+    text = str(exc)
+    data = {"sqlite": text}
+    if "READ_ONLY_TABLE" in text:
+        return ReadOnlyTable(text.split("READ_ONLY_TABLE: ", 1)[-1], data=data)
+    if "CONSTRAINT_VIOLATION" in text:
+        return ConstraintViolation(text.split("CONSTRAINT_VIOLATION: ", 1)[-1], data=data)
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ConstraintViolation(text, data=data)
+    if "not authorized" in text:
+        return PermissionDenied(f"statement not allowed through the API: {text}", data=data)
+    return SqlError(text, data=data)
+
+
+class Store:
+    """One open store. Create with ``await Store.open(...)``."""
+
+    def __init__(self, bundle: str, name: str, path: Path, db: aiosqlite.Connection) -> None:
+        self.bundle = bundle
+        self.name = name
+        self.path = path
+        self._db = db
+        self.clock = HybridClock()
+        self.security_label = 1
+        self.table_type: str | None = None
+        self.distributed: dict[str, TableInfo] = {}
+        self.auto_sync: dict[str, bool] = {}
+        self._user_sql = False
+        self._data_version = -1
+        #: Called (in the event loop) with every non-empty batch of captured changes.
+        self.on_changes: Callable[[Store, ChangeBatch], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        bundle: str,
+        name: str,
+        security_label: int | None = None,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        synchronous: str = "NORMAL",
+    ) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False)
+        store = cls(bundle, name, path, db)
+        try:
+            await store.run(store._setup, busy_timeout_ms, synchronous, security_label)
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    def _setup(self, conn: sqlite3.Connection, busy_timeout_ms: int, synchronous: str, label: int | None) -> None:
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreInvalid(f"{self.path}: could not switch to WAL mode (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.executescript(capture.SCHEMA_SQL)
+        except sqlite3.DatabaseError as exc:
+            raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
+        conn.set_authorizer(self._authorize)
+        with _transaction(conn):
+            stored = get_meta(conn, "security_label")
+            if stored is None:
+                set_meta(conn, "security_label", label or 1)
+            elif label is not None and label < stored:
+                raise SecurityLabelMismatch(
+                    f"store {self.bundle}/{self.name} is labelled S{stored}; it can't be reopened with the lower label S{label}",
+                    data={"stored": f"S{stored}", "requested": f"S{label}"},
+                )
+            elif label is not None and label > stored:
+                set_meta(conn, "security_label", label)
+            self.security_label = int(get_meta(conn, "security_label"))
+            self.table_type = get_meta(conn, "table_type")
+            self.clock.last = int(get_meta(conn, "hlc_last", 0))
+            self._load_tables(conn)
+            # Changes written while the daemon was down are stamped now; no
+            # one is subscribed yet, so they are not announced.
+            capture.stamp(conn, self.clock, collect=False)
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def _load_tables(self, conn: sqlite3.Connection) -> None:
+        self.distributed.clear()
+        self.auto_sync.clear()
+        for name, auto in conn.execute("SELECT name, auto_sync FROM _p2p_tables WHERE kind = 'local'").fetchall():
+            self.distributed[name] = read_table_info(conn, name)
+            self.auto_sync[name] = bool(auto)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` on the connection's own thread.
+
+        aiosqlite routes all of its own calls through ``_execute``; we use the
+        same door so a multi-statement transaction is one hop.
+        """
+        return await self._db._execute(fn, self._db._conn, *args)
+
+    # -- authorizer --------------------------------------------------------
+
+    def _authorize(self, action: int, arg1: str | None, arg2: str | None, dbname: str | None, source: str | None) -> int:
+        if not self._user_sql or source is not None:
+            return sqlite3.SQLITE_OK  # the daemon's own statements and trigger bodies
+        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+            return sqlite3.SQLITE_DENY
+        if action in _WRITE_ACTIONS and arg1 and arg1.lower().startswith(INTERNAL_PREFIX):
+            return sqlite3.SQLITE_DENY
+        if action in _DROP_ACTIONS and arg1 and arg1.lower().startswith(INTERNAL_PREFIX):
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_PRAGMA and arg1 and arg1.lower() in _DENY_PRAGMAS and arg2 is not None:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    # -- reads and writes from the API --------------------------------------
+
+    def _write(self, conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> tuple[sqlite3.Cursor, ChangeBatch]:
+        """Run one user statement and stamp what it captured, atomically."""
+        with _transaction(conn):
+            self._user_sql = True
+            try:
+                cursor = conn.execute(sql, tuple(params))
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, sql) from exc
+            finally:
+                self._user_sql = False
+            batch = capture.stamp(conn, self.clock)
+        return cursor, batch
+
+    async def execute(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> tuple[dict[str, int], ChangeBatch]:
+            cursor, batch = self._write(conn, sql, params or ())
+            if cursor.description is not None:
+                cursor.fetchmany(MAX_QUERY_ROWS)  # a SELECT through execute: drain, ignore
+            if any(sql.lstrip().upper().startswith(w) for w in ("CREATE", "DROP", "ALTER")):
+                self._load_tables(conn)
+            return {"rows_affected": max(cursor.rowcount, 0), "last_insert_rowid": cursor.lastrowid or 0}, batch
+
+        result, batch = await self.run(op)
+        self._announce(batch)
+        return result
+
+    async def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, Any]:
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            self._user_sql = True
+            try:
+                cursor = conn.execute(sql, params or ())
+                columns = [d[0] for d in cursor.description or ()]
+                rows = cursor.fetchmany(MAX_QUERY_ROWS + 1)
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc, sql) from exc
+            finally:
+                self._user_sql = False
+                if conn.in_transaction:  # a write smuggled into query(): undo it
+                    conn.rollback()
+            if len(rows) > MAX_QUERY_ROWS:
+                raise SqlError(f"query returns more than {MAX_QUERY_ROWS} rows; add a LIMIT and page with OFFSET")
+            return {"columns": columns, "rows": [list(r) for r in rows]}
+
+        return await self.run(op)
+
+    async def insert(self, table: str, values: dict[str, Any]) -> int:
+        def op(conn: sqlite3.Connection) -> tuple[int, ChangeBatch]:
+            info = read_table_info(conn, table)
+            cols = _checked_values(values, info)
+            sql = (
+                f"INSERT INTO {quote_ident(table)} ({', '.join(quote_ident(c) for c in cols)}) "
+                f"VALUES ({', '.join('?' * len(cols))})"
+                if cols
+                else f"INSERT INTO {quote_ident(table)} DEFAULT VALUES"
+            )
+            cursor, batch = self._write(conn, sql, cols.values())
+            return cursor.lastrowid or 0, batch
+
+        rowid, batch = await self.run(op)
+        self._announce(batch)
+        return rowid
+
+    async def update(self, values: dict[str, Any], predicates: dict[str, Any]) -> int:
+        def op(conn: sqlite3.Connection) -> tuple[int, ChangeBatch]:
+            table = table_of(predicates)
+            info = read_table_info(conn, table)
+            cols = _checked_values(values, info)
+            if not cols:
+                raise InvalidParams("values must name at least one column", data={"param": "values"})
+            compiled = compile_predicates(predicates, info.columns)
+            _no_paging(compiled)
+            where = f" WHERE {compiled.where}" if compiled.where else ""
+            sets = ", ".join(f"{quote_ident(c)} = ?" for c in cols)
+            cursor, batch = self._write(conn, f"UPDATE {quote_ident(table)} SET {sets}{where}", (*cols.values(), *compiled.params))
+            return cursor.rowcount, batch
+
+        count, batch = await self.run(op)
+        self._announce(batch)
+        return count
+
+    async def delete(self, predicates: dict[str, Any]) -> int:
+        def op(conn: sqlite3.Connection) -> tuple[int, ChangeBatch]:
+            table = table_of(predicates)
+            info = read_table_info(conn, table)
+            compiled = compile_predicates(predicates, info.columns)
+            _no_paging(compiled)
+            where = f" WHERE {compiled.where}" if compiled.where else ""
+            cursor, batch = self._write(conn, f"DELETE FROM {quote_ident(table)}{where}", compiled.params)
+            return cursor.rowcount, batch
+
+        count, batch = await self.run(op)
+        self._announce(batch)
+        return count
+
+    # -- distributed tables -------------------------------------------------
+
+    async def set_distributed_tables(
+        self,
+        tables: list[str],
+        *,
+        table_type: str = "collaborative",
+        auto_sync: bool = False,
+        validate: Callable[[sqlite3.Connection, list[TableInfo]], None] | None = None,
+    ) -> None:
+        """Make ``tables`` distributed (adding to those already distributed).
+
+        Existing rows are logged as inserts so the first sync sends them, but
+        they are not announced as local changes: nothing changed locally.
+        ``validate`` (the single-version schema check) runs inside the same
+        transaction, so a refused schema leaves the store untouched.
+        """
+        if table_type not in TABLE_TYPES:
+            raise InvalidParams(f"table_type must be one of {', '.join(TABLE_TYPES)}", data={"param": "config.table_type"})
+
+        def op(conn: sqlite3.Connection) -> ChangeBatch:
+            with _transaction(conn):
+                current = get_meta(conn, "table_type")
+                if current is not None and current != table_type:
+                    raise TableTypeLocked(
+                        f"store {self.bundle}/{self.name} already uses {current} distributed tables; a store's table type can't be switched",
+                        data={"current": current, "requested": table_type},
+                    )
+                infos = [read_table_info(conn, t) for t in tables]
+                for info in infos:
+                    kind = conn.execute("SELECT kind FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
+                    if kind is not None and kind[0] == "device":
+                        raise ReadOnlyTable(f"{info.name} holds another device's rows and can't be distributed again")
+                if validate is not None:
+                    validate(conn, infos)
+                batch = capture.stamp(conn, self.clock)  # announce outside writes captured before this point
+                for info in infos:
+                    row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
+                    if row is None:
+                        tid = conn.execute(
+                            "INSERT INTO _p2p_tables(name, kind, auto_sync) VALUES (?, 'local', ?)", (info.name, int(auto_sync))
+                        ).lastrowid
+                        for sql in capture.capture_triggers_sql(tid, info):
+                            conn.execute(sql)
+                        conn.execute(
+                            f"INSERT INTO _p2p_log(tid, pk, op) SELECT {tid}, {info.key_expr}, {capture.OP_INSERT} FROM {quote_ident(info.name)}"
+                        )
+                    else:
+                        conn.execute("UPDATE _p2p_tables SET auto_sync = ? WHERE tid = ?", (int(auto_sync), row[0]))
+                set_meta(conn, "table_type", table_type)
+                capture.stamp(conn, self.clock, collect=False)
+                self.table_type = table_type
+                self._load_tables(conn)
+            return batch
+
+        self._announce(await self.run(op))
+
+    def require_distributed(self, table: str) -> TableInfo:
+        info = self.distributed.get(table)
+        if info is None:
+            raise TableNotDistributed(f"table {table} of store {self.name} is not distributed", data={"table": table})
+        return info
+
+    async def create_device_table(self, device_id: str, table: str) -> str:
+        """Create the read-only local copy of ``device_id``'s rows of ``table``."""
+        info = self.require_distributed(table)
+        name = device_table_name(device_id, table)
+
+        def op(conn: sqlite3.Connection) -> str:
+            with _transaction(conn):
+                if conn.execute("SELECT 1 FROM _p2p_tables WHERE name = ?", (name,)).fetchone():
+                    return name
+                cols = conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall()
+                defs = []
+                for _cid, col, decl, _nn, _dflt, pk in cols:
+                    d = f"{quote_ident(col)} {decl}".rstrip()
+                    defs.append(d + (" PRIMARY KEY" if pk else ""))
+                if info.key is None:
+                    defs.append("_p2p_rowid INTEGER PRIMARY KEY")
+                conn.execute(f"CREATE TABLE {quote_ident(name)} ({', '.join(defs)})")
+                for sql in capture.read_only_triggers_sql(name, device_id):
+                    conn.execute(sql)
+                conn.execute(
+                    "INSERT INTO _p2p_tables(name, kind, origin, source) VALUES (?, 'device', ?, ?)", (name, device_id, table)
+                )
+            return name
+
+        return await self.run(op)
+
+    # -- capture of other processes' writes ----------------------------------
+
+    async def poll(self) -> ChangeBatch:
+        """Stamp and announce changes committed by other connections, if any."""
+
+        def op(conn: sqlite3.Connection) -> ChangeBatch:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return ChangeBatch()
+            self._data_version = version
+            with _transaction(conn):
+                return capture.stamp(conn, self.clock)
+
+        batch = await self.run(op)
+        self._announce(batch)
+        return batch
+
+    def _announce(self, batch: ChangeBatch) -> None:
+        if batch and batch.by_table and self.on_changes is not None:
+            self.on_changes(self, batch)
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception.
+
+    IMMEDIATE takes the write lock up front, so a conflict with another
+    process waits on the busy timeout instead of failing half-way.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(exc) from exc
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except sqlite3.Error as err:
+                self.conn.execute("ROLLBACK")
+                raise map_sqlite_error(err) from err
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+def _checked_values(values: Any, info: TableInfo) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise InvalidParams("values must be an object of column: value", data={"param": "values"})
+    unknown = [c for c in values if c not in info.columns]
+    if unknown:
+        raise InvalidParams(f"table {info.name} has no column(s) {', '.join(map(repr, unknown))}", data={"param": "values"})
+    bad = [c for c, v in values.items() if not is_sql_value(v)]
+    if bad:
+        raise InvalidParams(f"value of {bad[0]!r} must be null, a number, a string or a blob", data={"param": f"values.{bad[0]}"})
+    return dict(values)
+
+
+def _no_paging(compiled: Any) -> None:
+    if compiled.order_by or compiled.limit is not None or compiled.offset is not None:
+        raise InvalidParams("order_by, limit and offset apply to queries, not to updates or deletes", data={"param": "predicates"})
