@@ -125,17 +125,7 @@ class Store:
             raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
         conn.set_authorizer(self._authorize)
         with _transaction(conn):
-            stored = get_meta(conn, "security_label")
-            if stored is None:
-                set_meta(conn, "security_label", label or 1)
-            elif label is not None and label < stored:
-                raise SecurityLabelMismatch(
-                    f"store {self.bundle}/{self.name} is labelled S{stored}; it can't be reopened with the lower label S{label}",
-                    data={"stored": f"S{stored}", "requested": f"S{label}"},
-                )
-            elif label is not None and label > stored:
-                set_meta(conn, "security_label", label)
-            self.security_label = int(get_meta(conn, "security_label"))
+            self._apply_label(conn, label)
             self.table_type = get_meta(conn, "table_type")
             self.clock.last = int(get_meta(conn, "hlc_last", 0))
             self._load_tables(conn)
@@ -143,6 +133,28 @@ class Store:
             # one is subscribed yet, so they are not announced.
             capture.stamp(conn, self.clock, collect=False)
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+    async def set_security_label(self, label: int) -> None:
+        """Raise the store's label; lowering it is refused (data may already be restricted)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                self._apply_label(conn, label)
+
+        await self.run(op)
+
+    def _apply_label(self, conn: sqlite3.Connection, label: int | None) -> None:
+        stored = get_meta(conn, "security_label")
+        if stored is None:
+            set_meta(conn, "security_label", label or 1)
+        elif label is not None and label < stored:
+            raise SecurityLabelMismatch(
+                f"store {self.bundle}/{self.name} is labelled S{stored}; it can't be reopened with the lower label S{label}",
+                data={"stored": f"S{stored}", "requested": f"S{label}"},
+            )
+        elif label is not None and label > stored:
+            set_meta(conn, "security_label", label)
+        self.security_label = int(get_meta(conn, "security_label"))
 
     def _load_tables(self, conn: sqlite3.Connection) -> None:
         self.distributed.clear()
@@ -207,6 +219,9 @@ class Store:
 
     async def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, Any]:
         def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            # A query runs in a transaction that is always rolled back, so a
+            # write smuggled into it (INSERT ... RETURNING) changes nothing.
+            conn.execute("BEGIN")
             self._user_sql = True
             try:
                 cursor = conn.execute(sql, params or ())
@@ -216,8 +231,7 @@ class Store:
                 raise map_sqlite_error(exc, sql) from exc
             finally:
                 self._user_sql = False
-                if conn.in_transaction:  # a write smuggled into query(): undo it
-                    conn.rollback()
+                conn.execute("ROLLBACK")
             if len(rows) > MAX_QUERY_ROWS:
                 raise SqlError(f"query returns more than {MAX_QUERY_ROWS} rows; add a LIMIT and page with OFFSET")
             return {"columns": columns, "rows": [list(r) for r in rows]}

@@ -1,0 +1,208 @@
+"""The local API's methods: a thin adapter from JSON-RPC params to the core.
+
+Each handler is registered once in ``METHODS`` under its JSON-RPC name. Params
+are checked against ``schemas/api.schema.json`` before a handler runs, so a
+handler sees well-typed values; deeper checks (columns, predicates, names)
+happen in the core and raise P2PStoreError subclasses, which the server turns
+into JSON-RPC errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import jsonschema
+
+from p2pstore import __version__
+from p2pstore.api.jsonrpc import Request, from_wire
+from p2pstore.api.server import ClientConnection
+from p2pstore.api.subscriptions import Subscriptions
+from p2pstore.config import load_json_schema
+from p2pstore.errors import InvalidParams, MethodNotFound
+from p2pstore.store.capture import ChangeBatch
+from p2pstore.store.database import Store
+from p2pstore.store.registry import StoreRegistry
+from p2pstore.store.tables import device_table_name
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Api", ClientConnection, dict[str, Any]], Awaitable[Any]]
+METHODS: dict[str, Handler] = {}
+
+
+def method(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        METHODS[name] = fn
+        return fn
+
+    return register
+
+
+@cache
+def _validators() -> dict[str, jsonschema.Draft202012Validator]:
+    doc = load_json_schema("api.schema.json")
+    defs = doc["$defs"]
+    return {
+        name: jsonschema.Draft202012Validator({**schema, "$defs": defs})
+        for name, schema in doc["methods"].items()
+    }
+
+
+def check_params(method_name: str, params: dict[str, Any]) -> None:
+    validator = _validators().get(method_name)
+    if validator is None:
+        return
+    error = jsonschema.exceptions.best_match(validator.iter_errors(params))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "params"
+        raise InvalidParams(f"{method_name}: {where}: {error.message}", data={"param": where})
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSelf:
+    """This device as the API reports it."""
+
+    device_id: str
+    name: str
+    security_level: str
+    port: int
+    default_store: str = "default"
+
+
+class Api:
+    """Method handlers with their collaborators injected (no daemon object)."""
+
+    def __init__(
+        self,
+        *,
+        device: Callable[[], DeviceSelf],
+        registry: StoreRegistry,
+        subscriptions: Subscriptions,
+    ) -> None:
+        self.device = device
+        self.registry = registry
+        self.subscriptions = subscriptions
+        self.started = time.time()
+
+    async def dispatch(self, client: ClientConnection, request: Request) -> Any:
+        handler = METHODS.get(request.method)
+        if handler is None:
+            raise MethodNotFound(f"unknown method {request.method!r}", data={"method": request.method})
+        check_params(request.method, request.params)
+        return await handler(self, client, from_wire(request.params))
+
+    def store(self, params: dict[str, Any]) -> Store:
+        return self.registry.get(params.get("bundle", "default"), params["store"])
+
+    def on_store_changes(self, store: Store, batch: ChangeBatch) -> None:
+        """Local changes (API or another process) -> ``local_details`` subscribers."""
+        self.subscriptions.publish(
+            (store.bundle, store.name), "local_details", "dataChange",
+            {"store": store.name, "bundle": store.bundle, "changes": batch.change_infos()},
+        )
+
+
+def _store_summary(store: Store) -> dict[str, Any]:
+    return {
+        "bundle": store.bundle,
+        "store": store.name,
+        "path": str(store.path),
+        "security_level": f"S{store.security_label}",
+        "table_type": store.table_type,
+        "distributed_tables": sorted(store.distributed),
+    }
+
+
+@method("device.info")
+async def device_info(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    me = api.device()
+    return {"device_id": me.device_id, "name": me.name, "security_level": me.security_level, "port": me.port, "version": __version__,
+            "default_store": me.default_store}
+
+
+@method("status")
+async def status(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    info = await device_info(api, client, params)
+    return {"device": info, "uptime_s": round(time.time() - api.started, 1), "stores": [_store_summary(s) for s in api.registry.stores()]}
+
+
+@method("store.open")
+async def store_open(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    label = params.get("security_level")
+    store = await api.registry.open(params.get("bundle", "default"), params["store"], int(label[1]) if label else None)
+    return {"store": store.name, "bundle": store.bundle, "path": str(store.path), "security_level": f"S{store.security_label}"}
+
+
+@method("store.close")
+async def store_close(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    key = (params.get("bundle", "default"), params["store"])
+    await api.registry.close(*key)
+    api.subscriptions.drop_store(key)
+    return {}
+
+
+@method("store.execute")
+async def store_execute(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return await api.store(params).execute(params["sql"], params.get("params"))
+
+
+@method("store.query")
+async def store_query(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return await api.store(params).query(params["sql"], params.get("params"))
+
+
+@method("store.insert")
+async def store_insert(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"rowid": await api.store(params).insert(params["table"], params["values"])}
+
+
+@method("store.update")
+async def store_update(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"rows_affected": await api.store(params).update(params["values"], params["predicates"])}
+
+
+@method("store.delete")
+async def store_delete(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"rows_affected": await api.store(params).delete(params["predicates"])}
+
+
+@method("store.set_distributed_tables")
+async def store_set_distributed_tables(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store = api.store(params)
+    config = params.get("config", {})
+    if not store.distributed:
+        api.registry.check_distributed_limit(store)
+    await store.set_distributed_tables(
+        params["tables"],
+        table_type=config.get("table_type", "collaborative"),
+        auto_sync=config.get("auto_sync", False),
+    )
+    return {}
+
+
+@method("store.distributed_table_name")
+async def store_distributed_table_name(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store = api.store(params)
+    store.require_distributed(params["table"])
+    if store.table_type != "collaborative":
+        raise InvalidParams("distributed_table_name applies to collaborative tables only; single-version rows merge into the table itself")
+    return {"table": device_table_name(params["device"], params["table"])}
+
+
+@method("store.subscribe")
+async def store_subscribe(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store = api.store(params)
+    sub = api.subscriptions.subscribe(client.outbox, (store.bundle, store.name), params["type"])
+    return {"subscription": sub}
+
+
+@method("store.unsubscribe")
+async def store_unsubscribe(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store = api.store(params)
+    api.subscriptions.unsubscribe(client.outbox, (store.bundle, store.name), params["subscription"])
+    return {}

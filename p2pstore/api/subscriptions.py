@@ -1,0 +1,129 @@
+"""Who gets which notification, and the bounded queue in front of each client.
+
+A slow or dead subscriber never blocks the daemon: notifications go into a
+per-connection outbox of at most ``queue_limit`` entries. When it is full the
+client gets one ``overflow`` notification (and nothing more until its queue
+drains), which tells it to re-read what it cares about. Responses are never
+dropped: they bypass the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pstore.api.jsonrpc import encode_notification
+from p2pstore.errors import SubscriptionNotFound, TooManySubscriptions
+
+log = logging.getLogger(__name__)
+
+STORE_TYPES = ("remote", "local_details", "remote_details")
+StoreKey = tuple[str, str]
+
+
+class Outbox:
+    """Everything the daemon sends to one client, in order."""
+
+    def __init__(self, queue_limit: int) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.queue_limit = queue_limit
+        self.pending_notifications = 0
+        self.overflowed = False
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.queue.put_nowait(data)
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        if self.pending_notifications >= self.queue_limit:
+            if not self.overflowed:
+                self.overflowed = True
+                self.queue.put_nowait(encode_notification("overflow", {
+                    "message": "notifications were dropped because this client reads too slowly; re-read the data you watch",
+                }))
+            return
+        self.pending_notifications += 1
+        self.queue.put_nowait(_NOTE + encode_notification(method, params))
+
+    def close(self) -> None:
+        self.closed = True
+        self.queue.put_nowait(None)
+
+
+#: Internal marker telling the writer loop that an entry counted against the limit.
+_NOTE = b"\x00"
+
+
+async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
+    """Write the outbox to the socket until it is closed."""
+    while True:
+        data = await outbox.queue.get()
+        if data is None:
+            return
+        if data.startswith(_NOTE):
+            data = data[1:]
+            outbox.pending_notifications -= 1
+            if outbox.pending_notifications == 0:
+                outbox.overflowed = False
+        writer.write(data)
+        await writer.drain()
+
+
+@dataclass(slots=True)
+class Subscription:
+    id: int
+    outbox: Outbox
+    store: StoreKey | None  # None for device events
+    type: str
+
+
+@dataclass
+class Subscriptions:
+    """Registry of subscriptions across all connections."""
+
+    max_per_store: int = 8
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _subs: dict[int, Subscription] = field(default_factory=dict)
+
+    def subscribe(self, outbox: Outbox, store: StoreKey | None, type_: str) -> int:
+        mine = [s for s in self._subs.values() if s.outbox is outbox and s.store == store]
+        for sub in mine:
+            if sub.type == type_:
+                return sub.id  # a duplicate subscription is harmless, as in HarmonyOS
+        if store is not None and len(mine) >= self.max_per_store:
+            raise TooManySubscriptions(
+                f"this connection already has {len(mine)} subscriptions on store {store[1]} (limit {self.max_per_store})",
+                data={"limit": self.max_per_store},
+            )
+        sub = Subscription(next(self._ids), outbox, store, type_)
+        self._subs[sub.id] = sub
+        return sub.id
+
+    def unsubscribe(self, outbox: Outbox, store: StoreKey | None, sub_id: int) -> None:
+        sub = self._subs.get(sub_id)
+        if sub is None or sub.outbox is not outbox or sub.store != store:
+            raise SubscriptionNotFound(f"no subscription {sub_id} on this connection for that store", data={"subscription": sub_id})
+        del self._subs[sub_id]
+
+    def drop_outbox(self, outbox: Outbox) -> None:
+        for sub_id in [i for i, s in self._subs.items() if s.outbox is outbox]:
+            del self._subs[sub_id]
+
+    def drop_store(self, store: StoreKey) -> None:
+        for sub_id in [i for i, s in self._subs.items() if s.store == store]:
+            del self._subs[sub_id]
+
+    def publish(self, store: StoreKey | None, type_: str, method: str, params: dict[str, Any]) -> int:
+        """Send to every matching subscriber; returns how many."""
+        count = 0
+        for sub in list(self._subs.values()):
+            if sub.store == store and sub.type == type_:
+                sub.outbox.notify(method, {"subscription": sub.id, **params})
+                count += 1
+        return count

@@ -1,0 +1,98 @@
+"""Store commands: ``sql``, ``distribute``, ``watch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from p2pstore.api.jsonrpc import to_wire
+from p2pstore.cli.common import EXIT_OK, emit, open_store, parse_value, store_option, with_client
+from p2pstore.client import Client
+
+#: Statements whose first word means "returns rows": sent as store.query.
+QUERY_WORDS = ("SELECT", "WITH", "PRAGMA", "EXPLAIN", "VALUES")
+
+
+def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("sql", parents=[parent], help="run one SQL statement on a store",
+                       description="Run one SQL statement. SELECT/WITH/PRAGMA/EXPLAIN/VALUES print rows; other statements "
+                                   "print rows_affected and last_insert_rowid. PARAMs bind to ? in order; each is read as JSON "
+                                   "when it parses (42, 1.5, null, \"text\") and as plain text otherwise.")
+    store_option(p)
+    p.add_argument("statement", metavar="SQL")
+    p.add_argument("params", metavar="PARAM", nargs="*")
+    p.set_defaults(run=run_sql)
+
+    p = sub.add_parser("distribute", parents=[parent], help="make tables distributed (synced)",
+                       description="Mark tables as distributed so their changes are captured and synced. A store's table type "
+                                   "(collaborative or single-version) is fixed by the first call.")
+    store_option(p)
+    p.add_argument("tables", metavar="TABLE", nargs="+")
+    p.add_argument("--mode", choices=["collaborative", "single-version"], default="collaborative")
+    p.add_argument("--auto-sync", action="store_true", help="push local changes to online trusted devices automatically")
+    p.set_defaults(run=run_distribute)
+
+    p = sub.add_parser("watch", parents=[parent], help="print change notifications as JSON lines",
+                       description="Subscribe to a store's change notifications and print one JSON line per notification "
+                                   "until interrupted (Ctrl-C). --local: changes made on this device (local_details); "
+                                   "--remote: devices whose synced data changed. Default: both.")
+    store_option(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--local", action="store_true")
+    g.add_argument("--remote", action="store_true")
+    p.set_defaults(run=run_watch)
+
+
+def run_sql(args: argparse.Namespace) -> int:
+    params = [parse_value(v) for v in args.params]
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        if args.statement.lstrip().split(None, 1)[0].upper() in QUERY_WORDS:
+            result = await client.call("store.query", **ref, sql=args.statement, params=params)
+            if args.json:
+                emit(args, result)
+            else:
+                print("\t".join(result["columns"]))
+                for row in result["rows"]:
+                    print("\t".join("NULL" if v is None else json.dumps(to_wire(v)) if isinstance(v, bytes) else str(v) for v in row))
+        else:
+            result = await client.call("store.execute", **ref, sql=args.statement, params=params)
+            emit(args, result, f"rows_affected={result['rows_affected']} last_insert_rowid={result['last_insert_rowid']}")
+        return EXIT_OK
+
+    if not args.statement.strip():
+        print("p2pstore sql: empty statement", file=sys.stderr)
+        return 2
+    return with_client(args, go)
+
+
+def run_distribute(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        config = {"table_type": args.mode.replace("-", "_"), "auto_sync": args.auto_sync}
+        await client.call("store.set_distributed_tables", **ref, tables=args.tables, config=config)
+        emit(args, {"store": ref["store"], "tables": args.tables, **config},
+             f"distributed in {ref['store']}: {', '.join(args.tables)} ({args.mode}{', auto-sync' if args.auto_sync else ''})")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    types = ["local_details"] if args.local else ["remote"] if args.remote else ["local_details", "remote"]
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        for t in types:
+            await client.call("store.subscribe", **ref, type=t)
+        print(json.dumps({"watching": ref["store"], "types": types}), flush=True)
+        while True:
+            note = await client.notifications.get()
+            print(json.dumps(to_wire(note), ensure_ascii=False), flush=True)
+
+    try:
+        return with_client(args, go)
+    except KeyboardInterrupt:
+        return EXIT_OK

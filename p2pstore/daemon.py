@@ -1,0 +1,177 @@
+"""Composition root: builds the parts from a Config, starts them, stops them.
+
+Lifecycle:
+- One daemon per socket. A lock file beside the socket (flock) decides who
+  owns it; a socket file left by a crashed daemon (nobody listening) is
+  removed and replaced, a live one makes the second daemon refuse to start.
+- Ready when the API socket listens: then READY=1 goes to systemd
+  (Type=notify) if NOTIFY_SOCKET is set.
+- SIGTERM/SIGINT: stop accepting, close stores, remove the socket file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from p2pstore.api.methods import Api, DeviceSelf
+from p2pstore.api.server import ApiServer, ClientConnection
+from p2pstore.api.subscriptions import Subscriptions
+from p2pstore.config import Config
+from p2pstore.errors import ConfigError, DaemonAlreadyRunning
+from p2pstore.net.identity import Identity
+from p2pstore.store.registry import StoreRegistry
+
+log = logging.getLogger("p2pstore.daemon")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
+    )
+    # aiosqlite logs every statement at DEBUG: too much even for debugging us.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd about our state (Type=notify); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+    return True
+
+
+class SocketLock:
+    """Exclusive ownership of a socket path, with stale-socket recovery."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DaemonAlreadyRunning(
+                f"another p2pstore daemon (pid {pid}) is already running on {self.path}; stop it or use --socket",
+                data={"socket": str(self.path)},
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        if self.path.exists() or self.path.is_symlink():
+            self._clear_stale()
+
+    def _clear_stale(self) -> None:
+        if not self.path.is_socket():
+            raise ConfigError(f"{self.path} exists and is not a socket; refusing to replace it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(str(self.path))
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                    raise
+                log.warning("removed stale socket %s left by a daemon that is gone", self.path)
+                self.path.unlink(missing_ok=True)
+                return
+        raise DaemonAlreadyRunning(f"a process is already listening on {self.path}", data={"socket": str(self.path)})
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink()
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.identity: Identity | None = None
+        self.subscriptions = Subscriptions(max_per_store=config.max_subscriptions)
+        self.registry = StoreRegistry(
+            config.data_dir,
+            max_per_bundle=config.max_stores_per_bundle,
+            busy_timeout_ms=config.busy_timeout_ms,
+            synchronous=config.synchronous,
+        )
+        self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions)
+        self.registry.on_changes = self.api.on_store_changes
+        self.server = ApiServer(
+            config.socket,
+            self.api.dispatch,
+            max_line=config.max_request_bytes,
+            allowed_uids={os.getuid(), 0, *config.allowed_uids},
+            group=config.socket_group,
+            queue_limit=config.notification_queue,
+            on_disconnect=self._client_gone,
+        )
+        self._lock = SocketLock(config.socket)
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def device_self(self) -> DeviceSelf:
+        assert self.identity is not None
+        return DeviceSelf(self.identity.device_id, self.config.name, self.config.security_level, self.config.port, self.config.default_store)
+
+    def _client_gone(self, client: ClientConnection) -> None:
+        self.subscriptions.drop_outbox(client.outbox)
+
+    async def start(self) -> None:
+        data_dir = self.config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.identity = Identity.load_or_create(data_dir, self.config.name)
+        self._lock.acquire()
+        try:
+            await self.server.start()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._tasks.append(asyncio.create_task(self.registry.run_polling(self.config.poll_interval_ms)))
+        log.info("p2pstore daemon %s (%s) listening on %s, data in %s",
+                 self.config.name, self.identity.device_id, self.config.socket, data_dir)
+        sd_notify("READY=1\nSTATUS=listening")
+
+    async def stop(self) -> None:
+        sd_notify("STOPPING=1")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.server.stop()
+        await self.registry.close_all()
+        self._lock.release()
+        log.info("p2pstore daemon stopped")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        await self.start()
+        try:
+            await self.stopping.wait()
+        finally:
+            await self.stop()
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        log.info("received %s, shutting down", sig.name)
+        self.stopping.set()

@@ -1,0 +1,121 @@
+"""The daemon's open stores, keyed by (bundle, name), and the poll loop.
+
+Files live at ``<data dir>/stores/<bundle>/<name>.db``. A store stays open
+until ``store.close`` (opening an open store again returns it). At most
+``max_per_bundle`` open stores of a bundle may have distributed tables, as in
+HarmonyOS (16 by default).
+
+The poll loop asks every open store's connection for ``PRAGMA data_version``
+each ``poll_interval_ms``: it changes when another process commits, and then
+the store stamps and announces the captured changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
+from p2pstore.store.capture import ChangeBatch
+from p2pstore.store.database import Store
+from p2pstore.store.tables import check_name
+
+log = logging.getLogger(__name__)
+
+
+class StoreRegistry:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        max_per_bundle: int = 16,
+        busy_timeout_ms: int = 5000,
+        synchronous: str = "NORMAL",
+        on_changes: Callable[[Store, ChangeBatch], None] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.max_per_bundle = max_per_bundle
+        self.busy_timeout_ms = busy_timeout_ms
+        self.synchronous = synchronous
+        self.on_changes = on_changes
+        self._stores: dict[tuple[str, str], Store] = {}
+        self._lock = asyncio.Lock()
+
+    def path_for(self, bundle: str, name: str) -> Path:
+        return self.data_dir / "stores" / check_name("bundle", bundle) / f"{check_name('store', name)}.db"
+
+    async def open(self, bundle: str, name: str, security_label: int | None = None) -> Store:
+        path = self.path_for(bundle, name)
+        async with self._lock:
+            store = self._stores.get((bundle, name))
+            if store is not None:
+                if security_label is not None and security_label != store.security_label:
+                    await store.set_security_label(security_label)
+                return store
+            store = await Store.open(
+                path, bundle=bundle, name=name, security_label=security_label,
+                busy_timeout_ms=self.busy_timeout_ms, synchronous=self.synchronous,
+            )
+            if store.distributed:
+                try:
+                    self.check_distributed_limit(store)
+                except P2PStoreError:
+                    await store.close()
+                    raise
+            store.on_changes = self.on_changes
+            self._stores[(bundle, name)] = store
+            log.info("opened store %s/%s at %s (label S%d, %d distributed table(s))",
+                     bundle, name, path, store.security_label, len(store.distributed))
+            return store
+
+    def get(self, bundle: str, name: str) -> Store:
+        store = self._stores.get((bundle, name))
+        if store is None:
+            raise StoreNotOpen(f"store {bundle}/{name} is not open; call store.open first", data={"store": name, "bundle": bundle})
+        return store
+
+    def stores(self) -> list[Store]:
+        return list(self._stores.values())
+
+    def check_distributed_limit(self, store: Store) -> None:
+        """Raise if ``store`` would be one store with distributed tables too many."""
+        others = [
+            s for (b, _), s in self._stores.items()
+            if b == store.bundle and s is not store and s.distributed
+        ]
+        if len(others) >= self.max_per_bundle:
+            raise TooManyStores(
+                f"bundle {store.bundle} already has {len(others)} open stores with distributed tables (limit {self.max_per_bundle}); close one first",
+                data={"bundle": store.bundle, "limit": self.max_per_bundle},
+            )
+
+    async def close(self, bundle: str, name: str) -> None:
+        async with self._lock:
+            store = self.get(bundle, name)
+            del self._stores[(bundle, name)]
+            await store.close()
+            log.info("closed store %s/%s", bundle, name)
+
+    async def close_all(self) -> None:
+        async with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            await store.close()
+
+    async def poll_once(self) -> None:
+        for store in list(self._stores.values()):
+            try:
+                await store.poll()
+            except P2PStoreError as exc:
+                # Busy past the timeout, or the file went bad: log and try again next round.
+                log.warning("store %s/%s: could not read outside changes: %s", store.bundle, store.name, exc.message)
+            except ValueError:
+                pass  # closed while we polled
+
+    async def run_polling(self, interval_ms: int) -> None:
+        """Poll forever (cancelled by the daemon on shutdown)."""
+        while True:
+            await asyncio.sleep(interval_ms / 1000)
+            await self.poll_once()
