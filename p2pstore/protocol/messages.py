@@ -1,0 +1,376 @@
+"""Messages between devices: frozen dataclasses, encoded with msgpack.
+
+Invariants:
+
+- A message object that exists is valid: every message (and every nested
+  struct such as ``StoreOffer``) checks its fields against its type hints and
+  its own rules in ``__post_init__``. So ``decode`` is "unpack, convert,
+  construct", and a peer cannot smuggle in anything the constructor would
+  refuse.
+- ``decode`` has exactly one failure mode: ``ProtocolError``. Garbage,
+  truncated or hostile bytes, wrong types, unknown type tags, missing or
+  extra fields all end there (a hypothesis test checks this).
+- Wire form of a message: the msgpack array ``[type_tag, {field: value}]``.
+  Nested structs are maps with exactly their fields; tuples are arrays.
+- msgpack settings keep SQLite values exact: ``bytes`` travel as bin and
+  ``str`` as str (``use_bin_type=True`` / ``raw=False``), integers keep full
+  64-bit range, map keys must be strings, ext types are refused, and every
+  length is capped by the frame it arrived in.
+
+Adding a message type: write a ``@register`` + ``@dataclass(frozen=True,
+slots=True)`` class deriving from ``Message`` with a unique ``TYPE`` tag and
+type-hinted fields; put extra rules in ``_validate``. Field types understood:
+``int``, ``float``, ``str``, ``bytes``, ``bool``, ``None``, unions of those,
+``tuple[T, ...]`` and nested ``Struct`` subclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from p2pstore.errors import ProtocolError
+from p2pstore.protocol.framing import MAX_FRAME_SIZE
+
+#: Integers must fit msgpack's 64-bit encodings (signed or unsigned).
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+#: Caps for human-readable text fields; they keep logs and UIs sane.
+MAX_NAME_LEN = 255
+MAX_REASON_LEN = 1024
+MAX_DEVICE_ID_LEN = 64
+TABLE_TYPES = frozenset({"collaborative", "single_version"})
+SECURITY_LEVELS = range(1, 5)
+
+
+class Struct:
+    """Base of everything that travels: type-checked, then ``_validate``d."""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        for name, hint in _field_hints(type(self)):
+            _check(getattr(self, name), hint, f"{type(self).__name__}.{name}")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Rules beyond the type hints; subclasses raise ``ProtocolError``."""
+
+
+class Message(Struct):
+    """A top-level message; ``TYPE`` is its tag on the wire."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def register(cls: M) -> M:
+    """Make ``cls`` decodable under its ``TYPE`` tag (tags are unique)."""
+    tag = cls.TYPE
+    if tag in _REGISTRY:
+        raise ValueError(f"message type tag {tag!r} is already used by {_REGISTRY[tag].__name__}")
+    _REGISTRY[tag] = cls
+    return cls
+
+
+def message_types() -> dict[str, type[Message]]:
+    """The registry, tag → class (a copy)."""
+    return dict(_REGISTRY)
+
+
+# --------------------------------------------------------------------------
+# Messages
+
+
+def _text(value: str, what: str, *, max_len: int = MAX_NAME_LEN, empty: bool = False) -> None:
+    if not empty and not value:
+        raise ProtocolError(f"{what} must not be empty")
+    if len(value) > max_len:
+        raise ProtocolError(f"{what} is {len(value)} characters long; the limit is {max_len}")
+
+
+def _level(value: int, what: str) -> None:
+    if value not in SECURITY_LEVELS:
+        raise ProtocolError(f"{what} must be 1..4 (S1..S4), got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class TableOffer(Struct):
+    """One distributed table of a store, as the sending device has it."""
+
+    name: str
+    schema_version: int | None
+    sync_columns: tuple[str, ...]
+    conflict_column: str | None
+
+    def _validate(self) -> None:
+        _text(self.name, "table name")
+        if self.schema_version is not None and self.schema_version < 0:
+            raise ProtocolError(f"table {self.name}: schema_version must be >= 0")
+        for column in self.sync_columns:
+            _text(column, f"table {self.name}: sync column name")
+        if len(set(self.sync_columns)) != len(self.sync_columns):
+            raise ProtocolError(f"table {self.name}: sync columns repeat")
+        if self.conflict_column is not None:
+            _text(self.conflict_column, f"table {self.name}: conflict column name")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOffer(Struct):
+    """A store with distributed tables that the sending device can sync."""
+
+    bundle: str
+    store: str
+    security_label: int
+    table_type: str
+    tables: tuple[TableOffer, ...]
+
+    def _validate(self) -> None:
+        _text(self.bundle, "bundle name")
+        _text(self.store, "store name")
+        _level(self.security_label, f"store {self.bundle}/{self.store}: security_label")
+        if self.table_type not in TABLE_TYPES:
+            raise ProtocolError(
+                f"store {self.bundle}/{self.store}: table_type must be one of "
+                f"{sorted(TABLE_TYPES)}, got {self.table_type!r}"
+            )
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise ProtocolError(f"store {self.bundle}/{self.store}: a table is listed twice")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message each side sends once the peer is authenticated and trusted."""
+
+    TYPE: ClassVar[str] = "hello"
+    protocol_version: int
+    device_id: str
+    name: str
+    security_level: int
+    stores: tuple[StoreOffer, ...]
+
+    def _validate(self) -> None:
+        if self.protocol_version < 1:
+            raise ProtocolError(f"protocol_version must be >= 1, got {self.protocol_version}")
+        _text(self.device_id, "device_id", max_len=MAX_DEVICE_ID_LEN)
+        if not (self.device_id.isascii() and self.device_id.isprintable()):
+            raise ProtocolError("device_id must be printable ASCII")
+        _text(self.name, "device name", empty=True)
+        _level(self.security_level, "security_level")
+        keys = [(s.bundle, s.store) for s in self.stores]
+        if len(set(keys)) != len(keys):
+            raise ProtocolError("a store is offered twice")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class HelloReject(Message):
+    """Answer to a HELLO this device can't accept; the connection ends after it."""
+
+    TYPE: ClassVar[str] = "hello_reject"
+    reason: str
+
+    def _validate(self) -> None:
+        _text(self.reason, "reason", max_len=MAX_REASON_LEN, empty=True)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Keepalive probe; the receiver answers with a ``Pong`` of the same nonce."""
+
+    TYPE: ClassVar[str] = "ping"
+    nonce: int
+
+    def _validate(self) -> None:
+        if not 0 <= self.nonce <= INT_MAX:
+            raise ProtocolError("nonce must be an unsigned 64-bit integer")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """Keepalive answer."""
+
+    TYPE: ClassVar[str] = "pong"
+    nonce: int
+
+    def _validate(self) -> None:
+        if not 0 <= self.nonce <= INT_MAX:
+            raise ProtocolError("nonce must be an unsigned 64-bit integer")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Close(Message):
+    """Orderly goodbye with a reason the peer logs; nothing follows it."""
+
+    TYPE: ClassVar[str] = "close"
+    reason: str
+
+    def _validate(self) -> None:
+        _text(self.reason, "reason", max_len=MAX_REASON_LEN, empty=True)
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def encode(msg: Message) -> bytes:
+    """The msgpack payload of ``msg`` (frame it with ``encode_frame``)."""
+    if not isinstance(msg, Message) or type(msg).TYPE not in _REGISTRY:
+        raise ProtocolError(f"not a registered message: {msg!r}")
+    return msgpack.packb([msg.TYPE, _struct_to_wire(msg)], use_bin_type=True)
+
+
+def decode(payload: bytes) -> Message:
+    """Parse one frame payload; any defect raises ``ProtocolError``."""
+    limit = min(len(payload), MAX_FRAME_SIZE)
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=limit,
+            max_map_len=limit,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"undecodable message: {exc}") from exc
+    if not (isinstance(obj, list) and len(obj) == 2):
+        raise ProtocolError("a message must be a [type, fields] pair")
+    tag, body = obj
+    cls = _REGISTRY.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag!r:.80}")
+    return typing.cast(Message, _struct_from_wire(body, cls, cls.TYPE))
+
+
+def peek_protocol_version(payload: bytes) -> int | None:
+    """``protocol_version`` of a HELLO-tagged payload, even one that fails ``decode``."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False, max_ext_len=0)
+    except Exception:  # noqa: BLE001 - best effort on bytes already known to be bad
+        return None
+    if isinstance(obj, list) and len(obj) >= 2 and obj[0] == Hello.TYPE and isinstance(obj[1], dict):
+        version = obj[1].get("protocol_version")
+        if isinstance(version, int) and not isinstance(version, bool):
+            return version
+    return None
+
+
+# --------------------------------------------------------------------------
+# Generic field handling, driven by type hints
+
+
+_HINTS: dict[type, tuple[tuple[str, Any], ...]] = {}
+_PRIMITIVES = (bool, int, float, str, bytes, type(None))
+
+
+def _field_hints(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        resolved = typing.get_type_hints(cls)
+        hints = tuple((f.name, resolved[f.name]) for f in dataclasses.fields(cls))
+        _HINTS[cls] = hints
+    return hints
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _check(value: Any, hint: Any, path: str) -> None:
+    """Raise ``ProtocolError`` unless ``value`` has type ``hint`` (constructed form)."""
+    if _is_union(hint):
+        for option in typing.get_args(hint):
+            try:
+                _check(value, option, path)
+                return
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{path}: expected {hint}, got {type(value).__name__}")
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple):
+            raise ProtocolError(f"{path}: expected a tuple, got {type(value).__name__}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        for i, item in enumerate(value):
+            _check(item, item_hint, f"{path}[{i}]")
+        return
+    if hint in _PRIMITIVES:
+        # bool is an int subclass; neither may stand in for the other.
+        if type(value) is not hint:
+            raise ProtocolError(f"{path}: expected {_describe(hint)}, got {type(value).__name__}")
+        if hint is int and not INT_MIN <= value <= INT_MAX:
+            raise ProtocolError(f"{path}: integer out of the 64-bit range")
+        return
+    if isinstance(hint, type) and issubclass(hint, Struct):
+        if type(value) is not hint:
+            raise ProtocolError(f"{path}: expected {hint.__name__}, got {type(value).__name__}")
+        return
+    raise TypeError(f"{path}: unsupported field type {hint!r}")
+
+
+def _from_wire(value: Any, hint: Any, path: str) -> Any:
+    """Turn unpacked msgpack data into the constructed form of ``hint``."""
+    if _is_union(hint):
+        for option in typing.get_args(hint):
+            try:
+                return _from_wire(value, option, path)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{path}: expected {hint}, got {type(value).__name__}")
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{path}: expected an array, got {type(value).__name__}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_from_wire(item, item_hint, f"{path}[{i}]") for i, item in enumerate(value))
+    if isinstance(hint, type) and issubclass(hint, Struct):
+        return _struct_from_wire(value, hint, path)
+    _check(value, hint, path)
+    return value
+
+
+def _struct_from_wire(body: Any, cls: type[Struct], path: str) -> Struct:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{path}: expected a map of fields, got {type(body).__name__}")
+    hints = _field_hints(cls)
+    expected = {name for name, _ in hints}
+    if body.keys() != expected:
+        missing = sorted(expected - body.keys())
+        extra = sorted(str(k)[:40] for k in body.keys() - expected)
+        raise ProtocolError(f"{path}: missing fields {missing}, unexpected fields {extra}")
+    kwargs = {name: _from_wire(body[name], hint, f"{path}.{name}") for name, hint in hints}
+    return cls(**kwargs)
+
+
+def _struct_to_wire(obj: Struct) -> dict[str, Any]:
+    return {name: _to_wire(getattr(obj, name)) for name, _ in _field_hints(type(obj))}
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, Struct):
+        return _struct_to_wire(value)
+    if isinstance(value, tuple):
+        return [_to_wire(v) for v in value]
+    return value
