@@ -1,0 +1,52 @@
+"""Module purity, and docs/sync_schema.md covering every rule."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from p2pstore.schema import sync_schema
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sync_schema_module_is_pure() -> None:
+    # Like protocol/: no event loop, no I/O libraries, and of p2pstore only
+    # the error tree, so the rules can be used (and tested) anywhere.
+    tree = ast.parse(Path(sync_schema.__file__).read_text(encoding="utf-8"))
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    forbidden = {"asyncio", "socket", "ssl", "sqlite3", "aiosqlite", "anyio", "threading"}
+    assert not {m for m in imported if m.split(".")[0] in forbidden}
+    assert {m for m in imported if m.split(".")[0] == "p2pstore"} <= {"p2pstore.errors"}
+
+
+def test_importing_the_module_loads_no_event_loop_in_a_fresh_process() -> None:
+    code = (
+        "import sys, p2pstore.schema.sync_schema as m; "
+        "print('asyncio' in sys.modules, 'sqlite3' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_docs_describe_every_rule_and_no_other() -> None:
+    text = (ROOT / "docs" / "sync_schema.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^### `([a-z-]+)`", text, flags=re.MULTILINE))
+    assert documented == set(sync_schema.RULES)
+
+
+def test_every_rule_the_code_can_report_is_registered() -> None:
+    source = Path(sync_schema.__file__).read_text(encoding="utf-8")
+    used = set(re.findall(r'"([a-z]+(?:-[a-z]+)+)",\n', source)) | set(re.findall(r'\bSchemaIssue\([^)]*?"([a-z]+(?:-[a-z]+)+)"', source))
+    assert used <= set(sync_schema.RULES), used - set(sync_schema.RULES)
+    # ... and every registered rule is reported somewhere ("shape" is the
+    # fallback for jsonschema errors, "invalid-json" is raised by parse_document).
+    assert set(sync_schema.RULES) - used == {"shape", "invalid-json"}
