@@ -49,7 +49,8 @@ def decode_request(line: bytes) -> Request:
     """Parse one line into a Request or raise RequestError."""
     try:
         msg = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: "[[[[..." nested deeper than the parser's stack.
         raise RequestError(None, ParseError(f"not valid JSON: {exc}")) from exc
     if not isinstance(msg, dict):
         raise RequestError(None, InvalidRequest("a request must be a JSON object (batches are not supported)"))
