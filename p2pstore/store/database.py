@@ -40,7 +40,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.store import capture
-from p2pstore.store.capture import ChangeBatch, get_meta, set_meta
+from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, device_table_name, read_table_info
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class Store:
         self.table_type: str | None = None
         self.distributed: dict[str, TableInfo] = {}
         self.auto_sync: dict[str, bool] = {}
+        self.capture = CaptureState()
         self._user_sql = False
         self._data_version = -1
         #: Called (in the event loop) with every non-empty batch of captured changes.
@@ -124,21 +125,20 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
         conn.set_authorizer(self._authorize)
-        with _transaction(conn):
+        with self._transaction(conn):
             self._apply_label(conn, label)
             self.table_type = get_meta(conn, "table_type")
-            self.clock.last = int(get_meta(conn, "hlc_last", 0))
             self._load_tables(conn)
             # Changes written while the daemon was down are stamped now; no
             # one is subscribed yet, so they are not announced.
-            capture.stamp(conn, self.clock, collect=False)
+            capture.stamp(conn, self.capture, self.clock, collect=False)
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
     async def set_security_label(self, label: int) -> None:
         """Raise the store's label; lowering it is refused (data may already be restricted)."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with self._transaction(conn):
                 self._apply_label(conn, label)
 
         await self.run(op)
@@ -157,11 +157,15 @@ class Store:
         self.security_label = int(get_meta(conn, "security_label"))
 
     def _load_tables(self, conn: sqlite3.Connection) -> None:
-        self.distributed.clear()
-        self.auto_sync.clear()
-        for name, auto in conn.execute("SELECT name, auto_sync FROM _p2p_tables WHERE kind = 'local'").fetchall():
-            self.distributed[name] = read_table_info(conn, name)
-            self.auto_sync[name] = bool(auto)
+        """Re-read what the file says; the cached capture state follows it."""
+        self.capture = capture.load_state(conn, self.clock)
+        self.distributed = {t.info.name: t.info for t in self.capture.tables.values()}
+        self.auto_sync = {
+            name: bool(auto) for name, auto in conn.execute("SELECT name, auto_sync FROM _p2p_tables WHERE kind = 'local'")
+        }
+
+    def _transaction(self, conn: sqlite3.Connection) -> _transaction:
+        return _transaction(conn, on_rollback=lambda: self._load_tables(conn))
 
     async def close(self) -> None:
         await self._db.close()
@@ -193,15 +197,15 @@ class Store:
 
     def _write(self, conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> tuple[sqlite3.Cursor, ChangeBatch]:
         """Run one user statement and stamp what it captured, atomically."""
-        with _transaction(conn):
+        with self._transaction(conn):
             self._user_sql = True
             try:
-                cursor = conn.execute(sql, tuple(params))
+                cursor = conn.execute(sql, params if isinstance(params, dict) else tuple(params))
             except sqlite3.Error as exc:
                 raise map_sqlite_error(exc, sql) from exc
             finally:
                 self._user_sql = False
-            batch = capture.stamp(conn, self.clock)
+            batch = capture.stamp(conn, self.capture, self.clock)
         return cursor, batch
 
     async def execute(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, int]:
@@ -308,7 +312,7 @@ class Store:
             raise InvalidParams(f"table_type must be one of {', '.join(TABLE_TYPES)}", data={"param": "config.table_type"})
 
         def op(conn: sqlite3.Connection) -> ChangeBatch:
-            with _transaction(conn):
+            with self._transaction(conn):
                 current = get_meta(conn, "table_type")
                 if current is not None and current != table_type:
                     raise TableTypeLocked(
@@ -322,22 +326,15 @@ class Store:
                         raise ReadOnlyTable(f"{info.name} holds another device's rows and can't be distributed again")
                 if validate is not None:
                     validate(conn, infos)
-                batch = capture.stamp(conn, self.clock)  # announce outside writes captured before this point
+                batch = capture.stamp(conn, self.capture, self.clock)  # announce outside writes made before this point
                 for info in infos:
                     row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
                     if row is None:
-                        tid = conn.execute(
-                            "INSERT INTO _p2p_tables(name, kind, auto_sync) VALUES (?, 'local', ?)", (info.name, int(auto_sync))
-                        ).lastrowid
-                        for sql in capture.capture_triggers_sql(tid, info):
-                            conn.execute(sql)
-                        conn.execute(
-                            f"INSERT INTO _p2p_log(tid, pk, op) SELECT {tid}, {info.key_expr}, {capture.OP_INSERT} FROM {quote_ident(info.name)}"
-                        )
+                        capture.register_table(conn, self.capture, info, auto_sync)
                     else:
                         conn.execute("UPDATE _p2p_tables SET auto_sync = ? WHERE tid = ?", (int(auto_sync), row[0]))
                 set_meta(conn, "table_type", table_type)
-                capture.stamp(conn, self.clock, collect=False)
+                capture.stamp(conn, self.capture, self.clock, collect=False)
                 self.table_type = table_type
                 self._load_tables(conn)
             return batch
@@ -356,7 +353,7 @@ class Store:
         name = device_table_name(device_id, table)
 
         def op(conn: sqlite3.Connection) -> str:
-            with _transaction(conn):
+            with self._transaction(conn):
                 if conn.execute("SELECT 1 FROM _p2p_tables WHERE name = ?", (name,)).fetchone():
                     return name
                 cols = conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall()
@@ -386,8 +383,8 @@ class Store:
             if version == self._data_version:
                 return ChangeBatch()
             self._data_version = version
-            with _transaction(conn):
-                return capture.stamp(conn, self.clock)
+            with self._transaction(conn):
+                return capture.stamp(conn, self.capture, self.clock)
 
         batch = await self.run(op)
         self._announce(batch)
@@ -405,8 +402,9 @@ class _transaction:
     process waits on the busy timeout instead of failing half-way.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, on_rollback: Callable[[], None] | None = None) -> None:
         self.conn = conn
+        self.on_rollback = on_rollback
 
     def __enter__(self) -> sqlite3.Connection:
         try:
@@ -421,10 +419,15 @@ class _transaction:
                 self.conn.execute("COMMIT")
                 return
             except sqlite3.Error as err:
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise map_sqlite_error(err) from err
+        self._rollback()
+
+    def _rollback(self) -> None:
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
+        if self.on_rollback is not None:
+            self.on_rollback()
 
 
 def _checked_values(values: Any, info: TableInfo) -> dict[str, Any]:
