@@ -1,0 +1,116 @@
+"""Shared fixtures: real daemons as subprocesses in short temp dirs.
+
+Unix socket paths are limited to 107 bytes, so daemons live under
+``/tmp/p2ps-XXXX`` rather than pytest's long tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pstore.client import BlockingClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class DaemonProcess:
+    """One ``p2pstore daemon`` subprocess and the paths it uses."""
+
+    def __init__(self, root: Path, name: str, extra: list[str]) -> None:
+        self.root = root
+        self.name = name
+        self.data_dir = root / name
+        self.socket = root / f"{name}.sock"
+        self.log_path = root / f"{name}.log"
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "p2pstore", "daemon",
+            "--data-dir", str(self.data_dir), "--socket", str(self.socket),
+            "--port", "0", "--name", self.name, "--log-level", "debug", *self.extra,
+        ]
+
+    def start(self, timeout: float = 15.0) -> DaemonProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                with socket.socket(socket.AF_UNIX) as s:
+                    try:
+                        s.connect(str(self.socket))
+                        return self
+                    except OSError:
+                        pass
+            time.sleep(0.02)
+        raise RuntimeError(f"daemon {self.name} did not start in {timeout}s:\n{self.log()}")
+
+    def client(self) -> BlockingClient:
+        return BlockingClient(self.socket)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="p2ps-", dir="/tmp"))
+    os.chmod(root, 0o700)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_factory(short_tmp: Path) -> Iterator[callable]:
+    """``start(name="a", *extra_flags)`` -> a running DaemonProcess (stopped at teardown)."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str = "a", *extra: str) -> DaemonProcess:
+        d = DaemonProcess(short_tmp, name, ["--no-discovery", *extra] if "--discovery" not in extra else [e for e in extra if e != "--discovery"])
+        started.append(d.start())
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProcess:
+    return daemon_factory("a")
+
+
+@pytest.fixture
+def client(daemon: DaemonProcess) -> Iterator[BlockingClient]:
+    c = daemon.client()
+    yield c
+    c.close()
