@@ -211,10 +211,10 @@ async def _start_tls(
     transport = raw.transport
     assert transport is not None
     where = format_address(raw.peer_address)
-    ctx = _tls_context(identity, peer_cert_der, server_side=server_side)
     reader = asyncio.StreamReader(limit=READ_SIZE)
     protocol = asyncio.StreamReaderProtocol(reader)
     with _channel_errors(f"TLS handshake with {where} failed"):
+        ctx = _tls_context(identity, peer_cert_der, server_side=server_side)
         tls_transport = await loop.start_tls(
             transport,
             protocol,
