@@ -302,6 +302,9 @@ class Discovery:
             raise ConfigError(f"security level must be 1..4, got {security_level}")
         if protocol_version < 0:
             raise ConfigError(f"protocol version must be >= 0, got {protocol_version}")
+        if record_ttl < 2 or resolve_timeout <= 0 or liveness_interval <= 0:
+            # TTL 1 means "goodbye" to some responders (RFC 6762 10.1).
+            raise ConfigError("record_ttl must be >= 2 s; resolve_timeout and liveness_interval > 0")
         self._device_id = device_id
         self._name = name
         self._port = port
@@ -412,12 +415,11 @@ class Discovery:
         if browser is not None:
             await browser.async_cancel()
         if zc is not None:
-            if self._info is not None:
-                log.debug("sending goodbye for %r", self.instance_name)
+            instance = self.instance_name
             # async_close unregisters all services (goodbye packets, TTL 0)
             # before closing the sockets.
             await zc.async_close()
-            log.info("discovery stopped: %r withdrawn", self.instance_name)
+            log.info("discovery stopped: %s", f"{instance!r} withdrawn with goodbyes" if instance else "nothing registered")
         self._info = None
         self._instances.clear()
         self._names.clear()
@@ -487,15 +489,17 @@ class Discovery:
         if zc is None or info is None or self._loop is None:
             return
         taken = self.instance_name
-        if self._device_id < other_id or taken == instance_name_for(self._name, self._device_id):
+        already_suffixed = taken == instance_name_for(self._name, self._device_id)
+        if self._device_id < other_id or already_suffixed:
             now = self._loop.time()
             if self._last_defended is not None and now - self._last_defended < CONFLICT_DEFEND_INTERVAL:
                 return
             self._last_defended = now
             log.warning(
-                "device %s also advertises instance name %r; keeping it (our ID sorts first) and re-announcing",
+                "device %s also advertises instance name %r; keeping it (%s) and re-announcing",
                 other_id,
                 taken,
+                "it already carries our ID" if already_suffixed else "our ID sorts first",
             )
 
             async def reannounce() -> None:

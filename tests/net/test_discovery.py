@@ -20,6 +20,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zeroconf import IPVersion
+from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from discovery_agent import AgentProcess, agent_command
@@ -260,6 +261,8 @@ def test_txt_round_trips_through_the_parser() -> None:
         {"interfaces": ["::1"]},
         {"interfaces": ["0.0.0.0"]},
         {"interfaces": []},
+        {"record_ttl": 1},
+        {"liveness_interval": 0},
     ],
 )
 def test_constructor_rejects_bad_config(override) -> None:
@@ -270,6 +273,32 @@ def test_constructor_rejects_bad_config(override) -> None:
     kwargs.update(override)
     with pytest.raises(ConfigError):
         Discovery(**kwargs)
+
+
+async def test_zeroconf_thread_callbacks_hop_to_the_event_loop() -> None:
+    """Handlers called on zeroconf's own thread must only ever touch state on our loop."""
+    seen: list[int] = []
+
+    class Probe(Discovery):
+        def _handle_change(self, name, state_change) -> None:
+            seen.append(threading.get_ident())
+
+    d = Probe(
+        device_id="devt", name="t", port=7400, security_level=1, protocol_version=1,
+        interfaces=[LOOPBACK], on_found=print, on_lost=print,
+    )
+    d._loop = asyncio.get_running_loop()
+    worker = threading.Thread(
+        target=d._on_state_change,
+        kwargs=dict(zeroconf=None, service_type=SERVICE_TYPE, name=f"x.{SERVICE_TYPE}", state_change=ServiceStateChange.Added),
+    )
+    worker.start()
+    worker.join(5)
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [threading.get_ident()]
 
 
 async def test_start_on_an_address_this_host_lacks_is_a_config_error(loopback_multicast) -> None:
