@@ -275,6 +275,16 @@ def test_constructor_rejects_bad_config(override) -> None:
         Discovery(**kwargs)
 
 
+def test_advertised_addresses() -> None:
+    """Configured interfaces are advertised as given; "all" means this host's
+    non-loopback IPv4 addresses (computed only: starting on all interfaces
+    would multicast beyond loopback, which tests never do)."""
+    common = dict(device_id="deva", name="a", port=7400, security_level=1, protocol_version=1, on_found=print, on_lost=print)
+    assert Discovery(interfaces=["127.0.0.1", "127.0.0.1"], **common).advertised_addresses == ("127.0.0.1",)
+    everywhere = Discovery(interfaces=None, **common).advertised_addresses
+    assert everywhere and (everywhere == ("127.0.0.1",) or "127.0.0.1" not in everywhere)
+
+
 async def test_zeroconf_thread_callbacks_hop_to_the_event_loop() -> None:
     """Handlers called on zeroconf's own thread must only ever touch state on our loop."""
     seen: list[int] = []
