@@ -7,6 +7,8 @@ Lifecycle:
 - Ready when the API socket listens: then READY=1 goes to systemd
   (Type=notify) if NOTIFY_SOCKET is set.
 - SIGTERM/SIGINT: stop accepting, close stores, remove the socket file.
+- SIGHUP: re-read sync_schema.json for every open single_version store
+  (accepted or refused per store, and logged; never fatal).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class Daemon:
             max_per_bundle=config.max_stores_per_bundle,
             busy_timeout_ms=config.busy_timeout_ms,
             synchronous=config.synchronous,
+            sync_schema_path=config.sync_schema_path,
         )
         self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions)
         self.registry.on_changes = self.api.on_store_changes
@@ -166,11 +169,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         await self.start()
         try:
             await self.stopping.wait()
         finally:
             await self.stop()
+
+    def _on_reload_signal(self) -> None:
+        log.info("received SIGHUP, re-reading %s", self.config.sync_schema_path)
+        task = asyncio.create_task(self.registry.reload_sync_schema())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)

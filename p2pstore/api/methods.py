@@ -9,6 +9,7 @@ into JSON-RPC errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,8 @@ from p2pstore.api.server import ClientConnection
 from p2pstore.api.subscriptions import Subscriptions
 from p2pstore.config import load_json_schema
 from p2pstore.errors import InvalidParams, MethodNotFound
+from p2pstore.schema.sync_schema import validate_document
+from p2pstore.store import single_version
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
@@ -115,6 +118,7 @@ def _store_summary(store: Store) -> dict[str, Any]:
         "security_level": f"S{store.security_label}",
         "table_type": store.table_type,
         "distributed_tables": sorted(store.distributed),
+        "schema_version": store.sync_schema_version,
     }
 
 
@@ -177,6 +181,12 @@ async def store_set_distributed_tables(api: Api, client: ClientConnection, param
     config = params.get("config", {})
     if not store.distributed:
         api.registry.check_distributed_limit(store)
+    if config.get("table_type") == "single_version":
+        # Reads sync_schema.json; the result carries the accepted version and its warnings.
+        outcome = await single_version.set_tables(
+            store, params["tables"], auto_sync=config.get("auto_sync", False), schema_path=api.registry.sync_schema_path
+        )
+        return outcome.to_result()
     await store.set_distributed_tables(
         params["tables"],
         table_type=config.get("table_type", "collaborative"),
@@ -206,3 +216,17 @@ async def store_unsubscribe(api: Api, client: ClientConnection, params: dict[str
     store = api.store(params)
     api.subscriptions.unsubscribe(client.outbox, (store.bundle, store.name), params["subscription"])
     return {}
+
+
+@method("schema.validate")
+async def schema_validate(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """``document`` is the file's text (a JSON string) or its JSON value. A
+    bad document is an answer (``valid: false``), never an error."""
+    if "store" in params:
+        report = await api.store(params).check_sync_schema(params["document"])
+    else:
+        # Up to 1 MiB of JSON Schema checks: off the event loop.
+        report = await asyncio.to_thread(
+            validate_document, params["document"], bundle=params.get("bundle"), document_rules=True
+        )
+    return report.to_dict()

@@ -66,7 +66,7 @@ TYPE_AFFINITIES: Mapping[str, frozenset[str]] = {
 #: docs/sync_schema.md documents each one (tests/schema checks that).
 RULES: Mapping[str, str] = {
     # layer 1: shape
-    "invalid-json": "layer 1 error (raised by parse_document as SchemaInvalid)",
+    "invalid-json": "layer 1 error (raised by parse_document as SchemaInvalid; reported by validate_document)",
     "unknown-key": "layer 1 error",
     "missing-key": "layer 1 error",
     "wrong-type": "layer 1 error",
@@ -104,6 +104,7 @@ RULES: Mapping[str, str] = {
     "conflict-column-not-unique": "layer 2 error",
     "unique-column-not-synced": "layer 2 error",
     "not-null-column-not-synced": "layer 2 error",
+    "conflict-column-has-nulls": "layer 2 error (live data: the store counts the rows)",
     # layer 3: against the previously accepted version
     "version-not-increased": "layer 3 error",
     "conflict-column-changed": "layer 3 error",
@@ -819,6 +820,29 @@ def _suggest_type(affinity: str) -> str:
     }.get(affinity, "a numeric type")
 
 
+def conflict_column_nulls(entry: Mapping[str, Any], path: str, nulls: int) -> SchemaIssue | None:
+    """Layer 2 on live data: ``nulls`` rows of the table hold NULL in the
+    conflict column of table entry ``entry`` (at ``path``). The store counts
+    them (this module reads no data); the issue is built here so the rule's
+    name, path and wording live beside the other rules.
+
+    Why: the conflict column identifies a row on every device, and NULL
+    identifies nothing (UNIQUE lets any number of rows hold it), so the seed
+    makes setting the distributed table fail while such rows exist.
+    """
+    column = conflict_column(entry)
+    if column is None or nulls <= 0:
+        return None
+    k = _field_index(entry, column)
+    return SchemaIssue(
+        f"{path}/fields/{k}/primaryKey",
+        "conflict-column-has-nulls",
+        f"Conflict column {_show(column)} of table {_show(entry.get('tableName'))} holds NULL in {nulls} "
+        f"row{'s' if nulls != 1 else ''}; give {'them' if nulls != 1 else 'it'} a value (e.g. a UUID) or delete "
+        f"{'them' if nulls != 1 else 'it'} first.",
+    )
+
+
 # --------------------------------------------------------------------------
 # Layer 3: against the previously accepted version
 
@@ -1069,6 +1093,39 @@ def validate(
                 added = {t: tuple(cols) for t, cols in upgrade_added.items()}
 
     return ValidationReport(tuple(_dedupe(errors)), tuple(_dedupe(warnings)), added)
+
+
+def read_document(document: object) -> object:
+    """The JSON values of a document given either as text (``str`` or
+    ``bytes``: the file's content, parsed by :func:`parse_document`) or as
+    already-decoded JSON values (anything else, taken as is).
+
+    Raises ``SchemaInvalid`` (rule ``invalid-json``) for text that isn't JSON.
+    """
+    if isinstance(document, (str, bytes, bytearray, memoryview)):
+        return parse_document(document)
+    return document
+
+
+def validate_document(document: object, **kwargs: Any) -> ValidationReport:
+    """:func:`validate` for a document given as text or as JSON values (see
+    :func:`read_document`), and never raises: text that isn't JSON gives a
+    report with one ``invalid-json`` error at the document's root. Keyword
+    arguments are :func:`validate`'s.
+
+    Why one function: the API (``schema.validate``) and the offline CLI both
+    take "the file's text or its value" and must answer alike.
+    """
+    try:
+        doc = read_document(document)
+    except SchemaInvalid as exc:
+        return invalid_json_report(exc)
+    return validate(doc, **kwargs)
+
+
+def invalid_json_report(exc: SchemaInvalid) -> ValidationReport:
+    """A report for the ``SchemaInvalid`` that :func:`parse_document` raised."""
+    return ValidationReport((SchemaIssue("", "invalid-json", exc.message),))
 
 
 # --------------------------------------------------------------------------

@@ -118,6 +118,29 @@ def read_only_triggers_sql(table: str, origin: str) -> list[str]:
     ]
 
 
+def not_null_trigger_names(table: str) -> list[str]:
+    return [f"_p2p_nn_{op}_{table}" for op in ("ins", "upd")]
+
+
+def not_null_triggers_sql(table: str, column: str) -> list[str]:
+    """Guards that refuse NULL in a single_version table's conflict column.
+
+    Triggers rather than a NOT NULL constraint because SQLite can't add one
+    to an existing table, and because they hold for every writer (the API,
+    the ``sqlite3`` shell, a peer's changes). The ``CONSTRAINT_VIOLATION:``
+    prefix is what ``database.map_sqlite_error`` maps; ``UPDATE OF`` keeps
+    the update guard off statements that don't touch the column.
+    """
+    t, c = quote_ident(table), quote_ident(column)
+    message = f"CONSTRAINT_VIOLATION: conflict column {column} of single_version table {table} can't be NULL"
+    raise_sql = "SELECT RAISE(ABORT, '" + message.replace("'", "''") + "');"
+    ins, upd = (quote_ident(n) for n in not_null_trigger_names(table))
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {ins} BEFORE INSERT ON {t} WHEN NEW.{c} IS NULL BEGIN {raise_sql} END",
+        f"CREATE TRIGGER IF NOT EXISTS {upd} BEFORE UPDATE OF {c} ON {t} WHEN NEW.{c} IS NULL BEGIN {raise_sql} END",
+    ]
+
+
 def has_rowid(conn: sqlite3.Connection, table: str) -> bool:
     try:
         conn.execute(f"SELECT rowid FROM {quote_ident(table)} LIMIT 0")
@@ -195,6 +218,21 @@ def register_table(conn: sqlite3.Connection, state: CaptureState, info: TableInf
     if not rowid:
         conn.execute(f"INSERT INTO _p2p_log(tid, pk, op) SELECT {tid}, {info.key_expr}, {OP_INSERT} FROM {quote_ident(info.name)}")
     return tid
+
+
+def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo) -> int:
+    """Mark every existing row of a captured table to be sent again: one
+    update entry per row with ``cols`` NULL (all columns), so the next sync
+    carries every synced column, including ones peers never received (a
+    sync column added to sync_schema.json). The caller stamps them in the
+    same transaction, without announcing them: no data changed locally.
+    Returns the number of rows marked.
+    """
+    cursor = conn.execute(
+        f"INSERT INTO _p2p_log(tid, pk, op, cols) SELECT ?, {info.key_expr}, {OP_UPDATE}, NULL FROM {quote_ident(info.name)}",
+        (tid,),
+    )
+    return max(cursor.rowcount, 0)
 
 
 def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:

@@ -13,6 +13,9 @@ Invariants:
   how the daemon relies on the file.
 - ``stamp`` runs in the same transaction as an API write, and after every
   commit by another process (noticed through ``PRAGMA data_version``).
+- Single-version stores sync by the sync_schema.json entry accepted into
+  the store (``store/single_version.py``); accepting one happens inside the
+  same transaction as the tables it concerns.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from p2pstore.errors import (
     TableTypeLocked,
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
-from p2pstore.store import capture
+from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
+from p2pstore.store import capture, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, device_table_name, read_table_info
 
@@ -86,6 +90,10 @@ class Store:
         self.distributed: dict[str, TableInfo] = {}
         self.auto_sync: dict[str, bool] = {}
         self.capture = CaptureState()
+        #: The sync_schema.json entry this store syncs by (single_version only).
+        self.sync_schema: single_version.AcceptedSchema | None = None
+        #: Where the live tables no longer match ``sync_schema`` (found at open).
+        self.schema_problems: tuple[SchemaIssue, ...] = ()
         self._user_sql = False
         self._data_version = -1
         #: Called (in the event loop) with every non-empty batch of captured changes.
@@ -122,6 +130,7 @@ class Store:
                 raise StoreInvalid(f"{self.path}: could not switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.executescript(capture.SCHEMA_SQL)
+            conn.executescript(single_version.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
             raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
         conn.set_authorizer(self._authorize)
@@ -129,6 +138,10 @@ class Store:
             self._apply_label(conn, label)
             self.table_type = get_meta(conn, "table_type")
             self._load_tables(conn)
+            if self.table_type == "single_version":
+                self.schema_problems = single_version.recheck(
+                    conn, label=f"{self.bundle}/{self.name}", bundle=self.bundle, name=self.name, tables=list(self.distributed)
+                )
             # Changes written while the daemon was down are stamped now; no
             # one is subscribed yet, so they are not announced.
             capture.stamp(conn, self.capture, self.clock, collect=False)
@@ -163,6 +176,7 @@ class Store:
         self.auto_sync = {
             name: bool(auto) for name, auto in conn.execute("SELECT name, auto_sync FROM _p2p_tables WHERE kind = 'local'")
         }
+        self.sync_schema = single_version.load_accepted(conn)
 
     def _transaction(self, conn: sqlite3.Connection) -> _transaction:
         return _transaction(conn, on_rollback=lambda: self._load_tables(conn))
@@ -299,19 +313,23 @@ class Store:
         *,
         table_type: str = "collaborative",
         auto_sync: bool = False,
-        validate: Callable[[sqlite3.Connection, list[TableInfo]], None] | None = None,
-    ) -> None:
+        validate: Callable[[sqlite3.Connection, list[TableInfo]], T] | None = None,
+    ) -> T | None:
         """Make ``tables`` distributed (adding to those already distributed).
 
         Existing rows are logged as inserts so the first sync sends them, but
         they are not announced as local changes: nothing changed locally.
-        ``validate`` (the single-version schema check) runs inside the same
-        transaction, so a refused schema leaves the store untouched.
+        ``validate`` (the single-version schema check,
+        ``single_version.SchemaFileCheck``) runs inside the same transaction,
+        after outside writes were stamped and announced, so a refused schema
+        leaves the store untouched and what it logs itself (rows to send
+        again) is stamped with the rest, unannounced. Returns what
+        ``validate`` returned.
         """
         if table_type not in TABLE_TYPES:
             raise InvalidParams(f"table_type must be one of {', '.join(TABLE_TYPES)}", data={"param": "config.table_type"})
 
-        def op(conn: sqlite3.Connection) -> ChangeBatch:
+        def op(conn: sqlite3.Connection) -> tuple[T | None, ChangeBatch]:
             with self._transaction(conn):
                 current = get_meta(conn, "table_type")
                 if current is not None and current != table_type:
@@ -324,9 +342,11 @@ class Store:
                     kind = conn.execute("SELECT kind FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
                     if kind is not None and kind[0] == "device":
                         raise ReadOnlyTable(f"{info.name} holds another device's rows and can't be distributed again")
-                if validate is not None:
-                    validate(conn, infos)
                 batch = capture.stamp(conn, self.capture, self.clock)  # announce outside writes made before this point
+                try:
+                    outcome = validate(conn, infos) if validate is not None else None
+                except sqlite3.Error as exc:
+                    raise map_sqlite_error(exc) from exc
                 for info in infos:
                     row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
                     if row is None:
@@ -337,9 +357,59 @@ class Store:
                 capture.stamp(conn, self.capture, self.clock, collect=False)
                 self.table_type = table_type
                 self._load_tables(conn)
-            return batch
+            return outcome, batch
 
-        self._announce(await self.run(op))
+        outcome, batch = await self.run(op)
+        self._announce(batch)
+        return outcome
+
+    # -- single-version schema ----------------------------------------------
+
+    @property
+    def sync_schema_version(self) -> int | None:
+        """The accepted sync_schema.json version, or None (none accepted)."""
+        return self.sync_schema.version if self.sync_schema is not None else None
+
+    async def reload_sync_schema(self, doc: object) -> single_version.SchemaOutcome:
+        """Accept a newly read sync_schema.json (SIGHUP) for this store's
+        single_version tables, or raise SchemaInvalid and change nothing."""
+        if self.table_type != "single_version":
+            raise InvalidParams(f"store {self.bundle}/{self.name} has no single_version tables")
+
+        def op(conn: sqlite3.Connection) -> tuple[single_version.SchemaOutcome, ChangeBatch]:
+            with self._transaction(conn):
+                batch = capture.stamp(conn, self.capture, self.clock)  # announce outside writes first
+                try:
+                    outcome = single_version.accept(
+                        conn, doc, bundle=self.bundle, name=self.name, tables=list(self.distributed)
+                    )
+                except sqlite3.Error as exc:
+                    raise map_sqlite_error(exc) from exc
+                capture.stamp(conn, self.capture, self.clock, collect=False)  # rows to send again: not local changes
+                self._load_tables(conn)
+            return outcome, batch
+
+        outcome, batch = await self.run(op)
+        self._announce(batch)
+        return outcome
+
+    async def check_sync_schema(self, document: object) -> ValidationReport:
+        """``schema.validate`` against this store: read only, never raises
+        for a bad document (see ``single_version.check_document``)."""
+        tables = list(self.distributed) if self.table_type == "single_version" else []
+
+        def op(conn: sqlite3.Connection) -> ValidationReport:
+            conn.execute("BEGIN")  # one consistent snapshot of tables and accepted entry
+            try:
+                return single_version.check_document(
+                    conn, document, bundle=self.bundle, name=self.name, single_version_tables=tables
+                )
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc) from exc
+            finally:
+                conn.execute("ROLLBACK")
+
+        return await self.run(op)
 
     def require_distributed(self, table: str) -> TableInfo:
         info = self.distributed.get(table)

@@ -8,6 +8,10 @@ HarmonyOS (16 by default).
 The poll loop asks every open store's connection for ``PRAGMA data_version``
 each ``poll_interval_ms``: it changes when another process commits, and then
 the store stamps and announces the captured changes.
+
+``reload_sync_schema`` (SIGHUP) reads sync_schema.json once and offers it to
+every open store with single_version tables; each accepts or refuses it on
+its own, and a refusal only ever affects (and is logged for) that store.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
+from p2pstore.store import single_version
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.tables import check_name
@@ -34,8 +39,11 @@ class StoreRegistry:
         busy_timeout_ms: int = 5000,
         synchronous: str = "NORMAL",
         on_changes: Callable[[Store, ChangeBatch], None] | None = None,
+        sync_schema_path: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
+        #: Where single_version stores' sync_schema.json is read (Config.sync_schema_path).
+        self.sync_schema_path = sync_schema_path or data_dir / "sync_schema.json"
         self.max_per_bundle = max_per_bundle
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
@@ -103,6 +111,29 @@ class StoreRegistry:
             stores, self._stores = list(self._stores.values()), {}
         for store in stores:
             await store.close()
+
+    async def reload_sync_schema(self) -> None:
+        """Re-read sync_schema.json and apply it to every open store with
+        single_version tables (SIGHUP). Never raises: every outcome, accepted
+        or refused, is logged per store, and the file isn't read at all when
+        no such store is open."""
+        stores = [s for s in self.stores() if s.table_type == "single_version" and s.distributed]
+        if not stores:
+            log.info("no open store has single_version tables; %s not read", self.sync_schema_path)
+            return
+        try:
+            doc = await asyncio.to_thread(single_version.read_schema_file, self.sync_schema_path)
+        except P2PStoreError as exc:
+            for store in stores:
+                single_version.log_refused(single_version.store_label(store), exc, store.sync_schema_version)
+            return
+        for store in stores:
+            try:
+                await single_version.reload(store, doc)
+            except ValueError:
+                pass  # closed while we reloaded
+            except Exception:  # a bug must not take the daemon down with it
+                log.exception("store %s/%s: reloading sync_schema.json failed", store.bundle, store.name)
 
     async def poll_once(self) -> None:
         for store in list(self._stores.values()):
