@@ -164,6 +164,7 @@ class TlsConnection:
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    local_device_id: str
     peer_device_id: str
     peer_cert_der: bytes
     is_dialer: bool
@@ -176,6 +177,19 @@ class TlsConnection:
 
     def abort(self) -> None:
         self.writer.transport.abort()
+
+
+class _TlsStreamProtocol(asyncio.StreamReaderProtocol):
+    """Stream protocol for a TLS transport set up by hand with ``start_tls``.
+
+    A peer may hang up right after the handshake, before ``connection_made``
+    tells the base class it runs over TLS; half-open TLS makes no sense, so
+    end-of-stream always closes.
+    """
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        return False
 
 
 def _tls_context(identity: Identity, peer_cert_der: bytes, *, server_side: bool) -> ssl.SSLContext:
@@ -212,7 +226,7 @@ async def _start_tls(
     assert transport is not None
     where = format_address(raw.peer_address)
     reader = asyncio.StreamReader(limit=READ_SIZE)
-    protocol = asyncio.StreamReaderProtocol(reader)
+    protocol = _TlsStreamProtocol(reader)
     with _channel_errors(f"TLS handshake with {where} failed"):
         ctx = _tls_context(identity, peer_cert_der, server_side=server_side)
         tls_transport = await loop.start_tls(
@@ -241,6 +255,7 @@ async def _start_tls(
     return TlsConnection(
         reader=reader,
         writer=writer,
+        local_device_id=identity.device_id,
         peer_device_id=peer_device_id,
         peer_cert_der=leaf,
         is_dialer=not server_side,
@@ -376,7 +391,7 @@ class Channel:
         cls,
         conn: TlsConnection,
         trust: TrustCheck,
-        local_hello: Hello,
+        hello_factory: Callable[[], Hello],
         *,
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
         dead_after: float = DEFAULT_DEAD_AFTER,
@@ -385,13 +400,16 @@ class Channel:
     ) -> Channel:
         """Check trust, exchange HELLOs, start the keepalive (steps 5-6).
 
+        ``hello_factory`` is called only once the peer is known to be
+        trusted, so nothing about our stores is even built for a stranger.
+
         Raises ``DeviceUntrusted`` (connection closed, nothing sent),
         ``ChannelError`` (HELLO refused by either side, connection lost) or
         ``ProtocolError``. The caller bounds the time this takes.
         """
         peer = conn.peer_device_id
         where = format_address(conn.peer_address)
-        if peer == local_hello.device_id:
+        if peer == conn.local_device_id:
             conn.close()
             raise ChannelError(f"{where} is this device itself")
         if not trust.is_trusted(peer):
@@ -400,7 +418,7 @@ class Channel:
                 f"device {peer} at {where} is not trusted",
                 data={"device_id": peer, "address": where},
             )
-        session = Session(local_hello, is_dialer=conn.is_dialer, expected_device_id=peer, max_frame_size=max_frame_size)
+        session = Session(hello_factory(), is_dialer=conn.is_dialer, expected_device_id=peer, max_frame_size=max_frame_size)
         channel = cls(conn, session, keepalive_interval=keepalive_interval, dead_after=dead_after, queue_size=queue_size)
         channel._write(session.start())
         try:

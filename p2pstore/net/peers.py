@@ -433,7 +433,7 @@ class PeerManager:
                 channel = await Channel.open(
                     conn,
                     self._trust,
-                    self._hello_factory(),
+                    self._hello_factory,
                     keepalive_interval=self._keepalive_interval,
                     dead_after=self._dead_after,
                     queue_size=self._queue_size,
@@ -513,9 +513,11 @@ class PeerManager:
         old = self._pending.pop(peer, None)
         if old is None:
             log.info(
-                "device %s at %s is not trusted: connection closed, nothing sent (trust it with: p2pstore trust %s)",
-                peer,
+                "refused connection %s %s: device %s is not trusted; closed before HELLO, nothing sent "
+                "(to allow it: p2pstore trust %s)",
+                "to" if conn.is_dialer else "from",
                 format_address(conn.peer_address),
+                peer,
                 peer,
             )
         self._pending[peer] = PendingPeer(

@@ -74,6 +74,8 @@ _TRANSITIONS: dict[tuple[State, Input], State] = {
     (State.OPEN, Input.MESSAGE_RECEIVED): State.OPEN,
     (State.OPEN, Input.SEND): State.OPEN,
     (State.OPEN, Input.CLOSE_RECEIVED): State.CLOSED,
+    # We may have accepted the peer's HELLO before it refused ours.
+    (State.OPEN, Input.REJECT_RECEIVED): State.CLOSED,
     (State.OPEN, Input.LOCAL_CLOSE): State.CLOSED,
     (State.OPEN, Input.ERROR): State.CLOSED,
     (State.CLOSED, Input.LOCAL_CLOSE): State.CLOSED,

@@ -108,6 +108,14 @@ def test_reject_received_closes_the_session() -> None:
     assert a.state is State.CLOSED
 
 
+def test_reject_after_we_accepted_their_hello_closes_the_session() -> None:
+    a, b, ha, hb = pair()
+    a.receive_data(hb)
+    assert a.state is State.OPEN
+    events = a.receive_data(encode_frame(encode(HelloReject("not you"))))
+    assert events == [Closed("peer rejected our HELLO: not you", by_peer=True)]
+
+
 def test_future_hello_shape_still_gets_the_version_answer() -> None:
     a = Session(hello(A), is_dialer=True)
     a.start()

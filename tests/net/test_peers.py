@@ -1,0 +1,309 @@
+"""PeerManager over real TLS on 127.0.0.1: two (or three) devices in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from peer_agent import Device, agent_command, eventually, make_hello
+
+from p2pstore.errors import ChannelError, DeviceOffline, DeviceUntrusted
+from p2pstore.protocol.messages import Message, register
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Note(Message):
+    """An application message for these tests only."""
+
+    TYPE: ClassVar[str] = "test.peers.note"
+    text: str
+    blob: bytes
+
+
+@pytest.fixture
+async def devices(tmp_path: Path) -> AsyncIterator[Callable[..., Device]]:
+    made: list[Device] = []
+
+    def make(name: str, **kwargs: object) -> Device:
+        device = Device(tmp_path, name, kwargs=dict(kwargs))
+        made.append(device)
+        return device
+
+    yield make
+    for device in made:
+        await device.manager.stop()
+
+
+def trust_each_other(*devices: Device) -> None:
+    for a in devices:
+        for b in devices:
+            if a is not b:
+                a.trust.trust(b.id, name=b.name)
+
+
+async def test_trusted_pair_connects_and_exchanges_hello(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    a.manager.add_address(b.id, "127.0.0.1", b.port, name="b", source="mdns")
+    took = await eventually(lambda: a.manager.is_online(b.id) and b.manager.is_online(a.id), 5.0, "online")
+    assert took < 5.0
+    assert a.manager.channel(b.id).peer_hello == make_hello(b.identity)  # type: ignore[union-attr]
+    assert b.manager.channel(a.id).peer_hello == make_hello(a.identity)  # type: ignore[union-attr]
+    assert a.changes == [(b.id, True)] and b.changes == [(a.id, True)]
+    info = a.manager.peer_info(b.id)
+    assert info is not None and info.online and info.is_dialer and info.addresses == (("127.0.0.1", b.port),)
+    # What the peer announced is recorded in the trust list.
+    entry = a.trust.get(b.id)
+    assert entry is not None and entry.security_level == 2 and entry.cert_sha256 is not None
+
+    await a.manager.send(b.id, Note("hi", b"\x00\xff"))
+    await eventually(lambda: b.messages == [(a.id, Note("hi", b"\x00\xff"))], 2.0, "message delivered")
+    # Keepalives flow (0.5 s interval) but never reach on_message.
+    await asyncio.sleep(1.2)
+    assert b.messages == [(a.id, Note("hi", b"\x00\xff"))] and a.messages == []
+    assert a.manager.channel(b.id).rtt is not None  # type: ignore[union-attr]
+
+
+async def test_static_peer_id_is_learned_from_its_certificate(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    trust_each_other(a, b)
+    await b.manager.start()
+    await a.manager.start()
+    a.manager.add_address(None, "127.0.0.1", b.port)
+    await eventually(lambda: a.manager.is_online(b.id), 5.0, "static peer online")
+    assert a.manager.peer_info(b.id).addresses == (("127.0.0.1", b.port),)  # type: ignore[union-attr]
+
+
+async def test_untrusted_device_gets_no_channel_and_is_pending(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    b.trust.trust(a.id)  # b trusts a, a does not trust b
+    await a.manager.start()
+    await b.manager.start()
+    b.manager.add_address(a.id, "127.0.0.1", a.port)
+    await eventually(lambda: bool(a.manager.pending()), 5.0, "pending recorded")
+    (pending,) = a.manager.pending()
+    assert pending.device_id == b.id and pending.inbound
+    await asyncio.sleep(0.3)
+    assert a.manager.channels() == {} and b.manager.channels() == {}
+    assert a.changes == [] and b.changes == []
+    assert a.messages == [] and b.messages == []
+    with pytest.raises(DeviceUntrusted):
+        await a.manager.send(b.id, Note("x", b""))
+    with pytest.raises(DeviceOffline):
+        await b.manager.send(a.id, Note("x", b""))
+
+    # Dialing an untrusted device records it too (outbound), and sends nothing.
+    with pytest.raises(DeviceUntrusted):
+        await a.manager.connect("127.0.0.1", b.port)
+    assert any(p.device_id == b.id for p in a.manager.pending())
+
+    # Trusting it lets the waiting dialer in at once (backoff reset).
+    a.trust.trust(b.id)
+    await eventually(lambda: a.manager.is_online(b.id) and b.manager.is_online(a.id), 5.0, "online after trust")
+    assert a.manager.pending() == []
+
+
+async def test_new_key_claiming_a_trusted_id_is_refused(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    trust_each_other(a, b)
+    # c has its own key but announces b's ID in its HELLO.
+    c = devices("c")
+    c.hello_factory = lambda: make_hello(c.identity, device_id=b.id)
+    c.manager = c.new_manager()
+    c.trust.trust(a.id)
+    await a.manager.start()
+    await c.manager.start()
+    # c dials a: a sees c's key, whose ID is not trusted; nothing is sent.
+    with pytest.raises(ChannelError):
+        await c.manager.connect("127.0.0.1", a.port, a.id)
+    assert [p.device_id for p in a.manager.pending()] == [c.id]
+    # a dials "b" at c's address: refused before TLS, c's key is not b's.
+    with pytest.raises(ChannelError, match=f"is device {c.id}, not the expected {b.id}"):
+        await a.manager.connect("127.0.0.1", c.port, b.id)
+    # Even if a trusted c, a HELLO naming b over c's certificate is refused.
+    a.trust.trust(c.id)
+    with pytest.raises(ChannelError, match=f"HELLO names device {b.id} but the certificate proves {c.id}"):
+        await a.manager.connect("127.0.0.1", c.port)
+    assert a.manager.channels() == {}
+    # c accepted a's HELLO before reading a's refusal; the refusal closes it.
+    await eventually(lambda: c.manager.channels() == {}, 2.0, "liar's channel closed")
+
+
+async def test_protocol_version_mismatch_is_reported_on_both_sides(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    b.hello_factory = lambda: make_hello(b.identity, version=2)
+    b.manager = b.new_manager()
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    with pytest.raises(ChannelError, match="peer speaks protocol 2, this device speaks 1"):
+        await a.manager.connect("127.0.0.1", b.port)
+    with pytest.raises(ChannelError, match="peer speaks protocol 1, this device speaks 2"):
+        await b.manager.connect("127.0.0.1", a.port)
+    assert a.manager.channels() == {} and b.manager.channels() == {}
+
+
+async def test_simultaneous_dial_leaves_exactly_one_channel(devices: Callable[..., Device]) -> None:
+    a, b = devices("a", auto_dial=False), devices("b", auto_dial=False)
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    winner = min(a.id, b.id)
+    for round_ in range(5):
+        results = await asyncio.gather(
+            a.manager.connect("127.0.0.1", b.port, b.id),
+            b.manager.connect("127.0.0.1", a.port, a.id),
+            return_exceptions=True,
+        )
+        assert not any(isinstance(r, BaseException) and not isinstance(r, ChannelError) for r in results), results
+        await asyncio.sleep(0.2)
+        ca, cb = a.manager.channel(b.id), b.manager.channel(a.id)
+        assert ca is not None and cb is not None, f"round {round_}: {results}"
+        assert len(a.manager.channels()) == 1 and len(b.manager.channels()) == 1
+        # Same TCP connection on both sides, dialed by the smaller ID.
+        assert ca.local_address == cb.peer_address and ca.peer_address == cb.local_address
+        assert (a.id if ca.is_dialer else b.id) == winner
+        # No offline/online flapping while the duplicate was dropped.
+        assert a.changes == [(b.id, True)] and b.changes == [(a.id, True)]
+        a.manager.disconnect(b.id, "next round")
+        await eventually(lambda: not a.manager.channels() and not b.manager.channels(), 3.0, "closed")
+        a.changes.clear()
+        b.changes.clear()
+
+
+async def test_untrust_closes_the_channel_at_once(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    a.manager.add_address(b.id, "127.0.0.1", b.port)
+    b.manager.add_address(a.id, "127.0.0.1", a.port)
+    await eventually(lambda: a.manager.is_online(b.id) and b.manager.is_online(a.id), 5.0, "online")
+    channel = a.manager.channel(b.id)
+    assert channel is not None
+
+    a.trust.untrust(b.id)
+    # Synchronously: channel closed, device reported offline.
+    assert channel.closed and not a.manager.is_online(b.id)
+    assert a.changes[-1] == (b.id, False)
+    took = await eventually(lambda: not b.manager.is_online(a.id), 2.0, "peer sees the close")
+    assert took < 1.0
+    assert b.changes[-1] == (a.id, False)
+    # b keeps redialing; a refuses (pending) and never opens a channel again.
+    await eventually(lambda: any(p.device_id == b.id for p in a.manager.pending()), 3.0, "pending")
+    assert not a.manager.is_online(b.id)
+
+
+async def test_reconnects_after_peer_restart(devices: Callable[..., Device]) -> None:
+    a, b = devices("a"), devices("b")
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    port = b.port
+    a.manager.add_address(b.id, "127.0.0.1", port)
+    await eventually(lambda: a.manager.is_online(b.id), 5.0, "online")
+    await b.manager.stop()
+    await eventually(lambda: not a.manager.is_online(b.id), 2.0, "offline after stop")
+    b.manager = b.new_manager(port=port)
+    await asyncio.sleep(0.5)  # a few failed dials: backoff grows
+    await b.manager.start()
+    took = await eventually(lambda: a.manager.is_online(b.id), 5.0, "back online")
+    assert took < 2.0
+    assert a.changes == [(b.id, True), (b.id, False), (b.id, True)]
+
+
+async def test_plain_tcp_and_garbage_are_dropped_and_server_still_works(devices: Callable[..., Device]) -> None:
+    a = devices("a", handshake_timeout=1.0, max_handshakes=4)
+    b = devices("b")
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+
+    # Garbage: dropped at once.
+    r, w = await asyncio.open_connection("127.0.0.1", a.port)
+    w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(2000))
+    assert await asyncio.wait_for(r.read(), 2.0) == b""
+    w.close()
+    # Silent TCP: dropped after the handshake timeout.
+    r2, w2 = await asyncio.open_connection("127.0.0.1", a.port)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await asyncio.wait_for(r2.read(), 3.0) == b""
+    assert 0.8 < loop.time() - start < 2.5
+    w2.close()
+    # Too many handshakes at once: the extra ones are dropped on arrival.
+    silent = [await asyncio.open_connection("127.0.0.1", a.port) for _ in range(4)]
+    await asyncio.sleep(0.1)
+    r3, w3 = await asyncio.open_connection("127.0.0.1", a.port)
+    assert await asyncio.wait_for(r3.read(), 1.0) == b""
+    for _, w in silent:
+        w.close()
+    w3.close()
+
+    # The server still accepts a good peer.
+    await asyncio.sleep(0.2)
+    channel = await b.manager.connect("127.0.0.1", a.port, a.id)
+    assert channel.peer_hello.device_id == a.id
+    await eventually(lambda: a.manager.is_online(b.id), 2.0, "online")
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future[tuple[asyncio.subprocess.Process, dict]]]]:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(trust: list[str], keepalive: float, dead_after: float) -> tuple[asyncio.subprocess.Process, dict]:
+        proc = await asyncio.create_subprocess_exec(
+            *agent_command(tmp_path / f"agent{len(procs)}", trust, keepalive=keepalive, dead_after=dead_after),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20.0)
+        return proc, json.loads(line)
+
+    yield start  # type: ignore[misc]
+    for proc in procs:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            await proc.wait()
+
+
+async def _offline_after_freeze(a: Device, agent_start, keepalive: float, dead_after: float) -> float:  # type: ignore[no-untyped-def]
+    await a.manager.start()
+    proc, info = await agent_start([a.id], keepalive, dead_after)
+    a.trust.trust(info["device_id"])
+    a.manager.add_address(info["device_id"], "127.0.0.1", info["port"])
+    await eventually(lambda: a.manager.is_online(info["device_id"]), 5.0, "agent online")
+    await asyncio.sleep(min(keepalive * 1.5, 3.0))  # keepalives flowing
+    proc.send_signal(signal.SIGSTOP)  # the peer stops responding; its socket stays open
+    took = await eventually(lambda: not a.manager.is_online(info["device_id"]), dead_after + 3.0, "declared offline")
+    assert a.changes[-1] == (info["device_id"], False)
+    return took
+
+
+async def test_silent_peer_declared_offline(devices: Callable[..., Device], agent) -> None:  # type: ignore[no-untyped-def]
+    a = devices("a")  # keepalive 0.5 s, dead after 1.5 s
+    took = await _offline_after_freeze(a, agent, 0.5, 1.5)
+    assert 0.5 < took <= 1.5 + 0.2
+
+
+@pytest.mark.slow
+async def test_silent_peer_declared_offline_with_default_timers(devices: Callable[..., Device], agent) -> None:  # type: ignore[no-untyped-def]
+    a = devices("a", keepalive_interval=5.0, dead_after=15.0)
+    took = await _offline_after_freeze(a, agent, 5.0, 15.0)
+    assert 8.0 < took <= 15.0 + 0.2
