@@ -33,10 +33,13 @@ async def server(tmp_path: Path) -> AsyncIterator[Device]:
     await device.manager.stop()
 
 
-def raw_tls_session(port: int, identity: Identity, send_after_handshake: bytes = b"") -> tuple[bytes, str]:
+def raw_tls_session(
+    port: int, identity: Identity, send_after_handshake: bytes = b"", *, stop_after_frame: bool = False
+) -> tuple[bytes, str]:
     """Announce, run TLS 1.3 with ``identity``, send bytes, read until the end.
 
-    Returns everything received after the handshake, and how it ended.
+    Returns everything received after the handshake, and how it ended
+    (``stop_after_frame``: as soon as one whole frame arrived).
     """
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(encode_prologue(identity.cert_der))
@@ -64,6 +67,8 @@ def raw_tls_session(port: int, identity: Identity, send_after_handshake: bytes =
                 if not data:
                     return received, "eof"
                 received += data
+                if stop_after_frame and FrameDecoder().feed(received):
+                    return received, "frame"
                 if len(received) > 1_000_000:
                     return received, "too much"
 
@@ -82,7 +87,7 @@ async def test_trusted_tls_client_receives_the_hello(server: Device, tmp_path: P
     # The positive control for the test above: same client, but trusted.
     friend = Identity.load_or_create(tmp_path / "friend", "friend")
     server.trust.trust(friend.device_id)
-    received, _end = await asyncio.to_thread(raw_tls_session, server.port, friend)
+    received, _end = await asyncio.to_thread(raw_tls_session, server.port, friend, stop_after_frame=True)
     frames = FrameDecoder().feed(received)
     assert isinstance(decode(frames[0]), Hello)
     assert decode(frames[0]).device_id == server.id  # type: ignore[attr-defined]
