@@ -549,7 +549,13 @@ class Channel:
             while True:
                 data = await self._conn.reader.read(READ_SIZE)
                 if not data:
-                    self._finish("peer closed the connection without a goodbye")
+                    if self._opened.done():
+                        self._finish("peer closed the connection without a goodbye")
+                    else:
+                        self._finish(
+                            "peer closed the connection before its HELLO; it probably does not trust "
+                            f"this device ({self._conn.local_device_id})"
+                        )
                     return
                 self._last_received = loop.time()
                 self.last_seen = time.time()

@@ -146,6 +146,24 @@ class PeerManager:
     ``on_message(device_id, message)``, awaited in order per channel: it
     should hand long work to a task, since the channel stops reading while
     ``queue_size`` messages wait.
+
+    Trust is changed on the ``TrustStore`` (``trust.trust(id)`` /
+    ``trust.untrust(id)``); the manager follows it: untrusting closes the
+    channel and reports the device offline before ``untrust`` returns,
+    trusting dials the device's known addresses at once.
+
+    Typical wiring (daemon)::
+
+        manager = PeerManager(identity, trust, hello_factory=build_hello,
+                              on_change=notify_device_change, on_message=sync.handle,
+                              host=interfaces, port=config.port)
+        await manager.start()
+        for host, port in config.static_peers:
+            manager.add_address(None, host, port)
+        # discovery: manager.add_address(peer.device_id, peer.host, peer.port,
+        #                                name=peer.name, source="mdns") / remove_address(...)
+        ...
+        await manager.stop()
     """
 
     def __init__(
@@ -270,7 +288,8 @@ class PeerManager:
 
         Discovery passes the ID (and name) it saw advertised; the dial then
         only accepts that device. A static peer's ID is learned from its
-        certificate on the first connection.
+        certificate on the first connection. Raises ``InvalidDeviceId`` for
+        a malformed ``device_id``.
         """
         claimed = normalize_device_id(device_id) if device_id is not None else None
         key = (host, int(port))

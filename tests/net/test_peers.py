@@ -307,3 +307,13 @@ async def test_silent_peer_declared_offline_with_default_timers(devices: Callabl
     a = devices("a", keepalive_interval=5.0, dead_after=15.0)
     took = await _offline_after_freeze(a, agent, 5.0, 15.0)
     assert 8.0 < took <= 15.0 + 0.2
+
+
+async def test_listens_on_several_addresses_with_one_port(devices: Callable[..., Device]) -> None:
+    a = devices("a", host=["127.0.0.1", "127.0.0.2"])
+    b = devices("b", auto_dial=False)
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    channel = await b.manager.connect("127.0.0.2", a.port, a.id)
+    assert channel.peer_address == ("127.0.0.2", a.port)
