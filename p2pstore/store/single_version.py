@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -157,26 +158,29 @@ def read_schema_file(path: Path) -> object:
 
     Raises ``SchemaNotFound`` naming the path when there is no (regular,
     readable) file, and ``SchemaInvalid`` with ``data.errors`` (rule
-    ``invalid-json``) when it isn't JSON. Only regular files are opened, so a
-    FIFO or device put there can't block the caller; at most
+    ``invalid-json``) when it isn't JSON. The file is opened non-blocking
+    and checked to be a regular file before a byte is read, so a FIFO or
+    device put there can't block the caller; at most
     ``MAX_DOCUMENT_BYTES + 1`` bytes are read, enough for the size check.
     """
     where = {"file": str(path)}
     try:
-        mode = path.stat().st_mode
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SchemaNotFound(
             f"no sync_schema.json at {path}: single_version tables need one (see docs/sync_schema.md)", data=where
         ) from None
     except OSError as exc:
         raise SchemaNotFound(f"cannot read sync_schema.json at {path}: {exc.strerror}", data=where) from exc
-    if not stat.S_ISREG(mode):
-        raise SchemaNotFound(f"sync_schema.json at {path} is not a regular file", data=where)
     try:
-        with path.open("rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SchemaNotFound(f"sync_schema.json at {path} is not a regular file", data=where)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
             raw = fh.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
         raise SchemaNotFound(f"cannot read sync_schema.json at {path}: {exc.strerror}", data=where) from exc
+    finally:
+        os.close(fd)
     try:
         return parse_document(raw)
     except SchemaInvalid as exc:
@@ -314,7 +318,8 @@ def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tab
         previous=previous.entry if previous is not None else None,
     )
     report.raise_if_invalid()
-    found = find_db_entry(doc, bundle, name)  # type: ignore[arg-type]  # layer 1 passed: doc is a dict
+    assert isinstance(doc, dict)  # layer 1 passed
+    found = find_db_entry(doc, bundle, name)
     assert found is not None  # validate reported db-not-in-schema otherwise
     entry = found[1]
     by_name = {t["tableName"]: t for t in reversed(entry["tables"])}
