@@ -21,6 +21,18 @@ Invariants:
   inside its own transaction. Triggers skip those writes (no echo) and the
   guards on collaborative device tables let them through. No other
   connection can see that uncommitted row, so outside writers never pass.
+- Single-version tables (registered with a ``conflict_column``) also log the
+  conflict value ``ck`` of each change; a change of it is a delete of the old
+  value and an insert of the new one. Stamping turns their changes into
+  per-column clocks, set-based (two statements per table per stamp):
+  ``_p2p_cells(tid, ck, col)`` holds the clock (hlc, origin) and local ``seq``
+  of each synced column's current value, ``_p2p_tombs(tid, ck)`` the row's
+  newest delete. ``origin`` NULL means this device, as in ``_p2p_log``, so
+  stamping needs no device ID. A cell's or tomb's ``seq`` only grows: it is
+  the log position where it last changed here, which is what a peer's
+  watermark is compared with (``store/changes.py``, ``store/merge.py``).
+- The apply path writes its own log rows with the peer's hlc and origin
+  (``hlc`` NOT NULL): stamping never turns them into cells or announces them.
 """
 
 from __future__ import annotations
@@ -30,13 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pstore.clock import HybridClock
+from p2pstore.errors import StoreInvalid, TableNotDistributed
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store.tables import TableInfo
+from p2pstore.store.tables import TableInfo, device_table_name, read_table_info
 
 OP_INSERT, OP_UPDATE, OP_DELETE = 1, 2, 3
 OP_NAMES = {OP_INSERT: "inserted", OP_UPDATE: "updated", OP_DELETE: "deleted"}
 #: Column masks are one signed 64-bit integer; wider tables record NULL (all).
 MAX_MASK_COLUMNS = 62
+#: Key column of a device table whose source table is keyed by rowid.
+DEVICE_ROWID_COLUMN = "_p2p_rowid"
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS _p2p_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -46,7 +61,8 @@ CREATE TABLE IF NOT EXISTS _p2p_tables(
     kind TEXT NOT NULL,                 -- 'local' (captured) or 'device' (a peer's rows)
     origin TEXT,                        -- device ID for kind 'device'
     source TEXT,                        -- table name on the origin for kind 'device'
-    auto_sync INTEGER NOT NULL DEFAULT 0
+    auto_sync INTEGER NOT NULL DEFAULT 0,
+    conflict_col TEXT                   -- single_version tables: the conflict column (ck)
 );
 -- Rowid high-water mark of each captured rowid table (read by its INSERT trigger,
 -- so it lives in a table of its own: the smallest b-tree to look up per row).
@@ -58,7 +74,8 @@ CREATE TABLE IF NOT EXISTS _p2p_log(
     op INTEGER NOT NULL,
     cols INTEGER,                       -- bit i = column i changed (updates); NULL = all
     hlc INTEGER,                        -- NULL: see _p2p_stamps
-    origin TEXT                         -- NULL: this device
+    origin TEXT,                        -- NULL: this device
+    ck                                  -- single_version tables: the conflict column's value
 );
 CREATE TABLE IF NOT EXISTS _p2p_stamps(
     first_seq INTEGER PRIMARY KEY,
@@ -70,19 +87,83 @@ CREATE VIEW IF NOT EXISTS _p2p_changes AS
 SELECT l.seq, l.tid, t.name AS tbl, l.pk, l.op, l.cols,
        coalesce(l.hlc, (SELECT s.base_hlc + l.seq - s.first_seq FROM _p2p_stamps s
                         WHERE s.first_seq <= l.seq ORDER BY s.first_seq DESC LIMIT 1)) AS hlc,
-       l.origin
+       l.origin, l.ck
 FROM _p2p_log l JOIN _p2p_tables t ON t.tid = l.tid;
+-- Sync state (store/changes.py reads it, store/merge.py writes it).
+-- Clock of each synced column value of a single_version row; for a
+-- collaborative device table, col '*' holds the clock of the whole row.
+CREATE TABLE IF NOT EXISTS _p2p_cells(
+    tid INTEGER NOT NULL, ck NOT NULL, col TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    origin TEXT,                        -- NULL: this device
+    seq INTEGER NOT NULL,               -- local log seq when this cell last changed here
+    PRIMARY KEY (tid, ck, col)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS _p2p_cells_seq ON _p2p_cells(seq);
+-- Newest delete of a single_version row (also of rows never seen here).
+CREATE TABLE IF NOT EXISTS _p2p_tombs(
+    tid INTEGER NOT NULL, ck NOT NULL,
+    hlc INTEGER NOT NULL,
+    origin TEXT,                        -- NULL: this device
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (tid, ck)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
+-- Highest seq of a peer's change stream applied here; moved by the receiver,
+-- in the transaction of the batch it covers.
+CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL) WITHOUT ROWID;
+-- Every change that lost a last-writer-wins comparison (col NULL: a row delete).
+CREATE TABLE IF NOT EXISTS _p2p_conflicts(
+    id INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL, ck, col TEXT,
+    losing_value,
+    winner TEXT NOT NULL, winner_hlc INTEGER NOT NULL,
+    loser TEXT NOT NULL, loser_hlc INTEGER NOT NULL,
+    at INTEGER NOT NULL                 -- unix ms when it was recorded here
+);
+CREATE UNIQUE INDEX IF NOT EXISTS _p2p_conflicts_loser ON _p2p_conflicts(tbl, ck, ifnull(col, ''), loser, loser_hlc);
+-- Received changes that could not be applied, with their payload.
+CREATE TABLE IF NOT EXISTS _p2p_failures(
+    id INTEGER PRIMARY KEY,
+    origin TEXT NOT NULL,               -- the device that sent it
+    tbl TEXT NOT NULL,
+    change BLOB NOT NULL,               -- msgpack, store/changes.py encode_change
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
 """
+
+#: Columns added to capture tables after their first release, with their
+#: definitions: ``ensure_schema`` adds them to files made before.
+_ADDED_COLUMNS = (("_p2p_tables", "conflict_col", "TEXT"), ("_p2p_log", "ck", ""))
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the internal tables, and add columns that older files lack."""
+    conn.executescript(SCHEMA_SQL)
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}".rstrip())
 
 
 def trigger_names(table: str) -> list[str]:
     return [f"_p2p_{kind}_{table}" for kind in ("ins", "upd", "del")]
 
 
-def capture_triggers_sql(tid: int, info: TableInfo, has_rowid: bool = True) -> list[str]:
-    """SQL creating the three capture triggers of one table."""
+def capture_triggers_sql(tid: int, info: TableInfo, has_rowid: bool = True, *, conflict_column: str | None = None) -> list[str]:
+    """SQL creating the three capture triggers of one table.
+
+    With a ``conflict_column`` (single_version), each log row also records
+    its value ``ck``, and an update that changes it (or the key) is logged as
+    a delete of the old row and an insert of the new one: peers know rows by
+    ``ck`` only.
+    """
     t = quote_ident(info.name)
     key = info.key_expr
+    ck_new = f"NEW.{quote_ident(conflict_column)}" if conflict_column else "NULL"
+    ck_old = f"OLD.{quote_ident(conflict_column)}" if conflict_column else "NULL"
+    same = f"OLD.{key} IS NEW.{key}" + (f" AND {ck_old} IS {ck_new}" if conflict_column else "")
     ins, upd, dele = (quote_ident(n) for n in trigger_names(info.name))
     guard = "NOT EXISTS (SELECT 1 FROM _p2p_apply)"
     ins_when = f"NEW.rowid <= (SELECT hw FROM _p2p_hw WHERE tid = {tid}) AND {guard}" if has_rowid else guard
@@ -94,15 +175,15 @@ def capture_triggers_sql(tid: int, info: TableInfo, has_rowid: bool = True) -> l
         mask = "NULL"
     return [
         f"CREATE TRIGGER IF NOT EXISTS {ins} AFTER INSERT ON {t} WHEN {ins_when} BEGIN "
-        f"INSERT INTO _p2p_log(tid, pk, op) VALUES ({tid}, NEW.{key}, {OP_INSERT}); END",
+        f"INSERT INTO _p2p_log(tid, pk, op, ck) VALUES ({tid}, NEW.{key}, {OP_INSERT}, {ck_new}); END",
         # A key change is a delete of the old key and an insert of the new one.
         f"CREATE TRIGGER IF NOT EXISTS {upd} AFTER UPDATE ON {t} WHEN {guard} BEGIN "
-        f"INSERT INTO _p2p_log(tid, pk, op) SELECT {tid}, OLD.{key}, {OP_DELETE} WHERE OLD.{key} IS NOT NEW.{key}; "
-        f"INSERT INTO _p2p_log(tid, pk, op, cols) VALUES ({tid}, NEW.{key}, "
-        f"CASE WHEN OLD.{key} IS NEW.{key} THEN {OP_UPDATE} ELSE {OP_INSERT} END, "
-        f"CASE WHEN OLD.{key} IS NEW.{key} THEN {mask} END); END",
+        f"INSERT INTO _p2p_log(tid, pk, op, ck) SELECT {tid}, OLD.{key}, {OP_DELETE}, {ck_old} WHERE NOT ({same}); "
+        f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) VALUES ({tid}, NEW.{key}, "
+        f"CASE WHEN {same} THEN {OP_UPDATE} ELSE {OP_INSERT} END, "
+        f"CASE WHEN {same} THEN {mask} END, {ck_new}); END",
         f"CREATE TRIGGER IF NOT EXISTS {dele} AFTER DELETE ON {t} WHEN {guard} BEGIN "
-        f"INSERT INTO _p2p_log(tid, pk, op) VALUES ({tid}, OLD.{key}, {OP_DELETE}); END",
+        f"INSERT INTO _p2p_log(tid, pk, op, ck) VALUES ({tid}, OLD.{key}, {OP_DELETE}, {ck_old}); END",
     ]
 
 
@@ -141,6 +222,32 @@ def not_null_triggers_sql(table: str, column: str) -> list[str]:
     ]
 
 
+def create_device_table(conn: sqlite3.Connection, device_id: str, table: str) -> str:
+    """Create (once) the read-only copy of ``device_id``'s rows of local table ``table``.
+
+    Columns and declared types follow the local table; constraints other than
+    the key are left out, since the rows were already checked on their
+    device. A table keyed by rowid gets the key column ``_p2p_rowid``.
+    """
+    name = device_table_name(device_id, table)
+    if conn.execute("SELECT 1 FROM _p2p_tables WHERE name = ?", (name,)).fetchone():
+        return name
+    if not conn.execute("SELECT 1 FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone():
+        raise TableNotDistributed(f"table {table} is not distributed", data={"table": table})
+    info = read_table_info(conn, table)
+    defs = []
+    for _cid, col, decl, _nn, _dflt, pk in conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall():
+        d = f"{quote_ident(col)} {decl}".rstrip()
+        defs.append(d + (" PRIMARY KEY" if pk else ""))
+    if info.key is None:
+        defs.append(f"{DEVICE_ROWID_COLUMN} INTEGER PRIMARY KEY")
+    conn.execute(f"CREATE TABLE {quote_ident(name)} ({', '.join(defs)})")
+    for sql in read_only_triggers_sql(name, device_id):
+        conn.execute(sql)
+    conn.execute("INSERT INTO _p2p_tables(name, kind, origin, source) VALUES (?, 'device', ?, ?)", (name, device_id, table))
+    return name
+
+
 def has_rowid(conn: sqlite3.Connection, table: str) -> bool:
     try:
         conn.execute(f"SELECT rowid FROM {quote_ident(table)} LIMIT 0")
@@ -154,6 +261,7 @@ class CapturedTable:
     tid: int
     info: TableInfo
     hw: int | None  # None: table without rowid, every insert is logged by trigger
+    conflict_column: str | None = None  # single_version tables only
 
 
 @dataclass(slots=True)
@@ -188,6 +296,30 @@ def set_meta(conn: sqlite3.Connection, key: str, value: Any) -> None:
     conn.execute("INSERT OR REPLACE INTO _p2p_meta(key, value) VALUES (?, ?)", (key, value))
 
 
+#: ``_p2p_meta`` key of the ID of the device that owns the file.
+DEVICE_ID_KEY = "device_id"
+
+
+def set_device_id(conn: sqlite3.Connection, device_id: str) -> None:
+    """Record whose store this is (the daemon does it at open, from its identity).
+
+    Local clocks are stored with origin NULL ("this device"); the ID is only
+    needed where they meet other devices' clocks: reading changes for a peer
+    and merging a peer's changes.
+    """
+    if not isinstance(device_id, str) or not device_id:
+        raise ValueError("device ID must be a non-empty string")
+    set_meta(conn, DEVICE_ID_KEY, device_id)
+
+
+def device_id(conn: sqlite3.Connection) -> str:
+    """The owning device's ID; StoreInvalid if the daemon never set it."""
+    value = get_meta(conn, DEVICE_ID_KEY)
+    if not isinstance(value, str) or not value:
+        raise StoreInvalid("the store does not know its device ID yet; it can't sync (set_device_id)")
+    return value
+
+
 def load_state(conn: sqlite3.Connection, clock: HybridClock) -> CaptureState:
     """Rebuild the cached state and the clock from the file (at open)."""
     from p2pstore.store.tables import read_table_info
@@ -199,25 +331,45 @@ def load_state(conn: sqlite3.Connection, clock: HybridClock) -> CaptureState:
         clock.last = max(clock.last, row[1])
     clock.last = max(clock.last, int(get_meta(conn, "hlc_last", 0)))
     rows = conn.execute(
-        "SELECT t.tid, t.name, h.hw FROM _p2p_tables t LEFT JOIN _p2p_hw h ON h.tid = t.tid WHERE t.kind = 'local'"
+        "SELECT t.tid, t.name, h.hw, t.conflict_col FROM _p2p_tables t LEFT JOIN _p2p_hw h ON h.tid = t.tid WHERE t.kind = 'local'"
     ).fetchall()
-    for tid, name, hw in rows:
-        state.tables[tid] = CapturedTable(tid, read_table_info(conn, name), hw)
+    for tid, name, hw, conflict in rows:
+        state.tables[tid] = CapturedTable(tid, read_table_info(conn, name), hw, conflict)
     return state
 
 
-def register_table(conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool) -> int:
-    """Start capturing ``info``; its existing rows are logged as inserts."""
+def register_table(
+    conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool, *, conflict_column: str | None = None
+) -> int:
+    """Start capturing ``info``; its existing rows are logged as inserts.
+
+    ``conflict_column`` makes it a single_version table: the log records each
+    change's conflict value, and stamping keeps per-column clocks for the
+    sync columns listed in ``_p2p_sync_columns`` (store/single_version.py).
+    The conflict column can never change, so it is kept with the table.
+    """
     rowid = has_rowid(conn, info.name)
-    tid = conn.execute("INSERT INTO _p2p_tables(name, kind, auto_sync) VALUES (?, 'local', ?)", (info.name, int(auto_sync))).lastrowid
+    tid = conn.execute(
+        "INSERT INTO _p2p_tables(name, kind, auto_sync, conflict_col) VALUES (?, 'local', ?, ?)",
+        (info.name, int(auto_sync), conflict_column),
+    ).lastrowid
     if rowid:
         conn.execute("INSERT INTO _p2p_hw(tid, hw) VALUES (?, 0)", (tid,))
-    for sql in capture_triggers_sql(tid, info, rowid):
+    for sql in capture_triggers_sql(tid, info, rowid, conflict_column=conflict_column):
         conn.execute(sql)
-    state.tables[tid] = CapturedTable(tid, info, 0 if rowid else None)
+    state.tables[tid] = CapturedTable(tid, info, 0 if rowid else None, conflict_column)
     if not rowid:
-        conn.execute(f"INSERT INTO _p2p_log(tid, pk, op) SELECT {tid}, {info.key_expr}, {OP_INSERT} FROM {quote_ident(info.name)}")
+        ck = quote_ident(conflict_column) if conflict_column else "NULL"
+        conn.execute(
+            f"INSERT INTO _p2p_log(tid, pk, op, ck) SELECT {tid}, {info.key_expr}, {OP_INSERT}, {ck} FROM {quote_ident(info.name)}"
+        )
     return tid
+
+
+def _ck_expr(conn: sqlite3.Connection, tid: int) -> str:
+    """The SQL expression of a captured table's conflict value (``NULL`` if none)."""
+    row = conn.execute("SELECT conflict_col FROM _p2p_tables WHERE tid = ?", (tid,)).fetchone()
+    return quote_ident(row[0]) if row is not None and row[0] else "NULL"
 
 
 def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo) -> int:
@@ -229,7 +381,8 @@ def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo) -> i
     Returns the number of rows marked.
     """
     cursor = conn.execute(
-        f"INSERT INTO _p2p_log(tid, pk, op, cols) SELECT ?, {info.key_expr}, {OP_UPDATE}, NULL FROM {quote_ident(info.name)}",
+        f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) SELECT ?, {info.key_expr}, {OP_UPDATE}, NULL, {_ck_expr(conn, tid)} "
+        f"FROM {quote_ident(info.name)}",
         (tid,),
     )
     return max(cursor.rowcount, 0)
@@ -242,12 +395,61 @@ def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
     top = conn.execute(f"SELECT max(rowid) FROM {name}").fetchone()[0]
     if top is None or top <= table.hw:
         return
+    ck = quote_ident(table.conflict_column) if table.conflict_column else "NULL"
     conn.execute(
-        f"INSERT INTO _p2p_log(tid, pk, op) SELECT ?, {table.info.key_expr}, {OP_INSERT} FROM {name} WHERE rowid > ? ORDER BY rowid",
+        f"INSERT INTO _p2p_log(tid, pk, op, ck) SELECT ?, {table.info.key_expr}, {OP_INSERT}, {ck} FROM {name} WHERE rowid > ? ORDER BY rowid",
         (table.tid, table.hw),
     )
     conn.execute("UPDATE _p2p_hw SET hw = ? WHERE tid = ?", (top, table.tid))
     table.hw = top
+
+
+def skip_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
+    """Move the high-water mark past rows the apply path appended.
+
+    Called by the apply path before its transaction ends, after it inserted
+    peers' rows: those rowids are above the mark and would otherwise be
+    logged as local inserts by the next stamp (an echo).
+    """
+    if table.hw is None:
+        return
+    top = conn.execute(f"SELECT max(rowid) FROM {quote_ident(table.info.name)}").fetchone()[0]
+    if top is not None and top > table.hw:
+        conn.execute("UPDATE _p2p_hw SET hw = ? WHERE tid = ?", (top, table.tid))
+        table.hw = top
+
+
+def _cells_sql(table: CapturedTable) -> str:
+    """One statement stamping the cells of a single_version table's changes.
+
+    Binds: hlc offset (base - first), first seq, last seq, table name, tid.
+    Every insert sets all sync columns, an update those in its ``cols`` mask
+    (NULL = all); the upsert's WHERE keeps the newest change per cell
+    whatever order SQLite visits the log rows in, so no GROUP BY is needed.
+    """
+    columns = table.info.columns
+    bits = ", ".join(
+        "('" + c.replace("'", "''") + f"', {1 << i if len(columns) <= MAX_MASK_COLUMNS else 0})" for i, c in enumerate(columns)
+    )
+    return (
+        f"WITH c(col, bit) AS (VALUES {bits}) "
+        "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) "
+        "SELECT l.tid, l.ck, c.col, ?1 + l.seq, NULL, l.seq "
+        "FROM _p2p_log l JOIN c JOIN _p2p_sync_columns s ON s.tbl = ?4 AND s.col = c.col "
+        "WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?5 AND l.hlc IS NULL AND l.ck IS NOT NULL "
+        f"AND (l.op = {OP_INSERT} OR (l.op = {OP_UPDATE} AND (l.cols IS NULL OR l.cols & c.bit != 0))) "
+        "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq "
+        "WHERE excluded.seq > _p2p_cells.seq"
+    )
+
+
+_TOMBS_SQL = (
+    "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq) "
+    "SELECT l.tid, l.ck, ?1 + l.seq, NULL, l.seq FROM _p2p_log l "
+    f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.op = {OP_DELETE} AND l.hlc IS NULL AND l.ck IS NOT NULL "
+    "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq "
+    "WHERE excluded.seq > _p2p_tombs.seq"
+)
 
 
 def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, collect: bool = True, wall: int | None = None) -> ChangeBatch:
@@ -269,10 +471,15 @@ def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, 
     conn.execute("INSERT INTO _p2p_stamps(first_seq, last_seq, base_hlc) VALUES (?, ?, ?)", (first, last, base))
     state.stamped_seq = last
     batch.first_seq, batch.last_seq = first, last
+    for table in state.tables.values():
+        if table.conflict_column:
+            conn.execute(_cells_sql(table), (base - first, first, last, table.info.name, table.tid))
+            conn.execute(_TOMBS_SQL, (base - first, first, last, table.tid))
     if collect:
         names = {t.tid: t.info.name for t in state.tables.values()}
         seen: set[tuple[int, int, Any]] = set()
-        for tid, pk, op in conn.execute("SELECT tid, pk, op FROM _p2p_log WHERE seq >= ?", (first,)):
+        # Rows applied from peers carry their own hlc: they are not local changes.
+        for tid, pk, op in conn.execute("SELECT tid, pk, op FROM _p2p_log WHERE seq >= ? AND hlc IS NULL", (first,)):
             if (tid, op, pk) in seen or tid not in names:
                 continue
             seen.add((tid, op, pk))

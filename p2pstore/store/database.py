@@ -45,7 +45,7 @@ from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_i
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
 from p2pstore.store import capture, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
-from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, device_table_name, read_table_info
+from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,7 +129,7 @@ class Store:
             if mode.lower() != "wal":
                 raise StoreInvalid(f"{self.path}: could not switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.executescript(capture.SCHEMA_SQL)
+            capture.ensure_schema(conn)
             conn.executescript(single_version.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
             raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
@@ -350,7 +350,10 @@ class Store:
                 for info in infos:
                     row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
                     if row is None:
-                        capture.register_table(conn, self.capture, info, auto_sync)
+                        sync = self.sync_schema_for(conn, info.name) if table_type == "single_version" else None
+                        capture.register_table(
+                            conn, self.capture, info, auto_sync, conflict_column=sync.conflict if sync is not None else None
+                        )
                     else:
                         conn.execute("UPDATE _p2p_tables SET auto_sync = ? WHERE tid = ?", (int(auto_sync), row[0]))
                 set_meta(conn, "table_type", table_type)
@@ -411,6 +414,13 @@ class Store:
 
         return await self.run(op)
 
+    @staticmethod
+    def sync_schema_for(conn: sqlite3.Connection, table: str) -> single_version.SyncColumns | None:
+        """The accepted sync columns of ``table`` as the transaction sees them
+        (``self.sync_schema`` is only refreshed once it commits)."""
+        accepted = single_version.load_accepted(conn)
+        return accepted.tables.get(table) if accepted is not None else None
+
     def require_distributed(self, table: str) -> TableInfo:
         info = self.distributed.get(table)
         if info is None:
@@ -419,27 +429,11 @@ class Store:
 
     async def create_device_table(self, device_id: str, table: str) -> str:
         """Create the read-only local copy of ``device_id``'s rows of ``table``."""
-        info = self.require_distributed(table)
-        name = device_table_name(device_id, table)
+        self.require_distributed(table)
 
         def op(conn: sqlite3.Connection) -> str:
             with self._transaction(conn):
-                if conn.execute("SELECT 1 FROM _p2p_tables WHERE name = ?", (name,)).fetchone():
-                    return name
-                cols = conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall()
-                defs = []
-                for _cid, col, decl, _nn, _dflt, pk in cols:
-                    d = f"{quote_ident(col)} {decl}".rstrip()
-                    defs.append(d + (" PRIMARY KEY" if pk else ""))
-                if info.key is None:
-                    defs.append("_p2p_rowid INTEGER PRIMARY KEY")
-                conn.execute(f"CREATE TABLE {quote_ident(name)} ({', '.join(defs)})")
-                for sql in capture.read_only_triggers_sql(name, device_id):
-                    conn.execute(sql)
-                conn.execute(
-                    "INSERT INTO _p2p_tables(name, kind, origin, source) VALUES (?, 'device', ?, ?)", (name, device_id, table)
-                )
-            return name
+                return capture.create_device_table(conn, device_id, table)
 
         return await self.run(op)
 
