@@ -476,12 +476,13 @@ def log_refused(label: str, exc: P2PStoreError, kept: int | None) -> None:
     keeping = f"keeping version {kept}" if kept is not None else "no schema accepted yet"
     errors = exc.data.get("errors") if isinstance(exc, SchemaInvalid) else None
     if not errors:
-        log.warning("store %s: schema refused: %s; %s", label, exc.message, keeping)
+        log.warning("store %s: schema refused: %s; %s", label, exc.message.rstrip("."), keeping)
         return
     first, rest = errors[0], errors[1:]
     more = f" (and {len(rest)} more)" if rest else ""
     log.warning(
-        "store %s: schema refused: %s at %s: %s%s; %s", label, first["rule"], first["path"] or "(document)", first["message"], more, keeping
+        "store %s: schema refused: %s at %s: %s%s; %s",
+        label, first["rule"], first["path"] or "(document)", first["message"].rstrip("."), more, keeping,
     )
     for issue in rest:
         log.warning("store %s: schema refused, also: %s at %s: %s", label, issue["rule"], issue["path"] or "(document)", issue["message"])
