@@ -1,0 +1,311 @@
+"""Change capture: every change of a distributed table reaches the log with a
+clock value and "this device" as origin, whoever wrote it, and is announced
+as ChangeInfo.
+
+``_p2p_changes`` (the view that resolves each change's hlc and origin) is
+read to check the log; "another program" is a second sqlite3 connection to
+the same file (tests/integration uses real other processes).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pstore.clock import physical_ms, wall_ms
+from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, ChangeBatch
+from p2pstore.store.database import Store
+
+I, U, D = OP_INSERT, OP_UPDATE, OP_DELETE
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "cap.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(db_path, bundle="default", name="cap")
+    await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, name TEXT, n INTEGER)")
+    await s.execute("CREATE TABLE K (code TEXT PRIMARY KEY, v INTEGER)")           # text key, has a rowid
+    await s.execute("CREATE TABLE W (code TEXT PRIMARY KEY, v INTEGER) WITHOUT ROWID")
+    await s.execute("CREATE TABLE R (name TEXT, v INTEGER)")                       # no declared key: rowid
+    await s.execute("CREATE TABLE plain (id INTEGER PRIMARY KEY, v INTEGER)")      # never distributed
+    await s.set_distributed_tables(["T", "K", "W", "R"])
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def announced(store: Store) -> list[list[dict[str, Any]]]:
+    seen: list[list[dict[str, Any]]] = []
+    store.on_changes = lambda _s, batch: seen.append(batch.change_infos())
+    return seen
+
+
+@pytest.fixture
+def outside(db_path: Path, store: Store) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    yield conn
+    conn.close()
+
+
+async def log(store: Store, table: str | None = None) -> list[tuple[Any, ...]]:
+    sql = "SELECT tbl, pk, op, hlc, origin FROM _p2p_changes"
+    params: list[Any] = []
+    if table:
+        sql += " WHERE tbl = ?"
+        params.append(table)
+    return [tuple(r) for r in (await store.query(sql + " ORDER BY seq", params))["rows"]]
+
+
+def ops(entries: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [(tbl, pk, op) for tbl, pk, op, _hlc, _origin in entries]
+
+
+def info(table: str, inserted: list[Any] = (), updated: list[Any] = (), deleted: list[Any] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    return {"table": table, "type": "data", "inserted": list(inserted), "updated": list(updated), "deleted": list(deleted)}
+
+
+# -- API writes -----------------------------------------------------------------------------
+
+async def test_insert_update_delete_are_logged_with_clock_and_local_origin(store: Store, announced: list[Any]) -> None:
+    before = wall_ms()
+    await store.insert("T", {"id": 1, "name": "a"})
+    await store.update({"name": "b"}, {"table": "T", "where": [["id", "=", 1]]})
+    await store.delete({"table": "T", "where": [["id", "=", 1]]})
+    entries = await log(store, "T")
+    assert ops(entries) == [("T", 1, I), ("T", 1, U), ("T", 1, D)]
+    hlcs = [e[3] for e in entries]
+    assert all(h is not None for h in hlcs) and hlcs == sorted(hlcs) and len(set(hlcs)) == 3
+    assert physical_ms(hlcs[0]) >= before
+    assert {e[4] for e in entries} == {None}  # NULL origin = this device
+    assert announced == [[info("T", inserted=[1])], [info("T", updated=[1])], [info("T", deleted=[1])]]
+
+
+async def test_update_mask_records_changed_columns(store: Store) -> None:
+    await store.insert("T", {"id": 1, "name": "a", "n": 1})
+    await store.update({"n": 2}, {"table": "T"})
+    await store.update({"name": "z", "n": 2}, {"table": "T"})  # n unchanged
+    masks = (await store.query("SELECT cols FROM _p2p_changes WHERE op = 2 ORDER BY seq"))["rows"]
+    assert masks == [[0b100], [0b010]]  # columns id=bit0, name=bit1, n=bit2
+
+
+async def test_key_update_is_delete_of_old_and_insert_of_new(store: Store, announced: list[Any]) -> None:
+    await store.insert("T", {"id": 1, "name": "a"})
+    await store.update({"id": 7}, {"table": "T", "where": [["id", "=", 1]]})
+    after = ops(await log(store, "T"))[1:]
+    # The new key may be logged twice (by the trigger and as an appended
+    # rowid); what matters is delete-of-old before insert-of-new, nothing else.
+    assert after[0] == ("T", 1, D) and set(after[1:]) == {("T", 7, I)}
+    assert announced[-1] == [info("T", inserted=[7], deleted=[1])]
+
+
+async def test_text_key_without_rowid_and_rowid_tables(store: Store, announced: list[Any]) -> None:
+    await store.insert("K", {"code": "k1", "v": 1})
+    await store.insert("W", {"code": "w1", "v": 1})
+    rowid = await store.insert("R", {"name": "r", "v": 1})
+    await store.execute("UPDATE K SET code = 'k2'")
+    await store.execute("UPDATE W SET v = 2")
+    await store.execute("DELETE FROM R")
+    assert ops(await log(store)) == [
+        ("K", "k1", I), ("W", "w1", I), ("R", rowid, I),
+        ("K", "k1", D), ("K", "k2", I), ("W", "w1", U), ("R", rowid, D),
+    ]
+
+
+async def test_one_statement_is_one_announcement_grouped_by_table(store: Store, announced: list[Any]) -> None:
+    await store.execute("INSERT INTO T(id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    await store.execute("UPDATE T SET n = 5 WHERE id > 1")
+    assert announced == [[info("T", inserted=[1, 2, 3])], [info("T", updated=[2, 3])]]
+
+
+async def test_writes_to_tables_that_are_not_distributed_are_not_captured(store: Store, announced: list[Any]) -> None:
+    n = len(await log(store))
+    await store.insert("plain", {"v": 1})
+    await store.execute("UPDATE plain SET v = 2")
+    assert len(await log(store)) == n
+    assert announced == []
+
+
+async def test_clock_is_persisted_across_reopen(db_path: Path, store: Store) -> None:
+    await store.insert("T", {"id": 1})
+    last = (await log(store, "T"))[-1][3]
+    await store.close()
+    reopened = await Store.open(db_path, bundle="default", name="cap")
+    try:
+        assert reopened.clock.last >= last  # rebuilt from the file, not from the wall clock
+        await reopened.insert("T", {"id": 2})
+        entries = await log(reopened, "T")
+        assert entries[-1][1] == 2 and entries[-1][3] > last
+        assert reopened.clock.last >= entries[-1][3]
+    finally:
+        await reopened.close()
+    # The fixture closes ``store`` again; closing twice must be harmless.
+
+
+# -- other programs' writes ------------------------------------------------------------------
+
+async def test_outside_insert_update_delete_are_captured_and_announced(
+    store: Store, outside: sqlite3.Connection, announced: list[Any]
+) -> None:
+    await store.insert("T", {"id": 1, "name": "api"})
+    api_hlc = (await log(store, "T"))[-1][3]
+    outside.execute("INSERT INTO T(id, name) VALUES (2, 'outside')")
+    batch = await store.poll()
+    assert isinstance(batch, ChangeBatch) and batch
+    assert announced[-1] == [info("T", inserted=[2])]
+    outside.execute("UPDATE T SET name = 'x' WHERE id = 1")
+    outside.execute("DELETE FROM T WHERE id = 2")
+    await store.poll()
+    assert announced[-1] == [info("T", updated=[1], deleted=[2])]
+    entries = (await log(store, "T"))[1:]
+    assert ops(entries) == [("T", 2, I), ("T", 1, U), ("T", 2, D)]
+    assert all(e[3] > api_hlc for e in entries) and {e[4] for e in entries} == {None}
+
+
+async def test_poll_without_outside_changes_announces_nothing(store: Store, announced: list[Any]) -> None:
+    await store.insert("T", {"id": 1})
+    assert not await store.poll()
+    assert not await store.poll()
+    assert len(announced) == 1
+
+
+async def test_outside_insert_with_an_explicit_low_key_is_captured(
+    store: Store, outside: sqlite3.Connection, announced: list[Any]
+) -> None:
+    for i in (1, 2, 3, 4, 5):
+        await store.insert("T", {"id": i})
+    await store.delete({"table": "T", "where": [["id", "in", [3, 5]]]})
+    outside.execute("INSERT INTO T(id) VALUES (3)")   # below the highest key ever seen
+    outside.execute("INSERT INTO T(id) VALUES (5)")   # reuses the top rowid
+    outside.execute("INSERT INTO T(name) VALUES ('auto')")  # next free rowid
+    await store.poll()
+    assert sorted(announced[-1][0]["inserted"]) == [3, 5, 6]
+
+
+async def test_outside_bulk_insert_is_captured_in_one_poll(store: Store, outside: sqlite3.Connection, announced: list[Any]) -> None:
+    outside.execute("BEGIN")
+    outside.executemany("INSERT INTO T(name) VALUES (?)", [(f"n{i}",) for i in range(1000)])
+    outside.execute("COMMIT")
+    await store.poll()
+    assert len(announced) == 1
+    assert announced[0][0]["inserted"] == list(range(1, 1001))
+    hlcs = [e[3] for e in await log(store, "T")]
+    assert len(hlcs) == 1000 and len(set(hlcs)) == 1000
+
+
+async def test_outside_writes_to_text_key_and_without_rowid_tables(
+    store: Store, outside: sqlite3.Connection, announced: list[Any]
+) -> None:
+    outside.execute("INSERT INTO K VALUES ('a', 1)")
+    outside.execute("INSERT INTO W VALUES ('b', 1)")
+    outside.execute("INSERT INTO R VALUES ('c', 1)")
+    await store.poll()
+    assert sorted(map(str, announced[-1])) == sorted(map(str, [info("K", inserted=["a"]), info("R", inserted=[1]), info("W", inserted=["b"])]))
+
+
+async def test_outside_key_update_is_delete_and_insert(store: Store, outside: sqlite3.Connection, announced: list[Any]) -> None:
+    await store.insert("K", {"code": "old", "v": 1})
+    outside.execute("UPDATE K SET code = 'new'")
+    await store.poll()
+    assert announced[-1] == [info("K", inserted=["new"], deleted=["old"])]
+
+
+async def test_outside_writes_made_while_the_store_was_closed_are_logged_not_announced(db_path: Path, store: Store) -> None:
+    await store.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("INSERT INTO T(id, name) VALUES (10, 'offline')")
+    conn.execute("DELETE FROM T WHERE id = 10")
+    conn.execute("INSERT INTO K VALUES ('kk', 1)")
+    conn.commit()
+    conn.close()
+    reopened = await Store.open(db_path, bundle="default", name="cap")
+    seen: list[Any] = []
+    reopened.on_changes = lambda _s, b: seen.append(b)
+    try:
+        entries = await log(reopened)
+        assert ("K", "kk", I) in ops(entries) and ("T", 10, D) in ops(entries)
+        assert all(e[3] is not None for e in entries)
+        await reopened.poll()
+        assert seen == []
+    finally:
+        await reopened.close()
+
+
+async def test_outside_writes_before_set_distributed_tables_of_a_new_table(
+    store: Store, outside: sqlite3.Connection, announced: list[Any]
+) -> None:
+    await store.execute("CREATE TABLE N (id INTEGER PRIMARY KEY)")
+    outside.execute("INSERT INTO N VALUES (1)")
+    outside.execute("INSERT INTO T(id) VALUES (99)")  # distributed already: announced
+    await store.set_distributed_tables(["N"])
+    assert announced == [[info("T", inserted=[99])]]
+    assert ("N", 1, I) in ops(await log(store, "N"))
+
+
+# -- the apply guard (no echo of writes applied from peers) -------------------------------------
+
+async def test_updates_and_deletes_inside_the_apply_guard_are_not_captured(store: Store, announced: list[Any]) -> None:
+    await store.insert("T", {"id": 1, "name": "a"})
+    await store.insert("T", {"id": 2, "name": "b"})
+    before = await log(store)
+
+    def apply(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO _p2p_apply VALUES (1)")
+        conn.execute("UPDATE T SET name = 'from peer' WHERE id = 1")
+        conn.execute("DELETE FROM T WHERE id = 2")
+        conn.execute("DELETE FROM _p2p_apply")
+        conn.execute("COMMIT")
+
+    await store.run(apply)
+    await store.poll()
+    assert await log(store) == before
+    assert len(announced) == 2
+
+
+async def test_an_outside_program_is_never_exempt_from_capture(
+    store: Store, outside: sqlite3.Connection, announced: list[Any]
+) -> None:
+    await store.insert("T", {"id": 1})
+    # The daemon's guard row is only visible inside its own transaction, so a
+    # concurrent outside write still fires the triggers.
+    outside.execute("UPDATE T SET name = 'x'")
+    await store.poll()
+    assert announced[-1] == [info("T", updated=[1])]
+
+
+# -- ChangeBatch ---------------------------------------------------------------------------------
+
+def test_change_batch_truthiness_and_change_infos() -> None:
+    assert not ChangeBatch()
+    batch = ChangeBatch(first_seq=3, last_seq=4, by_table={
+        "b": {"inserted": [1], "updated": [], "deleted": []},
+        "a": {"inserted": [], "updated": [], "deleted": ["k"]},
+    })
+    assert batch
+    assert batch.change_infos() == [info("a", deleted=["k"]), info("b", inserted=[1])]
+
+
+async def test_repeated_changes_of_one_row_are_reported_once_per_kind(store: Store, announced: list[Any]) -> None:
+    await store.insert("T", {"id": 1, "n": 0})
+    await store.execute(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5) "
+        "UPDATE T SET n = n + (SELECT count(*) FROM c) WHERE id = 1"
+    )
+    outside_updates = sqlite3.connect(store.path, isolation_level=None)
+    outside_updates.execute("BEGIN")
+    for _ in range(5):
+        outside_updates.execute("UPDATE T SET n = n + 1")
+    outside_updates.execute("COMMIT")
+    outside_updates.close()
+    await store.poll()
+    assert announced[-1] == [info("T", updated=[1])]
+    assert ops(await log(store, "T")).count(("T", 1, U)) == 6  # but every change is logged
