@@ -29,7 +29,14 @@ from p2pstore.api.server import ApiServer, ClientConnection
 from p2pstore.api.subscriptions import Subscriptions
 from p2pstore.config import Config
 from p2pstore.errors import ConfigError, DaemonAlreadyRunning
+from p2pstore import PROTOCOL_VERSION
+from p2pstore.net.devices import DeviceDirectory
+from p2pstore.net.discovery import Discovery
 from p2pstore.net.identity import Identity
+from p2pstore.net.peers import PeerManager
+from p2pstore.net.trust import TrustStore
+from p2pstore.protocol.messages import Hello, Message, StoreOffer, TableOffer
+from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
 
 log = logging.getLogger("p2pstore.daemon")
@@ -111,6 +118,9 @@ class Daemon:
         self.config = config
         self.stopping = asyncio.Event()
         self.identity: Identity | None = None
+        self.peers: PeerManager | None = None
+        self.directory: DeviceDirectory | None = None
+        self.discovery: Discovery | None = None
         self.subscriptions = Subscriptions(max_per_store=config.max_subscriptions)
         self.registry = StoreRegistry(
             config.data_dir,
@@ -119,7 +129,8 @@ class Daemon:
             synchronous=config.synchronous,
             sync_schema_path=config.sync_schema_path,
         )
-        self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions)
+        self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
+                       devices=lambda: self.directory)
         self.registry.on_changes = self.api.on_store_changes
         self.server = ApiServer(
             config.socket,
@@ -135,7 +146,49 @@ class Daemon:
 
     def device_self(self) -> DeviceSelf:
         assert self.identity is not None
-        return DeviceSelf(self.identity.device_id, self.config.name, self.config.security_level, self.config.port, self.config.default_store)
+        port = self.peers.port if self.peers is not None and self.peers.port is not None else self.config.port
+        return DeviceSelf(self.identity.device_id, self.config.name, self.config.security_level, port, self.config.default_store)
+
+    def hello(self) -> Hello:
+        """What this device tells a trusted peer about itself when a channel opens."""
+        assert self.identity is not None
+        return Hello(PROTOCOL_VERSION, self.identity.device_id, self.config.name, self.config.security_level_int,
+                     tuple(store_offer(s) for s in self.registry.stores() if s.distributed))
+
+    def _device_event(self, event: dict[str, Any]) -> None:
+        self.subscriptions.publish(None, "devices", "deviceChange", event)
+
+    async def _peer_message(self, device_id: str, msg: Message) -> None:
+        # The sync engine will handle store messages; until then nothing a peer
+        # sends beyond HELLO and keepalives has a meaning here.
+        log.debug("ignored %s from %s", type(msg).__name__, device_id)
+
+    async def _start_network(self) -> None:
+        assert self.identity is not None
+        cfg = self.config
+        trust = TrustStore(cfg.data_dir / "trust.json")
+        self.peers = PeerManager(
+            self.identity, trust, hello_factory=self.hello,
+            on_change=lambda device_id, online: self.directory and self.directory.on_peer_change(device_id, online),
+            on_message=self._peer_message,
+            host=list(cfg.interfaces) or "0.0.0.0", port=cfg.port,
+        )
+        self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
+        await self.peers.start()
+        for peer in cfg.peers:
+            host, _, port = peer.rpartition(":")
+            self.peers.add_address(None, host, int(port), source="static")
+        if cfg.discovery:
+            self.discovery = Discovery(
+                device_id=self.identity.device_id, name=cfg.name, port=self.peers.port or cfg.port,
+                security_level=cfg.security_level_int, protocol_version=PROTOCOL_VERSION,
+                interfaces=list(cfg.interfaces) or None,
+                on_found=self.directory.on_found, on_lost=self.directory.on_lost,
+            )
+            await self.discovery.start()
+        log.info("peer channels on port %s (%s), discovery %s, %d static peer(s), %d trusted device(s)",
+                 self.peers.port, ", ".join(cfg.interfaces) or "all interfaces",
+                 "on" if cfg.discovery else "off", len(cfg.peers), len(trust.entries()))
 
     def _client_gone(self, client: ClientConnection) -> None:
         self.subscriptions.drop_outbox(client.outbox)
@@ -150,6 +203,13 @@ class Daemon:
         except BaseException:
             self._lock.release()
             raise
+        try:
+            await self._start_network()
+        except BaseException:
+            await self._stop_network()
+            await self.server.stop()
+            self._lock.release()
+            raise
         self._tasks.append(asyncio.create_task(self.registry.run_polling(self.config.poll_interval_ms)))
         log.info("p2pstore daemon %s (%s) listening on %s, data in %s",
                  self.config.name, self.identity.device_id, self.config.socket, data_dir)
@@ -160,10 +220,18 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_network()
         await self.server.stop()
         await self.registry.close_all()
         self._lock.release()
         log.info("p2pstore daemon stopped")
+
+    async def _stop_network(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+            self.discovery = None
+        if self.peers is not None:
+            await self.peers.stop()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -185,3 +253,15 @@ class Daemon:
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)
         self.stopping.set()
+
+
+def store_offer(store: Store) -> StoreOffer:
+    """A store's distributed tables as offered in HELLO (names and sync columns, never rows)."""
+    tables = []
+    for name in sorted(store.distributed):
+        sync = store.sync_schema.tables.get(name) if store.sync_schema is not None else None
+        tables.append(TableOffer(
+            name, store.sync_schema_version if sync else None,
+            tuple(sync.columns) if sync else (), sync.conflict if sync else None,
+        ))
+    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or "collaborative", tuple(tables))

@@ -24,9 +24,10 @@ from p2pstore.api.jsonrpc import Request, from_wire
 from p2pstore.api.server import ClientConnection
 from p2pstore.api.subscriptions import Subscriptions
 from p2pstore.config import load_json_schema
-from p2pstore.errors import InvalidParams, MethodNotFound
+from p2pstore.errors import InternalError, InvalidParams, MethodNotFound
 from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import single_version
+from p2pstore.net.devices import DeviceDirectory
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
@@ -86,10 +87,12 @@ class Api:
         device: Callable[[], DeviceSelf],
         registry: StoreRegistry,
         subscriptions: Subscriptions,
+        devices: Callable[[], DeviceDirectory | None] = lambda: None,
     ) -> None:
         self.device = device
         self.registry = registry
         self.subscriptions = subscriptions
+        self._devices = devices
         self.started = time.time()
 
     async def dispatch(self, client: ClientConnection, request: Request) -> Any:
@@ -98,6 +101,13 @@ class Api:
             raise MethodNotFound(f"unknown method {request.method!r}", data={"method": request.method})
         check_params(request.method, request.params)
         return await handler(self, client, from_wire(request.params))
+
+    @property
+    def devices(self) -> DeviceDirectory:
+        directory = self._devices()
+        if directory is None:
+            raise InternalError("the device layer is not running yet")
+        return directory
 
     def store(self, params: dict[str, Any]) -> Store:
         return self.registry.get(params.get("bundle", "default"), params["store"])
@@ -132,7 +142,10 @@ async def device_info(api: Api, client: ClientConnection, params: dict[str, Any]
 @method("status")
 async def status(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     info = await device_info(api, client, params)
-    return {"device": info, "uptime_s": round(time.time() - api.started, 1), "stores": [_store_summary(s) for s in api.registry.stores()]}
+    directory = api._devices()
+    devices = [v.to_dict() for v in directory.list()] if directory is not None else []
+    return {"device": info, "uptime_s": round(time.time() - api.started, 1),
+            "stores": [_store_summary(s) for s in api.registry.stores()], "devices": devices}
 
 
 @method("store.open")
@@ -230,3 +243,30 @@ async def schema_validate(api: Api, client: ClientConnection, params: dict[str, 
             validate_document, params["document"], bundle=params.get("bundle"), document_rules=True
         )
     return report.to_dict()
+
+
+@method("devices.list")
+async def devices_list(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    return [view.to_dict() for view in api.devices.list()]
+
+
+@method("devices.trust")
+async def devices_trust(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"device_id": api.devices.trust(params["device_id"], params.get("name"))}
+
+
+@method("devices.untrust")
+async def devices_untrust(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"device_id": api.devices.untrust(params["device_id"])}
+
+
+@method("devices.subscribe")
+async def devices_subscribe(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """deviceChange notifications: a device came online, went offline, or was (un)trusted."""
+    return {"subscription": api.subscriptions.subscribe(client.outbox, None, "devices")}
+
+
+@method("devices.unsubscribe")
+async def devices_unsubscribe(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    api.subscriptions.unsubscribe(client.outbox, None, params["subscription"])
+    return {}

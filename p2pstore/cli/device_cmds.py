@@ -1,4 +1,4 @@
-"""Device commands: ``id``, ``status``."""
+"""Device commands: ``id``, ``status``, ``devices``, ``trust``, ``untrust``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,21 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     p = sub.add_parser("status", parents=[parent], help="show the daemon, its stores and peers",
                        description="Show this device (ID, name, security level, port), uptime and open stores.")
     p.set_defaults(run=run_status)
+    p = sub.add_parser("devices", parents=[parent], help="list known devices (trusted, pending, online)",
+                       description="List the devices this daemon knows: trusted ones, and pending ones (discovered on the "
+                                   "network or that tried to connect, but not trusted yet). Trust a pending device with "
+                                   "`p2pstore trust ID`.")
+    p.set_defaults(run=run_devices)
+    p = sub.add_parser("trust", parents=[parent], help="trust a device (exchange data with it)",
+                       description="Trust a device by its ID (as printed by `p2pstore id` on that device). Both devices "
+                                   "must trust each other before a channel opens. A mistyped ID is caught by its check characters.")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--name", help="a name to remember it by (default: the name it announces)")
+    p.set_defaults(run=run_trust)
+    p = sub.add_parser("untrust", parents=[parent], help="stop trusting a device (closes its channel at once)",
+                       description="Remove a device from the trust list. Its channel is closed at once and it gets nothing more.")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.set_defaults(run=run_untrust)
 
 
 def run_id(args: argparse.Namespace) -> int:
@@ -33,12 +48,51 @@ def run_status(args: argparse.Namespace) -> int:
         lines = [
             f"device   {d['name']}  {d['device_id']}",
             f"level    {d['security_level']}   port {d['port']}   version {d['version']}   up {st['uptime_s']}s",
-            f"stores   {len(st['stores'])} open",
+            f"devices  {len(st.get('devices', []))} known",
         ]
+        for d in st.get("devices", []):
+            lines.append("  " + _device_line(d))
+        lines.append(f"stores   {len(st['stores'])} open")
         for s in st["stores"]:
             tables = ", ".join(s["distributed_tables"]) or "-"
             lines.append(f"  {s['bundle']}/{s['store']}  {s['security_level']}  {s['table_type'] or 'no distributed tables'}: {tables}")
         emit(args, st, "\n".join(lines))
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def _device_line(d: dict) -> str:
+    state = "online " if d["online"] else "offline"
+    trust = "trusted" if d["trusted"] else "PENDING"
+    return f"{d['device_id']}  {state}  {trust}  {d['security_level'] or '--'}  {d['name'] or '?'}  {', '.join(d['addresses'])}"
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        devices = await client.call("devices.list")
+        emit(args, devices, "\n".join(_device_line(d) for d in devices) or "no devices known yet")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def run_trust(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        params = {"device_id": args.device_id}
+        if args.name:
+            params["name"] = args.name
+        result = await client.call("devices.trust", **params)
+        emit(args, result, f"trusted {result['device_id']}")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def run_untrust(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        result = await client.call("devices.untrust", device_id=args.device_id)
+        emit(args, result, f"untrusted {result['device_id']}")
         return EXIT_OK
 
     return with_client(args, go)

@@ -41,6 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     g = p.add_mutually_exclusive_group()
     g.add_argument("--local", action="store_true")
     g.add_argument("--remote", action="store_true")
+    p.add_argument("--devices", action="store_true", help="also print deviceChange events (online/offline, trust)")
     p.set_defaults(run=run_watch)
 
 
@@ -87,6 +88,8 @@ def run_watch(args: argparse.Namespace) -> int:
         ref = await open_store(client, args)
         for t in types:
             await client.call("store.subscribe", **ref, type=t)
+        if args.devices:
+            await client.call("devices.subscribe")
         print(json.dumps({"watching": ref["store"], "types": types}), flush=True)
         while True:
             note = await client.notifications.get()

@@ -1,0 +1,189 @@
+"""The device directory: one view of every device this daemon knows of.
+
+Three sources feed it, none of which decides trust on its own:
+- the trust list (``TrustStore``): devices the user accepted;
+- the peer manager: who is connected right now, their HELLO, and untrusted
+  devices that proved their ID over TLS (*pending*);
+- discovery (mDNS): devices announcing themselves on the LAN (also *pending*
+  until trusted — a TXT record is only a hint, the channel proves identity).
+
+It also holds the **security-level rule** in one place: data of a store
+labelled Sx goes only to devices whose level is >= Sx (``may_receive``). A
+device's level is the one it declared in its HELLO on the current channel,
+or, when it is offline, the last level seen (kept in the trust list).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from p2pstore.errors import DeviceUnknown, InvalidDeviceId
+from p2pstore.net.discovery import DiscoveredPeer
+from p2pstore.net.identity import normalize_device_id
+from p2pstore.net.peers import PeerManager
+from p2pstore.net.trust import TrustStore
+
+log = logging.getLogger(__name__)
+
+
+def security_allows(device_level: int | None, store_label: int) -> bool:
+    """The security-level rule: may data labelled ``store_label`` go to a device of ``device_level``?"""
+    return device_level is not None and device_level >= store_label
+
+
+def level_name(level: int | None) -> str | None:
+    return None if level is None else f"S{level}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    device_id: str
+    name: str | None
+    online: bool
+    trusted: bool
+    pending: bool
+    addresses: tuple[str, ...]
+    security_level: int | None
+    last_seen: float | None
+    discovered: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "name": self.name,
+            "online": self.online,
+            "trusted": self.trusted,
+            "pending": self.pending,
+            "addresses": list(self.addresses),
+            "security_level": level_name(self.security_level),
+            "last_seen": self.last_seen,
+            "discovered": self.discovered,
+        }
+
+
+class DeviceDirectory:
+    def __init__(self, local_id: str, trust: TrustStore, peers: PeerManager,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.local_id = local_id
+        self.trust_store = trust
+        self.peers = peers
+        self.on_event = on_event
+        self._discovered: dict[str, DiscoveredPeer] = {}
+        self._discovered_at: dict[str, float] = {}
+
+    # -- discovery callbacks ---------------------------------------------------
+
+    def on_found(self, peer: DiscoveredPeer) -> None:
+        new = peer.device_id not in self._discovered
+        self._discovered[peer.device_id] = peer
+        self._discovered_at[peer.device_id] = time.time()
+        for host in peer.addresses:
+            self.peers.add_address(peer.device_id, host, peer.port, name=peer.name, source="mdns")
+        if new:
+            trusted = self.trust_store.is_trusted(peer.device_id)
+            log.info("discovered device %s (%r, S%d)%s", peer.device_id, peer.name, peer.security_level,
+                     "" if trusted else ": not trusted, listed as pending")
+            self._emit(peer.device_id, self.peers.is_online(peer.device_id))
+
+    def on_lost(self, device_id: str) -> None:
+        peer = self._discovered.pop(device_id, None)
+        if peer is not None:
+            for host in peer.addresses:
+                self.peers.remove_address(host, peer.port)
+            log.info("device %s (%r) left the network (mDNS)", device_id, peer.name)
+
+    # -- peer manager callback -------------------------------------------------
+
+    def on_peer_change(self, device_id: str, online: bool) -> None:
+        info = self.peers.peer_info(device_id)
+        if online and info is not None and info.hello is not None:
+            self.trust_store.note_seen(device_id, info.hello.name, info.hello.security_level)
+        log.info("device %s is %s", device_id, "online" if online else "offline")
+        self._emit(device_id, online)
+
+    def _emit(self, device_id: str, online: bool) -> None:
+        if self.on_event is not None:
+            view = self.get(device_id)
+            self.on_event({"device_id": device_id, "online": online, "trusted": view.trusted,
+                           "name": view.name, "security_level": level_name(view.security_level)})
+
+    # -- queries ---------------------------------------------------------------
+
+    def level_of(self, device_id: str) -> int | None:
+        info = self.peers.peer_info(device_id)
+        if info is not None and info.online and info.hello is not None:
+            return info.hello.security_level
+        entry = self.trust_store.get(device_id)
+        return entry.security_level if entry is not None else None
+
+    def may_receive(self, device_id: str, store_label: int) -> bool:
+        """The one check sync and remote query make before data leaves for ``device_id``."""
+        return self.trust_store.is_trusted(device_id) and security_allows(self.level_of(device_id), store_label)
+
+    def get(self, device_id: str) -> DeviceView:
+        for view in self.list():
+            if view.device_id == device_id:
+                return view
+        raise DeviceUnknown(f"no device {device_id} is known (not trusted, not discovered, never connected)",
+                            data={"device_id": device_id})
+
+    def list(self) -> list[DeviceView]:
+        ids: set[str] = set(self._discovered)
+        ids.update(e.device_id for e in self.trust_store.entries())
+        ids.update(p.device_id for p in self.peers.pending())
+        ids.update(p.device_id for p in self.peers.peers())
+        ids.discard(self.local_id)
+        pending = {p.device_id: p for p in self.peers.pending()}
+        views = []
+        for device_id in sorted(ids):
+            entry = self.trust_store.get(device_id)
+            info = self.peers.peer_info(device_id)
+            disc = self._discovered.get(device_id)
+            knock = pending.get(device_id)
+            trusted = entry is not None
+            name = (info.hello.name if info and info.hello else None) or (entry.name if entry else None) \
+                or (disc.name if disc else None) or (knock.name if knock else None)
+            addresses: list[str] = []
+            if info is not None:
+                addresses += [f"{h}:{p}" for h, p in info.addresses]
+            if disc is not None:
+                addresses += [f"{a}:{disc.port}" for a in disc.addresses]
+            if knock is not None:
+                addresses.append(f"{knock.address[0]}:{knock.address[1]}")
+            level = self.level_of(device_id)
+            if level is None and disc is not None:
+                level = disc.security_level
+            seen = [t for t in (info.last_seen if info else None, knock.last_seen if knock else None,
+                                self._discovered_at.get(device_id), entry.last_seen if entry else None) if t]
+            views.append(DeviceView(
+                device_id=device_id, name=name, online=bool(info and info.online), trusted=trusted,
+                pending=not trusted, addresses=tuple(dict.fromkeys(addresses)), security_level=level,
+                last_seen=max(seen) if seen else None, discovered=disc is not None,
+            ))
+        return views
+
+    # -- trust -----------------------------------------------------------------
+
+    def trust(self, device_id: str, name: str | None = None) -> str:
+        device_id = normalize_device_id(device_id)
+        if device_id == self.local_id:
+            raise InvalidDeviceId("that is this device's own ID", data={"device_id": device_id})
+        if name is None:
+            known = next((v.name for v in self.list() if v.device_id == device_id), None)
+            name = known
+        self.trust_store.trust(device_id, name)
+        log.info("trusted device %s (%r)", device_id, name)
+        self._emit(device_id, self.peers.is_online(device_id))
+        return device_id
+
+    def untrust(self, device_id: str) -> str:
+        device_id = normalize_device_id(device_id)
+        if not self.trust_store.untrust(device_id):
+            raise DeviceUnknown(f"device {device_id} is not trusted", data={"device_id": device_id})
+        log.info("untrusted device %s; its channel is closed", device_id)
+        self._emit(device_id, False)
+        return device_id
