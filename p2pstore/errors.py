@@ -26,7 +26,8 @@ class P2PStoreError(Exception):
         self.data = dict(data or {})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "data": {"name": self.name, **self.data}}
+        # ``name`` last: a detail called "name" (a device's, a table's) must not mask the error's name.
+        return {"code": self.code, "message": self.message, "data": {**self.data, "name": self.name}}
 
 
 # JSON-RPC protocol level (standard codes).
@@ -205,6 +206,7 @@ def all_error_classes() -> list[type[P2PStoreError]]:
 def by_name(name: str) -> type[P2PStoreError]:
     """The class for a stable error name (the client rebuilds errors with it)."""
     for cls in all_error_classes():
-        if cls.name == name:
+        # The base class shares INTERNAL_ERROR with InternalError; the concrete class wins.
+        if cls.name == name and cls is not P2PStoreError:
             return cls
     return P2PStoreError
