@@ -77,8 +77,9 @@ class ApiServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = os.umask(0o177)
         try:
-            # Extra room over max_line so an over-long line is seen as one (and refused).
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=self.max_line + 2)
+            # readuntil() accepts a line of up to ``limit`` bytes before its newline and
+            # raises LimitOverrunError past that: exactly max_line, not a byte more.
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=self.max_line)
         finally:
             os.umask(old)
         if self.group:
@@ -158,18 +159,24 @@ class ApiServer:
 
     async def _answer(self, client: ClientConnection, line: bytes) -> None:
         rid = None
+        notification = False
         try:
             request = decode_request(line)
-            rid = request.id
+            rid, notification = request.id, request.is_notification
             result = await self.dispatch(client, request)
-            if not request.is_notification:
+            if not notification:
                 client.outbox.send(encode_result(rid, result))
         except RequestError as exc:
             client.outbox.send(encode_error(exc.id, exc.error))
         except P2PStoreError as exc:
-            client.outbox.send(encode_error(rid, exc))
+            # JSON-RPC 2.0: a notification is never answered, not even with an error.
+            if notification:
+                log.debug("API client %d: notification %s failed: %s", client.number, exc.name, exc.message)
+            else:
+                client.outbox.send(encode_error(rid, exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the daemon must never die on input
             log.exception("internal error answering request %r", rid)
-            client.outbox.send(encode_error(rid, InternalError(f"internal error: {type(exc).__name__}: {exc}")))
+            if not notification:
+                client.outbox.send(encode_error(rid, InternalError(f"internal error: {type(exc).__name__}: {exc}")))
