@@ -107,7 +107,19 @@ class ApiServer:
         return task
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)  # one entry per live connection, not per connection ever made
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            # stop() cancels live connections. End quietly: Python 3.11's
+            # start_unix_server callback calls task.exception() on a cancelled
+            # handler, which logs a spurious traceback at every shutdown.
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         try:
             pid, uid, _gid = peer_credentials(sock)
