@@ -270,3 +270,28 @@ def test_lowered_limit_from_the_config_file(start_daemon: Callable[..., DaemonPr
             api.call("store.open", store="one", bundle="b")
         with pytest.raises(StoreNotOpen):
             api.call("store.query", store="one", bundle="b", sql="SELECT 1")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: store.set_distributed_tables checks the per-bundle limit before an await and "
+                   "sets the tables after it, so concurrent calls on different stores all pass the check "
+                   "(4 stores with distributed tables under a limit of 2)")
+def test_the_limit_holds_under_concurrent_calls(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    import asyncio
+
+    from p2pstore.client import Client
+
+    d = start_daemon("racy", "--config", str(write_config(tmp_path, "max_stores_per_bundle = 2\n")))
+
+    async def go() -> list[object]:
+        async with Client(d.socket) as c:
+            for i in range(4):
+                await c.call("store.open", store=f"s{i}")
+                await c.call("store.execute", store=f"s{i}", sql="CREATE TABLE T (id INTEGER PRIMARY KEY)")
+            return await asyncio.gather(
+                *(c.call("store.set_distributed_tables", store=f"s{i}", tables=["T"]) for i in range(4)), return_exceptions=True
+            )
+
+    results = asyncio.run(go())
+    assert sum(isinstance(r, TooManyStores) for r in results) == 2, results
+    with d.client() as c:
+        assert sum(1 for s in c.call("status")["stores"] if s["distributed_tables"]) == 2
