@@ -31,6 +31,10 @@ Invariants:
   stamping needs no device ID. A cell's or tomb's ``seq`` only grows: it is
   the log position where it last changed here, which is what a peer's
   watermark is compared with (``store/changes.py``, ``store/merge.py``).
+  ``prev`` records what a change knowingly superseded, so the merge can
+  tell a conflict from an ordinary later edit: for a cell, the newest of the
+  foreign value it replaced and the row's tomb; for a tomb, the newest cell
+  of the row when it was deleted.
 - The apply path writes its own log rows with the peer's hlc and origin
   (``hlc`` NOT NULL): stamping never turns them into cells or announces them.
 """
@@ -97,6 +101,7 @@ CREATE TABLE IF NOT EXISTS _p2p_cells(
     hlc INTEGER NOT NULL,
     origin TEXT,                        -- NULL: this device
     seq INTEGER NOT NULL,               -- local log seq when this cell last changed here
+    prev_hlc INTEGER, prev_origin TEXT, -- what its writer had superseded (NULL: nothing)
     PRIMARY KEY (tid, ck, col)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_cells_seq ON _p2p_cells(seq);
@@ -106,6 +111,7 @@ CREATE TABLE IF NOT EXISTS _p2p_tombs(
     hlc INTEGER NOT NULL,
     origin TEXT,                        -- NULL: this device
     seq INTEGER NOT NULL,
+    prev_hlc INTEGER, prev_origin TEXT, -- the row's newest cell when it was deleted
     PRIMARY KEY (tid, ck)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
@@ -135,7 +141,11 @@ CREATE TABLE IF NOT EXISTS _p2p_failures(
 
 #: Columns added to capture tables after their first release, with their
 #: definitions: ``ensure_schema`` adds them to files made before.
-_ADDED_COLUMNS = (("_p2p_tables", "conflict_col", "TEXT"), ("_p2p_log", "ck", ""))
+_ADDED_COLUMNS = (
+    ("_p2p_tables", "conflict_col", "TEXT"), ("_p2p_log", "ck", ""),
+    ("_p2p_cells", "prev_hlc", "INTEGER"), ("_p2p_cells", "prev_origin", "TEXT"),
+    ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "TEXT"),
+)
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:
@@ -426,6 +436,9 @@ def _cells_sql(table: CapturedTable) -> str:
     Every insert sets all sync columns, an update those in its ``cols`` mask
     (NULL = all); the upsert's WHERE keeps the newest change per cell
     whatever order SQLite visits the log rows in, so no GROUP BY is needed.
+    ``prev`` becomes the newer of the row's tomb and the value replaced (if
+    that was another device's; after our own value, its ``prev`` is kept,
+    so consecutive local edits carry the foreign value they started from).
     """
     columns = table.info.columns
     bits = ", ".join(
@@ -433,21 +446,36 @@ def _cells_sql(table: CapturedTable) -> str:
     )
     return (
         f"WITH c(col, bit) AS (VALUES {bits}) "
-        "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) "
-        "SELECT l.tid, l.ck, c.col, ?1 + l.seq, NULL, l.seq "
+        "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq, prev_hlc, prev_origin) "
+        "SELECT l.tid, l.ck, c.col, ?1 + l.seq, NULL, l.seq, t.hlc, t.origin "
         "FROM _p2p_log l JOIN c JOIN _p2p_sync_columns s ON s.tbl = ?4 AND s.col = c.col "
+        "LEFT JOIN _p2p_tombs t ON t.tid = l.tid AND t.ck = l.ck "
         "WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?5 AND l.hlc IS NULL AND l.ck IS NOT NULL "
         f"AND (l.op = {OP_INSERT} OR (l.op = {OP_UPDATE} AND (l.cols IS NULL OR l.cols & c.bit != 0))) "
-        "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq "
+        "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq, "
+        f"prev_hlc = CASE WHEN {_TOMB_IS_NEWER} THEN excluded.prev_hlc ELSE {_replaced('hlc')} END, "
+        f"prev_origin = CASE WHEN {_TOMB_IS_NEWER} THEN excluded.prev_origin ELSE {_replaced('origin')} END "
         "WHERE excluded.seq > _p2p_cells.seq"
     )
 
 
+def _replaced(part: str) -> str:
+    """In the cells upsert: ``part`` (hlc/origin) of the clock being replaced,
+    as "prev": a foreign value's own clock, or (our own value) its prev."""
+    return f"CASE WHEN _p2p_cells.origin IS NULL THEN _p2p_cells.prev_{part} ELSE _p2p_cells.{part} END"
+
+
+_TOMB_IS_NEWER = f"excluded.prev_hlc > coalesce({_replaced('hlc')}, -1)"
+
+
+_NEWEST_CELL = "(SELECT x.{} FROM _p2p_cells x WHERE x.tid = l.tid AND x.ck = l.ck ORDER BY x.hlc DESC LIMIT 1)"
 _TOMBS_SQL = (
-    "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq) "
-    "SELECT l.tid, l.ck, ?1 + l.seq, NULL, l.seq FROM _p2p_log l "
+    "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) "
+    f"SELECT l.tid, l.ck, ?1 + l.seq, NULL, l.seq, {_NEWEST_CELL.format('hlc')}, {_NEWEST_CELL.format('origin')} "
+    "FROM _p2p_log l "
     f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.op = {OP_DELETE} AND l.hlc IS NULL AND l.ck IS NOT NULL "
-    "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq "
+    "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq, "
+    "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin "
     "WHERE excluded.seq > _p2p_tombs.seq"
 )
 

@@ -1,0 +1,540 @@
+"""Outgoing changes: what this store sends a peer, read from its own sync state.
+
+A store's changes form one stream ordered by the local log ``seq``. A peer
+that has applied everything up to ``seq`` W (its watermark for this device,
+``_p2p_watermarks`` on the peer's side) needs exactly the records with
+``seq`` > W:
+
+- **collaborative** tables: local log rows (``origin`` NULL) with ``seq`` > W.
+  Each changed key is sent once, as its *current* full row (or as a delete
+  if the row is gone), with the clock of its last change. Rows received from
+  peers live in device tables and are never sent on (no relay).
+- **single_version** tables: cells and tombs (``_p2p_cells``, ``_p2p_tombs``)
+  with ``seq`` > W, grouped per conflict value ``ck``; values are read from
+  the table by ``ck`` and only sync columns travel. Relayed cells carry a new
+  local ``seq`` but their original hlc and origin, so A's changes reach C
+  through B as A's.
+
+Invariants:
+
+- A batch covers a ``seq`` interval (``since_seq``, ``last_seq``]: every
+  record of the selected tables in it is in the batch, and nothing else, so
+  a stream resumes exactly at ``last_seq``. ``limit`` bounds the number of
+  distinct ``seq`` values, and one ``seq`` belongs to one row, so a batch has
+  at most ``limit`` rows.
+- ``last_seq`` never passes a local log row that is not stamped yet: its
+  cells would be created later with a ``seq`` below a watermark a peer
+  already holds, and never be sent. Callers stamp first, in the same
+  transaction (``capture.stamp``), so that row values read here match their
+  clocks; the bound is a safety net.
+- Only a batch of the whole stream (every table, no row filter) may move a
+  peer's watermark: ``OutBatch.full`` says so. A table or query sync
+  (``where``) skips records, so its ``last_seq`` proves nothing.
+- A single_version row always carries its tomb (if any), whatever its
+  ``seq``: a row change is then self-contained, and a cell older than the
+  tomb (sent with value NULL) can't resurrect anything on a receiver that
+  never got the delete.
+- Batches hold plain values only (int, float, str, bytes, None), so the
+  protocol layer can msgpack them (``batch_to_plain`` / ``batch_from_plain``;
+  the latter is the one place hostile input is checked, and it only raises
+  ``ProtocolError``).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from p2pstore.clock import MAX_HLC
+from p2pstore.errors import InvalidParams, ProtocolError, StoreInvalid
+from p2pstore.schema.predicates import CompiledQuery, quote_ident
+from p2pstore.store import capture
+from p2pstore.store.tables import TableInfo, read_table_info
+
+Value = int | float | str | bytes | None
+
+COLLABORATIVE, SINGLE_VERSION = "collaborative", "single_version"
+MODES = (COLLABORATIVE, SINGLE_VERSION)
+#: Rows per batch when the caller does not say; the sync engine picks its own
+#: so that a batch fits a frame (``protocol.framing.MAX_FRAME_SIZE``).
+DEFAULT_BATCH_ROWS = 500
+MAX_BATCH_ROWS = 100_000
+#: Caps on names in a decoded batch (SQLite has none; a peer must not make us
+#: hold arbitrarily long identifiers).
+MAX_NAME_LEN = 1024
+#: Column name under which a collaborative device table's row clock is kept.
+ROW_CLOCK_COLUMN = "*"
+
+
+# --------------------------------------------------------------------------
+# What travels
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One column value and the clock of the change that wrote it.
+
+    ``prev_*`` (single_version) is the clock its writer knowingly superseded
+    (see capture's ``prev``); the merge uses it to tell conflicts from
+    ordinary later edits, never to decide who wins.
+    """
+
+    column: str
+    value: Value
+    hlc: int
+    origin: str
+    prev_hlc: int | None = None
+    prev_origin: str | None = None
+
+    @property
+    def clock(self) -> tuple[int, str]:
+        return (self.hlc, self.origin)
+
+    @property
+    def prev(self) -> tuple[int, str] | None:
+        return None if self.prev_hlc is None or self.prev_origin is None else (self.prev_hlc, self.prev_origin)
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """The state of one row that a peer has not seen yet.
+
+    ``key`` identifies the row on every device: for collaborative tables the
+    primary key (``key_column`` "" = the rowid), for single_version tables the
+    conflict value (``key_column`` = the conflict column). ``seq`` is the
+    sender's newest log position in this change.
+
+    collaborative: an upsert has the full row in ``cells``, all with the row's
+    clock, and no tomb; a delete has no cells and its clock in ``tomb_*``.
+    single_version: ``cells`` are the sync columns changed since the
+    watermark; ``tomb_*`` is the row's newest delete, if it has one, and
+    ``tomb_prev_*`` the newest cell its writer had when deleting.
+    """
+
+    table: str
+    key_column: str
+    key: Value
+    seq: int
+    cells: tuple[Cell, ...] = ()
+    tomb_hlc: int | None = None
+    tomb_origin: str | None = None
+    tomb_prev_hlc: int | None = None
+    tomb_prev_origin: str | None = None
+
+    @property
+    def tomb(self) -> tuple[int, str] | None:
+        if self.tomb_hlc is None or self.tomb_origin is None:
+            return None
+        return (self.tomb_hlc, self.tomb_origin)
+
+    @property
+    def tomb_prev(self) -> tuple[int, str] | None:
+        if self.tomb_prev_hlc is None or self.tomb_prev_origin is None:
+            return None
+        return (self.tomb_prev_hlc, self.tomb_prev_origin)
+
+
+@dataclass(frozen=True, slots=True)
+class OutBatch:
+    """One bounded slice of a store's change stream.
+
+    ``full`` is True only for a slice of the whole stream (all tables, no row
+    filter): the receiver may then move its watermark for the sender from
+    ``since_seq`` (if it had reached it) to ``last_seq``. ``more`` says that
+    records after ``last_seq`` were ready when the batch was read.
+    """
+
+    mode: str
+    since_seq: int
+    last_seq: int
+    rows: tuple[RowChange, ...]
+    more: bool
+    full: bool
+
+
+# --------------------------------------------------------------------------
+# Plain (msgpack-ready) form, and the checks a received batch must pass
+
+
+def row_to_plain(row: RowChange) -> list[Any]:
+    return [
+        row.table, row.key_column, row.key, row.seq,
+        [[c.column, c.value, c.hlc, c.origin, c.prev_hlc, c.prev_origin] for c in row.cells],
+        [row.tomb_hlc, row.tomb_origin, row.tomb_prev_hlc, row.tomb_prev_origin] if row.tomb_hlc is not None else None,
+    ]
+
+
+def batch_to_plain(batch: OutBatch) -> dict[str, Any]:
+    return {
+        "mode": batch.mode, "since_seq": batch.since_seq, "last_seq": batch.last_seq,
+        "more": batch.more, "full": batch.full, "rows": [row_to_plain(r) for r in batch.rows],
+    }
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(f"{what} must be an integer in {low}..{high}")
+    return value
+
+
+def _name(value: Any, what: str, *, empty: bool = False) -> str:
+    if type(value) is not str or (not value and not empty) or len(value) > MAX_NAME_LEN:
+        raise ProtocolError(f"{what} must be a{'' if empty else ' non-empty'} string of at most {MAX_NAME_LEN} characters")
+    return value
+
+
+def _value(value: Any, what: str) -> Value:
+    if value is None or type(value) in (int, str, bytes):
+        if type(value) is int and not -(1 << 63) <= value < (1 << 63):
+            raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
+        return value
+    if type(value) is float:
+        if math.isnan(value):
+            raise ProtocolError(f"{what}: NaN can't be stored")
+        return value
+    raise ProtocolError(f"{what} must be null, an integer, a float, a string or bytes")
+
+
+def _clock(hlc: Any, origin: Any, what: str) -> tuple[int, str] | tuple[None, None]:
+    """An optional (hlc, origin) pair: both or neither."""
+    if hlc is None and origin is None:
+        return (None, None)
+    if hlc is None or origin is None:
+        raise ProtocolError(f"{what}: hlc and origin go together")
+    return (_int(hlc, f"{what} hlc", 0, MAX_HLC), _name(origin, f"{what} origin"))
+
+
+def row_from_plain(obj: Any, mode: str) -> RowChange:
+    """Check and build one row change; any defect raises ``ProtocolError``."""
+    if not isinstance(obj, (list, tuple)) or len(obj) != 6:
+        raise ProtocolError("a row change must be a list of 6 items")
+    table, key_column, key, seq, cells, tomb = obj
+    table = _name(table, "row table")
+    key_column = _name(key_column, f"{table}: key column", empty=mode == COLLABORATIVE)
+    if mode == SINGLE_VERSION and not key_column:
+        raise ProtocolError(f"{table}: a single_version row needs its conflict column")
+    key = _value(key, f"{table}: key")
+    if key is None:
+        raise ProtocolError(f"{table}: a row key can't be NULL")
+    seq = _int(seq, f"{table}: seq")
+    if not isinstance(cells, (list, tuple)):
+        raise ProtocolError(f"{table}: cells must be a list")
+    built: list[Cell] = []
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, (list, tuple)) or len(cell) != 6:
+            raise ProtocolError(f"{table}: cell {i} must be [column, value, hlc, origin, prev hlc, prev origin]")
+        hlc, origin = _clock(cell[2], cell[3], f"{table}: cell {i}")
+        if hlc is None or origin is None:
+            raise ProtocolError(f"{table}: cell {i} needs its clock")
+        built.append(Cell(
+            _name(cell[0], f"{table}: cell {i} column"), _value(cell[1], f"{table}: cell {i} value"),
+            hlc, origin, *_clock(cell[4], cell[5], f"{table}: cell {i} prev"),
+        ))
+    if tomb is None:
+        tomb_clock: tuple[Any, ...] = (None, None, None, None)
+    elif not isinstance(tomb, (list, tuple)) or len(tomb) != 4 or tomb[0] is None:
+        raise ProtocolError(f"{table}: a tomb must be [hlc, origin, prev hlc, prev origin]")
+    else:
+        tomb_clock = (*_clock(tomb[0], tomb[1], f"{table}: tomb"), *_clock(tomb[2], tomb[3], f"{table}: tomb prev"))
+    row = RowChange(table, key_column, key, seq, tuple(built), *tomb_clock)
+    problem = row_problem(mode, row)
+    if problem is not None:
+        raise ProtocolError(problem)
+    return row
+
+
+def row_problem(mode: str, row: RowChange) -> str | None:
+    """What makes ``row`` meaningless in ``mode`` (None: nothing).
+
+    Checked on decode and again by the apply path, which may be handed
+    batches built some other way.
+    """
+    columns = [c.column for c in row.cells]
+    if len(set(columns)) != len(columns):
+        return f"{row.table}: a column appears twice in one row change"
+    if row.key is None:
+        return f"{row.table}: a row key can't be NULL"
+    pairs = [(row.tomb_hlc, row.tomb_origin), (row.tomb_prev_hlc, row.tomb_prev_origin)]
+    pairs += [(c.prev_hlc, c.prev_origin) for c in row.cells]
+    if any((h is None) != (o is None) for h, o in pairs):
+        return f"{row.table}: a clock's hlc and origin go together"
+    pairs += [(c.hlc, c.origin) for c in row.cells]
+    for h, o in pairs:
+        if h is not None and (type(h) is not int or not 0 <= h <= MAX_HLC):
+            return f"{row.table}: clock value out of range"
+        if h is not None and not (isinstance(o, str) and o):
+            return f"{row.table}: every clock needs its origin device"
+    if mode == COLLABORATIVE:
+        if bool(row.cells) == (row.tomb is not None):
+            return f"{row.table}: a collaborative row change is either a full row or a delete"
+        if len({(c.hlc, c.origin) for c in row.cells}) > 1:
+            return f"{row.table}: the cells of a collaborative row share the row's clock"
+    elif mode != SINGLE_VERSION:
+        return f"unknown table type {mode!r}"
+    elif not row.cells and row.tomb is None:
+        return f"{row.table}: a single_version row change carries cells or a tomb"
+    return None
+
+
+def batch_from_plain(obj: Any) -> OutBatch:
+    """Check and build a received batch; any defect raises ``ProtocolError``."""
+    if not isinstance(obj, dict) or set(obj) != {"mode", "since_seq", "last_seq", "more", "full", "rows"}:
+        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, rows")
+    mode = obj["mode"]
+    if mode not in MODES:
+        raise ProtocolError(f"unknown table type {mode!r:.40}")
+    since, last = _int(obj["since_seq"], "since_seq"), _int(obj["last_seq"], "last_seq")
+    if last < since:
+        raise ProtocolError("last_seq must not be below since_seq")
+    if type(obj["more"]) is not bool or type(obj["full"]) is not bool:
+        raise ProtocolError("more and full must be booleans")
+    rows = obj["rows"]
+    if not isinstance(rows, (list, tuple)) or len(rows) > MAX_BATCH_ROWS:
+        raise ProtocolError(f"rows must be a list of at most {MAX_BATCH_ROWS} row changes")
+    return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"])
+
+
+def encode_change(mode: str, row: RowChange) -> bytes:
+    """A row change as stored in the sync-failure log (msgpack)."""
+    return msgpack.packb([mode, row_to_plain(row)], use_bin_type=True)
+
+
+def decode_change(blob: bytes) -> tuple[str, RowChange]:
+    try:
+        mode, plain = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"stored change is not readable: {exc}") from exc
+    if mode not in MODES:
+        raise ProtocolError(f"stored change has unknown table type {mode!r:.40}")
+    return mode, row_from_plain(plain, mode)
+
+
+# --------------------------------------------------------------------------
+# Local tables, as the sync code sees them
+
+
+@dataclass(frozen=True, slots=True)
+class SyncTable:
+    """A distributed table of this store and how it syncs."""
+
+    tid: int
+    info: TableInfo
+    conflict_column: str | None  # None: collaborative
+    sync_columns: tuple[str, ...]  # single_version: from _p2p_sync_columns; collaborative: all columns
+
+    @property
+    def mode(self) -> str:
+        return SINGLE_VERSION if self.conflict_column else COLLABORATIVE
+
+    @property
+    def key_column(self) -> str:
+        """What identifies a row across devices (see ``RowChange.key``)."""
+        if self.conflict_column:
+            return self.conflict_column
+        return self.info.key or ""
+
+
+def sync_columns(conn: sqlite3.Connection, table: str) -> tuple[str, ...]:
+    """The accepted sync columns of a single_version table, in schema order."""
+    return tuple(r[0] for r in conn.execute("SELECT col FROM _p2p_sync_columns WHERE tbl = ? ORDER BY pos", (table,)))
+
+
+def sync_tables(conn: sqlite3.Connection, table: str | None = None) -> list[SyncTable]:
+    """This store's distributed tables (or the one named), in registration order."""
+    sql = "SELECT tid, name, conflict_col FROM _p2p_tables WHERE kind = 'local'"
+    rows = conn.execute(sql + (" AND name = ?" if table is not None else "") + " ORDER BY tid", (table,) if table is not None else ()).fetchall()
+    if table is not None and not rows:
+        raise InvalidParams(f"table {table} is not distributed", data={"table": table})
+    result = []
+    for tid, name, conflict in rows:
+        info = read_table_info(conn, name)
+        columns = sync_columns(conn, name) if conflict else info.columns
+        result.append(SyncTable(tid, info, conflict, columns))
+    return result
+
+
+def store_mode(conn: sqlite3.Connection) -> str:
+    return capture.get_meta(conn, "table_type") or COLLABORATIVE
+
+
+def stable_bound(conn: sqlite3.Connection) -> int:
+    """The highest ``seq`` below which every local log row is stamped."""
+    row = conn.execute("SELECT last_seq FROM _p2p_stamps ORDER BY first_seq DESC LIMIT 1").fetchone()
+    stamped = row[0] if row is not None else 0
+    pending = conn.execute("SELECT min(seq) FROM _p2p_log WHERE seq > ? AND hlc IS NULL", (stamped,)).fetchone()[0]
+    if pending is not None:
+        return int(pending) - 1
+    top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0]
+    return int(top or 0)
+
+
+@contextmanager
+def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One consistent view for several reads: the caller's transaction if it
+    has one, else a read transaction of our own (rolled back: we only read)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+# --------------------------------------------------------------------------
+# Reading a slice of the stream
+
+
+def changes_since(
+    conn: sqlite3.Connection,
+    table: str | None,
+    since_seq: int,
+    *,
+    limit: int = DEFAULT_BATCH_ROWS,
+    where: CompiledQuery | None = None,
+) -> OutBatch:
+    """The changes a peer whose watermark is ``since_seq`` has not applied.
+
+    ``table`` None reads the whole stream (every distributed table) and gives
+    a batch that may move the peer's watermark (``full``). A named table, and
+    above all a ``where`` filter (a compiled predicate on that table, for a
+    query sync), give a batch that must NOT move it: they skip records that
+    the peer still needs. A filtered batch only has rows that exist and match
+    now (deletes can't match a predicate); ``where``'s order, limit and
+    offset are ignored.
+
+    Call it after ``capture.stamp`` in the same transaction, so pending
+    outside writes have their clocks (see the module invariants).
+    """
+    if type(since_seq) is not int or since_seq < 0:
+        raise InvalidParams("since_seq must be an integer >= 0", data={"param": "since_seq"})
+    if type(limit) is not int or not 1 <= limit <= MAX_BATCH_ROWS:
+        raise InvalidParams(f"limit must be 1..{MAX_BATCH_ROWS}", data={"param": "limit"})
+    if where is not None and table is None:
+        raise InvalidParams("a row filter needs a table", data={"param": "where"})
+    with read_snapshot(conn):
+        me = capture.device_id(conn)
+        mode = store_mode(conn)
+        tables = sync_tables(conn, table)
+        for t in tables:
+            if t.mode != mode:
+                raise StoreInvalid(f"table {t.info.name} is captured as {t.mode} in a {mode} store; register it again")
+        bound = stable_bound(conn)
+        filt = where if where is not None and where.where else None
+        seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt)
+        more = len(seqs) == limit
+        last = seqs[-1] if more else max(since_seq, bound)
+        rows: list[RowChange] = []
+        if seqs:
+            for t in tables:
+                if t.mode == COLLABORATIVE:
+                    rows.extend(_collaborative_rows(conn, t, since_seq, last, me, filt))
+                else:
+                    rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt))
+        rows.sort(key=lambda r: r.seq)
+        return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None)
+
+
+def _filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[str, tuple[Any, ...]]:
+    """`` AND <column> IN (keys of rows matching where)`` and its parameters."""
+    if where is None:
+        return "", ()
+    key = quote_ident(t.conflict_column) if t.conflict_column else t.info.key_expr
+    return f" AND {column} IN (SELECT {key} FROM {quote_ident(t.info.name)} WHERE {where.where})", tuple(where.params)
+
+
+def _next_seqs(
+    conn: sqlite3.Connection, tables: Sequence[SyncTable], since: int, bound: int, limit: int, where: CompiledQuery | None
+) -> list[int]:
+    parts: list[str] = []
+    params: list[Any] = []
+    for t in tables:
+        if t.mode == COLLABORATIVE:
+            filt, fparams = _filter_sql(t, "pk", where)
+            parts.append(f"SELECT seq FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL{filt}")
+            params += [since, bound, t.tid, *fparams]
+        else:
+            for source in ("_p2p_cells", "_p2p_tombs"):
+                filt, fparams = _filter_sql(t, "ck", where)
+                parts.append(f"SELECT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{filt}")
+                params += [since, bound, t.tid, *fparams]
+    if not parts or bound <= since:
+        return []
+    sql = f"SELECT DISTINCT seq FROM ({' UNION ALL '.join(parts)}) ORDER BY seq LIMIT ?"
+    return [r[0] for r in conn.execute(sql, (*params, limit))]
+
+
+def _collaborative_rows(
+    conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, where: CompiledQuery | None
+) -> Iterator[RowChange]:
+    filt, fparams = _filter_sql(t, "l.pk", where)
+    latest = conn.execute(
+        "SELECT l.pk, l.seq, (SELECT s.base_hlc + l.seq - s.first_seq FROM _p2p_stamps s "
+        "                    WHERE s.first_seq <= l.seq ORDER BY s.first_seq DESC LIMIT 1) "
+        "FROM _p2p_log l WHERE l.seq IN ("
+        "  SELECT max(seq) FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL GROUP BY pk) "
+        f"{filt} ORDER BY l.seq",
+        (since, last, t.tid, *fparams),
+    ).fetchall()
+    cols = ", ".join(quote_ident(c) for c in t.info.columns)
+    select = f"SELECT {cols} FROM {quote_ident(t.info.name)} WHERE {t.info.key_expr} = ?"
+    for pk, seq, hlc in latest:
+        if hlc is None:  # beyond every stamp: stable_bound keeps this from happening
+            continue
+        current = conn.execute(select, (pk,)).fetchone()
+        if current is None:
+            yield RowChange(t.info.name, t.key_column, pk, seq, (), hlc, me)
+        else:
+            cells = tuple(Cell(c, v, hlc, me) for c, v in zip(t.info.columns, current))
+            yield RowChange(t.info.name, t.key_column, pk, seq, cells)
+
+
+def _single_version_rows(
+    conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, where: CompiledQuery | None
+) -> Iterator[RowChange]:
+    assert t.conflict_column is not None
+    synced = set(t.sync_columns)
+    filt, fparams = _filter_sql(t, "ck", where)
+    # origin NULL is this device, and so is prev_origin NULL beside a prev_hlc.
+    # (A plain "?" in the filter numbers on after ?4.)
+    clock_sql = "hlc, coalesce(origin, ?1), seq, prev_hlc, CASE WHEN prev_hlc IS NOT NULL THEN coalesce(prev_origin, ?1) END"
+    cells: dict[Any, list[tuple[Any, ...]]] = {}
+    for ck, col, *clock in conn.execute(
+        f"SELECT ck, col, {clock_sql} FROM _p2p_cells WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+        (me, since, last, t.tid, *fparams),
+    ):
+        if col in synced:
+            cells.setdefault(ck, []).append((col, *clock))
+    tombs: dict[Any, tuple[Any, ...]] = {
+        ck: tuple(clock)
+        for ck, *clock in conn.execute(
+            f"SELECT ck, {clock_sql} FROM _p2p_tombs WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+            (me, since, last, t.tid, *fparams),
+        )
+    }
+    name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
+    columns = list(t.sync_columns)
+    read_values = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {name} WHERE {ck_col} = ?"
+    for ck in dict.fromkeys([*cells, *tombs]):
+        tomb = tombs.get(ck)
+        if tomb is None:
+            found = conn.execute(f"SELECT {clock_sql} FROM _p2p_tombs WHERE tid = ?2 AND ck = ?3", (me, t.tid, ck)).fetchone()
+            tomb = tuple(found) if found is not None else None
+        row_cells = cells.get(ck, [])
+        current = conn.execute(read_values, (ck,)).fetchone() if row_cells else None
+        values = dict(zip(columns, current)) if current is not None else {}
+        out = []
+        for col, hlc, origin, _seq, prev_hlc, prev_origin in sorted(row_cells, key=lambda c: c[0]):
+            visible = tomb is None or (hlc, origin) > (tomb[0], tomb[1])
+            out.append(Cell(col, values.get(col) if visible else None, hlc, origin, prev_hlc, prev_origin))
+        seq = max([c[3] for c in row_cells] + ([tomb[2]] if tomb is not None and tomb[2] > since else []))
+        tomb_fields = (tomb[0], tomb[1], tomb[3], tomb[4]) if tomb is not None else (None, None, None, None)
+        yield RowChange(t.info.name, t.conflict_column, ck, seq, tuple(out), *tomb_fields)

@@ -1,0 +1,654 @@
+"""Applying a peer's changes: merge rules, conflict log, failure log, watermarks.
+
+``apply_batch`` is the only way peers' rows enter a store. One call is one
+transaction (its own ``BEGIN IMMEDIATE``, or a savepoint inside the caller's):
+
+1. ``capture.stamp``: pending local writes get their clocks first, so they
+   take part in the comparison (their ChangeBatch is returned to be announced
+   as local changes);
+2. a row in ``_p2p_apply``: capture triggers skip our writes (no echo) and
+   collaborative device tables accept them;
+3. each row change under its own SAVEPOINT: one that can't be applied
+   (constraint, type, unknown column, schema mismatch) is rolled back alone
+   and stored in ``_p2p_failures``; the rest of the batch still applies;
+4. the high-water marks of tables we appended to move past our rows, our log
+   rows carry the incoming hlc and origin (remote notifications, relay seqs);
+5. the guard row goes, the watermark for the sender moves, the clock observes
+   the newest incoming value and ``hlc_last`` is persisted.
+
+Any other error rolls everything back: rows, conflicts, failures, watermark.
+
+Merge rules, single_version (rows known by their conflict value ``ck``):
+
+- Clocks are ``(hlc, origin)`` pairs compared as tuples: HLC first, device ID
+  breaks ties. Local clocks are stored with origin NULL and compared as this
+  device's ID.
+- A row's state is its cells (per sync column, the greatest clock seen) and
+  its tomb (the greatest delete clock seen, also for rows never seen: a
+  late, older insert then stays deleted). Merging keeps the maximum of each,
+  so it is commutative, associative and idempotent: any order and route of
+  the same changes gives the same state, and a change seen twice (a cycle
+  A→B→C→A, a re-sent batch) is a no-op that gets no new ``seq`` — it stops
+  travelling.
+- The materialized row exists iff some cell is newer than the tomb; a column
+  whose cell is not newer than the tomb is NULL; the conflict column always
+  holds ``ck``. Only sync columns are written, so unsynced local columns
+  keep their values; a new row gets a local key (auto-increment keys never
+  travel). Columns this device does not sync (a peer with another schema
+  version) are skipped.
+- Every change that loses a conflict is kept in ``_p2p_conflicts``: an
+  incoming value older than ours, a visible local value overwritten by a
+  newer one, values hidden by a newer delete, a delete that newer values
+  outlive. A loss is *not* a conflict, and is not recorded, when the winner
+  was written by a device that had already seen the loser: same device
+  (its clock only grows), or the loser's clock is at most the winner's
+  ``prev`` (what its writer knowingly superseded, see capture.py). Without
+  that, every ordinary edit of another device's row would be logged as a
+  conflict. ``prev`` only ever decides what is logged, never who wins.
+  Also not recorded: a loser whose value equals the winner's (nothing was
+  lost) and the same losing change twice (unique index). ``prev`` is one
+  clock, not a version vector, so a loss that reached this device through
+  a chain of later edits may still be logged.
+
+collaborative: each sender's rows land in its device table
+``dev_<DEVICE>_<T>`` as whole-row upserts and deletes; the row's clock (in
+``_p2p_cells`` under column ``*``) makes stale or repeated changes no-ops.
+Rows are only accepted from the device that wrote them (no relay).
+
+Invariants: the watermark only moves forward, in the transaction of the
+rows it covers, and only for a batch of the sender's whole stream that
+starts at or below it (``OutBatch.full``, ``since_seq``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pstore.clock import HybridClock, wall_ms
+from p2pstore.errors import FailureNotFound, ProtocolError
+from p2pstore.schema.predicates import quote_ident
+from p2pstore.store import capture
+from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
+from p2pstore.store.changes import (
+    COLLABORATIVE,
+    ROW_CLOCK_COLUMN,
+    SINGLE_VERSION,
+    OutBatch,
+    RowChange,
+    SyncTable,
+    Value,
+    decode_change,
+    encode_change,
+    row_problem,
+    sync_tables,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = tuple[int, str]
+
+
+# --------------------------------------------------------------------------
+# Results and records
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one ``apply_batch`` (or ``retry_failure``) did.
+
+    ``applied``: row changes that changed this store's state; ``conflicts``:
+    losing changes newly logged; ``failed``: row changes put in (or kept in)
+    the failure log; ``last_seq``: the watermark for the sender afterwards.
+    ``local``: local changes stamped before applying (announce them as
+    ``local_details``). ``remote``: rows written, as origin device → table →
+    ``{"inserted", "updated", "deleted"}`` key lists (``remote_details``);
+    collaborative rows are reported under their logical table name, the rows
+    themselves are in ``distributed_table_name(origin, table)``.
+    """
+
+    applied: int
+    conflicts: int
+    failed: int
+    last_seq: int
+    local: ChangeBatch
+    remote: Mapping[str, Mapping[str, Mapping[str, list[Any]]]] = field(default_factory=dict)
+
+    def remote_devices(self) -> list[str]:
+        return sorted(self.remote)
+
+    def remote_change_infos(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            origin: [{"table": table, "type": "data", **lists} for table, lists in sorted(tables.items())]
+            for origin, tables in sorted(self.remote.items())
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """One losing change (``column`` None: a row delete that lost)."""
+
+    id: int
+    table: str
+    key: Value
+    column: str | None
+    losing_value: Value
+    winner: str
+    winner_hlc: int
+    loser: str
+    loser_hlc: int
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncFailure:
+    """A received change that could not be applied, kept until retried or discarded."""
+
+    id: int
+    origin: str
+    table: str
+    reason: str
+    at: int
+    mode: str | None
+    change: RowChange | None  # None only if the stored payload is unreadable
+
+
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    """A clock and the clock its writer had superseded (for the conflict log)."""
+
+    clock: Clock
+    prev: Clock | None = None
+
+
+def _visible(cell: _Stamp | None, tomb: _Stamp | None) -> bool:
+    return cell is not None and (tomb is None or cell.clock > tomb.clock)
+
+
+class _RowFailed(Exception):
+    """A row change that can't be applied here; ``reason`` starts with a stable kind."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+
+def apply_batch(
+    conn: sqlite3.Connection,
+    state: CaptureState,
+    clock: HybridClock,
+    batch: OutBatch,
+    from_device: str,
+    *,
+    wall: int | None = None,
+) -> ApplyResult:
+    """Apply ``batch`` received from ``from_device`` atomically (see the module docstring).
+
+    ``from_device`` is the authenticated peer, never a value from the batch.
+    The connection must be in autocommit mode (``isolation_level=None``), as
+    the store's is.
+    """
+    if not isinstance(from_device, str) or not from_device:
+        raise ValueError("from_device must be a device ID")
+    with _atomic(conn, state):
+        local = capture.stamp(conn, state, clock, wall=wall)
+        applier = _Applier(conn, state, batch.mode, from_device, wall)
+        conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
+        for row in batch.rows:
+            applier.apply(row, failure_id=None)
+        applier.finish()
+        conn.execute("DELETE FROM _p2p_apply")
+        last = _advance_watermark(conn, from_device, batch)
+        _observe(conn, clock, applier.max_hlc, wall)
+        return applier.result(last, local)
+
+
+def retry_failure(
+    conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, failure_id: int, *, wall: int | None = None
+) -> ApplyResult:
+    """Apply a stored failed change again; on success it leaves the failure log.
+
+    On a new failure the entry stays, with the new reason (``failed`` == 1).
+    Merge rules apply as for a fresh change, so a retried change that newer
+    ones have overtaken loses (and is logged as a conflict) rather than
+    overwriting them.
+    """
+    with _atomic(conn, state):
+        found = conn.execute("SELECT origin, change FROM _p2p_failures WHERE id = ?", (failure_id,)).fetchone()
+        if found is None:
+            raise FailureNotFound(f"no sync failure with id {failure_id}", data={"id": failure_id})
+        origin, blob = found
+        try:
+            mode, row = decode_change(blob)
+        except ProtocolError as exc:
+            raise FailureNotFound(f"sync failure {failure_id} holds no readable change: {exc.message}", data={"id": failure_id}) from exc
+        local = capture.stamp(conn, state, clock, wall=wall)
+        applier = _Applier(conn, state, mode, origin, wall)
+        conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
+        applier.apply(row, failure_id=failure_id)
+        applier.finish()
+        conn.execute("DELETE FROM _p2p_apply")
+        _observe(conn, clock, applier.max_hlc, wall)
+        return applier.result(watermark(conn, origin), local)
+
+
+def discard_failure(conn: sqlite3.Connection, failure_id: int) -> None:
+    """Drop a stored failed change for good."""
+    if conn.execute("DELETE FROM _p2p_failures WHERE id = ?", (failure_id,)).rowcount == 0:
+        raise FailureNotFound(f"no sync failure with id {failure_id}", data={"id": failure_id})
+
+
+def sync_failures(conn: sqlite3.Connection, limit: int = 100) -> list[SyncFailure]:
+    """The sync-failure log, oldest first."""
+    result = []
+    for fid, origin, table, blob, reason, at in conn.execute(
+        "SELECT id, origin, tbl, change, reason, at FROM _p2p_failures ORDER BY id LIMIT ?", (limit,)
+    ):
+        try:
+            mode, row = decode_change(blob)
+        except ProtocolError:
+            mode, row = None, None
+        result.append(SyncFailure(fid, origin, table, reason, at, mode, row))
+    return result
+
+
+def conflicts(conn: sqlite3.Connection, table: str | None = None, limit: int = 100) -> list[Conflict]:
+    """The conflict log, newest first (optionally of one table)."""
+    sql = "SELECT id, tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at FROM _p2p_conflicts"
+    params: tuple[Any, ...] = (limit,)
+    if table is not None:
+        sql += " WHERE tbl = ?"
+        params = (table, limit)
+    return [Conflict(*r) for r in conn.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
+
+
+def watermark(conn: sqlite3.Connection, peer: str) -> int:
+    """The highest ``seq`` of ``peer``'s stream applied here (0: nothing yet)."""
+    row = conn.execute("SELECT received_seq FROM _p2p_watermarks WHERE peer = ?", (peer,)).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+# --------------------------------------------------------------------------
+# Transactions
+
+
+@contextmanager
+def _atomic(conn: sqlite3.Connection, state: CaptureState) -> Iterator[None]:
+    """All or nothing: our own IMMEDIATE transaction, or a savepoint in the
+    caller's. On failure the cached capture state is put back as it was, since
+    the rows it describes are rolled back too."""
+    nested = conn.in_transaction
+    conn.execute("SAVEPOINT p2p_batch" if nested else "BEGIN IMMEDIATE")
+    saved = (state.stamped_seq, {tid: t.hw for tid, t in state.tables.items()})
+    try:
+        yield
+        conn.execute("RELEASE p2p_batch" if nested else "COMMIT")
+    except BaseException:
+        if nested:
+            conn.execute("ROLLBACK TO p2p_batch")
+            conn.execute("RELEASE p2p_batch")
+        elif conn.in_transaction:
+            conn.execute("ROLLBACK")
+        state.stamped_seq = saved[0]
+        for tid, hw in saved[1].items():
+            if tid in state.tables:
+                state.tables[tid].hw = hw
+        raise
+
+
+def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
+    current = watermark(conn, peer)
+    if batch.full and batch.since_seq <= current < batch.last_seq:
+        conn.execute(
+            "INSERT INTO _p2p_watermarks(peer, received_seq) VALUES (?, ?) "
+            "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq",
+            (peer, batch.last_seq),
+        )
+        return batch.last_seq
+    return current
+
+
+def _observe(conn: sqlite3.Connection, clock: HybridClock, newest: int, wall: int | None) -> None:
+    if newest > 0:
+        clock.observe(newest, wall)
+        capture.set_meta(conn, "hlc_last", clock.last)
+
+
+# --------------------------------------------------------------------------
+# The merge
+
+
+def _same(a: Value, b: Value) -> bool:
+    """Equal as SQLite stores them (1 and 1.0 and True are not the same value)."""
+    return type(a) is type(b) and a == b
+
+
+def _sqlite_reason(exc: sqlite3.Error) -> str | None:
+    """The failure-log reason for an error that concerns one row, or None
+    for errors that concern the whole store (locked, I/O, corrupt...)."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        kind = "type" if "cannot store" in text else "constraint"
+        return f"{kind}: {text.removeprefix('CONSTRAINT_VIOLATION: ')}"
+    if isinstance(exc, (sqlite3.DataError, sqlite3.InterfaceError, sqlite3.ProgrammingError)):
+        return f"type: {text}"
+    if isinstance(exc, sqlite3.OperationalError) and ("no such column" in text or "has no column named" in text):
+        return f"unknown_column: {text}"
+    return None
+
+
+@dataclass(slots=True)
+class _Target:
+    table: SyncTable
+    dest: str  # the SQLite table written: T itself, or the device table
+    dest_tid: int
+    dest_columns: frozenset[str]
+    captured: capture.CapturedTable | None  # single_version: T's capture entry (for its high-water mark)
+
+
+class _Applier:
+    """Applies the row changes of one batch (or one retried failure)."""
+
+    def __init__(self, conn: sqlite3.Connection, state: CaptureState, mode: str, sender: str, wall: int | None) -> None:
+        self.conn = conn
+        self.state = state
+        self.mode = mode
+        self.sender = sender
+        self.wall = wall
+        self.me = capture.device_id(conn)
+        self.tables = {t.info.name: t for t in sync_tables(conn)}
+        self.targets: dict[str, _Target] = {}
+        self.appended: set[int] = set()
+        self.applied = self.conflicts = self.failed = 0
+        self.max_hlc = 0
+        self.remote: dict[str, dict[str, dict[str, list[Any]]]] = {}
+
+    def now(self) -> int:
+        return self.wall if self.wall is not None else wall_ms()
+
+    # -- per row ---------------------------------------------------------
+
+    def apply(self, row: RowChange, *, failure_id: int | None) -> None:
+        problem = row_problem(self.mode, row)
+        if problem is not None:
+            self._failed(row, f"invalid: {problem}", failure_id)
+            return
+        for c in row.cells:
+            self.max_hlc = max(self.max_hlc, c.hlc)
+        if row.tomb_hlc is not None:
+            self.max_hlc = max(self.max_hlc, row.tomb_hlc)
+        self.conn.execute("SAVEPOINT p2p_row")
+        try:
+            target = self._target(row)
+            changed = self._merge_single_version(target, row) if self.mode == SINGLE_VERSION else self._merge_collaborative(target, row)
+        except (_RowFailed, sqlite3.Error) as exc:
+            reason = exc.reason if isinstance(exc, _RowFailed) else _sqlite_reason(exc)
+            self.conn.execute("ROLLBACK TO p2p_row")
+            self.conn.execute("RELEASE p2p_row")
+            if reason is None:
+                raise
+            self._failed(row, reason, failure_id)
+            return
+        self.conn.execute("RELEASE p2p_row")
+        self.applied += int(changed)
+        if failure_id is not None:
+            self.conn.execute("DELETE FROM _p2p_failures WHERE id = ?", (failure_id,))
+
+    def _failed(self, row: RowChange, reason: str, failure_id: int | None) -> None:
+        self.failed += 1
+        log.info("change to %s from %s not applied: %s", row.table, self.sender, reason)
+        if failure_id is None:
+            self.conn.execute(
+                "INSERT INTO _p2p_failures(origin, tbl, change, reason, at) VALUES (?, ?, ?, ?, ?)",
+                (self.sender, row.table, encode_change(self.mode, row), reason, self.now()),
+            )
+        else:
+            self.conn.execute("UPDATE _p2p_failures SET reason = ?, at = ? WHERE id = ?", (reason, self.now(), failure_id))
+
+    def _target(self, row: RowChange) -> _Target:
+        target = self.targets.get(row.table)
+        if target is not None:
+            return target
+        table = self.tables.get(row.table)
+        if table is None:
+            raise _RowFailed(f"not_distributed: table {row.table} is not a distributed table here")
+        if table.mode != self.mode:
+            raise _RowFailed(f"schema_mismatch: {row.table} is {table.mode} here, {self.mode} on {self.sender}")
+        if self.mode == SINGLE_VERSION:
+            dest, tid, columns = table.info.name, table.tid, frozenset(table.sync_columns)
+            captured = self.state.tables.get(table.tid)
+        else:
+            dest = capture.create_device_table(self.conn, self.sender, table.info.name)
+            tid = self.conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (dest,)).fetchone()[0]
+            columns = frozenset(r[1] for r in self.conn.execute(f"PRAGMA table_info({quote_ident(dest)})"))
+            captured = None
+        target = _Target(table, dest, tid, columns, captured)
+        self.targets[row.table] = target
+        return target
+
+    def _log(self, tid: int, pk: Value, op: int, clock: Clock, ck: Value) -> int:
+        cursor = self.conn.execute(
+            "INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)", (tid, pk, op, clock[0], clock[1], ck)
+        )
+        return int(cursor.lastrowid or 0)
+
+    def _announce(self, origin: str, table: str, op: int, key: Value) -> None:
+        lists = self.remote.setdefault(origin, {}).setdefault(table, {"inserted": [], "updated": [], "deleted": []})
+        lists[OP_NAMES[op]].append(key)
+
+    def _conflict(self, table: str, ck: Value, col: str | None, value: Value, winner: _Stamp, loser: _Stamp) -> None:
+        """Log ``loser`` unless its loss was no conflict: a device superseding
+        its own change, or a winner written by a device that had already
+        seen the loser (or something newer)."""
+        if winner.clock[1] == loser.clock[1] or (winner.prev is not None and loser.clock <= winner.prev):
+            return
+        cursor = self.conn.execute(
+            "INSERT OR IGNORE INTO _p2p_conflicts(tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (table, ck, col, value, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now()),
+        )
+        self.conflicts += cursor.rowcount
+
+    def _local(self, origin: str | None) -> str:
+        return self.me if origin is None else origin
+
+    def _prev(self, hlc: int | None, origin: str | None) -> Clock | None:
+        return None if hlc is None else (hlc, self._local(origin))
+
+    def _row(self, clock: Clock | None) -> tuple[int | None, str | None]:
+        """A clock as stored: (hlc, origin), origin NULL for this device."""
+        return (None, None) if clock is None else (clock[0], self._stored(clock[1]))
+
+    def _stored(self, origin: str) -> str | None:
+        return None if origin == self.me else origin
+
+    # -- collaborative -----------------------------------------------------
+
+    def _merge_collaborative(self, target: _Target, row: RowChange) -> bool:
+        clock: Clock = row.tomb if row.tomb is not None else (row.cells[0].hlc, row.cells[0].origin)
+        if clock[1] != self.sender:
+            raise _RowFailed(f"invalid: collaborative rows are only accepted from their own device, not relayed ({clock[1]} via {self.sender})")
+        table = target.table
+        if row.key_column != table.key_column:
+            raise _RowFailed(f"schema_mismatch: {table.info.name} is keyed by {table.key_column or 'rowid'} here, by {row.key_column or 'rowid'} on {self.sender}")
+        stored = self.conn.execute(
+            "SELECT hlc, origin FROM _p2p_cells WHERE tid = ? AND ck = ? AND col = ?", (target.dest_tid, row.key, ROW_CLOCK_COLUMN)
+        ).fetchone()
+        if stored is not None and clock <= (stored[0], self._local(stored[1])):
+            return False  # stale or repeated
+        dest = quote_ident(target.dest)
+        key_col = table.info.key or capture.DEVICE_ROWID_COLUMN
+        existed = self.conn.execute(f"SELECT 1 FROM {dest} WHERE {quote_ident(key_col)} = ?", (row.key,)).fetchone() is not None
+        if row.tomb is not None:
+            self.conn.execute(f"DELETE FROM {dest} WHERE {quote_ident(key_col)} = ?", (row.key,))
+            op = OP_DELETE
+        else:
+            unknown = sorted(c.column for c in row.cells if c.column not in target.dest_columns)
+            if unknown:
+                raise _RowFailed(f"unknown_column: {table.info.name} has no column(s) {', '.join(unknown)} here")
+            cells = [c for c in row.cells if c.column != key_col]
+            names = [key_col, *(c.column for c in cells)]
+            sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
+            self.conn.execute(
+                f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join('?' * len(names))}) "
+                f"ON CONFLICT({quote_ident(key_col)}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING"),
+                (row.key, *(c.value for c in cells)),
+            )
+            op = OP_UPDATE if existed else OP_INSERT
+        seq = self._log(target.dest_tid, row.key, op, clock, None)
+        self.conn.execute(
+            "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq",
+            (target.dest_tid, row.key, ROW_CLOCK_COLUMN, clock[0], self._stored(clock[1]), seq),
+        )
+        if existed or op != OP_DELETE:
+            self._announce(clock[1], table.info.name, op, row.key)
+        return True
+
+    # -- single_version ----------------------------------------------------
+
+    def _merge_single_version(self, target: _Target, row: RowChange) -> bool:
+        table = target.table
+        conflict = table.conflict_column
+        assert conflict is not None
+        if row.key_column != conflict:
+            raise _RowFailed(f"schema_mismatch: the conflict column of {table.info.name} is {conflict} here, {row.key_column} on {self.sender}")
+        conn, ck, tid, name = self.conn, row.key, table.tid, table.info.name
+        columns = list(table.sync_columns)
+        qname, qck = quote_ident(name), quote_ident(conflict)
+
+        # The row as it is here: values, cells, tomb (each clock with its prev).
+        current = conn.execute(
+            f"SELECT {table.info.key_expr}, {', '.join(quote_ident(c) for c in columns)} FROM {qname} WHERE {qck} = ?", (ck,)
+        ).fetchone()
+        existed = current is not None
+        before: dict[str, Value] = dict(zip(columns, current[1:])) if current is not None else {}
+        cells: dict[str, _Stamp] = {
+            col: _Stamp((hlc, self._local(origin)), self._prev(prev_hlc, prev_origin))
+            for col, hlc, origin, prev_hlc, prev_origin in conn.execute(
+                "SELECT col, hlc, origin, prev_hlc, prev_origin FROM _p2p_cells WHERE tid = ? AND ck = ?", (tid, ck)
+            )
+        }
+        found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
+        old_tomb = _Stamp((found[0], self._local(found[1])), self._prev(found[2], found[3])) if found is not None else None
+
+        # Merge: the greatest clock of each cell and of the tomb.
+        in_tomb = _Stamp(row.tomb, row.tomb_prev) if row.tomb is not None else None
+        tomb_changed = in_tomb is not None and (old_tomb is None or in_tomb.clock > old_tomb.clock)
+        new_tomb = in_tomb if tomb_changed else old_tomb
+        new_cells = dict(cells)
+        incoming: dict[str, Value] = {}
+        for c in row.cells:
+            if c.column not in target.dest_columns:
+                continue  # not synced here (another schema version): both sync only what both sync
+            theirs, mine = _Stamp(c.clock, c.prev), cells.get(c.column)
+            if mine is not None and theirs.clock == mine.clock:
+                continue  # seen before
+            if mine is None or theirs.clock > mine.clock:
+                new_cells[c.column], incoming[c.column] = theirs, c.value
+            elif c.column != conflict:
+                # Older than ours: the incoming value loses (to our value, or to the delete hiding it).
+                winner = mine if _visible(mine, new_tomb) else new_tomb
+                assert winner is not None
+                if not (winner is mine and existed and _same(before.get(c.column), c.value)):
+                    self._conflict(name, ck, c.column, c.value, winner, theirs)
+        if not incoming and not tomb_changed:
+            return False
+
+        exists = any(_visible(cell, new_tomb) for cell in new_cells.values())
+        after: dict[str, Value] = {}
+        for col in columns:
+            if col == conflict:
+                after[col] = ck
+            elif _visible(new_cells.get(col), new_tomb):
+                after[col] = incoming[col] if col in incoming else before.get(col)
+            else:
+                after[col] = None
+
+        # Losers among the values visible here before.
+        for col in columns:
+            mine = cells.get(col)
+            if col == conflict or not existed or not _visible(mine, old_tomb):
+                continue
+            assert mine is not None
+            newest = new_cells[col]
+            if newest is not mine and _visible(newest, new_tomb):
+                if not _same(before.get(col), after[col]):
+                    self._conflict(name, ck, col, before.get(col), newest, mine)  # overwritten by a newer value
+            elif new_tomb is not None and not _visible(newest, new_tomb):
+                self._conflict(name, ck, col, before.get(col), new_tomb, mine)  # hidden by a newer delete
+        # Incoming values that arrive already hidden by the delete lose to it.
+        for col, value in incoming.items():
+            if col != conflict and new_tomb is not None and not _visible(new_cells[col], new_tomb):
+                self._conflict(name, ck, col, value, new_tomb, new_cells[col])
+        # A delete that newer values outlive.
+        if tomb_changed and exists:
+            assert in_tomb is not None
+            newest_cell = max((cell for cell in new_cells.values() if _visible(cell, new_tomb)), key=lambda s: s.clock)
+            self._conflict(name, ck, None, None, newest_cell, in_tomb)
+
+        # Write the table.
+        pk: Value = current[0] if current is not None else None
+        if existed and exists:
+            diff = [c for c in columns if c != conflict and not _same(before.get(c), after[c])]
+            if diff:
+                conn.execute(
+                    f"UPDATE {qname} SET {', '.join(f'{quote_ident(c)} = ?' for c in diff)} WHERE {qck} = ?",
+                    (*(after[c] for c in diff), ck),
+                )
+            op, announce = OP_UPDATE, bool(diff)
+        elif existed:
+            conn.execute(f"DELETE FROM {qname} WHERE {qck} = ?", (ck,))
+            op, announce = OP_DELETE, True
+        elif exists:
+            conn.execute(
+                f"INSERT INTO {qname} ({', '.join(quote_ident(c) for c in columns)}) VALUES ({', '.join('?' * len(columns))})",
+                tuple(after[c] for c in columns),
+            )
+            pk = conn.execute(f"SELECT {table.info.key_expr} FROM {qname} WHERE {qck} = ?", (ck,)).fetchone()[0]
+            self.appended.add(tid)
+            op, announce = OP_INSERT, True
+        else:
+            op, announce = OP_DELETE, False  # a delete of a row never seen here: remembered, nothing to show
+
+        # Record the new clocks under one new local seq, so they travel on (relay).
+        changed = [(col, new_cells[col]) for col in incoming]
+        newest = max([s.clock for _, s in changed] + ([in_tomb.clock] if tomb_changed and in_tomb is not None else []))
+        seq = self._log(tid, pk, op, newest, ck)
+        if changed:
+            conn.executemany(
+                "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
+                "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
+                [(tid, ck, col, *self._row(s.clock), seq, *self._row(s.prev)) for col, s in changed],
+            )
+        if tomb_changed and in_tomb is not None:
+            conn.execute(
+                "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
+                "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
+                (tid, ck, *self._row(in_tomb.clock), seq, *self._row(in_tomb.prev)),
+            )
+        if announce:
+            self._announce(newest[1], name, op, pk)
+        return True
+
+    # -- end of batch ------------------------------------------------------
+
+    def finish(self) -> None:
+        """Keep the rows we appended from being logged as local inserts later."""
+        for tid in self.appended:
+            table = self.state.tables.get(tid)
+            if table is not None:
+                capture.skip_appended_rows(self.conn, table)
+
+    def result(self, last_seq: int, local: ChangeBatch) -> ApplyResult:
+        return ApplyResult(self.applied, self.conflicts, self.failed, last_seq, local, self.remote)

@@ -1,0 +1,152 @@
+"""Devices for sync tests: real SQLite files, the store's own capture and
+merge code, no daemon and no sockets.
+
+A ``Replica`` is what one daemon holds for one store: the writer connection,
+the cached capture state and the clock. ``push`` drives the exchange exactly
+as the sync engine will: ask the receiver for its watermark, read a batch
+(after stamping, in one transaction), apply it on the receiver, repeat while
+there is more.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from p2pstore.clock import HybridClock
+from p2pstore.schema.predicates import CompiledQuery
+from p2pstore.store import capture, changes, merge, single_version
+from p2pstore.store.capture import CaptureState, ChangeBatch
+from p2pstore.store.tables import read_table_info
+
+BUNDLE, STORE = "com.example.sync", "SyncTest"
+
+
+def field(name: str, type_: str, *, pk: bool = False, not_null: bool = False, autoinc: bool = False) -> dict[str, Any]:
+    return {"columnName": name, "type": type_, "primaryKey": pk, "notNull": not_null, "autoIncrement": autoinc}
+
+
+def schema_doc(tables: dict[str, tuple[list[dict[str, Any]], list[str]]], version: int = 0) -> dict[str, Any]:
+    """A sync_schema.json document: table → (fields, deviceSyncFields)."""
+    return {"dbSchema": [{
+        "version": version, "bundleName": BUNDLE, "dbName": STORE,
+        "tables": [{"tableName": t, "deviceSyncFields": sync, "fields": fields} for t, (fields, sync) in tables.items()],
+    }]}
+
+
+class Replica:
+    """One device's copy of one store."""
+
+    def __init__(self, path: Path, device_id: str, *, wall: int | None = None) -> None:
+        self.path = path
+        self.id = device_id
+        self.wall = wall
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.execute("PRAGMA synchronous = OFF")  # tests: speed over durability
+        capture.ensure_schema(self.conn)
+        self.conn.executescript(single_version.SCHEMA_SQL)
+        capture.set_device_id(self.conn, device_id)
+        self.clock = HybridClock()
+        self.state = capture.load_state(self.conn, self.clock)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- set-up -------------------------------------------------------------
+
+    def make_distributed(self, *tables: str, doc: dict[str, Any] | None = None) -> None:
+        """Register ``tables``: single_version with ``doc`` (accepted as the
+        daemon does), collaborative without."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            capture.stamp(conn, self.state, self.clock, collect=False, wall=self.wall)
+            if doc is not None:
+                single_version.accept(conn, doc, bundle=BUNDLE, name=STORE, tables=list(tables))
+            accepted = single_version.load_accepted(conn)
+            for table in tables:
+                sync = accepted.tables.get(table) if accepted is not None and doc is not None else None
+                capture.register_table(
+                    conn, self.state, read_table_info(conn, table), False, conflict_column=sync.conflict if sync else None
+                )
+            capture.set_meta(conn, "table_type", "single_version" if doc is not None else "collaborative")
+            capture.stamp(conn, self.state, self.clock, collect=False, wall=self.wall)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- local writes ---------------------------------------------------------
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> ChangeBatch:
+        """One local write through the daemon: the statement and its stamp commit together."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute(sql, tuple(params))
+            batch = capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self.state = capture.load_state(self.conn, self.clock)
+            raise
+        return batch
+
+    def outside(self) -> sqlite3.Connection:
+        """Another program's connection to the same file."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(sql, tuple(params))]
+
+    # -- sync -----------------------------------------------------------------
+
+    def read(self, since: int, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
+             where: CompiledQuery | None = None) -> changes.OutBatch:
+        """What the sender does: stamp, then read, in one transaction."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
+            batch = changes.changes_since(self.conn, table, since, limit=limit, where=where)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return batch
+
+    def apply(self, batch: changes.OutBatch, sender: str) -> merge.ApplyResult:
+        try:
+            return merge.apply_batch(self.conn, self.state, self.clock, batch, sender, wall=self.wall)
+        except BaseException:
+            self.state = capture.load_state(self.conn, self.clock)
+            raise
+
+    def push(self, other: Replica, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
+             plain: bool = True) -> list[merge.ApplyResult]:
+        """Send ``other`` everything it has not applied from us, in batches.
+
+        ``plain`` sends each batch through its msgpack-ready form and back,
+        as the wire will.
+        """
+        results = []
+        since = merge.watermark(other.conn, self.id)
+        while True:
+            batch = self.read(since, table=table, limit=limit)
+            if plain:
+                wire = msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True)
+                batch = changes.batch_from_plain(msgpack.unpackb(wire, raw=False))
+            results.append(other.apply(batch, self.id))
+            since = batch.last_seq
+            if not batch.more:
+                return results
+
+
+def applied(results: list[merge.ApplyResult]) -> int:
+    return sum(r.applied for r in results)

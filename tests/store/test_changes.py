@@ -1,0 +1,283 @@
+"""Outgoing changes (store/changes.py) and what stamping records for them.
+
+Real SQLite files in a temp dir act as devices (``replicas.Replica``); no
+daemon, no sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from replicas import Replica, field, schema_doc
+
+from p2pstore.errors import InvalidParams, ProtocolError
+from p2pstore.schema.predicates import compile_predicates
+from p2pstore.store import changes
+from p2pstore.store.changes import Cell, OutBatch, RowChange
+
+ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT, note TEXT)"
+ITEMS_DOC = schema_doc({"items": (
+    [field("id", "Integer", autoinc=True), field("uid", "Text", pk=True, not_null=True),
+     field("a", "Integer"), field("b", "Text"), field("note", "Text")],
+    ["uid", "a", "b"],
+)})
+NOTES = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT, n INTEGER)"
+TAGS = "CREATE TABLE tags(name TEXT, x INTEGER)"  # keyed by rowid
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
+    made: list[Replica] = []
+
+    def make(device_id: str, *, kind: str = "single_version", wall: int | None = None) -> Replica:
+        r = Replica(tmp_path / f"{device_id}.db", device_id, wall=wall)
+        if kind == "single_version":
+            r.write(ITEMS)
+            r.make_distributed("items", doc=ITEMS_DOC)
+        else:
+            r.write(NOTES)
+            r.write(TAGS)
+            r.make_distributed("notes", "tags")
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def cells(r: Replica) -> list[tuple[Any, ...]]:
+    return r.rows("SELECT ck, col, seq FROM _p2p_cells ORDER BY ck, col")
+
+
+# --------------------------------------------------------------------------
+# What stamping records for single_version tables
+
+
+def test_stamp_keeps_one_clock_per_synced_column_and_a_tomb_per_delete(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a, b, note) VALUES ('x', 1, 'p', 'n')")
+    first = cells(a)
+    assert [(ck, col) for ck, col, _ in first] == [("x", "a"), ("x", "b"), ("x", "uid")]  # not id, not note
+    assert len({seq for *_, seq in first}) == 1
+
+    a.write("UPDATE items SET note = 'only local' WHERE uid = 'x'")
+    assert cells(a) == first  # an unsynced column changes no clock
+
+    a.write("UPDATE items SET a = 2 WHERE uid = 'x'")
+    after = dict(((ck, col), seq) for ck, col, seq in cells(a))
+    assert after[("x", "a")] > after[("x", "b")] == after[("x", "uid")]
+
+    a.write("DELETE FROM items WHERE uid = 'x'")
+    assert a.rows("SELECT ck, origin FROM _p2p_tombs") == [("x", None)]  # origin NULL = this device
+    clocks = a.rows("SELECT hlc FROM _p2p_cells UNION ALL SELECT hlc FROM _p2p_tombs")
+    assert a.rows("SELECT hlc FROM _p2p_tombs")[0][0] == max(h for (h,) in clocks)
+
+
+def test_a_changed_conflict_value_is_a_delete_and_an_insert(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
+    a.write("UPDATE items SET uid = 'y' WHERE uid = 'x'")
+    assert a.rows("SELECT ck FROM _p2p_tombs") == [("x",)]
+    assert {ck for ck, _, _ in cells(a)} == {"x", "y"}
+    ops = a.rows("SELECT op, ck FROM _p2p_log ORDER BY seq")
+    assert ops[-2:] == [(3, "x"), (1, "y")]
+
+
+def test_outside_writers_are_stamped_into_cells_too(device) -> None:
+    a = device("DEVA")
+    with a.outside() as other:
+        other.execute("INSERT INTO items(uid, a) VALUES ('x', 1)")
+        other.execute("UPDATE items SET b = 'q' WHERE uid = 'x'")
+    assert cells(a) == []  # not stamped yet
+    batch = a.read(0)
+    assert [r.key for r in batch.rows] == ["x"]
+    assert {c.column: c.value for c in batch.rows[0].cells} == {"uid": "x", "a": 1, "b": "q"}
+
+
+# --------------------------------------------------------------------------
+# Reading batches
+
+
+def test_single_version_batch_has_only_sync_columns_with_their_clocks(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a, b, note) VALUES ('x', 1, 'p', 'secret')")
+    batch = a.read(0)
+    assert batch.mode == "single_version" and batch.full and not batch.more
+    (row,) = batch.rows
+    assert (row.table, row.key_column, row.key) == ("items", "uid", "x")
+    assert sorted(c.column for c in row.cells) == ["a", "b", "uid"]  # no auto-increment key, no unsynced column
+    assert {c.origin for c in row.cells} == {"DEVA"}
+    assert row.tomb is None
+    assert batch.last_seq == row.seq
+
+
+def test_a_deleted_row_travels_as_its_tomb_and_old_cells_carry_no_value(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
+    a.write("DELETE FROM items WHERE uid = 'x'")
+    (row,) = a.read(0).rows
+    assert row.tomb is not None and row.tomb[1] == "DEVA"
+    assert all(c.value is None and c.hlc < row.tomb[0] for c in row.cells)
+    # Read from after the insert: only the tomb is new.
+    insert_seq = a.rows("SELECT min(seq) FROM _p2p_cells")[0][0]
+    (row,) = a.read(insert_seq).rows
+    assert row.cells == () and row.tomb is not None
+
+
+def test_the_tomb_always_travels_with_its_row(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
+    a.write("DELETE FROM items WHERE uid = 'x'")
+    after_delete = a.read(0).last_seq
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 2)")
+    (row,) = a.read(after_delete).rows
+    assert row.tomb is not None  # older than the watermark, still sent: the row is self-contained
+    assert {c.column: c.value for c in row.cells}["a"] == 2
+
+
+def test_batches_are_bounded_and_resume_exactly(device) -> None:
+    a = device("DEVA")
+    for i in range(23):
+        a.write("INSERT INTO items(uid, a) VALUES (?, ?)", (f"k{i:02}", i))
+    a.write("UPDATE items SET a = -1 WHERE uid IN ('k00', 'k10', 'k20')")
+    seen: list[str] = []
+    since, batches = 0, 0
+    while True:
+        batch = a.read(since, limit=5)
+        assert len(batch.rows) <= 5 and batch.since_seq == since
+        seen += [r.key for r in batch.rows]
+        batches += 1
+        since = batch.last_seq
+        if not batch.more:
+            break
+    # k00, k10, k20 were sent twice (insert, then update): each batch holds
+    # whole seqs, and a later seq of a row travels in a later batch.
+    assert sorted(set(seen)) == [f"k{i:02}" for i in range(23)]
+    assert batches == 6
+    assert a.read(since).rows == ()
+
+
+def test_collaborative_batch_sends_current_rows_and_deletes(device) -> None:
+    a = device("DEVA", kind="collaborative")
+    a.write("INSERT INTO notes(id, body, n) VALUES (1, 'one', 1), (2, 'two', 2)")
+    a.write("UPDATE notes SET body = 'ONE' WHERE id = 1")
+    a.write("DELETE FROM notes WHERE id = 2")
+    a.write("INSERT INTO tags(name, x) VALUES ('t', 7)")
+    batch = a.read(0)
+    assert batch.mode == "collaborative"
+    by_key = {(r.table, r.key): r for r in batch.rows}
+    one = by_key[("notes", 1)]
+    assert {c.column: c.value for c in one.cells} == {"id": 1, "body": "ONE", "n": 1}
+    assert len({(c.hlc, c.origin) for c in one.cells}) == 1 and one.cells[0].origin == "DEVA"
+    two = by_key[("notes", 2)]
+    assert two.cells == () and two.tomb is not None
+    tag = next(r for r in batch.rows if r.table == "tags")
+    assert tag.key_column == "" and {c.column: c.value for c in tag.cells} == {"name": "t", "x": 7}
+
+
+def test_a_table_or_a_filter_never_moves_a_watermark(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 1), ('y', 20), ('z', 30)")
+    a.write("DELETE FROM items WHERE uid = 'z'")
+    assert a.read(0).full
+    assert not a.read(0, table="items").full
+    where = compile_predicates({"table": "items", "where": [["a", ">", 10]]}, ["uid", "a", "b"])
+    filtered = a.read(0, table="items", where=where)
+    assert not filtered.full
+    assert [r.key for r in filtered.rows] == ["y"]  # x does not match, z is gone
+    with pytest.raises(InvalidParams):
+        changes.changes_since(a.conn, None, 0, where=where)
+
+
+def test_unstamped_local_changes_hold_the_stream_back(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
+    stamped = a.read(0).last_seq
+    with a.outside() as other:
+        other.execute("INSERT INTO items(uid, a) VALUES ('y', 2)")
+        other.execute("UPDATE items SET a = 5 WHERE uid = 'x'")  # logged by trigger, not stamped
+    # Read without stamping: nothing past the first unstamped log row.
+    batch = changes.changes_since(a.conn, None, 0)
+    assert batch.last_seq == stamped and [r.key for r in batch.rows] == ["x"]
+    assert {c.column: c.value for c in batch.rows[0].cells}["a"] == 5  # (values are current; clocks follow on stamp)
+
+
+def test_arguments_are_checked(device) -> None:
+    a = device("DEVA")
+    for kwargs in ({"limit": 0}, {"limit": changes.MAX_BATCH_ROWS + 1}):
+        with pytest.raises(InvalidParams):
+            changes.changes_since(a.conn, None, 0, **kwargs)
+    with pytest.raises(InvalidParams):
+        changes.changes_since(a.conn, None, -1)
+    with pytest.raises(InvalidParams):
+        changes.changes_since(a.conn, "nope", 0)
+
+
+# --------------------------------------------------------------------------
+# Plain form
+
+
+def test_plain_form_round_trips_through_msgpack(device) -> None:
+    a = device("DEVA")
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 9223372036854775807, ?)", ("ü",))
+    a.write("INSERT INTO items(uid, a, b) VALUES (?, 1.5, NULL)", ("y",))
+    a.write("DELETE FROM items WHERE uid = 'y'")
+    batch = a.read(0)
+    wire = msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True)
+    assert changes.batch_from_plain(msgpack.unpackb(wire, raw=False)) == batch
+    row = batch.rows[0]
+    assert changes.decode_change(changes.encode_change("single_version", row)) == ("single_version", row)
+
+
+def _plain(**over: Any) -> dict[str, Any]:
+    row = ["items", "uid", "x", 3, [["a", 1, 5, "DEVA"]], None, None]
+    base = {"mode": "single_version", "since_seq": 0, "last_seq": 3, "more": False, "full": True, "rows": [row]}
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], {"mode": "single_version"},
+    _plain(mode="other"), _plain(since_seq=-1), _plain(since_seq=5), _plain(more=1), _plain(full="yes"),
+    _plain(rows=[["items", "uid", None, 3, [], 5, "DEVA"]]),  # NULL key
+    _plain(rows=[["items", "", "x", 3, [["a", 1, 5, "DEVA"]], None, None]]),  # no conflict column
+    _plain(rows=[["items", "uid", "x", 3, [["a", 1, -1, "DEVA"]], None, None]]),  # clock out of range
+    _plain(rows=[["items", "uid", "x", 3, [["a", 1, 1 << 63, "DEVA"]], None, None]]),
+    _plain(rows=[["items", "uid", "x", 3, [["a", 1, 5, ""]], None, None]]),  # no origin
+    _plain(rows=[["items", "uid", "x", 3, [["a", 1, 5, "D"], ["a", 2, 6, "D"]], None, None]]),  # column twice
+    _plain(rows=[["items", "uid", "x", 3, [["a", [1], 5, "D"]], None, None]]),  # not a SQL value
+    _plain(rows=[["items", "uid", "x", 3, [["a", float("nan"), 5, "D"]], None, None]]),
+    _plain(rows=[["items", "uid", "x", 3, [["a", True, 5, "D"]], None, None]]),  # bool is not an integer here
+    _plain(rows=[["items", "uid", "x", 3, [], 5, None]]),  # half a tomb
+    _plain(rows=[["items", "uid", "x", 3, [], None, None]]),  # nothing at all
+    _plain(mode="collaborative", rows=[["t", "", 1, 3, [["a", 1, 5, "D"]], 6, "D"]]),  # row and delete
+    _plain(mode="collaborative", rows=[["t", "", 1, 3, [["a", 1, 5, "D"], ["b", 1, 6, "D"]], None, None]]),  # two clocks
+])
+def test_malformed_batches_are_protocol_errors(bad: Any) -> None:
+    with pytest.raises(ProtocolError):
+        changes.batch_from_plain(bad)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64) | st.floats() | st.text(max_size=5) | st.binary(max_size=5),
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=10), inner, max_size=8),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_json, st.builds(lambda rows: _plain(rows=rows), st.lists(st.lists(_json, min_size=7, max_size=7), max_size=3))))
+def test_any_input_is_a_batch_or_a_protocol_error(obj: Any) -> None:
+    try:
+        batch = changes.batch_from_plain(obj)
+    except ProtocolError:
+        return
+    assert isinstance(batch, OutBatch)
+    assert all(isinstance(r, RowChange) and all(isinstance(c, Cell) for c in r.cells) for r in batch.rows)
