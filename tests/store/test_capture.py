@@ -316,14 +316,18 @@ async def test_repeated_changes_of_one_row_are_reported_once_per_kind(store: Sto
 async def test_sqlite3_cli_cannot_write_a_device_table(store: Store, db_path: Path) -> None:
     import subprocess
 
+    def shell(sql: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sqlite3", "-cmd", ".timeout 5000", str(db_path), sql], capture_output=True, text=True, timeout=30)
+
     table = await store.create_device_table("ABCDEFG-HIJKLMN-OPQRSTU", "T")
-    for sql in (f'INSERT INTO "{table}"(id, name) VALUES (1, \'x\')', f'UPDATE "{table}" SET name = \'y\'', f'DELETE FROM "{table}"'):
-        result = subprocess.run(["sqlite3", "-cmd", ".timeout 5000", str(db_path), sql], capture_output=True, text=True, timeout=30)
+    # The apply path (guard row in the same transaction) can write it, even from the shell...
+    applied = shell(f'BEGIN; INSERT INTO _p2p_apply VALUES (1); INSERT INTO "{table}"(id, name) VALUES (1, \'peer\'); '
+                    "DELETE FROM _p2p_apply; COMMIT;")
+    assert applied.returncode == 0, applied.stderr
+    assert not await store.poll()  # ...and nothing of it is captured
+    # ...but no plain write gets through.
+    for sql in (f'INSERT INTO "{table}"(id, name) VALUES (2, \'x\')', f'UPDATE "{table}" SET name = \'y\'', f'DELETE FROM "{table}"'):
+        result = shell(sql)
         assert result.returncode != 0, sql
         assert "READ_ONLY_TABLE" in result.stderr and "ABCDEFG-HIJKLMN-OPQRSTU" in result.stderr
-    # The apply path (guard row in the same transaction) can write it, even from the shell.
-    script = f'BEGIN; INSERT INTO _p2p_apply VALUES (1); INSERT INTO "{table}"(id, name) VALUES (1, \'peer\'); DELETE FROM _p2p_apply; COMMIT;'
-    subprocess.run(["sqlite3", "-cmd", ".timeout 5000", str(db_path), script], check=True, capture_output=True, timeout=30)
-    rows = (await store.query(f'SELECT id, name FROM "{table}"'))["rows"]
-    assert rows == [[1, "peer"]]
-    assert not await store.poll()  # and nothing of it was captured
+    assert (await store.query(f'SELECT id, name FROM "{table}"'))["rows"] == [[1, "peer"]]
