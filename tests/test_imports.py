@@ -34,7 +34,7 @@ RANK = {
 #: Parts outside the layer stack, and what they must never import.
 SOCKET_ONLY = {"client", "cli", "__main__"}
 SOCKET_ONLY_FORBIDDEN = {"store", "net", "sync", "daemon"}
-SANS_IO_FORBIDDEN = {"asyncio", "socket", "ssl", "sqlite3", "aiosqlite", "selectors", "threading"}
+SANS_IO_FORBIDDEN = {"asyncio", "socket", "ssl", "sqlite3", "aiosqlite"}
 
 
 def module_name(path: Path) -> str:
