@@ -75,7 +75,6 @@ from p2pstore.schema.predicates import quote_ident
 from p2pstore.store import capture
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
 from p2pstore.store.changes import (
-    COLLABORATIVE,
     ROW_CLOCK_COLUMN,
     SINGLE_VERSION,
     OutBatch,
@@ -350,8 +349,7 @@ class _Target:
     table: SyncTable
     dest: str  # the SQLite table written: T itself, or the device table
     dest_tid: int
-    dest_columns: frozenset[str]
-    captured: capture.CapturedTable | None  # single_version: T's capture entry (for its high-water mark)
+    dest_columns: frozenset[str]  # single_version: the sync columns; collaborative: the device table's columns
 
 
 class _Applier:
@@ -424,13 +422,11 @@ class _Applier:
             raise _RowFailed(f"schema_mismatch: {row.table} is {table.mode} here, {self.mode} on {self.sender}")
         if self.mode == SINGLE_VERSION:
             dest, tid, columns = table.info.name, table.tid, frozenset(table.sync_columns)
-            captured = self.state.tables.get(table.tid)
         else:
             dest = capture.create_device_table(self.conn, self.sender, table.info.name)
             tid = self.conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (dest,)).fetchone()[0]
             columns = frozenset(r[1] for r in self.conn.execute(f"PRAGMA table_info({quote_ident(dest)})"))
-            captured = None
-        target = _Target(table, dest, tid, columns, captured)
+        target = _Target(table, dest, tid, columns)
         self.targets[row.table] = target
         return target
 

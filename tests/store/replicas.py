@@ -20,7 +20,7 @@ import msgpack
 from p2pstore.clock import HybridClock
 from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import capture, changes, merge, single_version
-from p2pstore.store.capture import CaptureState, ChangeBatch
+from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.tables import read_table_info
 
 BUNDLE, STORE = "com.example.sync", "SyncTest"

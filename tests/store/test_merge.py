@@ -9,7 +9,6 @@ on the receiver.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -320,6 +320,46 @@ def test_re_applying_a_batch_changes_nothing(device) -> None:
     assert (b.rows("SELECT * FROM items"), b.rows("SELECT * FROM _p2p_log"), b.rows("SELECT * FROM _p2p_cells")) == before
 
 
+def test_an_edit_made_after_seeing_a_value_is_not_a_conflict_by_any_route(device) -> None:
+    a, b, c = device("DEVA"), device("DEVB"), device("DEVC")
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
+    a.push(b)
+    b.write("UPDATE items SET a = 2 WHERE uid = 'x'")  # B saw A's value: an ordinary later edit
+    b.write("UPDATE items SET a = 3 WHERE uid = 'x'")  # and edits its own value again
+    a.push(c)
+    b.push(c)  # C has A's value, gets B's (B superseded it knowingly)
+    b.push(a)
+    assert a.rows(SYNCED) == b.rows(SYNCED) == c.rows(SYNCED) == [("x", 3, "p")]
+    assert merge.conflicts(a.conn) == merge.conflicts(c.conn) == []
+
+
+def test_a_losing_change_is_logged_once_whatever_the_routes(device) -> None:
+    a, b, c = device("DEVA", wall=1_000_000), device("DEVB", wall=2_000_000), device("DEVC")
+    a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
+    a.push(b)
+    a.push(c)
+    a.write("UPDATE items SET a = 10 WHERE uid = 'x'")  # concurrent with B's, older clock
+    b.write("UPDATE items SET a = 20 WHERE uid = 'x'")
+    b.push(c)
+    a.push(c)  # A's loser reaches C directly...
+    a.push(b)
+    b.push(c)  # ...and B has nothing new for C about it
+    c.push(b)
+    losers = [(x.column, x.losing_value, x.loser) for x in merge.conflicts(c.conn)]
+    assert losers == [("a", 10, "DEVA")]
+    assert [(x.column, x.losing_value, x.loser) for x in merge.conflicts(b.conn)] == [("a", 10, "DEVA")]
+
+
+def test_collaborative_key_change_moves_the_row(device) -> None:
+    a, b = device("DEVA", kind="collaborative"), device("DEVB", kind="collaborative")
+    a.write("INSERT INTO notes(id, body) VALUES (1, 'one')")
+    a.push(b)
+    a.write("UPDATE notes SET id = 7 WHERE id = 1")
+    (result,) = a.push(b)
+    assert b.rows(f'SELECT id, body FROM "{device_table_name("DEVA", "notes")}"') == [(7, "one")]
+    assert result.remote["DEVA"]["notes"] == {"inserted": [7], "updated": [], "deleted": [1]}
+
+
 # --------------------------------------------------------------------------
 # Echo, local changes, clocks
 
@@ -409,8 +449,6 @@ def test_a_killed_receiver_loses_and_duplicates_nothing(device, tmp_path: Path) 
     b.close()
     batch = a.read(0)
     wire = tmp_path / "batch.msgpack"
-    import msgpack
-
     wire.write_bytes(msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True))
     script = textwrap.dedent(f"""
         import os, sys, msgpack
