@@ -454,18 +454,25 @@ def _filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple
 def _next_seqs(
     conn: sqlite3.Connection, tables: Sequence[SyncTable], since: int, bound: int, limit: int, where: CompiledQuery | None
 ) -> list[int]:
+    """The first ``limit`` distinct seqs after ``since`` (up to ``bound``) that
+    carry records of ``tables``. Each source is read in ``seq`` index order
+    and stops after ``limit`` seqs, so a batch costs the same at the start
+    of a large backlog as at its end."""
     parts: list[str] = []
     params: list[Any] = []
     for t in tables:
         if t.mode == COLLABORATIVE:
-            filt, fparams = _filter_sql(t, "pk", where)
-            parts.append(f"SELECT seq FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL{filt}")
-            params += [since, bound, t.tid, *fparams]
+            sources = [("_p2p_log", " AND origin IS NULL", "pk")]
         else:
-            for source in ("_p2p_cells", "_p2p_tombs"):
-                filt, fparams = _filter_sql(t, "ck", where)
-                parts.append(f"SELECT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{filt}")
-                params += [since, bound, t.tid, *fparams]
+            # INDEXED BY: left alone, SQLite prefers the (tid, ...) key and sorts everything.
+            sources = [("_p2p_cells INDEXED BY _p2p_cells_seq", "", "ck"), ("_p2p_tombs INDEXED BY _p2p_tombs_seq", "", "ck")]
+        for source, extra, key in sources:
+            filt, fparams = _filter_sql(t, key, where)
+            parts.append(
+                f"SELECT * FROM (SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} "
+                "ORDER BY seq LIMIT ?)"
+            )
+            params += [since, bound, t.tid, *fparams, limit]
     if not parts or bound <= since:
         return []
     sql = f"SELECT DISTINCT seq FROM ({' UNION ALL '.join(parts)}) ORDER BY seq LIMIT ?"
@@ -508,7 +515,7 @@ def _single_version_rows(
     clock_sql = "hlc, coalesce(origin, ?1), seq, prev_hlc, CASE WHEN prev_hlc IS NOT NULL THEN coalesce(prev_origin, ?1) END"
     cells: dict[Any, list[tuple[Any, ...]]] = {}
     for ck, col, *clock in conn.execute(
-        f"SELECT ck, col, {clock_sql} FROM _p2p_cells WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+        f"SELECT ck, col, {clock_sql} FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
         (me, since, last, t.tid, *fparams),
     ):
         if col in synced:
@@ -516,7 +523,7 @@ def _single_version_rows(
     tombs: dict[Any, tuple[Any, ...]] = {
         ck: tuple(clock)
         for ck, *clock in conn.execute(
-            f"SELECT ck, {clock_sql} FROM _p2p_tombs WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+            f"SELECT ck, {clock_sql} FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
             (me, since, last, t.tid, *fparams),
         )
     }
