@@ -82,6 +82,20 @@ class Replica:
             conn.execute("ROLLBACK")
             raise
 
+    def accept_schema(self, doc: dict[str, Any]) -> single_version.SchemaOutcome:
+        """A new sync_schema.json version, accepted as the daemon does (SIGHUP)."""
+        tables = [t.info.name for t in self.state.tables.values()]
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
+            outcome = single_version.accept(self.conn, doc, bundle=BUNDLE, name=STORE, tables=tables)
+            capture.stamp(self.conn, self.state, self.clock, collect=False, wall=self.wall)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return outcome
+
     # -- local writes ---------------------------------------------------------
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> ChangeBatch:

@@ -229,6 +229,19 @@ def test_columns_this_device_does_not_sync_are_skipped(device) -> None:
     assert b.rows("SELECT DISTINCT col FROM _p2p_cells ORDER BY col") == [("a",), ("uid",)]
 
 
+def test_an_added_sync_column_is_sent_again_for_existing_rows(device) -> None:
+    narrow = schema_doc({"items": (ITEMS_FIELDS, ["uid", "a"])})
+    a, b = device("DEVA", doc=narrow), device("DEVB", doc=narrow)
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
+    a.push(b)
+    assert b.rows(SYNCED) == [("x", 1, None)]
+    wide = schema_doc({"items": (ITEMS_FIELDS, ["uid", "a", "b"])}, version=1)
+    b.accept_schema(wide)
+    assert a.accept_schema(wide).resent == {"items": 1}
+    a.push(b)
+    assert b.rows(SYNCED) == [("x", 1, "p")]
+
+
 # --------------------------------------------------------------------------
 # single_version: deletes
 
