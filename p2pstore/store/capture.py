@@ -41,14 +41,17 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pstore.clock import HybridClock
-from p2pstore.errors import StoreInvalid, TableNotDistributed
+from p2pstore.errors import StoreInvalid, TableNotDistributed, TableNotFound
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.store.tables import TableInfo, device_table_name, read_table_info
+
+log = logging.getLogger(__name__)
 
 OP_INSERT, OP_UPDATE, OP_DELETE = 1, 2, 3
 OP_NAMES = {OP_INSERT: "inserted", OP_UPDATE: "updated", OP_DELETE: "deleted"}
@@ -344,7 +347,14 @@ def load_state(conn: sqlite3.Connection, clock: HybridClock) -> CaptureState:
         "SELECT t.tid, t.name, h.hw, t.conflict_col FROM _p2p_tables t LEFT JOIN _p2p_hw h ON h.tid = t.tid WHERE t.kind = 'local'"
     ).fetchall()
     for tid, name, hw, conflict in rows:
-        state.tables[tid] = CapturedTable(tid, read_table_info(conn, name), hw, conflict)
+        try:
+            info = read_table_info(conn, name)
+        except TableNotFound:
+            # Renamed or dropped by another program: the store still opens, the
+            # table is no longer captured, and the log says so every time.
+            log.error("distributed table %s is gone (renamed or dropped outside p2pstore); it is no longer captured", name)
+            continue
+        state.tables[tid] = CapturedTable(tid, info, hw, conflict)
     return state
 
 

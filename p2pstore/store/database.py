@@ -58,7 +58,16 @@ MAX_QUERY_ROWS = 200_000
 # Authorizer action codes (sqlite3 exposes them as constants).
 _DENY_PRAGMAS = {"journal_mode", "locking_mode", "writable_schema", "query_only", "read_uncommitted", "recursive_triggers"}
 _WRITE_ACTIONS = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
-_DROP_ACTIONS = {sqlite3.SQLITE_DROP_TABLE, sqlite3.SQLITE_DROP_TRIGGER, sqlite3.SQLITE_DROP_INDEX}
+_DROP_ACTIONS = {sqlite3.SQLITE_DROP_TABLE, sqlite3.SQLITE_DROP_TRIGGER, sqlite3.SQLITE_DROP_INDEX, sqlite3.SQLITE_DROP_VIEW,
+                 sqlite3.SQLITE_DROP_TEMP_TABLE, sqlite3.SQLITE_DROP_TEMP_TRIGGER, sqlite3.SQLITE_DROP_TEMP_INDEX,
+                 sqlite3.SQLITE_DROP_TEMP_VIEW}
+_CREATE_ACTIONS = {sqlite3.SQLITE_CREATE_TABLE, sqlite3.SQLITE_CREATE_INDEX, sqlite3.SQLITE_CREATE_TRIGGER,
+                   sqlite3.SQLITE_CREATE_VIEW, sqlite3.SQLITE_CREATE_TEMP_TABLE, sqlite3.SQLITE_CREATE_TEMP_INDEX,
+                   sqlite3.SQLITE_CREATE_TEMP_TRIGGER, sqlite3.SQLITE_CREATE_TEMP_VIEW}
+
+
+def _internal(name: str | None) -> bool:
+    return bool(name) and name.lower().startswith(INTERNAL_PREFIX)  # type: ignore[union-attr]
 
 
 def map_sqlite_error(exc: sqlite3.Error, sql: str | None = None) -> P2PStoreError:
@@ -113,7 +122,10 @@ class Store:
         synchronous: str = "NORMAL",
     ) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False)
+        # cached_statements=0: SQLite consults the authorizer only when it prepares
+        # a statement, so API SQL must never reuse a statement the daemon prepared
+        # (e.g. "COMMIT" or its _p2p_meta upsert). Preparing afresh costs microseconds.
+        db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=0)
         store = cls(bundle, name, path, db)
         try:
             await store.run(store._setup, busy_timeout_ms, synchronous, security_label)
@@ -195,13 +207,17 @@ class Store:
     # -- authorizer --------------------------------------------------------
 
     def _authorize(self, action: int, arg1: str | None, arg2: str | None, dbname: str | None, source: str | None) -> int:
-        if not self._user_sql or source is not None:
-            return sqlite3.SQLITE_OK  # the daemon's own statements and trigger bodies
+        if not self._user_sql:
+            return sqlite3.SQLITE_OK  # the daemon's own statements
+        if source is not None and _internal(source):
+            return sqlite3.SQLITE_OK  # bodies of our own triggers and views (user-named ones are checked)
         if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             return sqlite3.SQLITE_DENY
-        if action in _WRITE_ACTIONS and arg1 and arg1.lower().startswith(INTERNAL_PREFIX):
+        if action in _WRITE_ACTIONS | _DROP_ACTIONS and _internal(arg1):
             return sqlite3.SQLITE_DENY
-        if action in _DROP_ACTIONS and arg1 and arg1.lower().startswith(INTERNAL_PREFIX):
+        if action in _CREATE_ACTIONS and (_internal(arg1) or _internal(arg2)):
+            return sqlite3.SQLITE_DENY  # no objects named like ours, none on our tables
+        if action == sqlite3.SQLITE_ALTER_TABLE and _internal(arg2):
             return sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_PRAGMA and arg1 and arg1.lower() in _DENY_PRAGMAS and arg2 is not None:
             return sqlite3.SQLITE_DENY
@@ -215,20 +231,48 @@ class Store:
             self._user_sql = True
             try:
                 cursor = conn.execute(sql, params if isinstance(params, dict) else tuple(params))
+                if cursor.description is not None:
+                    # Rows of a SELECT or RETURNING: SQLite made every change on the
+                    # first step; drain before COMMIT, which refuses running statements.
+                    cursor.fetchmany(MAX_QUERY_ROWS)
+                    rowcount = cursor.rowcount
+                    cursor.close()
+                    cursor = _Done(rowcount, cursor.lastrowid)
             except sqlite3.Error as exc:
                 raise map_sqlite_error(exc, sql) from exc
             finally:
                 self._user_sql = False
+            if _is_ddl(sql):
+                self._after_ddl(conn)
             batch = capture.stamp(conn, self.capture, self.clock)
         return cursor, batch
+
+    def _after_ddl(self, conn: sqlite3.Connection) -> None:
+        """Keep capture whole after a schema change made through the API.
+
+        A distributed table may gain columns (its capture triggers are rebuilt
+        so the changed-column mask covers them) but may not be renamed or
+        dropped: the change is refused and rolled back.
+        """
+        for table in list(self.capture.tables.values()):
+            name = table.info.name
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone():
+                raise PermissionDenied(
+                    f"{name} is a distributed table; it can't be renamed or dropped through the API",
+                    data={"table": name},
+                )
+            info = read_table_info(conn, name)
+            if info.columns != table.info.columns:
+                for trigger in capture.trigger_names(name):
+                    conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)}")
+                for sql in capture.capture_triggers_sql(table.tid, info, table.hw is not None, conflict_column=table.conflict_column):
+                    conn.execute(sql)
+                log.info("store %s/%s: table %s changed columns; capture triggers rebuilt", self.bundle, self.name, name)
+        self._load_tables(conn)
 
     async def execute(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> tuple[dict[str, int], ChangeBatch]:
             cursor, batch = self._write(conn, sql, params or ())
-            if cursor.description is not None:
-                cursor.fetchmany(MAX_QUERY_ROWS)  # a SELECT through execute: drain, ignore
-            if any(sql.lstrip().upper().startswith(w) for w in ("CREATE", "DROP", "ALTER")):
-                self._load_tables(conn)
             return {"rows_affected": max(cursor.rowcount, 0), "last_insert_rowid": cursor.lastrowid or 0}, batch
 
         result, batch = await self.run(op)
@@ -509,3 +553,18 @@ def _checked_values(values: Any, info: TableInfo) -> dict[str, Any]:
 def _no_paging(compiled: Any) -> None:
     if compiled.order_by or compiled.limit is not None or compiled.offset is not None:
         raise InvalidParams("order_by, limit and offset apply to queries, not to updates or deletes", data={"param": "predicates"})
+
+
+_DDL_WORDS = ("CREATE", "DROP", "ALTER")
+
+
+def _is_ddl(sql: str) -> bool:
+    return sql.lstrip().split(None, 1)[0].upper() in _DDL_WORDS if sql.strip() else False
+
+
+class _Done:
+    """What a drained cursor leaves for the result (its counts)."""
+
+    def __init__(self, rowcount: int, lastrowid: int | None) -> None:
+        self.rowcount = rowcount
+        self.lastrowid = lastrowid

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,6 +145,10 @@ class StoreRegistry:
                 log.warning("store %s/%s: could not read outside changes: %s", store.bundle, store.name, exc.message)
             except ValueError:
                 pass  # closed while we polled
+            except sqlite3.Error as exc:
+                # Another program changed the file under us (e.g. renamed a
+                # distributed table): keep polling the other stores.
+                log.error("store %s/%s: capture failed: %s", store.bundle, store.name, exc)
 
     async def run_polling(self, interval_ms: int) -> None:
         """Poll forever (cancelled by the daemon on shutdown)."""

@@ -264,8 +264,6 @@ async def test_a_row_returning_statement_through_execute_does_not_break_the_stor
     assert await store.insert("T", {"name": "after"}) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: INSERT ... RETURNING through store.execute fails with 'cannot commit transaction - "
-                   "SQL statements in progress' (the cursor is drained after COMMIT, not before)")
 async def test_insert_returning_through_execute(store: Store) -> None:
     await store.set_distributed_tables(["T"])
     result = await store.execute("INSERT INTO T(name) VALUES ('r') RETURNING id")
@@ -326,8 +324,6 @@ INTERNAL_DDL = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the authorizer lets API SQL ALTER _p2p_* tables and create _p2p_* objects "
-                   "(ALTER TABLE _p2p_log RENAME breaks every later write of the store)")
 @pytest.mark.parametrize("sql", INTERNAL_DDL)
 async def test_ddl_on_internals_is_refused(store: Store, sql: str) -> None:
     await store.set_distributed_tables(["T"])
@@ -336,8 +332,6 @@ async def test_ddl_on_internals_is_refused(store: Store, sql: str) -> None:
     await store.insert("T", {"name": "still works"})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: trigger bodies are exempt from the authorizer, so a trigger created "
-                   "through the API can write _p2p_* internals whenever an API write fires it")
 async def test_user_trigger_cannot_write_internals_through_the_api(store: Store) -> None:
     await store.set_distributed_tables(["T"])
     await store.insert("T", {"name": "a"})
@@ -351,9 +345,6 @@ async def test_user_trigger_cannot_write_internals_through_the_api(store: Store)
     assert await log_size(store) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the authorizer runs only when SQLite prepares a statement; SQL text the "
-                   "daemon prepared before (BEGIN, ROLLBACK, its _p2p_meta upsert) comes from the statement cache "
-                   "unchecked, e.g. an API call can lower the store's security label")
 async def test_cached_daemon_statements_are_still_checked(store: Store) -> None:
     await store.set_security_label(3)
     await store.query("SELECT 1")  # the daemon has now prepared BEGIN and ROLLBACK (and BEGIN IMMEDIATE, COMMIT)
@@ -365,8 +356,6 @@ async def test_cached_daemon_statements_are_still_checked(store: Store) -> None:
     assert await rows(store, "SELECT value FROM _p2p_meta WHERE key = 'security_label'") == [[3]]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ALTER TABLE RENAME of a distributed table through the API escapes as a raw "
-                   "sqlite3.OperationalError (the client sees INTERNAL_ERROR) instead of a P2PStoreError")
 async def test_renaming_a_distributed_table_is_a_clear_error(store: Store) -> None:
     await store.set_distributed_tables(["T"])
     try:
@@ -607,3 +596,23 @@ async def test_concurrent_api_writes_are_serialised(store: Store) -> None:
     assert await rows(store, "SELECT count(*) FROM T") == [[50]]
     hlcs = [r[0] for r in await rows(store, "SELECT hlc FROM _p2p_changes ORDER BY seq")]
     assert len(hlcs) == 50 and hlcs == sorted(hlcs) and len(set(hlcs)) == 50
+
+
+async def test_adding_a_column_to_a_distributed_table_keeps_capturing_it(store: Store, announced: list[Any]) -> None:
+    await store.set_distributed_tables(["T"])
+    await store.insert("T", {"name": "a"})
+    await store.execute("ALTER TABLE T ADD COLUMN extra TEXT")
+    await store.update({"extra": "x"}, {"table": "T", "where": [["name", "=", "a"]]})
+    assert announced[-1] == [{"table": "T", "type": "data", "inserted": [], "updated": [1], "deleted": []}]
+    # The changed-column mask covers the new column (bit of its position).
+    columns = (await store.query("SELECT name FROM pragma_table_info('T')"))["rows"]
+    position = [c[0] for c in columns].index("extra")
+    mask = (await store.query("SELECT cols FROM _p2p_log ORDER BY seq DESC LIMIT 1"))["rows"][0][0]
+    assert mask == 1 << position
+
+
+async def test_dropping_a_distributed_table_through_the_api_is_refused(store: Store) -> None:
+    await store.set_distributed_tables(["T"])
+    with pytest.raises(PermissionDenied):
+        await store.execute("DROP TABLE T")
+    await store.insert("T", {"name": "still there"})
