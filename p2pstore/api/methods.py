@@ -192,19 +192,20 @@ async def store_delete(api: Api, client: ClientConnection, params: dict[str, Any
 async def store_set_distributed_tables(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     store = api.store(params)
     config = params.get("config", {})
-    if not store.distributed:
-        api.registry.check_distributed_limit(store)
-    if config.get("table_type") == "single_version":
-        # Reads sync_schema.json; the result carries the accepted version and its warnings.
-        outcome = await single_version.set_tables(
-            store, params["tables"], auto_sync=config.get("auto_sync", False), schema_path=api.registry.sync_schema_path
+    # Check the per-bundle limit and set the tables under one lock, so
+    # concurrent calls on different stores can't all pass the check.
+    async with api.registry.distributing(store):
+        if config.get("table_type") == "single_version":
+            # Reads sync_schema.json; the result carries the accepted version and its warnings.
+            outcome = await single_version.set_tables(
+                store, params["tables"], auto_sync=config.get("auto_sync", False), schema_path=api.registry.sync_schema_path
+            )
+            return outcome.to_result()
+        await store.set_distributed_tables(
+            params["tables"],
+            table_type=config.get("table_type", "collaborative"),
+            auto_sync=config.get("auto_sync", False),
         )
-        return outcome.to_result()
-    await store.set_distributed_tables(
-        params["tables"],
-        table_type=config.get("table_type", "collaborative"),
-        auto_sync=config.get("auto_sync", False),
-    )
     return {}
 
 

@@ -70,9 +70,11 @@ def _internal(name: str | None) -> bool:
     return bool(name) and name.lower().startswith(INTERNAL_PREFIX)  # type: ignore[union-attr]
 
 
-def map_sqlite_error(exc: sqlite3.Error, sql: str | None = None) -> P2PStoreError:
+def map_sqlite_error(exc: sqlite3.Error | OverflowError, sql: str | None = None) -> P2PStoreError:
     """The one place sqlite3 errors become p2pstore errors."""
     text = str(exc)
+    if isinstance(exc, OverflowError):  # sqlite3 binds ints of at most 64 bits
+        return InvalidParams(f"a number is outside SQLite's 64-bit integer range: {text}", data={"sqlite": text})
     data = {"sqlite": text}
     if "READ_ONLY_TABLE" in text:
         return ReadOnlyTable(text.split("READ_ONLY_TABLE: ", 1)[-1], data=data)
@@ -238,7 +240,7 @@ class Store:
                     rowcount = cursor.rowcount
                     cursor.close()
                     cursor = _Done(rowcount, cursor.lastrowid)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OverflowError) as exc:
                 raise map_sqlite_error(exc, sql) from exc
             finally:
                 self._user_sql = False
@@ -289,7 +291,7 @@ class Store:
                 cursor = conn.execute(sql, params or ())
                 columns = [d[0] for d in cursor.description or ()]
                 rows = cursor.fetchmany(MAX_QUERY_ROWS + 1)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OverflowError) as exc:
                 raise map_sqlite_error(exc, sql) from exc
             finally:
                 self._user_sql = False

@@ -17,9 +17,10 @@ its own, and a refusal only ever affects (and is logged for) that store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
@@ -99,6 +100,14 @@ class StoreRegistry:
                 f"bundle {store.bundle} already has {len(others)} open stores with distributed tables (limit {self.max_per_bundle}); close one first",
                 data={"bundle": store.bundle, "limit": self.max_per_bundle},
             )
+
+    @contextlib.asynccontextmanager
+    async def distributing(self, store: Store) -> AsyncIterator[None]:
+        """Hold the registry while ``store`` gets distributed tables (limit check included)."""
+        async with self._lock:
+            if not store.distributed:
+                self.check_distributed_limit(store)
+            yield
 
     async def close(self, bundle: str, name: str) -> None:
         async with self._lock:

@@ -279,8 +279,6 @@ def test_injection_in_order_by_is_refused(conn: RawConnection) -> None:
     assert_usable(conn)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an integer outside SQLite's 64-bit range raises OverflowError in "
-                   "store/database.py, which the server answers as INTERNAL_ERROR")
 def test_an_integer_too_large_for_sqlite_is_a_clean_error(conn: RawConnection) -> None:
     response = request(conn, "store.query", {"store": STORE, "sql": "SELECT ?", "params": [2**64]})
     assert error_name(response) in {"INVALID_PARAMS", "SQL_ERROR"}, response

@@ -272,9 +272,6 @@ def test_lowered_limit_from_the_config_file(start_daemon: Callable[..., DaemonPr
             api.call("store.query", store="one", bundle="b", sql="SELECT 1")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store.set_distributed_tables checks the per-bundle limit before an await and "
-                   "sets the tables after it, so concurrent calls on different stores all pass the check "
-                   "(4 stores with distributed tables under a limit of 2)")
 def test_the_limit_holds_under_concurrent_calls(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
     import asyncio
 
