@@ -281,9 +281,11 @@ def test_injection_in_order_by_is_refused(conn: RawConnection) -> None:
 
 def test_an_integer_too_large_for_sqlite_is_a_clean_error(conn: RawConnection) -> None:
     response = request(conn, "store.query", {"store": STORE, "sql": "SELECT ?", "params": [2**64]})
-    assert error_name(response) in {"INVALID_PARAMS", "SQL_ERROR"}, response
+    assert error_name(response) == "INVALID_PARAMS", response
     response = request(conn, "store.insert", {"store": STORE, "table": "T", "values": {"name": 2**63}})
-    assert error_name(response) in {"INVALID_PARAMS", "SQL_ERROR"}, response
+    assert error_name(response) == "INVALID_PARAMS", response
+    ok = request(conn, "store.query", {"store": STORE, "sql": "SELECT ?, ?", "params": [2**63 - 1, -(2**63)]})
+    assert ok["result"]["rows"] == [[2**63 - 1, -(2**63)]]  # the edges of the 64-bit range are fine
     assert_usable(conn)
 
 
