@@ -35,8 +35,10 @@ from p2pstore.net.discovery import Discovery
 from p2pstore.net.identity import Identity
 from p2pstore.net.peers import PeerManager
 from p2pstore.net.trust import TrustStore
-from p2pstore.protocol.messages import Hello, Message, StoreOffer, TableOffer
+from p2pstore.protocol.messages import Hello, Message, StoreOffer
+from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
+from p2pstore.sync.engine import SyncEngine, table_offers
 from p2pstore.store.registry import StoreRegistry
 
 log = logging.getLogger("p2pstore.daemon")
@@ -121,6 +123,7 @@ class Daemon:
         self.peers: PeerManager | None = None
         self.directory: DeviceDirectory | None = None
         self.discovery: Discovery | None = None
+        self.engine: SyncEngine | None = None
         self.subscriptions = Subscriptions(max_per_store=config.max_subscriptions)
         self.registry = StoreRegistry(
             config.data_dir,
@@ -130,8 +133,8 @@ class Daemon:
             sync_schema_path=config.sync_schema_path,
         )
         self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
-                       devices=lambda: self.directory)
-        self.registry.on_changes = self.api.on_store_changes
+                       devices=lambda: self.directory, engine=lambda: self.engine)
+        self.registry.on_changes = self._store_changed
         self.server = ApiServer(
             config.socket,
             self.api.dispatch,
@@ -155,13 +158,24 @@ class Daemon:
         return Hello(PROTOCOL_VERSION, self.identity.device_id, self.config.name, self.config.security_level_int,
                      tuple(store_offer(s) for s in self.registry.stores() if s.distributed))
 
+    def _store_changed(self, store: Store, batch: ChangeBatch) -> None:
+        """Local changes (API or another program): notify, and auto-sync them."""
+        self.api.on_store_changes(store, batch)
+        if self.engine is not None:
+            self.engine.on_local_changes(store, list(batch.by_table))
+
+    def _peer_changed(self, device_id: str, online: bool) -> None:
+        if self.directory is not None:
+            self.directory.on_peer_change(device_id, online)
+        if self.engine is not None:
+            self.engine.on_peer_change(device_id, online)
+
     def _device_event(self, event: dict[str, Any]) -> None:
         self.subscriptions.publish(None, "devices", "deviceChange", event)
 
     async def _peer_message(self, device_id: str, msg: Message) -> None:
-        # The sync engine will handle store messages; until then nothing a peer
-        # sends beyond HELLO and keepalives has a meaning here.
-        log.debug("ignored %s from %s", type(msg).__name__, device_id)
+        if self.engine is not None:
+            await self.engine.handle(device_id, msg)
 
     async def _start_network(self) -> None:
         assert self.identity is not None
@@ -169,11 +183,13 @@ class Daemon:
         trust = TrustStore(cfg.data_dir / "trust.json")
         self.peers = PeerManager(
             self.identity, trust, hello_factory=self.hello,
-            on_change=lambda device_id, online: self.directory and self.directory.on_peer_change(device_id, online),
+            on_change=self._peer_changed,
             on_message=self._peer_message,
             host=list(cfg.interfaces) or "0.0.0.0", port=cfg.port,
         )
         self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
+        self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
+                                 on_applied=self.api.on_applied)
         await self.peers.start()
         for peer in cfg.peers:
             host, _, port = peer.rpartition(":")
@@ -197,6 +213,7 @@ class Daemon:
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.identity = Identity.load_or_create(data_dir, self.config.name)
+        self.registry.device_id = self.identity.device_id
         self._lock.acquire()
         try:
             await self.server.start()
@@ -227,6 +244,8 @@ class Daemon:
         log.info("p2pstore daemon stopped")
 
     async def _stop_network(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None
@@ -257,11 +276,4 @@ class Daemon:
 
 def store_offer(store: Store) -> StoreOffer:
     """A store's distributed tables as offered in HELLO (names and sync columns, never rows)."""
-    tables = []
-    for name in sorted(store.distributed):
-        sync = store.sync_schema.tables.get(name) if store.sync_schema is not None else None
-        tables.append(TableOffer(
-            name, store.sync_schema_version if sync else None,
-            tuple(sync.columns) if sync else (), sync.conflict if sync else None,
-        ))
-    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or "collaborative", tuple(tables))
+    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or "collaborative", table_offers(store))

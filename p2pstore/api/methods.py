@@ -29,6 +29,8 @@ from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import single_version
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.store.capture import ChangeBatch
+from p2pstore.store.merge import ApplyResult
+from p2pstore.sync.engine import Stats, SyncEngine
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.store.tables import device_table_name
@@ -88,7 +90,9 @@ class Api:
         registry: StoreRegistry,
         subscriptions: Subscriptions,
         devices: Callable[[], DeviceDirectory | None] = lambda: None,
+        engine: Callable[[], SyncEngine | None] = lambda: None,
     ) -> None:
+        self._engine = engine
         self.device = device
         self.registry = registry
         self.subscriptions = subscriptions
@@ -108,6 +112,22 @@ class Api:
         if directory is None:
             raise InternalError("the device layer is not running yet")
         return directory
+
+    @property
+    def engine(self) -> SyncEngine:
+        engine = self._engine()
+        if engine is None:
+            raise InternalError("the sync engine is not running yet")
+        return engine
+
+    def on_applied(self, store: Store, peer: str, result: ApplyResult) -> None:
+        """Rows written by a sync -> ``remote`` (devices) and ``remote_details`` (ChangeInfo) subscribers."""
+        if result.remote:
+            key = (store.bundle, store.name)
+            base = {"store": store.name, "bundle": store.bundle}
+            self.subscriptions.publish(key, "remote", "dataChange", {**base, "devices": result.remote_devices()})
+            changes = [{**info, "origin": origin} for origin, infos in result.remote_change_infos().items() for info in infos]
+            self.subscriptions.publish(key, "remote_details", "dataChange", {**base, "changes": changes})
 
     def store(self, params: dict[str, Any]) -> Store:
         return self.registry.get(params.get("bundle", "default"), params["store"])
@@ -271,3 +291,65 @@ async def devices_subscribe(api: Api, client: ClientConnection, params: dict[str
 async def devices_unsubscribe(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     api.subscriptions.unsubscribe(client.outbox, None, params["subscription"])
     return {}
+
+
+@method("store.sync")
+async def store_sync(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Push or pull; the caller gets syncProgress notifications while it runs."""
+    store = api.store(params)
+
+    def progress(schedule: str, code: int, stats: Stats, direction: str) -> None:
+        details = {table: {direction: {"total": n, "successful": n, "failed": 0, "remained": 0}}
+                   for table, n in stats.tables.items()}
+        if stats.failed:
+            details.setdefault("*", {})[direction] = {"total": stats.sent, "successful": stats.sent - stats.failed,
+                                                      "failed": stats.failed, "remained": 0}
+        client.outbox.notify("syncProgress", {"store": store.name, "bundle": store.bundle, "schedule": schedule,
+                                              "code": int(code), "details": details})
+
+    results = await api.engine.sync(store, params["mode"], params.get("predicates"), progress)
+    return {"results": results}
+
+
+@method("store.sync_failures")
+async def store_sync_failures(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    failures = await api.store(params).sync_failures(params.get("limit", 100))
+    return [
+        {"id": f.id, "origin": f.origin, "table": f.table, "reason": f.reason, "at": f.at,
+         "change": _change_dict(f.change)}
+        for f in failures
+    ]
+
+
+@method("store.conflicts")
+async def store_conflicts(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    found = await api.store(params).conflicts(params.get("table"), params.get("limit", 100))
+    return [
+        {"id": c.id, "table": c.table, "key": c.key, "column": c.column, "losing_value": c.losing_value,
+         "winner": c.winner, "winner_hlc": c.winner_hlc, "loser": c.loser, "loser_hlc": c.loser_hlc, "at": c.at}
+        for c in found
+    ]
+
+
+@method("store.retry_failure")
+async def store_retry_failure(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store = api.store(params)
+    result = await store.retry_failure(params["id"])
+    api.on_applied(store, "", result)
+    return {"applied": result.applied, "failed": result.failed, "conflicts": result.conflicts}
+
+
+@method("store.discard_failure")
+async def store_discard_failure(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    await api.store(params).discard_failure(params["id"])
+    return {}
+
+
+def _change_dict(change: Any) -> dict[str, Any] | None:
+    if change is None:
+        return None
+    return {
+        "table": change.table, "key_column": change.key_column, "key": change.key,
+        "values": {c.column: c.value for c in change.cells},
+        "deleted": change.tomb_hlc is not None and not change.cells,
+    }

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from p2pstore import __version__
-from p2pstore.cli import daemon_cmd, device_cmds, schema_cmd, store_cmds
+from p2pstore.cli import daemon_cmd, device_cmds, schema_cmd, store_cmds, sync_cmds
 from p2pstore.cli.common import EXIT_ERROR, EXIT_USAGE, socket_options
 from p2pstore.errors import P2PStoreError
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon_cmd.add_parser(sub, parent)
     device_cmds.add_parsers(sub, parent)
     store_cmds.add_parsers(sub, parent)
+    sync_cmds.add_parsers(sub, parent)
     schema_cmd.add_parsers(sub, parent)
     return parser
 

@@ -224,6 +224,132 @@ class Close(Message):
 
 
 # --------------------------------------------------------------------------
+# Sync sessions
+#
+# A session moves one store's changes from a *sender* to a *receiver*. The
+# receiver owns the watermark (the highest seq of the sender's stream it has
+# applied) and moves it in the same transaction as the batch it covers.
+#
+#   push (opener sends):     opener -> SyncOpen(push)   receiver -> SyncReady(since, tables)
+#                            opener -> SyncBatch ...    receiver -> SyncAck ...      opener -> SyncEnd
+#   pull (opener receives):  opener -> SyncOpen(pull, since, tables)
+#                            sender -> SyncBatch ...    opener   -> SyncAck ...      sender -> SyncEnd
+#
+# Either side may end a session early with SyncEnd(code != 0); codes are the
+# SyncResultCode values of SPEC §2. ``req`` is a random id chosen by the
+# opener, unique on the channel.
+
+SYNC_MODES = frozenset({"push", "pull"})
+#: Largest JSON text of a query-sync row filter.
+MAX_WHERE_LEN = 64 * 1024
+
+
+def _req(value: int) -> None:
+    if not 0 < value <= INT_MAX:
+        raise ProtocolError("req must be a positive 64-bit integer")
+
+
+def _seq(value: int, what: str) -> None:
+    if not 0 <= value < 2**63:
+        raise ProtocolError(f"{what} must be a sequence number >= 0")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class SyncOpen(Message):
+    """Start a session on one store; ``since``/``tables`` are set for a pull (the opener receives)."""
+
+    TYPE: ClassVar[str] = "sync_open"
+    req: int
+    bundle: str
+    store: str
+    mode: str
+    table: str | None
+    where: str | None
+    since: int | None
+    tables: tuple[TableOffer, ...]
+
+    def _validate(self) -> None:
+        _req(self.req)
+        _text(self.bundle, "bundle name")
+        _text(self.store, "store name")
+        if self.mode not in SYNC_MODES:
+            raise ProtocolError(f"mode must be push or pull, got {self.mode!r:.40}")
+        if self.table is not None:
+            _text(self.table, "table name")
+        if self.where is not None:
+            _text(self.where, "where", max_len=MAX_WHERE_LEN)
+        if self.mode == "pull" and self.since is None:
+            raise ProtocolError("a pull must say since which seq it needs changes")
+        if self.since is not None:
+            _seq(self.since, "since")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class SyncReady(Message):
+    """The receiver of a push accepts: its watermark for the sender and its distributed tables."""
+
+    TYPE: ClassVar[str] = "sync_ready"
+    req: int
+    since: int
+    tables: tuple[TableOffer, ...]
+
+    def _validate(self) -> None:
+        _req(self.req)
+        _seq(self.since, "since")
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class SyncBatch(Message):
+    """One bounded slice of the sender's change stream (msgpack of store.changes' plain form)."""
+
+    TYPE: ClassVar[str] = "sync_batch"
+    req: int
+    payload: bytes
+
+    def _validate(self) -> None:
+        _req(self.req)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class SyncAck(Message):
+    """The receiver applied a batch (in one transaction with its watermark)."""
+
+    TYPE: ClassVar[str] = "sync_ack"
+    req: int
+    last_seq: int
+    applied: int
+    conflicts: int
+    failed: int
+
+    def _validate(self) -> None:
+        _req(self.req)
+        _seq(self.last_seq, "last_seq")
+        for name in ("applied", "conflicts", "failed"):
+            _seq(getattr(self, name), name)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class SyncEnd(Message):
+    """The session is over: ``code`` 0 success, else a SyncResultCode with a reason."""
+
+    TYPE: ClassVar[str] = "sync_end"
+    req: int
+    code: int
+    message: str
+
+    def _validate(self) -> None:
+        _req(self.req)
+        if not 0 <= self.code <= 99:
+            raise ProtocolError("code must be 0..99")
+        _text(self.message, "message", max_len=MAX_REASON_LEN, empty=True)
+
+
+# --------------------------------------------------------------------------
 # Encoding
 
 

@@ -43,7 +43,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import capture, single_version
+from p2pstore.store import capture, changes, merge, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
 
@@ -122,6 +122,7 @@ class Store:
         security_label: int | None = None,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         synchronous: str = "NORMAL",
+        device_id: str | None = None,
     ) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         # cached_statements=0: SQLite consults the authorizer only when it prepares
@@ -130,13 +131,14 @@ class Store:
         db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=0)
         store = cls(bundle, name, path, db)
         try:
-            await store.run(store._setup, busy_timeout_ms, synchronous, security_label)
+            await store.run(store._setup, busy_timeout_ms, synchronous, security_label, device_id)
         except BaseException:
             await db.close()
             raise
         return store
 
-    def _setup(self, conn: sqlite3.Connection, busy_timeout_ms: int, synchronous: str, label: int | None) -> None:
+    def _setup(self, conn: sqlite3.Connection, busy_timeout_ms: int, synchronous: str, label: int | None,
+               device_id: str | None = None) -> None:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -149,6 +151,8 @@ class Store:
             raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
         conn.set_authorizer(self._authorize)
         with self._transaction(conn):
+            if device_id is not None and capture.get_meta(conn, capture.DEVICE_ID_KEY) != device_id:
+                capture.set_device_id(conn, device_id)
             self._apply_label(conn, label)
             self.table_type = get_meta(conn, "table_type")
             self._load_tables(conn)
@@ -482,6 +486,68 @@ class Store:
                 return capture.create_device_table(conn, device_id, table)
 
         return await self.run(op)
+
+    # -- sync (called by the sync engine) -------------------------------------
+
+    async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500) -> changes.OutBatch:
+        """The next slice of this store's change stream after ``since``.
+
+        Pending outside writes are stamped (and announced) first, in the same
+        transaction, so every change read has its clock.
+        """
+
+        def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, ChangeBatch]:
+            with self._transaction(conn):
+                local = capture.stamp(conn, self.capture, self.clock)
+                return changes.changes_since(conn, table, since, limit=limit, where=where), local
+
+        batch, local = await self.run(op)
+        self._announce(local)
+        return batch
+
+    async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
+        """Apply a peer's batch and move its watermark, in one transaction."""
+
+        def op(conn: sqlite3.Connection) -> merge.ApplyResult:
+            try:
+                return merge.apply_batch(conn, self.capture, self.clock, batch, from_device)
+            except BaseException:
+                self._load_tables(conn)  # the cached capture state follows the rolled-back file
+                raise
+
+        result = await self.run(op)
+        self._announce(result.local)
+        return result
+
+    async def watermark(self, peer: str) -> int:
+        return await self.run(merge.watermark, peer)
+
+    async def sync_failures(self, limit: int = 100) -> list[merge.SyncFailure]:
+        return await self.run(merge.sync_failures, limit)
+
+    async def conflicts(self, table: str | None = None, limit: int = 100) -> list[merge.Conflict]:
+        return await self.run(merge.conflicts, table, limit)
+
+    async def retry_failure(self, failure_id: int) -> merge.ApplyResult:
+        """Apply a stored failed change again (it leaves the log if it applies now)."""
+
+        def op(conn: sqlite3.Connection) -> merge.ApplyResult:
+            try:
+                return merge.retry_failure(conn, self.capture, self.clock, failure_id)
+            except BaseException:
+                self._load_tables(conn)
+                raise
+
+        result = await self.run(op)
+        self._announce(result.local)
+        return result
+
+    async def discard_failure(self, failure_id: int) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                merge.discard_failure(conn, failure_id)
+
+        await self.run(op)
 
     # -- capture of other processes' writes ----------------------------------
 

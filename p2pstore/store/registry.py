@@ -51,6 +51,8 @@ class StoreRegistry:
         self.synchronous = synchronous
         self.on_changes = on_changes
         self._stores: dict[tuple[str, str], Store] = {}
+        #: This device's ID, recorded in every store it opens (set by the daemon).
+        self.device_id: str | None = None
         self._lock = asyncio.Lock()
 
     def path_for(self, bundle: str, name: str) -> Path:
@@ -66,7 +68,7 @@ class StoreRegistry:
                 return store
             store = await Store.open(
                 path, bundle=bundle, name=name, security_label=security_label,
-                busy_timeout_ms=self.busy_timeout_ms, synchronous=self.synchronous,
+                busy_timeout_ms=self.busy_timeout_ms, synchronous=self.synchronous, device_id=self.device_id,
             )
             if store.distributed:
                 try:
@@ -79,6 +81,16 @@ class StoreRegistry:
             log.info("opened store %s/%s at %s (label S%d, %d distributed table(s))",
                      bundle, name, path, store.security_label, len(store.distributed))
             return store
+
+    async def open_existing(self, bundle: str, name: str) -> Store | None:
+        """Open a store whose file exists (a peer asks for it); None if there is none."""
+        try:
+            path = self.path_for(bundle, name)
+        except P2PStoreError:
+            return None
+        if not path.exists():
+            return None
+        return await self.open(bundle, name)
 
     def get(self, bundle: str, name: str) -> Store:
         store = self._stores.get((bundle, name))

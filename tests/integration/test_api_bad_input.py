@@ -73,6 +73,11 @@ VALID: dict[str, dict[str, Any]] = {
     "store.subscribe": {"store": STORE, "type": "local_details"},
     "store.unsubscribe": {"store": STORE, "subscription": 1},
     "schema.validate": {"document": "{}"},
+    "store.sync": {"store": STORE, "mode": "push", "predicates": {"table": "T"}},
+    "store.sync_failures": {"store": STORE, "limit": 10},
+    "store.conflicts": {"store": STORE, "table": "T", "limit": 10},
+    "store.retry_failure": {"store": STORE, "id": 1},
+    "store.discard_failure": {"store": STORE, "id": 1},
 }
 REQUIRED = {
     "devices.trust": ["device_id"], "devices.untrust": ["device_id"], "devices.unsubscribe": ["subscription"],
@@ -81,12 +86,15 @@ REQUIRED = {
     "store.delete": ["store", "predicates"], "store.set_distributed_tables": ["store", "tables"],
     "store.distributed_table_name": ["store", "device", "table"], "store.subscribe": ["store", "type"],
     "store.unsubscribe": ["store", "subscription"], "schema.validate": ["document"],
+    "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"],
+    "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.
 WRONG = {
     "store": 5, "bundle": ["default"], "security_level": "S9", "sql": {"text": "SELECT 1"}, "params": "1, 2",
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
+    "mode": "sideways", "limit": 0, "id": "one",
 }
 
 

@@ -1,0 +1,139 @@
+"""Sync commands: ``sync``, ``failures``, ``conflicts``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from p2pstore.cli.common import EXIT_ERROR, EXIT_OK, emit, open_store, parse_value, store_option, with_client
+from p2pstore.client import Client
+
+WHERE_OPS = ("!=", "<=", ">=", "=", "<", ">", " like ", " in ")
+
+
+def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("sync", parents=[parent], help="push or pull changes to/from devices",
+                       description="Push this device's changes to devices, or pull theirs. Prints one line per device "
+                                   "with its result code (0 = success). --where selects rows (query sync; may repeat): "
+                                   "'COLUMN OP VALUE' with OP one of = != < <= > >= like in (in: comma-separated values).")
+    store_option(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--push", action="store_const", const="push", dest="mode")
+    g.add_argument("--pull", action="store_const", const="pull", dest="mode")
+    t = p.add_mutually_exclusive_group(required=True)
+    t.add_argument("--devices", metavar="ID[,ID...]", help="target device IDs")
+    t.add_argument("--all", action="store_true", help="all online trusted devices")
+    p.add_argument("--table", metavar="T", help="only this table")
+    p.add_argument("--where", metavar="COND", action="append", default=[], help="row filter, e.g. 'AGE > 18'")
+    p.set_defaults(run=run_sync)
+
+    p = sub.add_parser("failures", parents=[parent], help="list, retry or discard received changes that could not be applied",
+                       description="The sync-failure log: changes received from peers that could not be applied "
+                                   "(constraint, type, unknown column...). Nothing is dropped silently: fix the cause and "
+                                   "retry, or discard.")
+    store_option(p)
+    p.add_argument("action", nargs="?", choices=["list", "retry", "discard"], default="list")
+    p.add_argument("id", nargs="?", type=int)
+    p.set_defaults(run=run_failures)
+
+    p = sub.add_parser("conflicts", parents=[parent], help="show changes that lost a conflict",
+                       description="The conflict log of single-version tables: every change that lost to a newer one "
+                                   "(per column, last writer wins on the hybrid clock, ties by device ID).")
+    store_option(p)
+    p.add_argument("--table", metavar="T")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(run=run_conflicts)
+
+
+def parse_where(text: str) -> list:
+    """'AGE > 18' -> ["AGE", ">", 18]; raises ValueError with a readable reason."""
+    lowered = f" {text} ".lower()
+    for op in WHERE_OPS:
+        if op in (lowered if op.strip().isalpha() else text):
+            if op.strip().isalpha():
+                i = lowered.index(op) - 1
+                column, value = text[:i].strip(), text[i + len(op):].strip()
+            else:
+                column, value = (part.strip() for part in text.split(op, 1))
+            if not column or not value:
+                break
+            op = op.strip()
+            if op == "in":
+                return [column, "in", [parse_value(v.strip()) for v in value.split(",")]]
+            return [column, op, parse_value(value)]
+    raise ValueError(f"can't read condition {text!r}; use 'COLUMN OP VALUE' with OP one of = != < <= > >= like in")
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    try:
+        where = [parse_where(w) for w in args.where]
+    except ValueError as exc:
+        print(f"p2pstore sync: {exc}", file=sys.stderr)
+        return 2
+    show_bar = sys.stderr.isatty() and not args.json
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        predicates: dict = {"devices": "all" if args.all else [d.strip() for d in args.devices.split(",") if d.strip()]}
+        if args.table:
+            predicates["table"] = args.table
+        if where:
+            predicates["where"] = where
+        call = client.call("store.sync", **ref, mode=args.mode, predicates=predicates)
+        if show_bar:
+            import asyncio
+
+            task = asyncio.ensure_future(call)
+            while not task.done():
+                try:
+                    note = await asyncio.wait_for(client.notifications.get(), 0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if note["method"] == "syncProgress":
+                    done = sum(v.get("upload", v.get("download", {})).get("successful", 0) for v in note["params"]["details"].values())
+                    print(f"\r{args.mode}: {note['params']['schedule']:<11} {done} row(s)", end="", file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+            result = task.result()
+        else:
+            result = await call
+        lines = [f"{r['device']}  code {r['code']}  {r['message']}" for r in result["results"]] or ["no device to sync with"]
+        emit(args, result, "\n".join(lines))
+        return EXIT_OK if all(r["code"] == 0 for r in result["results"]) else EXIT_ERROR
+
+    return with_client(args, go)
+
+
+def run_failures(args: argparse.Namespace) -> int:
+    if args.action != "list" and args.id is None:
+        print(f"p2pstore failures {args.action}: needs a failure ID", file=sys.stderr)
+        return 2
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        if args.action == "list":
+            failures = await client.call("store.sync_failures", **ref)
+            emit(args, failures, "\n".join(
+                f"{f['id']}  {f['table']}  from {f['origin']}  {f['reason']}  {f['change']}" for f in failures) or "no sync failures")
+        elif args.action == "retry":
+            result = await client.call("store.retry_failure", **ref, id=args.id)
+            emit(args, result, f"failure {args.id}: {'applied' if not result['failed'] else 'still failing (kept)'}")
+            return EXIT_OK if not result["failed"] else EXIT_ERROR
+        else:
+            await client.call("store.discard_failure", **ref, id=args.id)
+            emit(args, {"discarded": args.id}, f"failure {args.id} discarded")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def run_conflicts(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        params = {"limit": args.limit, **({"table": args.table} if args.table else {})}
+        found = await client.call("store.conflicts", **ref, **params)
+        emit(args, found, "\n".join(
+            f"{c['id']}  {c['table']}[{c['key']}].{c['column'] or '(row)'}  lost: {c['losing_value']!r} "
+            f"({c['loser']} @{c['loser_hlc']})  winner: {c['winner']} @{c['winner_hlc']}" for c in found) or "no conflicts")
+        return EXIT_OK
+
+    return with_client(args, go)
