@@ -30,7 +30,7 @@ from p2pstore.store import single_version
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.merge import ApplyResult
-from p2pstore.sync.engine import Stats, SyncEngine
+from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.store.tables import device_table_name
@@ -163,7 +163,7 @@ async def device_info(api: Api, client: ClientConnection, params: dict[str, Any]
 async def status(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     info = await device_info(api, client, params)
     directory = api._devices()
-    devices = [v.to_dict() for v in directory.list()] if directory is not None else []
+    devices = _device_dicts(api, directory) if directory is not None else []
     return {"device": info, "uptime_s": round(time.time() - api.started, 1),
             "stores": [_store_summary(s) for s in api.registry.stores()], "devices": devices}
 
@@ -268,7 +268,21 @@ async def schema_validate(api: Api, client: ClientConnection, params: dict[str, 
 
 @method("devices.list")
 async def devices_list(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
-    return [view.to_dict() for view in api.devices.list()]
+    return _device_dicts(api, api.devices)
+
+
+def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, Any]]:
+    """Device views plus, for online peers, where their sync schema differs from ours."""
+    result = []
+    for view in directory.list():
+        entry = view.to_dict()
+        info = directory.peers.peer_info(view.device_id)
+        hello = info.hello if info is not None else None
+        engine = api._engine()
+        seen = engine.peer_view(view.device_id, hello.stores if hello else ()) if engine is not None else {}
+        entry["schema_mismatches"] = schema_mismatches(api.registry.stores(), seen)
+        result.append(entry)
+    return result
 
 
 @method("devices.trust")

@@ -65,7 +65,11 @@ def run_status(args: argparse.Namespace) -> int:
 def _device_line(d: dict) -> str:
     state = "online " if d["online"] else "offline"
     trust = "trusted" if d["trusted"] else "PENDING"
-    return f"{d['device_id']}  {state}  {trust}  {d['security_level'] or '--'}  {d['name'] or '?'}  {', '.join(d['addresses'])}"
+    line = f"{d['device_id']}  {state}  {trust}  {d['security_level'] or '--'}  {d['name'] or '?'}  {', '.join(d['addresses'])}"
+    for m in d.get("schema_mismatches", []):
+        line += (f"\n      schema of {m['store']}.{m['table']}: version {m['version']} here, {m['peer_version']} there; "
+                 + (f"syncing {', '.join(m['synced_columns'])}" if m["synced_columns"] else "NOT syncing (no common columns or conflict column differs)"))
+    return line
 
 
 def run_devices(args: argparse.Namespace) -> int:

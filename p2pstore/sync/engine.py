@@ -46,7 +46,7 @@ from p2pstore.errors import (
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
-from p2pstore.protocol.messages import Message, SyncAck, SyncBatch, SyncEnd, SyncOpen, SyncReady, TableOffer
+from p2pstore.protocol.messages import Message, StoreOffer, SyncAck, SyncBatch, SyncEnd, SyncOpen, SyncReady, TableOffer
 from p2pstore.schema.predicates import compile_predicates, devices_of
 from p2pstore.store.changes import OutBatch, batch_from_plain, batch_to_plain
 from p2pstore.store.database import Store
@@ -139,6 +139,41 @@ def check_tables(store: Store, table: str | None, theirs: tuple[TableOffer, ...]
             raise SessionEnded(Code.DISTRIBUTED_SCHEMA_MISMATCH, f"table {name}: no sync column in common with the peer")
 
 
+PeerTables = dict[tuple[str, str], dict[str, TableOffer]]
+
+
+def offers_by_store(offered: tuple[StoreOffer, ...]) -> PeerTables:
+    return {(o.bundle, o.store): {t.name: t for t in o.tables} for o in offered}
+
+
+def schema_mismatches(stores: list[Store], theirs: PeerTables) -> list[dict[str, Any]]:
+    """Where a peer's tables show a different single-version schema for a store we share.
+
+    Peers on different schema versions still sync the columns both sync; this
+    is what ``devices.list`` and ``status`` report so users know to upgrade.
+    """
+    found = []
+    for store in stores:
+        peer_tables = theirs.get((store.bundle, store.name))
+        if peer_tables is None:
+            continue
+        for mine in table_offers(store):
+            other = peer_tables.get(mine.name)
+            if other is None or (mine.schema_version is None and other.schema_version is None):
+                continue
+            if (mine.schema_version, mine.sync_columns, mine.conflict_column) != (
+                    other.schema_version, other.sync_columns, other.conflict_column):
+                common = sorted(set(mine.sync_columns) & set(other.sync_columns))
+                syncable = mine.conflict_column == other.conflict_column and bool(common)
+                found.append({
+                    "store": store.name, "bundle": store.bundle, "table": mine.name,
+                    "version": mine.schema_version, "peer_version": other.schema_version,
+                    "synced_columns": common if syncable else [],
+                    "code": int(Code.SUCCESS if syncable else Code.DISTRIBUTED_SCHEMA_MISMATCH),
+                })
+    return found
+
+
 def compile_where(store: Store, table: str | None, where: Any) -> Any:
     """A query-sync row filter, checked against what this device syncs of ``table``."""
     if where in (None, []):
@@ -192,6 +227,8 @@ class SyncEngine:
         self._running_syncs: set[tuple[str, str]] = set()
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Each peer's tables per store as last seen in a sync session (fresher than its HELLO).
+        self.peer_tables: dict[str, PeerTables] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -242,6 +279,14 @@ class SyncEngine:
             for store in self.registry.stores():
                 if any(store.auto_sync.values()):
                     self._schedule_auto(store, peer)
+
+    def _learn(self, peer: str, store: Store, tables: tuple[TableOffer, ...]) -> None:
+        if tables:
+            self.peer_tables.setdefault(peer, {})[(store.bundle, store.name)] = {t.name: t for t in tables}
+
+    def peer_view(self, peer: str, hello_stores: tuple[StoreOffer, ...]) -> PeerTables:
+        """What we know of a peer's tables: its HELLO, updated by later sessions."""
+        return {**offers_by_store(hello_stores), **self.peer_tables.get(peer, {})}
 
     def _open_session(self, peer: str, req: int) -> _Session:
         session = _Session(peer, req)
@@ -332,6 +377,7 @@ class SyncEngine:
         peer = session.peer
         try:
             store = await self._store_for_peer(msg.bundle, msg.store)
+            self._learn(peer, store, msg.tables)
             if msg.mode == "push":  # the peer sends, we receive
                 await self._send(peer, SyncReady(msg.req, await store.watermark(peer), table_offers(store)))
                 stats = await self._receive_stream(session, store, None)
@@ -435,10 +481,11 @@ class SyncEngine:
         try:
             where_text = json.dumps(where_json) if where is not None else None
             if mode == "push":
-                await self._send(peer, SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, ()))
+                await self._send(peer, SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store)))
                 ready = await session.next(self.timeout)
                 if not isinstance(ready, SyncReady):
                     raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
+                self._learn(peer, store, ready.tables)
                 check_tables(store, table, ready.tables)
                 stats = await self._send_stream(session, store, ready.since, table, where, progress)
                 await self._send(peer, SyncEnd(req, int(Code.SUCCESS), ""))
