@@ -145,7 +145,9 @@ class DeviceDirectory:
             disc = self._discovered.get(device_id)
             knock = pending.get(device_id)
             trusted = entry is not None
-            name = (info.hello.name if info and info.hello else None) or (entry.name if entry else None) \
+            # The trust list's name first: the one the user gave at trust time
+            # (the announced name only fills it in when none was given).
+            name = (entry.name if entry else None) or (info.hello.name if info and info.hello else None) \
                 or (disc.name if disc else None) or (knock.name if knock else None)
             addresses: list[str] = []
             if info is not None:
