@@ -68,52 +68,98 @@ class Daemon:
         self.proc.wait(10)
 
 
+def wait_for(what: str, check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def device(c: BlockingClient, device_id: str) -> dict | None:
+    return next((d for d in c.call("devices.list") if d["device_id"] == device_id), None)
+
+
+EMPLOYEE = "CREATE TABLE EMPLOYEE (ID INTEGER PRIMARY KEY AUTOINCREMENT, NAME TEXT NOT NULL UNIQUE, AGE INTEGER, SALARY REAL, CODES BLOB)"
+
+
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="p2ps-demo-", dir="/tmp"))
     daemons: list[Daemon] = []
     try:
-        step("start a daemon (data and socket in a temp dir, no mDNS for this part)")
-        a = Daemon(root, "shop-a", "--no-discovery")
-        daemons.append(a)
-        cli(a.socket, "status")
+        step("start two daemons (two devices) with mDNS on 127.0.0.1")
+        for name in ("shop-a", "shop-b"):
+            (root / name).mkdir(mode=0o700)
+            shutil.copy(REPO / "sync_schema.json", root / name / "sync_schema.json")  # for single-version tables
+        a = Daemon(root, "shop-a", "--interface", "127.0.0.1")
+        b = Daemon(root, "shop-b", "--interface", "127.0.0.1")
+        daemons += [a, b]
+        ca, cb = BlockingClient(a.socket), BlockingClient(b.socket)
+        ida, idb = ca.call("device.info")["device_id"], cb.call("device.info")["device_id"]
+        show("shop-a", ida)
+        show("shop-b", idb)
 
-        step("create a store and a table, make it distributed")
-        with BlockingClient(a.socket) as c:
-            opened = c.call("store.open", store="shop")
-            show("store.open", opened)
-            c.call("store.execute", store="shop",
-                   sql="CREATE TABLE EMPLOYEE (ID INTEGER PRIMARY KEY AUTOINCREMENT, NAME TEXT NOT NULL, AGE INTEGER, SALARY REAL, CODES BLOB)")
-            c.call("store.set_distributed_tables", store="shop", tables=["EMPLOYEE"])
-            sub = c.call("store.subscribe", store="shop", type="local_details")
-            show("subscribed to local_details", sub)
+        step("they discover each other over mDNS: listed as pending (not trusted, no channel)")
+        t0 = time.monotonic()
+        wait_for("discovery", lambda: device(ca, idb) and device(cb, ida))
+        show(f"found in {time.monotonic() - t0:.1f} s; shop-a sees", device(ca, idb))
+        cli(a.socket, "devices")
 
-            step("write through the API; the subscriber gets a local_details notification")
-            rowid = c.call("store.insert", store="shop", table="EMPLOYEE",
-                           values={"NAME": "Lisa", "AGE": 18, "SALARY": 100.5, "CODES": b"\x01\x02\x03"})["rowid"]
-            show("store.insert rowid", rowid)
-            note = c.next_notification(timeout=5)
-            show("notification", note)
-            assert note["params"]["changes"][0]["inserted"] == [rowid]
+        step("trust both ways (the user accepts the other device's ID); the TLS channel opens")
+        cli(a.socket, "trust", idb)
+        cli(b.socket, "trust", ida)
+        t0 = time.monotonic()
+        wait_for("online", lambda: (device(ca, idb) or {}).get("online") and (device(cb, ida) or {}).get("online"))
+        show("online both ways after", f"{time.monotonic() - t0:.2f} s")
+        cli(a.socket, "devices")
 
-            step("another program writes the SQLite file directly; the daemon notices")
-            outside = sqlite3.connect(opened["path"], timeout=5)
-            with outside:
-                outside.execute("INSERT INTO EMPLOYEE(NAME, AGE) VALUES ('Rose', 22)")
-            outside.close()
-            note = c.next_notification(timeout=5)
-            show("notification", note)
-            assert note["params"]["changes"][0]["inserted"]
+        step("collaborative mode: each device keeps its own rows; the other's arrive in a read-only table")
+        for c in (ca, cb):
+            c.call("store.open", store="notes")
+            c.call("store.execute", store="notes", sql="CREATE TABLE NOTE (ID INTEGER PRIMARY KEY, TEXT TEXT)")
+            c.call("store.set_distributed_tables", store="notes", tables=["NOTE"])
+        cb.call("store.subscribe", store="notes", type="remote")
+        ca.call("store.insert", store="notes", table="NOTE", values={"TEXT": "from a: open at 9"})
+        cb.call("store.insert", store="notes", table="NOTE", values={"TEXT": "from b: closed on Monday"})
+        show("a pushes to b", ca.call("store.sync", store="notes", mode="push", predicates={"devices": [idb]})["results"])
+        show("b's remote subscriber gets", cb.next_notification(timeout=5)["params"])
+        show("a pulls from b", ca.call("store.sync", store="notes", mode="pull", predicates={"devices": [idb]})["results"])
+        for c, other, label in ((ca, idb, "a"), (cb, ida, "b")):
+            table = c.call("store.distributed_table_name", store="notes", device=other, table="NOTE")["table"]
+            show(f"on {label}, {table}", c.call("store.query", store="notes", sql=f"SELECT TEXT FROM {table}")["rows"])
+        try:
+            cb.call("store.insert", store="notes", table=table, values={"TEXT": "forged"})
+        except Exception as exc:  # noqa: BLE001 - showing the error is the point
+            show("writing the other device's table", f"{type(exc).__name__}: {exc}")
 
-            step("read through the API (BLOBs travel as {\"$blob\": base64})")
-            rows = c.call("store.query", store="shop", sql="SELECT ID, NAME, AGE, SALARY, CODES FROM EMPLOYEE ORDER BY ID")
-            show("columns", rows["columns"])
-            for row in rows["rows"]:
-                show("row", [v.hex() if isinstance(v, bytes) else v for v in row])
-            assert len(rows["rows"]) == 2
+        step("single-version mode (the seed's EMPLOYEE, sync_schema.json): rows merge into one table by NAME")
+        for c in (ca, cb):
+            c.call("store.open", store="RdbTest", bundle="com.example.rdbDataSync", security_level="S1")
+            c.call("store.execute", store="RdbTest", bundle="com.example.rdbDataSync", sql=EMPLOYEE)
+            result = c.call("store.set_distributed_tables", store="RdbTest", bundle="com.example.rdbDataSync",
+                            tables=["EMPLOYEE"], config={"table_type": "single_version", "auto_sync": False})
+        show("schema accepted", result)
+        ref = {"store": "RdbTest", "bundle": "com.example.rdbDataSync"}
+        ca.call("store.insert", **ref, table="EMPLOYEE", values={"NAME": "Lisa", "AGE": 18, "SALARY": 100.5, "CODES": b"\x01"})
+        cb.call("store.insert", **ref, table="EMPLOYEE", values={"NAME": "Rose", "AGE": 22, "SALARY": 200.0})
+        show("a pushes", ca.call("store.sync", **ref, mode="push", predicates={"devices": [idb]})["results"])
+        show("b pushes", cb.call("store.sync", **ref, mode="push", predicates={"devices": [ida]})["results"])
+        step("concurrent edits of different columns of one row both survive (per-column last writer wins)")
+        ca.call("store.update", **ref, values={"AGE": 19}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Lisa"]]})
+        cb.call("store.update", **ref, values={"SALARY": 150.0}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Lisa"]]})
+        ca.call("store.sync", **ref, mode="push", predicates={"devices": [idb]})
+        ca.call("store.sync", **ref, mode="pull", predicates={"devices": [idb]})
+        rows = {}
+        for c, label in ((ca, "a"), (cb, "b")):
+            rows[label] = c.call("store.query", **ref, sql="SELECT NAME, AGE, SALARY FROM EMPLOYEE ORDER BY NAME")["rows"]
+            show(f"EMPLOYEE on {label}", rows[label])
+        assert rows["a"] == rows["b"] == [["Lisa", 19, 150.0], ["Rose", 22, 200.0]], rows
 
         step("the same through the CLI")
-        cli(a.socket, "sql", "--store", "shop", "UPDATE EMPLOYEE SET AGE = AGE + 1 WHERE NAME = ?", "Lisa")
-        cli(a.socket, "sql", "--store", "shop", "SELECT NAME, AGE FROM EMPLOYEE ORDER BY ID")
+        cli(a.socket, "sync", "--store", "RdbTest", "--bundle", "com.example.rdbDataSync", "--push", "--all")
+        cli(a.socket, "status")
         print("\ndemo finished: every step behaved as shown")
         return 0
     finally:
