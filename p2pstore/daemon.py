@@ -39,6 +39,7 @@ from p2pstore.protocol.messages import Hello, Message, StoreOffer
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.sync.engine import SyncEngine, table_offers
+from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.registry import StoreRegistry
 
 log = logging.getLogger("p2pstore.daemon")
@@ -124,6 +125,7 @@ class Daemon:
         self.directory: DeviceDirectory | None = None
         self.discovery: Discovery | None = None
         self.engine: SyncEngine | None = None
+        self.queries: RemoteQueries | None = None
         self.subscriptions = Subscriptions(max_per_store=config.max_subscriptions)
         self.registry = StoreRegistry(
             config.data_dir,
@@ -133,7 +135,8 @@ class Daemon:
             sync_schema_path=config.sync_schema_path,
         )
         self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
-                       devices=lambda: self.directory, engine=lambda: self.engine)
+                       devices=lambda: self.directory, engine=lambda: self.engine,
+                       queries=lambda: self.queries)
         self.registry.on_changes = self._store_changed
         self.server = ApiServer(
             config.socket,
@@ -169,11 +172,15 @@ class Daemon:
             self.directory.on_peer_change(device_id, online)
         if self.engine is not None:
             self.engine.on_peer_change(device_id, online)
+        if self.queries is not None:
+            self.queries.on_peer_change(device_id, online)
 
     def _device_event(self, event: dict[str, Any]) -> None:
         self.subscriptions.publish(None, "devices", "deviceChange", event)
 
     async def _peer_message(self, device_id: str, msg: Message) -> None:
+        if self.queries is not None and await self.queries.handle(device_id, msg):
+            return
         if self.engine is not None:
             await self.engine.handle(device_id, msg)
 
@@ -190,6 +197,8 @@ class Daemon:
         self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
                                  on_applied=self.api.on_applied)
+        self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
+                                     timeout=cfg.remote_query_timeout_s)
         await self.peers.start()
         for peer in cfg.peers:
             host, _, port = peer.rpartition(":")
@@ -246,6 +255,8 @@ class Daemon:
     async def _stop_network(self) -> None:
         if self.engine is not None:
             await self.engine.stop()
+        if self.queries is not None:
+            await self.queries.stop()
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None

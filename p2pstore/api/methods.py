@@ -28,9 +28,11 @@ from p2pstore.errors import InternalError, InvalidParams, MethodNotFound
 from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import single_version
 from p2pstore.net.devices import DeviceDirectory
+from p2pstore.net.identity import normalize_device_id
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
+from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.store.tables import device_table_name
@@ -91,8 +93,10 @@ class Api:
         subscriptions: Subscriptions,
         devices: Callable[[], DeviceDirectory | None] = lambda: None,
         engine: Callable[[], SyncEngine | None] = lambda: None,
+        queries: Callable[[], RemoteQueries | None] = lambda: None,
     ) -> None:
         self._engine = engine
+        self._queries = queries
         self.device = device
         self.registry = registry
         self.subscriptions = subscriptions
@@ -367,3 +371,15 @@ def _change_dict(change: Any) -> dict[str, Any] | None:
         "values": {c.column: c.value for c in change.cells},
         "deleted": change.tomb_hlc is not None and not change.cells,
     }
+
+
+@method("store.remote_query")
+async def store_remote_query(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Rows of ``device``'s copy of ``table``; the device checks trust, level and columns."""
+    queries = api._queries()
+    if queries is None:
+        raise InternalError("remote query is not running yet")
+    store = api.store(params)
+    store.require_distributed(params["table"])
+    device = normalize_device_id(params["device"])
+    return await queries.query(store, device, params["table"], params.get("predicates"), params.get("columns"))

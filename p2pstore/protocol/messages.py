@@ -350,6 +350,89 @@ class SyncEnd(Message):
 
 
 # --------------------------------------------------------------------------
+# Remote query
+#
+#   asker -> QueryRequest   answerer -> QueryPage ... (last=True)   or   QueryError
+#
+# The answerer compiles the predicates itself against the columns it syncs
+# (never SQL from a peer) and checks trust and the security-level rule.
+# Pages are bounded in bytes (PAGE_BYTES); the asker acknowledges each page
+# with QueryMore before the next is read, so neither side buffers a whole
+# large result in flight.
+
+#: Target size of one page of remote query results (encoded rows).
+PAGE_BYTES = 4 * 1024 * 1024
+#: Largest JSON text of remote query predicates.
+MAX_PREDICATES_LEN = 256 * 1024
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class QueryRequest(Message):
+    """Run a structured query on the answerer's copy of ``table``."""
+
+    TYPE: ClassVar[str] = "query_request"
+    req: int
+    bundle: str
+    store: str
+    table: str
+    columns: tuple[str, ...]
+    predicates: str  # JSON object: where, order_by, limit, offset (SPEC §5)
+
+    def _validate(self) -> None:
+        _req(self.req)
+        _text(self.bundle, "bundle name")
+        _text(self.store, "store name")
+        _text(self.table, "table name")
+        for column in self.columns:
+            _text(column, "column name")
+        _text(self.predicates, "predicates", max_len=MAX_PREDICATES_LEN)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class QueryPage(Message):
+    """One page of results; ``rows`` is msgpack of a list of row lists."""
+
+    TYPE: ClassVar[str] = "query_page"
+    req: int
+    columns: tuple[str, ...]
+    rows: bytes
+    last: bool
+
+    def _validate(self) -> None:
+        _req(self.req)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class QueryMore(Message):
+    """The asker took a page and wants the next one."""
+
+    TYPE: ClassVar[str] = "query_more"
+    req: int
+
+    def _validate(self) -> None:
+        _req(self.req)
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class QueryError(Message):
+    """The query was refused or failed; ``name`` is a p2pstore error name."""
+
+    TYPE: ClassVar[str] = "query_error"
+    req: int
+    name: str
+    message: str
+
+    def _validate(self) -> None:
+        _req(self.req)
+        _text(self.name, "error name", max_len=64)
+        _text(self.message, "message", max_len=MAX_REASON_LEN, empty=True)
+
+
+# --------------------------------------------------------------------------
 # Encoding
 
 

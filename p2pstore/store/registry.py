@@ -92,6 +92,13 @@ class StoreRegistry:
             return None
         return await self.open(bundle, name)
 
+    async def for_peer(self, bundle: str, name: str) -> Store:
+        """The store a peer asks for: open, or opened now if its file exists."""
+        store = self._stores.get((bundle, name)) or await self.open_existing(bundle, name)
+        if store is None:
+            raise StoreNotOpen(f"this device has no store {bundle}/{name}", data={"store": name, "bundle": bundle})
+        return store
+
     def get(self, bundle: str, name: str) -> Store:
         store = self._stores.get((bundle, name))
         if store is None:

@@ -376,7 +376,7 @@ class SyncEngine:
     async def _serve(self, session: _Session, msg: SyncOpen) -> None:
         peer = session.peer
         try:
-            store = await self._store_for_peer(msg.bundle, msg.store)
+            store = await self.registry.for_peer(msg.bundle, msg.store)
             self._learn(peer, store, msg.tables)
             if msg.mode == "push":  # the peer sends, we receive
                 await self._send(peer, SyncReady(msg.req, await store.watermark(peer), table_offers(store)))
@@ -411,15 +411,6 @@ class SyncEngine:
             await self.peers.send(peer, SyncEnd(req, int(code), message[:1000]))
         except P2PStoreError:
             pass
-
-    async def _store_for_peer(self, bundle: str, name: str) -> Store:
-        try:
-            return self.registry.get(bundle, name)
-        except StoreNotOpen:
-            store = await self.registry.open_existing(bundle, name)
-            if store is None:
-                raise StoreNotOpen(f"this device has no store {bundle}/{name}") from None
-            return store
 
     # -- syncs this device starts -----------------------------------------------
 

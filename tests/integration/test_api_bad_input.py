@@ -78,6 +78,7 @@ VALID: dict[str, dict[str, Any]] = {
     "store.conflicts": {"store": STORE, "table": "T", "limit": 10},
     "store.retry_failure": {"store": STORE, "id": 1},
     "store.discard_failure": {"store": STORE, "id": 1},
+    "store.remote_query": {"store": STORE, "device": DEVICE, "table": "T", "predicates": {}, "columns": ["name"]},
 }
 REQUIRED = {
     "devices.trust": ["device_id"], "devices.untrust": ["device_id"], "devices.unsubscribe": ["subscription"],
@@ -88,13 +89,14 @@ REQUIRED = {
     "store.unsubscribe": ["store", "subscription"], "schema.validate": ["document"],
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
+    "store.remote_query": ["store", "device", "table"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.
 WRONG = {
     "store": 5, "bundle": ["default"], "security_level": "S9", "sql": {"text": "SELECT 1"}, "params": "1, 2",
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
-    "mode": "sideways", "limit": 0, "id": "one",
+    "mode": "sideways", "limit": 0, "id": "one", "columns": "name",
 }
 
 

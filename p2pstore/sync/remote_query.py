@@ -1,0 +1,249 @@
+"""Remote query: run a structured query on a peer's copy of a distributed table.
+
+Answering side invariants:
+- Only trusted peers reach this (channels exist only between mutually
+  trusted devices), and the security-level rule is checked here, by the
+  answerer, for every query (``DeviceDirectory.may_receive``).
+- A peer sends predicates, never SQL: they are compiled here
+  (schema/predicates.py) against the columns this device syncs of that table
+  (single-version: the sync columns; collaborative: the table's columns).
+  Anything else is an error.
+- Read-only: the query runs on a separate read-only SQLite connection, so it
+  can't change data and never holds a transaction on the daemon's writer.
+- Results travel in pages of about PAGE_BYTES; the asker acknowledges each
+  page (QueryMore) before the next is read, so memory on both sides is bound
+  by a page (the asker keeps what it has received, as its caller asked for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import sqlite3
+from typing import Any
+
+import msgpack
+
+from p2pstore.errors import (
+    DeviceOffline,
+    DeviceUntrusted,
+    InvalidPredicate,
+    P2PStoreError,
+    ProtocolError,
+    SecurityLevelDenied,
+    SyncTimeout,
+    TableNotDistributed,
+    by_name,
+)
+from p2pstore.net.devices import DeviceDirectory
+from p2pstore.net.peers import PeerManager
+from p2pstore.protocol.framing import MAX_FRAME_SIZE
+from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest
+from p2pstore.schema.predicates import compile_predicates, quote_ident
+from p2pstore.store.database import Store
+from p2pstore.store.registry import StoreRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+#: Rows fetched from SQLite at a time while filling a page.
+FETCH_ROWS = 512
+#: Queries a peer may run here at once.
+MAX_SERVING_PER_PEER = 4
+
+
+def queryable_columns(store: Store, table: str) -> tuple[str, ...]:
+    """The columns a peer may read of ``table``: what this device syncs of it."""
+    info = store.distributed.get(table)
+    if info is None:
+        raise TableNotDistributed(f"table {table} of store {store.name} is not distributed", data={"table": table})
+    sync = store.sync_schema.tables.get(table) if store.sync_schema is not None else None
+    return tuple(sync.columns) if sync is not None else info.columns
+
+
+def build_query(store: Store, table: str, columns: tuple[str, ...], predicates: Any) -> tuple[str, tuple[Any, ...], list[str]]:
+    """Bound SQL for a peer's query, or a P2PStoreError naming what is wrong."""
+    allowed = queryable_columns(store, table)
+    if not isinstance(predicates, dict):
+        raise InvalidPredicate("predicates must be an object", data={"path": "/"})
+    chosen = list(columns) or list(allowed)
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown:
+        raise InvalidPredicate(f"column(s) {', '.join(map(repr, unknown))} of {table} are not synced by this device",
+                               data={"path": "/columns"})
+    compiled = compile_predicates({**predicates, "table": table}, allowed)
+    tail, params = compiled.tail()
+    sql = f"SELECT {', '.join(quote_ident(c) for c in chosen)} FROM {quote_ident(table)}{tail}"
+    return sql, params, chosen
+
+
+class _Pager:
+    """A read-only cursor on its own connection, read a page at a time (in a thread)."""
+
+    def __init__(self, path: str, sql: str, params: tuple[Any, ...]) -> None:
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+        self.conn.execute("BEGIN")  # one snapshot for every page
+        self.cursor = self.conn.execute(sql, params)
+
+    def page(self) -> tuple[bytes, bool]:
+        rows: list[list[Any]] = []
+        size = 0
+        while size < PAGE_BYTES:
+            chunk = self.cursor.fetchmany(FETCH_ROWS)
+            if not chunk:
+                return msgpack.packb(rows, use_bin_type=True), True
+            for row in chunk:
+                rows.append(list(row))
+                size += sum(len(v) if isinstance(v, (str, bytes)) else 9 for v in row) + 2
+        return msgpack.packb(rows, use_bin_type=True), False
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RemoteQueries:
+    """Both sides of remote query: asking (``query``) and answering (``handle``)."""
+
+    def __init__(self, *, registry: StoreRegistry, peers: PeerManager, directory: DeviceDirectory,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.registry = registry
+        self.peers = peers
+        self.directory = directory
+        self.timeout = timeout
+        self._waiting: dict[tuple[str, int], asyncio.Queue[Message | None]] = {}
+        self._serving: dict[tuple[str, int], asyncio.Queue[Message | None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def on_peer_change(self, peer: str, online: bool) -> None:
+        if not online:
+            for (p, _), inbox in list(self._waiting.items()) + list(self._serving.items()):
+                if p == peer:
+                    inbox.put_nowait(None)
+
+    # -- messages from peers ---------------------------------------------------
+
+    async def handle(self, peer: str, msg: Message) -> bool:
+        """Take a remote-query message; False if it is not one."""
+        if isinstance(msg, QueryRequest):
+            if sum(1 for p, _ in self._serving if p == peer) >= MAX_SERVING_PER_PEER:
+                await self._send_quietly(peer, QueryError(msg.req, "BUSY", "too many queries from this device at once"))
+                return True
+            inbox: asyncio.Queue[Message | None] = asyncio.Queue(4)
+            self._serving[(peer, msg.req)] = inbox
+            task = asyncio.get_running_loop().create_task(self._answer(peer, msg, inbox))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+        if isinstance(msg, QueryMore):
+            inbox = self._serving.get((peer, msg.req))
+        elif isinstance(msg, (QueryPage, QueryError)):
+            inbox = self._waiting.get((peer, msg.req))
+        else:
+            return False
+        if inbox is not None:
+            try:
+                inbox.put_nowait(msg)
+            except asyncio.QueueFull:
+                log.warning("peer %s floods remote query %d; dropping its messages", peer, msg.req)
+        return True
+
+    async def _answer(self, peer: str, msg: QueryRequest, inbox: asyncio.Queue[Message | None]) -> None:
+        pager: _Pager | None = None
+        try:
+            store = await self.registry.for_peer(msg.bundle, msg.store)
+            if not self.directory.may_receive(peer, store.security_label):
+                raise SecurityLevelDenied(
+                    f"store {msg.store} is labelled S{store.security_label}; the asking device's level is lower")
+            try:
+                predicates = json.loads(msg.predicates)
+            except ValueError as exc:
+                raise InvalidPredicate(f"predicates are not valid JSON: {exc}") from None
+            sql, params, columns = build_query(store, msg.table, msg.columns, predicates)
+            pager = await asyncio.to_thread(_Pager, str(store.path), sql, params)
+            pages = 0
+            while True:
+                rows, last = await asyncio.to_thread(pager.page)
+                await self.peers.send(peer, QueryPage(msg.req, tuple(columns), rows, last))
+                pages += 1
+                if last:
+                    break
+                more = await asyncio.wait_for(inbox.get(), self.timeout)
+                if not isinstance(more, QueryMore):
+                    return  # the asker went away or gave up
+            log.info("answered remote query from %s on %s/%s.%s (%d page(s))", peer, msg.bundle, msg.store, msg.table, pages)
+        except P2PStoreError as exc:
+            log.info("refused remote query from %s on %s/%s.%s: %s", peer, msg.bundle, msg.store, msg.table, exc.message)
+            await self._send_quietly(peer, QueryError(msg.req, exc.name, exc.message[:1000]))
+        except sqlite3.Error as exc:
+            await self._send_quietly(peer, QueryError(msg.req, "SQL_ERROR", str(exc)[:1000]))
+        except asyncio.TimeoutError:
+            log.info("remote query %d from %s abandoned (no request for the next page)", msg.req, peer)
+        finally:
+            self._serving.pop((peer, msg.req), None)
+            if pager is not None:
+                await asyncio.to_thread(pager.close)
+
+    async def _send_quietly(self, peer: str, msg: Message) -> None:
+        try:
+            await self.peers.send(peer, msg)
+        except P2PStoreError:
+            pass
+
+    # -- asking ---------------------------------------------------------------
+
+    async def query(self, store: Store, device: str, table: str, predicates: dict[str, Any] | None,
+                    columns: list[str] | None) -> dict[str, Any]:
+        """``store.remote_query``: all rows, or a clear error."""
+        if not self.directory.trust_store.is_trusted(device):
+            raise DeviceUntrusted(f"device {device} is not trusted", data={"device_id": device})
+        if not self.peers.is_online(device):
+            raise DeviceOffline(f"device {device} is offline", data={"device_id": device})
+        predicates = {k: v for k, v in (predicates or {}).items() if k not in ("table", "devices")}
+        req = secrets.randbits(62) + 1
+        inbox: asyncio.Queue[Message | None] = asyncio.Queue(4)
+        self._waiting[(device, req)] = inbox
+        result_columns: list[str] = []
+        rows: list[list[Any]] = []
+        try:
+            await self.peers.send(device, QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()),
+                                                       json.dumps(predicates)))
+            while True:
+                try:
+                    msg = await asyncio.wait_for(inbox.get(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise SyncTimeout(f"device {device} did not answer the query within {self.timeout:g} s") from None
+                if msg is None:
+                    raise DeviceOffline(f"device {device} went offline during the query", data={"device_id": device})
+                if isinstance(msg, QueryError):
+                    cls = by_name(msg.name)
+                    raise cls(f"device {device}: {msg.message}", data={"device_id": device})
+                assert isinstance(msg, QueryPage)
+                result_columns = list(msg.columns)
+                rows.extend(decode_rows(msg.rows))
+                if msg.last:
+                    return {"columns": result_columns, "rows": rows}
+                await self.peers.send(device, QueryMore(req))
+        finally:
+            self._waiting.pop((device, req), None)
+
+
+def decode_rows(payload: bytes) -> list[list[Any]]:
+    """A page's rows; anything but a list of lists of SQLite values is a ProtocolError."""
+    try:
+        rows = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0, max_bin_len=MAX_FRAME_SIZE,
+                               max_str_len=MAX_FRAME_SIZE, max_array_len=MAX_FRAME_SIZE, max_map_len=0)
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"undecodable query page: {exc}") from exc
+    if not isinstance(rows, list) or not all(
+        isinstance(r, list) and all(v is None or isinstance(v, (int, float, str, bytes)) for v in r) for r in rows
+    ):
+        raise ProtocolError("a query page must be a list of rows of SQLite values")
+    return rows
