@@ -1,0 +1,321 @@
+"""Sync end to end (issue 5): real daemons (subprocesses) linked over TLS on
+127.0.0.1, the API, the ``sqlite3`` shell as an outside writer, the CLI, and
+real kill -9.
+
+The merge rules themselves (clock order, tombs, conflict-log contents,
+convergence in any order) are covered at store level in
+tests/store/test_merge.py; here the question is whether the daemon, the
+engine, the protocol and the API put them together so that a user gets the
+behaviour SPEC §2 promises: what arrives where, which result code each
+device gets, what is logged, what is notified, what survives a crash.
+
+``linked_daemons(n)`` (sync_helpers.py) starts n daemons, each trusting the
+others, and waits until all see each other online.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sync_helpers import (
+    BUNDLE,
+    EMPLOYEE,
+    STORE,
+    SV_REF,
+    Node,
+    cli,
+    collect_notifications,
+    linked_daemons,  # noqa: F401  (fixture)
+    schema_doc,
+    setup_employee,
+    sqlite3_shell,
+    stays,
+    wait_linked,
+    wait_until,
+)
+
+from p2pstore.errors import FailureNotFound, ReadOnlyTable, SyncInProgress
+from p2pstore.net.identity import device_id_from_key_hash
+
+pytestmark = pytest.mark.timeout(120)
+
+# Result codes (SPEC §2).
+SUCCESS, OFFLINE, DISTRIBUTED_TABLE_NOT_SET, TIMEOUT, UNTRUSTED, SECURITY_LEVEL = 0, 2, 4, 9, 12, 13
+
+COLLAB = {"store": "s"}
+T_CREATE = "CREATE TABLE T (id INTEGER PRIMARY KEY, name TEXT, n INTEGER)"
+
+
+def setup_collab(*nodes: Node, ref: dict[str, Any] = COLLAB, create: str = T_CREATE, table: str = "T",
+                 auto_sync: bool = False, label: str | None = None) -> dict[str, Any]:
+    for node in nodes:
+        node.call("store.open", **ref, **({"security_level": label} if label else {}))
+        node.call("store.execute", **ref, sql=create)
+        node.call("store.set_distributed_tables", **ref, tables=[table], config={"auto_sync": auto_sync})
+    return ref
+
+
+def dev_table(node: Node, origin: Node, ref: dict[str, Any] = COLLAB, table: str = "T") -> str:
+    return node.call("store.distributed_table_name", **ref, device=origin.id, table=table)["table"]
+
+
+def table_exists(node: Node, ref: dict[str, Any], name: str) -> bool:
+    return bool(node.rows(ref, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]))
+
+
+def employees(node: Node, columns: str = "NAME, AGE, SALARY") -> list[list[Any]]:
+    return node.rows(SV_REF, f"SELECT {columns} FROM EMPLOYEE ORDER BY NAME")
+
+
+def random_device_id() -> str:
+    return device_id_from_key_hash(os.urandom(32))
+
+
+def blob(data: bytes) -> dict[str, str]:
+    return {"$blob": base64.b64encode(data).decode()}
+
+
+def one(results: dict[str, dict[str, Any]], node: Node | str) -> dict[str, Any]:
+    """The result for ``node``, the only one there is."""
+    device = node if isinstance(node, str) else node.id
+    assert list(results) == [device], results
+    return results[device]
+
+
+def ok(results: dict[str, dict[str, Any]], node: Node, *, sent: int | None = None, applied: int | None = None) -> dict[str, Any]:
+    r = one(results, node)
+    assert r["code"] == SUCCESS, r
+    if sent is not None:
+        assert r["sent"] == sent, r
+    if applied is not None:
+        assert r["applied"] == applied, r
+    return r
+
+
+def insert_many(node: Node, ref: dict[str, Any], n: int, *, table: str = "T", start: int = 1) -> None:
+    """``n`` rows in one statement (captured like any other write)."""
+    if table == "EMPLOYEE":
+        sql = ("WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
+               "INSERT INTO EMPLOYEE (NAME, AGE, SALARY) SELECT 'e' || x, x % 90, x * 0.5 FROM c")
+    else:
+        sql = (f"WITH RECURSIVE c(x) AS (SELECT ? UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
+               f"INSERT INTO {table} (id, name, n) SELECT x, 'n' || x, x FROM c")
+    node.call("store.execute", **ref, sql=sql, params=[start, start + n - 1])
+
+
+def digest(rows: list[list[Any]]) -> str:
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+class Background:
+    """A blocking call on its own client connection in a thread, with a bounded wait."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float) -> Any:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"call still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def sync_in_background(node: Node, mode: str, ref: dict[str, Any], devices: list[Node], **predicates: Any) -> Background:
+    api = node.client()
+    preds = {"devices": [d.id for d in devices], **predicates}
+    return Background(lambda: {r["device"]: r for r in api.call("store.sync", **ref, mode=mode, predicates=preds)["results"]})
+
+
+# ====================================================================== 1. collaborative
+
+
+def test_collaborative_push_and_pull_into_device_tables(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    setup_collab(a, b)
+    # Inserts, an update and a delete before the first push: B gets the current rows.
+    for i in (1, 2, 3):
+        a.call("store.insert", **COLLAB, table="T", values={"id": i, "name": f"a{i}", "n": i})
+    a.call("store.update", **COLLAB, values={"n": 20}, predicates={"table": "T", "where": [["id", "=", 2]]})
+    a.call("store.delete", **COLLAB, predicates={"table": "T", "where": [["id", "=", 3]]})
+    ok(a.sync("push", COLLAB, [b]), b)
+    dev_a = dev_table(b, a)
+    assert dev_a != "T" and a.id.replace("-", "") in dev_a.replace("-", "")
+    assert b.rows(COLLAB, f'SELECT id, name, n FROM "{dev_a}" ORDER BY id') == [[1, "a1", 1], [2, "a2", 20]]
+    assert b.count(COLLAB, "T") == 0, "peer rows must not land in B's own table"
+
+    # Updates and deletes of rows B already has.
+    a.call("store.update", **COLLAB, values={"name": "A1"}, predicates={"table": "T", "where": [["id", "=", 1]]})
+    a.call("store.delete", **COLLAB, predicates={"table": "T", "where": [["id", "=", 2]]})
+    a.call("store.insert", **COLLAB, table="T", values={"id": 4, "name": "a4", "n": 4})
+    ok(a.sync("push", COLLAB, [b]), b, sent=3, applied=3)
+    assert b.rows(COLLAB, f'SELECT id, name, n FROM "{dev_a}" ORDER BY id') == [[1, "A1", 1], [4, "a4", 4]]
+    ok(a.sync("push", COLLAB, [b]), b, sent=0, applied=0)  # nothing new: nothing moves
+
+    # B -> A by pull: B's own rows land in A's device table for B; A's own table is untouched.
+    b.call("store.insert", **COLLAB, table="T", values={"id": 1, "name": "b1", "n": 100})
+    b.call("store.insert", **COLLAB, table="T", values={"id": 2, "name": "b2", "n": 200})
+    ok(a.sync("pull", COLLAB, [b]), b, sent=2, applied=2)
+    dev_b = dev_table(a, b)
+    assert a.rows(COLLAB, f'SELECT id, name, n FROM "{dev_b}" ORDER BY id') == [[1, "b1", 100], [2, "b2", 200]]
+    b.call("store.update", **COLLAB, values={"n": 101}, predicates={"table": "T", "where": [["id", "=", 1]]})
+    b.call("store.delete", **COLLAB, predicates={"table": "T", "where": [["id", "=", 2]]})
+    ok(a.sync("pull", COLLAB, [b]), b, sent=2, applied=2)
+    assert a.rows(COLLAB, f'SELECT id, name, n FROM "{dev_b}" ORDER BY id') == [[1, "b1", 101]]
+    ok(a.sync("pull", COLLAB, [b]), b, sent=0, applied=0)
+    assert a.rows(COLLAB, "SELECT id, name, n FROM T ORDER BY id") == [[1, "A1", 1], [4, "a4", 4]]
+    # Received rows are not echoed back as B's or A's own changes.
+    ok(b.sync("push", COLLAB, [a]), a, sent=0)
+    ok(b.sync("pull", COLLAB, [a]), a, sent=0)
+
+
+def test_device_tables_are_read_only(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    setup_collab(a, b)
+    a.call("store.insert", **COLLAB, table="T", values={"id": 1, "name": "a1", "n": 1})
+    ok(a.sync("push", COLLAB, [b]), b, applied=1)
+    dev_a = dev_table(b, a)
+    before = b.rows(COLLAB, f'SELECT * FROM "{dev_a}"')
+    assert before == [[1, "a1", 1]]
+
+    with pytest.raises(ReadOnlyTable):
+        b.call("store.insert", **COLLAB, table=dev_a, values={"id": 2, "name": "x", "n": 0})
+    with pytest.raises(ReadOnlyTable):
+        b.call("store.update", **COLLAB, values={"n": 9}, predicates={"table": dev_a, "where": [["id", "=", 1]]})
+    with pytest.raises(ReadOnlyTable):
+        b.call("store.delete", **COLLAB, predicates={"table": dev_a})
+    with pytest.raises(ReadOnlyTable):
+        b.call("store.execute", **COLLAB, sql=f'UPDATE "{dev_a}" SET n = 9')
+
+    path = b.call("store.open", **COLLAB)["path"]
+    for sql in (f"INSERT INTO \"{dev_a}\" VALUES (2, 'x', 0)", f'UPDATE "{dev_a}" SET n = 9', f'DELETE FROM "{dev_a}"'):
+        shell = sqlite3_shell(path, sql)
+        assert shell.returncode != 0, f"{sql}: the sqlite3 shell could write a device table"
+        assert "READ_ONLY_TABLE" in shell.stderr or "read-only" in shell.stderr.lower(), shell.stderr
+    assert b.rows(COLLAB, f'SELECT * FROM "{dev_a}"') == before
+    # ...and syncing still writes it.
+    a.call("store.update", **COLLAB, values={"n": 2}, predicates={"table": "T", "where": [["id", "=", 1]]})
+    ok(a.sync("push", COLLAB, [b]), b, applied=1)
+    assert b.rows(COLLAB, f'SELECT * FROM "{dev_a}"') == [[1, "a1", 2]]
+
+
+# ====================================================================== 2. single_version
+
+
+def test_single_version_merges_by_conflict_column_with_local_keys(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    # B's table has a column of its own (not in sync_schema.json: never synced).
+    setup_employee(b, extra_sql=["ALTER TABLE EMPLOYEE ADD COLUMN NOTE TEXT"])
+    # B's own rows first, so its IDs differ from A's.
+    b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Zed", "AGE": 70, "NOTE": "b only"})
+    b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Yan", "AGE": 71})
+    a.call("store.insert", **SV_REF, table="EMPLOYEE",
+           values={"NAME": "Alice", "AGE": 30, "SALARY": 1.5, "CODES": blob(b"\x00\x01\xff")})
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Bob", "AGE": 40, "SALARY": 2.5})
+    a_ids = dict(a.rows(SV_REF, "SELECT NAME, ID FROM EMPLOYEE"))
+    assert a_ids == {"Alice": 1, "Bob": 2}
+
+    ok(a.sync("push", SV_REF, [b]), b, sent=2, applied=2)
+    rows = b.rows(SV_REF, "SELECT ID, NAME, AGE, SALARY, CODES, NOTE FROM EMPLOYEE ORDER BY ID")
+    assert rows == [
+        [1, "Zed", 70, None, None, "b only"],
+        [2, "Yan", 71, None, None, None],
+        [3, "Alice", 30, 1.5, b"\x00\x01\xff", None],
+        [4, "Bob", 40, 2.5, None, None],
+    ], "A's rows merge into EMPLOYEE by NAME with keys B assigns (A's IDs 1, 2 are B's Zed and Yan)"
+
+    # B notes something on Bob locally; A's later edit of Bob leaves B's column alone.
+    b.call("store.update", **SV_REF, values={"NOTE": "b's note"}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Bob"]]})
+    a.call("store.update", **SV_REF, values={"AGE": 41}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Bob"]]})
+    ok(a.sync("push", SV_REF, [b]), b, sent=1, applied=1)
+    assert b.rows(SV_REF, "SELECT ID, AGE, SALARY, NOTE FROM EMPLOYEE WHERE NAME = 'Bob'") == [[4, 41, 2.5, "b's note"]]
+
+    # B's rows reach A with A's own keys; NOTE does not travel (A has no such column, and nothing fails).
+    r = ok(a.sync("pull", SV_REF, [b]), b)
+    assert r["failed"] == 0, r
+    on_a = {name: (key, age) for key, name, age in a.rows(SV_REF, "SELECT ID, NAME, AGE FROM EMPLOYEE")}
+    assert {n: v[1] for n, v in on_a.items()} == {"Alice": 30, "Bob": 41, "Yan": 71, "Zed": 70}
+    assert (on_a["Alice"][0], on_a["Bob"][0]) == (1, 2) and {on_a["Yan"][0], on_a["Zed"][0]} == {3, 4}, on_a
+    assert a.call("store.sync_failures", **SV_REF) == [] and b.call("store.sync_failures", **SV_REF) == []
+
+    # A delete travels as a tomb by NAME.
+    a.call("store.delete", **SV_REF, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Alice"]]})
+    ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    assert [r[0] for r in employees(b)] == ["Bob", "Yan", "Zed"]
+    assert b.call("store.conflicts", **SV_REF) == []
+
+
+def test_concurrent_edits_of_different_columns_both_survive(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    setup_employee(b)
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Carol", "AGE": 30, "SALARY": 100.0})
+    ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    # Concurrent: neither has seen the other's edit.
+    a.call("store.update", **SV_REF, values={"AGE": 31}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Carol"]]})
+    b.call("store.update", **SV_REF, values={"SALARY": 200.0}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Carol"]]})
+    ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    ok(b.sync("push", SV_REF, [a]), a, applied=1)
+    for node in (a, b):
+        assert employees(node) == [["Carol", 31, 200.0]], node
+        assert node.call("store.conflicts", **SV_REF) == [], f"{node}: different columns are no conflict"
+    # Converged: nothing more moves either way.
+    ok(a.sync("push", SV_REF, [b]), b, applied=0)
+    ok(b.sync("push", SV_REF, [a]), a, applied=0)
+
+
+def test_same_column_last_writer_wins_and_loser_is_logged(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    setup_employee(b)
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Dan", "AGE": 30})
+    ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    a.call("store.update", **SV_REF, values={"AGE": 40}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Dan"]]})
+    time.sleep(0.01)  # B's edit is the later one on the hybrid clock (no tie to break)
+    b.call("store.update", **SV_REF, values={"AGE": 50}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Dan"]]})
+
+    r = ok(a.sync("push", SV_REF, [b]), b)
+    assert (r["applied"], r["conflicts"]) == (0, 1), r
+    assert employees(b) == [["Dan", 50, None]], "the later write (B's) wins on B"
+    [conflict] = b.call("store.conflicts", **SV_REF)
+    assert conflict["table"] == "EMPLOYEE" and conflict["key"] == "Dan" and conflict["column"] == "AGE", conflict
+    assert (conflict["losing_value"], conflict["loser"], conflict["winner"]) == (40, a.id, b.id), conflict
+    assert conflict["winner_hlc"] > conflict["loser_hlc"], conflict
+
+    r = ok(b.sync("push", SV_REF, [a]), a)
+    assert (r["applied"], r["conflicts"]) == (1, 1), r
+    assert employees(a) == [["Dan", 50, None]], "and on A"
+    [on_a] = a.call("store.conflicts", **SV_REF, table="EMPLOYEE")
+    assert (on_a["column"], on_a["losing_value"], on_a["loser"], on_a["winner"]) == ("AGE", 40, a.id, b.id), on_a
+    assert a.call("store.conflicts", **SV_REF, table="NO_SUCH_TABLE") == []
+
+    # The CLI shows the same log.
+    shown = cli(b, "conflicts", "--store", STORE, "--bundle", BUNDLE, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == [conflict]
+    text = cli(b, "conflicts", "--store", STORE, "--bundle", BUNDLE, "--table", "EMPLOYEE")
+    assert text.returncode == 0, text.stderr
+    assert "Dan" in text.stdout and "AGE" in text.stdout and "40" in text.stdout and a.id in text.stdout, text.stdout
+    empty = cli(b, "conflicts", "--store", STORE, "--bundle", BUNDLE, "--table", "EMPLOYEE2")
+    assert empty.returncode == 0 and "no conflicts" in empty.stdout, empty
