@@ -7,6 +7,21 @@ notify    latency from a write to the local_details notification through a
           real daemon: API writes (goal <= 50 ms) and sqlite3-process writes
           (goal <= 200 ms).
 api       single-row store.insert calls per second through the daemon.
+
+Sync (issue 5), two daemons linked over TLS on 127.0.0.1:
+push               rows/s of a 100k-row push A->B (collaborative, and
+                   single_version with the repo's sync_schema.json), divided
+                   by raw SQLite executemany of the same rows. Goal >= 0.5.
+autosync           insert on A (API) -> ``remote`` dataChange on B's
+                   subscriber, 1,000 single-row inserts. Goals p50 <= 10 ms,
+                   p99 <= 50 ms.
+rss                peak RSS of each daemon during a 1M-row push. Goal <= 150 MB.
+writes_under_push  p99 of single-row store.insert on B while B receives a
+                   1M-row push. Goal <= 50 ms.
+
+``--rows N`` sets the size of the rss / writes_under_push pushes (e.g. 300000
+when 1M takes too long); ``--profile DIR`` runs the sync benches' daemons
+under ``py-spy record`` (raw collapsed stacks in DIR/<bench>-<daemon>.txt).
 """
 
 from __future__ import annotations
@@ -131,24 +146,51 @@ def bench_capture(quick: bool) -> dict:
     }
 
 
+#: Set by --rows / --profile (main).
+BIG_ROWS: int | None = None
+PROFILE_DIR: Path | None = None
+
+
 class _Daemon:
-    def __init__(self, root: Path) -> None:
-        self.socket = root / "d.sock"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pstore", "daemon", "--data-dir", str(root / "data"), "--socket", str(self.socket),
-             "--port", "0", "--no-discovery", "--log-level", "warning"],
-            cwd=REPO, stderr=subprocess.DEVNULL,
-        )
+    """A daemon subprocess; ``name`` None keeps the notify bench's layout (data/, d.sock).
+
+    With ``profile`` (a file path) it runs under ``py-spy record`` (all
+    threads, raw collapsed stacks written when the daemon exits); ``pid``
+    is then the daemon's, not py-spy's.
+    """
+
+    def __init__(self, root: Path, name: str | None = None, extra: tuple[str, ...] = (), profile: Path | None = None) -> None:
+        self.socket = root / f"{name or 'd'}.sock"
+        self.data_dir = root / (name or "data")
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        argv = [sys.executable, "-m", "p2pstore", "daemon", "--data-dir", str(self.data_dir), "--socket", str(self.socket),
+                "--port", "0", "--no-discovery", "--log-level", "warning", *extra]
+        if profile is not None:
+            pyspy = Path(sys.executable).parent / "py-spy"
+            argv = [str(pyspy), "record", "--format", "raw", "--rate", "200", "--threads", "--nonblocking",
+                    "--output", str(profile), "--", *argv]
+        self.log_path = root / f"{name or 'd'}.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 15
         while not self.socket.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("daemon did not start")
+                raise RuntimeError(f"daemon did not start: {self.log_path.read_text(errors='replace')[-2000:]}")
             time.sleep(0.02)
         time.sleep(0.1)
+        self.pid = self.proc.pid
+        if profile is not None:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            self.pid = int(children[0])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        if self.pid != self.proc.pid:  # under py-spy: stop the daemon, py-spy writes and exits
+            os.kill(self.pid, 15)
+            self.proc.wait(60)
+        else:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.log.close()
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -206,14 +248,354 @@ def bench_notify(quick: bool) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-BENCHES = {"capture": bench_capture, "notify": bench_notify}
+# ----------------------------------------------------------------------------
+# Sync benches (issue 5): two daemons on loopback, TLS channels
+
+
+def _raw_executemany_rate(rows: list[tuple], runs: int = 3) -> float:
+    """Raw SQLite: executemany of ``rows`` into a fresh plain table, one transaction (median)."""
+    tmp = Path(tempfile.mkdtemp(prefix="p2ps-bench-"))
+    try:
+        rates = []
+        for r in range(runs):
+            conn = _connect(tmp / f"raw{r}.db")
+            conn.execute(f"CREATE TABLE plain {SHAPE}")
+            rates.append(_rate(conn, "plain", rows, False))
+            conn.close()
+        return statistics.median(rates)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: clear_refs 5)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class _RssSampler:
+    """Samples VmRSS of some pids every ``interval`` s on a thread (peak in kB)."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.02) -> None:
+        import threading
+
+        self.pids = pids
+        self.peak = {k: 0 for k in pids}
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, pid in self.pids.items():
+                try:
+                    self.peak[k] = max(self.peak[k], _status_kb(pid, "VmRSS"))
+                except OSError:
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class _Pair:
+    """Daemons B and A (A dials B), trusted both ways and online; clients ``ca``, ``cb``."""
+
+    def __init__(self, root: Path, bench: str, schema: bool = False) -> None:
+        self.root, self.bench, self.schema = root, bench, schema
+        self.daemons: list[_Daemon] = []
+        self.clients: list = []
+
+    def _start(self, name: str, *extra: str) -> _Daemon:
+        (self.root / name).mkdir(mode=0o700, exist_ok=True)
+        if self.schema:
+            shutil.copy(REPO / "sync_schema.json", self.root / name / "sync_schema.json")
+        profile = PROFILE_DIR / f"{self.bench}-{name}.txt" if PROFILE_DIR is not None else None
+        d = _Daemon(self.root, name, ("--interface", "127.0.0.1", "--name", name, *extra), profile)
+        self.daemons.append(d)
+        return d
+
+    async def __aenter__(self) -> _Pair:
+        from p2pstore.client import Client
+
+        try:
+            self.b = self._start("b")
+            self.cb = await Client(self.b.socket).connect()
+            self.clients.append(self.cb)
+            info_b = await self.cb.call("device.info")
+            self.a = self._start("a", "--peer", f"127.0.0.1:{info_b['port']}")
+            self.ca = await Client(self.a.socket).connect()
+            self.clients.append(self.ca)
+            info_a = await self.ca.call("device.info")
+            self.id_a, self.id_b = info_a["device_id"], info_b["device_id"]
+            await self.ca.call("devices.trust", device_id=self.id_b)
+            await self.cb.call("devices.trust", device_id=self.id_a)
+            deadline = time.monotonic() + 30
+            while True:
+                on_a = any(d["device_id"] == self.id_b and d["online"] for d in await self.ca.call("devices.list"))
+                on_b = any(d["device_id"] == self.id_a and d["online"] for d in await self.cb.call("devices.list"))
+                if on_a and on_b:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the two daemons did not come online to each other in 30 s")
+                await asyncio.sleep(0.05)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for c in self.clients:
+            try:
+                await c.close()
+            except Exception:
+                pass
+        for d in reversed(self.daemons):
+            try:
+                d.stop()
+            except Exception:
+                d.proc.kill()
+
+
+_COLLAB = {"store": "bench"}
+_SV = {"store": "RdbTest", "bundle": "com.example.rdbDataSync"}
+_SV_CREATE = ("CREATE TABLE EMPLOYEE (ID INTEGER PRIMARY KEY AUTOINCREMENT, "
+              "NAME TEXT NOT NULL UNIQUE, AGE INTEGER, SALARY REAL, CODES BLOB)")
+_FILL_CHUNK = 50_000
+
+
+async def _setup_store(client, single_version: bool, auto_sync: bool) -> tuple[dict, str]:
+    """Open the store, create its table, distribute it; returns (store ref, table)."""
+    ref = _SV if single_version else _COLLAB
+    table = "EMPLOYEE" if single_version else "T"
+    await client.call("store.open", **ref)
+    await client.call("store.execute", **ref, sql=_SV_CREATE if single_version else f"CREATE TABLE T {SHAPE}")
+    config = {"table_type": "single_version" if single_version else "collaborative", "auto_sync": auto_sync}
+    await client.call("store.set_distributed_tables", **ref, tables=[table], config=config)
+    return ref, table
+
+
+async def _fill(client, ref: dict, table: str, n: int) -> None:
+    """n rows of _rows()'s values, through the API (one INSERT ... SELECT per chunk, stamped with it)."""
+    for start in range(0, n, _FILL_CHUNK):
+        end = min(n, start + _FILL_CHUNK) - 1
+        await client.call(
+            "store.execute", **ref,
+            sql=f"WITH RECURSIVE s(i) AS (SELECT ? UNION ALL SELECT i + 1 FROM s WHERE i < ?) "
+                f"INSERT INTO {table}(NAME, AGE, SALARY, CODES) SELECT 'name-' || i, i % 90, i * 1.5, x'01020304' FROM s",
+            params=[start, end],
+        )
+
+
+async def _push(pair: _Pair, ref: dict, timeout: float = 1800) -> tuple[float, dict]:
+    """store.sync push on A; (seconds, B's result)."""
+    t0 = time.perf_counter()
+    res = await asyncio.wait_for(pair.ca.call("store.sync", **ref, mode="push"), timeout)
+    took = time.perf_counter() - t0
+    result = res["results"][0]
+    if result["code"] != 0:
+        raise RuntimeError(f"push failed: {result}")
+    return took, result
+
+
+async def _received(pair: _Pair, ref: dict, table: str, single_version: bool) -> int:
+    if not single_version:
+        table = (await pair.cb.call("store.distributed_table_name", **ref, device=pair.id_a, table=table))["table"]
+    return (await pair.cb.call("store.query", **ref, sql=f'SELECT count(*) FROM "{table}"'))["rows"][0][0]
+
+
+async def _push_run(root: Path, n: int, single_version: bool) -> dict:
+    async with _Pair(root, "push-sv" if single_version else "push", schema=single_version) as pair:
+        ref, table = await _setup_store(pair.cb, single_version, False)
+        await _setup_store(pair.ca, single_version, False)
+        t0 = time.perf_counter()
+        await _fill(pair.ca, ref, table, n)
+        fill_s = time.perf_counter() - t0
+        took, result = await _push(pair, ref)
+        got = await _received(pair, ref, table, single_version)
+        if got != n or result["applied"] != n:
+            raise RuntimeError(f"B has {got} rows, {result['applied']} applied; expected {n}")
+        return {"seconds": took, "rows_per_s": n / took, "fill_s": fill_s}
+
+
+def bench_push(quick: bool) -> dict:
+    n = 20_000 if quick else 100_000
+    runs = 1 if quick else 3
+    raw = _raw_executemany_rate(_rows(n))
+    out: dict = {"bench": "push", "rows": n, "runs": runs, "raw_sqlite_executemany_rows_per_s": round(raw)}
+    goal = 0.5
+    for variant, sv in (("collaborative", False), ("single_version", True)):
+        rates = []
+        for r in range(runs):
+            root = Path(tempfile.mkdtemp(prefix="p2ps-bench-", dir="/tmp"))
+            try:
+                rates.append(asyncio.run(_push_run(root, n, sv))["rows_per_s"])
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        rate = statistics.median(rates)
+        out[variant] = {"push_rows_per_s": round(rate), "runs_rows_per_s": [round(x) for x in rates],
+                        "ratio_vs_raw": round(rate / raw, 3), "goal_ratio": goal, "met": rate / raw >= goal}
+    out["note"] = ("push = store.sync(mode=push) on A until it returns (every batch applied and acked by B), over TLS on "
+                   "127.0.0.1; raw = executemany of the same rows into a plain table of the same shape, one transaction, same run")
+    return out
+
+
+async def _autosync(root: Path, n: int) -> dict:
+    async with _Pair(root, "autosync") as pair:
+        ref, table = await _setup_store(pair.cb, False, False)
+        await _setup_store(pair.ca, False, True)
+        await pair.cb.call("store.subscribe", **ref, type="remote")
+        lat, missed = [], 0
+        for i in range(n + 20):  # the first 20 warm up
+            while not pair.cb.notifications.empty():
+                pair.cb.notifications.get_nowait()
+            t0 = time.perf_counter()
+            await pair.ca.call("store.insert", **ref, table=table, values={"NAME": f"n{i}", "AGE": i})
+            try:
+                while True:
+                    note = await asyncio.wait_for(pair.cb.notifications.get(), 5)
+                    if note["method"] == "dataChange":
+                        break
+            except asyncio.TimeoutError:
+                missed += 1
+                continue
+            if i >= 20:
+                lat.append((time.perf_counter() - t0) * 1000)
+        got = await _received(pair, ref, table, False)
+    return {"lat": lat, "missed": missed, "received": got}
+
+
+def bench_autosync(quick: bool) -> dict:
+    n = 100 if quick else 1000
+    root = Path(tempfile.mkdtemp(prefix="p2ps-bench-", dir="/tmp"))
+    try:
+        r = asyncio.run(_autosync(root, n))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    lat = r["lat"]
+    p50, p99 = statistics.median(lat), _pct(lat, 99)
+    return {
+        "bench": "autosync", "inserts": n, "missed_5s": r["missed"], "rows_on_b": r["received"],
+        "latency_ms": {"p50": round(p50, 2), "p90": round(_pct(lat, 90), 2), "p99": round(p99, 2), "max": round(max(lat), 2)},
+        "goal_ms": {"p50": 10, "p99": 50},
+        "met": {"p50": p50 <= 10, "p99": p99 <= 50},
+        "note": "store.insert on A (auto_sync table) until B's 'remote' dataChange; one insert at a time; 20 warm-up inserts not counted",
+    }
+
+
+def _big_rows(quick: bool) -> int:
+    return BIG_ROWS if BIG_ROWS is not None else 100_000 if quick else 1_000_000
+
+
+async def _rss(root: Path, n: int) -> dict:
+    async with _Pair(root, "rss") as pair:
+        ref, table = await _setup_store(pair.cb, False, False)
+        await _setup_store(pair.ca, False, False)
+        await _fill(pair.ca, ref, table, n)
+        pids = {"a": pair.a.pid, "b": pair.b.pid}
+        before = {k: _status_kb(p, "VmRSS") for k, p in pids.items()}
+        reset = all(_reset_hwm(p) for p in pids.values())
+        with _RssSampler(pids) as sampler:
+            took, _ = await _push(pair, ref)
+        hwm = {k: _status_kb(p, "VmHWM") for k, p in pids.items()}
+        got = await _received(pair, ref, table, False)
+    return {"before": before, "sampled": sampler.peak, "hwm": hwm, "hwm_reset": reset, "seconds": took, "received": got}
+
+
+def bench_rss(quick: bool) -> dict:
+    n = _big_rows(quick)
+    root = Path(tempfile.mkdtemp(prefix="p2ps-bench-", dir="/tmp"))
+    try:
+        r = asyncio.run(_rss(root, n))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    mb = lambda kb: round(kb / 1024, 1)  # noqa: E731
+    peak = {k: max(r["sampled"][k], r["hwm"][k] if r["hwm_reset"] else 0) for k in ("a", "b")}
+    return {
+        "bench": "rss", "rows": n, "push_s": round(r["seconds"], 1), "push_rows_per_s": round(n / r["seconds"]),
+        "rows_on_b": r["received"],
+        "rss_before_push_mb": {k: mb(v) for k, v in r["before"].items()},
+        "peak_rss_during_push_mb": {k: mb(v) for k, v in peak.items()},
+        "vmhwm_mb": {k: mb(v) for k, v in r["hwm"].items()}, "vmhwm_reset_before_push": r["hwm_reset"],
+        "goal_mb": 150, "met": {k: mb(v) <= 150 for k, v in peak.items()},
+        "note": "a = sender, b = receiver; peak = max(VmRSS sampled every 20 ms, VmHWM reset just before the push)",
+    }
+
+
+async def _writes_under_push(root: Path, n: int) -> dict:
+    async with _Pair(root, "writes_under_push") as pair:
+        ref, table = await _setup_store(pair.cb, False, False)
+        await _setup_store(pair.ca, False, False)
+        await _fill(pair.ca, ref, table, n)
+
+        async def writes(label: str, until: asyncio.Future | None, count: int = 0) -> list[float]:
+            lat: list[float] = []
+            i = 0
+            while (until is not None and not until.done()) or (until is None and i < count):
+                t0 = time.perf_counter()
+                await pair.cb.call("store.insert", **ref, table=table, values={"NAME": f"{label}{i}"})
+                lat.append((time.perf_counter() - t0) * 1000)
+                i += 1
+                await asyncio.sleep(0.005)
+            return lat
+
+        idle = await writes("idle", None, 200)
+        push = asyncio.ensure_future(_push(pair, ref))
+        busy = await writes("busy", push)
+        took, _ = await push
+        got = await _received(pair, ref, table, False)
+    return {"idle": idle, "busy": busy, "seconds": took, "received": got}
+
+
+def bench_writes_under_push(quick: bool) -> dict:
+    n = _big_rows(quick)
+    root = Path(tempfile.mkdtemp(prefix="p2ps-bench-", dir="/tmp"))
+    try:
+        r = asyncio.run(_writes_under_push(root, n))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    stats = lambda v: {"p50": round(statistics.median(v), 2), "p99": round(_pct(v, 99), 2), "max": round(max(v), 2), "n": len(v)}  # noqa: E731
+    p99 = _pct(r["busy"], 99)
+    return {
+        "bench": "writes_under_push", "rows_pushed": n, "push_s": round(r["seconds"], 1),
+        "push_rows_per_s": round(n / r["seconds"]), "rows_on_b": r["received"],
+        "insert_on_b_idle_ms": stats(r["idle"]), "insert_on_b_during_push_ms": stats(r["busy"]),
+        "goal_p99_ms": 50, "met": p99 <= 50,
+        "note": "store.insert on B (its own distributed table, same store) every ~5 ms while A pushes to B",
+    }
+
+
+BENCHES = {"capture": bench_capture, "notify": bench_notify, "push": bench_push, "autosync": bench_autosync,
+           "rss": bench_rss, "writes_under_push": bench_writes_under_push}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rows and runs (a smoke run)")
     parser.add_argument("names", nargs="*", choices=[[], *BENCHES], default=[], metavar="NAME", help=f"one of {', '.join(BENCHES)} (default: all)")
+    parser.add_argument("--rows", type=int, help="rows pushed by rss and writes_under_push (default 1M; quick 100k)")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="run sync benches' daemons under py-spy record, stacks into DIR")
     args = parser.parse_args()
+    global BIG_ROWS, PROFILE_DIR
+    BIG_ROWS = args.rows
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE_DIR = args.profile.resolve()
     for name in args.names or list(BENCHES):
         print(json.dumps(BENCHES[name](args.quick)), flush=True)
 
