@@ -22,7 +22,7 @@ import jsonschema
 from p2pstore import __version__
 from p2pstore.api.jsonrpc import Request, from_wire
 from p2pstore.api.server import ClientConnection
-from p2pstore.api.subscriptions import Subscriptions
+from p2pstore.api.subscriptions import Coalescer, Subscriptions
 from p2pstore.config import load_json_schema
 from p2pstore.errors import InternalError, InvalidParams, MethodNotFound
 from p2pstore.schema.sync_schema import validate_document
@@ -100,6 +100,7 @@ class Api:
         self.device = device
         self.registry = registry
         self.subscriptions = subscriptions
+        self.coalescer = Coalescer(subscriptions)
         self._devices = devices
         self.started = time.time()
 
@@ -129,19 +130,17 @@ class Api:
         if result.remote:
             key = (store.bundle, store.name)
             base = {"store": store.name, "bundle": store.bundle}
-            self.subscriptions.publish(key, "remote", "dataChange", {**base, "devices": result.remote_devices()})
+            self.coalescer.devices(key, "remote", base, result.remote_devices())
             changes = [{**info, "origin": origin} for origin, infos in result.remote_change_infos().items() for info in infos]
-            self.subscriptions.publish(key, "remote_details", "dataChange", {**base, "changes": changes})
+            self.coalescer.changes(key, "remote_details", base, changes)
 
     def store(self, params: dict[str, Any]) -> Store:
         return self.registry.get(params.get("bundle", "default"), params["store"])
 
     def on_store_changes(self, store: Store, batch: ChangeBatch) -> None:
         """Local changes (API or another process) -> ``local_details`` subscribers."""
-        self.subscriptions.publish(
-            (store.bundle, store.name), "local_details", "dataChange",
-            {"store": store.name, "bundle": store.bundle, "changes": batch.change_infos()},
-        )
+        self.coalescer.changes((store.bundle, store.name), "local_details",
+                               {"store": store.name, "bundle": store.bundle}, batch.change_infos())
 
 
 def _store_summary(store: Store) -> dict[str, Any]:

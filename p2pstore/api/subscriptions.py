@@ -119,6 +119,9 @@ class Subscriptions:
         for sub_id in [i for i, s in self._subs.items() if s.store == store]:
             del self._subs[sub_id]
 
+    def has(self, store: StoreKey | None, type_: str) -> bool:
+        return any(s.store == store and s.type == type_ for s in self._subs.values())
+
     def publish(self, store: StoreKey | None, type_: str, method: str, params: dict[str, Any]) -> int:
         """Send to every matching subscriber; returns how many."""
         count = 0
@@ -127,3 +130,84 @@ class Subscriptions:
                 sub.outbox.notify(method, {"subscription": sub.id, **params})
                 count += 1
         return count
+
+
+#: Shortest gap between two dataChange notifications of one kind for one store.
+COALESCE_WINDOW_S = 0.02
+#: Keys one notification may list per table and list; beyond it the
+#: notification says ``truncated`` and the subscriber re-reads.
+MAX_KEYS_PER_NOTIFICATION = 10_000
+
+
+class Coalescer:
+    """Merges bursts of dataChange notifications, per (store, kind).
+
+    The first change after a quiet period is published at once (so a lone
+    write is announced within milliseconds); changes arriving within
+    ``window`` of the last publication are merged — per table, key lists
+    de-duplicated, device lists united — and published when the window ends.
+    A burst of 10k row writes thus yields at most one notification per window,
+    each listing the keys.
+    """
+
+    def __init__(self, subscriptions: Subscriptions, window: float = COALESCE_WINDOW_S) -> None:
+        self.subscriptions = subscriptions
+        self.window = window
+        self._pending: dict[tuple[StoreKey, str], dict[str, Any]] = {}
+        self._last: dict[tuple[StoreKey, str], float] = {}
+        self._timers: dict[tuple[StoreKey, str], asyncio.TimerHandle] = {}
+
+    def changes(self, store: StoreKey, type_: str, base: dict[str, Any], changes: list[dict[str, Any]]) -> None:
+        """ChangeInfo lists (``local_details``, ``remote_details``)."""
+        self._add(store, type_, base, lambda acc: _merge_changes(acc.setdefault("changes", []), changes))
+
+    def devices(self, store: StoreKey, type_: str, base: dict[str, Any], devices: list[str]) -> None:
+        """Device lists (``remote``)."""
+        self._add(store, type_, base, lambda acc: acc.__setitem__("devices", sorted({*acc.get("devices", []), *devices})))
+
+    def _add(self, store: StoreKey, type_: str, base: dict[str, Any], merge: Any) -> None:
+        if not self.subscriptions.has(store, type_):
+            return
+        key = (store, type_)
+        acc = self._pending.setdefault(key, dict(base))
+        merge(acc)
+        loop = asyncio.get_running_loop()
+        wait = self._last.get(key, float("-inf")) + self.window - loop.time()
+        if wait <= 0:
+            self._flush(key)
+        elif key not in self._timers:
+            self._timers[key] = loop.call_later(wait, self._flush, key)
+
+    def _flush(self, key: tuple[StoreKey, str]) -> None:
+        self._timers.pop(key, None)
+        params = self._pending.pop(key, None)
+        if params is None:
+            return
+        self._last[key] = asyncio.get_running_loop().time()
+        self.subscriptions.publish(key[0], key[1], "dataChange", params)
+
+
+def _merge_changes(into: list[dict[str, Any]], changes: list[dict[str, Any]]) -> None:
+    by_table = {(c["table"], c.get("origin")): c for c in into}
+    for change in changes:
+        target = by_table.get((change["table"], change.get("origin")))
+        if target is None:
+            target = {**change, "inserted": [], "updated": [], "deleted": []}
+            into.append(target)
+            by_table[(change["table"], change.get("origin"))] = target
+        for kind in ("inserted", "updated", "deleted"):
+            keys = target[kind]
+            if len(keys) >= MAX_KEYS_PER_NOTIFICATION:
+                target["truncated"] = True
+                continue
+            seen = set(map(_hashable, keys))
+            for k in change.get(kind, []):
+                if _hashable(k) not in seen and len(keys) < MAX_KEYS_PER_NOTIFICATION:
+                    keys.append(k)
+                    seen.add(_hashable(k))
+                elif len(keys) >= MAX_KEYS_PER_NOTIFICATION:
+                    target["truncated"] = True
+
+
+def _hashable(value: Any) -> Any:
+    return value if not isinstance(value, (list, dict, bytearray)) else repr(value)

@@ -226,3 +226,32 @@ async def test_drain_writes_responses_and_notifications_in_order() -> None:
     finally:
         writer.close()
         peer.close()
+
+
+async def test_coalescer_publishes_first_change_at_once_and_merges_a_burst() -> None:
+    import asyncio
+
+    from p2pstore.api.subscriptions import Coalescer, Outbox, Subscriptions
+
+    subs = Subscriptions()
+    box = Outbox(1000)
+    subs.subscribe(box, ("default", "s"), "local_details")
+    co = Coalescer(subs, window=0.05)
+    base = {"store": "s", "bundle": "default"}
+    co.changes(("default", "s"), "local_details", base, [{"table": "T", "type": "data", "inserted": [1], "updated": [], "deleted": []}])
+    assert box.pending_notifications == 1  # the first one is not delayed
+    for k in (2, 3, 2):
+        co.changes(("default", "s"), "local_details", base, [{"table": "T", "type": "data", "inserted": [k], "updated": [], "deleted": []}])
+    assert box.pending_notifications == 1  # the burst waits for the window
+    await asyncio.sleep(0.1)
+    assert box.pending_notifications == 2
+    lines = [box.queue.get_nowait() for _ in range(2)]
+    assert b'"inserted":[2,3]' in lines[1]  # merged, without the duplicate
+
+
+async def test_coalescer_does_nothing_without_subscribers() -> None:
+    from p2pstore.api.subscriptions import Coalescer, Subscriptions
+
+    co = Coalescer(Subscriptions(), window=0.05)
+    co.changes(("default", "s"), "local_details", {}, [{"table": "T", "inserted": [1], "updated": [], "deleted": []}])
+    assert not co._pending

@@ -227,8 +227,26 @@ def test_a_subscriber_that_disconnects_does_not_disturb_writers(watched: Watched
     gone.close()
     for i in range(20):
         watched.client.call("store.insert", store=watched.name, table="T", values={"id": i})
+    # Bursts are coalesced: all 20 keys arrive, in at most 20 notifications.
+    seen: list[int] = []
     for _ in range(20):
-        watched.next_changes()
+        seen += [k for c in watched.next_changes() for k in c["inserted"]]
+        if len(seen) >= 20:
+            break
+    assert sorted(seen) == list(range(20))
+
+
+def test_a_burst_of_writes_is_coalesced_into_few_notifications(watched: Watched) -> None:
+    n = 2000
+    for i in range(n):
+        watched.client.call("store.insert", store=watched.name, table="T", values={"id": 10_000 + i})
+    keys: list[int] = []
+    notifications = 0
+    while len(keys) < n and notifications < n:
+        keys += [k for c in watched.next_changes() for k in c["inserted"]]
+        notifications += 1
+    assert sorted(keys) == list(range(10_000, 10_000 + n))
+    assert notifications < n / 10, f"{notifications} notifications for {n} writes: not coalesced"
 
 
 def test_subscription_limit_from_the_config(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
