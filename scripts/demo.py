@@ -157,6 +157,30 @@ def main() -> int:
             show(f"EMPLOYEE on {label}", rows[label])
         assert rows["a"] == rows["b"] == [["Lisa", 19, 150.0], ["Rose", 22, 200.0]], rows
 
+        step("remote query: ask shop-b for its rows (shop-b compiles the predicate and checks trust and level)")
+        result = ca.call("store.remote_query", **ref, device=idb, table="EMPLOYEE", columns=["NAME", "AGE"],
+                         predicates={"where": [["AGE", ">", 20]], "order_by": [["AGE", "desc"]]})
+        show("rows on shop-b with AGE > 20", result)
+        assert result["rows"] == [["Rose", 22]], result
+        cli(a.socket, "query", "--store", "RdbTest", "--bundle", "com.example.rdbDataSync", "--remote", idb, "EMPLOYEE",
+            "--columns", "NAME,SALARY", "--where", "SALARY >= 150")
+
+        step("live notification: shop-b watches; shop-a writes with auto-sync on; shop-b is told")
+        for c in (ca, cb):
+            c.call("store.set_distributed_tables", **ref, tables=["EMPLOYEE"], config={"table_type": "single_version", "auto_sync": True})
+        cb.call("store.subscribe", **ref, type="remote_details")
+        ca.call("store.insert", **ref, table="EMPLOYEE", values={"NAME": "Mia", "AGE": 30, "SALARY": 300.0})
+        deadline = time.monotonic() + 10
+        while True:  # skip progress notes of the earlier syncs; wait for the dataChange
+            note = cb.next_notification(timeout=max(0.1, deadline - time.monotonic()))
+            if note["method"] == "dataChange" and "changes" in note["params"]:
+                break
+        show("shop-b got", note["params"])
+        assert note["params"]["changes"][0]["origin"] == ida
+        rows = cb.call("store.query", **ref, sql="SELECT NAME, AGE FROM EMPLOYEE ORDER BY NAME")["rows"]
+        show("EMPLOYEE on b", rows)
+        assert ["Mia", 30] in rows, rows
+
         step("the same through the CLI")
         cli(a.socket, "sync", "--store", "RdbTest", "--bundle", "com.example.rdbDataSync", "--push", "--all")
         cli(a.socket, "status")
