@@ -101,6 +101,16 @@ class Stats:
     batches: int = 0
     tables: dict[str, int] = field(default_factory=dict)
 
+    def add(self, batch: OutBatch, applied: int, conflicts: int, failed: int) -> None:
+        """Count one acked batch (the same on both sides of a session)."""
+        self.sent += len(batch.rows)
+        self.applied += applied
+        self.conflicts += conflicts
+        self.failed += failed
+        self.batches += 1
+        for row in batch.rows:
+            self.tables[row.table] = self.tables.get(row.table, 0) + 1
+
 
 Progress = Callable[[str, int, Stats, str], None]  # (schedule, code, stats, direction)
 
@@ -326,13 +336,7 @@ class SyncEngine:
                 ack = await session.next(self.timeout)
                 if not isinstance(ack, SyncAck):
                     raise SessionEnded(Code.FAIL, f"expected an ack, got {type(ack).__name__}")
-                stats.sent += len(batch.rows)
-                stats.applied += ack.applied
-                stats.conflicts += ack.conflicts
-                stats.failed += ack.failed
-                stats.batches += 1
-                for row in batch.rows:
-                    stats.tables[row.table] = stats.tables.get(row.table, 0) + 1
+                stats.add(batch, ack.applied, ack.conflicts, ack.failed)
                 if progress is not None:
                     progress("in_progress", Code.SUCCESS, stats, "upload")
             first = False
@@ -356,13 +360,7 @@ class SyncEngine:
             result = await store.apply_changes(batch, session.peer)
             self.on_applied(store, session.peer, result)
             await self._send(session.peer, SyncAck(session.req, result.last_seq, result.applied, result.conflicts, result.failed))
-            stats.sent += len(batch.rows)
-            stats.applied += result.applied
-            stats.conflicts += result.conflicts
-            stats.failed += result.failed
-            stats.batches += 1
-            for row in batch.rows:
-                stats.tables[row.table] = stats.tables.get(row.table, 0) + 1
+            stats.add(batch, result.applied, result.conflicts, result.failed)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, stats, "download")
             if stats.applied and self.auto_sync_enabled and any(store.auto_sync.values()):
