@@ -73,9 +73,13 @@ def run_distribute(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         ref = await open_store(client, args)
         config = {"table_type": args.mode.replace("-", "_"), "auto_sync": args.auto_sync}
-        await client.call("store.set_distributed_tables", **ref, tables=args.tables, config=config)
-        emit(args, {"store": ref["store"], "tables": args.tables, **config},
-             f"distributed in {ref['store']}: {', '.join(args.tables)} ({args.mode}{', auto-sync' if args.auto_sync else ''})")
+        result = await client.call("store.set_distributed_tables", **ref, tables=args.tables, config=config) or {}
+        lines = [f"distributed in {ref['store']}: {', '.join(args.tables)} ({args.mode}{', auto-sync' if args.auto_sync else ''})"]
+        if "schema_version" in result:
+            lines.append(f"sync_schema.json version {result['schema_version']} accepted")
+        lines += [f"warning: {w['path']}  {w['rule']}  {w['message']}" for w in result.get("warnings", [])]
+        lines += [f"{n} existing row(s) of {t} will be sent again (new sync columns)" for t, n in result.get("resent", {}).items() if n]
+        emit(args, {"store": ref["store"], "tables": args.tables, **config, **result}, "\n".join(lines))
         return EXIT_OK
 
     return with_client(args, go)
