@@ -506,3 +506,238 @@ def test_second_sync_of_a_store_while_one_runs_is_refused(linked_daemons) -> Non
     ok(first.wait(60), b, sent=20_000, applied=20_000)
     assert b.count(COLLAB, dev) == 20_000
     ok(a.sync("push", COLLAB, [b]), b, sent=0)  # the lock is released
+
+
+# ====================================================================== 5. sync failures
+
+
+def test_unappliable_change_is_logged_the_rest_applies_retry_and_discard(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    # B has a rule A doesn't: ages are unique, and below 100.
+    setup_employee(b, create=EMPLOYEE.replace("AGE INTEGER", "AGE INTEGER CHECK (AGE < 100)"),
+                   extra_sql=["CREATE UNIQUE INDEX age_unique ON EMPLOYEE(AGE)"])
+    for name, age in (("Ann", 30), ("Ben", 30), ("Cat", 40), ("Old", 120), ("Dot", 50)):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": name, "AGE": age})
+
+    r = one(a.sync("push", SV_REF, [b]), b)
+    assert (r["sent"], r["applied"], r["failed"]) == (5, 3, 2), r
+    assert [e[0] for e in employees(b)] == ["Ann", "Cat", "Dot"], "the rest of the batch applies"
+    failures = b.call("store.sync_failures", **SV_REF)
+    by_key = {f["change"]["key"]: f for f in failures}
+    assert set(by_key) == {"Ben", "Old"}, failures
+    for f in failures:
+        assert f["origin"] == a.id and f["table"] == "EMPLOYEE" and f["at"], f
+        assert f["change"]["key_column"] == "NAME" and not f["change"]["deleted"], f
+    assert by_key["Ben"]["change"]["values"]["AGE"] == 30 and "UNIQUE" in by_key["Ben"]["reason"].upper(), by_key["Ben"]
+    assert by_key["Old"]["change"]["values"]["AGE"] == 120 and "CHECK" in by_key["Old"]["reason"].upper(), by_key["Old"]
+    # Pushing again does not duplicate the log entries.
+    one(a.sync("push", SV_REF, [b]), b)
+    assert sorted(f["id"] for f in b.call("store.sync_failures", **SV_REF)) == sorted(f["id"] for f in failures)
+
+    # Still failing: the retry keeps it (with its reason).
+    assert b.call("store.retry_failure", **SV_REF, id=by_key["Ben"]["id"])["failed"] == 1
+    assert len(b.call("store.sync_failures", **SV_REF)) == 2
+    # Fix the cause, retry: applied and gone.
+    b.call("store.execute", **SV_REF, sql="DROP INDEX age_unique")
+    result = b.call("store.retry_failure", **SV_REF, id=by_key["Ben"]["id"])
+    assert (result["applied"], result["failed"]) == (1, 0), result
+    assert ["Ben", 30, None] in employees(b)
+    assert [f["change"]["key"] for f in b.call("store.sync_failures", **SV_REF)] == ["Old"]
+    # Discard: removed without applying.
+    assert b.call("store.discard_failure", **SV_REF, id=by_key["Old"]["id"]) == {}
+    assert b.call("store.sync_failures", **SV_REF) == []
+    assert "Old" not in [e[0] for e in employees(b)]
+    with pytest.raises(FailureNotFound):
+        b.call("store.discard_failure", **SV_REF, id=by_key["Old"]["id"])
+    with pytest.raises(FailureNotFound):
+        b.call("store.retry_failure", **SV_REF, id=by_key["Ben"]["id"])
+
+
+def test_failures_cli_list_retry_discard(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    setup_employee(b, extra_sql=["CREATE UNIQUE INDEX age_unique ON EMPLOYEE(AGE)"])
+    for name, age in (("Ann", 30), ("Ben", 30), ("Cy", 30)):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": name, "AGE": age})
+    r = one(a.sync("push", SV_REF, [b]), b)
+    assert (r["applied"], r["failed"]) == (1, 2), r
+    store = ("--store", STORE, "--bundle", BUNDLE)
+
+    listed = cli(b, "failures", *store, "--json")
+    assert listed.returncode == 0, listed.stderr
+    failures = json.loads(listed.stdout)
+    assert failures == b.call("store.sync_failures", **SV_REF) and len(failures) == 2
+    ben, cy = sorted(failures, key=lambda f: f["change"]["key"])
+    text = cli(b, "failures", "list", *store)
+    assert text.returncode == 0 and a.id in text.stdout and "Ben" in text.stdout and str(ben["id"]) in text.stdout, text
+
+    still = cli(b, "failures", *store, "retry", str(ben["id"]))
+    assert still.returncode == 1 and "still failing" in still.stdout, still
+    b.call("store.execute", **SV_REF, sql="DROP INDEX age_unique")
+    retried = cli(b, "failures", *store, "retry", str(ben["id"]))
+    assert retried.returncode == 0 and "applied" in retried.stdout, retried
+    discarded = cli(b, "failures", *store, "discard", str(cy["id"]))
+    assert discarded.returncode == 0 and "discarded" in discarded.stdout, discarded
+    empty = cli(b, "failures", *store)
+    assert empty.returncode == 0 and "no sync failures" in empty.stdout, empty
+    assert [e[0] for e in employees(b)] == ["Ann", "Ben"]
+
+    missing = cli(b, "failures", *store, "discard", str(cy["id"]))
+    assert missing.returncode == 1 and "FAILURE_NOT_FOUND" in missing.stderr, missing
+    usage = cli(b, "failures", *store, "retry")
+    assert usage.returncode == 2, usage
+
+
+# ====================================================================== 6. auto-sync
+
+
+def has_employee(node: Node, name: str, age: Any = None) -> bool:
+    rows = node.rows(SV_REF, "SELECT AGE FROM EMPLOYEE WHERE NAME = ?", [name])
+    return bool(rows) and (age is None or rows[0][0] == age)
+
+
+def test_auto_sync_pushes_api_and_outside_writes_both_ways(linked_daemons, record_property) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a, auto_sync=True)
+    setup_employee(b, auto_sync=True)
+    latencies = []
+    for i in range(5):
+        t0 = time.monotonic()
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"api{i}", "AGE": i})
+        latencies.append(wait_until(lambda: has_employee(b, f"api{i}") and time.monotonic() - t0, 5.0, f"api{i} reaches B",
+                                    interval=0.002))
+    record_property("auto_sync_latency_s", [round(x, 4) for x in latencies])
+    print("auto-sync API insert -> visible on B (s):", [round(x, 4) for x in latencies])
+
+    # A write by another program (the sqlite3 shell) on A's file.
+    path = a.call("store.open", **SV_REF)["path"]
+    shell = sqlite3_shell(path, "INSERT INTO EMPLOYEE (NAME, AGE) VALUES ('shell', 77)")
+    assert shell.returncode == 0, shell.stderr
+    wait_until(lambda: has_employee(b, "shell", 77), 5.0, "the shell's row reaches B")
+    # Updates and deletes too, and the other way round.
+    a.call("store.update", **SV_REF, values={"AGE": 99}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "api0"]]})
+    wait_until(lambda: has_employee(b, "api0", 99), 5.0, "the update reaches B")
+    b.call("store.delete", **SV_REF, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "api1"]]})
+    b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "from-b", "AGE": 1})
+    wait_until(lambda: has_employee(a, "from-b") and not has_employee(a, "api1"), 5.0, "B's changes reach A")
+    wait_until(lambda: employees(a) == employees(b), 5.0, "A and B converge")
+    stays(lambda: employees(a) == employees(b), 0.3, "no echo keeps changing them")
+    assert len(employees(a)) == 6
+
+
+def test_auto_sync_catches_up_after_the_peer_restarts(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a, auto_sync=True)
+    setup_employee(b, auto_sync=True)
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "before", "AGE": 1})
+    wait_until(lambda: has_employee(b, "before"), 5.0, "auto-sync works")
+
+    b.stop()
+    wait_until(lambda: not a.sees_online(b), 10, "a sees b offline")
+    for i in range(3):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"missed{i}", "AGE": 10 + i})
+    a.call("store.update", **SV_REF, values={"AGE": 2}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "before"]]})
+    b.restart()  # B dials A again; neither side is asked to sync
+    wait_linked([a, b])
+    b.call("store.open", **SV_REF)
+    wait_until(lambda: all(has_employee(b, f"missed{i}", 10 + i) for i in range(3)) and has_employee(b, "before", 2),
+               5.0, "B gets what it missed after reconnecting")
+    assert employees(a) == employees(b)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: writes made to B's store file while B's daemon was down are stamped when "
+                   "the store is reopened (Store._setup, collect=False: not announced), and the reconnect push "
+                   "(engine.on_peer_change) only covers stores already open, so they reach A only after B's next "
+                   "local change")
+def test_auto_sync_reconnect_pushes_writes_made_while_the_daemon_was_down(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a, auto_sync=True)
+    path = setup_employee(b, auto_sync=True) and b.call("store.open", **SV_REF)["path"]
+    b.stop()
+    wait_until(lambda: not a.sees_online(b), 10, "a sees b offline")
+    shell = sqlite3_shell(path, "INSERT INTO EMPLOYEE (NAME, AGE) VALUES ('offline-b', 5)")
+    assert shell.returncode == 0, shell.stderr
+    b.restart()
+    wait_linked([a, b])
+    b.call("store.open", **SV_REF)  # what B's application does after a restart
+    wait_until(lambda: has_employee(a, "offline-b"), 5.0, "B's offline write reaches A after reconnecting")
+
+
+# ====================================================================== 7. notifications
+
+
+def data_changes(got: list[dict[str, Any]], subscription: str) -> list[dict[str, Any]]:
+    return [n["params"] for n in got if n["method"] == "dataChange" and n["params"]["subscription"] == subscription]
+
+
+def test_remote_and_remote_details_notifications_name_the_origin(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    setup_collab(a, b)
+    watcher = b.client()
+    remote = watcher.call("store.subscribe", **COLLAB, type="remote")["subscription"]
+    details = watcher.call("store.subscribe", **COLLAB, type="remote_details")["subscription"]
+    local = watcher.call("store.subscribe", **COLLAB, type="local_details")["subscription"]
+
+    a.call("store.insert", **COLLAB, table="T", values={"id": 1, "name": "a1", "n": 1})
+    a.call("store.insert", **COLLAB, table="T", values={"id": 2, "name": "a2", "n": 2})
+    ok(a.sync("push", COLLAB, [b]), b, applied=2)
+    got = collect_notifications(watcher, lambda g: data_changes(g, remote) and data_changes(g, details), 5.0)
+    [r] = data_changes(got, remote)
+    assert r["store"] == "s" and r["devices"] == [a.id], r
+    [d] = data_changes(got, details)
+    assert d["store"] == "s" and len(d["changes"]) == 1, d
+    change = d["changes"][0]
+    assert change["origin"] == a.id and change["table"] == "T" and change["type"] == "data", change
+    assert (sorted(change["inserted"]), change["updated"], change["deleted"]) == ([1, 2], [], []), change
+    assert not data_changes(got, local), "rows written by a sync are not local changes"
+
+    # Update and delete, this time pulled by B.
+    a.call("store.update", **COLLAB, values={"n": 10}, predicates={"table": "T", "where": [["id", "=", 1]]})
+    a.call("store.delete", **COLLAB, predicates={"table": "T", "where": [["id", "=", 2]]})
+    ok(b.sync("pull", COLLAB, [a]), a, applied=2)
+    got = collect_notifications(watcher, lambda g: data_changes(g, remote) and data_changes(g, details), 5.0)
+    assert [r["devices"] for r in data_changes(got, remote)] == [[a.id]], got
+    [d] = data_changes(got, details)
+    assert [(c["origin"], c["inserted"], c["updated"], c["deleted"]) for c in d["changes"]] == [(a.id, [], [1], [2])], d
+
+    # A sync that writes nothing notifies nobody.
+    ok(a.sync("push", COLLAB, [b]), b, applied=0)
+    got = collect_notifications(watcher, lambda g: bool(g), 0.5)
+    assert not [n for n in got if n["method"] == "dataChange"], got
+
+
+def progress_notes(api: Any) -> list[dict[str, Any]]:
+    got = collect_notifications(api, lambda g: any(n["method"] == "syncProgress" and n["params"]["schedule"] == "finish"
+                                                   for n in g), 5.0)
+    return [n["params"] for n in got if n["method"] == "syncProgress"]
+
+
+def test_the_syncing_client_gets_sync_progress(linked_daemons) -> None:
+    a, b, c = linked_daemons(3)
+    setup_collab(a, b)
+    insert_many(a, COLLAB, 1200)
+    caller = a.client()
+    results = caller.call("store.sync", **COLLAB, mode="push", predicates={"devices": [b.id]})["results"]
+    assert [r["code"] for r in results] == [SUCCESS]
+    notes = progress_notes(caller)
+    schedules = [n["schedule"] for n in notes]
+    assert schedules[0] == "begin" and schedules[-1] == "finish", schedules
+    assert set(schedules[1:-1]) == {"in_progress"} and len(schedules) >= 3, schedules
+    assert all(n["store"] == "s" for n in notes) and notes[-1]["code"] == SUCCESS, notes
+    totals = [n["details"]["T"]["upload"]["total"] for n in notes if n["schedule"] == "in_progress"]
+    assert totals == sorted(totals) and totals[-1] == 1200, totals
+    last = [n for n in notes if n["schedule"] == "in_progress"][-1]["details"]["T"]["upload"]
+    assert (last["successful"], last["failed"], last["remained"]) == (1200, 0, 0), last
+    # Nobody else hears of it.
+    assert not [n for n in collect_notifications(a.api, lambda g: False, 0.2) if n["method"] == "syncProgress"]
+
+    # A pull reports downloads; a failed device shows in the finish code.
+    b.call("store.insert", **COLLAB, table="T", values={"id": 1, "name": "b1", "n": 1})
+    c.stop()
+    wait_until(lambda: not a.sees_online(c), 10, "a sees c offline")
+    results = caller.call("store.sync", **COLLAB, mode="pull", predicates={"devices": [b.id, c.id]})["results"]
+    assert sorted(r["code"] for r in results) == [SUCCESS, OFFLINE], results
+    notes = progress_notes(caller)
+    assert notes[0]["schedule"] == "begin" and notes[-1]["schedule"] == "finish" and notes[-1]["code"] == OFFLINE, notes
+    assert any(n["details"].get("T", {}).get("download", {}).get("total") == 1 for n in notes), notes
