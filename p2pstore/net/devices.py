@@ -78,7 +78,14 @@ class DeviceDirectory:
     # -- discovery callbacks ---------------------------------------------------
 
     def on_found(self, peer: DiscoveredPeer) -> None:
-        new = peer.device_id not in self._discovered
+        old = self._discovered.get(peer.device_id)
+        new = old is None
+        if old is not None:
+            # An update (e.g. restarted on another port): stop dialing what it no longer advertises.
+            current = {(host, peer.port) for host in peer.addresses}
+            for host in old.addresses:
+                if (host, old.port) not in current:
+                    self.peers.remove_address(host, old.port)
         self._discovered[peer.device_id] = peer
         self._discovered_at[peer.device_id] = time.time()
         for host in peer.addresses:
