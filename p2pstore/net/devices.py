@@ -191,8 +191,10 @@ class DeviceDirectory:
 
     def untrust(self, device_id: str) -> str:
         device_id = normalize_device_id(device_id)
+        was_online = self.peers.is_online(device_id)
         if not self.trust_store.untrust(device_id):
             raise DeviceUnknown(f"device {device_id} is not trusted", data={"device_id": device_id})
         log.info("untrusted device %s; its channel is closed", device_id)
-        self._emit(device_id, False)
+        if not was_online:  # else the peer manager already reported it offline (and untrusted)
+            self._emit(device_id, False)
         return device_id
