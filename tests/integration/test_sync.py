@@ -741,3 +741,171 @@ def test_the_syncing_client_gets_sync_progress(linked_daemons) -> None:
     notes = progress_notes(caller)
     assert notes[0]["schedule"] == "begin" and notes[-1]["schedule"] == "finish" and notes[-1]["code"] == OFFLINE, notes
     assert any(n["details"].get("T", {}).get("download", {}).get("total") == 1 for n in notes), notes
+
+
+# ====================================================================== 8. crash safety
+
+CRASH_ROWS = 100_000
+
+
+def table_digest(node: Node) -> tuple[int, int, str]:
+    rows = node.rows(SV_REF, "SELECT NAME, AGE, SALARY FROM EMPLOYEE ORDER BY NAME")
+    return len(rows), len({r[0] for r in rows}), digest(rows)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_receiver_mid_push_loses_and_duplicates_nothing(linked_daemons, record_property) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    setup_employee(b)
+    insert_many(a, SV_REF, CRASH_ROWS, table="EMPLOYEE")
+    t0 = time.monotonic()
+    push = sync_in_background(a, "push", SV_REF, [b])
+    seen = wait_until(lambda: (n := b.count(SV_REF, "EMPLOYEE")) >= 5_000 and n, 30, "B is receiving", interval=0.05)
+    b.kill()
+    assert seen < CRASH_ROWS, "the push finished before the kill; nothing was tested"
+    r = one(push.wait(40), b)
+    assert r["code"] in (OFFLINE, TIMEOUT), r
+    print(f"killed B after {time.monotonic() - t0:.2f} s with >= {seen} rows applied; A's result: {r}")
+
+    b.restart()
+    wait_linked([a, b])
+    b.call("store.open", **SV_REF)
+    assert b.rows(SV_REF, "PRAGMA integrity_check") == [["ok"]]
+    kept = b.count(SV_REF, "EMPLOYEE")
+    assert seen <= kept < CRASH_ROWS, (seen, kept)
+
+    t1 = time.monotonic()
+    r = ok(a.sync("push", SV_REF, [b]), b)
+    record_property("resume_push_s", round(time.monotonic() - t1, 2))
+    # The receiver's watermark moved with each batch it committed: the push resumes there.
+    assert r["sent"] == CRASH_ROWS - kept and r["applied"] == CRASH_ROWS - kept and r["failed"] == 0, (kept, r)
+    assert table_digest(b) == table_digest(a) == (CRASH_ROWS, CRASH_ROWS, table_digest(a)[2])
+    assert b.call("store.sync_failures", **SV_REF) == []
+    ok(a.sync("push", SV_REF, [b]), b, sent=0)
+
+
+# ====================================================================== 9. schema versions between peers
+
+DEPT_FIELD = {"columnName": "DEPT", "type": "Text", "primaryKey": False, "notNull": False, "autoIncrement": False}
+
+
+def mismatch_fields(view: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in view.items() if "schema" in k.lower() or "mismatch" in k.lower()}
+
+
+def test_peers_on_different_schema_versions_sync_the_common_columns(linked_daemons) -> None:
+    v1 = schema_doc(1, ("NAME", "AGE", "SALARY", "CODES", "DEPT"), [DEPT_FIELD])
+    a, b = linked_daemons(2, schema={0: v1, 1: schema_doc(0)})
+    setup_employee(a, create=EMPLOYEE.replace("CODES BLOB", "CODES BLOB, DEPT TEXT"))
+    setup_employee(b)
+    assert [s["schema_version"] for s in a.call("status")["stores"] if s["store"] == STORE] == [1]
+    assert [s["schema_version"] for s in b.call("status")["stores"] if s["store"] == STORE] == [0]
+
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Gus", "AGE": 40, "DEPT": "ops"})
+    b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Hal", "AGE": 50, "SALARY": 5.0})
+    r = ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    assert r["failed"] == 0, r
+    r = ok(a.sync("pull", SV_REF, [b]), b, applied=1)
+    assert r["failed"] == 0, r
+    assert employees(b) == employees(a) == [["Gus", 40, None], ["Hal", 50, 5.0]]
+    assert a.rows(SV_REF, "SELECT NAME, DEPT FROM EMPLOYEE ORDER BY NAME") == [["Gus", "ops"], ["Hal", None]]
+    # A later edit of a common column still travels; the column B does not sync never fails there.
+    a.call("store.update", **SV_REF, values={"AGE": 41, "DEPT": "dev"}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Gus"]]})
+    ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    assert employees(b)[0] == ["Gus", 41, None]
+    assert a.call("store.sync_failures", **SV_REF) == [] and b.call("store.sync_failures", **SV_REF) == []
+
+    # The mismatch is reported (SPEC §6), if the daemon reports it yet.
+    fields = mismatch_fields(a.view(b) or {})
+    if not fields:
+        pytest.skip("devices.list has no schema/mismatch field yet: the version mismatch report is not implemented")
+    for me, other, mine, theirs in ((a, b, 1, 0), (b, a, 0, 1)):
+        listed = mismatch_fields(me.view(other))
+        text = json.dumps(listed)
+        assert any(listed.values()) and "EMPLOYEE" in text, (me, listed)
+        [entry] = [e for v in listed.values() if isinstance(v, list) for e in v if e.get("table") == "EMPLOYEE"] or [None]
+        if entry is not None:
+            assert (entry.get("version"), entry.get("peer_version")) == (mine, theirs), entry
+            assert entry.get("code", SUCCESS) == SUCCESS, entry
+        [in_status] = [d for d in me.call("status")["devices"] if d["device_id"] == other.id]
+        assert mismatch_fields(in_status) == listed
+
+
+def test_same_schema_version_reports_no_mismatch(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    setup_employee(a)
+    setup_employee(b)
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Ida", "AGE": 1})
+    ok(a.sync("push", SV_REF, [b]), b, applied=1)
+    ok(a.sync("pull", SV_REF, [b]), b)
+    fields = mismatch_fields(a.view(b) or {})
+    if not fields:
+        pytest.skip("devices.list has no schema/mismatch field yet: the version mismatch report is not implemented")
+    assert not any(mismatch_fields(a.view(b)).values()) and not any(mismatch_fields(b.view(a)).values())
+
+
+# ====================================================================== 10. the sync command
+
+
+def test_cli_sync_push_pull_devices_all_table_where_json_and_exit_codes(linked_daemons) -> None:
+    a, b, c = linked_daemons(3, schema=True)
+    for node in (a, b, c):
+        setup_employee(node)
+    store = ("--store", STORE, "--bundle", BUNDLE)
+    for name, age in (("kid", 10), ("adult", 30), ("elder", 80)):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": name, "AGE": age})
+
+    # --where (query sync) to one device: only matching rows.
+    run = cli(a, "sync", *store, "--push", "--devices", b.id, "--table", "EMPLOYEE", "--where", "AGE > 18", "--where", "AGE < 50")
+    assert run.returncode == 0, run.stderr
+    assert b.id in run.stdout and "code 0" in run.stdout, run.stdout
+    assert employees(b) == [["adult", 30, None]]
+    assert employees(c) == []
+
+    # --json: the API's result.
+    run = cli(a, "sync", *store, "--push", "--devices", b.id, "--table", "EMPLOYEE", "--json")
+    assert run.returncode == 0, run.stderr
+    [result] = json.loads(run.stdout)["results"]
+    assert (result["device"], result["code"], result["sent"], result["applied"]) == (b.id, SUCCESS, 3, 2), result
+    assert [e[0] for e in employees(b)] == ["adult", "elder", "kid"]
+
+    # --all: every online trusted device.
+    run = cli(a, "sync", *store, "--push", "--all", "--json")
+    assert run.returncode == 0, run.stderr
+    assert {r["device"]: r["code"] for r in json.loads(run.stdout)["results"]} == {b.id: SUCCESS, c.id: SUCCESS}
+    assert employees(c) == employees(a)
+
+    # --pull, several devices in one --devices list.
+    c.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "from-c", "AGE": 5})
+    run = cli(a, "sync", *store, "--pull", "--devices", f"{b.id},{c.id}", "--json")
+    assert run.returncode == 0, run.stderr
+    assert sorted(r["device"] for r in json.loads(run.stdout)["results"]) == sorted([b.id, c.id])
+    assert "from-c" in [e[0] for e in employees(a)]
+
+    # Exit status 1 when any device failed; the others still sync and every device has its line.
+    stranger = random_device_id()
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "late", "AGE": 44})
+    run = cli(a, "sync", *store, "--push", "--devices", f"{b.id},{stranger}")
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    lines = run.stdout.strip().splitlines()
+    assert any(b.id in line and "code 0" in line for line in lines), lines
+    assert any(stranger in line and f"code {UNTRUSTED}" in line for line in lines), lines
+    assert "late" in [e[0] for e in employees(b)]
+    run = cli(a, "sync", *store, "--push", "--devices", f"{b.id},{stranger}", "--json")
+    assert run.returncode == 1
+    assert {r["device"]: r["code"] for r in json.loads(run.stdout)["results"]} == {b.id: SUCCESS, stranger: UNTRUSTED}
+    c.stop()
+    wait_until(lambda: not a.sees_online(c), 10, "a sees c offline")
+    run = cli(a, "sync", *store, "--push", "--devices", c.id)
+    assert run.returncode == 1 and f"code {OFFLINE}" in run.stdout, run
+
+    # Bad usage: exit 2.
+    for argv in (("--push",), ("--push", "--pull", "--all"), ("--push", "--all", "--where", "AGE ~ 3")):
+        run = cli(a, "sync", *store, *argv)
+        assert run.returncode == 2, (argv, run.stdout, run.stderr)
+    # Errors from the daemon: exit 1 with the error's name.
+    run = cli(a, "sync", *store, "--push", "--all", "--table", "NOPE")
+    assert run.returncode == 1 and "TABLE_NOT_DISTRIBUTED" in run.stderr, run
+    run = cli(a, "sync", *store, "--push", "--all", "--table", "EMPLOYEE", "--where", "NOPE = 1")
+    assert run.returncode == 1 and run.stderr.strip(), run
