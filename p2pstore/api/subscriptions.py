@@ -2,9 +2,11 @@
 
 A slow or dead subscriber never blocks the daemon: notifications go into a
 per-connection outbox of at most ``queue_limit`` entries. When it is full the
-client gets one ``overflow`` notification (and nothing more until its queue
-drains), which tells it to re-read what it cares about. Responses are never
-dropped: they bypass the limit.
+client gets an ``overflow`` notification, which tells it to re-read what it
+cares about. One is queued at a time; a notification dropped after it was
+handed to the socket gets a new one, so every drop is followed by an
+``overflow`` the client reads after it. Responses are never dropped: they
+bypass the limit.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class Outbox:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.queue_limit = queue_limit
         self.pending_notifications = 0
+        #: An ``overflow`` notification is queued and not yet taken by the writer.
         self.overflowed = False
+        self.overflow_note: bytes | None = None
         self.closed = False
 
     def send(self, data: bytes) -> None:
@@ -44,9 +48,10 @@ class Outbox:
         if self.pending_notifications >= self.queue_limit:
             if not self.overflowed:
                 self.overflowed = True
-                self.queue.put_nowait(encode_notification("overflow", {
+                self.overflow_note = encode_notification("overflow", {
                     "message": "notifications were dropped because this client reads too slowly; re-read the data you watch",
-                }))
+                })
+                self.queue.put_nowait(self.overflow_note)
             return
         self.pending_notifications += 1
         self.queue.put_nowait(_NOTE + encode_notification(method, params))
@@ -66,7 +71,12 @@ async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
         data = await outbox.queue.get()
         if data is None:
             return
-        if data.startswith(_NOTE):
+        if data is outbox.overflow_note:
+            # Once this overflow is on its way, a later drop needs one of its
+            # own: the client re-reads when it sees this one, before that drop.
+            outbox.overflowed = False
+            outbox.overflow_note = None
+        elif data.startswith(_NOTE):
             data = data[1:]
             outbox.pending_notifications -= 1
             if outbox.pending_notifications == 0:
