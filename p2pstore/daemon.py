@@ -229,6 +229,9 @@ class Daemon:
         except BaseException:
             self._lock.release()
             raise
+        auto = await self.registry.open_auto_sync_stores()
+        if auto:
+            log.info("opened %d store(s) with auto-sync tables: %s", len(auto), ", ".join(f"{s.bundle}/{s.name}" for s in auto))
         try:
             await self._start_network()
         except BaseException:

@@ -99,6 +99,28 @@ class StoreRegistry:
             raise StoreNotOpen(f"this device has no store {bundle}/{name}", data={"store": name, "bundle": bundle})
         return store
 
+    async def open_auto_sync_stores(self) -> list[Store]:
+        """Open every store file that has auto-sync tables (at daemon start).
+
+        Auto-sync must not wait for an application to open a store: writes made
+        while the daemon was down reach peers as soon as they reconnect.
+        """
+        opened = []
+        for path in sorted((self.data_dir / "stores").glob("*/*.db")):
+            bundle, name = path.parent.name, path.stem
+            if (bundle, name) in self._stores:
+                continue
+            try:
+                store = await self.open(bundle, name)
+            except P2PStoreError as exc:
+                log.warning("could not open %s/%s at start: %s", bundle, name, exc.message)
+                continue
+            if any(store.auto_sync.values()):
+                opened.append(store)
+            else:
+                await self.close(bundle, name)
+        return opened
+
     def get(self, bundle: str, name: str) -> Store:
         store = self._stores.get((bundle, name))
         if store is None:

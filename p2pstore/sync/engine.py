@@ -136,6 +136,10 @@ def check_tables(store: Store, table: str | None, theirs: tuple[TableOffer, ...]
     mine = {t.name: t for t in table_offers(store)}
     their = {t.name: t for t in theirs}
     needed = [table] if table else sorted(mine)
+    unknown = [t for t in needed if t not in mine]
+    if unknown:
+        raise SessionEnded(Code.DISTRIBUTED_TABLE_NOT_SET,
+                           f"this device has not distributed table(s) {', '.join(unknown)} of store {store.name}")
     missing = [t for t in needed if t not in their]
     if missing:
         raise SessionEnded(Code.DISTRIBUTED_TABLE_NOT_SET,
@@ -399,6 +403,9 @@ class SyncEngine:
                 Code.CORRUPTED if isinstance(exc, ProtocolError) else Code.FAIL
             log.warning("sync session %d with %s on %s/%s failed: %s", msg.req, peer, msg.bundle, msg.store, exc.message)
             await self._end_quietly(peer, msg.req, code, exc.message)
+        except Exception as exc:  # a bug here must end the session, not leave the peer waiting
+            log.exception("sync session %d with %s on %s/%s crashed", msg.req, peer, msg.bundle, msg.store)
+            await self._end_quietly(peer, msg.req, Code.FAIL, f"internal error on the peer: {type(exc).__name__}")
         finally:
             self._sessions.pop((peer, msg.req), None)
 

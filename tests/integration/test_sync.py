@@ -446,9 +446,6 @@ def test_table_not_distributed_on_the_peer(linked_daemons) -> None:
     ok(a.sync("push", COLLAB, [b]), b, applied=1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a pull naming a table the serving peer has not distributed crashes the "
-                   "peer's _serve (KeyError in engine.check_tables: mine[name]); no SyncEnd is sent and the puller "
-                   "waits the full 30 s session timeout (code 9) instead of getting 4 at once")
 def test_pull_of_a_table_the_peer_has_not_distributed(linked_daemons) -> None:
     a, b = linked_daemons(2)
     setup_collab(a)
@@ -646,10 +643,6 @@ def test_auto_sync_catches_up_after_the_peer_restarts(linked_daemons) -> None:
     assert employees(a) == employees(b)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: writes made to B's store file while B's daemon was down are stamped when "
-                   "the store is reopened (Store._setup, collect=False: not announced), and the reconnect push "
-                   "(engine.on_peer_change) only covers stores already open, so they reach A only after B's next "
-                   "local change")
 def test_auto_sync_reconnect_pushes_writes_made_while_the_daemon_was_down(linked_daemons) -> None:
     a, b = linked_daemons(2, schema=True)
     setup_employee(a, auto_sync=True)
