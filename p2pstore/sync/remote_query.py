@@ -18,6 +18,8 @@ Answering side invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import secrets
@@ -163,7 +165,7 @@ class RemoteQueries:
                 raise SecurityLevelDenied(
                     f"store {msg.store} is labelled S{store.security_label}; the asking device's level is lower")
             try:
-                predicates = json.loads(msg.predicates)
+                predicates = decode_predicates(msg.predicates)
             except ValueError as exc:
                 raise InvalidPredicate(f"predicates are not valid JSON: {exc}") from None
             sql, params, columns = build_query(store, msg.table, msg.columns, predicates)
@@ -214,7 +216,7 @@ class RemoteQueries:
         rows: list[list[Any]] = []
         try:
             await self.peers.send(device, QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()),
-                                                       json.dumps(predicates)))
+                                                       encode_predicates(predicates)))
             while True:
                 try:
                     msg = await asyncio.wait_for(inbox.get(), self.timeout)
@@ -233,6 +235,30 @@ class RemoteQueries:
                 await self.peers.send(device, QueryMore(req))
         finally:
             self._waiting.pop((device, req), None)
+
+
+def encode_predicates(predicates: dict[str, Any]) -> str:
+    """Predicates as JSON text for QueryRequest; blob values as ``{"$blob": "<base64>"}`` (as in the API)."""
+    def blob(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return {"$blob": base64.b64encode(bytes(value)).decode("ascii")}
+        raise TypeError(f"a {type(value).__name__} can't be a predicate value")
+    return json.dumps(predicates, default=blob)
+
+
+def decode_predicates(text: str) -> Any:
+    """The inverse of ``encode_predicates``; a malformed blob is an InvalidPredicate."""
+    def hook(obj: dict[str, Any]) -> Any:
+        if "$blob" not in obj:
+            return obj
+        data = obj["$blob"]
+        if len(obj) != 1 or not isinstance(data, str):
+            raise InvalidPredicate('a blob value is {"$blob": "<base64>"}')
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidPredicate("invalid base64 in a $blob value") from None
+    return json.loads(text, object_hook=hook)
 
 
 def decode_rows(payload: bytes) -> list[list[Any]]:
