@@ -339,6 +339,9 @@ def test_relay_a_to_b_to_c_delivers_a_s_changes_as_a_s(linked_daemons) -> None:
     got = collect_notifications(details, lambda got: any(n["method"] == "dataChange" for n in got), 5.0)
     origins = {ch["origin"] for n in got if n["method"] == "dataChange" for ch in n["params"]["changes"]}
     assert origins == {a.id}, got
+    # Keys are C's own: the local key of each row written (EMPLOYEE's key is its integer rowid ID).
+    inserted = sorted(k for n in got if n["method"] == "dataChange" for ch in n["params"]["changes"] for k in ch["inserted"])
+    assert inserted == sorted(r[0] for r in c.rows(SV_REF, "SELECT ID FROM EMPLOYEE")), got
 
     # An update and a delete relay too.
     a.call("store.update", **SV_REF, values={"AGE": 30}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Eve"]]})
@@ -406,6 +409,20 @@ def test_offline_and_untrusted_devices_get_their_codes(linked_daemons) -> None:
     assert one(b.sync("pull", COLLAB, [a]), a)["code"] in (OFFLINE, UNTRUSTED)  # A closed the channel
     assert b.rows(COLLAB, f'SELECT id FROM "{dev_table(b, a)}"') == [[1]]
     assert a.sync("push", COLLAB, []) == {}
+
+
+def test_auto_sync_respects_the_security_level(linked_daemons) -> None:
+    a, b = linked_daemons(2, flags={0: ["--security-level", "S3"], 1: ["--security-level", "S1"]})
+    secret = {"store": "secret"}
+    setup_collab(a, ref=secret, label="S3", auto_sync=True)
+    setup_collab(b, ref=secret, auto_sync=True)
+    setup_collab(a, b, auto_sync=True)  # control: an S1 store on the same link
+    a.call("store.insert", **secret, table="T", values={"id": 1, "name": "classified", "n": 1})
+    a.call("store.insert", **COLLAB, table="T", values={"id": 1, "name": "public", "n": 1})
+    wait_until(lambda: table_exists(b, COLLAB, dev_table(b, a)) and b.count(COLLAB, dev_table(b, a)) == 1, 5.0,
+               "the S1 store auto-syncs")
+    name = dev_table(b, a, secret)
+    stays(lambda: not table_exists(b, secret, name) or b.count(secret, name) == 0, 1.0, "S3 rows auto-synced to S1")
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: store.sync does not normalize target device IDs: B's trusted, online ID "
