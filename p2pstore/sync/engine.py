@@ -37,6 +37,7 @@ import msgpack
 from p2pstore.errors import (
     DeviceOffline,
     DeviceUntrusted,
+    InvalidDeviceId,
     InvalidPredicate,
     P2PStoreError,
     ProtocolError,
@@ -44,6 +45,7 @@ from p2pstore.errors import (
     SyncInProgress,
 )
 from p2pstore.net.devices import DeviceDirectory
+from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import Message, StoreOffer, SyncAck, SyncBatch, SyncEnd, SyncOpen, SyncReady, TableOffer
@@ -429,7 +431,7 @@ class SyncEngine:
         elif not store.distributed:
             store.require_distributed("(any)")
         where = compile_where(store, table, predicates.get("where"))
-        targets = devices_of(predicates)
+        targets, invalid = _normalized_targets(devices_of(predicates))
         if targets is None:
             targets = self._online_trusted()
         key = (store.bundle, store.name)
@@ -439,8 +441,8 @@ class SyncEngine:
         try:
             if progress is not None:
                 progress("begin", Code.SUCCESS, Stats(), "upload" if mode == "push" else "download")
-            results = await asyncio.gather(*(self._sync_one(store, mode, peer, table, predicates.get("where"), where, progress)
-                                             for peer in targets))
+            results = invalid + await asyncio.gather(*(self._sync_one(store, mode, peer, table, predicates.get("where"), where, progress)
+                                                       for peer in targets))
             if progress is not None:
                 worst = max((r["code"] for r in results), default=0)
                 progress("finish", worst, Stats(), "upload" if mode == "push" else "download")
@@ -539,6 +541,23 @@ class SyncEngine:
                     return
         finally:
             self._auto.pop(key, None)
+
+
+def _normalized_targets(devices: list[str] | None) -> tuple[list[str] | None, list[dict[str, Any]]]:
+    """Target IDs in canonical form, each once; malformed ones become INVALID_ARGS results."""
+    if devices is None:
+        return None, []
+    targets: list[str] = []
+    invalid: list[dict[str, Any]] = []
+    for text in devices:
+        try:
+            device = normalize_device_id(text)
+        except InvalidDeviceId as exc:
+            invalid.append({"device": text, "code": int(Code.INVALID_ARGS), "message": exc.message})
+            continue
+        if device not in targets:
+            targets.append(device)
+    return targets, invalid
 
 
 def decode_batch(payload: bytes) -> OutBatch:

@@ -425,10 +425,6 @@ def test_auto_sync_respects_the_security_level(linked_daemons) -> None:
     stays(lambda: not table_exists(b, secret, name) or b.count(secret, name) == 0, 1.0, "S3 rows auto-synced to S1")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store.sync does not normalize target device IDs: B's trusted, online ID "
-                   "in lower case (or without dashes), which devices.trust accepts, gets code 2 'the device is "
-                   "offline' (trust check normalizes, PeerManager.is_online does not); engine.sync should "
-                   "normalize_device_id each target")
 def test_sync_target_ids_in_another_spelling(linked_daemons) -> None:
     a, b = linked_daemons(2)
     setup_collab(a, b)
@@ -439,8 +435,6 @@ def test_sync_target_ids_in_another_spelling(linked_daemons) -> None:
     assert b.count(COLLAB, dev_table(b, a)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store.sync with a device listed twice runs two concurrent sessions to it "
-                   "and returns two results for it (SPEC: one entry per device); engine.sync should dedupe targets")
 def test_sync_target_listed_twice_gets_one_session(linked_daemons) -> None:
     a, b = linked_daemons(2)
     setup_collab(a, b)
