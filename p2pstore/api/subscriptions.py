@@ -1,7 +1,9 @@
 """Who gets which notification, and the bounded queue in front of each client.
 
 A slow or dead subscriber never blocks the daemon: notifications go into a
-per-connection outbox of at most ``queue_limit`` entries. When it is full the
+per-connection outbox of at most ``queue_limit`` entries and at most
+``MAX_PENDING_BYTES`` bytes (one notification may list 10k keys per list, of
+any length, so a count alone does not bound memory). When it is full the
 client gets an ``overflow`` notification, which tells it to re-read what it
 cares about. One is queued at a time; a notification dropped after it was
 handed to the socket gets a new one, so every drop is followed by an
@@ -26,13 +28,19 @@ STORE_TYPES = ("remote", "local_details", "remote_details")
 StoreKey = tuple[str, str]
 
 
+#: Bytes of notifications one client may have waiting (beyond what the socket holds).
+MAX_PENDING_BYTES = 8 << 20
+
+
 class Outbox:
     """Everything the daemon sends to one client, in order."""
 
-    def __init__(self, queue_limit: int) -> None:
+    def __init__(self, queue_limit: int, byte_limit: int = MAX_PENDING_BYTES) -> None:
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.queue_limit = queue_limit
+        self.byte_limit = byte_limit
         self.pending_notifications = 0
+        self.pending_bytes = 0
         #: An ``overflow`` notification is queued and not yet taken by the writer.
         self.overflowed = False
         self.overflow_note: bytes | None = None
@@ -45,7 +53,10 @@ class Outbox:
     def notify(self, method: str, params: dict[str, Any]) -> None:
         if self.closed:
             return
-        if self.pending_notifications >= self.queue_limit:
+        data = None if self.pending_notifications >= self.queue_limit else encode_notification(method, params)
+        # Bytes count until the socket took them. One notification alone always
+        # fits (else a big one could never be delivered).
+        if data is None or (self.pending_bytes and self.pending_bytes + len(data) > self.byte_limit):
             if not self.overflowed:
                 self.overflowed = True
                 self.overflow_note = encode_notification("overflow", {
@@ -54,7 +65,8 @@ class Outbox:
                 self.queue.put_nowait(self.overflow_note)
             return
         self.pending_notifications += 1
-        self.queue.put_nowait(_NOTE + encode_notification(method, params))
+        self.pending_bytes += len(data)
+        self.queue.put_nowait(_NOTE + data)
 
     def close(self) -> None:
         self.closed = True
@@ -71,18 +83,21 @@ async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
         data = await outbox.queue.get()
         if data is None:
             return
-        if data is outbox.overflow_note:
-            # Once this overflow is on its way, a later drop needs one of its
-            # own: the client re-reads when it sees this one, before that drop.
-            outbox.overflowed = False
-            outbox.overflow_note = None
-        elif data.startswith(_NOTE):
+        note = data.startswith(_NOTE)
+        if note:
             data = data[1:]
             outbox.pending_notifications -= 1
             if outbox.pending_notifications == 0:
                 outbox.overflowed = False
+        elif data is outbox.overflow_note:
+            # Once this overflow is on its way, a later drop needs one of its
+            # own: the client re-reads when it sees this one, before that drop.
+            outbox.overflowed = False
+            outbox.overflow_note = None
         writer.write(data)
         await writer.drain()
+        if note:
+            outbox.pending_bytes -= len(data)
 
 
 @dataclass(slots=True)

@@ -393,6 +393,23 @@ async def test_a_drop_after_the_overflow_was_delivered_is_announced_again() -> N
         await asyncio.wait_for(drainer, 5)
 
 
+def test_the_outbox_is_bounded_in_bytes_too() -> None:
+    box = Outbox(queue_limit=1000, byte_limit=10_000)
+    big = {"changes": [{"table": "T", "inserted": ["k" * 7000]}]}
+    box.notify("dataChange", big)      # alone: always fits, even over the byte limit
+    box.notify("dataChange", {"n": 1})  # small, fits beside it? 7 kB + small < 10 kB: yes
+    box.notify("dataChange", big)      # would pass 10 kB: dropped
+    box.notify("dataChange", {"n": 2})  # fits: queued after the overflow
+    items = []
+    while not box.queue.empty():
+        entry = box.queue.get_nowait()
+        assert entry is not None
+        items.append(json.loads(entry.lstrip(b"\x00")))
+    assert [m["method"] for m in items] == ["dataChange", "dataChange", "overflow", "dataChange"]
+    assert items[1]["params"] == {"n": 1} and items[3]["params"] == {"n": 2}
+    assert box.pending_notifications == 3 and 7000 < box.pending_bytes < 10_000
+
+
 def test_a_subscriber_that_never_reads(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
     d = start_daemon("stuck", "--config", str(write_config(tmp_path, "notification_queue = 20\n")))
     pid = d.proc.pid
@@ -459,6 +476,57 @@ def test_a_subscriber_that_never_reads(start_daemon: Callable[..., DaemonProcess
             assert any(m.get("method") == "dataChange" and 9_000_000 in keys_of([m], "inserted") for m in rest), rest
         finally:
             raw.close()
+
+
+LONG_KEY = 1000
+
+
+def long_key_workload(c: BlockingClient, store: str, pid: int) -> int:
+    """50k rows with 1 KB text keys in 10k-row statements, then two updates of every row;
+    returns the daemon's peak RSS (kB) meanwhile."""
+    peak = rss_kb(pid)
+    for chunk in range(5):
+        c.call("store.execute", store=store, sql=(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000) "
+            f"INSERT INTO K(k, v) SELECT printf('%0{LONG_KEY}d', x + {chunk * 10_000}), 0 FROM c"))
+        peak = max(peak, rss_kb(pid))
+    for i in range(2):
+        c.call("store.execute", store=store, sql=f"UPDATE K SET v = {i + 1}")
+        peak = max(peak, rss_kb(pid))
+    time.sleep(0.3)
+    return max(peak, rss_kb(pid))
+
+
+def test_a_stuck_subscriber_costs_bounded_memory_whatever_the_notification_size(
+        start_daemon: Callable[..., DaemonProcess], raw_factory: Callable[[Path], RawConnection]) -> None:
+    """Default queue (1000 notifications), but each notification lists up to 10k keys
+    of 1 KB: the queue must be bounded in bytes too, not only in count. Two daemons run
+    the same writes; the one with a subscriber that never reads may use a little more."""
+    peaks = {}
+    for stuck in (False, True):
+        d = start_daemon(f"mem{int(stuck)}")
+        with d.client() as c:
+            c.call("store.open", store="s")
+            c.call("store.execute", store="s", sql="CREATE TABLE K (k TEXT PRIMARY KEY, v INTEGER)")
+            c.call("store.set_distributed_tables", store="s", tables=["K"])
+            if stuck:
+                raw = raw_factory(d.socket)
+                raw.call("store.open", rid=1, store="s")
+                raw.call("store.subscribe", rid=2, store="s", type="local_details")
+            peaks[stuck] = long_key_workload(c, "s", d.proc.pid)
+            if stuck:  # it reads at last: what was kept, then overflow (and the writes' keys were dropped)
+                raw.sock.settimeout(2)
+                seen: list[dict[str, Any]] = []
+                for _ in range(2000):
+                    try:
+                        seen.append(json.loads(raw.read_line()))
+                    except TimeoutError:
+                        break
+        d.stop()
+    extra = peaks[True] - peaks[False]
+    print(f"peak RSS {peaks[False] // 1024} MB without, {peaks[True] // 1024} MB with a stuck subscriber")
+    assert [m["method"] for m in seen][-1] == "overflow", [m["method"] for m in seen]
+    assert extra < 30 * 1024, f"a stuck subscriber cost {extra // 1024} MB ({peaks[False] // 1024} -> {peaks[True] // 1024} MB)"
 
 
 # ====================================================================== 4. coalescing
