@@ -673,7 +673,9 @@ def test_a_50_mb_result_arrives_whole_in_pages(pair: Pair) -> None:
     pages = [int(m.group(1)) for m in re.finditer(r"answered remote query from \S+ on default/big\.BIG \((\d+) page", b.proc.log())]
     assert pages and pages[-1] >= (BIG_ROWS * BLOB) // (4 << 20), pages
     assert latencies and max(latencies) < 1.0, f"B's writes took up to {max(latencies):.2f} s during the query"
-    print(f"50 MB remote query: {elapsed:.1f} s, {pages[-1]} pages, B write p100 {max(latencies) * 1000:.0f} ms")
+    rss = {n.name: next(int(x.split()[1]) // 1024 for x in Path(f"/proc/{n.proc.proc.pid}/status").read_text().splitlines()
+                        if x.startswith("VmRSS")) for n in (a, b)}
+    print(f"50 MB remote query: {elapsed:.1f} s, {pages[-1]} pages, B write p100 {max(latencies) * 1000:.0f} ms, RSS MB {rss}")
 
 
 def test_answerer_killed_mid_query_fails_fast_with_device_offline(linked_daemons) -> None:
@@ -723,3 +725,15 @@ def test_sync_filter_with_a_blob_value(linked_daemons) -> None:
     assert results[b.id]["code"] == 0
     dev_a = b.call("store.distributed_table_name", store="s", device=a.id, table="T")["table"]
     assert b.rows({"store": "s"}, f'SELECT id FROM "{dev_a}"') == [[1]]
+
+
+def test_a_predicate_too_big_for_one_message_is_refused_clearly(pair: Pair) -> None:
+    """10k IN values are allowed by the predicate rules, but 330 kB of JSON exceeds the
+    256 KiB a QueryRequest may carry: a clear error (not INTERNAL_ERROR), the link survives."""
+    values = [f"name-{i:024d}" for i in range(10_000)]
+    with pytest.raises(P2PStoreError) as err:
+        pair.query(predicates={"where": [["name", "in", values]]})
+    assert err.value.name in ("INVALID_PREDICATE", "PROTOCOL_ERROR"), err.value
+    assert "limit" in err.value.message
+    assert pair.a.sees_online(pair.b)
+    assert pair.ids(where=[["name", "in", values[:5000] + ["bob"]]]) == [3]  # 165 kB: fine
