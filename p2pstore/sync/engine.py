@@ -13,8 +13,10 @@ Invariants:
 - Data leaves this device only after ``DeviceDirectory.may_receive`` (trust
   and the security-level rule) said yes for that peer and store — checked by
   the sender, whoever opened the session.
-- Batches are bounded (``batch_rows``) and the sender waits for each ack, so
-  memory stays bounded whatever the size of the sync.
+- Batches are bounded (``batch_rows``) and the sender has at most
+  ``SEND_WINDOW`` of them unacked (it reads the next batch while the
+  receiver applies the previous one), so memory stays bounded whatever the
+  size of the sync. The receiver handles a session's messages in order.
 - Nothing a peer sends can raise out of ``handle``: a malformed or
   unexpected message ends its session with a code, never the daemon.
 - One user-requested sync per store at a time (``SYNC_IN_PROGRESS``);
@@ -27,6 +29,7 @@ import asyncio
 import json
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -61,6 +64,8 @@ DEFAULT_BATCH_ROWS = 500
 DEFAULT_TIMEOUT = 30.0
 #: Messages a session may have waiting; a peer that floods more is cut off.
 INBOX_SIZE = 16
+#: Batches a sender may have unacked (read the next while the peer applies one).
+SEND_WINDOW = 2
 
 
 class Code(IntEnum):
@@ -331,23 +336,36 @@ class SyncEngine:
 
     async def _send_stream(self, session: _Session, store: Store, since: int, table: str | None, where: Any,
                            progress: Progress | None) -> Stats:
-        """Sender: batches from ``since`` until the stream is drained, each acked."""
+        """Sender: batches from ``since`` until the stream is drained, each acked.
+
+        Up to ``SEND_WINDOW`` batches are unacked at a time: reading batch
+        n+1 overlaps the receiver applying batch n. Acks come in order.
+        """
         stats = Stats()
         first = True
+        unacked: deque[OutBatch] = deque()
+
+        async def take_ack() -> None:
+            ack = await session.next(self.timeout)
+            if not isinstance(ack, SyncAck):
+                raise SessionEnded(Code.FAIL, f"expected an ack, got {type(ack).__name__}")
+            stats.add(unacked.popleft(), ack.applied, ack.conflicts, ack.failed)
+            if progress is not None:
+                progress("in_progress", Code.SUCCESS, stats, "upload")
+
         while True:
             batch = await store.read_changes(table, since, where=where, limit=self.batch_rows)
             if batch.rows or batch.last_seq > since or first:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
                 await self._send(session.peer, SyncBatch(session.req, payload))
-                ack = await session.next(self.timeout)
-                if not isinstance(ack, SyncAck):
-                    raise SessionEnded(Code.FAIL, f"expected an ack, got {type(ack).__name__}")
-                stats.add(batch, ack.applied, ack.conflicts, ack.failed)
-                if progress is not None:
-                    progress("in_progress", Code.SUCCESS, stats, "upload")
+                unacked.append(batch)
+                if len(unacked) >= SEND_WINDOW:
+                    await take_ack()
             first = False
             since = batch.last_seq
             if not batch.more:
+                while unacked:
+                    await take_ack()
                 return stats
 
     async def _receive_stream(self, session: _Session, store: Store, progress: Progress | None) -> Stats:
