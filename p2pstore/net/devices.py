@@ -74,18 +74,21 @@ class DeviceDirectory:
         self.on_event = on_event
         self._discovered: dict[str, DiscoveredPeer] = {}
         self._discovered_at: dict[str, float] = {}
+        # Trusted devices mDNS lost, whose last addresses are still dialed (see on_lost).
+        self._lost: dict[str, DiscoveredPeer] = {}
 
     # -- discovery callbacks ---------------------------------------------------
 
     def on_found(self, peer: DiscoveredPeer) -> None:
         old = self._discovered.get(peer.device_id)
         new = old is None
-        if old is not None:
+        previous = old or self._lost.pop(peer.device_id, None)
+        if previous is not None:
             # An update (e.g. restarted on another port): stop dialing what it no longer advertises.
             current = {(host, peer.port) for host in peer.addresses}
-            for host in old.addresses:
-                if (host, old.port) not in current:
-                    self.peers.remove_address(host, old.port)
+            for host in previous.addresses:
+                if (host, previous.port) not in current:
+                    self.peers.remove_address(host, previous.port)
         self._discovered[peer.device_id] = peer
         self._discovered_at[peer.device_id] = time.time()
         for host in peer.addresses:
@@ -98,10 +101,18 @@ class DeviceDirectory:
 
     def on_lost(self, device_id: str) -> None:
         peer = self._discovered.pop(device_id, None)
-        if peer is not None:
-            for host in peer.addresses:
-                self.peers.remove_address(host, peer.port)
-            log.info("device %s (%r) left the network (mDNS)", device_id, peer.name)
+        if peer is None:
+            return
+        if self.trust_store.is_trusted(device_id):
+            # Keep dialing a trusted device's last address (with the usual backoff): after a
+            # network outage longer than the record TTL, mDNS forgets the device and never asks
+            # for it again, so forgetting the address too would leave the two apart for good.
+            self._lost[device_id] = peer
+            log.info("device %s (%r) left the network (mDNS); still dialing its last address", device_id, peer.name)
+            return
+        for host in peer.addresses:
+            self.peers.remove_address(host, peer.port)
+        log.info("device %s (%r) left the network (mDNS)", device_id, peer.name)
 
     # -- peer manager callback -------------------------------------------------
 
@@ -195,6 +206,10 @@ class DeviceDirectory:
         if not self.trust_store.untrust(device_id):
             raise DeviceUnknown(f"device {device_id} is not trusted", data={"device_id": device_id})
         log.info("untrusted device %s; its channel is closed", device_id)
+        lost = self._lost.pop(device_id, None)
+        if lost is not None:
+            for host in lost.addresses:
+                self.peers.remove_address(host, lost.port)
         if not was_online:  # else the peer manager already reported it offline (and untrusted)
             self._emit(device_id, False)
         return device_id

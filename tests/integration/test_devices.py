@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from p2pstore.client import BlockingClient
 from p2pstore.errors import ChannelError
 from p2pstore.net.channel import accept_tls, dial_tls, listen
 from p2pstore.net.devices import DeviceDirectory, security_allows
+from p2pstore.net.discovery import DiscoveredPeer
 from p2pstore.net.identity import (
     Identity,
     _load_key,
@@ -51,6 +51,7 @@ from p2pstore.net.identity import (
 from p2pstore.net.peers import PeerInfo
 from p2pstore.net.trust import TrustStore
 from p2pstore.protocol.messages import Hello, StoreOffer, TableOffer
+from p2pstore.protocol.prologue import encode_prologue
 from p2pstore.protocol.session import Session
 
 LO = "127.0.0.1"
@@ -282,10 +283,9 @@ def test_mdns_three_daemons_find_each_other_and_mesh(node, loopback_multicast, r
                         FIVE_S, "full mesh online")
     record_property("mdns_three_mesh_online_s", round(online, 3))
     assert time.monotonic() - t0 < 2 * FIVE_S
-    # exactly one channel per pair: each daemon lists each other one once
-    for me in nodes:
-        ids = [d["device_id"] for d in me.devices()]
-        assert len(ids) == len(set(ids))
+    for me in nodes:  # each lists each other one once, under its announced name
+        listed = {d["device_id"]: d["name"] for d in me.devices()}
+        assert all(listed[o.id] == o.name for o in nodes if o is not me)
 
 
 # ================================================================ 2. static peers, discovery off
@@ -725,7 +725,6 @@ def test_plain_tcp_and_garbage_are_dropped_harmlessly(node, tmp_path: Path) -> N
         "prologue + plaintext": None,  # filled below
     }
     me = fresh_identity(tmp_path, "garbler")
-    from p2pstore.protocol.prologue import encode_prologue
     cases["prologue + plaintext"] = encode_prologue(me.cert_der) + b"HELLO? plaintext before TLS"
     for what, payload in cases.items():
         got, ended = _raw_exchange(a.port, payload)
@@ -771,6 +770,39 @@ def test_silent_connections_do_not_block_a_trusted_peer(node) -> None:
     finally:
         for s in silent:
             s.close()
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this host other than 127.x (connecting to it stays on this host)."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True) if shutil.which("ip") else None
+    for line in (out.stdout.splitlines() if out and out.returncode == 0 else []):
+        addr = line.split()[3].split("/")[0]
+        if not addr.startswith("127."):
+            return addr
+    return None
+
+
+def test_peer_port_listens_only_on_the_configured_interface(node) -> None:
+    a = node("a")
+    other = _non_loopback_address()
+    if other is None:
+        pytest.skip("this host has no non-loopback IPv4 address to probe")
+    with pytest.raises(OSError):
+        socket.create_connection((other, a.port), timeout=2).close()
+    socket.create_connection((LO, a.port), timeout=2).close()
+
+
+def test_static_peer_pointing_at_itself_is_harmless(node) -> None:
+    port = free_port()
+    a = node("a", "--port", str(port), "--peer", f"{LO}:{port}")
+    time.sleep(1.0)  # a dials itself at least once
+    assert a.devices() == [], "a device never lists itself"
+    assert a.api.call("device.info")["port"] == port
+    assert "is this device itself" in a.proc.log()
+    b = node("b", "--peer", f"{LO}:{port}")
+    a.trust(b)
+    b.trust(a)
+    wait_until(lambda: a.sees_online(b) and b.sees_online(a), FIVE_S, "online beside the self-dial")
 
 
 # ================================================================ 6. kill -9 and restart
@@ -935,6 +967,7 @@ class _StubPeers:
 
     def __init__(self) -> None:
         self.infos: dict[str, PeerInfo] = {}
+        self.addresses = set()
 
     def connect(self, device_id: str, level: int) -> None:
         hello = Hello(PROTOCOL_VERSION, device_id, "x", level, ())
@@ -955,6 +988,17 @@ class _StubPeers:
 
     def is_online(self, device_id: str) -> bool:
         return bool(self.infos.get(device_id) and self.infos[device_id].online)
+
+    # addresses, as DeviceDirectory hands them on from discovery
+    addresses: set[tuple[str, int]]
+
+    def add_address(self, device_id: str | None, host: str, port: int, **kw: Any) -> None:
+        self.addresses.add((host, port))
+
+    def remove_address(self, host: str, port: int) -> bool:
+        had = (host, port) in self.addresses
+        self.addresses.discard((host, port))
+        return had
 
 
 def test_may_receive(tmp_path: Path) -> None:
@@ -1011,3 +1055,36 @@ def test_mdns_pending_device_shows_its_advertised_level(node, loopback_multicast
     wait_until(lambda: a.view(b.id), FIVE_S, "a discovers b")
     v = a.view(b.id)
     assert v["pending"] and v["security_level"] == "S4"
+
+
+def test_directory_follows_discovery_addresses(tmp_path: Path) -> None:
+    """What the directory asks the peer manager to dial as mDNS reports come
+    and go: a moved device's old address is dropped; a *trusted* device that
+    mDNS loses keeps being dialed at its last address (mDNS never asks again
+    after a long outage, see the multihost partition test); an untrusted one
+    is forgotten."""
+    trust = TrustStore(tmp_path / "trust.json")
+    peers = _StubPeers()
+    directory = DeviceDirectory(random_device_id(), trust, peers)  # type: ignore[arg-type]
+    friend, stranger = random_device_id(), random_device_id()
+    trust.trust(friend)
+
+    def seen(device_id: str, port: int) -> DiscoveredPeer:
+        return DiscoveredPeer(device_id, "x", ("10.0.0.9",), port, PROTOCOL_VERSION, 1)
+
+    directory.on_found(seen(friend, 1000))
+    directory.on_found(seen(stranger, 2000))
+    assert peers.addresses == {("10.0.0.9", 1000), ("10.0.0.9", 2000)}
+    directory.on_found(seen(friend, 1001))  # restarted on another port
+    assert peers.addresses == {("10.0.0.9", 1001), ("10.0.0.9", 2000)}
+    directory.on_lost(stranger)
+    assert peers.addresses == {("10.0.0.9", 1001)}
+    assert stranger not in [v.device_id for v in directory.list()], "a lost untrusted device is no longer listed"
+    directory.on_lost(friend)
+    assert peers.addresses == {("10.0.0.9", 1001)}, "a trusted device's last address is still dialed"
+    assert directory.get(friend).discovered is False
+    directory.on_found(seen(friend, 1002))  # back, elsewhere: the old address goes
+    assert peers.addresses == {("10.0.0.9", 1002)}
+    directory.on_lost(friend)
+    directory.untrust(friend)
+    assert peers.addresses == set(), "untrusting a lost device stops dialing it"

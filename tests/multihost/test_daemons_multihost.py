@@ -178,6 +178,39 @@ def test_partitioned_host_goes_offline_and_comes_back(short_root: Path) -> None:
         assert namespaces_with_prefix(prefix) == []
 
 
+@pytest.mark.timeout(420)
+def test_trusted_hosts_reconnect_after_an_outage_longer_than_the_mdns_ttl(short_root: Path) -> None:
+    """An outage long enough (> 120 s record TTL + a liveness sweep) that mDNS
+    forgets the other device on both sides. zeroconf then never asks for it
+    again, and neither daemon re-announces; the two trusted devices must
+    still reconnect once the network is back (by dialing the last address).
+    Takes about three minutes."""
+    prefix = unique_prefix("dl")
+    peers: list[Peer] = []
+    try:
+        with Testbed(2, prefix) as bed:
+            try:
+                a, b = peers = start_peers(bed, short_root, 2)
+                wait_until(lambda: a.view(b.id) and b.view(a.id), FIND_TIMEOUT, "discovered")
+                a.api.call("devices.trust", device_id=b.id)
+                b.api.call("devices.trust", device_id=a.id)
+                wait_until(lambda: a.online(b) and b.online(a), ONLINE_TIMEOUT, "online")
+                switch = f"{prefix}sw"
+                subprocess.run(["ip", "-n", switch, "link", "set", "h2", "down"], check=True)
+                try:
+                    lost = wait_until(lambda: not a.view(b.id)["discovered"] and not b.view(a.id)["discovered"],
+                                      200.0, "mDNS forgets the other side", interval=1.0)
+                finally:
+                    subprocess.run(["ip", "-n", switch, "link", "set", "h2", "up"], check=True)
+                back = wait_until(lambda: a.online(b) and b.online(a), 20.0, "online again after the outage")
+                print(f"long outage: mDNS lost the peer after {lost:.0f} s; online {back:.1f} s after the network came back")
+                assert a.view(b.id)["trusted"] and b.view(a.id)["trusted"]
+            finally:
+                stop_peers(peers)
+    finally:
+        assert namespaces_with_prefix(prefix) == []
+
+
 # ---------------------------------------------------------------------------- avahi-browse sees a daemon
 
 AVAHI_NS_ADDRESS = "10.77.98.1"
