@@ -210,6 +210,30 @@ def _clock(hlc: Any, origin: Any, what: str) -> tuple[int, str] | tuple[None, No
     return (_int(hlc, f"{what} hlc", 0, MAX_HLC), _name(origin, f"{what} origin"))
 
 
+def _plain_cell(cell: Any) -> Cell | None:
+    """The usual well-formed cell, checked without building error texts
+    (they cost more than the checks: a 500-row batch decoded twice as slowly).
+    Accepts a subset of what the checks below accept; None sends the cell
+    through them, for the same result or the same error as always."""
+    if type(cell) is not list or len(cell) != 6:  # msgpack arrays decode as lists
+        return None
+    column, value, hlc, origin, prev_hlc, prev_origin = cell
+    if not (type(column) is str and 0 < len(column) <= MAX_NAME_LEN and type(hlc) is int and 0 <= hlc <= MAX_HLC
+            and type(origin) is str and 0 < len(origin) <= MAX_NAME_LEN):
+        return None
+    kind = type(value)
+    if not (value is None or kind is str or kind is bytes or (kind is int and -(1 << 63) <= value < (1 << 63))
+            or (kind is float and value == value)):  # NaN != NaN
+        return None
+    if prev_hlc is None or prev_origin is None:
+        if prev_hlc is not None or prev_origin is not None:
+            return None
+    elif not (type(prev_hlc) is int and 0 <= prev_hlc <= MAX_HLC and type(prev_origin) is str
+              and 0 < len(prev_origin) <= MAX_NAME_LEN):
+        return None
+    return Cell(column, value, hlc, origin, prev_hlc, prev_origin)
+
+
 def row_from_plain(obj: Any, mode: str) -> RowChange:
     """Check and build one row change; any defect raises ``ProtocolError``."""
     if not isinstance(obj, (list, tuple)) or len(obj) != 6:
@@ -227,6 +251,10 @@ def row_from_plain(obj: Any, mode: str) -> RowChange:
         raise ProtocolError(f"{table}: cells must be a list")
     built: list[Cell] = []
     for i, cell in enumerate(cells):
+        plain = _plain_cell(cell)
+        if plain is not None:
+            built.append(plain)
+            continue
         if not isinstance(cell, (list, tuple)) or len(cell) != 6:
             raise ProtocolError(f"{table}: cell {i} must be [column, value, hlc, origin, prev hlc, prev origin]")
         hlc, origin = _clock(cell[2], cell[3], f"{table}: cell {i}")

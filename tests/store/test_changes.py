@@ -299,3 +299,40 @@ def test_any_input_is_a_batch_or_a_protocol_error(obj: Any) -> None:
     event(f"accepted with {len(batch.rows)} row(s)")
     assert isinstance(batch, OutBatch)
     assert all(isinstance(r, RowChange) and all(isinstance(c, Cell) for c in r.cells) for r in batch.rows)
+
+
+
+
+
+def _often(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``good`` three times in four: each field's edges get tried with the others valid."""
+    return st.integers(0, 3).flatmap(lambda n: good if n else bad)
+
+
+_edge_hlc = _often(st.sampled_from([0, 7, (1 << 63) - 1]), st.sampled_from([None, -1, 1 << 63, True, 1.0, "7"]))
+_edge_name = _often(st.sampled_from(["a", "DEVA", "x" * 1024]), st.sampled_from([None, "", "x" * 1025, 1, b"a"]))
+_edge_value = st.sampled_from([None, 0, -(1 << 63), (1 << 63) - 1, 1 << 63, -(1 << 63) - 1, 1.5, float("nan"), float("inf"),
+                               "s", b"b", True, [1], {"a": 1}])
+_edge_cell = st.one_of(
+    st.tuples(_edge_name, _edge_value, _edge_hlc, _edge_name, _edge_hlc, _edge_name).map(list),
+    st.tuples(_edge_name, _edge_value, _edge_hlc, _edge_name, _often(st.none(), _edge_hlc), _often(st.none(), _edge_name)).map(list),
+    st.lists(_edge_value, min_size=5, max_size=7),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_edge_cell | _cell, min_size=1, max_size=3), st.sampled_from(["single_version", "collaborative"]))
+def test_the_quick_cell_check_agrees_with_the_full_checks(cells: list[Any], mode: str) -> None:
+    """Decoding takes well-formed list cells the quick way (changes._plain_cell);
+    tuples always go through the full checks: same row, or the same error."""
+
+    def decode(cs: list[Any]) -> Any:
+        try:
+            return changes.row_from_plain(["items", "uid", "x", 3, cs, None], mode)
+        except ProtocolError as exc:
+            return exc.message
+
+    as_tuples = [tuple(c) if isinstance(c, list) else c for c in cells]
+    got = decode(cells)
+    event("accepted" if isinstance(got, RowChange) else "refused")
+    assert repr(got) == repr(as_tuples and decode(as_tuples))  # repr: NaN == NaN
