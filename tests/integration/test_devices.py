@@ -854,7 +854,7 @@ def test_frozen_daemon_goes_offline_by_keepalive(node, record_property) -> None:
     back = wait_until(lambda: a.sees_online(b) and b.sees_online(a), 15.0, "online again after SIGCONT")
     record_property("sigstop_to_offline_s", round(offline, 3))
     print(f"SIGSTOP: offline after {offline:.2f} s; SIGCONT: online after {back:.2f} s")
-    assert offline <= 15.5
+    assert offline < 16.0, "dead-after is 15 s; allow for polling"
 
 
 @pytest.mark.slow
