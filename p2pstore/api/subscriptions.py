@@ -8,7 +8,10 @@ client gets an ``overflow`` notification, which tells it to re-read what it
 cares about. One is queued at a time; a notification dropped after it was
 handed to the socket gets a new one, so every drop is followed by an
 ``overflow`` the client reads after it. Responses are never dropped: they
-bypass the limit.
+bypass the limit — but while a client has more than ``MAX_ANSWER_BACKLOG``
+bytes of answers it has not read, the server reads no further request from
+it (backpressure), so a client that never reads can't make the daemon hold
+an unbounded pile of answers.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ StoreKey = tuple[str, str]
 
 #: Bytes of notifications one client may have waiting (beyond what the socket holds).
 MAX_PENDING_BYTES = 8 << 20
+#: Bytes of unread answers after which the server stops reading that client's requests.
+MAX_ANSWER_BACKLOG = 8 << 20
 
 
 class Outbox:
@@ -45,10 +50,26 @@ class Outbox:
         self.overflowed = False
         self.overflow_note: bytes | None = None
         self.closed = False
+        self.answer_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
 
     def send(self, data: bytes) -> None:
+        """An answer: never dropped, but counted for backpressure (``room``)."""
         if not self.closed:
-            self.queue.put_nowait(data)
+            self.answer_bytes += len(data)
+            if self.answer_bytes > MAX_ANSWER_BACKLOG:
+                self._room.clear()
+            self.queue.put_nowait(_ANSWER + data)
+
+    async def room(self) -> None:
+        """Wait until the client has read enough of its answers to take more requests."""
+        await self._room.wait()
+
+    def _answer_written(self, size: int) -> None:
+        self.answer_bytes -= size
+        if self.answer_bytes <= MAX_ANSWER_BACKLOG:
+            self._room.set()
 
     def notify(self, method: str, params: dict[str, Any]) -> None:
         if self.closed:
@@ -70,11 +91,13 @@ class Outbox:
 
     def close(self) -> None:
         self.closed = True
+        self._room.set()
         self.queue.put_nowait(None)
 
 
-#: Internal marker telling the writer loop that an entry counted against the limit.
+#: Internal markers telling the writer loop what an entry counted against.
 _NOTE = b"\x00"
+_ANSWER = b"\x01"
 
 
 async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
@@ -83,8 +106,11 @@ async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
         data = await outbox.queue.get()
         if data is None:
             return
+        answer = data.startswith(_ANSWER)
         note = data.startswith(_NOTE)
-        if note:
+        if answer:
+            data = data[1:]
+        elif note:
             data = data[1:]
             outbox.pending_notifications -= 1
             if outbox.pending_notifications == 0:
@@ -98,6 +124,8 @@ async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
         await writer.drain()
         if note:
             outbox.pending_bytes -= len(data)
+        elif answer:
+            outbox._answer_written(len(data))
 
 
 @dataclass(slots=True)
@@ -204,7 +232,11 @@ class Coalescer:
             self._timers[key] = loop.call_later(wait, self._flush, key)
 
     def _flush(self, key: tuple[StoreKey, str]) -> None:
-        self._timers.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            # Flushed early (the loop was late, a change came after the window
+            # ended): the window's timer must not flush again right after.
+            timer.cancel()
         params = self._pending.pop(key, None)
         if params is None:
             return
