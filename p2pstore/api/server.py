@@ -29,7 +29,7 @@ from p2pstore.errors import InternalError, P2PStoreError, RequestTooLarge
 log = logging.getLogger(__name__)
 
 #: Requests one connection may have in flight; more wait (backpressure).
-MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT = 16
 
 Dispatch = Callable[["ClientConnection", Request], Awaitable[Any]]
 
@@ -137,6 +137,7 @@ class ApiServer:
         inflight: set[asyncio.Task[Any]] = set()
         try:
             while True:
+                await outbox.room()  # backpressure: a client must read its answers to be heard
                 try:
                     line = await reader.readuntil(b"\n")
                 except asyncio.IncompleteReadError as exc:

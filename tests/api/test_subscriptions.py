@@ -22,7 +22,7 @@ def queued(outbox: Outbox) -> list[Any]:
     items = []
     while not outbox.queue.empty():
         data = outbox.queue.get_nowait()
-        items.append(None if data is None else json.loads(data.lstrip(b"\x00")))
+        items.append(None if data is None else json.loads(data.lstrip(b"\x00\x01")))
     return items
 
 
