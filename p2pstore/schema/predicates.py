@@ -19,6 +19,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import base64
+import binascii
+import json
+
 from p2pstore.errors import InvalidPredicate
 
 #: Nesting depth and item count caps keep a hostile predicate from costing
@@ -198,3 +202,30 @@ def _count(predicates: dict[str, Any], key: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 2**62:
         raise InvalidPredicate(f"predicates.{key} must be a non-negative integer", data={"path": f"/{key}"})
     return value
+
+
+# Predicates as they travel between devices (remote query, query sync): one encoding.
+
+
+def encode_predicates(predicates: dict[str, Any]) -> str:
+    """Predicates as JSON text for QueryRequest; blob values as ``{"$blob": "<base64>"}`` (as in the API)."""
+    def blob(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return {"$blob": base64.b64encode(bytes(value)).decode("ascii")}
+        raise TypeError(f"a {type(value).__name__} can't be a predicate value")
+    return json.dumps(predicates, default=blob)
+
+
+def decode_predicates(text: str) -> Any:
+    """The inverse of ``encode_predicates``; a malformed blob is an InvalidPredicate."""
+    def hook(obj: dict[str, Any]) -> Any:
+        if "$blob" not in obj:
+            return obj
+        data = obj["$blob"]
+        if len(obj) != 1 or not isinstance(data, str):
+            raise InvalidPredicate('a blob value is {"$blob": "<base64>"}')
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidPredicate("invalid base64 in a $blob value") from None
+    return json.loads(text, object_hook=hook)

@@ -26,7 +26,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from collections import deque
@@ -52,7 +51,7 @@ from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import Message, StoreOffer, SyncAck, SyncBatch, SyncEnd, SyncOpen, SyncReady, TableOffer
-from p2pstore.schema.predicates import compile_predicates, devices_of
+from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.changes import OutBatch, batch_from_plain, batch_to_plain
 from p2pstore.store.database import Store
 from p2pstore.store.merge import ApplyResult
@@ -495,7 +494,7 @@ class SyncEngine:
         req = secrets.randbits(62) + 1
         session = self._open_session(peer, req)
         try:
-            where_text = json.dumps(where_json) if where is not None else None
+            where_text = encode_predicates(where_json) if where is not None else None
             if mode == "push":
                 await self._send(peer, SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store)))
                 ready = await session.next(self.timeout)
@@ -598,6 +597,6 @@ def _parse_where(text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise SessionEnded(Code.INVALID_ARGS, f"row filter is not valid JSON: {exc}") from None
+        return decode_predicates(text)
+    except (ValueError, InvalidPredicate) as exc:
+        raise SessionEnded(Code.INVALID_ARGS, f"row filter is not valid: {exc}") from None

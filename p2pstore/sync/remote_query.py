@@ -18,9 +18,6 @@ Answering side invariants:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import secrets
 import sqlite3
@@ -43,7 +40,7 @@ from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest
-from p2pstore.schema.predicates import compile_predicates, quote_ident
+from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
 
@@ -237,28 +234,6 @@ class RemoteQueries:
             self._waiting.pop((device, req), None)
 
 
-def encode_predicates(predicates: dict[str, Any]) -> str:
-    """Predicates as JSON text for QueryRequest; blob values as ``{"$blob": "<base64>"}`` (as in the API)."""
-    def blob(value: Any) -> Any:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return {"$blob": base64.b64encode(bytes(value)).decode("ascii")}
-        raise TypeError(f"a {type(value).__name__} can't be a predicate value")
-    return json.dumps(predicates, default=blob)
-
-
-def decode_predicates(text: str) -> Any:
-    """The inverse of ``encode_predicates``; a malformed blob is an InvalidPredicate."""
-    def hook(obj: dict[str, Any]) -> Any:
-        if "$blob" not in obj:
-            return obj
-        data = obj["$blob"]
-        if len(obj) != 1 or not isinstance(data, str):
-            raise InvalidPredicate('a blob value is {"$blob": "<base64>"}')
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidPredicate("invalid base64 in a $blob value") from None
-    return json.loads(text, object_hook=hook)
 
 
 def decode_rows(payload: bytes) -> list[list[Any]]:

@@ -710,8 +710,6 @@ def test_answerer_killed_mid_query_fails_fast_with_device_offline(linked_daemons
     assert a.call("device.info")["device_id"] == a.id  # A is fine
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store.sync with a blob value in predicates.where fails with INTERNAL_ERROR "
-                                       "(SyncEngine._run_session json.dumps(where_json) can't encode bytes)")
 def test_sync_filter_with_a_blob_value(linked_daemons) -> None:
     """Same root cause as the remote-query predicates (fixed there): the filter is sent as JSON text."""
     b, a = linked_daemons(2)
