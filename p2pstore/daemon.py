@@ -28,14 +28,14 @@ from p2pstore.api.methods import Api, DeviceSelf
 from p2pstore.api.server import ApiServer, ClientConnection
 from p2pstore.api.subscriptions import Subscriptions
 from p2pstore.config import Config
-from p2pstore.errors import ConfigError, DaemonAlreadyRunning
+from p2pstore.errors import ConfigError, DaemonAlreadyRunning, P2PStoreError
 from p2pstore import PROTOCOL_VERSION
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.discovery import Discovery
 from p2pstore.net.identity import Identity
 from p2pstore.net.peers import PeerManager
 from p2pstore.net.trust import TrustStore
-from p2pstore.protocol.messages import Hello, Message, StoreOffer
+from p2pstore.protocol.messages import Hello, Message, StoreOffer, StoresOffer
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.sync.engine import SyncEngine, table_offers
@@ -156,10 +156,13 @@ class Daemon:
         return DeviceSelf(self.identity.device_id, self.config.name, self.config.security_level, port, self.config.default_store)
 
     def hello(self) -> Hello:
-        """What this device tells a trusted peer about itself when a channel opens."""
+        """Who this device is, for a peer it trusts. No stores: those go in a
+        StoresOffer once the peer has shown it trusts us too (``_peer_changed``)."""
         assert self.identity is not None
-        return Hello(PROTOCOL_VERSION, self.identity.device_id, self.config.name, self.config.security_level_int,
-                     tuple(store_offer(s) for s in self.registry.stores() if s.distributed))
+        return Hello(PROTOCOL_VERSION, self.identity.device_id, self.config.name, self.config.security_level_int, ())
+
+    def stores_offer(self) -> StoresOffer:
+        return StoresOffer(tuple(store_offer(s) for s in self.registry.stores() if s.distributed))
 
     def _store_changed(self, store: Store, batch: ChangeBatch) -> None:
         """Local changes (API or another program): notify, and auto-sync them."""
@@ -174,6 +177,16 @@ class Daemon:
             self.engine.on_peer_change(device_id, online)
         if self.queries is not None:
             self.queries.on_peer_change(device_id, online)
+        if online and self.peers is not None:
+            task = asyncio.ensure_future(self._offer_stores(device_id))
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _offer_stores(self, device_id: str) -> None:
+        try:
+            await self.peers.send(device_id, self.stores_offer())
+        except P2PStoreError as exc:
+            log.debug("could not offer stores to %s: %s", device_id, exc.message)
 
     def _device_event(self, event: dict[str, Any]) -> None:
         self.subscriptions.publish(None, "devices", "deviceChange", event)

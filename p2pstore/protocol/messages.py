@@ -223,6 +223,25 @@ class Close(Message):
         _text(self.reason, "reason", max_len=MAX_REASON_LEN, empty=True)
 
 
+@register
+@dataclass(frozen=True, slots=True)
+class StoresOffer(Message):
+    """The stores and distributed tables a device can sync.
+
+    Sent by each side once the channel is online — that is, after both HELLOs,
+    so the peer has shown it trusts us too. HELLO itself carries no stores, so
+    a device that trusts us but is not trusted back learns no store names.
+    """
+
+    TYPE: ClassVar[str] = "stores_offer"
+    stores: tuple[StoreOffer, ...]
+
+    def _validate(self) -> None:
+        keys = [(s.bundle, s.store) for s in self.stores]
+        if len(set(keys)) != len(keys):
+            raise ProtocolError("a store is offered twice")
+
+
 # --------------------------------------------------------------------------
 # Sync sessions
 #

@@ -50,7 +50,17 @@ from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
-from p2pstore.protocol.messages import Message, StoreOffer, SyncAck, SyncBatch, SyncEnd, SyncOpen, SyncReady, TableOffer
+from p2pstore.protocol.messages import (
+    Message,
+    StoreOffer,
+    StoresOffer,
+    SyncAck,
+    SyncBatch,
+    SyncEnd,
+    SyncOpen,
+    SyncReady,
+    TableOffer,
+)
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.changes import OutBatch, batch_from_plain, batch_to_plain
 from p2pstore.store.database import Store
@@ -271,6 +281,9 @@ class SyncEngine:
 
     async def handle(self, peer: str, msg: Message) -> None:
         """Route one message from a peer (called in order per channel; never blocks long)."""
+        if isinstance(msg, StoresOffer):
+            self.peer_tables[peer] = offers_by_store(msg.stores)
+            return
         if isinstance(msg, SyncOpen):
             if (peer, msg.req) in self._sessions:
                 log.warning("peer %s reused session id %d; ignored", peer, msg.req)

@@ -530,9 +530,9 @@ def test_untrusted_listener_gets_no_store_data(node, tmp_path: Path) -> None:
 
 def test_device_trusted_one_way_gets_the_hello_but_no_rows(node, tmp_path: Path) -> None:
     """A trusts R, R never answers with its HELLO (it does not trust A, or
-    pretends so). R gets A's HELLO (store and table names: what
-    docs/security.md says a trusted device gets) but no row, even while rows
-    are written to an auto-synced table."""
+    pretends so). R gets A's HELLO — who A is, but no store or table names
+    (those go in a StoresOffer only once both HELLOs are exchanged) — and no
+    row, even while rows are written to an auto-synced table."""
     a = node("a", "--name", DEVICE_NAME)
     store_with_secrets(a)
     reader = fresh_identity(tmp_path, "reader")
@@ -554,7 +554,8 @@ def test_device_trusted_one_way_gets_the_hello_but_no_rows(node, tmp_path: Path)
     events = session.receive_data(plain)
     assert [type(e).__name__ for e in events] == ["HelloReceived"], events
     hello = events[0].hello
-    assert hello.device_id == a.id and STORE_NAME in [s.store for s in hello.stores]
+    assert hello.device_id == a.id and hello.stores == ()
+    assert STORE_NAME.encode() not in plain and TABLE_NAME.encode() not in plain, "store names reached a one-way trusted device"
     assert ROW_VALUE.encode() not in plain, "a row reached a device that never completed the HELLO exchange"
     assert not a.sees_online(reader.device_id)
 
