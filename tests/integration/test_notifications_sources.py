@@ -193,10 +193,11 @@ def test_remote_and_remote_details_after_single_version_sync(linked_daemons) -> 
     assert {(c["table"], c["origin"]) for c in changes} == {("EMPLOYEE", a.id)}, changes
     inserted, updated = keys_of(notes, "inserted"), keys_of(notes, "updated")
     assert sorted(inserted) == sorted([keys["Eve"], keys["Fay"]]), got   # B's local keys, not A's
-    # "Same": A's edit is the later one; whatever the merge decides, B's row keeps B's key.
+    # "Same" (same conflict column): A's write is the later one, so it wins, and B's
+    # row is updated in place under B's key.
     assert keys["Same"] == b_key
-    if b.rows(SV_REF, "SELECT AGE FROM EMPLOYEE WHERE NAME = 'Same'") == [[99]]:
-        assert updated == [b_key], got
+    assert b.rows(SV_REF, "SELECT AGE FROM EMPLOYEE WHERE NAME = 'Same'") == [[99]]
+    assert updated == [b_key], got
     got = collect_notifications(remote, lambda g: bool(data_changes(g)), 3.0)
     assert data_changes(got)[0]["params"]["devices"] == [a.id]
 

@@ -417,7 +417,7 @@ def test_blob_values_travel_in_predicates(pair: Pair) -> None:
 
 
 def test_predicate_text_from_a_peer_is_decoded_strictly() -> None:
-    from p2pstore.sync.remote_query import decode_predicates, encode_predicates
+    from p2pstore.schema.predicates import decode_predicates, encode_predicates
     plain = {"where": [["data", "=", b"\x00\xff"], ["n", "in", [1, "x", None, 1.5]]], "limit": 3}
     assert decode_predicates(encode_predicates(plain)) == plain
     for text in ('{"where": [["data", "=", {"$blob": 5}]]}', '{"where": [["data", "=", {"$blob": "@@@"}]]}',
