@@ -212,8 +212,11 @@ class RemoteQueries:
         result_columns: list[str] = []
         rows: list[list[Any]] = []
         try:
-            await self.peers.send(device, QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()),
-                                                       encode_predicates(predicates)))
+            try:
+                request = QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()), encode_predicates(predicates))
+            except ProtocolError as exc:  # e.g. predicates over the message limit: the caller's input, not the peer's
+                raise InvalidPredicate(f"predicates can't be sent: {exc.message}", data={"path": "/"}) from None
+            await self.peers.send(device, request)
             while True:
                 try:
                     msg = await asyncio.wait_for(inbox.get(), self.timeout)
