@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,18 +393,25 @@ def _ck_expr(conn: sqlite3.Connection, tid: int) -> str:
     return quote_ident(row[0]) if row is not None and row[0] else "NULL"
 
 
-def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo) -> int:
-    """Mark every existing row of a captured table to be sent again: one
-    update entry per row with ``cols`` NULL (all columns), so the next sync
-    carries every synced column, including ones peers never received (a
-    sync column added to sync_schema.json). The caller stamps them in the
-    same transaction, without announcing them: no data changed locally.
-    Returns the number of rows marked.
+def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo, columns: Sequence[str] | None = None) -> int:
+    """Mark every existing row of a captured table to be sent again.
+
+    One update entry per row, whose changed-column mask names only
+    ``columns`` (the sync columns just added to sync_schema.json; None: all).
+    Only those cells get fresh clocks, so peers receive the new columns'
+    values while the values of columns they already sync keep their clocks —
+    a device that upgrades late must not win every row with old data. The
+    caller stamps them in the same transaction, without announcing them: no
+    data changed locally. Returns the number of rows marked.
     """
+    mask: int | None = None
+    if columns is not None:
+        positions = [info.columns.index(c) for c in columns if c in info.columns]
+        mask = None if any(p >= MAX_MASK_COLUMNS for p in positions) else sum(1 << p for p in positions)
     cursor = conn.execute(
-        f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) SELECT ?, {info.key_expr}, {OP_UPDATE}, NULL, {_ck_expr(conn, tid)} "
+        f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) SELECT ?, {info.key_expr}, {OP_UPDATE}, ?, {_ck_expr(conn, tid)} "
         f"FROM {quote_ident(info.name)}",
-        (tid,),
+        (tid, mask),
     )
     return max(cursor.rowcount, 0)
 

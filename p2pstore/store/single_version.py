@@ -346,7 +346,7 @@ def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tab
             continue
         row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone()
         if row is not None:  # a table registered later logs its rows as inserts anyway
-            resent[table] = capture.log_all_rows_again(conn, row[0], read_table_info(conn, table))
+            resent[table] = capture.log_all_rows_again(conn, row[0], read_table_info(conn, table), added)
 
     return SchemaOutcome(
         version=int(entry["version"]),

@@ -300,7 +300,8 @@ def test_added_sync_column_is_accepted_and_rows_are_marked_to_be_sent_again(daem
     added = changes(client)[len(before):]
     assert len(added) == 3
     assert sorted(r[2] for r in added) == [1, 2, 3]
-    assert all(r[1] == "EMPLOYEE" and r[3] == 2 and r[4] is None and r[5] is not None for r in added)
+    # Only the added column (AGE, position 2) is marked: the others keep their clocks.
+    assert all(r[1] == "EMPLOYEE" and r[3] == 2 and r[4] == 1 << 2 and r[5] is not None for r in added)
     sync_columns = client.call("store.query", **REF, sql="SELECT col, conflict FROM _p2p_sync_columns ORDER BY pos")["rows"]
     assert sync_columns == [["NAME", 1], ["AGE", 0]]
 

@@ -623,3 +623,22 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
         finally:
             for r in reps:
                 r.close()
+
+
+def test_a_late_schema_upgrade_does_not_win_old_columns_with_stale_values(device) -> None:
+    """The re-send after an added sync column carries the new column only: the
+    device that upgrades last must not overwrite newer values of the columns
+    everyone already syncs (it used to re-stamp every column)."""
+    narrow = schema_doc({"items": (ITEMS_FIELDS, ["uid", "a"])})
+    a, b = device("DEVA", doc=narrow, wall=1_000_000), device("DEVB", doc=narrow, wall=1_000_000)
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
+    a.push(b)
+    b.wall = 2_000_000
+    b.write("UPDATE items SET a = 2 WHERE uid = 'x'")  # B's newer edit, not yet seen by A
+    wide = schema_doc({"items": (ITEMS_FIELDS, ["uid", "a", "b"])}, version=1)
+    b.accept_schema(wide)
+    a.wall = 3_000_000
+    assert a.accept_schema(wide).resent == {"items": 1}  # A upgrades last, holding the stale a = 1
+    a.push(b)
+    b.push(a)
+    assert a.rows(SYNCED) == b.rows(SYNCED) == [("x", 2, "p")]

@@ -338,12 +338,13 @@ async def test_added_sync_column_is_accepted_and_existing_rows_are_marked(store:
 
     after = await log_rows(store)
     added = after[len(before):]
-    # The outside insert, then one update entry per existing row (all columns), all stamped.
+    # The outside insert, then one update entry per existing row naming only the
+    # added column (AGE, position 2), all stamped: old columns keep their clocks.
     assert [(r[1], r[3]) for r in added[:1]] == [("EMPLOYEE", OP_INSERT)]
     marked = added[1:]
     ids = (await store.query("SELECT ID FROM EMPLOYEE ORDER BY ID"))["rows"]
     assert sorted(r[2] for r in marked) == [row[0] for row in ids]
-    assert all(r[1] == "EMPLOYEE" and r[3] == OP_UPDATE and r[4] is None and r[5] is not None for r in marked)
+    assert all(r[1] == "EMPLOYEE" and r[3] == OP_UPDATE and r[4] == 1 << 2 and r[5] is not None for r in marked)
     # Only the outside write was announced; the marked rows are not local changes.
     assert announced == [[{"table": "EMPLOYEE", "type": "data", "inserted": [6], "updated": [], "deleted": []}]]
 
