@@ -187,9 +187,10 @@ class Subscriptions:
 
 #: Shortest gap between two dataChange notifications of one kind for one store.
 COALESCE_WINDOW_S = 0.02
-#: Keys one notification may list per table and list; beyond it the
-#: notification says ``truncated`` and the subscriber re-reads.
+#: Keys one notification may list per table and list, and their total size;
+#: beyond either the notification says ``truncated`` and the subscriber re-reads.
 MAX_KEYS_PER_NOTIFICATION = 10_000
+MAX_KEY_BYTES_PER_NOTIFICATION = 1 << 20
 
 
 class Coalescer:
@@ -207,12 +208,14 @@ class Coalescer:
         self.subscriptions = subscriptions
         self.window = window
         self._pending: dict[tuple[StoreKey, str], dict[str, Any]] = {}
+        self._budget: dict[tuple[StoreKey, str], list[int]] = {}  # key bytes left in the pending notification
         self._last: dict[tuple[StoreKey, str], float] = {}
         self._timers: dict[tuple[StoreKey, str], asyncio.TimerHandle] = {}
 
     def changes(self, store: StoreKey, type_: str, base: dict[str, Any], changes: list[dict[str, Any]]) -> None:
         """ChangeInfo lists (``local_details``, ``remote_details``)."""
-        self._add(store, type_, base, lambda acc: _merge_changes(acc.setdefault("changes", []), changes))
+        budget = self._budget.setdefault((store, type_), [MAX_KEY_BYTES_PER_NOTIFICATION])
+        self._add(store, type_, base, lambda acc: _merge_changes(acc.setdefault("changes", []), changes, budget))
 
     def devices(self, store: StoreKey, type_: str, base: dict[str, Any], devices: list[str]) -> None:
         """Device lists (``remote``)."""
@@ -238,13 +241,15 @@ class Coalescer:
             # ended): the window's timer must not flush again right after.
             timer.cancel()
         params = self._pending.pop(key, None)
+        self._budget.pop(key, None)
         if params is None:
             return
         self._last[key] = asyncio.get_running_loop().time()
         self.subscriptions.publish(key[0], key[1], "dataChange", params)
 
 
-def _merge_changes(into: list[dict[str, Any]], changes: list[dict[str, Any]]) -> None:
+def _merge_changes(into: list[dict[str, Any]], changes: list[dict[str, Any]], budget: list[int]) -> None:
+    """Merge ``changes`` into ``into``; ``budget[0]`` is the key bytes still allowed."""
     by_table = {(c["table"], c.get("origin")): c for c in into}
     for change in changes:
         target = by_table.get((change["table"], change.get("origin")))
@@ -259,11 +264,15 @@ def _merge_changes(into: list[dict[str, Any]], changes: list[dict[str, Any]]) ->
                 continue
             seen = set(map(_hashable, keys))
             for k in change.get(kind, []):
-                if _hashable(k) not in seen and len(keys) < MAX_KEYS_PER_NOTIFICATION:
-                    keys.append(k)
-                    seen.add(_hashable(k))
-                elif len(keys) >= MAX_KEYS_PER_NOTIFICATION:
+                if _hashable(k) in seen:
+                    continue
+                size = len(k) + 8 if isinstance(k, (str, bytes)) else 16
+                if len(keys) >= MAX_KEYS_PER_NOTIFICATION or size > budget[0]:
                     target["truncated"] = True
+                    break
+                keys.append(k)
+                seen.add(_hashable(k))
+                budget[0] -= size
 
 
 def _hashable(value: Any) -> Any:

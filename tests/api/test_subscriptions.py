@@ -255,3 +255,20 @@ async def test_coalescer_does_nothing_without_subscribers() -> None:
     co = Coalescer(Subscriptions(), window=0.05)
     co.changes(("default", "s"), "local_details", {}, [{"table": "T", "inserted": [1], "updated": [], "deleted": []}])
     assert not co._pending
+
+
+async def test_coalesced_keys_are_capped_in_bytes_too() -> None:
+    from p2pstore.api.subscriptions import MAX_KEY_BYTES_PER_NOTIFICATION, Coalescer, Outbox, Subscriptions
+
+    subs = Subscriptions()
+    box = Outbox(1000)
+    subs.subscribe(box, ("default", "s"), "local_details")
+    co = Coalescer(subs, window=60)
+    keys = [f"{i:01000d}" for i in range(3000)]  # 3 MB of 1 KB keys
+    co.changes(("default", "s"), "local_details", {}, [{"table": "T", "inserted": [], "updated": [], "deleted": []}])
+    co.changes(("default", "s"), "local_details", {}, [{"table": "T", "inserted": keys, "updated": [], "deleted": []}])
+    pending = co._pending[(("default", "s"), "local_details")]["changes"][0]
+    assert pending["truncated"] is True
+    assert sum(len(k) for k in pending["inserted"]) <= MAX_KEY_BYTES_PER_NOTIFICATION
+    for handle in co._timers.values():
+        handle.cancel()
