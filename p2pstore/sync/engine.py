@@ -45,6 +45,7 @@ from p2pstore.errors import (
     ProtocolError,
     StoreNotOpen,
     SyncInProgress,
+    TableNotDistributed,
 )
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
@@ -462,7 +463,8 @@ class SyncEngine:
         if table is not None:
             store.require_distributed(table)
         elif not store.distributed:
-            store.require_distributed("(any)")
+            raise TableNotDistributed(f"store {store.name} has no distributed tables; call store.set_distributed_tables first",
+                                      data={"store": store.name})
         where = compile_where(store, table, predicates.get("where"))
         targets, invalid = _normalized_targets(devices_of(predicates))
         if targets is None:
