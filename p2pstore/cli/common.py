@@ -57,6 +57,13 @@ async def open_store(client: Client, args: argparse.Namespace) -> dict[str, Any]
     return {"store": name, "bundle": args.bundle}
 
 
+def print_rows(result: dict[str, Any]) -> None:
+    """``{columns, rows}`` as tab-separated lines: NULL for null, $blob JSON for bytes."""
+    print("\t".join(result["columns"]))
+    for row in result["rows"]:
+        print("\t".join("NULL" if v is None else json.dumps(to_wire(v)) if isinstance(v, bytes) else str(v) for v in row))
+
+
 def parse_value(text: str) -> Any:
     """A command-line value: JSON when it parses (42, 1.5, null, "x"), else the text."""
     try:

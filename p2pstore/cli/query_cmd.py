@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from p2pstore.api.jsonrpc import to_wire
-from p2pstore.cli.common import EXIT_OK, emit, open_store, store_option, with_client
+from p2pstore.cli.common import EXIT_OK, emit, open_store, print_rows, store_option, with_client
 from p2pstore.cli.sync_cmds import parse_where
 from p2pstore.client import Client
 
@@ -52,9 +50,7 @@ def run_query(args: argparse.Namespace) -> int:
         if args.json:
             emit(args, result)
         else:
-            print("\t".join(result["columns"]))
-            for row in result["rows"]:
-                print("\t".join("NULL" if v is None else json.dumps(to_wire(v)) if isinstance(v, bytes) else str(v) for v in row))
+            print_rows(result)
         return EXIT_OK
 
     return with_client(args, go)

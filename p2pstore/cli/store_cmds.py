@@ -7,7 +7,7 @@ import json
 import sys
 
 from p2pstore.api.jsonrpc import to_wire
-from p2pstore.cli.common import EXIT_OK, emit, open_store, parse_value, store_option, with_client
+from p2pstore.cli.common import EXIT_OK, emit, open_store, parse_value, print_rows, store_option, with_client
 from p2pstore.client import Client
 
 #: Statements whose first word means "returns rows": sent as store.query.
@@ -55,9 +55,7 @@ def run_sql(args: argparse.Namespace) -> int:
             if args.json:
                 emit(args, result)
             else:
-                print("\t".join(result["columns"]))
-                for row in result["rows"]:
-                    print("\t".join("NULL" if v is None else json.dumps(to_wire(v)) if isinstance(v, bytes) else str(v) for v in row))
+                print_rows(result)
         else:
             result = await client.call("store.execute", **ref, sql=args.statement, params=params)
             emit(args, result, f"rows_affected={result['rows_affected']} last_insert_rowid={result['last_insert_rowid']}")

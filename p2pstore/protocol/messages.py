@@ -462,11 +462,16 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb([msg.TYPE, _struct_to_wire(msg)], use_bin_type=True)
 
 
-def decode(payload: bytes) -> Message:
-    """Parse one frame payload; any defect raises ``ProtocolError``."""
+def unpack(payload: bytes, what: str = "message") -> Any:
+    """msgpack bytes from a peer (or stored from one) -> plain values.
+
+    The one place untrusted msgpack is read: str and bin kept apart, string
+    map keys only, no ext types, every length capped by the payload itself
+    (and the frame limit). Any defect is a ``ProtocolError`` naming ``what``.
+    """
     limit = min(len(payload), MAX_FRAME_SIZE)
     try:
-        obj = msgpack.unpackb(
+        return msgpack.unpackb(
             payload,
             raw=False,
             use_list=True,
@@ -477,10 +482,13 @@ def decode(payload: bytes) -> Message:
             max_map_len=limit,
             max_ext_len=0,
         )
-    except ProtocolError:
-        raise
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"undecodable message: {exc}") from exc
+        raise ProtocolError(f"undecodable {what}: {exc}") from exc
+
+
+def decode(payload: bytes) -> Message:
+    """Parse one frame payload; any defect raises ``ProtocolError``."""
+    obj = unpack(payload)
     if not (isinstance(obj, list) and len(obj) == 2):
         raise ProtocolError("a message must be a [type, fields] pair")
     tag, body = obj

@@ -53,6 +53,7 @@ import msgpack
 
 from p2pstore.clock import MAX_HLC
 from p2pstore.errors import InvalidParams, ProtocolError, StoreInvalid
+from p2pstore.protocol.messages import unpack
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture
 from p2pstore.store.tables import TableInfo, read_table_info
@@ -334,10 +335,10 @@ def encode_change(mode: str, row: RowChange) -> bytes:
 
 
 def decode_change(blob: bytes) -> tuple[str, RowChange]:
-    try:
-        mode, plain = msgpack.unpackb(blob, raw=False, strict_map_key=True, max_ext_len=0)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"stored change is not readable: {exc}") from exc
+    obj = unpack(blob, "stored change")
+    if not (isinstance(obj, list) and len(obj) == 2):
+        raise ProtocolError("stored change is not a [mode, change] pair")
+    mode, plain = obj
     if mode not in MODES:
         raise ProtocolError(f"stored change has unknown table type {mode!r:.40}")
     return mode, row_from_plain(plain, mode)

@@ -50,7 +50,6 @@ from p2pstore.errors import (
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
-from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import (
     Message,
     StoreOffer,
@@ -61,6 +60,7 @@ from p2pstore.protocol.messages import (
     SyncOpen,
     SyncReady,
     TableOffer,
+    unpack,
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.changes import OutBatch, batch_from_plain, batch_to_plain
@@ -597,12 +597,7 @@ def _normalized_targets(devices: list[str] | None) -> tuple[list[str] | None, li
 
 def decode_batch(payload: bytes) -> OutBatch:
     """A received batch; any defect is a ProtocolError (the session ends as CORRUPTED)."""
-    try:
-        plain = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0,
-                                max_str_len=MAX_FRAME_SIZE, max_bin_len=MAX_FRAME_SIZE,
-                                max_array_len=MAX_FRAME_SIZE, max_map_len=MAX_FRAME_SIZE)
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"undecodable batch: {exc}") from exc
+    plain = unpack(payload, "batch")
     try:
         return batch_from_plain(plain)
     except ProtocolError:

@@ -38,8 +38,7 @@ from p2pstore.errors import (
 )
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
-from p2pstore.protocol.framing import MAX_FRAME_SIZE
-from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest
+from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest, unpack
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
@@ -241,11 +240,7 @@ class RemoteQueries:
 
 def decode_rows(payload: bytes) -> list[list[Any]]:
     """A page's rows; anything but a list of lists of SQLite values is a ProtocolError."""
-    try:
-        rows = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0, max_bin_len=MAX_FRAME_SIZE,
-                               max_str_len=MAX_FRAME_SIZE, max_array_len=MAX_FRAME_SIZE, max_map_len=0)
-    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"undecodable query page: {exc}") from exc
+    rows = unpack(payload, "query page")
     if not isinstance(rows, list) or not all(
         isinstance(r, list) and all(v is None or isinstance(v, (int, float, str, bytes)) for v in r) for r in rows
     ):
