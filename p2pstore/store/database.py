@@ -477,6 +477,13 @@ class Store:
             raise TableNotDistributed(f"table {table} of store {self.name} is not distributed", data={"table": table})
         return info
 
+    def synced_columns(self, table: str) -> tuple[str, ...]:
+        """What this device syncs of ``table`` — all that peers may filter on or read:
+        the sync columns of a single_version table, every column of a collaborative one."""
+        info = self.require_distributed(table)
+        sync = self.sync_schema.tables.get(table) if self.sync_schema is not None else None
+        return tuple(sync.columns) if sync is not None else info.columns
+
     async def create_device_table(self, device_id: str, table: str) -> str:
         """Create the read-only local copy of ``device_id``'s rows of ``table``."""
         self.require_distributed(table)

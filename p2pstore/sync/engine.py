@@ -214,10 +214,7 @@ def compile_where(store: Store, table: str | None, where: Any) -> Any:
         return None
     if table is None:
         raise InvalidPredicate("a row filter (where) needs a table", data={"path": "/where"})
-    info = store.require_distributed(table)
-    sync = store.sync_schema.tables.get(table) if store.sync_schema is not None else None
-    columns = sync.columns if sync is not None else info.columns
-    return compile_predicates({"table": table, "where": where}, columns)
+    return compile_predicates({"table": table, "where": where}, store.synced_columns(table))
 
 
 class _Session:

@@ -33,7 +33,6 @@ from p2pstore.errors import (
     ProtocolError,
     SecurityLevelDenied,
     SyncTimeout,
-    TableNotDistributed,
     by_name,
 )
 from p2pstore.net.devices import DeviceDirectory
@@ -52,18 +51,9 @@ FETCH_ROWS = 512
 MAX_SERVING_PER_PEER = 4
 
 
-def queryable_columns(store: Store, table: str) -> tuple[str, ...]:
-    """The columns a peer may read of ``table``: what this device syncs of it."""
-    info = store.distributed.get(table)
-    if info is None:
-        raise TableNotDistributed(f"table {table} of store {store.name} is not distributed", data={"table": table})
-    sync = store.sync_schema.tables.get(table) if store.sync_schema is not None else None
-    return tuple(sync.columns) if sync is not None else info.columns
-
-
 def build_query(store: Store, table: str, columns: tuple[str, ...], predicates: Any) -> tuple[str, tuple[Any, ...], list[str]]:
     """Bound SQL for a peer's query, or a P2PStoreError naming what is wrong."""
-    allowed = queryable_columns(store, table)
+    allowed = store.synced_columns(table)
     if not isinstance(predicates, dict):
         raise InvalidPredicate("predicates must be an object", data={"path": "/"})
     chosen = list(columns) or list(allowed)
