@@ -19,6 +19,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -944,3 +946,42 @@ def test_cli_sync_push_pull_devices_all_table_where_json_and_exit_codes(linked_d
     assert run.returncode == 1 and "TABLE_NOT_DISTRIBUTED" in run.stderr, run
     run = cli(a, "sync", *store, "--push", "--all", "--table", "EMPLOYEE", "--where", "NOPE = 1")
     assert run.returncode == 1 and run.stderr.strip(), run
+
+
+def test_cli_sync_shows_a_progress_bar_on_a_terminal(linked_daemons) -> None:
+    """On a terminal, `p2pstore sync` draws progress on stderr from syncProgress notifications."""
+    import pty
+    import select
+
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", store="bar")
+        node.call("store.execute", store="bar", sql="CREATE TABLE T (id INTEGER PRIMARY KEY, v TEXT)")
+        node.call("store.set_distributed_tables", store="bar", tables=["T"])
+    a.call("store.execute", store="bar", sql="WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000) "
+                                            "INSERT INTO T(v) SELECT 'row ' || x FROM c")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "p2pstore", "sync", "--store", "bar", "--push", "--devices", b.id,
+                                 "--socket", str(a.proc.socket)], stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        seen = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            elif proc.poll() is not None:
+                break
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, out
+    assert b"push:" in seen and b"row(s)" in seen, seen[-300:]
+    assert "code 0" in out
