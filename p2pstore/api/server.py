@@ -1,8 +1,10 @@
 """The Unix-socket server: framing, peer-credential check, one task per request.
 
 Invariants:
-- The socket file is created 0600 (0660 with a configured group) before any
-  client can connect: it is bound under a umask of 0o177.
+- The socket file appears at its path only with its final mode and group:
+  it is bound under a umask of 0o177 at a temporary name, given 0600 (0660
+  and the configured group), and renamed into place, so neither a client nor
+  a waiting test ever sees a half-configured socket.
 - Every connection's caller uid (SO_PEERCRED) is checked against the
   allow-list before a single byte is read.
 - A bad request gets an error response and the connection stays usable; a
@@ -75,18 +77,26 @@ class ApiServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        old = os.umask(0o177)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        staging.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # readuntil() accepts a line of up to ``limit`` bytes before its newline and
-            # raises LimitOverrunError past that: exactly max_line, not a byte more.
-            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=self.max_line)
-        finally:
-            os.umask(old)
-        if self.group:
-            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
-            os.chmod(self.path, 0o660)
-        else:
-            os.chmod(self.path, 0o600)
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(staging))
+            finally:
+                os.umask(old)
+            if self.group:
+                os.chown(staging, -1, grp.getgrnam(self.group).gr_gid)
+            os.chmod(staging, 0o660 if self.group else 0o600)
+            os.replace(staging, self.path)
+        except BaseException:
+            sock.close()
+            staging.unlink(missing_ok=True)
+            raise
+        # readuntil() accepts a line of up to ``limit`` bytes before its newline and
+        # raises LimitOverrunError past that: exactly max_line, not a byte more.
+        self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=self.max_line)
 
     async def stop(self) -> None:
         if self._server is not None:
