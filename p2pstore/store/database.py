@@ -10,7 +10,8 @@ Invariants:
   while the daemon has it open; their changes are captured by the triggers.
 - Statements from the API run under an authorizer: no transaction control,
   no ATTACH, no writes to ``_p2p_*`` internals, no pragma that would change
-  how the daemon relies on the file.
+  how the daemon relies on the file. They carry ``API_SQL_TAG``, so the
+  statement cache never hands them one the daemon prepared unchecked.
 - ``stamp`` runs in the same transaction as an API write, and after every
   commit by another process (noticed through ``PRAGMA data_version``).
 - Single-version stores sync by the sync_schema.json entry accepted into
@@ -54,6 +55,16 @@ TABLE_TYPES = ("collaborative", "single_version")
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 #: Rows a single store.query may return (protects the daemon and the socket).
 MAX_QUERY_ROWS = 200_000
+#: Prepared statements kept per store connection: the daemon's own statements
+#: (sync apply, capture, reads) and the API's are re-used instead of re-prepared.
+STATEMENT_CACHE = 256
+#: Appended to every statement from the API. The statement cache is keyed by
+#: the SQL text and the authorizer only runs when a statement is prepared, so
+#: without this an API statement equal to one of the daemon's own (``COMMIT``,
+#: an upsert into ``_p2p_meta``) would run the daemon's unchecked copy. No
+#: statement of the daemon's ends with it; as a trailing comment it changes
+#: nothing in what the API statement means.
+API_SQL_TAG = "\n/* p2pstore api */"
 
 # Authorizer action codes (sqlite3 exposes them as constants).
 _DENY_PRAGMAS = {"journal_mode", "locking_mode", "writable_schema", "query_only", "read_uncommitted", "recursive_triggers"}
@@ -125,10 +136,10 @@ class Store:
         device_id: str | None = None,
     ) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # cached_statements=0: SQLite consults the authorizer only when it prepares
-        # a statement, so API SQL must never reuse a statement the daemon prepared
-        # (e.g. "COMMIT" or its _p2p_meta upsert). Preparing afresh costs microseconds.
-        db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=0)
+        # Statements are cached (keyed by their text): SQLite consults the
+        # authorizer only when it prepares one, so API SQL carries API_SQL_TAG
+        # and can never reuse a statement the daemon prepared (e.g. "COMMIT").
+        db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         store = cls(bundle, name, path, db)
         try:
             await store.run(store._setup, busy_timeout_ms, synchronous, security_label, device_id)
@@ -236,7 +247,7 @@ class Store:
         with self._transaction(conn):
             self._user_sql = True
             try:
-                cursor = conn.execute(sql, params if isinstance(params, dict) else tuple(params))
+                cursor = conn.execute(sql + API_SQL_TAG, params if isinstance(params, dict) else tuple(params))
                 if cursor.description is not None:
                     # Rows of a SELECT or RETURNING: SQLite made every change on the
                     # first step; drain before COMMIT, which refuses running statements.
@@ -292,7 +303,7 @@ class Store:
             conn.execute("BEGIN")
             self._user_sql = True
             try:
-                cursor = conn.execute(sql, params or ())
+                cursor = conn.execute(sql + API_SQL_TAG, params or ())
                 columns = [d[0] for d in cursor.description or ()]
                 rows = cursor.fetchmany(MAX_QUERY_ROWS + 1)
             except (sqlite3.Error, OverflowError) as exc:
