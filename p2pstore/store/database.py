@@ -31,6 +31,7 @@ import aiosqlite
 
 from p2pstore.clock import HybridClock
 from p2pstore.errors import (
+    ColumnNotFound,
     ConstraintViolation,
     InvalidParams,
     P2PStoreError,
@@ -629,7 +630,8 @@ def _checked_values(values: Any, info: TableInfo) -> dict[str, Any]:
         raise InvalidParams("values must be an object of column: value", data={"param": "values"})
     unknown = [c for c in values if c not in info.columns]
     if unknown:
-        raise InvalidParams(f"table {info.name} has no column(s) {', '.join(map(repr, unknown))}", data={"param": "values"})
+        raise ColumnNotFound(f"table {info.name} has no column(s) {', '.join(map(repr, unknown))}",
+                             data={"param": "values", "table": info.name, "columns": unknown})
     bad = [c for c, v in values.items() if not is_sql_value(v)]
     if bad:
         raise InvalidParams(f"value of {bad[0]!r} must be null, a number, a string or a blob", data={"param": f"values.{bad[0]}"})
