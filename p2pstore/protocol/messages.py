@@ -98,6 +98,11 @@ def _text(value: str, what: str, *, max_len: int = MAX_NAME_LEN, empty: bool = F
         raise ProtocolError(f"{what} is {len(value)} characters long; the limit is {max_len}")
 
 
+def _nonce(value: int) -> None:
+    if not 0 <= value <= INT_MAX:
+        raise ProtocolError("nonce must be an unsigned 64-bit integer")
+
+
 def _level(value: int, what: str) -> None:
     if value not in SECURITY_LEVELS:
         raise ProtocolError(f"{what} must be 1..4 (S1..S4), got {value}")
@@ -194,8 +199,7 @@ class Ping(Message):
     nonce: int
 
     def _validate(self) -> None:
-        if not 0 <= self.nonce <= INT_MAX:
-            raise ProtocolError("nonce must be an unsigned 64-bit integer")
+        _nonce(self.nonce)
 
 
 @register
@@ -207,8 +211,7 @@ class Pong(Message):
     nonce: int
 
     def _validate(self) -> None:
-        if not 0 <= self.nonce <= INT_MAX:
-            raise ProtocolError("nonce must be an unsigned 64-bit integer")
+        _nonce(self.nonce)
 
 
 @register
