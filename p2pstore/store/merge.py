@@ -356,6 +356,36 @@ class _Target:
     dest_columns: frozenset[str]  # single_version: the sync columns; collaborative: the device table's columns
 
 
+@dataclass(frozen=True, slots=True)
+class _SingleVersionSql:
+    """The statements that merge rows into one single_version table, built
+    once per batch instead of once per row."""
+
+    columns: tuple[str, ...]
+    select: str  # key expression and the sync columns of the row with a given ck
+    insert: str
+    delete: str
+    key: str  # key expression of the row with a given ck
+    update_head: str  # "UPDATE t SET " (the changed columns follow)
+    update_tail: str  # " WHERE ck = ?"
+
+    @classmethod
+    def of(cls, table: SyncTable) -> _SingleVersionSql:
+        assert table.conflict_column is not None
+        name, ck = quote_ident(table.info.name), quote_ident(table.conflict_column)
+        columns = tuple(table.sync_columns)
+        listed = ", ".join(quote_ident(c) for c in columns)
+        return cls(
+            columns=columns,
+            select=f"SELECT {table.info.key_expr}, {listed} FROM {name} WHERE {ck} = ?",
+            insert=f"INSERT INTO {name} ({listed}) VALUES ({', '.join('?' * len(columns))})",
+            delete=f"DELETE FROM {name} WHERE {ck} = ?",
+            key=f"SELECT {table.info.key_expr} FROM {name} WHERE {ck} = ?",
+            update_head=f"UPDATE {name} SET ",
+            update_tail=f" WHERE {ck} = ?",
+        )
+
+
 class _Applier:
     """Applies the row changes of one batch (or one retried failure)."""
 
@@ -368,6 +398,7 @@ class _Applier:
         self.me = capture.device_id(conn)
         self.tables = {t.info.name: t for t in sync_tables(conn)}
         self.targets: dict[str, _Target] = {}
+        self.sv_sql: dict[str, _SingleVersionSql] = {}
         self.appended: set[int] = set()
         self.applied = self.conflicts = self.failed = 0
         self.max_hlc = 0
@@ -649,13 +680,13 @@ class _Applier:
         if row.key_column != conflict:
             raise _RowFailed(f"schema_mismatch: the conflict column of {table.info.name} is {conflict} here, {row.key_column} on {self.sender}")
         conn, ck, tid, name = self.conn, row.key, table.tid, table.info.name
-        columns = list(table.sync_columns)
-        qname, qck = quote_ident(name), quote_ident(conflict)
+        sql = self.sv_sql.get(name)
+        if sql is None:
+            sql = self.sv_sql[name] = _SingleVersionSql.of(table)
+        columns = sql.columns
 
         # The row as it is here: values, cells, tomb (each clock with its prev).
-        current = conn.execute(
-            f"SELECT {table.info.key_expr}, {', '.join(quote_ident(c) for c in columns)} FROM {qname} WHERE {qck} = ?", (ck,)
-        ).fetchone()
+        current = conn.execute(sql.select, (ck,)).fetchone()
         existed = current is not None
         before: dict[str, Value] = dict(zip(columns, current[1:])) if current is not None else {}
         cells: dict[str, _Stamp] = {
@@ -728,19 +759,16 @@ class _Applier:
             diff = [c for c in columns if c != conflict and not _same(before.get(c), after[c])]
             if diff:
                 conn.execute(
-                    f"UPDATE {qname} SET {', '.join(f'{quote_ident(c)} = ?' for c in diff)} WHERE {qck} = ?",
+                    sql.update_head + ", ".join(f"{quote_ident(c)} = ?" for c in diff) + sql.update_tail,
                     (*(after[c] for c in diff), ck),
                 )
             op, announce = OP_UPDATE, bool(diff)
         elif existed:
-            conn.execute(f"DELETE FROM {qname} WHERE {qck} = ?", (ck,))
+            conn.execute(sql.delete, (ck,))
             op, announce = OP_DELETE, True
         elif exists:
-            conn.execute(
-                f"INSERT INTO {qname} ({', '.join(quote_ident(c) for c in columns)}) VALUES ({', '.join('?' * len(columns))})",
-                tuple(after[c] for c in columns),
-            )
-            pk = conn.execute(f"SELECT {table.info.key_expr} FROM {qname} WHERE {qck} = ?", (ck,)).fetchone()[0]
+            conn.execute(sql.insert, tuple(after[c] for c in columns))
+            pk = conn.execute(sql.key, (ck,)).fetchone()[0]
             self.appended.add(tid)
             op, announce = OP_INSERT, True
         else:
