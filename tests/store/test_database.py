@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from p2pstore.errors import (
+    ColumnNotFound,
     CompositeKeyNotSupported,
     ConstraintViolation,
     InvalidParams,
@@ -378,10 +379,10 @@ async def test_insert_into_unknown_or_internal_table(store: Store) -> None:
 
 
 async def test_insert_checks_columns(store: Store) -> None:
-    with pytest.raises(InvalidParams) as info:
+    with pytest.raises(ColumnNotFound) as info:
         await store.insert("T", {"name": "a", "nope": 1})
-    assert "'nope'" in info.value.message
-    with pytest.raises(InvalidParams):
+    assert "'nope'" in info.value.message and info.value.data["columns"] == ["nope"]
+    with pytest.raises(ColumnNotFound):
         await store.insert("T", {'name" ) VALUES (1); --': 1})
     with pytest.raises(InvalidParams):
         await store.insert("T", {"name": ["not", "a", "value"]})
@@ -404,7 +405,7 @@ async def test_update_refusals(store: Store) -> None:
     await store.insert("T", {"name": "a"})
     with pytest.raises(InvalidParams):
         await store.update({}, {"table": "T"})
-    with pytest.raises(InvalidParams):
+    with pytest.raises(ColumnNotFound):
         await store.update({"nope": 1}, {"table": "T"})
     with pytest.raises(InvalidPredicate):
         await store.update({"n": 1}, {"where": []})  # no table
