@@ -14,6 +14,7 @@ from p2pstore import __version__
 from p2pstore.client import BlockingClient
 from p2pstore.errors import (
     CompositeKeyNotSupported,
+    ColumnNotFound,
     InvalidParams,
     InvalidPredicate,
     PermissionDenied,
@@ -158,9 +159,9 @@ def test_columns_are_checked(api: BlockingClient) -> None:
     name = unique()
     api.call("store.open", store=name)
     make_table(api, name)
-    with pytest.raises(InvalidParams) as info:
+    with pytest.raises(ColumnNotFound) as info:
         api.call("store.insert", store=name, table="T", values={"nmae": "typo"})
-    assert "nmae" in info.value.message
+    assert "nmae" in info.value.message and info.value.data["columns"] == ["nmae"]
     with pytest.raises(InvalidPredicate) as pinfo:
         api.call("store.delete", store=name, predicates={"table": "T", "where": [["nmae", "=", 1]]})
     assert pinfo.value.data["path"] == "/where/0/0"
