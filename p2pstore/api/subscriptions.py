@@ -185,8 +185,13 @@ class Subscriptions:
         return count
 
 
-#: Shortest gap between two dataChange notifications of one kind for one store.
+#: Shortest gap between two dataChange notifications of one kind for one store
+#: when they list keys (``local_details``, ``remote_details``).
 COALESCE_WINDOW_S = 0.02
+#: The same for ``remote``, which lists only devices: one per applied sync
+#: batch at most, so a shorter window still bounds the count, and a device
+#: waiting for a peer's rows one by one hears of each within milliseconds.
+DEVICE_LIST_WINDOW_S = 0.005
 #: Keys one notification may list per table and list, and their total size;
 #: beyond either the notification says ``truncated`` and the subscriber re-reads.
 MAX_KEYS_PER_NOTIFICATION = 10_000
@@ -201,12 +206,15 @@ class Coalescer:
     ``window`` of the last publication are merged — per table, key lists
     de-duplicated, device lists united — and published when the window ends.
     A burst of 10k row writes thus yields at most one notification per window,
-    each listing the keys.
+    each listing the keys. Device-list notifications (``remote``) use the
+    shorter ``device_window``.
     """
 
-    def __init__(self, subscriptions: Subscriptions, window: float = COALESCE_WINDOW_S) -> None:
+    def __init__(self, subscriptions: Subscriptions, window: float = COALESCE_WINDOW_S,
+                 device_window: float = DEVICE_LIST_WINDOW_S) -> None:
         self.subscriptions = subscriptions
         self.window = window
+        self.device_window = device_window
         self._pending: dict[tuple[StoreKey, str], dict[str, Any]] = {}
         self._budget: dict[tuple[StoreKey, str], list[int]] = {}  # key bytes left in the pending notification
         self._last: dict[tuple[StoreKey, str], float] = {}
@@ -215,20 +223,21 @@ class Coalescer:
     def changes(self, store: StoreKey, type_: str, base: dict[str, Any], changes: list[dict[str, Any]]) -> None:
         """ChangeInfo lists (``local_details``, ``remote_details``)."""
         budget = self._budget.setdefault((store, type_), [MAX_KEY_BYTES_PER_NOTIFICATION])
-        self._add(store, type_, base, lambda acc: _merge_changes(acc.setdefault("changes", []), changes, budget))
+        self._add(store, type_, base, lambda acc: _merge_changes(acc.setdefault("changes", []), changes, budget), self.window)
 
     def devices(self, store: StoreKey, type_: str, base: dict[str, Any], devices: list[str]) -> None:
         """Device lists (``remote``)."""
-        self._add(store, type_, base, lambda acc: acc.__setitem__("devices", sorted({*acc.get("devices", []), *devices})))
+        self._add(store, type_, base, lambda acc: acc.__setitem__("devices", sorted({*acc.get("devices", []), *devices})),
+                  self.device_window)
 
-    def _add(self, store: StoreKey, type_: str, base: dict[str, Any], merge: Any) -> None:
+    def _add(self, store: StoreKey, type_: str, base: dict[str, Any], merge: Any, window: float) -> None:
         if not self.subscriptions.has(store, type_):
             return
         key = (store, type_)
         acc = self._pending.setdefault(key, dict(base))
         merge(acc)
         loop = asyncio.get_running_loop()
-        wait = self._last.get(key, float("-inf")) + self.window - loop.time()
+        wait = self._last.get(key, float("-inf")) + window - loop.time()
         if wait <= 0:
             self._flush(key)
         elif key not in self._timers:

@@ -272,3 +272,29 @@ async def test_coalesced_keys_are_capped_in_bytes_too() -> None:
     assert sum(len(k) for k in pending["inserted"]) <= MAX_KEY_BYTES_PER_NOTIFICATION
     for handle in co._timers.values():
         handle.cancel()
+
+
+async def test_device_list_notifications_use_their_own_shorter_window() -> None:
+    """``remote`` lists devices, no keys: its window is shorter than the key lists' one."""
+    import asyncio
+
+    from p2pstore.api.subscriptions import Coalescer, Outbox, Subscriptions
+
+    subs = Subscriptions()
+    box = Outbox(1000)
+    store = ("default", "s")
+    subs.subscribe(box, store, "remote")
+    subs.subscribe(box, store, "local_details")
+    co = Coalescer(subs, window=0.5, device_window=0.02)
+    base = {"store": "s", "bundle": "default"}
+    change = [{"table": "T", "type": "data", "inserted": [1], "updated": [], "deleted": []}]
+    co.devices(store, "remote", base, ["A"])
+    co.changes(store, "local_details", base, change)
+    assert box.pending_notifications == 2  # each the first of its kind: at once
+    co.devices(store, "remote", base, ["B"])
+    co.devices(store, "remote", base, ["A"])
+    co.changes(store, "local_details", base, change)
+    await asyncio.sleep(0.1)  # past the device window, well within the key window
+    assert box.pending_notifications == 3
+    lines = [box.queue.get_nowait() for _ in range(3)]
+    assert b'"devices":["A","B"]' in lines[2]  # merged, once each
