@@ -14,8 +14,9 @@ push               rows/s of a 100k-row push A->B (collaborative, and
                    by raw SQLite executemany of the same rows. Goal >= 0.5.
 autosync           insert on A (API) -> ``remote`` dataChange on B's
                    subscriber, 1,000 single-row inserts, isolated (30 ms apart)
-                   and back to back (the latter meet the 20 ms notification
-                   coalescing window). Goals p50 <= 10 ms, p99 <= 50 ms.
+                   and back to back (the latter meet the 5 ms coalescing
+                   window of ``remote`` notifications). Goals p50 <= 10 ms,
+                   p99 <= 50 ms.
 rss                peak RSS of each daemon during a 1M-row push. Goal <= 150 MB.
 writes_under_push  p99 of single-row store.insert on B while B receives a
                    1M-row push. Goal <= 50 ms.
@@ -457,8 +458,8 @@ def bench_push(quick: bool) -> dict:
 
 
 #: Gap between isolated inserts: longer than the daemon's notification coalescing
-#: window (api/subscriptions.py COALESCE_WINDOW_S, 20 ms), so each change is the
-#: first after a quiet period and is announced at once.
+#: windows (api/subscriptions.py: 20 ms for key lists, 5 ms for ``remote``), so
+#: each change is the first after a quiet period and is announced at once.
 _ISOLATED_GAP_S = 0.03
 
 
@@ -510,7 +511,7 @@ def bench_autosync(quick: bool) -> dict:
     result["note"] = (
         "store.insert on A (auto_sync table) until B's 'remote' dataChange, one insert at a time; 20 warm-up inserts not "
         f"counted. isolated: {_ISOLATED_GAP_S * 1000:.0f} ms between inserts; back_to_back: the next insert as soon as the "
-        "notification came, so each change falls in the previous notification's 20 ms coalescing window and waits for its end"
+        "notification came, so each change may fall in the previous notification's 5 ms coalescing window and wait for its end"
     )
     return result
 
