@@ -8,9 +8,12 @@ transaction (its own ``BEGIN IMMEDIATE``, or a savepoint inside the caller's):
    as local changes);
 2. a row in ``_p2p_apply``: capture triggers skip our writes (no echo) and
    collaborative device tables accept them;
-3. each row change under its own SAVEPOINT: one that can't be applied
-   (constraint, type, unknown column, schema mismatch) is rolled back alone
-   and stored in ``_p2p_failures``; the rest of the batch still applies;
+3. the ordinary batch in bulk (a few IN queries and executemany per
+   table; ``apply_*_bulk``); if that is not possible or SQLite refuses any
+   of it, each row change under its own SAVEPOINT instead: one that can't
+   be applied (constraint, type, unknown column, schema mismatch) is rolled
+   back alone and stored in ``_p2p_failures``; the rest of the batch still
+   applies. Both ways write exactly the same (tests/store/test_merge_bulk*);
 4. the high-water marks of tables we appended to move past our rows, our log
    rows carry the incoming hlc and origin (remote notifications, relay seqs);
 5. the guard row goes, the watermark for the sender moves, the clock observes
@@ -204,7 +207,7 @@ def apply_batch(
         local = capture.stamp(conn, state, clock, wall=wall)
         applier = _Applier(conn, state, batch.mode, from_device, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
-        if not applier.apply_collaborative_bulk(batch.rows):
+        if not (applier.apply_collaborative_bulk(batch.rows) or applier.apply_single_version_bulk(batch.rows)):
             for row in batch.rows:
                 applier.apply(row, failure_id=None)
         applier.finish()
@@ -363,6 +366,7 @@ class _SingleVersionSql:
 
     columns: tuple[str, ...]
     select: str  # key expression and the sync columns of the row with a given ck
+    select_many: str  # the same and the ck, for the cks of an IN list that follows
     insert: str
     delete: str
     key: str  # key expression of the row with a given ck
@@ -378,12 +382,51 @@ class _SingleVersionSql:
         return cls(
             columns=columns,
             select=f"SELECT {table.info.key_expr}, {listed} FROM {name} WHERE {ck} = ?",
+            select_many=f"SELECT {table.info.key_expr}, {listed}, {ck} FROM {name} WHERE {ck} IN",
             insert=f"INSERT INTO {name} ({listed}) VALUES ({', '.join('?' * len(columns))})",
             delete=f"DELETE FROM {name} WHERE {ck} = ?",
             key=f"SELECT {table.info.key_expr} FROM {name} WHERE {ck} = ?",
             update_head=f"UPDATE {name} SET ",
             update_tail=f" WHERE {ck} = ?",
         )
+
+
+@dataclass(slots=True)
+class _SvState:
+    """A single_version row as it is here before a merge."""
+
+    current: tuple[Value, ...] | None  # (key, *sync column values); None: no such row
+    cells: dict[str, _Stamp]
+    tomb: _Stamp | None
+
+
+@dataclass(slots=True)
+class _SvPlan:
+    """What merging one row change writes."""
+
+    table: SyncTable
+    ck: Value
+    write: str  # "insert", "update", "delete" or "none" (a delete of a row never seen here)
+    diff: tuple[str, ...]  # update: the columns whose value changes
+    after: dict[str, Value]  # the row's sync columns after the merge
+    pk: Value  # the row's key here (set after an insert)
+    op: int  # what the log row says
+    announce: bool
+    newest: Clock  # the log row's clock: the newest of the changed cells and tomb
+    changed: tuple[tuple[str, _Stamp], ...]  # cells to store
+    tomb: _Stamp | None  # tomb to store
+
+
+def _keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_type: type) -> bool:
+    """Whether keys of ``key_type`` keep their type (and so their identity)
+    in ``column``: ints in a column of INTEGER affinity, strs in one of TEXT
+    affinity. Only then can a bulk apply match rows to keys with IN lists
+    and dicts; otherwise it leaves the batch to row by row."""
+    decl = next((r[2] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})") if r[1] == column), None)
+    decl = (decl or "").upper()
+    if key_type is int:
+        return "INT" in decl
+    return "INT" not in decl and any(t in decl for t in ("CHAR", "CLOB", "TEXT"))
 
 
 class _Applier:
@@ -606,10 +649,7 @@ class _Applier:
         for name, table_keys in keys.items():
             target = self._target(plan[next(i for i, (r, _) in enumerate(plan) if r.table == name)][0])
             key_col = target.table.info.key or capture.DEVICE_ROWID_COLUMN
-            decl = next((r[2] for r in conn.execute(f"PRAGMA table_info({quote_ident(target.dest)})") if r[1] == key_col), None)
-            decl = (decl or "").upper()
-            distinct = "INT" in decl if types[name] is int else "INT" not in decl and any(t in decl for t in ("CHAR", "CLOB", "TEXT"))
-            if not distinct:
+            if not _keys_stay_distinct(conn, target.dest, key_col, types[name]):
                 return False
             stored[name], existing[name] = {}, set()
             for i in range(0, len(table_keys), _IN_CHUNK):
@@ -672,31 +712,143 @@ class _Applier:
         return True
 
     # -- single_version ----------------------------------------------------
+    #
+    # One row change is merged in three steps: the row's state here (values,
+    # cells, tomb), a plan (pure: who wins, what is lost, what to write) and
+    # the writes. Row by row loads and writes one plan at a time; the bulk
+    # path loads the state of a whole batch with a few IN queries and writes
+    # all plans with executemany. Both use the same planner and writer.
+
+    def _sv_sql(self, table: SyncTable) -> _SingleVersionSql:
+        sql = self.sv_sql.get(table.info.name)
+        if sql is None:
+            sql = self.sv_sql[table.info.name] = _SingleVersionSql.of(table)
+        return sql
+
+    def _stamp(self, hlc: int, origin: str | None, prev_hlc: int | None, prev_origin: str | None) -> _Stamp:
+        return _Stamp((hlc, self._local(origin)), self._prev(prev_hlc, prev_origin))
 
     def _merge_single_version(self, target: _Target, row: RowChange) -> bool:
         table = target.table
+        if row.key_column != table.conflict_column:
+            raise _RowFailed(
+                f"schema_mismatch: the conflict column of {table.info.name} is {table.conflict_column} here, {row.key_column} on {self.sender}"
+            )
+        conn, ck, tid = self.conn, row.key, table.tid
+        state = _SvState(
+            conn.execute(self._sv_sql(table).select, (ck,)).fetchone(),
+            {col: self._stamp(*clock) for col, *clock in conn.execute(
+                "SELECT col, hlc, origin, prev_hlc, prev_origin FROM _p2p_cells WHERE tid = ? AND ck = ?", (tid, ck))},
+            None,
+        )
+        found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
+        if found is not None:
+            state.tomb = self._stamp(*found)
+        plan = self._sv_plan(target, row, state)
+        if plan is None:
+            return False
+        self._sv_write([plan])
+        return True
+
+    def apply_single_version_bulk(self, rows: Sequence[RowChange]) -> bool:
+        """Apply a whole single_version batch with a few statements per table
+        instead of eight per row: same plans, same writes, same log seqs in
+        the same order, same conflicts and announcements as ``apply`` row by
+        row.
+
+        Only for the ordinary batch: every row valid, of a single_version
+        table here keyed by the same conflict column, each key once per
+        table, all keys of one type that the conflict column keeps distinct
+        (see ``_keys_stay_distinct``). Otherwise, and on any SQLite error
+        (rolled back to a savepoint), it returns False having changed
+        nothing, and the caller applies row by row, which isolates the row
+        that fails.
+        """
+        if self.mode != SINGLE_VERSION or not rows:
+            return False
+        keys: dict[str, list[Value]] = {}
+        types: dict[str, type] = {}
+        for row in rows:
+            table = self.tables.get(row.table)
+            if row_problem(self.mode, row) is not None or table is None or table.mode != self.mode:
+                return False
+            if row.key_column != table.conflict_column:
+                return False
+            if type(row.key) not in (int, str) or types.setdefault(row.table, type(row.key)) is not type(row.key):
+                return False
+            keys.setdefault(row.table, []).append(row.key)
+        if any(len(set(k)) != len(k) for k in keys.values()):
+            return False
+        conn = self.conn
+        conn.execute("SAVEPOINT p2p_bulk")
+        try:
+            done = self._single_version_bulk(rows, keys, types)
+        except sqlite3.Error:
+            done = False
+        if not done:
+            conn.execute("ROLLBACK TO p2p_bulk")
+            conn.execute("RELEASE p2p_bulk")
+            self.applied = self.conflicts = 0
+            self.appended.clear()
+            self.remote = {}
+            return False
+        conn.execute("RELEASE p2p_bulk")
+        for row in rows:
+            for c in row.cells:
+                self.max_hlc = max(self.max_hlc, c.hlc)
+            if row.tomb_hlc is not None:
+                self.max_hlc = max(self.max_hlc, row.tomb_hlc)
+        return True
+
+    def _single_version_bulk(self, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
+        conn = self.conn
+        states: dict[str, dict[Value, _SvState]] = {}
+        for name, table_keys in keys.items():
+            table = self.tables[name]
+            assert table.conflict_column is not None
+            if not _keys_stay_distinct(conn, name, table.conflict_column, types[name]):
+                return False
+            sql = self._sv_sql(table)
+            found: dict[Value, _SvState] = {k: _SvState(None, {}, None) for k in table_keys}
+            for i in range(0, len(table_keys), _IN_CHUNK):
+                chunk = table_keys[i:i + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for current in conn.execute(f"{sql.select_many} ({marks})", chunk):
+                    state = found.get(current[-1])
+                    if state is None or type(current[-1]) is not types[name]:
+                        return False  # a stored key that compares equal but is not: row by row decides
+                    state.current = current[:-1]
+                for ck, col, *clock in conn.execute(
+                    f"SELECT ck, col, hlc, origin, prev_hlc, prev_origin FROM _p2p_cells WHERE tid = ? AND ck IN ({marks})",
+                    (table.tid, *chunk),
+                ):
+                    found[ck].cells[col] = self._stamp(*clock)
+                for ck, *clock in conn.execute(
+                    f"SELECT ck, hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck IN ({marks})",
+                    (table.tid, *chunk),
+                ):
+                    found[ck].tomb = self._stamp(*clock)
+            states[name] = found
+        plans = []
+        for row in rows:
+            plan = self._sv_plan(self._target(row), row, states[row.table][row.key])
+            if plan is not None:
+                plans.append(plan)
+        self._sv_write(plans)
+        self.applied += len(plans)
+        return True
+
+    def _sv_plan(self, target: _Target, row: RowChange, state: _SvState) -> _SvPlan | None:
+        """Merge ``row`` into the row's ``state`` here: None if nothing changes."""
+        table = target.table
         conflict = table.conflict_column
         assert conflict is not None
-        if row.key_column != conflict:
-            raise _RowFailed(f"schema_mismatch: the conflict column of {table.info.name} is {conflict} here, {row.key_column} on {self.sender}")
-        conn, ck, tid, name = self.conn, row.key, table.tid, table.info.name
-        sql = self.sv_sql.get(name)
-        if sql is None:
-            sql = self.sv_sql[name] = _SingleVersionSql.of(table)
-        columns = sql.columns
-
-        # The row as it is here: values, cells, tomb (each clock with its prev).
-        current = conn.execute(sql.select, (ck,)).fetchone()
+        ck, name = row.key, table.info.name
+        columns = self._sv_sql(table).columns
+        current, cells, old_tomb = state.current, state.cells, state.tomb
         existed = current is not None
         before: dict[str, Value] = dict(zip(columns, current[1:])) if current is not None else {}
-        cells: dict[str, _Stamp] = {
-            col: _Stamp((hlc, self._local(origin)), self._prev(prev_hlc, prev_origin))
-            for col, hlc, origin, prev_hlc, prev_origin in conn.execute(
-                "SELECT col, hlc, origin, prev_hlc, prev_origin FROM _p2p_cells WHERE tid = ? AND ck = ?", (tid, ck)
-            )
-        }
-        found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
-        old_tomb = _Stamp((found[0], self._local(found[1])), self._prev(found[2], found[3])) if found is not None else None
+        losses: list[tuple[str | None, Value, _Stamp, _Stamp]] = []  # (column, losing value, winner, loser)
 
         # Merge: the greatest clock of each cell and of the tomb.
         in_tomb = _Stamp(row.tomb, row.tomb_prev) if row.tomb is not None else None
@@ -717,9 +869,10 @@ class _Applier:
                 winner = mine if _visible(mine, new_tomb) else new_tomb
                 assert winner is not None
                 if not (winner is mine and existed and _same(before.get(c.column), c.value)):
-                    self._conflict(name, ck, c.column, c.value, winner, theirs)
+                    losses.append((c.column, c.value, winner, theirs))
         if not incoming and not tomb_changed:
-            return False
+            self._record_losses(name, ck, losses)
+            return None
 
         exists = any(_visible(cell, new_tomb) for cell in new_cells.values())
         after: dict[str, Value] = {}
@@ -740,61 +893,90 @@ class _Applier:
             newest = new_cells[col]
             if newest is not mine and _visible(newest, new_tomb):
                 if not _same(before.get(col), after[col]):
-                    self._conflict(name, ck, col, before.get(col), newest, mine)  # overwritten by a newer value
+                    losses.append((col, before.get(col), newest, mine))  # overwritten by a newer value
             elif new_tomb is not None and not _visible(newest, new_tomb):
-                self._conflict(name, ck, col, before.get(col), new_tomb, mine)  # hidden by a newer delete
+                losses.append((col, before.get(col), new_tomb, mine))  # hidden by a newer delete
         # Incoming values that arrive already hidden by the delete lose to it.
         for col, value in incoming.items():
             if col != conflict and new_tomb is not None and not _visible(new_cells[col], new_tomb):
-                self._conflict(name, ck, col, value, new_tomb, new_cells[col])
+                losses.append((col, value, new_tomb, new_cells[col]))
         # A delete that newer values outlive.
         if tomb_changed and exists:
             assert in_tomb is not None
             newest_cell = max((cell for cell in new_cells.values() if _visible(cell, new_tomb)), key=lambda s: s.clock)
-            self._conflict(name, ck, None, None, newest_cell, in_tomb)
+            losses.append((None, None, newest_cell, in_tomb))
+        self._record_losses(name, ck, losses)
 
-        # Write the table.
+        # What to write to the table.
         pk: Value = current[0] if current is not None else None
+        diff: tuple[str, ...] = ()
         if existed and exists:
-            diff = [c for c in columns if c != conflict and not _same(before.get(c), after[c])]
-            if diff:
-                conn.execute(
-                    sql.update_head + ", ".join(f"{quote_ident(c)} = ?" for c in diff) + sql.update_tail,
-                    (*(after[c] for c in diff), ck),
-                )
-            op, announce = OP_UPDATE, bool(diff)
+            diff = tuple(c for c in columns if c != conflict and not _same(before.get(c), after[c]))
+            write, op, announce = "update", OP_UPDATE, bool(diff)
         elif existed:
-            conn.execute(sql.delete, (ck,))
-            op, announce = OP_DELETE, True
+            write, op, announce = "delete", OP_DELETE, True
         elif exists:
-            conn.execute(sql.insert, tuple(after[c] for c in columns))
-            pk = conn.execute(sql.key, (ck,)).fetchone()[0]
-            self.appended.add(tid)
-            op, announce = OP_INSERT, True
+            write, op, announce = "insert", OP_INSERT, True
         else:
-            op, announce = OP_DELETE, False  # a delete of a row never seen here: remembered, nothing to show
+            write, op, announce = "none", OP_DELETE, False  # a delete of a row never seen here: remembered, nothing to show
 
-        # Record the new clocks under one new local seq, so they travel on (relay).
-        changed = [(col, new_cells[col]) for col in incoming]
-        newest = max([s.clock for _, s in changed] + ([in_tomb.clock] if tomb_changed and in_tomb is not None else []))
-        seq = self._log(tid, pk, op, newest, ck)
-        if changed:
-            conn.executemany(
-                "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
-                "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
-                [(tid, ck, col, *self._row(s.clock), seq, *self._row(s.prev)) for col, s in changed],
-            )
-        if tomb_changed and in_tomb is not None:
-            conn.execute(
-                "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
-                "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
-                (tid, ck, *self._row(in_tomb.clock), seq, *self._row(in_tomb.prev)),
-            )
-        if announce:
-            self._announce(newest[1], name, op, pk)
-        return True
+        # The new clocks go under one new local seq, so they travel on (relay).
+        changed = tuple((col, new_cells[col]) for col in incoming)
+        newest_clock = max([st.clock for _, st in changed] + ([in_tomb.clock] if tomb_changed and in_tomb is not None else []))
+        return _SvPlan(table, ck, write, diff, after, pk, op, announce, newest_clock, changed,
+                       in_tomb if tomb_changed else None)
+
+    def _record_losses(self, table: str, ck: Value, losses: list[tuple[str | None, Value, _Stamp, _Stamp]]) -> None:
+        for col, value, winner, loser in losses:
+            self._conflict(table, ck, col, value, winner, loser)
+
+    def _sv_write(self, plans: Sequence[_SvPlan]) -> None:
+        """Write ``plans`` (in order): the table rows, then one log seq per
+        plan, its cells and tomb. Deletes go first, then updates, then
+        inserts, so a unique value a batch moves between rows is free when
+        its new row takes it."""
+        conn = self.conn
+        deletes: dict[str, list[tuple[Value, ...]]] = {}
+        updates: dict[str, list[tuple[Value, ...]]] = {}
+        inserts: dict[str, list[tuple[Value, ...]]] = {}
+        for plan in plans:
+            sql = self._sv_sql(plan.table)
+            if plan.write == "delete":
+                deletes.setdefault(sql.delete, []).append((plan.ck,))
+            elif plan.write == "update" and plan.diff:
+                statement = sql.update_head + ", ".join(f"{quote_ident(c)} = ?" for c in plan.diff) + sql.update_tail
+                updates.setdefault(statement, []).append((*(plan.after[c] for c in plan.diff), plan.ck))
+            elif plan.write == "insert":
+                inserts.setdefault(sql.insert, []).append(tuple(plan.after[c] for c in sql.columns))
+        for group in (deletes, updates, inserts):
+            for statement, params in group.items():
+                conn.executemany(statement, params)
+        top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
+        log_rows, cell_rows, tomb_rows = [], [], []
+        for seq, plan in enumerate(plans, start=top + 1):
+            tid, ck = plan.table.tid, plan.ck
+            if plan.write == "insert":
+                plan.pk = conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
+                self.appended.add(tid)
+            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], plan.newest[1], ck))
+            cell_rows += [(tid, ck, col, *self._row(st.clock), seq, *self._row(st.prev)) for col, st in plan.changed]
+            if plan.tomb is not None:
+                tomb_rows.append((tid, ck, *self._row(plan.tomb.clock), seq, *self._row(plan.tomb.prev)))
+            if plan.announce:
+                self._announce(plan.newest[1], plan.table.info.name, plan.op, plan.pk)
+        conn.executemany("INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?, ?)", log_rows)
+        conn.executemany(
+            "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
+            "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
+            cell_rows,
+        )
+        conn.executemany(
+            "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
+            "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
+            tomb_rows,
+        )
 
     # -- end of batch ------------------------------------------------------
 
