@@ -257,6 +257,10 @@ class StoresOffer(Message):
 #   pull (opener receives):  opener -> SyncOpen(pull, since, tables)
 #                            sender -> SyncBatch ...    opener   -> SyncAck ...      sender -> SyncEnd
 #
+# Seqs are positions in the sender store's change stream, named by its stream
+# ID: a watermark is (stream, seq), and a sender asked for a stream it no
+# longer has (its store was recreated or restored) starts from 0.
+#
 # Either side may end a session early with SyncEnd(code != 0); codes are the
 # SyncResultCode values of SPEC §2. ``req`` is a random id chosen by the
 # opener, unique on the channel.
@@ -276,10 +280,16 @@ def _seq(value: int, what: str) -> None:
         raise ProtocolError(f"{what} must be a sequence number >= 0")
 
 
+def _stream(value: str | None) -> None:
+    if value is not None:
+        _text(value, "stream")
+
+
 @register
 @dataclass(frozen=True, slots=True)
 class SyncOpen(Message):
-    """Start a session on one store; ``since``/``tables`` are set for a pull (the opener receives)."""
+    """Start a session on one store; for a pull (the opener receives) ``since``
+    and ``stream`` are the opener's watermark for the sender's store."""
 
     TYPE: ClassVar[str] = "sync_open"
     req: int
@@ -290,6 +300,7 @@ class SyncOpen(Message):
     where: str | None
     since: int | None
     tables: tuple[TableOffer, ...]
+    stream: str | None = None
 
     def _validate(self) -> None:
         _req(self.req)
@@ -305,21 +316,25 @@ class SyncOpen(Message):
             raise ProtocolError("a pull must say since which seq it needs changes")
         if self.since is not None:
             _seq(self.since, "since")
+        _stream(self.stream)
 
 
 @register
 @dataclass(frozen=True, slots=True)
 class SyncReady(Message):
-    """The receiver of a push accepts: its watermark for the sender and its distributed tables."""
+    """The receiver of a push accepts: its watermark for the sender (``since``
+    in the sender's ``stream``) and its distributed tables."""
 
     TYPE: ClassVar[str] = "sync_ready"
     req: int
     since: int
     tables: tuple[TableOffer, ...]
+    stream: str | None = None
 
     def _validate(self) -> None:
         _req(self.req)
         _seq(self.since, "since")
+        _stream(self.stream)
 
 
 @register

@@ -42,6 +42,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ CREATE TABLE IF NOT EXISTS _p2p_tombs(
 CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
 -- Highest seq of a peer's change stream applied here; moved by the receiver,
 -- in the transaction of the batch it covers.
-CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL) WITHOUT ROWID;
+-- ``stream`` is the sender's stream ID the seq belongs to (see stream_id).
+CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL, stream TEXT) WITHOUT ROWID;
 -- Every change that lost a last-writer-wins comparison (col NULL: a row delete).
 CREATE TABLE IF NOT EXISTS _p2p_conflicts(
     id INTEGER PRIMARY KEY,
@@ -149,6 +151,7 @@ _ADDED_COLUMNS = (
     ("_p2p_tables", "conflict_col", "TEXT"), ("_p2p_log", "ck", ""),
     ("_p2p_cells", "prev_hlc", "INTEGER"), ("_p2p_cells", "prev_origin", "TEXT"),
     ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "TEXT"),
+    ("_p2p_watermarks", "stream", "TEXT"),
 )
 
 
@@ -159,6 +162,8 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}".rstrip())
+    if not get_meta(conn, STREAM_KEY):
+        new_stream(conn)
 
 
 def trigger_names(table: str) -> list[str]:
@@ -324,6 +329,32 @@ def set_device_id(conn: sqlite3.Connection, device_id: str) -> None:
     if not isinstance(device_id, str) or not device_id:
         raise ValueError("device ID must be a non-empty string")
     set_meta(conn, DEVICE_ID_KEY, device_id)
+
+
+#: ``_p2p_meta`` key of the store's change-stream ID.
+STREAM_KEY = "stream"
+
+
+def stream_id(conn: sqlite3.Connection) -> str:
+    """The ID of this store's change stream, created with the store.
+
+    Peers keep their watermark for this store as (stream ID, seq). A store
+    deleted and created again starts a new stream at seq 1, and so does a
+    file restored from a backup once a peer shows it went back in time
+    (``changes.start_position``): the peers then start over from seq 0
+    instead of waiting for seqs they believe they have.
+    """
+    value = get_meta(conn, STREAM_KEY)
+    if isinstance(value, str) and value:
+        return value
+    return new_stream(conn)
+
+
+def new_stream(conn: sqlite3.Connection) -> str:
+    """Start a new stream ID (every peer re-reads this store from seq 0)."""
+    value = secrets.token_hex(16)
+    set_meta(conn, STREAM_KEY, value)
+    return value
 
 
 def device_id(conn: sqlite3.Connection) -> str:

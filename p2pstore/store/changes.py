@@ -148,7 +148,8 @@ class OutBatch:
     ``full`` is True only for a slice of the whole stream (all tables, no row
     filter): the receiver may then move its watermark for the sender from
     ``since_seq`` (if it had reached it) to ``last_seq``. ``more`` says that
-    records after ``last_seq`` were ready when the batch was read.
+    records after ``last_seq`` were ready when the batch was read. Seqs are
+    positions in the sender's ``stream``.
     """
 
     mode: str
@@ -157,6 +158,8 @@ class OutBatch:
     rows: tuple[RowChange, ...]
     more: bool
     full: bool
+    #: The sender's stream ID (``capture.stream_id``): seqs are positions in it.
+    stream: str = ""
 
 
 # --------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def row_to_plain(row: RowChange) -> list[Any]:
 def batch_to_plain(batch: OutBatch) -> dict[str, Any]:
     return {
         "mode": batch.mode, "since_seq": batch.since_seq, "last_seq": batch.last_seq,
-        "more": batch.more, "full": batch.full, "rows": [row_to_plain(r) for r in batch.rows],
+        "more": batch.more, "full": batch.full, "stream": batch.stream, "rows": [row_to_plain(r) for r in batch.rows],
     }
 
 
@@ -313,8 +316,8 @@ def row_problem(mode: str, row: RowChange) -> str | None:
 
 def batch_from_plain(obj: Any) -> OutBatch:
     """Check and build a received batch; any defect raises ``ProtocolError``."""
-    if not isinstance(obj, dict) or set(obj) != {"mode", "since_seq", "last_seq", "more", "full", "rows"}:
-        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, rows")
+    if not isinstance(obj, dict) or set(obj) != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}:
+        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows")
     mode = obj["mode"]
     if mode not in MODES:
         raise ProtocolError(f"unknown table type {mode!r:.40}")
@@ -326,7 +329,8 @@ def batch_from_plain(obj: Any) -> OutBatch:
     rows = obj["rows"]
     if not isinstance(rows, (list, tuple)) or len(rows) > MAX_BATCH_ROWS:
         raise ProtocolError(f"rows must be a list of at most {MAX_BATCH_ROWS} row changes")
-    return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"])
+    stream = _name(obj["stream"], "stream")
+    return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream)
 
 
 def encode_change(mode: str, row: RowChange) -> bytes:
@@ -418,6 +422,27 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK")
 
 
+def start_position(conn: sqlite3.Connection, since_seq: int, stream: str | None) -> int:
+    """Where to start sending to a peer whose watermark for this store is
+    ``since_seq`` in ``stream`` (None: it has none).
+
+    - Another stream (this store was deleted and created again, or its
+      stream was renewed): the peer's seq means nothing here: from 0.
+    - This stream, but a seq beyond any this file ever wrote: the file went
+      back in time (restored from a backup). Its next seqs would repeat
+      positions the peer believes it has, so the store starts a new stream
+      (every peer starts over, harmlessly: applying is idempotent): from 0.
+    Must run in a write transaction (it may renew the stream).
+    """
+    if stream != capture.stream_id(conn):
+        return 0
+    top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
+    if since_seq > top:
+        capture.new_stream(conn)
+        return 0
+    return since_seq
+
+
 # --------------------------------------------------------------------------
 # Reading a slice of the stream
 
@@ -469,7 +494,7 @@ def changes_since(
                 else:
                     rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt))
         rows.sort(key=lambda r: r.seq)
-        return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None)
+        return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None, capture.stream_id(conn))
 
 
 def _filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[str, tuple[Any, ...]]:

@@ -538,8 +538,25 @@ class Store:
         self._announce(result.local)
         return result
 
-    async def watermark(self, peer: str) -> int:
-        return await self.run(merge.watermark, peer)
+    async def position(self, peer: str) -> tuple[int, str | None]:
+        """Our watermark for ``peer``'s copy of this store: (seq, its stream ID)."""
+        return await self.run(merge.position, peer)
+
+    async def start_position(self, since: int, stream: str | None) -> int:
+        """Where to start sending to a peer at (``since``, ``stream``); see
+        ``changes.start_position`` (it may renew this store's stream)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            with self._transaction(conn):
+                before = capture.stream_id(conn)
+                start = changes.start_position(conn, since, stream)
+                if capture.stream_id(conn) != before:
+                    log.warning("store %s/%s: a peer has applied seq %d of this store, which this file never reached: the "
+                                "file went back in time (restored from a backup?); it starts a new change stream and every "
+                                "peer reads it again from the start", self.bundle, self.name, since)
+            return start
+
+        return await self.run(op)
 
     async def sync_failures(self, limit: int = 100) -> list[merge.SyncFailure]:
         return await self.run(merge.sync_failures, limit)

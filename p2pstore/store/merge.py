@@ -60,7 +60,9 @@ Rows are only accepted from the device that wrote them (no relay).
 
 Invariants: the watermark only moves forward, in the transaction of the
 rows it covers, and only for a batch of the sender's whole stream that
-starts at or below it (``OutBatch.full``, ``since_seq``).
+starts at or below it (``OutBatch.full``, ``since_seq``). It is a position
+in one stream of the sender (``OutBatch.stream``): a batch of another
+stream counts from 0 (see ``changes.start_position``).
 """
 
 from __future__ import annotations
@@ -276,10 +278,16 @@ def conflicts(conn: sqlite3.Connection, table: str | None = None, limit: int = 1
     return [Conflict(*r) for r in conn.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
 
+def position(conn: sqlite3.Connection, peer: str) -> tuple[int, str | None]:
+    """The highest ``seq`` of ``peer``'s stream applied here, and the ID of
+    that stream: (0, None) before anything was applied."""
+    row = conn.execute("SELECT received_seq, stream FROM _p2p_watermarks WHERE peer = ?", (peer,)).fetchone()
+    return (int(row[0]), row[1]) if row is not None else (0, None)
+
+
 def watermark(conn: sqlite3.Connection, peer: str) -> int:
     """The highest ``seq`` of ``peer``'s stream applied here (0: nothing yet)."""
-    row = conn.execute("SELECT received_seq FROM _p2p_watermarks WHERE peer = ?", (peer,)).fetchone()
-    return int(row[0]) if row is not None else 0
+    return position(conn, peer)[0]
 
 
 # --------------------------------------------------------------------------
@@ -311,12 +319,14 @@ def _atomic(conn: sqlite3.Connection, state: CaptureState) -> Iterator[None]:
 
 
 def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
-    current = watermark(conn, peer)
+    current, stream = position(conn, peer)
+    if stream != batch.stream:
+        current = 0  # another stream (the sender's store is new or restored): its seqs start over
     if batch.full and batch.since_seq <= current < batch.last_seq:
         conn.execute(
-            "INSERT INTO _p2p_watermarks(peer, received_seq) VALUES (?, ?) "
-            "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq",
-            (peer, batch.last_seq),
+            "INSERT INTO _p2p_watermarks(peer, received_seq, stream) VALUES (?, ?, ?) "
+            "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq, stream = excluded.stream",
+            (peer, batch.last_seq, batch.stream),
         )
         return batch.last_seq
     return current

@@ -414,7 +414,8 @@ class SyncEngine:
             store = await self.registry.for_peer(msg.bundle, msg.store)
             self._learn(peer, store, msg.tables)
             if msg.mode == "push":  # the peer sends, we receive
-                await self._send(peer, SyncReady(msg.req, await store.watermark(peer), table_offers(store)))
+                since, stream = await store.position(peer)
+                await self._send(peer, SyncReady(msg.req, since, table_offers(store), stream))
                 stats = await self._receive_stream(session, store, None)
                 log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
                          stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
@@ -424,7 +425,8 @@ class SyncEngine:
                                        f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
-                stats = await self._send_stream(session, store, msg.since or 0, msg.table, where, None)
+                start = await store.start_position(msg.since or 0, msg.stream)
+                stats = await self._send_stream(session, store, start, msg.table, where, None)
                 await self._send(peer, SyncEnd(msg.req, int(Code.SUCCESS), ""))
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
         except SessionEnded as end:
@@ -517,11 +519,13 @@ class SyncEngine:
                     raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
                 self._learn(peer, store, ready.tables)
                 check_tables(store, table, ready.tables)
-                stats = await self._send_stream(session, store, ready.since, table, where, progress)
+                start = await store.start_position(ready.since, ready.stream)
+                stats = await self._send_stream(session, store, start, table, where, progress)
                 await self._send(peer, SyncEnd(req, int(Code.SUCCESS), ""))
             else:
-                since = await store.watermark(peer)
-                await self._send(peer, SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store)))
+                since, stream = await store.position(peer)
+                await self._send(peer, SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since,
+                                                table_offers(store), stream))
                 stats = await self._receive_stream(session, store, progress)
             return stats
         except SessionEnded as end:

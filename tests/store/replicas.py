@@ -135,6 +135,17 @@ class Replica:
             raise
         return batch
 
+    def start_position(self, since: int, stream: str | None) -> int:
+        """What the sender does with a peer's watermark (it may renew the stream)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            start = changes.start_position(self.conn, since, stream)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return start
+
     def apply(self, batch: changes.OutBatch, sender: str) -> merge.ApplyResult:
         try:
             return merge.apply_batch(self.conn, self.state, self.clock, batch, sender, wall=self.wall)
@@ -150,7 +161,7 @@ class Replica:
         as the wire will.
         """
         results = []
-        since = merge.watermark(other.conn, self.id)
+        since = self.start_position(*merge.position(other.conn, self.id))
         while True:
             batch = self.read(since, table=table, limit=limit)
             if plain:

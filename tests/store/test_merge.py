@@ -9,6 +9,7 @@ on the receiver.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -431,6 +432,62 @@ def test_the_watermark_moves_with_the_batch_and_only_for_the_whole_stream(device
     assert b.apply(gap, "DEVA").last_seq == result.last_seq
     a.push(b)
     assert b.rows(SYNCED) == [("x", 1, None), ("y", 2, None), ("z", 3, None)]
+
+
+def _remove_store_file(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_recreated_sender_store_is_read_again_from_its_start(device) -> None:
+    """The sender's store was deleted and created again: its seqs restart at 1,
+    below the receiver's watermark. A new stream ID makes the receiver start over."""
+    a, b = device("DEVA"), device("DEVB")
+    for i in range(5):
+        a.write("INSERT INTO items(uid, a) VALUES (?, ?)", (f"old{i}", i))
+    a.push(b)
+    assert merge.watermark(b.conn, "DEVA") >= 5
+    a.close()
+    _remove_store_file(a.path)
+    a = device("DEVA")  # the same device, a new empty store
+    a.write("INSERT INTO items(uid, a) VALUES ('new', 9)")
+    (result,) = a.push(b)
+    assert result.applied == 1 and ("new", 9, None) in b.rows(SYNCED)
+    assert merge.position(b.conn, "DEVA") == (result.last_seq, capture.stream_id(a.conn))
+    (again,) = a.push(b)
+    assert again.applied == 0 and again.last_seq == result.last_seq  # caught up: nothing is sent twice
+
+
+def test_a_sender_restored_from_a_backup_starts_a_new_stream(device, tmp_path: Path) -> None:
+    """The sender's file went back in time: the receiver's watermark is past
+    every seq it has. Its next writes must not hide below that watermark."""
+    a, b = device("DEVA"), device("DEVB")
+    a.write("INSERT INTO items(uid, a) VALUES ('kept', 1)")
+    a.push(b)
+    a.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    backup = tmp_path / "backup.db"
+    shutil.copy(a.path, backup)
+    for i in range(5):
+        a.write("INSERT INTO items(uid, a) VALUES (?, ?)", (f"later{i}", i))
+    a.push(b)
+    stream = capture.stream_id(a.conn)
+    a.close()
+    _remove_store_file(a.path)
+    shutil.copy(backup, a.path)
+    restored = Replica(a.path, "DEVA")
+    try:
+        restored.write("INSERT INTO items(uid, a) VALUES ('after', 7)")
+        (result,) = restored.push(b)
+        assert ("after", 7, None) in b.rows(SYNCED)
+        assert capture.stream_id(restored.conn) != stream
+        (again,) = restored.push(b)
+        assert again.applied == 0  # caught up in the new stream
+        # What B has that the backup lacks stays on B (it is B's copy now), and
+        # the restored device gets it back from B like any other change.
+        b.push(restored)
+        assert restored.rows(SYNCED) == b.rows(SYNCED)
+    finally:
+        restored.close()
 
 
 def test_a_failure_after_rows_were_written_leaves_nothing_behind(device) -> None:

@@ -36,9 +36,13 @@ def _receiver(root: Path) -> Replica:
     return r
 
 
+#: Rows that differ between any two stores: each has its own stream ID.
+_OWN = {"_p2p_meta": " WHERE key != 'stream'"}
+
+
 def _dump(r: Replica) -> dict[str, Any]:
     names = [n for (n,) in r.rows("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-    return {n: sorted(map(repr, r.rows(f'SELECT * FROM "{n}"'))) for n in names if n not in ("_p2p_failures",)} | {
+    return {n: sorted(map(repr, r.rows(f'SELECT * FROM "{n}"' + _OWN.get(n, "")))) for n in names if n not in ("_p2p_failures",)} | {
         "failures": r.rows("SELECT origin, tbl, change, reason FROM _p2p_failures ORDER BY id"),
     }
 

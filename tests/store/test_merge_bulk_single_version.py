@@ -41,10 +41,14 @@ def _receiver(root: Path) -> Replica:
     return r
 
 
+#: Rows that differ between any two stores: each has its own stream ID.
+_OWN = {"_p2p_meta": " WHERE key != 'stream'"}
+
+
 def _dump(r: Replica) -> dict[str, Any]:
     names = [n for (n,) in r.rows("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
     skip = {"_p2p_failures", "_p2p_conflicts"}
-    return {n: sorted(map(repr, r.rows(f'SELECT * FROM "{n}"'))) for n in names if n not in skip} | {
+    return {n: sorted(map(repr, r.rows(f'SELECT * FROM "{n}"' + _OWN.get(n, "")))) for n in names if n not in skip} | {
         "failures": r.rows("SELECT origin, tbl, change, reason FROM _p2p_failures ORDER BY id"),
         "conflicts": r.rows("SELECT id, tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc "
                             "FROM _p2p_conflicts ORDER BY id"),
