@@ -39,6 +39,11 @@ Invariants:
   we re-resolve each known instance, which costs nothing while its SRV/TXT
   (TTL ``record_ttl``) are fresh in the cache and asks the network once they
   have expired; an instance that no longer answers is lost.
+* A lost instance whose PTR record is still cached stays *dormant*: the
+  sweep keeps resolving it for ``DORMANT_SECONDS``, because when that device
+  comes back (restarted after a crash) its announcement repeats a record the
+  browser already has and raises no event of its own. A goodbye removes the
+  record, so a return after one is announced as usual.
 """
 
 from __future__ import annotations
@@ -78,6 +83,11 @@ _HOST_UNSAFE_RE = re.compile(r"[^A-Za-z0-9-]")
 DEFAULT_RECORD_TTL = 120
 DEFAULT_RESOLVE_TIMEOUT = 3.0
 DEFAULT_LIVENESS_INTERVAL = 30.0
+#: How long an instance that stopped answering is still looked for (zeroconf
+#: keeps its PTR record this long, so its return would go unannounced), and
+#: how many such instances at most.
+DORMANT_SECONDS = 1125.0
+MAX_DORMANT = 256
 # A device that keeps its name in a conflict re-announces at most this often,
 # so an impostor that never renames can't make us flood the link.
 CONFLICT_DEFEND_INTERVAL = 10.0
@@ -328,6 +338,8 @@ class Discovery:
         # lower-cased full service name -> the name as received
         self._names: dict[str, str] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        # lower-cased full service name -> (name as received, when it stopped answering)
+        self._dormant: dict[str, tuple[str, float]] = {}
         self._peers: dict[str, DiscoveredPeer] = {}
         self._resolving: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -551,6 +563,7 @@ class Discovery:
             previous.cancel()
         if state_change is ServiceStateChange.Removed:
             log.debug("service %r removed", name)
+            self._dormant.pop(key, None)
             self._forget_instance(key)
             return
         self._start_resolve(name)
@@ -581,6 +594,7 @@ class Discovery:
             if key in self._instances:
                 log.info("service %r stopped answering (no reply within %d ms)", name, self._resolve_timeout_ms)
                 self._forget_instance(key)
+                self._keep_dormant(key, name)
             else:
                 log.debug("service %r did not answer within %d ms; ignoring it", name, self._resolve_timeout_ms)
             return
@@ -595,6 +609,8 @@ class Discovery:
             return
         if self._info is not None and key == self._info.name.lower():
             self._resolve_conflict(peer.device_id)
+        if self._dormant.pop(key, None) is not None:
+            log.info("service %r answers again", name)
         old_id = self._instances.get(key)
         self._instances[key] = peer.device_id
         self._names[key] = name
@@ -617,13 +633,25 @@ class Discovery:
         self._notify(self._on_found, peer)
 
     async def _sweep_liveness(self) -> None:
-        """Re-resolve known instances periodically so silent deaths become on_lost."""
+        """Re-resolve known instances periodically so silent deaths become
+        on_lost, and dormant ones so their return becomes on_found."""
         while self._running:
             await asyncio.sleep(self._liveness_interval)
             for key, name in list(self._names.items()):
                 # An instance already being resolved is being checked anyway.
                 if key in self._instances and key not in self._resolving:
                     self._start_resolve(name)
+            now = asyncio.get_running_loop().time()
+            for key, (name, since) in list(self._dormant.items()):
+                if now - since > DORMANT_SECONDS:
+                    del self._dormant[key]
+                elif key not in self._resolving:
+                    self._start_resolve(name)
+
+    def _keep_dormant(self, key: str, name: str) -> None:
+        if len(self._dormant) >= MAX_DORMANT:
+            del self._dormant[next(iter(self._dormant))]  # the oldest
+        self._dormant[key] = (name, asyncio.get_running_loop().time())
 
     def _forget_instance(self, key: str) -> None:
         self._names.pop(key, None)

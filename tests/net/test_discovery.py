@@ -397,6 +397,34 @@ def test_three_processes_find_each_other_goodbye_and_kill(loopback_multicast) ->
             agent.stop()
 
 
+def test_a_device_killed_and_restarted_is_found_again(loopback_multicast) -> None:
+    """kill -9 leaves its PTR record in every cache (zeroconf keeps it 1125 s), so
+    when the device comes back its announcement is no news to the browser. The
+    observer must still report it found again — it may be an untrusted device a
+    user is about to accept, which nothing else would ever dial."""
+    tag = _tag()
+    watcher_id, comer_id = f"w{tag}", f"k{tag}"
+    timing = {"record_ttl": 2, "liveness_interval": 0.5, "resolve_timeout": 1.0}
+    watcher = AgentProcess.spawn(device_id=watcher_id, name=f"watch-{tag}", port=7420, interfaces=[LOOPBACK],
+                                 max_seconds=40, **timing)
+    comer = AgentProcess.spawn(device_id=comer_id, name=f"comer-{tag}", port=7421, interfaces=[LOOPBACK],
+                               max_seconds=40, **timing)
+    try:
+        watcher.wait_for(lambda e: e["event"] == "found" and e["peer"]["device_id"] == comer_id, FIND_TIMEOUT)
+        comer.popen.kill()
+        comer.popen.wait(5)
+        watcher.wait_for(lambda e: e["event"] == "lost" and e["device_id"] == comer_id, 2 + 0.5 + 1 + LOST_TIMEOUT)
+        before = {id(e) for e in watcher.events}
+        comer = AgentProcess.spawn(device_id=comer_id, name=f"comer-{tag}", port=7421, interfaces=[LOOPBACK],
+                                   max_seconds=40, **timing)
+        # Sweep 0.5 s + resolve, plus slack.
+        watcher.wait_for(lambda e: e["event"] == "found" and e["peer"]["device_id"] == comer_id and id(e) not in before,
+                         FIND_TIMEOUT + 2)
+    finally:
+        watcher.stop()
+        comer.stop()
+
+
 async def test_malformed_services_are_ignored(loopback_multicast, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="p2pstore.net.discovery")
     tag = _tag()
