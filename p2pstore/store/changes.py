@@ -65,6 +65,8 @@ MODES = (COLLABORATIVE, SINGLE_VERSION)
 #: Rows per batch when the caller does not say; the sync engine picks its own
 #: so that a batch fits a frame (``protocol.framing.MAX_FRAME_SIZE``).
 DEFAULT_BATCH_ROWS = 500
+#: Keys per ``IN (...)`` list when reading rows of a batch.
+_IN_CHUNK = 500
 MAX_BATCH_ROWS = 100_000
 #: Caps on names in a decoded batch (SQLite has none; a peer must not make us
 #: hold arbitrarily long identifiers).
@@ -583,14 +585,34 @@ def _single_version_rows(
     }
     name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
     columns = list(t.sync_columns)
-    read_values = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {name} WHERE {ck_col} = ?"
+    listed = ", ".join(quote_ident(c) for c in columns)
+    # Tombs older than the interval and current values, a chunk of keys per
+    # query. Matched by exact value; a key the table stores under another type
+    # (a TEXT column holding an int key as text) is read on its own below.
+    older_tombs: dict[Any, tuple[Any, ...]] = {}
+    current_rows: dict[Any, tuple[Any, ...]] = {}
+    need_tomb = [ck for ck in cells if ck not in tombs]
+    for i in range(0, len(need_tomb), _IN_CHUNK):
+        chunk = need_tomb[i:i + _IN_CHUNK]
+        for ck, *clock in conn.execute(
+            f"SELECT ck, {clock_sql} FROM _p2p_tombs WHERE tid = ?2 AND ck IN ({', '.join('?' * len(chunk))})",
+            (me, t.tid, *chunk),
+        ):
+            older_tombs[ck] = tuple(clock)
+    keys = list(cells)
+    for i in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[i:i + _IN_CHUNK]
+        for ck, *values in conn.execute(f"SELECT {ck_col}, {listed} FROM {name} WHERE {ck_col} IN ({', '.join('?' * len(chunk))})", chunk):
+            current_rows.setdefault(ck, tuple(values))
+    read_values = f"SELECT {listed} FROM {name} WHERE {ck_col} = ?"
     for ck in dict.fromkeys([*cells, *tombs]):
-        tomb = tombs.get(ck)
-        if tomb is None:
-            found = conn.execute(f"SELECT {clock_sql} FROM _p2p_tombs WHERE tid = ?2 AND ck = ?3", (me, t.tid, ck)).fetchone()
-            tomb = tuple(found) if found is not None else None
+        tomb = tombs.get(ck) or older_tombs.get(ck)
         row_cells = cells.get(ck, [])
-        current = conn.execute(read_values, (ck,)).fetchone() if row_cells else None
+        current: Any = None
+        if row_cells:
+            current = current_rows.get(ck)
+            if current is None:
+                current = conn.execute(read_values, (ck,)).fetchone()
         values = dict(zip(columns, current)) if current is not None else {}
         out = []
         for col, hlc, origin, _seq, prev_hlc, prev_origin in sorted(row_cells, key=lambda c: c[0]):
