@@ -9,7 +9,7 @@ transaction (its own ``BEGIN IMMEDIATE``, or a savepoint inside the caller's):
 2. a row in ``_p2p_apply``: capture triggers skip our writes (no echo) and
    collaborative device tables accept them;
 3. the ordinary batch in bulk (a few IN queries and executemany per
-   table; ``apply_*_bulk``); if that is not possible or SQLite refuses any
+   table; ``apply_bulk``); if that is not possible or SQLite refuses any
    of it, each row change under its own SAVEPOINT instead: one that can't
    be applied (constraint, type, unknown column, schema mismatch) is rolled
    back alone and stored in ``_p2p_failures``; the rest of the batch still
@@ -209,7 +209,7 @@ def apply_batch(
         local = capture.stamp(conn, state, clock, wall=wall)
         applier = _Applier(conn, state, batch.mode, from_device, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
-        if not (applier.apply_collaborative_bulk(batch.rows) or applier.apply_single_version_bulk(batch.rows)):
+        if not applier.apply_bulk(batch.rows):
             for row in batch.rows:
                 applier.apply(row, failure_id=None)
         applier.finish()
@@ -427,6 +427,11 @@ class _SvPlan:
     tomb: _Stamp | None  # tomb to store
 
 
+def _row_clock(row: RowChange) -> Clock:
+    """A collaborative row change's one clock: its delete's, or its cells' (all equal)."""
+    return row.tomb if row.tomb is not None else (row.cells[0].hlc, row.cells[0].origin)
+
+
 def _keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_type: type) -> bool:
     """Whether keys of ``key_type`` keep their type (and so their identity)
     in ``column``: ints in a column of INTEGER affinity, strs in one of TEXT
@@ -560,7 +565,7 @@ class _Applier:
     # -- collaborative -----------------------------------------------------
 
     def _merge_collaborative(self, target: _Target, row: RowChange) -> bool:
-        clock: Clock = row.tomb if row.tomb is not None else (row.cells[0].hlc, row.cells[0].origin)
+        clock = _row_clock(row)
         if clock[1] != self.sender:
             raise _RowFailed(f"invalid: collaborative rows are only accepted from their own device, not relayed ({clock[1]} via {self.sender})")
         table = target.table
@@ -600,48 +605,53 @@ class _Applier:
             self._announce(clock[1], table.info.name, op, row.key)
         return True
 
-    def apply_collaborative_bulk(self, rows: Sequence[RowChange]) -> bool:
-        """Apply a whole collaborative batch with a few statements per table
-        (executemany) instead of seven per row: same writes, same log seqs in
-        the same order, same announcements as ``apply`` row by row.
+    def apply_bulk(self, rows: Sequence[RowChange]) -> bool:
+        """Apply a whole batch with a few statements per table (IN queries,
+        executemany) instead of seven or eight per row: same writes, same log
+        seqs in the same order, same conflicts and announcements as ``apply``
+        row by row (tests/store/test_merge_bulk*.py prove it on random
+        batches).
 
-        Only for the ordinary batch: every row valid, written by the sender,
-        of a distributed table here with the same key column, no unknown
-        column, each key once per table, all keys of one type that the device
-        table's key column keeps distinct (int: INTEGER affinity; str: TEXT).
+        Only for the ordinary batch: every row valid, of a distributed table
+        here in this mode and with the same key column, collaborative rows
+        written by the sender, each key once per table, all keys of one type
+        that the key column keeps distinct (``_keys_stay_distinct``).
         Otherwise, and on any SQLite error (rolled back to a savepoint), it
         returns False having changed nothing, and the caller applies row by
         row, which isolates the row that fails.
         """
-        if self.mode != COLLABORATIVE or not rows:
+        if not rows:
             return False
-        plan: list[tuple[RowChange, Clock]] = []
         keys: dict[str, list[Value]] = {}
         types: dict[str, type] = {}
         for row in rows:
-            if row_problem(self.mode, row) is not None:
-                return False
-            clock: Clock = row.tomb if row.tomb is not None else (row.cells[0].hlc, row.cells[0].origin)
             table = self.tables.get(row.table)
-            if clock[1] != self.sender or table is None or table.mode != self.mode or row.key_column != table.key_column:
+            if row_problem(self.mode, row) is not None or table is None or table.mode != self.mode:
+                return False
+            if row.key_column != table.key_column:
+                return False
+            if self.mode == COLLABORATIVE and _row_clock(row)[1] != self.sender:
                 return False
             if type(row.key) not in (int, str) or types.setdefault(row.table, type(row.key)) is not type(row.key):
                 return False
             keys.setdefault(row.table, []).append(row.key)
-            plan.append((row, clock))
         if any(len(set(k)) != len(k) for k in keys.values()):
             return False
         conn = self.conn
         conn.execute("SAVEPOINT p2p_bulk")
         try:
-            done = self._collaborative_bulk(plan, keys, types)
+            if self.mode == COLLABORATIVE:
+                done = self._collaborative_bulk(rows, keys, types)
+            else:
+                done = self._single_version_bulk(rows, keys, types)
         except sqlite3.Error:
             done = False
         if not done:
             conn.execute("ROLLBACK TO p2p_bulk")
             conn.execute("RELEASE p2p_bulk")
             self.targets.clear()  # device tables created in the savepoint are gone
-            self.applied = 0
+            self.applied = self.conflicts = 0
+            self.appended.clear()
             self.remote = {}
             return False
         conn.execute("RELEASE p2p_bulk")
@@ -652,8 +662,9 @@ class _Applier:
                 self.max_hlc = max(self.max_hlc, row.tomb_hlc)
         return True
 
-    def _collaborative_bulk(self, plan: list[tuple[RowChange, Clock]], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
+    def _collaborative_bulk(self, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
         conn = self.conn
+        plan = [(row, _row_clock(row)) for row in rows]
         stored: dict[str, dict[Value, Clock]] = {}
         existing: dict[str, set[Value]] = {}
         for name, table_keys in keys.items():
@@ -758,56 +769,6 @@ class _Applier:
         if plan is None:
             return False
         self._sv_write([plan])
-        return True
-
-    def apply_single_version_bulk(self, rows: Sequence[RowChange]) -> bool:
-        """Apply a whole single_version batch with a few statements per table
-        instead of eight per row: same plans, same writes, same log seqs in
-        the same order, same conflicts and announcements as ``apply`` row by
-        row.
-
-        Only for the ordinary batch: every row valid, of a single_version
-        table here keyed by the same conflict column, each key once per
-        table, all keys of one type that the conflict column keeps distinct
-        (see ``_keys_stay_distinct``). Otherwise, and on any SQLite error
-        (rolled back to a savepoint), it returns False having changed
-        nothing, and the caller applies row by row, which isolates the row
-        that fails.
-        """
-        if self.mode != SINGLE_VERSION or not rows:
-            return False
-        keys: dict[str, list[Value]] = {}
-        types: dict[str, type] = {}
-        for row in rows:
-            table = self.tables.get(row.table)
-            if row_problem(self.mode, row) is not None or table is None or table.mode != self.mode:
-                return False
-            if row.key_column != table.conflict_column:
-                return False
-            if type(row.key) not in (int, str) or types.setdefault(row.table, type(row.key)) is not type(row.key):
-                return False
-            keys.setdefault(row.table, []).append(row.key)
-        if any(len(set(k)) != len(k) for k in keys.values()):
-            return False
-        conn = self.conn
-        conn.execute("SAVEPOINT p2p_bulk")
-        try:
-            done = self._single_version_bulk(rows, keys, types)
-        except sqlite3.Error:
-            done = False
-        if not done:
-            conn.execute("ROLLBACK TO p2p_bulk")
-            conn.execute("RELEASE p2p_bulk")
-            self.applied = self.conflicts = 0
-            self.appended.clear()
-            self.remote = {}
-            return False
-        conn.execute("RELEASE p2p_bulk")
-        for row in rows:
-            for c in row.cells:
-                self.max_hlc = max(self.max_hlc, c.hlc)
-            if row.tomb_hlc is not None:
-                self.max_hlc = max(self.max_hlc, row.tomb_hlc)
         return True
 
     def _single_version_bulk(self, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:

@@ -1,4 +1,4 @@
-"""The set-based collaborative apply (``_Applier.apply_collaborative_bulk``)
+"""The set-based collaborative apply (``_Applier.apply_bulk``)
 must leave exactly what applying row by row leaves: device table rows, log
 rows and their seqs, row clocks, failures, watermark, and the same
 ApplyResult. Checked on random batches (valid ones, which take the bulk path,
@@ -97,7 +97,7 @@ def _apply_both(monkeypatch: pytest.MonkeyPatch, batches: list[list[RowChange]])
                 since += len(rows)
                 a = bulk.apply(batch, SENDER)
                 with monkeypatch.context() as m:
-                    m.setattr(merge._Applier, "apply_collaborative_bulk", lambda self, rows: False)
+                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows: False)
                     b = rowwise.apply(batch, SENDER)
                 assert _result(a) == _result(b)
                 assert _dump(bulk) == _dump(rowwise)
@@ -117,13 +117,13 @@ def test_bulk_apply_is_taken_for_an_ordinary_batch(monkeypatch: pytest.MonkeyPat
     r = _receiver(tmp_path)
     try:
         calls: list[bool] = []
-        real = merge._Applier.apply_collaborative_bulk
+        real = merge._Applier.apply_bulk
 
         def spy(self: merge._Applier, rows: Any) -> bool:
             calls.append(real(self, rows))
             return calls[-1]
 
-        monkeypatch.setattr(merge._Applier, "apply_collaborative_bulk", spy)
+        monkeypatch.setattr(merge._Applier, "apply_bulk", spy)
         rows = [RowChange("notes", "id", k, k, (Cell("id", k, 10 + k, SENDER), Cell("body", f"b{k}", 10 + k, SENDER),
                                                  Cell("n", k, 10 + k, SENDER))) for k in range(1, 501)]
         res = r.apply(OutBatch("collaborative", 0, 500, tuple(rows), False, True), SENDER)

@@ -1,4 +1,4 @@
-"""The set-based single_version apply (``_Applier.apply_single_version_bulk``)
+"""The set-based single_version apply (``_Applier.apply_bulk``)
 must leave exactly what applying row by row leaves: table rows and their
 local keys, log rows and their seqs, cells, tombs, conflicts, failures,
 watermark, the clock and the same ApplyResult.
@@ -102,7 +102,7 @@ _local = st.one_of(
 
 def _apply_both(monkeypatch: pytest.MonkeyPatch, steps: list[tuple[list[RowChange], list[tuple[str, tuple[Any, ...]]]]]) -> list[bool]:
     taken: list[bool] = []
-    real = merge._Applier.apply_single_version_bulk
+    real = merge._Applier.apply_bulk
 
     def spy(self: merge._Applier, rows: Any) -> bool:
         taken.append(real(self, rows))
@@ -119,10 +119,10 @@ def _apply_both(monkeypatch: pytest.MonkeyPatch, steps: list[tuple[list[RowChang
                 batch = OutBatch("single_version", since, since + len(rows), tuple(rows), False, True)
                 since += len(rows)
                 with monkeypatch.context() as m:
-                    m.setattr(merge._Applier, "apply_single_version_bulk", spy)
+                    m.setattr(merge._Applier, "apply_bulk", spy)
                     a = bulk.apply(batch, SENDER)
                 with monkeypatch.context() as m:
-                    m.setattr(merge._Applier, "apply_single_version_bulk", lambda self, rows: False)
+                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows: False)
                     b = rowwise.apply(batch, SENDER)
                 assert _result(a) == _result(b)
                 assert _dump(bulk) == _dump(rowwise)
