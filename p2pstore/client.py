@@ -81,8 +81,15 @@ class Client:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         assert self._writer is not None
-        self._writer.write(encode_request(rid, method, params))
-        await self._writer.drain()
+        try:
+            self._writer.write(encode_request(rid, method, params))
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            # The daemon went away before the read loop saw it: the same error
+            # the read loop gives (or will give) every call still waiting.
+            self._pending.pop(rid, None)
+            if not future.done():
+                future.set_exception(self._closed_error or _connection_gone(exc))
         return await future
 
     async def notifications_iter(self) -> AsyncIterator[dict[str, Any]]:
@@ -110,7 +117,9 @@ class Client:
                     future.set_exception(err)
                 elif future is not None:
                     future.set_result(from_wire(msg.get("result")))
-        except (ConnectionError, OSError, ValueError) as exc:
+        except ConnectionError as exc:
+            error = _connection_gone(exc)
+        except (OSError, ValueError) as exc:
             error = ProtocolError(f"connection to the daemon broke: {exc}")
         finally:
             self._closed_error = error
@@ -118,6 +127,11 @@ class Client:
                 if not future.done():
                     future.set_exception(error)
             self._pending.clear()
+
+
+def _connection_gone(exc: BaseException) -> DaemonNotRunning:
+    """The daemon closed or reset the connection (it stopped or died)."""
+    return DaemonNotRunning(f"the daemon closed the connection ({exc or type(exc).__name__})")
 
 
 def _error_from(payload: dict[str, Any]) -> P2PStoreError:

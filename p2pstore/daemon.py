@@ -4,9 +4,9 @@ Lifecycle:
 - One daemon per socket. A lock file beside the socket (flock) decides who
   owns it; a socket file left by a crashed daemon (nobody listening) is
   removed and replaced, a live one makes the second daemon refuse to start.
-- Ready when the API socket listens, which it does only once stores with
-  auto-sync, peer channels and discovery are up (so every method can
-  answer): then READY=1 goes to systemd (Type=notify) if NOTIFY_SOCKET is set.
+- Ready when the API socket listens, which it does only once everything
+  else is up (stores, peers, discovery): then READY=1 goes to systemd
+  (Type=notify) if NOTIFY_SOCKET is set.
 - SIGTERM/SIGINT: stop accepting, close stores, remove the socket file.
 - SIGHUP: re-read sync_schema.json for every open single_version store
   (accepted or refused per store, and logged; never fatal).
@@ -238,16 +238,17 @@ class Daemon:
         self.identity = Identity.load_or_create(data_dir, self.config.name)
         self.registry.device_id = self.identity.device_id
         self._lock.acquire()
+        # The API socket comes last: a client that can connect finds the
+        # daemon whole (auto-sync stores open, device layer up, real port).
         try:
             auto = await self.registry.open_auto_sync_stores()
             if auto:
-                log.info("opened %d store(s) with auto-sync tables: %s", len(auto),
-                         ", ".join(f"{s.bundle}/{s.name}" for s in auto))
+                log.info("opened %d store(s) with auto-sync tables: %s", len(auto), ", ".join(f"{s.bundle}/{s.name}" for s in auto))
             await self._start_network()
-            # Last: the socket appears when every method can answer.
             await self.server.start()
         except BaseException:
             await self._stop_network()
+            await self.server.stop()
             await self.registry.close_all()
             self._lock.release()
             raise

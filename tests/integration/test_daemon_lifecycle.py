@@ -64,6 +64,23 @@ def test_a_stale_socket_from_a_killed_daemon_is_replaced(start_daemon: Callable[
     assert "stale socket" in d.log()
 
 
+def test_the_socket_accepts_only_once_the_daemon_is_whole(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """The first connection a restarted daemon accepts already sees its peer
+    port and device layer, even while it has many auto-sync stores to open."""
+    d = start_daemon("whole")
+    with d.client() as c:
+        for i in range(12):
+            c.call("store.open", store=f"s{i}")
+            c.call("store.execute", store=f"s{i}", sql="CREATE TABLE T (id INTEGER PRIMARY KEY, v)")
+            c.call("store.set_distributed_tables", store=f"s{i}", tables=["T"], config={"auto_sync": True})
+    assert d.stop() == 0
+    d.start()  # returns as soon as a connect succeeds
+    with d.client() as c:
+        assert c.call("device.info")["port"] > 0  # the bound port, not --port 0
+        assert c.call("devices.list") == []  # not "the device layer is not running yet"
+    assert "opened 12 store(s) with auto-sync tables" in d.log()
+
+
 def test_a_second_daemon_on_the_same_socket_refuses_to_start(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("first")
     result = run_daemon(d.root, "--socket", str(d.socket), "--name", "second")

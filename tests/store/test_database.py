@@ -96,9 +96,9 @@ async def test_api_write_waits_for_another_writer_instead_of_failing(store: Stor
     other.execute("BEGIN IMMEDIATE")
     other.execute("INSERT INTO T(name) VALUES ('outside')")
     release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    start = time.monotonic()  # before the timer runs: the commit comes >= 0.3 s after this
     release.start()
     try:
-        start = time.monotonic()
         await store.insert("T", {"name": "api"})
         assert time.monotonic() - start >= 0.2  # it really waited for the lock
         assert await rows(store, "SELECT name FROM T ORDER BY id") == [["outside"], ["api"]]
