@@ -444,7 +444,8 @@ def test_a_subscriber_that_never_reads(start_daemon: Callable[..., DaemonProcess
             print(f"RSS {rss_before // 1024} -> peak {peak // 1024} MB; 500 writes {baseline:.2f} s alone, {with_stuck:.2f} s stuck")
             assert peak < RSS_LIMIT_KB, f"daemon RSS {peak // 1024} MB with a stuck subscriber"
             assert peak - rss_before < RSS_GROWTH_KB, f"daemon RSS grew {rss_before // 1024} -> {peak // 1024} MB"
-            assert with_stuck < 2 * baseline + 0.25, f"500 writes: {baseline:.2f} s alone, {with_stuck:.2f} s with a stuck subscriber"
+            # Blocked by the subscriber, the writer would stall outright; the margin is for a noisy machine.
+            assert with_stuck < 3 * baseline + 0.5, f"500 writes: {baseline:.2f} s alone, {with_stuck:.2f} s with a stuck subscriber"
 
             # It finally reads: its two answers, some notifications, then one overflow.
             raw.sock.settimeout(5.0)

@@ -283,6 +283,11 @@ async def agent(tmp_path: Path) -> AsyncIterator[Callable[..., asyncio.Future[tu
             await proc.wait()
 
 
+#: What a loaded 2-core CI machine may add to a timer before the event loop
+#: runs it and the test's poll sees the result.
+SCHEDULING_SLACK = 0.5
+
+
 async def _offline_after_freeze(a: Device, agent_start, keepalive: float, dead_after: float) -> float:  # type: ignore[no-untyped-def]
     await a.manager.start()
     proc, info = await agent_start([a.id], keepalive, dead_after)
@@ -299,14 +304,14 @@ async def _offline_after_freeze(a: Device, agent_start, keepalive: float, dead_a
 async def test_silent_peer_declared_offline(devices: Callable[..., Device], agent) -> None:  # type: ignore[no-untyped-def]
     a = devices("a")  # keepalive 0.5 s, dead after 1.5 s
     took = await _offline_after_freeze(a, agent, 0.5, 1.5)
-    assert 0.5 < took <= 1.5 + 0.2
+    assert 0.5 < took <= 1.5 + SCHEDULING_SLACK
 
 
 @pytest.mark.slow
 async def test_silent_peer_declared_offline_with_default_timers(devices: Callable[..., Device], agent) -> None:  # type: ignore[no-untyped-def]
     a = devices("a", keepalive_interval=5.0, dead_after=15.0)
     took = await _offline_after_freeze(a, agent, 5.0, 15.0)
-    assert 8.0 < took <= 15.0 + 0.2
+    assert 8.0 < took <= 15.0 + SCHEDULING_SLACK
 
 
 async def test_listens_on_several_addresses_with_one_port(devices: Callable[..., Device]) -> None:
