@@ -50,6 +50,7 @@ from p2pstore.errors import (
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
+from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import (
     Message,
     StoreOffer,
@@ -79,6 +80,19 @@ DEFAULT_TIMEOUT = 30.0
 INBOX_SIZE = 16
 #: Batches a sender may have unacked (read the next while the peer applies one).
 SEND_WINDOW = 2
+#: Bytes of one batch (its msgpack payload) the sender aims at: rows with large
+#: values (photos, documents) go in fewer rows per batch, so a batch always
+#: fits in a frame and a sync holds at most SEND_WINDOW such batches.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Largest payload one batch may have at all (a single row bigger than this
+#: can't be sent): a frame, less room for the message around the payload.
+MAX_BATCH_PAYLOAD = MAX_FRAME_SIZE - 64 * 1024
+
+
+def _rows_for(budget: int, rows: int, size: int, most: int = DEFAULT_BATCH_ROWS) -> int:
+    """Rows per batch that fill about ``budget`` bytes, judging by a batch of
+    ``rows`` rows that took ``size`` bytes: 1..``most``."""
+    return max(1, min(most, rows * budget // max(size, 1)))
 
 
 class Code(IntEnum):
@@ -366,10 +380,21 @@ class SyncEngine:
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, stats, "upload")
 
+        limit = self.batch_rows
         while True:
-            batch = await store.read_changes(table, since, where=where, limit=self.batch_rows)
+            batch = await store.read_changes(table, since, where=where, limit=limit)
             if batch.rows or batch.last_seq > since or first:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
+                if len(payload) > MAX_BATCH_BYTES and limit > 1:
+                    # Large rows: read again from the same place, fewer of them.
+                    limit = min(limit - 1, _rows_for(MAX_BATCH_BYTES, len(batch.rows), len(payload)))
+                    continue
+                if len(payload) > MAX_BATCH_PAYLOAD:
+                    row = batch.rows[0]
+                    raise SessionEnded(Code.FAIL, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
+                                                  f"bytes; a sync message carries at most {MAX_BATCH_PAYLOAD}")
+                if batch.rows:
+                    limit = _rows_for(MAX_BATCH_BYTES, len(batch.rows), len(payload), self.batch_rows)
                 await self._send(session.peer, SyncBatch(session.req, payload))
                 unacked.append(batch)
                 if len(unacked) >= SEND_WINDOW:

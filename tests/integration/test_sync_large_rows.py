@@ -1,0 +1,79 @@
+"""Rows with large values (photos, documents): a sync batch is bounded in
+bytes as well as in rows, so it always fits in a frame (16 MiB) and the
+memory of a sync stays bounded, whatever the rows hold.
+
+Real daemons on loopback (``linked_daemons``); the blobs are written by an
+outside process (``sqlite3`` module), as an application storing files would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+from sync_helpers import (
+    SV_REF,
+    linked_daemons,  # noqa: F401  (fixture)
+    setup_employee,
+)
+
+COLLAB = {"store": "photos"}
+BLOB_SIZE = 200 * 1024
+ROWS = 300  # 300 × 200 KiB = 60 MiB: 250 such rows would be a 50 MB batch
+
+
+def fill(path: str, sql: str, rows: list[tuple[object, ...]]) -> None:
+    with sqlite3.connect(path, timeout=10) as conn:
+        conn.executemany(sql, rows)
+
+
+def blob(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (BLOB_SIZE // 32)
+
+
+def test_collaborative_rows_of_200_kib_each_sync_in_byte_bounded_batches(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", **COLLAB)
+        node.call("store.execute", **COLLAB, sql="CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
+        node.call("store.set_distributed_tables", **COLLAB, tables=["P"], config={"auto_sync": False})
+    path = a.call("store.open", **COLLAB)["path"]
+    fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(i, blob(i)) for i in range(ROWS)])
+    result = a.sync("push", COLLAB, [b])[b.id]
+    assert result["code"] == 0, result
+    assert result["applied"] == ROWS, result
+    dev = b.call("store.distributed_table_name", **COLLAB, device=a.id, table="P")["table"]
+    got = b.rows(COLLAB, f'SELECT count(*), sum(length(data)) FROM "{dev}"')
+    assert got == [[ROWS, ROWS * BLOB_SIZE]]
+    assert b.rows(COLLAB, f'SELECT data FROM "{dev}" WHERE id = 123') == [[blob(123)]]
+
+
+def test_single_version_rows_of_200_kib_each_sync_by_pull(linked_daemons) -> None:
+    a, b = linked_daemons(2, schema=True)
+    path = Path(setup_employee(a) and a.call("store.open", **SV_REF)["path"])
+    setup_employee(b)
+    fill(str(path), "INSERT INTO EMPLOYEE(NAME, AGE, CODES) VALUES (?, ?, ?)", [(f"e{i}", i, blob(i)) for i in range(ROWS)])
+    result = b.sync("pull", SV_REF, [a])[a.id]
+    assert result["code"] == 0, result
+    assert b.rows(SV_REF, "SELECT count(*), sum(length(CODES)) FROM EMPLOYEE") == [[ROWS, ROWS * BLOB_SIZE]]
+
+
+def test_a_row_too_large_for_any_message_fails_the_sync_clearly_after_the_rows_before_it(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", **COLLAB)
+        node.call("store.execute", **COLLAB, sql="CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
+        node.call("store.set_distributed_tables", **COLLAB, tables=["P"], config={"auto_sync": False})
+    path = a.call("store.open", **COLLAB)["path"]
+    fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(i, blob(i)) for i in range(3)])
+    fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(99, b"\x01" * (17 * 1024 * 1024))])
+    result = a.sync("push", COLLAB, [b])[b.id]
+    assert result["code"] == 1, result
+    assert "table P (key 99)" in result["message"] and "a sync message carries at most" in result["message"], result
+    dev = b.call("store.distributed_table_name", **COLLAB, device=a.id, table="P")["table"]
+    assert b.rows(COLLAB, f'SELECT id FROM "{dev}" ORDER BY id') == [[0], [1], [2]]
+    # Made smaller, it goes through.
+    a.call("store.execute", **COLLAB, sql="UPDATE P SET data = zeroblob(1024) WHERE id = 99")
+    assert a.sync("push", COLLAB, [b])[b.id]["code"] == 0
+    assert b.rows(COLLAB, f'SELECT id, length(data) FROM "{dev}" WHERE id = 99') == [[99, 1024]]
