@@ -191,6 +191,12 @@ class FailureNotFound(P2PStoreError):
     name, code = "FAILURE_NOT_FOUND", -31502
 
 
+class ResultTooLarge(P2PStoreError):
+    """One row of a remote query's result is bigger than a message can carry."""
+
+    name, code = "RESULT_TOO_LARGE", -31503
+
+
 def all_error_classes() -> list[type[P2PStoreError]]:
     """Every concrete error class, for the docs check and the API table."""
     seen: list[type[P2PStoreError]] = []

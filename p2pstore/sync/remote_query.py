@@ -31,12 +31,14 @@ from p2pstore.errors import (
     InvalidPredicate,
     P2PStoreError,
     ProtocolError,
+    ResultTooLarge,
     SecurityLevelDenied,
     SyncTimeout,
     by_name,
 )
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
+from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest, unpack
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
 from p2pstore.store.database import Store
@@ -49,6 +51,17 @@ DEFAULT_TIMEOUT = 30.0
 FETCH_ROWS = 512
 #: Queries a peer may run here at once.
 MAX_SERVING_PER_PEER = 4
+#: Largest row a page can carry on its own: a frame, less room around it.
+MAX_ROW_BYTES = MAX_FRAME_SIZE - 64 * 1024
+
+
+def _value_size(value: Any) -> int:
+    """About what ``value`` takes in msgpack (exact for str and bytes)."""
+    if isinstance(value, bytes):
+        return len(value) + 5
+    if isinstance(value, str):
+        return (len(value) if value.isascii() else len(value.encode())) + 5
+    return 9
 
 
 def build_query(store: Store, table: str, columns: tuple[str, ...], predicates: Any) -> tuple[str, tuple[Any, ...], list[str]]:
@@ -75,18 +88,26 @@ class _Pager:
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("BEGIN")  # one snapshot for every page
         self.cursor = self.conn.execute(sql, params)
+        self._fetched: list[tuple[Any, ...]] = []  # fetched, not yet paged (last row first)
 
     def page(self) -> tuple[bytes, bool]:
+        """The next page: rows up to PAGE_BYTES (at least one), and whether it is the last."""
         rows: list[list[Any]] = []
         size = 0
-        while size < PAGE_BYTES:
-            chunk = self.cursor.fetchmany(FETCH_ROWS)
-            if not chunk:
-                return msgpack.packb(rows, use_bin_type=True), True
-            for row in chunk:
-                rows.append(list(row))
-                size += sum(len(v) if isinstance(v, (str, bytes)) else 9 for v in row) + 2
-        return msgpack.packb(rows, use_bin_type=True), False
+        while True:
+            if not self._fetched:
+                self._fetched = self.cursor.fetchmany(FETCH_ROWS)[::-1]
+                if not self._fetched:
+                    return msgpack.packb(rows, use_bin_type=True), True
+            row = self._fetched[-1]
+            row_size = sum(_value_size(v) for v in row) + 2
+            if rows and size + row_size > PAGE_BYTES:
+                return msgpack.packb(rows, use_bin_type=True), False
+            if row_size > MAX_ROW_BYTES:
+                raise ResultTooLarge(f"a row of the result is {row_size} bytes; a page carries at most {MAX_ROW_BYTES}")
+            self._fetched.pop()
+            rows.append(list(row))
+            size += row_size
 
     def close(self) -> None:
         self.conn.close()

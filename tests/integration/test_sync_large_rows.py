@@ -12,11 +12,15 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from sync_helpers import (
     SV_REF,
     linked_daemons,  # noqa: F401  (fixture)
     setup_employee,
 )
+
+from p2pstore.errors import ResultTooLarge
 
 COLLAB = {"store": "photos"}
 BLOB_SIZE = 200 * 1024
@@ -77,3 +81,23 @@ def test_a_row_too_large_for_any_message_fails_the_sync_clearly_after_the_rows_b
     a.call("store.execute", **COLLAB, sql="UPDATE P SET data = zeroblob(1024) WHERE id = 99")
     assert a.sync("push", COLLAB, [b])[b.id]["code"] == 0
     assert b.rows(COLLAB, f'SELECT id, length(data) FROM "{dev}" WHERE id = 99') == [[99, 1024]]
+
+
+def test_a_remote_query_of_large_rows_arrives_whole_and_a_huge_row_is_a_clear_error(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", **COLLAB)
+        node.call("store.execute", **COLLAB, sql="CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
+        node.call("store.set_distributed_tables", **COLLAB, tables=["P"], config={"auto_sync": False})
+    path = a.call("store.open", **COLLAB)["path"]
+    fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(i, blob(i)) for i in range(120)])  # 24 MiB
+    got = b.call("store.remote_query", **COLLAB, device=a.id, table="P", predicates={"order_by": [["id", "asc"]]})
+    assert [r[0] for r in got["rows"]] == list(range(120))
+    assert all(r[1] == blob(r[0]) for r in got["rows"])
+    fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(999, b"\x01" * (17 * 1024 * 1024))])
+    with pytest.raises(ResultTooLarge) as info:
+        b.call("store.remote_query", **COLLAB, device=a.id, table="P", predicates={"where": [["id", ">", 100]]})
+    assert "a page carries at most" in info.value.message
+    # The answering daemon is fine, and so is a query that leaves the big row out.
+    got = b.call("store.remote_query", **COLLAB, device=a.id, table="P", predicates={"where": [["id", "<", 3]]})
+    assert len(got["rows"]) == 3
