@@ -456,8 +456,14 @@ def changes_since(
     *,
     limit: int = DEFAULT_BATCH_ROWS,
     where: CompiledQuery | None = None,
+    max_bytes: int | None = None,
 ) -> OutBatch:
     """The changes a peer whose watermark is ``since_seq`` has not applied.
+
+    At most ``limit`` seqs, and with ``max_bytes`` only as many as the rows
+    they carry fit in (by the stored size of their values, always at least
+    one): the batch then ends early, still covering every record up to its
+    ``last_seq``, and memory stays bounded when rows are large.
 
     ``table`` None reads the whole stream (every distributed table) and gives
     a batch that may move the peer's watermark (``full``). A named table, and
@@ -487,6 +493,10 @@ def changes_since(
         filt = where if where is not None and where.where else None
         seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt)
         more = len(seqs) == limit
+        if max_bytes is not None and len(seqs) > 1:
+            fitting = _seqs_within(conn, tables, seqs, max_bytes)
+            more = more or len(fitting) < len(seqs)
+            seqs = fitting
         last = seqs[-1] if more else max(since_seq, bound)
         rows: list[RowChange] = []
         if seqs:
@@ -533,6 +543,38 @@ def _next_seqs(
         return []
     sql = f"SELECT DISTINCT seq FROM ({' UNION ALL '.join(parts)}) ORDER BY seq LIMIT ?"
     return [r[0] for r in conn.execute(sql, (*params, limit))]
+
+
+#: What a row change costs in a batch besides its values (keys, clocks, framing).
+_ROW_OVERHEAD = 64
+
+
+def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: list[int], max_bytes: int) -> list[int]:
+    """The longest prefix of ``seqs`` whose rows' values fit in ``max_bytes``
+    (at least one seq). A row is sized by its current values (``length()``,
+    which SQLite answers without reading a large value); counted once per
+    seq that carries it, so the estimate errs on the small-batch side."""
+    sizes: dict[int, int] = {}
+    marks = ", ".join("?" * len(seqs))
+    for t in tables:
+        name = quote_ident(t.info.name)
+        if t.mode == COLLABORATIVE:
+            total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.info.columns) or "0"
+            sql = (f"SELECT l.seq, (SELECT {total} FROM {name} WHERE {t.info.key_expr} = l.pk) FROM _p2p_log l "
+                   f"WHERE l.tid = ? AND l.origin IS NULL AND l.seq IN ({marks})")
+        else:
+            assert t.conflict_column is not None
+            total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
+            sql = (f"SELECT c.seq, max((SELECT {total} FROM {name} WHERE {quote_ident(t.conflict_column)} = c.ck)) "
+                   f"FROM _p2p_cells c WHERE c.tid = ? AND c.seq IN ({marks}) GROUP BY c.seq")
+        for seq, size in conn.execute(sql, (t.tid, *seqs)):
+            sizes[seq] = sizes.get(seq, 0) + (size or 0)
+    used = 0
+    for i, seq in enumerate(seqs):
+        used += sizes.get(seq, 0) + _ROW_OVERHEAD
+        if used > max_bytes and i > 0:
+            return seqs[:i]
+    return seqs
 
 
 def _collaborative_rows(

@@ -508,7 +508,8 @@ class Store:
 
     # -- sync (called by the sync engine) -------------------------------------
 
-    async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500) -> changes.OutBatch:
+    async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500,
+                           max_bytes: int | None = None) -> changes.OutBatch:
         """The next slice of this store's change stream after ``since``.
 
         Pending outside writes are stamped (and announced) first, in the same
@@ -518,7 +519,7 @@ class Store:
         def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, ChangeBatch]:
             with self._transaction(conn):
                 local = capture.stamp(conn, self.capture, self.clock)
-                return changes.changes_since(conn, table, since, limit=limit, where=where), local
+                return changes.changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes), local
 
         batch, local = await self.run(op)
         self._announce(local)

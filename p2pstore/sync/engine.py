@@ -382,7 +382,7 @@ class SyncEngine:
 
         limit = self.batch_rows
         while True:
-            batch = await store.read_changes(table, since, where=where, limit=limit)
+            batch = await store.read_changes(table, since, where=where, limit=limit, max_bytes=MAX_BATCH_BYTES)
             if batch.rows or batch.last_seq > since or first:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
                 if len(payload) > MAX_BATCH_BYTES and limit > 1:

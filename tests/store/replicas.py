@@ -123,12 +123,12 @@ class Replica:
     # -- sync -----------------------------------------------------------------
 
     def read(self, since: int, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
-             where: CompiledQuery | None = None) -> changes.OutBatch:
+             where: CompiledQuery | None = None, max_bytes: int | None = None) -> changes.OutBatch:
         """What the sender does: stamp, then read, in one transaction."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
-            batch = changes.changes_since(self.conn, table, since, limit=limit, where=where)
+            batch = changes.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -154,7 +154,7 @@ class Replica:
             raise
 
     def push(self, other: Replica, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
-             plain: bool = True) -> list[merge.ApplyResult]:
+             plain: bool = True, max_bytes: int | None = None) -> list[merge.ApplyResult]:
         """Send ``other`` everything it has not applied from us, in batches.
 
         ``plain`` sends each batch through its msgpack-ready form and back,
@@ -163,7 +163,7 @@ class Replica:
         results = []
         since = self.start_position(*merge.position(other.conn, self.id))
         while True:
-            batch = self.read(since, table=table, limit=limit)
+            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes)
             if plain:
                 wire = msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True)
                 batch = changes.batch_from_plain(msgpack.unpackb(wire, raw=False))

@@ -164,6 +164,63 @@ def test_batches_are_bounded_and_resume_exactly(device) -> None:
     assert a.read(since).rows == ()
 
 
+_sized_op = st.tuples(st.sampled_from(["insert", "update", "delete"]), st.integers(0, 7), st.integers(0, 3000))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(_sized_op, st.booleans()), min_size=1, max_size=30), max_bytes=st.integers(1, 6000),
+       limit=st.integers(1, 8))
+def test_byte_bounded_batches_lose_nothing(tmp_path_factory: Any, ops: list[Any], max_bytes: int, limit: int) -> None:
+    """Batches cut by size (rows of 0-3000 bytes, budgets of 1-6000) still carry
+    every change: pushed in such batches (with pushes in between, so rows change
+    across batch boundaries), B ends with exactly A's rows, in both modes."""
+    root = tmp_path_factory.mktemp("bytes")
+    a, b = Replica(root / "a.db", "DEVA"), Replica(root / "b.db", "DEVB")
+    ca, cb = Replica(root / "ca.db", "DEVA"), Replica(root / "cb.db", "DEVB")
+    try:
+        for r in (a, b):
+            r.write(ITEMS)
+            r.make_distributed("items", doc=ITEMS_DOC)
+        for r in (ca, cb):
+            r.write(NOTES)
+            r.make_distributed("notes")
+        for (op, key, size), push in ops:
+            body = "x" * size
+            if op == "insert":
+                a.write("INSERT OR IGNORE INTO items(uid, a, b) VALUES (?, ?, ?)", (f"k{key}", size, body))
+                ca.write("INSERT OR IGNORE INTO notes(id, body, n) VALUES (?, ?, ?)", (key, body, size))
+            elif op == "update":
+                a.write("UPDATE items SET b = ?, a = ? WHERE uid = ?", (body, size, f"k{key}"))
+                ca.write("UPDATE notes SET body = ?, n = ? WHERE id = ?", (body, size, key))
+            else:
+                a.write("DELETE FROM items WHERE uid = ?", (f"k{key}",))
+                ca.write("DELETE FROM notes WHERE id = ?", (key,))
+            if push:
+                a.push(b, limit=limit, max_bytes=max_bytes)
+                ca.push(cb, limit=limit, max_bytes=max_bytes)
+        for result in a.push(b, limit=limit, max_bytes=max_bytes) + ca.push(cb, limit=limit, max_bytes=max_bytes):
+            assert result.failed == 0
+        assert b.rows("SELECT uid, a, b FROM items ORDER BY uid") == a.rows("SELECT uid, a, b FROM items ORDER BY uid")
+        received = cb.rows("SELECT id, body, n FROM dev_DEVA_notes ORDER BY id") if cb.rows(
+            "SELECT 1 FROM sqlite_master WHERE name = 'dev_DEVA_notes'") else []
+        assert received == ca.rows("SELECT id, body, n FROM notes ORDER BY id")
+    finally:
+        for r in (a, b, ca, cb):
+            r.close()
+
+
+def test_a_batch_holds_as_many_large_rows_as_fit_and_at_least_one(device) -> None:
+    a = device("DEVA")
+    for i in range(10):
+        a.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?)", (f"k{i}", i, "x" * 1000))
+    first = a.read(0, max_bytes=3500)
+    assert [r.key for r in first.rows] == ["k0", "k1", "k2"] and first.more  # 3 × (1000 + overhead) fit
+    one = a.read(0, max_bytes=10)
+    assert [r.key for r in one.rows] == ["k0"] and one.more  # never empty
+    rest = a.read(first.last_seq, max_bytes=100_000)
+    assert [r.key for r in rest.rows] == [f"k{i}" for i in range(3, 10)] and not rest.more
+
+
 def test_collaborative_batch_sends_current_rows_and_deletes(device) -> None:
     a = device("DEVA", kind="collaborative")
     a.write("INSERT INTO notes(id, body, n) VALUES (1, 'one', 1), (2, 'two', 2)")
