@@ -386,7 +386,8 @@ class SyncEngine:
             if batch.rows or batch.last_seq > since or first:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
                 if len(payload) > MAX_BATCH_BYTES and limit > 1:
-                    # Large rows: read again from the same place, fewer of them.
+                    # read_changes sized the rows by their stored lengths, which count
+                    # text in characters: read again from the same place, fewer rows.
                     limit = min(limit - 1, _rows_for(MAX_BATCH_BYTES, len(batch.rows), len(payload)))
                     continue
                 if len(payload) > MAX_BATCH_PAYLOAD:
