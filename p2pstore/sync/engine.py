@@ -80,19 +80,15 @@ DEFAULT_TIMEOUT = 30.0
 INBOX_SIZE = 16
 #: Batches a sender may have unacked (read the next while the peer applies one).
 SEND_WINDOW = 2
-#: Bytes of one batch (its msgpack payload) the sender aims at: rows with large
-#: values (photos, documents) go in fewer rows per batch, so a batch always
-#: fits in a frame and a sync holds at most SEND_WINDOW such batches.
+#: Stored bytes of the rows of one batch (store/changes.py sizes them with
+#: SQLite's length()): rows with large values (photos, documents) go fewer to
+#: a batch, and a sync holds at most SEND_WINDOW such batches. length() counts
+#: text in characters, so on the wire a batch is at most 4 times this (4-byte
+#: UTF-8) plus clocks: still within a frame.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-#: Largest payload one batch may have at all (a single row bigger than this
-#: can't be sent): a frame, less room for the message around the payload.
+#: Largest payload one batch may have: a frame, less room for the message
+#: around it. Only a single row bigger than that can't be sent.
 MAX_BATCH_PAYLOAD = MAX_FRAME_SIZE - 64 * 1024
-
-
-def _rows_for(budget: int, rows: int, size: int, most: int = DEFAULT_BATCH_ROWS) -> int:
-    """Rows per batch that fill about ``budget`` bytes, judging by a batch of
-    ``rows`` rows that took ``size`` bytes: 1..``most``."""
-    return max(1, min(most, rows * budget // max(size, 1)))
 
 
 class Code(IntEnum):
@@ -380,22 +376,14 @@ class SyncEngine:
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, stats, "upload")
 
-        limit = self.batch_rows
         while True:
-            batch = await store.read_changes(table, since, where=where, limit=limit, max_bytes=MAX_BATCH_BYTES)
+            batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
             if batch.rows or batch.last_seq > since or first:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
-                if len(payload) > MAX_BATCH_BYTES and limit > 1:
-                    # read_changes sized the rows by their stored lengths, which count
-                    # text in characters: read again from the same place, fewer rows.
-                    limit = min(limit - 1, _rows_for(MAX_BATCH_BYTES, len(batch.rows), len(payload)))
-                    continue
-                if len(payload) > MAX_BATCH_PAYLOAD:
+                if len(payload) > MAX_BATCH_PAYLOAD:  # one row, alone in its batch, and too big
                     row = batch.rows[0]
                     raise SessionEnded(Code.FAIL, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
                                                   f"bytes; a sync message carries at most {MAX_BATCH_PAYLOAD}")
-                if batch.rows:
-                    limit = _rows_for(MAX_BATCH_BYTES, len(batch.rows), len(payload), self.batch_rows)
                 await self._send(session.peer, SyncBatch(session.req, payload))
                 unacked.append(batch)
                 if len(unacked) >= SEND_WINDOW:

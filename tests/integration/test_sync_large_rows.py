@@ -101,3 +101,22 @@ def test_a_remote_query_of_large_rows_arrives_whole_and_a_huge_row_is_a_clear_er
     # The answering daemon is fine, and so is a query that leaves the big row out.
     got = b.call("store.remote_query", **COLLAB, device=a.id, table="P", predicates={"where": [["id", "<", 3]]})
     assert len(got["rows"]) == 3
+
+
+def test_rows_of_multi_byte_text_larger_than_their_stored_length_says_still_sync(linked_daemons) -> None:
+    """Batches are sized by SQLite's length(), which counts text in characters:
+    100k emoji are 400 KB on the wire, 4 times what length() says — the worst
+    case. Such a batch must still fit in a frame (MAX_BATCH_BYTES is chosen so
+    that it does)."""
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", **COLLAB)
+        node.call("store.execute", **COLLAB, sql="CREATE TABLE D (id INTEGER PRIMARY KEY, body TEXT)")
+        node.call("store.set_distributed_tables", **COLLAB, tables=["D"], config={"auto_sync": False})
+    path = a.call("store.open", **COLLAB)["path"]
+    text = "📷" * 100_000  # 100k characters, 400 KB of UTF-8
+    fill(path, "INSERT INTO D(id, body) VALUES (?, ?)", [(i, f"{i}:{text}") for i in range(100)])  # 40 MB
+    result = a.sync("push", COLLAB, [b])[b.id]
+    assert result["code"] == 0 and result["applied"] == 100, result
+    dev = b.call("store.distributed_table_name", **COLLAB, device=a.id, table="D")["table"]
+    assert b.rows(COLLAB, f'SELECT count(*), sum(length(body)) FROM "{dev}"') == [[100, sum(len(f"{i}:{text}") for i in range(100))]]
