@@ -295,7 +295,7 @@ def test_plain_form_round_trips_through_msgpack(device) -> None:
 
 def _plain(**over: Any) -> dict[str, Any]:
     row = ["items", "uid", "x", 3, [["a", 1, 5, "DEVA"]], None, None]
-    base = {"mode": "single_version", "since_seq": 0, "last_seq": 3, "more": False, "full": True, "rows": [row]}
+    base = {"mode": "single_version", "since_seq": 0, "last_seq": 3, "more": False, "full": True, "stream": "s1", "rows": [row]}
     base.update(over)
     return base
 
@@ -303,6 +303,8 @@ def _plain(**over: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("bad", [
     None, [], {"mode": "single_version"},
     _plain(mode="other"), _plain(since_seq=-1), _plain(since_seq=5), _plain(more=1), _plain(full="yes"),
+    _plain(stream=""), _plain(stream=5), _plain(stream=None), _plain(stream="s" * 10_000),
+    {k: v for k, v in _plain().items() if k != "stream"},
     _plain(rows=[["items", "uid", None, 3, [], 5, "DEVA"]]),  # NULL key
     _plain(rows=[["items", "", "x", 3, [["a", 1, 5, "DEVA"]], None, None]]),  # no conflict column
     _plain(rows=[["items", "uid", "x", 3, [["a", 1, -1, "DEVA"]], None, None]]),  # clock out of range
@@ -322,6 +324,10 @@ def test_malformed_batches_are_protocol_errors(bad: Any) -> None:
         changes.batch_from_plain(bad)
 
 
+def test_the_well_formed_base_of_the_malformed_ones_is_accepted() -> None:
+    assert changes.batch_from_plain(_plain()).stream == "s1"  # so each case above fails for its own defect
+
+
 _scalar = (
     st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64) | st.floats()
     | st.text(max_size=5) | st.binary(max_size=5)
@@ -339,9 +345,9 @@ _cell = _mostly(st.tuples(_name, _scalar, _hlc, _name, _mostly(st.none(), _hlc),
 _tomb = _mostly(st.none() | st.tuples(_hlc, _name, _mostly(st.none(), _hlc), _mostly(st.none(), _name)).map(list))
 _row = _mostly(st.tuples(_name, _name, _scalar, _hlc, st.lists(_cell, max_size=3), _tomb).map(list))
 _batch = st.builds(
-    lambda mode, rows, since, last: _plain(mode=mode, rows=rows, since_seq=since, last_seq=last),
+    lambda mode, rows, since, last, stream: _plain(mode=mode, rows=rows, since_seq=since, last_seq=last, stream=stream),
     _mostly(st.sampled_from(["single_version", "collaborative"])), st.lists(_row, max_size=3),
-    _mostly(st.integers(0, 2)), _mostly(st.integers(2, 4)),
+    _mostly(st.integers(0, 2)), _mostly(st.integers(2, 4)), _mostly(st.sampled_from(["s1", "0" * 32])),
 )
 
 
