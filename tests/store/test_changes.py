@@ -293,9 +293,20 @@ def test_plain_form_round_trips_through_msgpack(device) -> None:
     assert changes.decode_change(changes.encode_change("single_version", row)) == ("single_version", row)
 
 
+def _c(column: str = "a", value: Any = 1, hlc: Any = 5, origin: Any = "DEVA", prev: tuple[Any, Any] = (None, None)) -> list[Any]:
+    """A cell in plain form: [column, value, hlc, origin, prev hlc, prev origin]."""
+    return [column, value, hlc, origin, *prev]
+
+
+def _r(table: str = "items", key_column: str = "uid", key: Any = "x", seq: int = 3, cells: Any = None,
+       tomb: Any = None) -> list[Any]:
+    """A row change in plain form: [table, key column, key, seq, cells, tomb]."""
+    return [table, key_column, key, seq, [_c()] if cells is None else cells, tomb]
+
+
 def _plain(**over: Any) -> dict[str, Any]:
-    row = ["items", "uid", "x", 3, [["a", 1, 5, "DEVA"]], None, None]
-    base = {"mode": "single_version", "since_seq": 0, "last_seq": 3, "more": False, "full": True, "stream": "s1", "rows": [row]}
+    base = {"mode": "single_version", "since_seq": 0, "last_seq": 3, "more": False, "full": True, "stream": "s1",
+            "rows": [_r()]}
     base.update(over)
     return base
 
@@ -305,19 +316,23 @@ def _plain(**over: Any) -> dict[str, Any]:
     _plain(mode="other"), _plain(since_seq=-1), _plain(since_seq=5), _plain(more=1), _plain(full="yes"),
     _plain(stream=""), _plain(stream=5), _plain(stream=None), _plain(stream="s" * 10_000),
     {k: v for k, v in _plain().items() if k != "stream"},
-    _plain(rows=[["items", "uid", None, 3, [], 5, "DEVA"]]),  # NULL key
-    _plain(rows=[["items", "", "x", 3, [["a", 1, 5, "DEVA"]], None, None]]),  # no conflict column
-    _plain(rows=[["items", "uid", "x", 3, [["a", 1, -1, "DEVA"]], None, None]]),  # clock out of range
-    _plain(rows=[["items", "uid", "x", 3, [["a", 1, 1 << 63, "DEVA"]], None, None]]),
-    _plain(rows=[["items", "uid", "x", 3, [["a", 1, 5, ""]], None, None]]),  # no origin
-    _plain(rows=[["items", "uid", "x", 3, [["a", 1, 5, "D"], ["a", 2, 6, "D"]], None, None]]),  # column twice
-    _plain(rows=[["items", "uid", "x", 3, [["a", [1], 5, "D"]], None, None]]),  # not a SQL value
-    _plain(rows=[["items", "uid", "x", 3, [["a", float("nan"), 5, "D"]], None, None]]),
-    _plain(rows=[["items", "uid", "x", 3, [["a", True, 5, "D"]], None, None]]),  # bool is not an integer here
-    _plain(rows=[["items", "uid", "x", 3, [], 5, None]]),  # half a tomb
-    _plain(rows=[["items", "uid", "x", 3, [], None, None]]),  # nothing at all
-    _plain(mode="collaborative", rows=[["t", "", 1, 3, [["a", 1, 5, "D"]], 6, "D"]]),  # row and delete
-    _plain(mode="collaborative", rows=[["t", "", 1, 3, [["a", 1, 5, "D"], ["b", 1, 6, "D"]], None, None]]),  # two clocks
+    _plain(rows=[_r()[:5]]),  # a row of 5 items
+    _plain(rows=[_r(cells=[_c()[:4]])]),  # a cell of 4 items
+    _plain(rows=[_r(key=None, cells=[], tomb=[5, "DEVA", None, None])]),  # NULL key
+    _plain(rows=[_r(key_column="")]),  # no conflict column
+    _plain(rows=[_r(cells=[_c(hlc=-1)])]),  # clock out of range
+    _plain(rows=[_r(cells=[_c(hlc=1 << 63)])]),
+    _plain(rows=[_r(cells=[_c(origin="")])]),  # no origin
+    _plain(rows=[_r(cells=[_c(prev=(4, None))])]),  # half a prev clock
+    _plain(rows=[_r(cells=[_c("a", 1, 5, "D"), _c("a", 2, 6, "D")])]),  # column twice
+    _plain(rows=[_r(cells=[_c(value=[1])])]),  # not a SQL value
+    _plain(rows=[_r(cells=[_c(value=float("nan"))])]),
+    _plain(rows=[_r(cells=[_c(value=True)])]),  # bool is not an integer here
+    _plain(rows=[_r(cells=[], tomb=[5, None, None, None])]),  # half a tomb
+    _plain(rows=[_r(cells=[], tomb=[5, "DEVA", None])]),  # a tomb of 3 items
+    _plain(rows=[_r(cells=[], tomb=None)]),  # nothing at all
+    _plain(mode="collaborative", rows=[_r("t", "", 1, 3, [_c("a", 1, 5, "D")], [6, "D", None, None])]),  # row and delete
+    _plain(mode="collaborative", rows=[_r("t", "", 1, 3, [_c("a", 1, 5, "D"), _c("b", 1, 6, "D")])]),  # two clocks
 ])
 def test_malformed_batches_are_protocol_errors(bad: Any) -> None:
     with pytest.raises(ProtocolError):
@@ -325,7 +340,11 @@ def test_malformed_batches_are_protocol_errors(bad: Any) -> None:
 
 
 def test_the_well_formed_base_of_the_malformed_ones_is_accepted() -> None:
-    assert changes.batch_from_plain(_plain()).stream == "s1"  # so each case above fails for its own defect
+    """So each case above fails for its own defect, not for one they share."""
+    assert changes.batch_from_plain(_plain()).stream == "s1"
+    assert changes.batch_from_plain(_plain(rows=[_r(cells=[], tomb=[5, "DEVA", None, None])])).rows[0].tomb == (5, "DEVA")
+    collaborative = _plain(mode="collaborative", rows=[_r("t", "", 1, 3, [_c("a", 1, 5, "D"), _c("b", 2, 5, "D")])])
+    assert len(changes.batch_from_plain(collaborative).rows[0].cells) == 2
 
 
 _scalar = (
