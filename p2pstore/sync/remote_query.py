@@ -41,7 +41,7 @@ from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest, unpack
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
-from p2pstore.store.database import Store
+from p2pstore.store.database import MAX_QUERY_ROWS, Store
 from p2pstore.store.registry import StoreRegistry
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ DEFAULT_TIMEOUT = 30.0
 FETCH_ROWS = 512
 #: Queries a peer may run here at once.
 MAX_SERVING_PER_PEER = 4
+#: Most a caller gets from one remote query (as ``store.query``, rows; and
+#: bytes as received): the result is held whole to answer the API call.
+MAX_RESULT_BYTES = 256 * 1024 * 1024
 #: Largest row a page can carry on its own: a frame, less room around it.
 MAX_ROW_BYTES = MAX_FRAME_SIZE - 64 * 1024
 
@@ -221,6 +224,7 @@ class RemoteQueries:
         self._waiting[(device, req)] = inbox
         result_columns: list[str] = []
         rows: list[list[Any]] = []
+        received = 0
         try:
             try:
                 request = QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()), encode_predicates(predicates))
@@ -240,13 +244,17 @@ class RemoteQueries:
                 assert isinstance(msg, QueryPage)
                 result_columns = list(msg.columns)
                 rows.extend(decode_rows(msg.rows))
+                received += len(msg.rows)
+                if len(rows) > MAX_QUERY_ROWS or received > MAX_RESULT_BYTES:
+                    # The answering device stops by itself when no QueryMore comes.
+                    raise ResultTooLarge(
+                        f"the result from {device} has more than {MAX_QUERY_ROWS} rows or {MAX_RESULT_BYTES >> 20} MiB; "
+                        "add a limit and page with offset", data={"device_id": device})
                 if msg.last:
                     return {"columns": result_columns, "rows": rows}
                 await self.peers.send(device, QueryMore(req))
         finally:
             self._waiting.pop((device, req), None)
-
-
 
 
 def decode_rows(payload: bytes) -> list[list[Any]]:

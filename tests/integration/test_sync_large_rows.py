@@ -120,3 +120,19 @@ def test_rows_of_multi_byte_text_larger_than_their_stored_length_says_still_sync
     assert result["code"] == 0 and result["applied"] == 100, result
     dev = b.call("store.distributed_table_name", **COLLAB, device=a.id, table="D")["table"]
     assert b.rows(COLLAB, f'SELECT count(*), sum(length(body)) FROM "{dev}"') == [[100, sum(len(f"{i}:{text}") for i in range(100))]]
+
+
+def test_a_remote_query_over_200k_rows_is_result_too_large_and_a_limit_gets_it(linked_daemons) -> None:
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", **COLLAB)
+        node.call("store.execute", **COLLAB, sql="CREATE TABLE N (id INTEGER PRIMARY KEY, v INTEGER)")
+        node.call("store.set_distributed_tables", **COLLAB, tables=["N"], config={"auto_sync": False})
+    path = a.call("store.open", **COLLAB)["path"]
+    fill(path, "INSERT INTO N(id, v) VALUES (?, ?)", [(i, i) for i in range(200_001)])
+    with pytest.raises(ResultTooLarge) as info:
+        b.call("store.remote_query", **COLLAB, device=a.id, table="N")
+    assert "add a limit and page with offset" in info.value.message
+    page = b.call("store.remote_query", **COLLAB, device=a.id, table="N",
+                  predicates={"order_by": [["id", "asc"]], "limit": 200_000, "offset": 1})
+    assert len(page["rows"]) == 200_000 and page["rows"][0] == [1, 1] and page["rows"][-1] == [200_000, 200_000]
