@@ -39,8 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
                                    "--remote: devices whose synced data changed. Default: both.")
     store_option(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--local", action="store_true")
-    g.add_argument("--remote", action="store_true")
+    g.add_argument("--local", action="store_true", help="only changes made on this device (local_details)")
+    g.add_argument("--remote", action="store_true", help="only devices whose synced data changed (remote)")
     p.add_argument("--devices", action="store_true", help="also print deviceChange events (online/offline, trust)")
     p.set_defaults(run=run_watch)
 

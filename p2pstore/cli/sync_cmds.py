@@ -18,8 +18,10 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
                                    "'COLUMN OP VALUE' with OP one of = != < <= > >= like in (in: comma-separated values).")
     store_option(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--push", action="store_const", const="push", dest="mode")
-    g.add_argument("--pull", action="store_const", const="pull", dest="mode")
+    g.add_argument("--push", action="store_const", const="push", dest="mode",
+                   help="send this device's changes the devices have not applied yet")
+    g.add_argument("--pull", action="store_const", const="pull", dest="mode",
+                   help="fetch the devices' changes this device has not applied yet")
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--devices", metavar="ID[,ID...]", help="target device IDs")
     t.add_argument("--all", action="store_true", help="all online trusted devices")
