@@ -16,6 +16,7 @@ import pytest
 
 from sync_helpers import (
     SV_REF,
+    Node,
     linked_daemons,  # noqa: F401  (fixture)
     setup_employee,
 )
@@ -32,17 +33,24 @@ def fill(path: str, sql: str, rows: list[tuple[object, ...]]) -> None:
         conn.executemany(sql, rows)
 
 
+def distribute(a: Node, b: Node, create: str) -> str:
+    """The collaborative store on both devices with the one table ``create``
+    makes; the path of A's file (for the outside writer)."""
+    table = create.split()[2]
+    for node in (a, b):
+        node.call("store.open", **COLLAB)
+        node.call("store.execute", **COLLAB, sql=create)
+        node.call("store.set_distributed_tables", **COLLAB, tables=[table], config={"auto_sync": False})
+    return str(a.call("store.open", **COLLAB)["path"])
+
+
 def blob(i: int) -> bytes:
     return hashlib.sha256(str(i).encode()).digest() * (BLOB_SIZE // 32)
 
 
 def test_collaborative_rows_of_200_kib_each_sync_in_byte_bounded_batches(linked_daemons) -> None:
     a, b = linked_daemons(2)
-    for node in (a, b):
-        node.call("store.open", **COLLAB)
-        node.call("store.execute", **COLLAB, sql="CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
-        node.call("store.set_distributed_tables", **COLLAB, tables=["P"], config={"auto_sync": False})
-    path = a.call("store.open", **COLLAB)["path"]
+    path = distribute(a, b, "CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
     fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(i, blob(i)) for i in range(ROWS)])
     result = a.sync("push", COLLAB, [b])[b.id]
     assert result["code"] == 0, result
@@ -65,11 +73,7 @@ def test_single_version_rows_of_200_kib_each_sync_by_pull(linked_daemons) -> Non
 
 def test_a_row_too_large_for_any_message_fails_the_sync_clearly_after_the_rows_before_it(linked_daemons) -> None:
     a, b = linked_daemons(2)
-    for node in (a, b):
-        node.call("store.open", **COLLAB)
-        node.call("store.execute", **COLLAB, sql="CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
-        node.call("store.set_distributed_tables", **COLLAB, tables=["P"], config={"auto_sync": False})
-    path = a.call("store.open", **COLLAB)["path"]
+    path = distribute(a, b, "CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
     fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(i, blob(i)) for i in range(3)])
     fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(99, b"\x01" * (17 * 1024 * 1024))])
     result = a.sync("push", COLLAB, [b])[b.id]
@@ -85,11 +89,7 @@ def test_a_row_too_large_for_any_message_fails_the_sync_clearly_after_the_rows_b
 
 def test_a_remote_query_of_large_rows_arrives_whole_and_a_huge_row_is_a_clear_error(linked_daemons) -> None:
     a, b = linked_daemons(2)
-    for node in (a, b):
-        node.call("store.open", **COLLAB)
-        node.call("store.execute", **COLLAB, sql="CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
-        node.call("store.set_distributed_tables", **COLLAB, tables=["P"], config={"auto_sync": False})
-    path = a.call("store.open", **COLLAB)["path"]
+    path = distribute(a, b, "CREATE TABLE P (id INTEGER PRIMARY KEY, data BLOB)")
     fill(path, "INSERT INTO P(id, data) VALUES (?, ?)", [(i, blob(i)) for i in range(120)])  # 24 MiB
     got = b.call("store.remote_query", **COLLAB, device=a.id, table="P", predicates={"order_by": [["id", "asc"]]})
     assert [r[0] for r in got["rows"]] == list(range(120))
@@ -109,11 +109,7 @@ def test_rows_of_multi_byte_text_larger_than_their_stored_length_says_still_sync
     case. Such a batch must still fit in a frame (MAX_BATCH_BYTES is chosen so
     that it does)."""
     a, b = linked_daemons(2)
-    for node in (a, b):
-        node.call("store.open", **COLLAB)
-        node.call("store.execute", **COLLAB, sql="CREATE TABLE D (id INTEGER PRIMARY KEY, body TEXT)")
-        node.call("store.set_distributed_tables", **COLLAB, tables=["D"], config={"auto_sync": False})
-    path = a.call("store.open", **COLLAB)["path"]
+    path = distribute(a, b, "CREATE TABLE D (id INTEGER PRIMARY KEY, body TEXT)")
     text = "📷" * 100_000  # 100k characters, 400 KB of UTF-8
     fill(path, "INSERT INTO D(id, body) VALUES (?, ?)", [(i, f"{i}:{text}") for i in range(100)])  # 40 MB
     result = a.sync("push", COLLAB, [b])[b.id]
@@ -124,11 +120,7 @@ def test_rows_of_multi_byte_text_larger_than_their_stored_length_says_still_sync
 
 def test_a_remote_query_over_200k_rows_is_result_too_large_and_a_limit_gets_it(linked_daemons) -> None:
     a, b = linked_daemons(2)
-    for node in (a, b):
-        node.call("store.open", **COLLAB)
-        node.call("store.execute", **COLLAB, sql="CREATE TABLE N (id INTEGER PRIMARY KEY, v INTEGER)")
-        node.call("store.set_distributed_tables", **COLLAB, tables=["N"], config={"auto_sync": False})
-    path = a.call("store.open", **COLLAB)["path"]
+    path = distribute(a, b, "CREATE TABLE N (id INTEGER PRIMARY KEY, v INTEGER)")
     fill(path, "INSERT INTO N(id, v) VALUES (?, ?)", [(i, i) for i in range(200_001)])
     with pytest.raises(ResultTooLarge) as info:
         b.call("store.remote_query", **COLLAB, device=a.id, table="N")
