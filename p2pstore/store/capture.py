@@ -1,9 +1,9 @@
 """Change capture: every change of a distributed table reaches the change log.
 
 Invariants:
-- ``_p2p_log`` is append-only and ``seq`` only grows. Compaction (a later
-  concern) never removes the highest ``seq``, so sequence numbers are never
-  reused. A change's position in the log is its local order.
+- ``seq`` only grows. Rows are appended, and removed only by ``compact``
+  once nothing reads them; it never removes the highest ``seq``, so sequence
+  numbers are never reused. A change's position in the log is its local order.
 - Capture is plain SQL, so writes by *any* process (the ``sqlite3`` shell, a
   second program) are captured, not only the daemon's:
   * UPDATE and DELETE triggers log every row they touch.
@@ -563,3 +563,46 @@ def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, 
             lists = batch.by_table.setdefault(names[tid], {"inserted": [], "updated": [], "deleted": []})
             lists[OP_NAMES[op]].append(pk)
     return batch
+
+
+#: ``_p2p_meta`` key: every log row at or below it was considered by ``compact``.
+COMPACTED_KEY = "compacted_seq"
+#: Log rows one ``compact`` call looks at (one transaction, short enough that
+#: API writes waiting for the store barely notice).
+COMPACT_CHUNK = 20_000
+
+
+def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_CHUNK) -> int:
+    """Delete log rows that nothing reads any more; the number deleted.
+
+    The log would otherwise grow by a row per change forever. What must stay:
+    - rows not yet stamped (above ``state.stamped_seq``): stamping reads them;
+    - the highest ``seq``: sequence numbers are never reused;
+    - local rows of collaborative tables: the stream sends each key's current
+      row with its newest change's clock, found in the log.
+    What goes: the rest, once stamped — local rows of single_version tables
+    (their state lives in ``_p2p_cells``/``_p2p_tombs``, which the stream
+    reads) and rows applied from peers (their clocks live in cells or device
+    tables; they are never sent on from the log). ``_p2p_changes`` then shows
+    only what stays. Call it in a transaction; it looks at ``chunk`` log rows
+    past the last call's mark, so repeated calls walk the whole log.
+    """
+    top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
+    high = min(state.stamped_seq, top - 1)
+    low = int(get_meta(conn, COMPACTED_KEY, 0))
+    if high <= low:
+        return 0
+    end = conn.execute(
+        "SELECT max(seq) FROM (SELECT seq FROM _p2p_log WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)", (low, high, chunk)
+    ).fetchone()[0]
+    if end is None:  # nothing left between the mark and the bound
+        set_meta(conn, COMPACTED_KEY, high)
+        return 0
+    single_version = [tid for tid, t in state.tables.items() if t.conflict_column is not None]
+    marks = ", ".join("?" * len(single_version)) or "NULL"
+    cursor = conn.execute(
+        f"DELETE FROM _p2p_log WHERE seq > ? AND seq <= ? AND (origin IS NOT NULL OR tid IN ({marks}))",
+        (low, end, *single_version),
+    )
+    set_meta(conn, COMPACTED_KEY, end)
+    return cursor.rowcount

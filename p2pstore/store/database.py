@@ -586,6 +586,29 @@ class Store:
 
         await self.run(op)
 
+    async def compact(self, max_chunks: int = 10) -> int:
+        """Drop log rows nothing reads any more (``capture.compact``), a chunk
+        per transaction so API writes go between them; the number dropped."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, bool, ChangeBatch]:
+            with self._transaction(conn):
+                # Stamped first: rows applied from peers since the last stamp count as stamped then.
+                local = capture.stamp(conn, self.capture, self.clock)
+                before = capture.get_meta(conn, capture.COMPACTED_KEY, 0)
+                dropped = capture.compact(conn, self.capture)
+                return dropped, capture.get_meta(conn, capture.COMPACTED_KEY, 0) != before, local
+
+        total = 0
+        for _ in range(max_chunks):
+            dropped, moved, local = await self.run(op)
+            self._announce(local)
+            total += dropped
+            if not moved:
+                break
+        if total:
+            log.debug("store %s/%s: compacted %d change-log row(s)", self.bundle, self.name, total)
+        return total
+
     # -- capture of other processes' writes ----------------------------------
 
     async def poll(self) -> ChangeBatch:

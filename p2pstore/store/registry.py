@@ -31,6 +31,9 @@ from p2pstore.store.tables import check_name
 
 log = logging.getLogger(__name__)
 
+#: How often open stores drop change-log rows nothing reads any more.
+COMPACT_INTERVAL_S = 60.0
+
 
 class StoreRegistry:
     def __init__(
@@ -201,7 +204,22 @@ class StoreRegistry:
                 log.error("store %s/%s: capture failed: %s", store.bundle, store.name, exc)
 
     async def run_polling(self, interval_ms: int) -> None:
-        """Poll forever (cancelled by the daemon on shutdown)."""
+        """Poll forever (cancelled by the daemon on shutdown); compact the
+        stores' change logs every ``COMPACT_INTERVAL_S``."""
+        loop = asyncio.get_running_loop()
+        next_compaction = loop.time() + COMPACT_INTERVAL_S
         while True:
             await asyncio.sleep(interval_ms / 1000)
             await self.poll_once()
+            if loop.time() >= next_compaction:
+                await self.compact_once()
+                next_compaction = loop.time() + COMPACT_INTERVAL_S
+
+    async def compact_once(self) -> None:
+        for store in list(self._stores.values()):
+            try:
+                await store.compact()
+            except ValueError:
+                pass  # closed meanwhile
+            except (P2PStoreError, sqlite3.Error) as exc:  # busy past the timeout: next time
+                log.warning("store %s/%s: could not compact the change log: %s", store.bundle, store.name, exc)

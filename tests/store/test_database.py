@@ -615,3 +615,20 @@ async def test_dropping_a_distributed_table_through_the_api_is_refused(store: St
     with pytest.raises(PermissionDenied):
         await store.execute("DROP TABLE T")
     await store.insert("T", {"name": "still there"})
+
+
+async def test_compact_keeps_the_stream_and_announces_what_it_stamps(store: Store, announced: list[Any], db_path: Path) -> None:
+    """Store.compact: a collaborative store's own changes stay (they are its
+    stream); an outside write it stamps on the way is announced like a poll's."""
+    await store.set_distributed_tables(["T"])
+    for i in range(30):
+        await store.insert("T", {"name": f"n{i}"})
+    announced.clear()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("UPDATE T SET n = 1 WHERE id = 5")
+    other.close()
+    before = await log_size(store)
+    assert await store.compact() == 0
+    assert await log_size(store) == before
+    assert [c["updated"] for batch in announced for c in batch] == [[5]]
+    assert await rows(store, "SELECT count(DISTINCT pk) FROM _p2p_log") == [[30]]

@@ -434,6 +434,48 @@ def test_the_watermark_moves_with_the_batch_and_only_for_the_whole_stream(device
     assert b.rows(SYNCED) == [("x", 1, None), ("y", 2, None), ("z", 3, None)]
 
 
+def test_compaction_drops_what_nothing_reads_and_sync_goes_on(device) -> None:
+    a, b, c = device("DEVA"), device("DEVB"), device("DEVC")
+    for i in range(50):
+        a.write("INSERT INTO items(uid, a) VALUES ('x', ?) ON CONFLICT(uid) DO UPDATE SET a = excluded.a", (i,))
+        if i % 10 == 9:
+            a.push(b)  # B's log gets a row applied from A each time
+    b.push(c)
+    top = a.rows("SELECT max(seq) FROM _p2p_log")[0][0]
+    assert a.rows("SELECT count(*) FROM _p2p_log")[0][0] >= 50
+    assert a.compact() > 0 and b.compact() > 0
+    assert a.rows("SELECT seq FROM _p2p_log") == [(top,)]  # only the highest seq stays
+    assert b.rows("SELECT count(*) FROM _p2p_log")[0][0] == 1
+    assert a.compact() == 0  # nothing more
+    # Sync after compaction: new writes, a new peer from scratch, relay.
+    a.write("UPDATE items SET b = 'later' WHERE uid = 'x'")
+    assert a.rows("SELECT max(seq) FROM _p2p_log")[0][0] > top  # seqs are not reused
+    a.push(b)
+    b.push(c)
+    d = device("DEVD")
+    a.push(d)
+    assert b.rows(SYNCED) == c.rows(SYNCED) == d.rows(SYNCED) == a.rows(SYNCED) == [("x", 49, "later")]
+
+
+def test_compaction_keeps_unstamped_rows_and_each_collaborative_key_s_rows(device) -> None:
+    a, b = device("DEVA", kind="collaborative"), device("DEVB", kind="collaborative")
+    for i in range(5):
+        a.write("INSERT INTO notes(id, body) VALUES (?, 'x')", (i,))
+    a.write("UPDATE notes SET n = 1 WHERE id = 0")
+    a.push(b)
+    local_rows = a.rows("SELECT count(*) FROM _p2p_log")[0][0]
+    applied_rows = b.rows("SELECT count(*) FROM _p2p_log WHERE origin IS NOT NULL")[0][0]
+    assert a.compact() == 0 and a.rows("SELECT count(*) FROM _p2p_log")[0][0] == local_rows
+    assert b.compact() == applied_rows - 1  # B's own table has no changes; the highest seq stays
+    # A write by another program is stamped (as every compaction stamps first), kept, and sent.
+    with a.outside() as other:
+        other.execute("UPDATE notes SET body = 'outside' WHERE id = 3")
+    a.compact()
+    assert a.rows("SELECT count(*) FROM _p2p_log")[0][0] == local_rows + 1
+    a.push(b)
+    assert b.rows("SELECT body FROM dev_DEVA_notes WHERE id = 3") == [("outside",)]
+
+
 def _remove_store_file(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
@@ -630,6 +672,7 @@ _op = st.one_of(
     _upsert, _set, _set, _delete, _sync, _sync,
     st.tuples(st.just("rekey"), st.integers(0, 2), st.sampled_from(KEYS), st.sampled_from(KEYS)),
     st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 3)),
+    st.tuples(st.just("compact"), st.integers(0, 2)),
 )
 
 
@@ -666,6 +709,8 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
                     _, _, j, limit = op
                     if i != j:
                         r.push(reps[j], limit=limit)
+                elif kind == "compact":
+                    r.compact()
                 else:
                     r.wall = (r.wall or 0) + op[2]
             for _ in range(2):  # twice: a relay needs two hops
