@@ -86,6 +86,8 @@ CREATE TABLE IF NOT EXISTS _p2p_log(
     origin TEXT,                        -- NULL: this device
     ck                                  -- single_version tables: the conflict column's value
 );
+-- Finds the older changes of a key, which compaction drops.
+CREATE INDEX IF NOT EXISTS _p2p_log_key ON _p2p_log(tid, pk);
 CREATE TABLE IF NOT EXISTS _p2p_stamps(
     first_seq INTEGER PRIMARY KEY,
     last_seq INTEGER NOT NULL,
@@ -578,17 +580,19 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     The log would otherwise grow by a row per change forever. What must stay:
     - rows not yet stamped (above ``state.stamped_seq``): stamping reads them;
     - the highest ``seq``: sequence numbers are never reused;
-    - local rows of collaborative tables: the stream sends each key's current
-      row with its newest change's clock, found in the log.
-    What goes: the rest, once stamped — local rows of single_version tables
-    (their state lives in ``_p2p_cells``/``_p2p_tombs``, which the stream
-    reads) and rows applied from peers (their clocks live in cells or device
-    tables; they are never sent on from the log). ``_p2p_changes`` then shows
-    only what stays. Call it in a transaction; it looks at ``chunk`` log rows
-    past the last call's mark, so repeated calls walk the whole log.
+    - the newest local row of each key of a collaborative table: the stream
+      sends each key's current row with its newest change's clock, found in
+      the log. Its older rows say nothing more and go.
+    What goes besides: the rest, once stamped — local rows of single_version
+    tables (their state lives in ``_p2p_cells``/``_p2p_tombs``, which the
+    stream reads) and rows applied from peers (their clocks live in cells or
+    device tables; they are never sent on from the log). ``_p2p_changes``
+    then shows only what stays. Call it in a transaction; it looks at
+    ``chunk`` log rows past the last call's mark, so repeated calls walk the
+    whole log once, and each later row sends its key's older rows away.
     """
     top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
-    high = min(state.stamped_seq, top - 1)
+    high = min(state.stamped_seq, top)
     low = int(get_meta(conn, COMPACTED_KEY, 0))
     if high <= low:
         return 0
@@ -600,9 +604,18 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
         return 0
     single_version = [tid for tid, t in state.tables.items() if t.conflict_column is not None]
     marks = ", ".join("?" * len(single_version)) or "NULL"
-    cursor = conn.execute(
-        f"DELETE FROM _p2p_log WHERE seq > ? AND seq <= ? AND (origin IS NOT NULL OR tid IN ({marks}))",
-        (low, end, *single_version),
-    )
-    set_meta(conn, COMPACTED_KEY, end)
-    return cursor.rowcount
+    dropped = conn.execute(
+        f"DELETE FROM _p2p_log WHERE seq > ? AND seq <= ? AND seq < ? AND (origin IS NOT NULL OR tid IN ({marks}))",
+        (low, end, top, *single_version),
+    ).rowcount
+    # Older local rows of the keys these rows changed (collaborative tables; the
+    # index on (tid, pk) finds them).
+    dropped += conn.execute(
+        "DELETE FROM _p2p_log WHERE seq IN (SELECT old.seq FROM _p2p_log new JOIN _p2p_log old "
+        "ON old.tid = new.tid AND old.pk IS new.pk AND old.seq < new.seq AND old.origin IS NULL "
+        "WHERE new.seq > ? AND new.seq <= ? AND new.origin IS NULL)",
+        (low, end),
+    ).rowcount
+    # The highest row stays; the next call looks at it again, when it may not be the highest.
+    set_meta(conn, COMPACTED_KEY, min(end, top - 1))
+    return dropped

@@ -168,12 +168,13 @@ _sized_op = st.tuples(st.sampled_from(["insert", "update", "delete"]), st.intege
 
 
 @settings(max_examples=40, deadline=None)
-@given(ops=st.lists(st.tuples(_sized_op, st.booleans()), min_size=1, max_size=30), max_bytes=st.integers(1, 6000),
-       limit=st.integers(1, 8))
+@given(ops=st.lists(st.tuples(_sized_op, st.sampled_from(["", "push", "compact", "compact push"])), min_size=1, max_size=30),
+       max_bytes=st.integers(1, 6000), limit=st.integers(1, 8))
 def test_byte_bounded_batches_lose_nothing(tmp_path_factory: Any, ops: list[Any], max_bytes: int, limit: int) -> None:
     """Batches cut by size (rows of 0-3000 bytes, budgets of 1-6000) still carry
     every change: pushed in such batches (with pushes in between, so rows change
-    across batch boundaries), B ends with exactly A's rows, in both modes."""
+    across batch boundaries, and log compactions at random points), B ends
+    with exactly A's rows, in both modes."""
     root = tmp_path_factory.mktemp("bytes")
     a, b = Replica(root / "a.db", "DEVA"), Replica(root / "b.db", "DEVB")
     ca, cb = Replica(root / "ca.db", "DEVA"), Replica(root / "cb.db", "DEVB")
@@ -184,7 +185,7 @@ def test_byte_bounded_batches_lose_nothing(tmp_path_factory: Any, ops: list[Any]
         for r in (ca, cb):
             r.write(NOTES)
             r.make_distributed("notes")
-        for (op, key, size), push in ops:
+        for (op, key, size), then in ops:
             body = "x" * size
             if op == "insert":
                 a.write("INSERT OR IGNORE INTO items(uid, a, b) VALUES (?, ?, ?)", (f"k{key}", size, body))
@@ -195,7 +196,10 @@ def test_byte_bounded_batches_lose_nothing(tmp_path_factory: Any, ops: list[Any]
             else:
                 a.write("DELETE FROM items WHERE uid = ?", (f"k{key}",))
                 ca.write("DELETE FROM notes WHERE id = ?", (key,))
-            if push:
+            if "compact" in then:
+                for r in (a, b, ca, cb):
+                    r.compact()
+            if "push" in then:
                 a.push(b, limit=limit, max_bytes=max_bytes)
                 ca.push(cb, limit=limit, max_bytes=max_bytes)
         for result in a.push(b, limit=limit, max_bytes=max_bytes) + ca.push(cb, limit=limit, max_bytes=max_bytes):
