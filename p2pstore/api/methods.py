@@ -348,6 +348,11 @@ async def store_conflicts(api: Api, client: ClientConnection, params: dict[str, 
     ]
 
 
+@method("store.clear_conflicts")
+async def store_clear_conflicts(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"cleared": await api.store(params).clear_conflicts(params.get("up_to"), params.get("table"))}
+
+
 @method("store.retry_failure")
 async def store_retry_failure(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     store = api.store(params)

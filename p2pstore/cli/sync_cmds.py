@@ -42,8 +42,10 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
                        description="The conflict log of single-version tables: every change that lost to a newer one "
                                    "(per column, last writer wins on the hybrid clock, ties by device ID).")
     store_option(p)
-    p.add_argument("--table", metavar="T")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--table", metavar="T", help="only this table")
+    p.add_argument("--limit", type=int, default=100, help="show at most N, newest first (default 100)")
+    p.add_argument("--clear", action="store_true", help="forget the logged conflicts instead of showing them")
+    p.add_argument("--up-to", type=int, metavar="ID", help="with --clear: only those with id <= ID")
     p.set_defaults(run=run_conflicts)
 
 
@@ -131,8 +133,13 @@ def run_failures(args: argparse.Namespace) -> int:
 def run_conflicts(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         ref = await open_store(client, args)
-        params = {"limit": args.limit, **({"table": args.table} if args.table else {})}
-        found = await client.call("store.conflicts", **ref, **params)
+        table = {"table": args.table} if args.table else {}
+        if args.clear:
+            up_to = {"up_to": args.up_to} if args.up_to is not None else {}
+            cleared = await client.call("store.clear_conflicts", **ref, **table, **up_to)
+            emit(args, cleared, f"{cleared['cleared']} conflict(s) cleared")
+            return EXIT_OK
+        found = await client.call("store.conflicts", **ref, limit=args.limit, **table)
         emit(args, found, "\n".join(
             f"{c['id']}  {c['table']}[{c['key']}].{c['column'] or '(row)'}  lost: {c['losing_value']!r} "
             f"({c['loser']} @{c['loser_hlc']})  winner: {c['winner']} @{c['winner_hlc']}" for c in found) or "no conflicts")

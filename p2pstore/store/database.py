@@ -565,6 +565,13 @@ class Store:
     async def conflicts(self, table: str | None = None, limit: int = 100) -> list[merge.Conflict]:
         return await self.run(merge.conflicts, table, limit)
 
+    async def clear_conflicts(self, up_to: int | None = None, table: str | None = None) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            with self._transaction(conn):
+                return merge.clear_conflicts(conn, up_to, table)
+
+        return await self.run(op)
+
     async def retry_failure(self, failure_id: int) -> merge.ApplyResult:
         """Apply a stored failed change again (it leaves the log if it applies now)."""
 

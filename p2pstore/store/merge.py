@@ -278,6 +278,17 @@ def conflicts(conn: sqlite3.Connection, table: str | None = None, limit: int = 1
     return [Conflict(*r) for r in conn.execute(sql + " ORDER BY id DESC LIMIT ?", params)]
 
 
+def clear_conflicts(conn: sqlite3.Connection, up_to: int | None = None, table: str | None = None) -> int:
+    """Forget logged conflicts (all, or those with ``id <= up_to``, of one
+    table or all): a user has looked at them. The number forgotten."""
+    sql, params = "DELETE FROM _p2p_conflicts WHERE 1", []
+    if up_to is not None:
+        sql, params = sql + " AND id <= ?", [*params, up_to]
+    if table is not None:
+        sql, params = sql + " AND tbl = ?", [*params, table]
+    return conn.execute(sql, params).rowcount
+
+
 def position(conn: sqlite3.Connection, peer: str) -> tuple[int, str | None]:
     """The highest ``seq`` of ``peer``'s stream applied here, and the ID of
     that stream: (0, None) before anything was applied."""

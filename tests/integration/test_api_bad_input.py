@@ -76,6 +76,7 @@ VALID: dict[str, dict[str, Any]] = {
     "store.sync": {"store": STORE, "mode": "push", "predicates": {"table": "T"}},
     "store.sync_failures": {"store": STORE, "limit": 10},
     "store.conflicts": {"store": STORE, "table": "T", "limit": 10},
+    "store.clear_conflicts": {"store": STORE, "table": "T", "up_to": 3},
     "store.retry_failure": {"store": STORE, "id": 1},
     "store.discard_failure": {"store": STORE, "id": 1},
     "store.remote_query": {"store": STORE, "device": DEVICE, "table": "T", "predicates": {}, "columns": ["name"]},
@@ -87,7 +88,7 @@ REQUIRED = {
     "store.delete": ["store", "predicates"], "store.set_distributed_tables": ["store", "tables"],
     "store.distributed_table_name": ["store", "device", "table"], "store.subscribe": ["store", "type"],
     "store.unsubscribe": ["store", "subscription"], "schema.validate": ["document"],
-    "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"],
+    "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
     "store.remote_query": ["store", "device", "table"],
 }
@@ -96,7 +97,7 @@ WRONG = {
     "store": 5, "bundle": ["default"], "security_level": "S9", "sql": {"text": "SELECT 1"}, "params": "1, 2",
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
-    "mode": "sideways", "limit": 0, "id": "one", "columns": "name",
+    "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
 }
 
 

@@ -322,6 +322,15 @@ def test_same_column_last_writer_wins_and_loser_is_logged(linked_daemons) -> Non
     empty = cli(b, "conflicts", "--store", STORE, "--bundle", BUNDLE, "--table", "EMPLOYEE2")
     assert empty.returncode == 0 and "no conflicts" in empty.stdout, empty
 
+    # Clearing: another table's (none), then by the CLI up to this id, then all on A.
+    assert b.call("store.clear_conflicts", **SV_REF, table="EMPLOYEE2") == {"cleared": 0}
+    assert b.call("store.conflicts", **SV_REF) == [conflict]
+    cleared = cli(b, "conflicts", "--store", STORE, "--bundle", BUNDLE, "--clear", "--up-to", str(conflict["id"]))
+    assert cleared.returncode == 0 and "1 conflict(s) cleared" in cleared.stdout, cleared
+    assert b.call("store.conflicts", **SV_REF) == []
+    assert a.call("store.clear_conflicts", **SV_REF) == {"cleared": 1}
+    assert a.call("store.conflicts", **SV_REF) == []
+
 
 # ====================================================================== 3. relay
 

@@ -487,6 +487,18 @@ def test_compaction_keeps_each_collaborative_key_s_newest_change(device) -> None
     assert c.rows("SELECT id, body, n FROM dev_DEVA_notes ORDER BY id") == expected
 
 
+def test_clearing_conflicts_up_to_an_id_keeps_later_ones(device) -> None:
+    b = device("DEVB")
+    for i in range(1, 6):
+        b.conn.execute(
+            "INSERT INTO _p2p_conflicts(tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at) "
+            "VALUES (?, ?, 'a', 1, 'DEVA', ?, 'DEVC', 1, 0)", ("items" if i % 2 else "other", f"k{i}", 10 + i))
+    assert merge.clear_conflicts(b.conn, up_to=3, table="items") == 2  # ids 1 and 3
+    assert [c.id for c in merge.conflicts(b.conn)] == [5, 4, 2]
+    assert merge.clear_conflicts(b.conn, up_to=4) == 2
+    assert merge.clear_conflicts(b.conn) == 1 and merge.conflicts(b.conn) == []
+
+
 def _remove_store_file(path: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
