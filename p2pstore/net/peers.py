@@ -351,13 +351,19 @@ class PeerManager:
     # -- actions ---------------------------------------------------------------
 
     async def send(self, device_id: str, msg: Message) -> None:
-        """Send on the device's channel; ``DeviceOffline`` if there is none."""
+        """Send on the device's channel; ``DeviceOffline`` if there is none, or
+        if it closes under the send (the peer died or left)."""
         channel = self._channels.get(device_id)
         if channel is None:
             if not self._trust.is_trusted(device_id):
                 raise DeviceUntrusted(f"device {device_id} is not trusted", data={"device_id": device_id})
             raise DeviceOffline(f"device {device_id} is offline", data={"device_id": device_id})
-        await channel.send(msg)
+        try:
+            await channel.send(msg)
+        except ChannelError as exc:
+            if not channel.closed:
+                raise
+            raise DeviceOffline(f"device {device_id} went offline: {exc.message}", data={"device_id": device_id}) from None
 
     def disconnect(self, device_id: str, reason: str = "closed by this device") -> bool:
         """Close the device's channel (it will be redialed later if trusted)."""
