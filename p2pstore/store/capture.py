@@ -574,7 +574,13 @@ COMPACTED_KEY = "compacted_seq"
 COMPACT_CHUNK = 20_000
 
 
-def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_CHUNK) -> int:
+#: The newest log rows the daemon's compaction leaves alone, whatever they
+#: are: ``_p2p_changes`` keeps showing recent history (what a person
+#: debugging a sync, or a test, looks at).
+COMPACT_KEEP_RECENT = 10_000
+
+
+def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_CHUNK, keep_recent: int = 0) -> int:
     """Delete log rows that nothing reads any more; the number deleted.
 
     The log would otherwise grow by a row per change forever. What must stay:
@@ -587,12 +593,13 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     tables (their state lives in ``_p2p_cells``/``_p2p_tombs``, which the
     stream reads) and rows applied from peers (their clocks live in cells or
     device tables; they are never sent on from the log). ``_p2p_changes``
-    then shows only what stays. Call it in a transaction; it looks at
-    ``chunk`` log rows past the last call's mark, so repeated calls walk the
-    whole log once, and each later row sends its key's older rows away.
+    then shows only what stays, and the newest ``keep_recent`` seqs. Call it
+    in a transaction; it looks at ``chunk`` log rows past the last call's
+    mark, so repeated calls walk the whole log once, and each later row
+    sends its key's older rows away.
     """
     top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
-    high = min(state.stamped_seq, top)
+    high = min(state.stamped_seq, top) - keep_recent
     low = int(get_meta(conn, COMPACTED_KEY, 0))
     if high <= low:
         return 0

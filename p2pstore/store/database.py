@@ -602,7 +602,7 @@ class Store:
                 # Stamped first: rows applied from peers since the last stamp count as stamped then.
                 local = capture.stamp(conn, self.capture, self.clock)
                 before = capture.get_meta(conn, capture.COMPACTED_KEY, 0)
-                dropped = capture.compact(conn, self.capture)
+                dropped = capture.compact(conn, self.capture, keep_recent=capture.COMPACT_KEEP_RECENT)
                 return dropped, capture.get_meta(conn, capture.COMPACTED_KEY, 0) != before, local
 
         total = 0

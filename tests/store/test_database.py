@@ -33,6 +33,7 @@ from p2pstore.errors import (
     TableNotFound,
     TableTypeLocked,
 )
+from p2pstore.store import capture
 from p2pstore.store.database import MAX_QUERY_ROWS, Store
 
 DEVICE = "ABCDEFG-HIJKLMN-OPQRSTU"
@@ -617,7 +618,8 @@ async def test_dropping_a_distributed_table_through_the_api_is_refused(store: St
     await store.insert("T", {"name": "still there"})
 
 
-async def test_compact_keeps_the_stream_and_announces_what_it_stamps(store: Store, announced: list[Any], db_path: Path) -> None:
+async def test_compact_keeps_the_stream_and_announces_what_it_stamps(store: Store, announced: list[Any], db_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Store.compact: a collaborative store keeps each key's newest change (its
     stream); an outside write it stamps on the way is announced like a poll's,
     and the insert it superseded goes."""
@@ -629,7 +631,9 @@ async def test_compact_keeps_the_stream_and_announces_what_it_stamps(store: Stor
     other.execute("UPDATE T SET n = 1 WHERE id = 5")
     other.close()
     before = await log_size(store)
+    assert await store.compact() == 0  # all of it is recent history, kept
+    assert [c["updated"] for batch in announced for c in batch] == [[5]]
+    monkeypatch.setattr(capture, "COMPACT_KEEP_RECENT", 0)
     assert await store.compact() == 1
     assert await log_size(store) == before - 1
-    assert [c["updated"] for batch in announced for c in batch] == [[5]]
     assert await rows(store, "SELECT count(DISTINCT pk) FROM _p2p_log") == [[30]]
