@@ -592,7 +592,8 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     What goes besides: the rest, once stamped — local rows of single_version
     tables (their state lives in ``_p2p_cells``/``_p2p_tombs``, which the
     stream reads) and rows applied from peers (their clocks live in cells or
-    device tables; they are never sent on from the log). ``_p2p_changes``
+    device tables; they are never sent on from the log) — and the
+    ``_p2p_stamps`` ranges left covering no local row. ``_p2p_changes``
     then shows only what stays, and the newest ``keep_recent`` seqs. Call it
     in a transaction; it looks at ``chunk`` log rows past the last call's
     mark, so repeated calls walk the whole log once, and each later row
@@ -623,6 +624,15 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
         "WHERE new.seq > ? AND new.seq <= ? AND new.origin IS NULL)",
         (low, end),
     ).rowcount
+    # Clock ranges that no longer cover a local row: nothing looks them up (a
+    # row finds the range with the greatest first_seq at or below it). The
+    # newest stays: it says how far stamping got.
+    conn.execute(
+        "DELETE FROM _p2p_stamps WHERE last_seq > ? AND last_seq <= ? "
+        "AND first_seq < (SELECT max(first_seq) FROM _p2p_stamps) "
+        "AND NOT EXISTS (SELECT 1 FROM _p2p_log l WHERE l.seq BETWEEN first_seq AND last_seq AND l.hlc IS NULL)",
+        (low, end),
+    )
     # The highest row stays; the next call looks at it again, when it may not be the highest.
     set_meta(conn, COMPACTED_KEY, min(end, top - 1))
     return dropped

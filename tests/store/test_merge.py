@@ -443,8 +443,10 @@ def test_compaction_drops_what_nothing_reads_and_sync_goes_on(device) -> None:
     b.push(c)
     top = a.rows("SELECT max(seq) FROM _p2p_log")[0][0]
     assert a.rows("SELECT count(*) FROM _p2p_log")[0][0] >= 50
+    stamps = a.rows("SELECT count(*) FROM _p2p_stamps")[0][0]
     assert a.compact() > 0 and b.compact() > 0
     assert a.rows("SELECT seq FROM _p2p_log") == [(top,)]  # only the highest seq stays
+    assert a.rows("SELECT count(*) FROM _p2p_stamps")[0][0] == 1 < stamps  # and the clock range it needs
     assert b.rows("SELECT count(*) FROM _p2p_log")[0][0] == 1
     assert a.compact() == 0  # nothing more
     # Sync after compaction: new writes, a new peer from scratch, relay.
@@ -465,8 +467,11 @@ def test_compaction_keeps_each_collaborative_key_s_newest_change(device) -> None
     a.push(b)
     newest = a.rows("SELECT max(seq) FROM _p2p_log GROUP BY pk ORDER BY pk")
     applied_rows = b.rows("SELECT count(*) FROM _p2p_log WHERE origin IS NOT NULL")[0][0]
+    stamps = a.rows("SELECT count(*) FROM _p2p_stamps")[0][0]
     assert a.compact() == 1  # id 0's insert: its update supersedes it
     assert a.rows("SELECT max(seq) FROM _p2p_log GROUP BY pk ORDER BY pk") == newest
+    assert a.rows("SELECT count(*) FROM _p2p_stamps")[0][0] == stamps - 1  # the insert's clock range went with it
+    assert a.rows("SELECT count(*) FROM _p2p_changes WHERE hlc IS NULL") == [(0,)]  # every row left still has its clock
     assert a.rows("SELECT count(*) FROM _p2p_log")[0][0] == 5
     assert b.compact() == applied_rows - 1  # B's own table has no changes; the highest seq stays
     # A write by another program is stamped (every compaction stamps first) and sent;
