@@ -86,8 +86,6 @@ CREATE TABLE IF NOT EXISTS _p2p_log(
     origin TEXT,                        -- NULL: this device
     ck                                  -- single_version tables: the conflict column's value
 );
--- Finds the older changes of a key, which compaction drops.
-CREATE INDEX IF NOT EXISTS _p2p_log_key ON _p2p_log(tid, pk);
 CREATE TABLE IF NOT EXISTS _p2p_stamps(
     first_seq INTEGER PRIMARY KEY,
     last_seq INTEGER NOT NULL,
@@ -166,6 +164,9 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}".rstrip())
     if not get_meta(conn, STREAM_KEY):
         new_stream(conn)
+    # An index on (tid, pk) made SQLite scan a whole table's log for the
+    # stream's seq-range queries; files that have it lose it.
+    conn.execute("DROP INDEX IF EXISTS _p2p_log_key")
 
 
 def trigger_names(table: str) -> list[str]:
@@ -586,9 +587,11 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     The log would otherwise grow by a row per change forever. What must stay:
     - rows not yet stamped (above ``state.stamped_seq``): stamping reads them;
     - the highest ``seq``: sequence numbers are never reused;
-    - the newest local row of each key of a collaborative table: the stream
-      sends each key's current row with its newest change's clock, found in
-      the log. Its older rows say nothing more and go.
+    - local rows of collaborative tables: the stream sends each key's current
+      row with its newest change's clock, found in the log. (A key's older
+      rows say nothing more, but finding them needs an index on (tid, pk),
+      and with one SQLite answers the stream's seq-range queries by scanning
+      a table's whole log: they stay.)
     What goes besides: the rest, once stamped — local rows of single_version
     tables (their state lives in ``_p2p_cells``/``_p2p_tombs``, which the
     stream reads) and rows applied from peers (their clocks live in cells or
@@ -596,8 +599,7 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     ``_p2p_stamps`` ranges left covering no local row. ``_p2p_changes``
     then shows only what stays, and the newest ``keep_recent`` seqs. Call it
     in a transaction; it looks at ``chunk`` log rows past the last call's
-    mark, so repeated calls walk the whole log once, and each later row
-    sends its key's older rows away.
+    mark, so repeated calls walk the whole log once.
     """
     top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
     high = min(state.stamped_seq, top) - keep_recent
@@ -615,14 +617,6 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     dropped = conn.execute(
         f"DELETE FROM _p2p_log WHERE seq > ? AND seq <= ? AND seq < ? AND (origin IS NOT NULL OR tid IN ({marks}))",
         (low, end, top, *single_version),
-    ).rowcount
-    # Older local rows of the keys these rows changed (collaborative tables; the
-    # index on (tid, pk) finds them).
-    dropped += conn.execute(
-        "DELETE FROM _p2p_log WHERE seq IN (SELECT old.seq FROM _p2p_log new JOIN _p2p_log old "
-        "ON old.tid = new.tid AND old.pk IS new.pk AND old.seq < new.seq AND old.origin IS NULL "
-        "WHERE new.seq > ? AND new.seq <= ? AND new.origin IS NULL)",
-        (low, end),
     ).rowcount
     # Clock ranges that no longer cover a local row: nothing looks them up (a
     # row finds the range with the greatest first_seq at or below it). The

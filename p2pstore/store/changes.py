@@ -565,8 +565,9 @@ def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: li
         else:
             assert t.conflict_column is not None
             total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
+            # INDEXED BY: left alone, SQLite walks every cell of the table by its (tid, ...) key.
             sql = (f"SELECT c.seq, max((SELECT {total} FROM {name} WHERE {quote_ident(t.conflict_column)} = c.ck)) "
-                   f"FROM _p2p_cells c WHERE c.tid = ? AND c.seq IN ({marks}) GROUP BY c.seq")
+                   f"FROM _p2p_cells c INDEXED BY _p2p_cells_seq WHERE c.tid = ? AND c.seq IN ({marks}) GROUP BY c.seq")
         for seq, size in conn.execute(sql, (t.tid, *seqs)):
             sizes[seq] = sizes.get(seq, 0) + (size or 0)
     used = 0
