@@ -399,6 +399,9 @@ class SyncEnd(Message):
 
 #: Target size of one page of remote query results (encoded rows).
 PAGE_BYTES = 4 * 1024 * 1024
+#: Largest bytes field (a sync batch, a query page) one message can carry:
+#: a frame, less room for the message around it.
+MAX_PAYLOAD = MAX_FRAME_SIZE - 64 * 1024
 #: Largest JSON text of remote query predicates.
 MAX_PREDICATES_LEN = 256 * 1024
 

@@ -532,6 +532,11 @@ _TOMBS_SQL = (
 )
 
 
+def last_seq(conn: sqlite3.Connection) -> int:
+    """The log's highest ``seq`` (0: empty). It never goes back: compaction keeps it."""
+    return int(conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0)
+
+
 def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, collect: bool = True, wall: int | None = None) -> ChangeBatch:
     """Log appended rows and give all new log rows their clock range.
 
@@ -542,9 +547,9 @@ def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, 
     """
     for table in state.tables.values():
         _log_appended_rows(conn, table)
-    last = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0]
+    last = last_seq(conn)
     batch = ChangeBatch()
-    if last is None or last <= state.stamped_seq:
+    if last <= state.stamped_seq:
         return batch
     first = state.stamped_seq + 1
     base = clock.reserve(last - first + 1, wall)
@@ -601,7 +606,7 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     in a transaction; it looks at ``chunk`` log rows past the last call's
     mark, so repeated calls walk the whole log once.
     """
-    top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
+    top = last_seq(conn)
     high = min(state.stamped_seq, top) - keep_recent
     low = int(get_meta(conn, COMPACTED_KEY, 0))
     if high <= low:

@@ -65,8 +65,8 @@ MODES = (COLLABORATIVE, SINGLE_VERSION)
 #: Rows per batch when the caller does not say; the sync engine picks its own
 #: so that a batch fits a frame (``protocol.framing.MAX_FRAME_SIZE``).
 DEFAULT_BATCH_ROWS = 500
-#: Keys per ``IN (...)`` list when reading rows of a batch.
-_IN_CHUNK = 500
+#: Keys per ``IN (...)`` list when reading or applying the rows of a batch.
+IN_CHUNK = 500
 MAX_BATCH_ROWS = 100_000
 #: Caps on names in a decoded batch (SQLite has none; a peer must not make us
 #: hold arbitrarily long identifiers).
@@ -405,8 +405,7 @@ def stable_bound(conn: sqlite3.Connection) -> int:
     pending = conn.execute("SELECT min(seq) FROM _p2p_log WHERE seq > ? AND hlc IS NULL", (stamped,)).fetchone()[0]
     if pending is not None:
         return int(pending) - 1
-    top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0]
-    return int(top or 0)
+    return capture.last_seq(conn)
 
 
 @contextmanager
@@ -438,8 +437,7 @@ def start_position(conn: sqlite3.Connection, since_seq: int, stream: str | None)
     """
     if stream != capture.stream_id(conn):
         return 0
-    top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
-    if since_seq > top:
+    if since_seq > capture.last_seq(conn):
         capture.new_stream(conn)
         return 0
     return since_seq
@@ -635,16 +633,16 @@ def _single_version_rows(
     older_tombs: dict[Any, tuple[Any, ...]] = {}
     current_rows: dict[Any, tuple[Any, ...]] = {}
     need_tomb = [ck for ck in cells if ck not in tombs]
-    for i in range(0, len(need_tomb), _IN_CHUNK):
-        chunk = need_tomb[i:i + _IN_CHUNK]
+    for i in range(0, len(need_tomb), IN_CHUNK):
+        chunk = need_tomb[i:i + IN_CHUNK]
         for ck, *clock in conn.execute(
             f"SELECT ck, {clock_sql} FROM _p2p_tombs WHERE tid = ?2 AND ck IN ({', '.join('?' * len(chunk))})",
             (me, t.tid, *chunk),
         ):
             older_tombs[ck] = tuple(clock)
     keys = list(cells)
-    for i in range(0, len(keys), _IN_CHUNK):
-        chunk = keys[i:i + _IN_CHUNK]
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i:i + IN_CHUNK]
         for ck, *values in conn.execute(f"SELECT {ck_col}, {listed} FROM {name} WHERE {ck_col} IN ({', '.join('?' * len(chunk))})", chunk):
             current_rows.setdefault(ck, tuple(values))
     read_values = f"SELECT {listed} FROM {name} WHERE {ck_col} = ?"

@@ -81,6 +81,7 @@ from p2pstore.store import capture
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
 from p2pstore.store.changes import (
     COLLABORATIVE,
+    IN_CHUNK,
     ROW_CLOCK_COLUMN,
     SINGLE_VERSION,
     OutBatch,
@@ -96,8 +97,6 @@ from p2pstore.store.changes import (
 log = logging.getLogger(__name__)
 
 Clock = tuple[int, str]
-#: Keys per ``IN (...)`` list in the bulk collaborative apply.
-_IN_CHUNK = 500
 
 
 # --------------------------------------------------------------------------
@@ -684,8 +683,8 @@ class _Applier:
             if not _keys_stay_distinct(conn, target.dest, key_col, types[name]):
                 return False
             stored[name], existing[name] = {}, set()
-            for i in range(0, len(table_keys), _IN_CHUNK):
-                chunk = table_keys[i:i + _IN_CHUNK]
+            for i in range(0, len(table_keys), IN_CHUNK):
+                chunk = table_keys[i:i + IN_CHUNK]
                 marks = ", ".join("?" * len(chunk))
                 for ck, hlc, origin in conn.execute(
                     f"SELECT ck, hlc, origin FROM _p2p_cells WHERE tid = ? AND col = ? AND ck IN ({marks})",
@@ -697,7 +696,7 @@ class _Applier:
                         f"SELECT {quote_ident(key_col)} FROM {quote_ident(target.dest)} WHERE {quote_ident(key_col)} IN ({marks})", chunk
                     )
                 )
-        top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
+        top = capture.last_seq(conn)
         if top + len(plan) >= 1 << 63:
             return False
         seq = top
@@ -792,8 +791,8 @@ class _Applier:
                 return False
             sql = self._sv_sql(table)
             found: dict[Value, _SvState] = {k: _SvState(None, {}, None) for k in table_keys}
-            for i in range(0, len(table_keys), _IN_CHUNK):
-                chunk = table_keys[i:i + _IN_CHUNK]
+            for i in range(0, len(table_keys), IN_CHUNK):
+                chunk = table_keys[i:i + IN_CHUNK]
                 marks = ", ".join("?" * len(chunk))
                 for current in conn.execute(f"{sql.select_many} ({marks})", chunk):
                     state = found.get(current[-1])
@@ -933,7 +932,7 @@ class _Applier:
         for group in (deletes, updates, inserts):
             for statement, params in group.items():
                 conn.executemany(statement, params)
-        top = conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0
+        top = capture.last_seq(conn)
         log_rows, cell_rows, tomb_rows = [], [], []
         for seq, plan in enumerate(plans, start=top + 1):
             tid, ck = plan.table.tid, plan.ck

@@ -50,8 +50,8 @@ from p2pstore.errors import (
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
-from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import (
+    MAX_PAYLOAD,
     Message,
     StoreOffer,
     StoresOffer,
@@ -86,9 +86,6 @@ SEND_WINDOW = 2
 #: text in characters, so on the wire a batch is at most 4 times this (4-byte
 #: UTF-8) plus clocks: still within a frame.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
-#: Largest payload one batch may have: a frame, less room for the message
-#: around it. Only a single row bigger than that can't be sent.
-MAX_BATCH_PAYLOAD = MAX_FRAME_SIZE - 64 * 1024
 
 
 class Code(IntEnum):
@@ -380,10 +377,10 @@ class SyncEngine:
             batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
             if batch.rows or batch.last_seq > since or first:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
-                if len(payload) > MAX_BATCH_PAYLOAD:  # one row, alone in its batch, and too big
+                if len(payload) > MAX_PAYLOAD:  # one row, alone in its batch, and too big
                     row = batch.rows[0]
                     raise SessionEnded(Code.FAIL, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
-                                                  f"bytes; a sync message carries at most {MAX_BATCH_PAYLOAD}")
+                                                  f"bytes; a sync message carries at most {MAX_PAYLOAD}")
                 await self._send(session.peer, SyncBatch(session.req, payload))
                 unacked.append(batch)
                 if len(unacked) >= SEND_WINDOW:

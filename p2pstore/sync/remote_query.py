@@ -38,8 +38,7 @@ from p2pstore.errors import (
 )
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
-from p2pstore.protocol.framing import MAX_FRAME_SIZE
-from p2pstore.protocol.messages import PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest, unpack
+from p2pstore.protocol.messages import MAX_PAYLOAD, PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest, unpack
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
 from p2pstore.store.database import MAX_QUERY_ROWS, Store
 from p2pstore.store.registry import StoreRegistry
@@ -54,8 +53,6 @@ MAX_SERVING_PER_PEER = 4
 #: Most a caller gets from one remote query (as ``store.query``, rows; and
 #: bytes as received): the result is held whole to answer the API call.
 MAX_RESULT_BYTES = 256 * 1024 * 1024
-#: Largest row a page can carry on its own: a frame, less room around it.
-MAX_ROW_BYTES = MAX_FRAME_SIZE - 64 * 1024
 
 
 def _value_size(value: Any) -> int:
@@ -106,8 +103,8 @@ class _Pager:
             row_size = sum(_value_size(v) for v in row) + 2
             if rows and size + row_size > PAGE_BYTES:
                 return msgpack.packb(rows, use_bin_type=True), False
-            if row_size > MAX_ROW_BYTES:
-                raise ResultTooLarge(f"a row of the result is {row_size} bytes; a page carries at most {MAX_ROW_BYTES}")
+            if row_size > MAX_PAYLOAD:
+                raise ResultTooLarge(f"a row of the result is {row_size} bytes; a page carries at most {MAX_PAYLOAD}")
             self._fetched.pop()
             rows.append(list(row))
             size += row_size
