@@ -1,14 +1,13 @@
 """Configuration: TOML file + command-line flags -> one validated, frozen Config.
 
 Precedence: built-in defaults < config file < flags. The file is checked
-against ``schemas/config.schema.json``; an error names the file, the key and
+against ``p2pstore/schemas/config.schema.json``; an error names the file, the key and
 what was wrong. Defaults suit one user on one machine (XDG directories); under
 systemd the unit's StateDirectory/RuntimeDirectory are used instead.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tomllib
@@ -20,19 +19,10 @@ from typing import Any
 import jsonschema
 
 from p2pstore.errors import ConfigError
+from p2pstore.schemas import load_json_schema
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 DEFAULT_PORT = 7400
 SECURITY_LEVELS = {"S1": 1, "S2": 2, "S3": 3, "S4": 4}
-
-
-def load_json_schema(name: str) -> dict[str, Any]:
-    """Load one of the repository's JSON Schemas (the package is installed editable)."""
-    path = SCHEMAS_DIR / name
-    try:
-        return json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"JSON Schema {path} is missing: install p2pstore from its source tree (pip install -e .)") from exc
 
 
 def default_data_dir() -> Path:

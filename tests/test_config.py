@@ -10,7 +10,6 @@ import pytest
 
 from p2pstore.config import (
     DEFAULT_PORT,
-    SCHEMAS_DIR,
     Config,
     build_config,
     default_data_dir,
@@ -18,6 +17,7 @@ from p2pstore.config import (
     read_config_file,
 )
 from p2pstore.errors import ConfigError
+from p2pstore.schemas import SCHEMAS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """The local API's methods: a thin adapter from JSON-RPC params to the core.
 
 Each handler is registered once in ``METHODS`` under its JSON-RPC name. Params
-are checked against ``schemas/api.schema.json`` before a handler runs, so a
+are checked against ``p2pstore/schemas/api.schema.json`` before a handler runs, so a
 handler sees well-typed values; deeper checks (columns, predicates, names)
 happen in the core and raise P2PStoreError subclasses, which the server turns
 into JSON-RPC errors.
@@ -23,7 +23,7 @@ from p2pstore import __version__
 from p2pstore.api.jsonrpc import Request, from_wire
 from p2pstore.api.server import ClientConnection
 from p2pstore.api.subscriptions import Coalescer, Subscriptions
-from p2pstore.config import load_json_schema
+from p2pstore.schemas import load_json_schema
 from p2pstore.errors import InternalError, InvalidParams, MethodNotFound
 from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import single_version

@@ -1,7 +1,7 @@
 """Validation of sync_schema.json (SPEC §6), in three layers.
 
 1. **Shape** (:func:`check_shape`): the JSON Schema
-   ``schemas/sync_schema.schema.json`` plus the duplicate checks a JSON
+   ``p2pstore/schemas/sync_schema.schema.json`` plus the duplicate checks a JSON
    Schema can't express (two entries for one database, table, column or
    sync column).
 2. **Against the live table** (:func:`check_table`): one table entry against
@@ -32,16 +32,16 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 from jsonschema import Draft202012Validator
 
 from p2pstore.errors import SchemaInvalid
+from p2pstore.schemas import load_json_schema
 
-#: Where the layer-1 JSON Schema lives (the package is installed editable).
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "sync_schema.schema.json"
+#: The layer-1 JSON Schema's file name in the package's schemas/.
+SCHEMA_NAME = "sync_schema.schema.json"
 
 #: A sync_schema.json larger than this is refused unread: real files are a
 #: few kilobytes, and the daemon re-reads the file on SIGHUP.
@@ -272,7 +272,7 @@ _CACHE: dict[str, Any] = {}
 def json_schema() -> dict[str, Any]:
     """The layer-1 JSON Schema, loaded once."""
     if "schema" not in _CACHE:
-        _CACHE["schema"] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+        _CACHE["schema"] = load_json_schema(SCHEMA_NAME)
     return _CACHE["schema"]
 
 

@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 
 from p2pstore.api.methods import METHODS, check_params
-from p2pstore.config import load_json_schema
+from p2pstore.schemas import load_json_schema
 from p2pstore.errors import InvalidParams
 
 SCHEMA = load_json_schema("api.schema.json")

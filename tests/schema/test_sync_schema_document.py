@@ -13,7 +13,7 @@ from schema_helpers import issues, load_seed, mutate
 from p2pstore.errors import SchemaInvalid
 from p2pstore.schema.sync_schema import (
     MAX_DOCUMENT_BYTES,
-    SCHEMA_PATH,
+    json_schema,
     check_shape,
     find_db_entry,
     parse_document,
@@ -29,7 +29,7 @@ def valid() -> Any:
 
 
 def test_the_json_schema_is_a_valid_draft_2020_12_schema() -> None:
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    schema = json_schema()
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(schema)
 
