@@ -3,7 +3,8 @@
 Precedence: built-in defaults < config file < flags. The file is checked
 against ``p2pstore/schemas/config.schema.json``; an error names the file, the key and
 what was wrong. Defaults suit one user on one machine (XDG directories); under
-systemd the unit's StateDirectory/RuntimeDirectory are used instead.
+systemd the unit's StateDirectory/RuntimeDirectory are used instead, and
+ConfigurationDirectory/config.toml is read if it exists.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ def default_data_dir() -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "p2pstore"
+
+
+def default_config_file() -> Path | None:
+    """The config file read when ``--config`` is not given: ``config.toml`` in
+    systemd's ConfigurationDirectory= (``$CONFIGURATION_DIRECTORY``, i.e.
+    /etc/p2pstore), and only if it exists, so a fresh install starts on
+    defaults. An explicit ``--config FILE`` that is missing stays an error."""
+    if os.environ.get("CONFIGURATION_DIRECTORY"):
+        path = Path(os.environ["CONFIGURATION_DIRECTORY"].split(":")[0]) / "config.toml"
+        if path.exists():
+            return path
+    return None
 
 
 def default_socket_path() -> Path:

@@ -5,8 +5,10 @@ Lifecycle:
   owns it; a socket file left by a crashed daemon (nobody listening) is
   removed and replaced, a live one makes the second daemon refuse to start.
 - Ready when the API socket listens, which it does only once everything
-  else is up (stores, peers, discovery): then READY=1 goes to systemd
-  (Type=notify) if NOTIFY_SOCKET is set.
+  else is up (stores, peers, discovery): then READY=1 and a STATUS= line
+  (peers online, last sync) go to systemd (Type=notify) if NOTIFY_SOCKET is
+  set, and WATCHDOG=1 follows from the event loop if WatchdogSec= asks for
+  it (p2pstore/service.py).
 - SIGTERM/SIGINT: stop accepting, close stores, remove the socket file.
 - SIGHUP: re-read sync_schema.json for every open single_version store
   (accepted or refused per store, and logged; never fatal).
@@ -22,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,10 @@ from p2pstore.net.identity import Identity
 from p2pstore.net.peers import PeerManager
 from p2pstore.net.trust import TrustStore
 from p2pstore.protocol.messages import Hello, Message, StoreOffer, StoresOffer
+from p2pstore.service import ServiceNotifier, log_handler
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
+from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import SyncEngine, table_offers
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.registry import StoreRegistry
@@ -47,25 +52,10 @@ log = logging.getLogger("p2pstore.daemon")
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        force=True,
-    )
+    """Log lines on stderr; under systemd, in the journal's format (service.log_handler)."""
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[log_handler()], force=True)
     # aiosqlite logs every statement at DEBUG: too much even for debugging us.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
-
-
-def sd_notify(message: str) -> bool:
-    """Tell systemd about our state (Type=notify); a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
-    return True
 
 
 class SocketLock:
@@ -150,6 +140,8 @@ class Daemon:
         )
         self._lock = SocketLock(config.socket)
         self._tasks: list[asyncio.Task[Any]] = []
+        self.notifier = ServiceNotifier(self.service_status)
+        self._last_sync: tuple[str, float, int] | None = None  # (peer, wall time, changes applied)
 
     def device_self(self) -> DeviceSelf:
         assert self.identity is not None
@@ -164,6 +156,22 @@ class Daemon:
 
     def stores_offer(self) -> StoresOffer:
         return StoresOffer(tuple(store_offer(s) for s in self.registry.stores() if s.distributed))
+
+    def service_status(self) -> str:
+        """The one line ``systemctl status`` shows: peers online, last sync."""
+        online = 0
+        if self.peers is not None and self.directory is not None:
+            online = sum(1 for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
+        if self._last_sync is None:
+            last = "no sync received yet"
+        else:
+            peer, when, applied = self._last_sync
+            last = f"last sync {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} from {peer[:7]} ({applied} change(s) applied)"
+        return f"{online} trusted peer(s) online, {len(self.registry.stores())} store(s) open; {last}"
+
+    def _applied(self, store: Store, peer: str, result: ApplyResult) -> None:
+        self._last_sync = (peer, time.time(), result.applied)
+        self.api.on_applied(store, peer, result)
 
     def _store_changed(self, store: Store, batch: ChangeBatch) -> None:
         """Local changes (API or another program): notify, and auto-sync them."""
@@ -210,7 +218,7 @@ class Daemon:
         )
         self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
-                                 on_applied=self.api.on_applied)
+                                 on_applied=self._applied)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
                                      timeout=cfg.remote_query_timeout_s)
         await self.peers.start()
@@ -255,10 +263,11 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self.registry.run_polling(self.config.poll_interval_ms)))
         log.info("p2pstore daemon %s (%s) listening on %s, data in %s",
                  self.config.name, self.identity.device_id, self.config.socket, data_dir)
-        sd_notify("READY=1\nSTATUS=listening")
+        self.notifier.ready()
+        self._tasks.append(asyncio.create_task(self.notifier.run(), name="sd_notify"))
 
     async def stop(self) -> None:
-        sd_notify("STOPPING=1")
+        self.notifier.stopping()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
