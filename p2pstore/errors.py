@@ -89,6 +89,12 @@ class SecurityLabelMismatch(P2PStoreError):
     name, code = "SECURITY_LABEL_MISMATCH", -31103
 
 
+class BackupFailed(P2PStoreError):
+    """store.backup could not make its copy (file exists, no such directory, no permission, disk full)."""
+
+    name, code = "BACKUP_FAILED", -31104
+
+
 class SqlError(P2PStoreError):
     name, code = "SQL_ERROR", -31110
 

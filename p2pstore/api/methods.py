@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
@@ -184,6 +185,12 @@ async def store_close(api: Api, client: ClientConnection, params: dict[str, Any]
     await api.registry.close(*key)
     api.subscriptions.drop_store(key)
     return {}
+
+
+@method("store.backup")
+async def store_backup(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """A consistent copy of an open store, made by the daemon while it runs (docs/operations.md)."""
+    return await api.store(params).backup(Path(params["path"]))
 
 
 @method("store.execute")

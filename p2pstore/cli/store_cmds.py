@@ -1,9 +1,10 @@
-"""Store commands: ``sql``, ``distribute``, ``watch``."""
+"""Store commands: ``sql``, ``distribute``, ``watch``, ``backup``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from p2pstore.api.jsonrpc import to_wire
@@ -43,6 +44,15 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     g.add_argument("--remote", action="store_true", help="only devices whose synced data changed (remote)")
     p.add_argument("--devices", action="store_true", help="also print deviceChange events (online/offline, trust)")
     p.set_defaults(run=run_watch)
+
+    p = sub.add_parser("backup", parents=[parent], help="copy a store to a file while the daemon runs",
+                       description="Write a consistent copy of the store to FILE, a new file (never overwritten), using "
+                                   "SQLite's online backup; writers go on meanwhile. The daemon writes the file, so FILE must "
+                                   "be somewhere it may write (under the systemd unit: inside /var/lib/p2pstore). "
+                                   "Restoring: docs/operations.md.")
+    store_option(p)
+    p.add_argument("file", metavar="FILE", help="the backup file to create")
+    p.set_defaults(run=run_backup)
 
 
 def run_sql(args: argparse.Namespace) -> int:
@@ -101,3 +111,15 @@ def run_watch(args: argparse.Namespace) -> int:
         return with_client(args, go)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    path = os.path.abspath(os.path.expanduser(args.file))  # the daemon's working directory is not ours
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        result = await client.call("store.backup", **ref, path=path)
+        emit(args, result, f"backed up {ref['bundle']}/{ref['store']} to {result['path']} ({result['bytes']} bytes)")
+        return EXIT_OK
+
+    return with_client(args, go)

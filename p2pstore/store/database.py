@@ -21,7 +21,9 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,6 +33,7 @@ import aiosqlite
 
 from p2pstore.clock import HybridClock
 from p2pstore.errors import (
+    BackupFailed,
     ColumnNotFound,
     ConstraintViolation,
     InvalidParams,
@@ -213,6 +216,14 @@ class Store:
 
     async def close(self) -> None:
         await self._db.close()
+
+    async def backup(self, dest: Path) -> dict[str, Any]:
+        """A consistent copy of the store while it is in use (``store.backup``).
+
+        Runs on a thread and a connection of its own, so the store's writer
+        is not held up: in WAL mode the copy reads one snapshot while writers
+        (the daemon's and other processes') go on."""
+        return await asyncio.to_thread(backup_file, self.path, dest)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on the connection's own thread.
@@ -704,3 +715,58 @@ class _Done:
     def __init__(self, rowcount: int, lastrowid: int | None) -> None:
         self.rowcount = rowcount
         self.lastrowid = lastrowid
+
+
+def backup_file(source: Path, dest: Path) -> dict[str, Any]:
+    """Copy the SQLite database ``source`` into the new file ``dest`` with
+    SQLite's online backup API.
+
+    The copy is one self-contained file (rollback journal, not WAL), 0600
+    like the store, passes ``quick_check`` and is fsynced before it gets its
+    name; an existing ``dest`` is never overwritten, and a failed backup
+    leaves nothing behind."""
+    if not dest.is_absolute():
+        raise InvalidParams(f"backup path {dest} must be absolute (the daemon does not share your working directory)",
+                            data={"param": "path"})
+    if dest.exists() or dest.is_symlink():
+        raise BackupFailed(f"{dest} already exists; a backup never overwrites a file", data={"path": str(dest)})
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    try:
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise BackupFailed(f"cannot create {dest}: {exc.strerror}", data={"path": str(dest)}) from exc
+    try:
+        src = sqlite3.connect(str(source), isolation_level=None)
+        try:
+            src.execute(f"PRAGMA busy_timeout = {DEFAULT_BUSY_TIMEOUT_MS}")
+            copy = sqlite3.connect(str(partial), isolation_level=None)
+            try:
+                src.backup(copy)  # all pages in one step: one read snapshot of the source
+                copy.execute("PRAGMA journal_mode = DELETE")
+                check = copy.execute("PRAGMA quick_check").fetchone()[0]
+                pages = copy.execute("PRAGMA page_count").fetchone()[0]
+            finally:
+                copy.close()
+        finally:
+            src.close()
+        if check != "ok":
+            raise BackupFailed(f"the copy of {source} failed its check ({check}); {dest} not written", data={"path": str(dest)})
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(partial, dest)  # gives it its name; fails rather than overwrite a file that appeared meanwhile
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except sqlite3.Error as exc:
+        raise BackupFailed(f"backing up {source} to {dest} failed: {exc}", data={"path": str(dest)}) from exc
+    except OSError as exc:
+        raise BackupFailed(f"cannot write {dest}: {exc.strerror or exc}", data={"path": str(dest)}) from exc
+    finally:
+        for leftover in (partial, partial.with_name(partial.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+    return {"path": str(dest), "bytes": dest.stat().st_size, "pages": pages}
