@@ -72,6 +72,13 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_daemon(wheel: Path, short_
     freeze = run([str(py), "-m", "pip", "freeze"], cwd=work, env=env).stdout.lower()
     assert "anyio" not in freeze, "anyio is not a dependency (nothing imports it)"
 
+    if shutil.which("systemd-analyze"):
+        # The unit as shipped, pointed at where this install put the command.
+        unit = short_tmp / "p2pstore.service"
+        unit.write_text((REPO / "systemd" / "p2pstore.service").read_text().replace("/usr/local/bin/p2pstore", str(exe)))
+        verify = run(["systemd-analyze", "verify", str(unit)], cwd=work, env=env, timeout=60)
+        assert verify.returncode == 0 and "p2pstore.service" not in verify.stderr, verify.stderr
+
     sock = short_tmp / "api.sock"
     log_path = short_tmp / "daemon.log"
     with open(log_path, "wb") as log:
