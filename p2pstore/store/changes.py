@@ -467,9 +467,9 @@ def changes_since(
     a batch that may move the peer's watermark (``full``). A named table, and
     above all a ``where`` filter (a compiled predicate on that table, for a
     query sync), give a batch that must NOT move it: they skip records that
-    the peer still needs. A filtered batch only has rows that exist and match
-    now (deletes can't match a predicate); ``where``'s order, limit and
-    offset are ignored.
+    the peer still needs. A filtered batch has the rows that exist and match
+    now, and the deletes of rows that no longer exist (``_filter_sql``);
+    ``where``'s order, limit and offset are ignored.
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -508,11 +508,20 @@ def changes_since(
 
 
 def _filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[str, tuple[Any, ...]]:
-    """`` AND <column> IN (keys of rows matching where)`` and its parameters."""
+    """`` AND <column> is the key of a row matching where, or of no row`` and its parameters.
+
+    A row that is gone has no values left to match, so the delete of every
+    row gone since the watermark travels with a query sync: the row no longer
+    exists here whatever its values were, and the receiver applies the
+    delete under the usual merge rules (a newer change there still wins).
+    Without it a query sync never removed a matching row that was deleted.
+    """
     if where is None:
         return "", ()
     key = quote_ident(t.conflict_column) if t.conflict_column else t.info.key_expr
-    return f" AND {column} IN (SELECT {key} FROM {quote_ident(t.info.name)} WHERE {where.where})", tuple(where.params)
+    name = quote_ident(t.info.name)
+    return (f" AND ({column} IN (SELECT {key} FROM {name} WHERE {where.where}) "
+            f"OR NOT EXISTS (SELECT 1 FROM {name} WHERE {key} = {column}))", tuple(where.params))
 
 
 def _next_seqs(
