@@ -10,6 +10,8 @@ bringing any deleted row back.
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,8 @@ from sync_helpers import (
     Node,
     linked_daemons,  # noqa: F401  (fixture)
     setup_employee,
+    stays,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,3 +111,73 @@ def test_query_sync_carries_deletes_of_matching_rows_single_version(linked_daemo
     ok(a.sync("push", SV_REF, [b]), b)
     ok(b.sync("push", SV_REF, [a]), a)
     assert names(a) == ["kid", "sage"] and names(b) == ["kid", "sage"]
+
+
+# --------------------------------------------------------------------------
+# b) tombstones are forgotten once acked; a peer away past the horizon is resynced
+
+RESYNC_REQUIRED = 14
+
+
+def internal_count(node: Node, table: str) -> int:
+    """Rows of an internal table, read from the store file (another reader)."""
+    path = node.proc.data_dir / "stores" / SV_REF["bundle"] / f"{SV_REF['store']}.db"
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def gc_config(short_tmp: Path, horizon_s: float) -> list[str]:
+    path = short_tmp / f"gc-{horizon_s}.toml"
+    path.write_text(f"tombstone_horizon_days = {horizon_s / 86400!r}\ncompact_interval_s = 0.2\n")
+    return ["--config", str(path)]
+
+
+def test_tombs_are_forgotten_and_a_peer_back_after_the_horizon_is_resynced(linked_daemons, short_tmp: Path) -> None:
+    a, b, c = linked_daemons(3, schema=True, flags=gc_config(short_tmp, 4.0))
+    for node in (a, b, c):
+        setup_employee(node)
+    for i in range(8):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"e{i}", "AGE": 20 + i})
+    ok(a.sync("push", SV_REF, [c]), c)
+    ok(a.sync("push", SV_REF, [b]), b)
+    assert names(c) == names(b) == names(a)
+    c.stop()
+    a.call("store.execute", **SV_REF, sql="DELETE FROM EMPLOYEE WHERE AGE < 24")
+    assert internal_count(a, "_p2p_tombs") == 4
+    ok(a.sync("push", SV_REF, [b]), b)
+    # B acked the deletes; once C's last ack is older than the horizon, A forgets them.
+    wait_until(lambda: internal_count(a, "_p2p_tombs") == 0, 30, "A forgets the acked tombs")
+    assert internal_count(a, "_p2p_cells") == 4 * 4  # four rows left, four sync columns each
+    c.restart()
+    c.call("store.open", **SV_REF)
+    wait_until(lambda: c.sees_online(a) and a.sees_online(c), 15, "C and A see each other again")
+    # C would bring the deleted rows back: A refuses its changes until C is resynced.
+    refused = result(c.sync("push", SV_REF, [a]), a)
+    assert refused["code"] == RESYNC_REQUIRED, refused
+    assert result(a.sync("push", SV_REF, [c], table="EMPLOYEE", where=[["AGE", ">", 1]]), c)["code"] == RESYNC_REQUIRED
+    ok(a.sync("push", SV_REF, [c]), c)  # the resync
+    assert names(c) == names(a) == ["e4", "e5", "e6", "e7"]
+    ok(c.sync("push", SV_REF, [a]), a)
+    ok(c.sync("push", SV_REF, [b]), b)
+    ok(b.sync("push", SV_REF, [a]), a)
+    assert names(a) == names(b) == names(c) == ["e4", "e5", "e6", "e7"]
+
+
+def test_an_untrusted_peer_no_longer_holds_gc_back(linked_daemons, short_tmp: Path) -> None:
+    a, b, c = linked_daemons(3, schema=True, flags=gc_config(short_tmp, 30 * 86400.0))
+    for node in (a, b, c):
+        setup_employee(node)
+    for i in range(4):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"e{i}", "AGE": i})
+    ok(a.sync("push", SV_REF, [b]), b)
+    ok(a.sync("push", SV_REF, [c]), c)
+    c.stop()
+    a.call("store.execute", **SV_REF, sql="DELETE FROM EMPLOYEE WHERE AGE < 2")
+    ok(a.sync("push", SV_REF, [b]), b)
+    stays(lambda: internal_count(a, "_p2p_tombs") == 2, 1.0, "C, trusted, holds the tombs back")
+    assert internal_count(a, "_p2p_tombs") == 2
+    a.call("devices.untrust", device_id=c.id)
+    wait_until(lambda: internal_count(a, "_p2p_tombs") == 0, 30, "A forgets the tombs C held back")
