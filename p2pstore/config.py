@@ -81,6 +81,9 @@ class Config:
     max_request_bytes: int = 1 << 20
     remote_query_timeout_s: float = 30.0
     synchronous: str = "NORMAL"
+    tombstone_horizon_days: float = 30.0
+    compact_interval_s: float = 60.0
+    compact_keep_recent: int = 10_000
 
     @property
     def security_level_int(self) -> int:

@@ -129,6 +129,9 @@ class Daemon:
                        devices=lambda: self.directory, engine=lambda: self.engine,
                        queries=lambda: self.queries)
         self.registry.on_changes = self._store_changed
+        self.registry.tombstone_horizon_ms = int(config.tombstone_horizon_days * 86_400_000)
+        self.registry.compact_interval_s = config.compact_interval_s
+        self.registry.compact_keep_recent = config.compact_keep_recent
         self.server = ApiServer(
             config.socket,
             self.api.dispatch,
@@ -217,6 +220,8 @@ class Daemon:
             host=list(cfg.interfaces) or "0.0.0.0", port=cfg.port,
         )
         self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
+        # Forgetting deletes waits for the trusted peers' acks (store/gc.py); an untrusted one no longer holds it.
+        self.registry.gc_holders = lambda: [e.device_id for e in trust.entries()]
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
                                  on_applied=self._applied)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,

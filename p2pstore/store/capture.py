@@ -124,6 +124,12 @@ CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
 -- in the transaction of the batch it covers.
 -- ``stream`` is the sender's stream ID the seq belongs to (see stream_id).
 CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL, stream TEXT) WITHOUT ROWID;
+-- What each peer has confirmed applying of THIS store's stream (the sender's
+-- side of a watermark: store/gc.py), and when it last said so (unix ms).
+-- Compaction forgets deletes only below every holding peer's ack.
+CREATE TABLE IF NOT EXISTS _p2p_acks(peer TEXT PRIMARY KEY, seq INTEGER NOT NULL, stream TEXT, at INTEGER NOT NULL) WITHOUT ROWID;
+-- Keys a resync from ``peer`` has delivered so far (receiver side, store/gc.py).
+CREATE TABLE IF NOT EXISTS _p2p_resync(peer TEXT NOT NULL, tid INTEGER NOT NULL, ck NOT NULL, PRIMARY KEY (peer, tid, ck)) WITHOUT ROWID;
 -- Every change that lost a last-writer-wins comparison (col NULL: a row delete).
 CREATE TABLE IF NOT EXISTS _p2p_conflicts(
     id INTEGER PRIMARY KEY,
@@ -586,6 +592,19 @@ COMPACT_CHUNK = 20_000
 COMPACT_KEEP_RECENT = 10_000
 
 
+def drop_unused_stamps(conn: sqlite3.Connection, low: int, end: int) -> None:
+    """Delete the clock ranges ending in (low, end] that no longer cover a
+    local log row: nothing looks them up (a row finds the range with the
+    greatest first_seq at or below it). The newest stays: it says how far
+    stamping got."""
+    conn.execute(
+        "DELETE FROM _p2p_stamps WHERE last_seq > ? AND last_seq <= ? "
+        "AND first_seq < (SELECT max(first_seq) FROM _p2p_stamps) "
+        "AND NOT EXISTS (SELECT 1 FROM _p2p_log l WHERE l.seq BETWEEN first_seq AND last_seq AND l.hlc IS NULL)",
+        (low, end),
+    )
+
+
 def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_CHUNK, keep_recent: int = 0) -> int:
     """Delete log rows that nothing reads any more; the number deleted.
 
@@ -623,15 +642,7 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
         f"DELETE FROM _p2p_log WHERE seq > ? AND seq <= ? AND seq < ? AND (origin IS NOT NULL OR tid IN ({marks}))",
         (low, end, top, *single_version),
     ).rowcount
-    # Clock ranges that no longer cover a local row: nothing looks them up (a
-    # row finds the range with the greatest first_seq at or below it). The
-    # newest stays: it says how far stamping got.
-    conn.execute(
-        "DELETE FROM _p2p_stamps WHERE last_seq > ? AND last_seq <= ? "
-        "AND first_seq < (SELECT max(first_seq) FROM _p2p_stamps) "
-        "AND NOT EXISTS (SELECT 1 FROM _p2p_log l WHERE l.seq BETWEEN first_seq AND last_seq AND l.hlc IS NULL)",
-        (low, end),
-    )
+    drop_unused_stamps(conn, low, end)
     # The highest row stays; the next call looks at it again, when it may not be the highest.
     set_meta(conn, COMPACTED_KEY, min(end, top - 1))
     return dropped

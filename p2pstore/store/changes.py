@@ -162,6 +162,14 @@ class OutBatch:
     full: bool
     #: The sender's stream ID (``capture.stream_id``): seqs are positions in it.
     stream: str = ""
+    #: A resync (store/gc.py): the newest clock of a change the sender has
+    #: forgotten (None: an ordinary batch). A resync's batches hold the
+    #: sender's whole state; the receiver moves its watermark only at the
+    #: last one (``more`` False), to ``last_seq``, after removing what the
+    #: snapshot did not hold.
+    snapshot_hlc: int | None = None
+    #: The first batch of a resync (the receiver forgets an unfinished one).
+    snapshot_first: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -177,10 +185,13 @@ def row_to_plain(row: RowChange) -> list[Any]:
 
 
 def batch_to_plain(batch: OutBatch) -> dict[str, Any]:
-    return {
+    plain = {
         "mode": batch.mode, "since_seq": batch.since_seq, "last_seq": batch.last_seq,
         "more": batch.more, "full": batch.full, "stream": batch.stream, "rows": [row_to_plain(r) for r in batch.rows],
     }
+    if batch.snapshot_hlc is not None:
+        plain["snapshot"] = [batch.snapshot_hlc, batch.snapshot_first]
+    return plain
 
 
 def _int(value: Any, what: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
@@ -318,8 +329,12 @@ def row_problem(mode: str, row: RowChange) -> str | None:
 
 def batch_from_plain(obj: Any) -> OutBatch:
     """Check and build a received batch; any defect raises ``ProtocolError``."""
-    if not isinstance(obj, dict) or set(obj) != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}:
-        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows")
+    if not isinstance(obj, dict) or set(obj) - {"snapshot"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}:
+        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows (and snapshot)")
+    snapshot = obj.get("snapshot")
+    if snapshot is not None and (not isinstance(snapshot, (list, tuple)) or len(snapshot) != 2 or type(snapshot[1]) is not bool
+                                 or not obj["full"]):
+        raise ProtocolError("snapshot must be [hlc, first] in a batch of the whole stream")
     mode = obj["mode"]
     if mode not in MODES:
         raise ProtocolError(f"unknown table type {mode!r:.40}")
@@ -332,7 +347,9 @@ def batch_from_plain(obj: Any) -> OutBatch:
     if not isinstance(rows, (list, tuple)) or len(rows) > MAX_BATCH_ROWS:
         raise ProtocolError(f"rows must be a list of at most {MAX_BATCH_ROWS} row changes")
     stream = _name(obj["stream"], "stream")
-    return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream)
+    snap_hlc = _int(snapshot[0], "snapshot hlc", 0, MAX_HLC) if snapshot is not None else None
+    return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
+                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False)
 
 
 def encode_change(mode: str, row: RowChange) -> bytes:
@@ -467,9 +484,9 @@ def changes_since(
     a batch that may move the peer's watermark (``full``). A named table, and
     above all a ``where`` filter (a compiled predicate on that table, for a
     query sync), give a batch that must NOT move it: they skip records that
-    the peer still needs. A filtered batch only has rows that exist and match
-    now (deletes can't match a predicate); ``where``'s order, limit and
-    offset are ignored.
+    the peer still needs. A filtered batch has the rows that exist and match
+    now, and the deletes of rows that no longer exist (``_filter_sql``);
+    ``where``'s order, limit and offset are ignored.
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -508,11 +525,20 @@ def changes_since(
 
 
 def _filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[str, tuple[Any, ...]]:
-    """`` AND <column> IN (keys of rows matching where)`` and its parameters."""
+    """`` AND <column> is the key of a row matching where, or of no row`` and its parameters.
+
+    A row that is gone has no values left to match, so the delete of every
+    row gone since the watermark travels with a query sync: the row no longer
+    exists here whatever its values were, and the receiver applies the
+    delete under the usual merge rules (a newer change there still wins).
+    Without it a query sync never removed a matching row that was deleted.
+    """
     if where is None:
         return "", ()
     key = quote_ident(t.conflict_column) if t.conflict_column else t.info.key_expr
-    return f" AND {column} IN (SELECT {key} FROM {quote_ident(t.info.name)} WHERE {where.where})", tuple(where.params)
+    name = quote_ident(t.info.name)
+    return (f" AND ({column} IN (SELECT {key} FROM {name} WHERE {where.where}) "
+            f"OR NOT EXISTS (SELECT 1 FROM {name} WHERE {key} = {column}))", tuple(where.params))
 
 
 def _next_seqs(

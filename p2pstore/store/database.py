@@ -25,13 +25,13 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from p2pstore.clock import HybridClock
+from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import (
     BackupFailed,
     ColumnNotFound,
@@ -48,7 +48,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import capture, changes, merge, single_version
+from p2pstore.store import capture, changes, gc, merge, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
 
@@ -570,6 +570,51 @@ class Store:
 
         return await self.run(op)
 
+    async def begin_send(self, peer: str, since: int, stream: str | None) -> tuple[int, int | None]:
+        """Where to start sending to ``peer``, which reports it has applied
+        this store's ``stream`` up to ``since``: (start, None) for the stream
+        from ``start`` (``start_position``), or (0, hlc) when it must be
+        resynced (``gc.resync_hlc``). Its report is recorded as its ack."""
+        start = await self.start_position(since, stream)
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            with self._transaction(conn):
+                gc.record_ack(conn, peer, since, stream, wall_ms())
+                return gc.resync_hlc(conn, start, since, stream)
+
+        snapshot = await self.run(op)
+        if snapshot is not None:
+            log.warning("store %s/%s: device %s is at seq %d, below deletes this store has forgotten: it gets a resync",
+                        self.bundle, self.name, peer, since)
+        return (0, snapshot) if snapshot is not None else (start, None)
+
+    async def record_ack(self, peer: str, seq: int, stream: str) -> None:
+        """``peer`` acked this store's ``stream`` up to ``seq`` (``gc.record_ack``)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                gc.record_ack(conn, peer, seq, stream, wall_ms())
+
+        await self.run(op)
+
+    async def must_resync_first(self, peer: str) -> bool:
+        """Whether to refuse changes from ``peer`` until it was resynced (``gc.must_resync_first``)."""
+        return await self.run(gc.must_resync_first, peer)
+
+    async def read_resync(self, cursor: gc.Cursor | None, snapshot_hlc: int, *, limit: int = 500,
+                          max_bytes: int | None = None) -> tuple[changes.OutBatch, gc.Cursor]:
+        """The next batch of a resync (``gc.snapshot_batch``), pending outside writes stamped first."""
+
+        def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, gc.Cursor, ChangeBatch]:
+            with self._transaction(conn):
+                local = capture.stamp(conn, self.capture, self.clock)
+                batch, after = gc.snapshot_batch(conn, cursor, snapshot_hlc, limit=limit, max_bytes=max_bytes)
+                return batch, after, local
+
+        batch, after, local = await self.run(op)
+        self._announce(local)
+        return batch, after
+
     async def sync_failures(self, limit: int = 100) -> list[merge.SyncFailure]:
         return await self.run(merge.sync_failures, limit)
 
@@ -604,17 +649,26 @@ class Store:
 
         await self.run(op)
 
-    async def compact(self, max_chunks: int = 10) -> int:
+    async def compact(self, max_chunks: int = 10, *, holders: Collection[str] | None = None, horizon_ms: int = 0,
+                      keep_recent: int = capture.COMPACT_KEEP_RECENT) -> int:
         """Drop log rows nothing reads any more (``capture.compact``), a chunk
-        per transaction so API writes go between them; the number dropped."""
+        per transaction so API writes go between them; the number dropped.
+
+        With ``holders`` (the trusted peers), also forget deletes and this
+        device's own log rows that every holder that acked within
+        ``horizon_ms`` has applied (``gc.collect``)."""
 
         def op(conn: sqlite3.Connection) -> tuple[int, bool, ChangeBatch]:
             with self._transaction(conn):
                 # Stamped first: rows applied from peers since the last stamp count as stamped then.
                 local = capture.stamp(conn, self.capture, self.clock)
-                before = capture.get_meta(conn, capture.COMPACTED_KEY, 0)
-                dropped = capture.compact(conn, self.capture, keep_recent=capture.COMPACT_KEEP_RECENT)
-                return dropped, capture.get_meta(conn, capture.COMPACTED_KEY, 0) != before, local
+                before = (capture.get_meta(conn, capture.COMPACTED_KEY, 0), capture.get_meta(conn, gc.GC_MARK_KEY, 0))
+                dropped = capture.compact(conn, self.capture, keep_recent=keep_recent)
+                if holders is not None:
+                    floor = gc.ack_floor(conn, holders, wall_ms() - horizon_ms)
+                    dropped += gc.collect(conn, self.capture, floor, keep_recent=keep_recent)
+                after = (capture.get_meta(conn, capture.COMPACTED_KEY, 0), capture.get_meta(conn, gc.GC_MARK_KEY, 0))
+                return dropped, after != before, local
 
         total = 0
         for _ in range(max_chunks):

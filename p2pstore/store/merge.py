@@ -77,7 +77,7 @@ from typing import Any
 from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import FailureNotFound, ProtocolError
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture
+from p2pstore.store import capture, gc
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
 from p2pstore.store.changes import (
     COLLABORATIVE,
@@ -212,6 +212,10 @@ def apply_batch(
             for row in batch.rows:
                 applier.apply(row, failure_id=None)
         applier.finish()
+        if batch.snapshot_hlc is not None:  # a resync (store/gc.py)
+            gc.mark(conn, from_device, batch)
+            if not batch.more:
+                applier.applied += gc.sweep(conn, from_device, batch)
         conn.execute("DELETE FROM _p2p_apply")
         last = _advance_watermark(conn, from_device, batch)
         _observe(conn, clock, applier.max_hlc, wall)
@@ -332,7 +336,8 @@ def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> 
     current, stream = position(conn, peer)
     if stream != batch.stream:
         current = 0  # another stream (the sender's store is new or restored): its seqs start over
-    if batch.full and batch.since_seq <= current < batch.last_seq:
+    resynced = batch.snapshot_hlc is not None and not batch.more  # a resync moves it once, at its end (store/gc.py)
+    if resynced or (batch.full and batch.snapshot_hlc is None and batch.since_seq <= current < batch.last_seq):
         conn.execute(
             "INSERT INTO _p2p_watermarks(peer, received_seq, stream) VALUES (?, ?, ?) "
             "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq, stream = excluded.stream",

@@ -20,11 +20,11 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 
 from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
-from p2pstore.store import single_version
+from p2pstore.store import capture, single_version
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.tables import check_name
@@ -57,6 +57,13 @@ class StoreRegistry:
         #: This device's ID, recorded in every store it opens (set by the daemon).
         self.device_id: str | None = None
         self._lock = asyncio.Lock()
+        #: Compaction (set by the daemon from its Config): the peers whose acks
+        #: hold forgetting deletes back (the trusted ones; None: never forget),
+        #: how long an ack holds it (ms), how often it runs, the log rows it keeps.
+        self.gc_holders: Callable[[], Collection[str]] | None = None
+        self.tombstone_horizon_ms = 30 * 86_400_000
+        self.compact_interval_s = COMPACT_INTERVAL_S
+        self.compact_keep_recent = capture.COMPACT_KEEP_RECENT
 
     def path_for(self, bundle: str, name: str) -> Path:
         return self.data_dir / "stores" / check_name("bundle", bundle) / f"{check_name('store', name)}.db"
@@ -207,18 +214,19 @@ class StoreRegistry:
         """Poll forever (cancelled by the daemon on shutdown); compact the
         stores' change logs every ``COMPACT_INTERVAL_S``."""
         loop = asyncio.get_running_loop()
-        next_compaction = loop.time() + COMPACT_INTERVAL_S
+        next_compaction = loop.time() + self.compact_interval_s
         while True:
             await asyncio.sleep(interval_ms / 1000)
             await self.poll_once()
             if loop.time() >= next_compaction:
                 await self.compact_once()
-                next_compaction = loop.time() + COMPACT_INTERVAL_S
+                next_compaction = loop.time() + self.compact_interval_s
 
     async def compact_once(self) -> None:
         for store in list(self._stores.values()):
             try:
-                await store.compact()
+                holders = set(self.gc_holders()) if self.gc_holders is not None else None
+                await store.compact(holders=holders, horizon_ms=self.tombstone_horizon_ms, keep_recent=self.compact_keep_recent)
             except ValueError:
                 pass  # closed meanwhile
             except (P2PStoreError, sqlite3.Error) as exc:  # busy past the timeout: next time

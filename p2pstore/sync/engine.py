@@ -105,6 +105,9 @@ class Code(IntEnum):
     CONSTRAINT_VIOLATION = 11
     UNTRUSTED = 12
     SECURITY_LEVEL = 13
+    #: The device is behind deletes the other side has forgotten (store/gc.py):
+    #: only a full sync from that side, which resyncs it, can go on.
+    RESYNC_REQUIRED = 14
 
 
 class SessionEnded(Exception):
@@ -354,28 +357,55 @@ class SyncEngine:
 
     # -- the two roles ---------------------------------------------------------
 
+    async def _begin_send(self, store: Store, peer: str, since: int, stream: str | None, table: str | None,
+                          where: Any) -> tuple[int, int | None]:
+        """Where to start sending to ``peer`` (and the resync clock if it must
+        be resynced); a table or query sync can't resync it: RESYNC_REQUIRED."""
+        start, snapshot = await store.begin_send(peer, since, stream)
+        if snapshot is not None and (table is not None or where is not None):
+            raise SessionEnded(Code.RESYNC_REQUIRED, f"the device is behind deletes this device has forgotten (store {store.name}); "
+                                                     "a full sync (no table, no where) resyncs it")
+        return start, snapshot
+
+    async def _refuse_if_behind(self, store: Store, peer: str) -> None:
+        """A receiver's check: changes from a peer behind what we forgot may bring deleted rows back."""
+        if await store.must_resync_first(peer):
+            raise SessionEnded(Code.RESYNC_REQUIRED, f"the device is behind deletes the other side has forgotten (store "
+                                                     f"{store.name}); it must first get a full sync from there (a resync)")
+
     async def _send_stream(self, session: _Session, store: Store, since: int, table: str | None, where: Any,
-                           progress: Progress | None) -> Stats:
+                           progress: Progress | None, snapshot: int | None = None) -> Stats:
         """Sender: batches from ``since`` until the stream is drained, each acked.
 
         Up to ``SEND_WINDOW`` batches are unacked at a time: reading batch
         n+1 overlaps the receiver applying batch n. Acks come in order.
+        ``snapshot`` (a clock): send a resync instead (store/gc.py). The
+        peer's last ack of a whole-stream batch is recorded for compaction.
         """
         stats = Stats()
         first = True
         unacked: deque[OutBatch] = deque()
+        cursor: Any = None
+        last_ack: tuple[int, str] | None = None
 
         async def take_ack() -> None:
+            nonlocal last_ack
             ack = await session.next(self.timeout)
             if not isinstance(ack, SyncAck):
                 raise SessionEnded(Code.FAIL, f"expected an ack, got {type(ack).__name__}")
-            stats.add(unacked.popleft(), ack.applied, ack.conflicts, ack.failed)
+            acked = unacked.popleft()
+            if acked.full and (acked.snapshot_hlc is None or not acked.more):
+                last_ack = (ack.last_seq, acked.stream)
+            stats.add(acked, ack.applied, ack.conflicts, ack.failed)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, stats, "upload")
 
         while True:
-            batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
-            if batch.rows or batch.last_seq > since or first:
+            if snapshot is not None:
+                batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
+            else:
+                batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
+            if batch.rows or batch.last_seq > since or first or snapshot is not None:
                 payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
                 if len(payload) > MAX_PAYLOAD:  # one row, alone in its batch, and too big
                     row = batch.rows[0]
@@ -390,6 +420,8 @@ class SyncEngine:
             if not batch.more:
                 while unacked:
                     await take_ack()
+                if last_ack is not None:
+                    await store.record_ack(session.peer, *last_ack)
                 return stats
 
     async def _receive_stream(self, session: _Session, store: Store, progress: Progress | None) -> Stats:
@@ -425,6 +457,7 @@ class SyncEngine:
             store = await self.registry.for_peer(msg.bundle, msg.store)
             self._learn(peer, store, msg.tables)
             if msg.mode == "push":  # the peer sends, we receive
+                await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
                 await self._send(peer, SyncReady(msg.req, since, table_offers(store), stream))
                 stats = await self._receive_stream(session, store, None)
@@ -436,8 +469,8 @@ class SyncEngine:
                                        f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
-                start = await store.start_position(msg.since or 0, msg.stream)
-                stats = await self._send_stream(session, store, start, msg.table, where, None)
+                start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
+                stats = await self._send_stream(session, store, start, msg.table, where, None, snapshot)
                 await self._send(peer, SyncEnd(msg.req, int(Code.SUCCESS), ""))
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
         except SessionEnded as end:
@@ -530,10 +563,11 @@ class SyncEngine:
                     raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
                 self._learn(peer, store, ready.tables)
                 check_tables(store, table, ready.tables)
-                start = await store.start_position(ready.since, ready.stream)
-                stats = await self._send_stream(session, store, start, table, where, progress)
+                start, snapshot = await self._begin_send(store, peer, ready.since, ready.stream, table, where)
+                stats = await self._send_stream(session, store, start, table, where, progress, snapshot)
                 await self._send(peer, SyncEnd(req, int(Code.SUCCESS), ""))
             else:
+                await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
                 await self._send(peer, SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since,
                                                 table_offers(store), stream))
