@@ -78,6 +78,14 @@ class Config:
     max_request_bytes: int = 1 << 20
     remote_query_timeout_s: float = 30.0
     synchronous: str = "NORMAL"
+    # Network timers (seconds). None = the default of the module that owns
+    # the timer (net/channel.py, net/peers.py, net/discovery.py), which suits
+    # a LAN; tests and unusual networks shorten or lengthen them.
+    keepalive_interval_s: float | None = None
+    peer_dead_after_s: float | None = None
+    redial_backoff_max_s: float | None = None
+    mdns_record_ttl_s: int | None = None
+    mdns_liveness_interval_s: float | None = None
 
     @property
     def security_level_int(self) -> int:
