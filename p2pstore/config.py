@@ -84,6 +84,14 @@ class Config:
     tombstone_horizon_days: float = 30.0
     compact_interval_s: float = 60.0
     compact_keep_recent: int = 10_000
+    # Network timers (seconds). None = the default of the module that owns
+    # the timer (net/channel.py, net/peers.py, net/discovery.py), which suits
+    # a LAN; tests and unusual networks shorten or lengthen them.
+    keepalive_interval_s: float | None = None
+    peer_dead_after_s: float | None = None
+    redial_backoff_max_s: float | None = None
+    mdns_record_ttl_s: int | None = None
+    mdns_liveness_interval_s: float | None = None
 
     @property
     def security_level_int(self) -> int:

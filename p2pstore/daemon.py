@@ -218,6 +218,8 @@ class Daemon:
             on_change=self._peer_changed,
             on_message=self._peer_message,
             host=list(cfg.interfaces) or "0.0.0.0", port=cfg.port,
+            **_given(keepalive_interval=cfg.keepalive_interval_s, dead_after=cfg.peer_dead_after_s,
+                     backoff_max=cfg.redial_backoff_max_s),
         )
         self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
         # Forgetting deletes waits for the trusted peers' acks (store/gc.py); an untrusted one no longer holds it.
@@ -236,6 +238,7 @@ class Daemon:
                 security_level=cfg.security_level_int, protocol_version=PROTOCOL_VERSION,
                 interfaces=list(cfg.interfaces) or None,
                 on_found=self.directory.on_found, on_lost=self.directory.on_lost,
+                **_given(record_ttl=cfg.mdns_record_ttl_s, liveness_interval=cfg.mdns_liveness_interval_s),
             )
             await self.discovery.start()
         log.info("peer channels on port %s (%s), discovery %s, %d static peer(s), %d trusted device(s)",
@@ -313,6 +316,11 @@ class Daemon:
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)
         self.stopping.set()
+
+
+def _given(**timers: Any) -> dict[str, Any]:
+    """The timers the config sets; the others keep their module's default."""
+    return {k: v for k, v in timers.items() if v is not None}
 
 
 def store_offer(store: Store) -> StoreOffer:

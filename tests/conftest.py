@@ -23,6 +23,17 @@ from p2pstore.client import BlockingClient
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: Tests that run mDNS on 127.0.0.1 would see each other's daemons if two ran
+#: at once (one loopback, one multicast group); under pytest-xdist they all
+#: go to one worker (``--dist loadgroup``), one after the other.
+MDNS_ON_LOOPBACK = "loopback_multicast"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if MDNS_ON_LOOPBACK in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("mdns-on-loopback"))
+
 
 class DaemonProcess:
     """One ``p2pstore daemon`` subprocess and the paths it uses."""

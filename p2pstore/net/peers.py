@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from p2pstore.errors import ChannelError, DeviceOffline, DeviceUntrusted, ProtocolError
+from p2pstore.errors import ChannelError, ConfigError, DeviceOffline, DeviceUntrusted, ProtocolError
 from p2pstore.net.channel import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DEAD_AFTER,
@@ -206,6 +206,11 @@ class PeerManager:
         self._max_frame_size = max_frame_size
         self._queue_size = queue_size
         self._rng = rng or random.Random()
+        if not 0 < keepalive_interval < dead_after:
+            # A channel must hear a keepalive before it gives the peer up.
+            raise ConfigError(f"peer dead-after time ({dead_after} s) must exceed the keepalive interval ({keepalive_interval} s)")
+        if not 0 < backoff_initial <= backoff_max:
+            raise ConfigError(f"redial backoff maximum ({backoff_max} s) must be at least its first step ({backoff_initial} s)")
 
         self._servers: list[asyncio.Server] = []
         self._port: int | None = None

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,11 +140,17 @@ class Node:
 
 
 @pytest.fixture
-def node(start_daemon: Callable[..., DaemonProcess]) -> Iterator[Callable[..., Node]]:
-    """``node(name, *flags)``: a daemon on 127.0.0.1 (discovery off unless ``--discovery``)."""
+def node(start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> Iterator[Callable[..., Node]]:
+    """``node(name, *flags, config={...})``: a daemon on 127.0.0.1 (discovery
+    off unless ``--discovery``); ``config`` keys go to a config file (e.g.
+    shorter network timers, so a test needs not wait out the defaults)."""
     clients: list[BlockingClient] = []
 
-    def make(name: str, *flags: str) -> Node:
+    def make(name: str, *flags: str, config: dict[str, Any] | None = None) -> Node:
+        if config:
+            path = short_tmp / f"{name}.toml"
+            path.write_text("".join(f"{key} = {value!r}\n" for key, value in config.items()))
+            flags = (*flags, "--config", str(path))
         proc = start_daemon(name, *flags)
         api = proc.client()
         clients.append(api)
@@ -310,20 +317,26 @@ def test_static_peer_trust_both_ways_online(node, first: str, record_property) -
     assert f"{LO}:{a.port}" in b.view(a.id)["addresses"]
 
 
-@pytest.mark.slow
+#: Network timers short enough that a test sees a backoff or a dead peer in seconds.
+QUICK_TIMERS = {"redial_backoff_max_s": 2.0, "keepalive_interval_s": 0.5, "peer_dead_after_s": 2.0}
+
+
 def test_static_peer_second_trust_much_later_still_connects(node, record_property) -> None:
-    """The dialer trusted first and has backed off to its maximum (10 s);
-    the listener trusts later: the channel opens within one backoff period."""
-    a = node("a")
-    b = node("b", "--peer", f"{LO}:{a.port}")
+    """The dialer trusted first and has backed off to its maximum (2 s here,
+    10 s by default); the listener trusts later: the channel opens within one
+    backoff period."""
+    a = node("a", config=QUICK_TIMERS)
+    b = node("b", "--peer", f"{LO}:{a.port}", config=QUICK_TIMERS)
     wait_until(lambda: a.view(b.id) and b.view(a.id), FIVE_S, "pending")
     b.trust(a)
-    time.sleep(12)  # b's redials back off: 0.25, 0.5, 1, 2, 4, 8, 10 s
+    # b's redials back off 0.25, 0.5, 1, 2, 2 s: wait until it has retried at the maximum.
+    at_max = re.compile(r"retrying in (1\.[89]|2\.[0-2]) s")  # 2 s with the dialer's +-10 % jitter
+    wait_until(lambda: len(at_max.findall(b.proc.log())) >= 2, 15.0, "b's redials reach the maximum backoff", 0.1)
     t0 = time.monotonic()
     a.trust(b)
-    took = wait_until(lambda: a.sees_online(b) and b.sees_online(a), 12.0, "online within one max backoff")
+    took = wait_until(lambda: a.sees_online(b) and b.sees_online(a), 4.0, "online within one max backoff")
     record_property("static_late_trust_to_online_s", round(time.monotonic() - t0, 3))
-    print(f"static peer, listener trusted 12 s after the dialer: online after {took:.2f} s")
+    print(f"static peer, listener trusted after the dialer backed off to 2 s: online after {took:.2f} s")
 
 
 # ================================================================ 3. one-way trust, untrusted devices
@@ -838,23 +851,24 @@ def test_killed_daemon_goes_offline_and_comes_back(node, record_property) -> Non
 @pytest.mark.slow
 def test_frozen_daemon_goes_offline_by_keepalive(node, record_property) -> None:
     """A peer that stops answering without closing anything (SIGSTOP: like a
-    hung machine) is offline within the default dead-after (15 s); it comes
-    back once it runs again."""
-    a = node("a")
-    b = node("b", "--peer", f"{LO}:{a.port}")
+    hung machine) is offline within the dead-after time (2 s here; the 15 s
+    default is tested in tests/net/test_peers.py); it comes back once it runs
+    again."""
+    a = node("a", config=QUICK_TIMERS)
+    b = node("b", "--peer", f"{LO}:{a.port}", config=QUICK_TIMERS)
     a.trust(b)
     b.trust(a)
     wait_until(lambda: a.sees_online(b) and b.sees_online(a), FIVE_S, "online")
     assert b.proc.proc is not None
     b.proc.proc.send_signal(signal.SIGSTOP)
     try:
-        offline = wait_until(lambda: a.sees_offline(b), 16.0, "a reports frozen b offline")
+        offline = wait_until(lambda: a.sees_offline(b), 4.0, "a reports frozen b offline")
     finally:
         b.proc.proc.send_signal(signal.SIGCONT)
     back = wait_until(lambda: a.sees_online(b) and b.sees_online(a), 15.0, "online again after SIGCONT")
     record_property("sigstop_to_offline_s", round(offline, 3))
     print(f"SIGSTOP: offline after {offline:.2f} s; SIGCONT: online after {back:.2f} s")
-    assert offline < 16.0, "dead-after is 15 s; allow for polling"
+    assert offline < 4.0, "dead-after is 2 s; allow for polling"
 
 
 @pytest.mark.slow
