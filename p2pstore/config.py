@@ -19,6 +19,7 @@ from typing import Any
 
 import jsonschema
 
+from p2pstore.clock import DEFAULT_MAX_OFFSET_MS
 from p2pstore.errors import ConfigError
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -78,6 +79,7 @@ class Config:
     max_request_bytes: int = 1 << 20
     remote_query_timeout_s: float = 30.0
     synchronous: str = "NORMAL"
+    max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS
 
     @property
     def security_level_int(self) -> int:

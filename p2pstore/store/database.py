@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from p2pstore.clock import HybridClock
+from p2pstore.clock import DEFAULT_MAX_OFFSET_MS, HybridClock
 from p2pstore.errors import (
     ColumnNotFound,
     ConstraintViolation,
@@ -135,6 +135,7 @@ class Store:
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         synchronous: str = "NORMAL",
         device_id: str | None = None,
+        max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS,
     ) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Statements are cached (keyed by their text): SQLite consults the
@@ -142,6 +143,7 @@ class Store:
         # and can never reuse a statement the daemon prepared (e.g. "COMMIT").
         db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         store = cls(bundle, name, path, db)
+        store.clock.max_offset_ms = max_clock_offset_ms
         try:
             await store.run(store._setup, busy_timeout_ms, synchronous, security_label, device_id)
         except BaseException:

@@ -11,9 +11,9 @@ transaction (its own ``BEGIN IMMEDIATE``, or a savepoint inside the caller's):
 3. the ordinary batch in bulk (a few IN queries and executemany per
    table; ``apply_bulk``); if that is not possible or SQLite refuses any
    of it, each row change under its own SAVEPOINT instead: one that can't
-   be applied (constraint, type, unknown column, schema mismatch) is rolled
-   back alone and stored in ``_p2p_failures``; the rest of the batch still
-   applies. Both ways write exactly the same (tests/store/test_merge_bulk*);
+   be applied (constraint, type, unknown column, schema mismatch, a clock
+   beyond the clock's bound ahead of local time) is rolled back alone and
+   stored in ``_p2p_failures``; the rest of the batch still applies. Both ways write exactly the same (tests/store/test_merge_bulk*);
 4. the high-water marks of tables we appended to move past our rows, our log
    rows carry the incoming hlc and origin (remote notifications, relay seqs);
 5. the guard row goes, the watermark for the sender moves, the clock observes
@@ -206,7 +206,7 @@ def apply_batch(
         raise ValueError("from_device must be a device ID")
     with _atomic(conn, state):
         local = capture.stamp(conn, state, clock, wall=wall)
-        applier = _Applier(conn, state, batch.mode, from_device, wall)
+        applier = _Applier(conn, state, clock, batch.mode, from_device, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         if not applier.apply_bulk(batch.rows):
             for row in batch.rows:
@@ -238,7 +238,7 @@ def retry_failure(
         except ProtocolError as exc:
             raise FailureNotFound(f"sync failure {failure_id} holds no readable change: {exc.message}", data={"id": failure_id}) from exc
         local = capture.stamp(conn, state, clock, wall=wall)
-        applier = _Applier(conn, state, mode, origin, wall)
+        applier = _Applier(conn, state, clock, mode, origin, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         applier.apply(row, failure_id=failure_id)
         applier.finish()
@@ -457,12 +457,17 @@ def _keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_t
 class _Applier:
     """Applies the row changes of one batch (or one retried failure)."""
 
-    def __init__(self, conn: sqlite3.Connection, state: CaptureState, mode: str, sender: str, wall: int | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, mode: str, sender: str,
+                 wall: int | None) -> None:
         self.conn = conn
         self.state = state
+        self.clock = clock
         self.mode = mode
         self.sender = sender
         self.wall = wall
+        #: The newest clock value a change may carry (see clock.py): one bound for the whole batch.
+        self.checked_at = self.now()
+        self.clock_limit = clock.limit(self.checked_at)
         self.me = capture.device_id(conn)
         self.tables = {t.info.name: t for t in sync_tables(conn)}
         self.targets: dict[str, _Target] = {}
@@ -477,10 +482,24 @@ class _Applier:
 
     # -- per row ---------------------------------------------------------
 
+    def _clock_ahead(self, row: RowChange) -> str | None:
+        """The failure reason if a clock of ``row`` is beyond the clock's bound
+        ahead of local time (None: none is). The one check of remote clocks:
+        such a change never reaches the tables or the clock."""
+        newest = max([h for c in row.cells for h in (c.hlc, c.prev_hlc) if h is not None]
+                     + [h for h in (row.tomb_hlc, row.tomb_prev_hlc) if h is not None], default=0)
+        if newest <= self.clock_limit:
+            return None
+        return f"clock_ahead: {row.table}: {self.clock.too_far_ahead(newest, self.checked_at)}"
+
     def apply(self, row: RowChange, *, failure_id: int | None) -> None:
         problem = row_problem(self.mode, row)
         if problem is not None:
             self._failed(row, f"invalid: {problem}", failure_id)
+            return
+        ahead = self._clock_ahead(row)
+        if ahead is not None:
+            self._failed(row, ahead, failure_id)
             return
         for c in row.cells:
             self.max_hlc = max(self.max_hlc, c.hlc)
@@ -638,6 +657,8 @@ class _Applier:
             table = self.tables.get(row.table)
             if row_problem(self.mode, row) is not None or table is None or table.mode != self.mode:
                 return False
+            if self._clock_ahead(row) is not None:
+                return False  # row by row logs it as a failure
             if row.key_column != table.key_column:
                 return False
             if self.mode == COLLABORATIVE and _row_clock(row)[1] != self.sender:
