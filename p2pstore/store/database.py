@@ -153,6 +153,9 @@ class Store:
 
     def _setup(self, conn: sqlite3.Connection, busy_timeout_ms: int, synchronous: str, label: int | None,
                device_id: str | None = None) -> None:
+        # TEXT another program wrote that is not valid UTF-8 is read (faithfully,
+        # see changes.TEXT_FACTORY) instead of failing every read and sync of the row.
+        conn.text_factory = changes.TEXT_FACTORY
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

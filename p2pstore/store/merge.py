@@ -90,6 +90,8 @@ from p2pstore.store.changes import (
     Value,
     decode_change,
     encode_change,
+    is_raw_text,
+    raw_text_bytes,
     row_problem,
     sync_tables,
 )
@@ -352,6 +354,22 @@ def _observe(conn: sqlite3.Connection, clock: HybridClock, newest: int, wall: in
 # The merge
 
 
+def _bind(values: Sequence[Value]) -> tuple[list[str], tuple[Value, ...]]:
+    """Placeholders and parameters for ``values``. Raw text (TEXT that is not
+    valid UTF-8, see ``changes.TEXT_FACTORY``) is bound as its bytes and cast
+    back, so the receiver stores the same bytes as TEXT."""
+    marks, params = [], []
+    for value in values:
+        if is_raw_text(value):
+            assert isinstance(value, str)
+            marks.append("CAST(? AS TEXT)")
+            params.append(raw_text_bytes(value))
+        else:
+            marks.append("?")
+            params.append(value)
+    return marks, tuple(params)
+
+
 def _same(a: Value, b: Value) -> bool:
     """Equal as SQLite stores them (1 and 1.0 and True are not the same value)."""
     return type(a) is type(b) and a == b
@@ -387,6 +405,7 @@ class _SingleVersionSql:
     columns: tuple[str, ...]
     select: str  # key expression and the sync columns of the row with a given ck
     select_many: str  # the same and the ck, for the cks of an IN list that follows
+    insert_head: str  # "INSERT INTO t (sync columns) VALUES " (the placeholders follow)
     insert: str
     delete: str
     key: str  # key expression of the row with a given ck
@@ -403,6 +422,7 @@ class _SingleVersionSql:
             columns=columns,
             select=f"SELECT {table.info.key_expr}, {listed} FROM {name} WHERE {ck} = ?",
             select_many=f"SELECT {table.info.key_expr}, {listed}, {ck} FROM {name} WHERE {ck} IN",
+            insert_head=f"INSERT INTO {name} ({listed}) VALUES ",
             insert=f"INSERT INTO {name} ({listed}) VALUES ({', '.join('?' * len(columns))})",
             delete=f"DELETE FROM {name} WHERE {ck} = ?",
             key=f"SELECT {table.info.key_expr} FROM {name} WHERE {ck} = ?",
@@ -571,10 +591,11 @@ class _Applier:
         seen the loser (or something newer)."""
         if winner.clock[1] == loser.clock[1] or (winner.prev is not None and loser.clock <= winner.prev):
             return
+        (mark,), (param,) = _bind([value])
         cursor = self.conn.execute(
             "INSERT OR IGNORE INTO _p2p_conflicts(tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (table, ck, col, value, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now()),
+            f"VALUES (?, ?, ?, {mark}, ?, ?, ?, ?, ?)",
+            (table, ck, col, param, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now()),
         )
         self.conflicts += cursor.rowcount
 
@@ -618,10 +639,11 @@ class _Applier:
             cells = [c for c in row.cells if c.column != key_col]
             names = [key_col, *(c.column for c in cells)]
             sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
+            marks, params = _bind([row.key, *(c.value for c in cells)])
             self.conn.execute(
-                f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join('?' * len(names))}) "
+                f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join(marks)}) "
                 f"ON CONFLICT({quote_ident(key_col)}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING"),
-                (row.key, *(c.value for c in cells)),
+                params,
             )
             op = OP_UPDATE if existed else OP_INSERT
         seq = self._log(target.dest_tid, row.key, op, clock, None)
@@ -659,6 +681,8 @@ class _Applier:
                 return False
             if self._clock_ahead(row) is not None:
                 return False  # row by row logs it as a failure
+            if any(is_raw_text(c.value) for c in row.cells):
+                return False  # row by row binds it (_bind)
             if row.key_column != table.key_column:
                 return False
             if self.mode == COLLABORATIVE and _row_clock(row)[1] != self.sender:
@@ -946,10 +970,13 @@ class _Applier:
             if plan.write == "delete":
                 deletes.setdefault(sql.delete, []).append((plan.ck,))
             elif plan.write == "update" and plan.diff:
-                statement = sql.update_head + ", ".join(f"{quote_ident(c)} = ?" for c in plan.diff) + sql.update_tail
-                updates.setdefault(statement, []).append((*(plan.after[c] for c in plan.diff), plan.ck))
+                marks, params = _bind([plan.after[c] for c in plan.diff])
+                statement = sql.update_head + ", ".join(f"{quote_ident(c)} = {m}" for c, m in zip(plan.diff, marks)) + sql.update_tail
+                updates.setdefault(statement, []).append((*params, plan.ck))
             elif plan.write == "insert":
-                inserts.setdefault(sql.insert, []).append(tuple(plan.after[c] for c in sql.columns))
+                marks, params = _bind([plan.after[c] for c in sql.columns])
+                statement = sql.insert if all(m == "?" for m in marks) else f"{sql.insert_head}({', '.join(marks)})"
+                inserts.setdefault(statement, []).append(params)
         for group in (deletes, updates, inserts):
             for statement, params in group.items():
                 conn.executemany(statement, params)

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 from replicas import Replica, field, schema_doc
 
 from p2pstore.clock import DEFAULT_MAX_OFFSET_MS, MAX_HLC, pack, physical_ms, wall_ms
+from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.store import capture, changes, merge
 from p2pstore.store.changes import OutBatch, RowChange
 
@@ -53,7 +53,7 @@ def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
 
 def wire(batch: OutBatch) -> OutBatch:
     """Through msgpack and the one decoder of received batches, as the engine does."""
-    return changes.batch_from_plain(msgpack.unpackb(msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True), raw=False))
+    return changes.batch_from_plain(unpack(pack_values(changes.batch_to_plain(batch)), "batch", raw_text=True))
 
 
 def with_clock(row: RowChange, hlc: int, *, prev: bool = False) -> RowChange:
