@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from p2ps_helpers import LOOPBACK, DaemonProcess
 from sync_helpers import (
     SV_REF,
     Node,
+    link,
     linked_daemons,  # noqa: F401  (fixture)
     setup_employee,
     sqlite3_shell,
+    wait_linked,
     wait_until,
 )
 
@@ -166,3 +169,54 @@ def test_a_hostile_peer_clock_goes_to_the_failure_log_and_writes_keep_working(li
     r = ok(a.sync("push", SV_REF, [b]), b)
     assert r["failed"] == 0, r
     assert b.rows(SV_REF, "SELECT AGE FROM EMPLOYEE WHERE NAME = 'after'") == [[1]]
+
+
+#: A daemon with a bug planted where a sync reads its changes (store ``buggy``
+#: only): what any unexpected exception in a sync looks like to the engine.
+BUGGY_BOOT = """
+import runpy, sys
+from p2pstore.store.database import Store
+real = Store.read_changes
+async def read_changes(self, *args, **kwargs):
+    if self.name == "buggy":
+        raise RuntimeError("planted bug")
+    return await real(self, *args, **kwargs)
+Store.read_changes = read_changes
+sys.argv = ["p2pstore", *sys.argv[1:]]
+runpy.run_module("p2pstore", run_name="__main__")
+"""
+
+
+class BuggyDaemon(DaemonProcess):
+    @property
+    def argv(self) -> list[str]:
+        return [sys.executable, "-c", BUGGY_BOOT, *super().argv[3:]]
+
+
+def test_an_unexpected_error_in_a_sync_is_a_fail_result_and_a_logged_traceback(daemon_factory, short_tmp: Path) -> None:
+    a = Node(BuggyDaemon(short_tmp, "a", ["--no-discovery", *LOOPBACK]).start())
+    try:
+        b = Node(daemon_factory("b", *LOOPBACK, "--peer", f"127.0.0.1:{a.port}"))
+        link(a, b)
+        wait_linked([a, b])
+        buggy, fine = {"store": "buggy"}, {"store": "fine"}
+        for node in (a, b):
+            for ref in (buggy, fine):
+                node.call("store.open", **ref)
+                node.call("store.execute", **ref, sql=T_CREATE)
+                node.call("store.set_distributed_tables", **ref, tables=["T"], config={"auto_sync": ref is buggy})
+        a.call("store.insert", **buggy, table="T", values={"id": 1, "name": "x", "n": 1})  # auto-sync runs into it too
+        a.call("store.insert", **fine, table="T", values={"id": 1, "name": "x", "n": 1})
+
+        results = a.sync("push", buggy, [b])  # not INTERNAL_ERROR: a result per device
+        assert results[b.id]["code"] == 1, results
+        assert "internal error: RuntimeError: planted bug" in results[b.id]["message"]
+        log = wait_until(lambda: (text := a.proc.log()).count("planted bug") >= 2 and text, 20, "the bug in a's log")
+        assert "failed unexpectedly" in log and "Traceback" in log and "ERROR" in log
+        # The daemon and every other sync go on.
+        ok(a.sync("push", fine, [b]), b)
+        assert b.rows(fine, f'SELECT name FROM "{b.call("store.distributed_table_name", **fine, device=a.id, table="T")["table"]}"') == [["x"]]
+        assert b.sync("pull", buggy, [a])[a.id]["code"] == 1  # served by a: ends as FAIL too, a stays up
+        ok(a.sync("push", fine, [b]), b)
+    finally:
+        a.stop()
