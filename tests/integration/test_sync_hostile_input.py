@@ -93,6 +93,9 @@ def test_invalid_utf8_text_from_an_outside_writer_syncs_byte_identical(linked_da
     # The API answers a query of it on both sides (each bad byte as U+FFFD), never INTERNAL_ERROR.
     for node, t in ((a, table), (b, here)):
         assert node.rows(ref, f'SELECT {col} FROM "{t}" WHERE {where}') == [["A\ufffdB"]]
+    # So does a remote query of A's copy (its pages carry the bytes; the API shows U+FFFD).
+    rows = b.call("store.remote_query", **ref, device=a.id, table=table, columns=[col])["rows"]
+    assert ["A\ufffdB"] in rows and len(rows) == (4 if kind == "single_version" else 3)
     # Syncs go on: a pull answers SUCCESS, a later change of the value travels too.
     ok(b.sync("pull", ref, [a]), a)
     shell = sqlite3_shell(path, f"UPDATE {table} SET {col} = CAST(X'FE00FF' AS TEXT) WHERE {where}")
