@@ -13,7 +13,8 @@ transaction (its own ``BEGIN IMMEDIATE``, or a savepoint inside the caller's):
    of it, each row change under its own SAVEPOINT instead: one that can't
    be applied (constraint, type, unknown column, schema mismatch, a clock
    beyond the clock's bound ahead of local time) is rolled back alone and
-   stored in ``_p2p_failures``; the rest of the batch still applies. Both ways write exactly the same (tests/store/test_merge_bulk*);
+   stored in ``_p2p_failures``; the rest of the batch still applies. Both
+   ways write exactly the same (tests/store/test_merge_bulk*);
 4. the high-water marks of tables we appended to move past our rows, our log
    rows carry the incoming hlc and origin (remote notifications, relay seqs);
 5. the guard row goes, the watermark for the sender moves, the clock observes
@@ -823,7 +824,7 @@ class _Applier:
         plan = self._sv_plan(target, row, state)
         if plan is None:
             return False
-        self._sv_write([plan])
+        self._sv_write([plan], raw_text=True)
         return True
 
     def _single_version_bulk(self, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
@@ -956,11 +957,13 @@ class _Applier:
         for col, value, winner, loser in losses:
             self._conflict(table, ck, col, value, winner, loser)
 
-    def _sv_write(self, plans: Sequence[_SvPlan]) -> None:
+    def _sv_write(self, plans: Sequence[_SvPlan], *, raw_text: bool = False) -> None:
         """Write ``plans`` (in order): the table rows, then one log seq per
         plan, its cells and tomb. Deletes go first, then updates, then
         inserts, so a unique value a batch moves between rows is free when
-        its new row takes it."""
+        its new row takes it. ``raw_text``: values may be TEXT that is not
+        valid UTF-8 (row by row; the bulk path leaves such rows to it)."""
+        bind = _bind if raw_text else lambda values: (["?"] * len(values), tuple(values))
         conn = self.conn
         deletes: dict[str, list[tuple[Value, ...]]] = {}
         updates: dict[str, list[tuple[Value, ...]]] = {}
@@ -970,11 +973,11 @@ class _Applier:
             if plan.write == "delete":
                 deletes.setdefault(sql.delete, []).append((plan.ck,))
             elif plan.write == "update" and plan.diff:
-                marks, params = _bind([plan.after[c] for c in plan.diff])
+                marks, params = bind([plan.after[c] for c in plan.diff])
                 statement = sql.update_head + ", ".join(f"{quote_ident(c)} = {m}" for c, m in zip(plan.diff, marks)) + sql.update_tail
                 updates.setdefault(statement, []).append((*params, plan.ck))
             elif plan.write == "insert":
-                marks, params = _bind([plan.after[c] for c in sql.columns])
+                marks, params = bind([plan.after[c] for c in sql.columns])
                 statement = sql.insert if all(m == "?" for m in marks) else f"{sql.insert_head}({', '.join(marks)})"
                 inserts.setdefault(statement, []).append(params)
         for group in (deletes, updates, inserts):
