@@ -22,6 +22,7 @@ from p2pstore.clock import DEFAULT_MAX_OFFSET_MS, MAX_HLC, pack, physical_ms, wa
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.store import capture, changes, merge
 from p2pstore.store.changes import OutBatch, RowChange
+from p2pstore.store.registry import StoreRegistry
 
 HOSTILE = (1 << 63) - 6  # the value of the report: a few stamps short of the end of the range
 ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT)"
@@ -173,3 +174,20 @@ def test_a_store_whose_clock_an_older_release_let_be_poisoned_recovers_at_open(d
         b.write("UPDATE items SET a = ? WHERE uid = 'x'", (i,))
     assert b.rows("SELECT a FROM items WHERE uid = 'x'") == [(9,)]
     assert physical_ms(b.rows("SELECT max(base_hlc) FROM _p2p_stamps WHERE first_seq > ?", (first,))[0][0]) <= wall_ms()
+
+
+async def test_the_configured_offset_bounds_every_store_clock_from_its_first_read(tmp_path: Path) -> None:
+    """Config ``max_clock_offset_ms`` -> registry -> each store's clock, set
+    before the store reads its persisted clock state at open."""
+    path = tmp_path / "data" / "stores" / "b" / "s.db"
+    path.parent.mkdir(parents=True)
+    poisoned = Replica(path, "DEVB")
+    capture.set_meta(poisoned.conn, "hlc_last", pack(wall_ms() + 120_000, 0))  # 2 min ahead: within the default
+    poisoned.close()
+    registry = StoreRegistry(tmp_path / "data", max_clock_offset_ms=60_000)
+    try:
+        store = await registry.open("b", "s")
+        assert store.clock.max_offset_ms == 60_000
+        assert store.clock.last < pack(wall_ms() + 60_000, 0)  # 2 min ahead is beyond 1 min: ignored at open
+    finally:
+        await registry.close_all()
