@@ -19,6 +19,7 @@ from typing import Any
 
 import jsonschema
 
+from p2pstore.clock import DEFAULT_MAX_OFFSET_MS
 from p2pstore.errors import ConfigError
 from p2pstore.schemas import load_json_schema
 
@@ -92,6 +93,7 @@ class Config:
     redial_backoff_max_s: float | None = None
     mdns_record_ttl_s: int | None = None
     mdns_liveness_interval_s: float | None = None
+    max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS
 
     @property
     def security_level_int(self) -> int:

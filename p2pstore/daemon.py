@@ -124,6 +124,7 @@ class Daemon:
             busy_timeout_ms=config.busy_timeout_ms,
             synchronous=config.synchronous,
             sync_schema_path=config.sync_schema_path,
+            max_clock_offset_ms=config.max_clock_offset_ms,
         )
         self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
                        devices=lambda: self.directory, engine=lambda: self.engine,

@@ -131,6 +131,13 @@ class InvalidPredicate(P2PStoreError):
     name, code = "INVALID_PREDICATE", -31130
 
 
+# The clock.
+class ClockOverflow(P2PStoreError):
+    """The local clock reached the end of its range (see clock.py): nothing can be stamped."""
+
+    name, code = "CLOCK_OVERFLOW", -31150
+
+
 # Notifications.
 class TooManySubscriptions(P2PStoreError):
     name, code = "TOO_MANY_SUBSCRIPTIONS", -31200

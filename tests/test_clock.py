@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pstore.clock import COUNTER_BITS, COUNTER_MASK, MAX_HLC, HybridClock, pack, physical_ms, to_str, wall_ms
+from p2pstore.clock import (
+    COUNTER_BITS,
+    COUNTER_MASK,
+    DEFAULT_MAX_OFFSET_MS,
+    MAX_HLC,
+    HybridClock,
+    pack,
+    physical_ms,
+    to_str,
+    wall_ms,
+)
+from p2pstore.errors import ClockOverflow
 
 
 def test_pack_and_unpack_round_trip() -> None:
@@ -77,12 +88,59 @@ def test_reserve_refuses_non_positive_counts(n: int) -> None:
     assert clock.last == 7
 
 
-def test_reserve_refuses_to_overflow_64_bits() -> None:
+def test_reserve_refuses_to_overflow_64_bits_with_a_domain_error() -> None:
     clock = HybridClock(last=MAX_HLC - 1)
     assert clock.now(wall=0) == MAX_HLC
-    with pytest.raises(OverflowError):
+    with pytest.raises(ClockOverflow, match="end of its 64-bit range"):
         clock.now(wall=0)
+    with pytest.raises(ClockOverflow):
+        clock.reserve(5, wall=0)
     assert clock.last == MAX_HLC
+
+
+NOW = 1_760_000_000_000  # a wall time in 2025 (ms)
+HOSTILE = (1 << 63) - 6  # the value: a few stamps short of the end of the range
+
+
+def test_limit_is_the_max_offset_ahead_of_physical_time() -> None:
+    clock = HybridClock(max_offset_ms=1000)
+    assert clock.limit(wall=NOW) == pack(NOW + 1000, COUNTER_MASK)
+    assert clock.too_far_ahead(pack(NOW + 1000, COUNTER_MASK), wall=NOW) is None
+    reason = clock.too_far_ahead(pack(NOW + 1001, 0), wall=NOW)
+    assert reason is not None and "1001 ms ahead of local time" in reason and "max offset 1000 ms" in reason
+    assert HybridClock().max_offset_ms == DEFAULT_MAX_OFFSET_MS
+
+
+def test_limit_never_passes_the_end_of_the_range() -> None:
+    assert HybridClock(max_offset_ms=10**12).limit(wall=(1 << 47) - 1) == MAX_HLC
+
+
+def test_observe_ignores_a_hostile_clock_and_the_clock_keeps_working() -> None:
+    clock = HybridClock()
+    mine = clock.now(wall=NOW)
+    assert clock.observe(HOSTILE, wall=NOW) is False
+    assert clock.last == mine
+    reason = clock.too_far_ahead(HOSTILE, wall=NOW)
+    assert reason is not None and reason.startswith("clock 6429-") and "ahead of local time 2025-" in reason
+    # Thousands of later stamps are fine: nothing dragged the clock to the end of its range.
+    first = clock.reserve(100_000, wall=NOW)
+    assert physical_ms(first) == NOW and physical_ms(clock.last) < NOW + 10
+
+
+def test_observe_takes_a_value_just_inside_the_bound() -> None:
+    clock = HybridClock(max_offset_ms=60_000)
+    edge = clock.limit(wall=NOW)
+    assert clock.observe(edge, wall=NOW) is True
+    assert clock.now(wall=NOW) == edge + 1
+    assert clock.observe(edge + 1_000_000, wall=NOW) is False
+
+
+def test_restore_ignores_a_poisoned_persisted_state() -> None:
+    clock = HybridClock()
+    assert clock.restore(HOSTILE, wall=NOW) is False
+    assert clock.now(wall=NOW) == pack(NOW, 0)
+    assert clock.restore(pack(NOW + 5, 3), wall=NOW) is True
+    assert clock.now(wall=NOW) == pack(NOW + 5, 4)
 
 
 def test_observe_moves_past_a_remote_value_ahead_of_us() -> None:
@@ -139,8 +197,10 @@ def test_values_strictly_increase_under_any_wall_and_observations(steps: list[tu
     seen_max = 0
     for op, wall, arg in steps:
         if op == "observe":
-            clock.observe(arg, wall=wall)
-            seen_max = max(seen_max, arg)
+            if clock.observe(arg, wall=wall):
+                seen_max = max(seen_max, arg)
+            else:  # refused only beyond the bound, and then the clock is unchanged
+                assert clock.too_far_ahead(arg, wall=wall) is not None
             continue
         first = clock.now(wall=wall) if op == "now" else clock.reserve(arg, wall=wall)
         assert first > last_issued

@@ -187,6 +187,8 @@ def test_unknown_key_names_the_file_and_key(tmp_path: Path) -> None:
         ('peers = ["no-port"]', "peers.0"),
         ("allowed_uids = [-1]", "allowed_uids.0"),
         ('name = ""', "name"),
+        ("max_clock_offset_ms = 10", "max_clock_offset_ms"),
+        ("max_clock_offset_ms = 1.5", "max_clock_offset_ms"),
         ("[section]\nport = 1", "(top level)"),
     ],
 )
@@ -210,3 +212,8 @@ def test_bad_flag_values_name_the_command_line() -> None:
 
 def test_read_config_file_returns_the_validated_mapping(tmp_path: Path) -> None:
     assert read_config_file(write(tmp_path, "port = 1\n")) == {"port": 1}
+
+
+def test_max_clock_offset_reaches_the_config(tmp_path: Path) -> None:
+    assert build_config().max_clock_offset_ms == 300_000  # five minutes (docs/config.md)
+    assert build_config(write(tmp_path, "max_clock_offset_ms = 60000\n")).max_clock_offset_ms == 60_000

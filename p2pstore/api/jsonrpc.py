@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +104,18 @@ def to_wire(value: Any) -> Any:
     return value
 
 
+#: A lone surrogate: what TEXT that is not valid UTF-8 reads as (one per bad byte).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _line(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        # TEXT a store holds that is not valid UTF-8 (read with surrogateescape,
+        # store/changes.py TEXT_FACTORY): JSON can't carry it, each bad byte is U+FFFD.
+        return _SURROGATE.sub("\ufffd", text).encode() + b"\n"
 
 
 def encode_result(rid: RequestId, result: Any) -> bytes:

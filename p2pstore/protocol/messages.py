@@ -483,18 +483,33 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb([msg.TYPE, _struct_to_wire(msg)], use_bin_type=True)
 
 
-def unpack(payload: bytes, what: str = "message") -> Any:
+def pack_values(obj: Any) -> bytes:
+    """Rows of SQLite values (a change batch, a query page) -> msgpack.
+
+    TEXT that is not valid UTF-8 (another program wrote it; the stores read
+    it as a str with lone surrogates, ``surrogateescape``) travels as a
+    msgpack str holding exactly its bytes: the receiver stores the same
+    bytes, still TEXT. Message fields never hold such text (``encode``).
+    """
+    return msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
+
+
+def unpack(payload: bytes, what: str = "message", *, raw_text: bool = False) -> Any:
     """msgpack bytes from a peer (or stored from one) -> plain values.
 
     The one place untrusted msgpack is read: str and bin kept apart, string
     map keys only, no ext types, every length capped by the payload itself
     (and the frame limit). Any defect is a ``ProtocolError`` naming ``what``.
+    ``raw_text`` (payloads of ``pack_values``): a str that is not valid UTF-8
+    becomes a str with lone surrogates, as the stores read such TEXT; the
+    caller checks that names and keys are not such text.
     """
     limit = min(len(payload), MAX_FRAME_SIZE)
     try:
         return msgpack.unpackb(
             payload,
             raw=False,
+            unicode_errors="surrogateescape" if raw_text else "strict",
             use_list=True,
             strict_map_key=True,
             max_str_len=limit,

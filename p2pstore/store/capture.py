@@ -382,8 +382,10 @@ def load_state(conn: sqlite3.Connection, clock: HybridClock) -> CaptureState:
     row = conn.execute("SELECT last_seq, base_hlc + last_seq - first_seq FROM _p2p_stamps ORDER BY first_seq DESC LIMIT 1").fetchone()
     if row is not None:
         state.stamped_seq = row[0]
-        clock.last = max(clock.last, row[1])
-    clock.last = max(clock.last, int(get_meta(conn, "hlc_last", 0)))
+    for what, stored in (("newest stamp", row[1] if row is not None else 0), ("hlc_last", int(get_meta(conn, "hlc_last", 0)))):
+        if not clock.restore(stored):
+            log.warning("the store's clock state (%s) is %s; ignored, the clock goes on from local time",
+                        what, clock.too_far_ahead(stored))
     rows = conn.execute(
         "SELECT t.tid, t.name, h.hw, t.conflict_col FROM _p2p_tables t LEFT JOIN _p2p_hw h ON h.tid = t.tid WHERE t.kind = 'local'"
     ).fetchall()

@@ -34,6 +34,12 @@ Invariants:
   ``seq``: a row change is then self-contained, and a cell older than the
   tomb (sent with value NULL) can't resurrect anything on a receiver that
   never got the delete.
+- TEXT that is not valid UTF-8 (another program wrote it) is read as a str
+  with lone surrogates (``TEXT_FACTORY``, ``surrogateescape``: a bijection,
+  and valid UTF-8 never gives such a str), travels byte-exact
+  (``messages.pack_values``) and is written back as TEXT (merge.py). A row
+  *keyed* by such text can't be looked up by its key, so it is not sent:
+  the sender logs it and sends every other row.
 - Batches hold plain values only (int, float, str, bytes, None), so the
   protocol layer can msgpack them (``batch_to_plain`` / ``batch_from_plain``;
   the latter is the one place hostile input is checked, and it only raises
@@ -42,6 +48,8 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -49,16 +57,38 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from p2pstore.clock import MAX_HLC
 from p2pstore.errors import InvalidParams, ProtocolError, StoreInvalid
-from p2pstore.protocol.messages import unpack
+from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture
 from p2pstore.store.tables import TableInfo, read_table_info
 
+log = logging.getLogger(__name__)
+
 Value = int | float | str | bytes | None
+
+#: ``text_factory`` of every connection that reads sync data (the store's,
+#: remote queries'): TEXT that is not valid UTF-8 becomes a str with lone
+#: surrogates instead of an error that would stop the whole sync.
+TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+
+
+def is_raw_text(value: Any) -> bool:
+    """Whether ``value`` is TEXT read from bytes that are not valid UTF-8
+    (see ``TEXT_FACTORY``): SQLite can't be handed it as a str parameter."""
+    if type(value) is not str or value.isascii():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def raw_text_bytes(value: str) -> bytes:
+    """The stored bytes of raw text (bind them as ``CAST(? AS TEXT)``)."""
+    return value.encode("utf-8", "surrogateescape")
 
 COLLABORATIVE, SINGLE_VERSION = "collaborative", "single_version"
 MODES = (COLLABORATIVE, SINGLE_VERSION)
@@ -201,8 +231,8 @@ def _int(value: Any, what: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
 
 
 def _name(value: Any, what: str, *, empty: bool = False) -> str:
-    if type(value) is not str or (not value and not empty) or len(value) > MAX_NAME_LEN:
-        raise ProtocolError(f"{what} must be a{'' if empty else ' non-empty'} string of at most {MAX_NAME_LEN} characters")
+    if type(value) is not str or (not value and not empty) or len(value) > MAX_NAME_LEN or is_raw_text(value):
+        raise ProtocolError(f"{what} must be a{'' if empty else ' non-empty'} UTF-8 string of at most {MAX_NAME_LEN} characters")
     return value
 
 
@@ -236,8 +266,8 @@ def _plain_cell(cell: Any) -> Cell | None:
         return None
     column, value, hlc, origin, prev_hlc, prev_origin = cell
     if not (type(column) is str and 0 < len(column) <= MAX_NAME_LEN and type(hlc) is int and 0 <= hlc <= MAX_HLC
-            and type(origin) is str and 0 < len(origin) <= MAX_NAME_LEN):
-        return None
+            and type(origin) is str and 0 < len(origin) <= MAX_NAME_LEN and column.isascii() and origin.isascii()):
+        return None  # (non-ASCII names: _name checks that they are UTF-8)
     kind = type(value)
     if not (value is None or kind is str or kind is bytes or (kind is int and -(1 << 63) <= value < (1 << 63))
             or (kind is float and value == value)):  # NaN != NaN
@@ -246,7 +276,7 @@ def _plain_cell(cell: Any) -> Cell | None:
         if prev_hlc is not None or prev_origin is not None:
             return None
     elif not (type(prev_hlc) is int and 0 <= prev_hlc <= MAX_HLC and type(prev_origin) is str
-              and 0 < len(prev_origin) <= MAX_NAME_LEN):
+              and 0 < len(prev_origin) <= MAX_NAME_LEN and prev_origin.isascii()):
         return None
     return Cell(column, value, hlc, origin, prev_hlc, prev_origin)
 
@@ -305,6 +335,8 @@ def row_problem(mode: str, row: RowChange) -> str | None:
         return f"{row.table}: a column appears twice in one row change"
     if row.key is None:
         return f"{row.table}: a row key can't be NULL"
+    if is_raw_text(row.key):
+        return f"{row.table}: a row key that is not valid UTF-8 text can't be synced"
     pairs = [(row.tomb_hlc, row.tomb_origin), (row.tomb_prev_hlc, row.tomb_prev_origin)]
     pairs += [(c.prev_hlc, c.prev_origin) for c in row.cells]
     if any((h is None) != (o is None) for h, o in pairs):
@@ -354,11 +386,11 @@ def batch_from_plain(obj: Any) -> OutBatch:
 
 def encode_change(mode: str, row: RowChange) -> bytes:
     """A row change as stored in the sync-failure log (msgpack)."""
-    return msgpack.packb([mode, row_to_plain(row)], use_bin_type=True)
+    return pack_values([mode, row_to_plain(row)])
 
 
 def decode_change(blob: bytes) -> tuple[str, RowChange]:
-    obj = unpack(blob, "stored change")
+    obj = unpack(blob, "stored change", raw_text=True)
     if not (isinstance(obj, list) and len(obj) == 2):
         raise ProtocolError("stored change is not a [mode, change] pair")
     mode, plain = obj
@@ -619,12 +651,22 @@ def _collaborative_rows(
     for pk, seq, hlc in latest:
         if hlc is None:  # beyond every stamp: stable_bound keeps this from happening
             continue
+        if is_raw_text(pk):
+            _unsendable(t, pk)
+            continue
         current = conn.execute(select, (pk,)).fetchone()
         if current is None:
             yield RowChange(t.info.name, t.key_column, pk, seq, (), hlc, me)
         else:
             cells = tuple(Cell(c, v, hlc, me) for c, v in zip(t.info.columns, current))
             yield RowChange(t.info.name, t.key_column, pk, seq, cells)
+
+
+def _unsendable(t: SyncTable, key: str) -> None:
+    """A row keyed by text that is not valid UTF-8 can't be read by its key
+    (nor stored by one on the receiver): it stays here, every other row goes."""
+    log.warning("table %s: the row keyed %a is not sent: its key is TEXT that is not valid UTF-8 "
+                "(written by another program); fix the key to sync the row", t.info.name, raw_text_bytes(key))
 
 
 def _single_version_rows(
@@ -650,6 +692,10 @@ def _single_version_rows(
             (me, since, last, t.tid, *fparams),
         )
     }
+    for ck in {ck for ck in (*cells, *tombs) if is_raw_text(ck)}:
+        cells.pop(ck, None)
+        tombs.pop(ck, None)
+        _unsendable(t, ck)
     name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
     columns = list(t.sync_columns)
     listed = ", ".join(quote_ident(c) for c in columns)

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from p2pstore.clock import HybridClock, wall_ms
+from p2pstore.clock import DEFAULT_MAX_OFFSET_MS, HybridClock, wall_ms
 from p2pstore.errors import (
     BackupFailed,
     ColumnNotFound,
@@ -138,6 +138,7 @@ class Store:
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         synchronous: str = "NORMAL",
         device_id: str | None = None,
+        max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS,
     ) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Statements are cached (keyed by their text): SQLite consults the
@@ -145,6 +146,7 @@ class Store:
         # and can never reuse a statement the daemon prepared (e.g. "COMMIT").
         db = await aiosqlite.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=STATEMENT_CACHE)
         store = cls(bundle, name, path, db)
+        store.clock.max_offset_ms = max_clock_offset_ms
         try:
             await store.run(store._setup, busy_timeout_ms, synchronous, security_label, device_id)
         except BaseException:
@@ -154,6 +156,9 @@ class Store:
 
     def _setup(self, conn: sqlite3.Connection, busy_timeout_ms: int, synchronous: str, label: int | None,
                device_id: str | None = None) -> None:
+        # TEXT another program wrote that is not valid UTF-8 is read (faithfully,
+        # see changes.TEXT_FACTORY) instead of failing every read and sync of the row.
+        conn.text_factory = changes.TEXT_FACTORY
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

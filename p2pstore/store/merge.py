@@ -11,9 +11,10 @@ transaction (its own ``BEGIN IMMEDIATE``, or a savepoint inside the caller's):
 3. the ordinary batch in bulk (a few IN queries and executemany per
    table; ``apply_bulk``); if that is not possible or SQLite refuses any
    of it, each row change under its own SAVEPOINT instead: one that can't
-   be applied (constraint, type, unknown column, schema mismatch) is rolled
-   back alone and stored in ``_p2p_failures``; the rest of the batch still
-   applies. Both ways write exactly the same (tests/store/test_merge_bulk*);
+   be applied (constraint, type, unknown column, schema mismatch, a clock
+   beyond the clock's bound ahead of local time) is rolled back alone and
+   stored in ``_p2p_failures``; the rest of the batch still applies. Both
+   ways write exactly the same (tests/store/test_merge_bulk*);
 4. the high-water marks of tables we appended to move past our rows, our log
    rows carry the incoming hlc and origin (remote notifications, relay seqs);
 5. the guard row goes, the watermark for the sender moves, the clock observes
@@ -90,6 +91,8 @@ from p2pstore.store.changes import (
     Value,
     decode_change,
     encode_change,
+    is_raw_text,
+    raw_text_bytes,
     row_problem,
     sync_tables,
 )
@@ -206,7 +209,7 @@ def apply_batch(
         raise ValueError("from_device must be a device ID")
     with _atomic(conn, state):
         local = capture.stamp(conn, state, clock, wall=wall)
-        applier = _Applier(conn, state, batch.mode, from_device, wall)
+        applier = _Applier(conn, state, clock, batch.mode, from_device, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         if not applier.apply_bulk(batch.rows):
             for row in batch.rows:
@@ -242,7 +245,7 @@ def retry_failure(
         except ProtocolError as exc:
             raise FailureNotFound(f"sync failure {failure_id} holds no readable change: {exc.message}", data={"id": failure_id}) from exc
         local = capture.stamp(conn, state, clock, wall=wall)
-        applier = _Applier(conn, state, mode, origin, wall)
+        applier = _Applier(conn, state, clock, mode, origin, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         applier.apply(row, failure_id=failure_id)
         applier.finish()
@@ -357,6 +360,22 @@ def _observe(conn: sqlite3.Connection, clock: HybridClock, newest: int, wall: in
 # The merge
 
 
+def _bind(values: Sequence[Value]) -> tuple[list[str], tuple[Value, ...]]:
+    """Placeholders and parameters for ``values``. Raw text (TEXT that is not
+    valid UTF-8, see ``changes.TEXT_FACTORY``) is bound as its bytes and cast
+    back, so the receiver stores the same bytes as TEXT."""
+    marks, params = [], []
+    for value in values:
+        if is_raw_text(value):
+            assert isinstance(value, str)
+            marks.append("CAST(? AS TEXT)")
+            params.append(raw_text_bytes(value))
+        else:
+            marks.append("?")
+            params.append(value)
+    return marks, tuple(params)
+
+
 def _same(a: Value, b: Value) -> bool:
     """Equal as SQLite stores them (1 and 1.0 and True are not the same value)."""
     return type(a) is type(b) and a == b
@@ -392,6 +411,7 @@ class _SingleVersionSql:
     columns: tuple[str, ...]
     select: str  # key expression and the sync columns of the row with a given ck
     select_many: str  # the same and the ck, for the cks of an IN list that follows
+    insert_head: str  # "INSERT INTO t (sync columns) VALUES " (the placeholders follow)
     insert: str
     delete: str
     key: str  # key expression of the row with a given ck
@@ -408,6 +428,7 @@ class _SingleVersionSql:
             columns=columns,
             select=f"SELECT {table.info.key_expr}, {listed} FROM {name} WHERE {ck} = ?",
             select_many=f"SELECT {table.info.key_expr}, {listed}, {ck} FROM {name} WHERE {ck} IN",
+            insert_head=f"INSERT INTO {name} ({listed}) VALUES ",
             insert=f"INSERT INTO {name} ({listed}) VALUES ({', '.join('?' * len(columns))})",
             delete=f"DELETE FROM {name} WHERE {ck} = ?",
             key=f"SELECT {table.info.key_expr} FROM {name} WHERE {ck} = ?",
@@ -462,12 +483,17 @@ def _keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_t
 class _Applier:
     """Applies the row changes of one batch (or one retried failure)."""
 
-    def __init__(self, conn: sqlite3.Connection, state: CaptureState, mode: str, sender: str, wall: int | None) -> None:
+    def __init__(self, conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, mode: str, sender: str,
+                 wall: int | None) -> None:
         self.conn = conn
         self.state = state
+        self.clock = clock
         self.mode = mode
         self.sender = sender
         self.wall = wall
+        #: The newest clock value a change may carry (see clock.py): one bound for the whole batch.
+        self.checked_at = self.now()
+        self.clock_limit = clock.limit(self.checked_at)
         self.me = capture.device_id(conn)
         self.tables = {t.info.name: t for t in sync_tables(conn)}
         self.targets: dict[str, _Target] = {}
@@ -482,10 +508,24 @@ class _Applier:
 
     # -- per row ---------------------------------------------------------
 
+    def _clock_ahead(self, row: RowChange) -> str | None:
+        """The failure reason if a clock of ``row`` is beyond the clock's bound
+        ahead of local time (None: none is). The one check of remote clocks:
+        such a change never reaches the tables or the clock."""
+        newest = max([h for c in row.cells for h in (c.hlc, c.prev_hlc) if h is not None]
+                     + [h for h in (row.tomb_hlc, row.tomb_prev_hlc) if h is not None], default=0)
+        if newest <= self.clock_limit:
+            return None
+        return f"clock_ahead: {row.table}: {self.clock.too_far_ahead(newest, self.checked_at)}"
+
     def apply(self, row: RowChange, *, failure_id: int | None) -> None:
         problem = row_problem(self.mode, row)
         if problem is not None:
             self._failed(row, f"invalid: {problem}", failure_id)
+            return
+        ahead = self._clock_ahead(row)
+        if ahead is not None:
+            self._failed(row, ahead, failure_id)
             return
         for c in row.cells:
             self.max_hlc = max(self.max_hlc, c.hlc)
@@ -557,10 +597,11 @@ class _Applier:
         seen the loser (or something newer)."""
         if winner.clock[1] == loser.clock[1] or (winner.prev is not None and loser.clock <= winner.prev):
             return
+        (mark,), (param,) = _bind([value])
         cursor = self.conn.execute(
             "INSERT OR IGNORE INTO _p2p_conflicts(tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (table, ck, col, value, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now()),
+            f"VALUES (?, ?, ?, {mark}, ?, ?, ?, ?, ?)",
+            (table, ck, col, param, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now()),
         )
         self.conflicts += cursor.rowcount
 
@@ -604,10 +645,11 @@ class _Applier:
             cells = [c for c in row.cells if c.column != key_col]
             names = [key_col, *(c.column for c in cells)]
             sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
+            marks, params = _bind([row.key, *(c.value for c in cells)])
             self.conn.execute(
-                f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join('?' * len(names))}) "
+                f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join(marks)}) "
                 f"ON CONFLICT({quote_ident(key_col)}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING"),
-                (row.key, *(c.value for c in cells)),
+                params,
             )
             op = OP_UPDATE if existed else OP_INSERT
         seq = self._log(target.dest_tid, row.key, op, clock, None)
@@ -643,6 +685,10 @@ class _Applier:
             table = self.tables.get(row.table)
             if row_problem(self.mode, row) is not None or table is None or table.mode != self.mode:
                 return False
+            if self._clock_ahead(row) is not None:
+                return False  # row by row logs it as a failure
+            if any(is_raw_text(c.value) for c in row.cells):
+                return False  # row by row binds it (_bind)
             if row.key_column != table.key_column:
                 return False
             if self.mode == COLLABORATIVE and _row_clock(row)[1] != self.sender:
@@ -783,7 +829,7 @@ class _Applier:
         plan = self._sv_plan(target, row, state)
         if plan is None:
             return False
-        self._sv_write([plan])
+        self._sv_write([plan], raw_text=True)
         return True
 
     def _single_version_bulk(self, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
@@ -916,11 +962,13 @@ class _Applier:
         for col, value, winner, loser in losses:
             self._conflict(table, ck, col, value, winner, loser)
 
-    def _sv_write(self, plans: Sequence[_SvPlan]) -> None:
+    def _sv_write(self, plans: Sequence[_SvPlan], *, raw_text: bool = False) -> None:
         """Write ``plans`` (in order): the table rows, then one log seq per
         plan, its cells and tomb. Deletes go first, then updates, then
         inserts, so a unique value a batch moves between rows is free when
-        its new row takes it."""
+        its new row takes it. ``raw_text``: values may be TEXT that is not
+        valid UTF-8 (row by row; the bulk path leaves such rows to it)."""
+        bind = _bind if raw_text else lambda values: (["?"] * len(values), tuple(values))
         conn = self.conn
         deletes: dict[str, list[tuple[Value, ...]]] = {}
         updates: dict[str, list[tuple[Value, ...]]] = {}
@@ -930,10 +978,13 @@ class _Applier:
             if plan.write == "delete":
                 deletes.setdefault(sql.delete, []).append((plan.ck,))
             elif plan.write == "update" and plan.diff:
-                statement = sql.update_head + ", ".join(f"{quote_ident(c)} = ?" for c in plan.diff) + sql.update_tail
-                updates.setdefault(statement, []).append((*(plan.after[c] for c in plan.diff), plan.ck))
+                marks, params = bind([plan.after[c] for c in plan.diff])
+                statement = sql.update_head + ", ".join(f"{quote_ident(c)} = {m}" for c, m in zip(plan.diff, marks)) + sql.update_tail
+                updates.setdefault(statement, []).append((*params, plan.ck))
             elif plan.write == "insert":
-                inserts.setdefault(sql.insert, []).append(tuple(plan.after[c] for c in sql.columns))
+                marks, params = bind([plan.after[c] for c in sql.columns])
+                statement = sql.insert if all(m == "?" for m in marks) else f"{sql.insert_head}({', '.join(marks)})"
+                inserts.setdefault(statement, []).append(params)
         for group in (deletes, updates, inserts):
             for statement, params in group.items():
                 conn.executemany(statement, params)

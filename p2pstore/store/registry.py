@@ -23,6 +23,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 
+from p2pstore.clock import DEFAULT_MAX_OFFSET_MS
 from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
 from p2pstore.store import capture, single_version
 from p2pstore.store.capture import ChangeBatch
@@ -45,6 +46,7 @@ class StoreRegistry:
         synchronous: str = "NORMAL",
         on_changes: Callable[[Store, ChangeBatch], None] | None = None,
         sync_schema_path: Path | None = None,
+        max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS,
     ) -> None:
         self.data_dir = data_dir
         #: Where single_version stores' sync_schema.json is read (Config.sync_schema_path).
@@ -52,6 +54,7 @@ class StoreRegistry:
         self.max_per_bundle = max_per_bundle
         self.busy_timeout_ms = busy_timeout_ms
         self.synchronous = synchronous
+        self.max_clock_offset_ms = max_clock_offset_ms
         self.on_changes = on_changes
         self._stores: dict[tuple[str, str], Store] = {}
         #: This device's ID, recorded in every store it opens (set by the daemon).
@@ -79,6 +82,7 @@ class StoreRegistry:
             store = await Store.open(
                 path, bundle=bundle, name=name, security_label=security_label,
                 busy_timeout_ms=self.busy_timeout_ms, synchronous=self.synchronous, device_id=self.device_id,
+                max_clock_offset_ms=self.max_clock_offset_ms,
             )
             if store.distributed:
                 try:

@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-import msgpack
-
 from p2pstore.errors import (
     DeviceOffline,
     DeviceUntrusted,
@@ -61,6 +59,7 @@ from p2pstore.protocol.messages import (
     SyncOpen,
     SyncReady,
     TableOffer,
+    pack_values,
     unpack,
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
@@ -406,7 +405,7 @@ class SyncEngine:
             else:
                 batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
             if batch.rows or batch.last_seq > since or first or snapshot is not None:
-                payload = msgpack.packb(batch_to_plain(batch), use_bin_type=True)
+                payload = pack_values(batch_to_plain(batch))
                 if len(payload) > MAX_PAYLOAD:  # one row, alone in its batch, and too big
                     row = batch.rows[0]
                     raise SessionEnded(Code.FAIL, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
@@ -580,6 +579,14 @@ class SyncEngine:
         except P2PStoreError as exc:
             await self._end_quietly(peer, req, Code.FAIL, exc.message)
             raise
+        except Exception as exc:
+            # The one boundary for syncs this device starts (store.sync and
+            # auto-sync): a bug or an unexpected error ends the session as
+            # FAIL with a message, never as INTERNAL_ERROR or a silent stall.
+            log.exception("sync of %s/%s with %s (%s) failed unexpectedly", store.bundle, store.name, peer, mode)
+            message = f"internal error: {type(exc).__name__}: {exc}"[:1000].encode("utf-8", "replace").decode()
+            await self._end_quietly(peer, req, Code.FAIL, message)
+            raise SessionEnded(Code.FAIL, message) from exc
         finally:
             self._sessions.pop((peer, req), None)
 
@@ -643,7 +650,7 @@ def _normalized_targets(devices: list[str] | None) -> tuple[list[str] | None, li
 
 def decode_batch(payload: bytes) -> OutBatch:
     """A received batch; any defect is a ProtocolError (the session ends as CORRUPTED)."""
-    plain = unpack(payload, "batch")
+    plain = unpack(payload, "batch", raw_text=True)
     try:
         return batch_from_plain(plain)
     except ProtocolError:

@@ -23,8 +23,6 @@ import secrets
 import sqlite3
 from typing import Any
 
-import msgpack
-
 from p2pstore.errors import (
     DeviceOffline,
     DeviceUntrusted,
@@ -38,8 +36,19 @@ from p2pstore.errors import (
 )
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
-from p2pstore.protocol.messages import MAX_PAYLOAD, PAGE_BYTES, Message, QueryError, QueryMore, QueryPage, QueryRequest, unpack
+from p2pstore.protocol.messages import (
+    MAX_PAYLOAD,
+    PAGE_BYTES,
+    Message,
+    QueryError,
+    QueryMore,
+    QueryPage,
+    QueryRequest,
+    pack_values,
+    unpack,
+)
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
+from p2pstore.store.changes import TEXT_FACTORY
 from p2pstore.store.database import MAX_QUERY_ROWS, Store
 from p2pstore.store.registry import StoreRegistry
 
@@ -60,7 +69,7 @@ def _value_size(value: Any) -> int:
     if isinstance(value, bytes):
         return len(value) + 5
     if isinstance(value, str):
-        return (len(value) if value.isascii() else len(value.encode())) + 5
+        return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogateescape"))) + 5
     return 9
 
 
@@ -85,6 +94,7 @@ class _Pager:
 
     def __init__(self, path: str, sql: str, params: tuple[Any, ...]) -> None:
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        self.conn.text_factory = TEXT_FACTORY  # TEXT that is not valid UTF-8 is answered, not an error
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("BEGIN")  # one snapshot for every page
         self.cursor = self.conn.execute(sql, params)
@@ -98,11 +108,11 @@ class _Pager:
             if not self._fetched:
                 self._fetched = self.cursor.fetchmany(FETCH_ROWS)[::-1]
                 if not self._fetched:
-                    return msgpack.packb(rows, use_bin_type=True), True
+                    return pack_values(rows), True
             row = self._fetched[-1]
             row_size = sum(_value_size(v) for v in row) + 2
             if rows and size + row_size > PAGE_BYTES:
-                return msgpack.packb(rows, use_bin_type=True), False
+                return pack_values(rows), False
             if row_size > MAX_PAYLOAD:
                 raise ResultTooLarge(f"a row of the result is {row_size} bytes; a page carries at most {MAX_PAYLOAD}")
             self._fetched.pop()
@@ -256,7 +266,7 @@ class RemoteQueries:
 
 def decode_rows(payload: bytes) -> list[list[Any]]:
     """A page's rows; anything but a list of lists of SQLite values is a ProtocolError."""
-    rows = unpack(payload, "query page")
+    rows = unpack(payload, "query page", raw_text=True)
     if not isinstance(rows, list) or not all(
         isinstance(r, list) and all(v is None or isinstance(v, (int, float, str, bytes)) for v in r) for r in rows
     ):

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from p2pstore.clock import HybridClock
+from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import capture, changes, merge, single_version
 from p2pstore.store.capture import ChangeBatch
@@ -46,6 +45,7 @@ class Replica:
         self.id = device_id
         self.wall = wall
         self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.text_factory = changes.TEXT_FACTORY  # as the daemon's store connection
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("PRAGMA synchronous = OFF")  # tests: speed over durability
@@ -182,8 +182,8 @@ class Replica:
         while True:
             batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes)
             if plain:
-                wire = msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True)
-                batch = changes.batch_from_plain(msgpack.unpackb(wire, raw=False))
+                wire = pack_values(changes.batch_to_plain(batch))
+                batch = changes.batch_from_plain(unpack(wire, "batch", raw_text=True))
             results.append(other.apply(batch, self.id))
             since = batch.last_seq
             if not batch.more:

@@ -177,7 +177,7 @@ def test_concurrent_edits_of_different_columns_both_survive(device) -> None:
 
 def test_same_column_last_writer_wins_by_clock_and_the_loser_is_logged(device) -> None:
     # B's wall clock is ahead: its write wins although A writes later in real time.
-    a, b = device("DEVA", wall=1_000_000), device("DEVB", wall=2_000_000)
+    a, b = device("DEVA", wall=1_000_000), device("DEVB", wall=1_100_000)
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.push(b)
     b.write("UPDATE items SET a = 20 WHERE uid = 'x'")
@@ -253,11 +253,11 @@ def test_delete_beats_an_older_update_and_loses_to_a_newer_one(device) -> None:
     a.push(b)
     # x: B updates (older), A deletes (newer) -> deleted everywhere.
     b.write("UPDATE items SET a = 11 WHERE uid = 'x'")
-    a.wall = b.wall = 2_000_000
+    a.wall = b.wall = 1_100_000
     a.write("DELETE FROM items WHERE uid = 'x'")
     # y: A deletes (older), B updates (newer) -> the row comes back with the newer column only.
     a.write("DELETE FROM items WHERE uid = 'y'")
-    b.wall = 3_000_000
+    b.wall = 1_200_000
     b.write("UPDATE items SET b = 'qq' WHERE uid = 'y'")
     a.push(b)
     b.push(a)
@@ -269,7 +269,7 @@ def test_delete_beats_an_older_update_and_loses_to_a_newer_one(device) -> None:
 
 
 def test_delete_of_an_unknown_row_keeps_a_late_older_insert_out(device) -> None:
-    a, b, c = device("DEVA", wall=1_000_000), device("DEVB", wall=1_000_000), device("DEVC", wall=5_000_000)
+    a, b, c = device("DEVA", wall=1_000_000), device("DEVB", wall=1_000_000), device("DEVC", wall=1_250_000)
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.push(c)
     c.write("DELETE FROM items WHERE uid = 'x'")
@@ -393,7 +393,7 @@ def test_applied_rows_are_not_local_changes_and_not_echoed(device) -> None:
 
 
 def test_the_clock_moves_past_what_it_received(device) -> None:
-    a, b = device("DEVA", wall=9_000_000), device("DEVB", wall=1_000)
+    a, b = device("DEVA", wall=290_000), device("DEVB", wall=1_000)  # within the clock bound (5 min)
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.push(b)
     received = a.rows("SELECT max(hlc) FROM _p2p_cells")[0][0]
@@ -754,11 +754,11 @@ def test_a_late_schema_upgrade_does_not_win_old_columns_with_stale_values(device
     a, b = device("DEVA", doc=narrow, wall=1_000_000), device("DEVB", doc=narrow, wall=1_000_000)
     a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
     a.push(b)
-    b.wall = 2_000_000
+    b.wall = 1_100_000
     b.write("UPDATE items SET a = 2 WHERE uid = 'x'")  # B's newer edit, not yet seen by A
     wide = schema_doc({"items": (ITEMS_FIELDS, ["uid", "a", "b"])}, version=1)
     b.accept_schema(wide)
-    a.wall = 3_000_000
+    a.wall = 1_200_000
     assert a.accept_schema(wide).resent == {"items": 1}  # A upgrades last, holding the stale a = 1
     a.push(b)
     b.push(a)
