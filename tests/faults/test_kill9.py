@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fault_helpers import table_digest
 from p2ps_helpers import LOOPBACK, DaemonProcess
-from sync_helpers import EMPLOYEE, LO, SV_REF, Node, link, setup_employee, sqlite3_shell, wait_linked, wait_until, write_schema
+from sync_helpers import EMPLOYEE, LO, SV_REF, Node, link, setup_employee, wait_linked, wait_until, write_schema
 
 from p2pstore.client import BlockingClient
 
@@ -154,18 +155,7 @@ class Target:
         return time.monotonic() - t0
 
     def digest(self, path: Path, table: str) -> tuple[int, int, str]:
-        """(rows, distinct keys, SHA3-256 of the synced columns in key order), all computed by SQLite.
-
-        ``sha3_query`` hashes the statement text too, so both sides hash the
-        same text: a TEMP view (nothing written to the store) names the table.
-        """
-        sql = (f'CREATE TEMP VIEW synced AS SELECT {self.columns} FROM "{table}";'
-               f"SELECT count(*), count(DISTINCT {self.key}), "
-               f"hex(sha3_query('SELECT * FROM synced ORDER BY {self.key}')) FROM synced;")
-        out = sqlite3_shell(path, sql)
-        assert out.returncode == 0, out.stderr
-        count, distinct, digest = out.stdout.strip().split("|")
-        return int(count), int(distinct), digest
+        return table_digest(path, table, self.columns, self.key)
 
     def first_difference(self) -> Any:
         """For the failure message: the first row (in key order) that differs, as each side has it."""
