@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 from fault_helpers import table_digest
 from p2ps_helpers import LOOPBACK, DaemonProcess
-from sync_helpers import EMPLOYEE, LO, SV_REF, Node, link, setup_employee, wait_linked, wait_until, write_schema
+from sync_helpers import LO, SV_REF, Node, link, setup_employee, wait_linked, wait_until, write_schema
 
 from p2pstore.client import BlockingClient
 

@@ -44,7 +44,7 @@ from typing import Any
 import msgpack
 import pytest
 from peer_agent import make_hello
-from sync_helpers import LO, SV_REF, Node, linked_daemons, setup_employee, wait_until  # noqa: F401  (fixture)
+from sync_helpers import LO, SV_REF, Node, linked_daemons, setup_employee  # noqa: F401  (fixture)
 
 from p2pstore import PROTOCOL_VERSION
 from p2pstore.clock import pack, wall_ms
