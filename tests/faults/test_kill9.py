@@ -103,7 +103,8 @@ def pairs() -> Iterator[dict[str, Pair]]:
         def __missing__(self, mode: str) -> Pair:
             for other in list(made):
                 made.pop(other).close()
-            made[mode] = Pair(mode)
+                self.pop(other, None)
+            made[mode] = self[mode] = Pair(mode)
             return made[mode]
 
     yield Lazy()
