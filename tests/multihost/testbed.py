@@ -129,6 +129,36 @@ class Testbed:
         if result.returncode != 0:
             raise RuntimeError(f"testbed down failed ({result.returncode}): {result.stderr.strip()}")
 
+    @property
+    def switch(self) -> str:
+        """The switch namespace (bridge br0, one port ``h<i>`` per host)."""
+        return f"{self.prefix}sw"
+
+    def _switch(self, *args: str) -> None:
+        result = subprocess.run(["ip", "-n", self.switch, *args], capture_output=True, text=True, timeout=DEFAULT_TIMEOUT)
+        if result.returncode != 0:
+            raise RuntimeError(f"ip -n {self.switch} {' '.join(args)} failed: {result.stderr.strip()}")
+
+    def partition(self, *hosts: int) -> None:
+        """Cut ``hosts`` off from the others: their switch ports move to a second bridge ``br1``.
+
+        Both groups keep their links up (no carrier loss, no FIN): to the
+        daemons it looks like a network split, noticed only by the keepalive.
+        """
+        if not hosts or any(not 1 <= i <= self.n for i in hosts):
+            raise ValueError(f"partition needs hosts in 1..{self.n}, got {hosts}")
+        self._switch("link", "add", "br1", "type", "bridge")
+        self._switch("link", "set", "br1", "type", "bridge", "mcast_snooping", "0")
+        self._switch("link", "set", "br1", "up")
+        for i in hosts:
+            self._switch("link", "set", f"h{i}", "master", "br1")
+
+    def heal(self) -> None:
+        """Undo ``partition``: every port back on br0, br1 removed."""
+        for i in range(1, self.n + 1):
+            self._switch("link", "set", f"h{i}", "master", "br0")
+        self._switch("link", "del", "br1")
+
     def __enter__(self) -> Testbed:
         self.up()
         return self
