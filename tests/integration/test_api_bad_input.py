@@ -80,6 +80,7 @@ VALID: dict[str, dict[str, Any]] = {
     "store.retry_failure": {"store": STORE, "id": 1},
     "store.discard_failure": {"store": STORE, "id": 1},
     "store.remote_query": {"store": STORE, "device": DEVICE, "table": "T", "predicates": {}, "columns": ["name"]},
+    "store.backup": {"store": STORE, "bundle": "default", "path": "/nonexistent/backup.db"},
 }
 REQUIRED = {
     "devices.trust": ["device_id"], "devices.untrust": ["device_id"], "devices.unsubscribe": ["subscription"],
@@ -90,7 +91,7 @@ REQUIRED = {
     "store.unsubscribe": ["store", "subscription"], "schema.validate": ["document"],
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
-    "store.remote_query": ["store", "device", "table"],
+    "store.remote_query": ["store", "device", "table"], "store.backup": ["store", "path"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.
 WRONG = {
@@ -98,6 +99,7 @@ WRONG = {
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
     "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
+    "path": "relative/backup.db",
 }
 
 
