@@ -11,7 +11,8 @@ there is more.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,28 @@ class Replica:
 
 def applied(results: list[merge.ApplyResult]) -> int:
     return sum(r.applied for r in results)
+
+
+@contextmanager
+def replica_maker(root: Path, items: str, items_doc: dict[str, Any], notes: str) -> Iterator[Callable[..., Replica]]:
+    """``make(device_id, kind="single_version", *, wall=None)``: a Replica with
+    table ``items`` (single_version, ``items_doc``) or ``notes`` (collaborative);
+    all closed at the end."""
+    made: list[Replica] = []
+
+    def make(device_id: str, kind: str = "single_version", *, wall: int | None = None) -> Replica:
+        r = Replica(root / f"{device_id}.db", device_id, wall=wall)
+        if kind == "single_version":
+            r.write(items)
+            r.make_distributed("items", doc=items_doc)
+        else:
+            r.write(notes)
+            r.make_distributed("notes")
+        made.append(r)
+        return r
+
+    try:
+        yield make
+    finally:
+        for r in made:
+            r.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from replicas import Replica, field, schema_doc
+from replicas import Replica, field, replica_maker, schema_doc
 
 from p2pstore.store import capture, changes, gc, merge
 from p2pstore.store.tables import device_table_name
@@ -31,22 +31,8 @@ HOUR = 3_600_000
 
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def make(device_id: str, *, kind: str = "single_version") -> Replica:
-        r = Replica(tmp_path / f"{device_id}.db", device_id)
-        if kind == "single_version":
-            r.write(ITEMS)
-            r.make_distributed("items", doc=ITEMS_DOC)
-        else:
-            r.write(NOTES)
-            r.make_distributed("notes")
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close()
+    with replica_maker(tmp_path, ITEMS, ITEMS_DOC, NOTES) as make:
+        yield make
 
 
 def tx(r: Replica, fn: Callable[[], Any]) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from replicas import Replica, field, schema_doc
+from replicas import Replica, field, replica_maker, schema_doc
 
 from p2pstore.clock import DEFAULT_MAX_OFFSET_MS, MAX_HLC, pack, physical_ms, wall_ms
 from p2pstore.protocol.messages import pack_values, unpack
@@ -34,22 +34,8 @@ NOTES = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"
 
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def make(device_id: str, kind: str, *, wall: int | None = None) -> Replica:
-        r = Replica(tmp_path / f"{device_id}.db", device_id, wall=wall)
-        if kind == "single_version":
-            r.write(ITEMS)
-            r.make_distributed("items", doc=ITEMS_DOC)
-        else:
-            r.write(NOTES)
-            r.make_distributed("notes")
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close()
+    with replica_maker(tmp_path, ITEMS, ITEMS_DOC, NOTES) as make:
+        yield make
 
 
 def wire(batch: OutBatch) -> OutBatch:

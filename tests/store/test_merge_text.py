@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from replicas import Replica, field, schema_doc
+from replicas import Replica, field, replica_maker, schema_doc
 
 from p2pstore.store import changes, merge
 
@@ -28,22 +28,8 @@ BAD = "CAST(X'41FF42' AS TEXT)"  # 'A', an invalid byte, 'B'
 
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
-    made: list[Replica] = []
-
-    def make(device_id: str, kind: str) -> Replica:
-        r = Replica(tmp_path / f"{device_id}.db", device_id)
-        if kind == "single_version":
-            r.write(ITEMS)
-            r.make_distributed("items", doc=ITEMS_DOC)
-        else:
-            r.write(NOTES)
-            r.make_distributed("notes")
-        made.append(r)
-        return r
-
-    yield make
-    for r in made:
-        r.close()
+    with replica_maker(tmp_path, ITEMS, ITEMS_DOC, NOTES) as make:
+        yield make
 
 
 def outside(r: Replica, sql: str) -> None:
