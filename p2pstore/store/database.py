@@ -17,6 +17,12 @@ Invariants:
 - Single-version stores sync by the sync_schema.json entry accepted into
   the store (``store/single_version.py``); accepting one happens inside the
   same transaction as the tables it concerns.
+- Storage faults leave ``Store.run`` as domain errors naming the store and
+  its file: ``DISK_FULL`` (SQLite rolled the transaction back: nothing of it
+  is written), ``STORE_READ_ONLY``. No write is acknowledged unless, just
+  before its COMMIT, the path is still the file the connection opened
+  (same inode, SQLite header); once it is not, the store refuses everything
+  (``STORE_FILE_CHANGED``) until it is closed and opened again.
 """
 
 from __future__ import annotations
@@ -334,7 +340,13 @@ class Store:
     # -- the file under the store ---------------------------------------------
 
     def _watch_file(self) -> None:
-        """Remember which file the connection opened (called once it is set up)."""
+        """Remember which file the connection opened (called once it is set up).
+
+        Known limit: closing this fd (``close``) drops every POSIX lock the
+        process holds on the file, so it is closed only after the store's
+        connection; a remote-query reader still open on the file then loses
+        its shared lock (it keeps its WAL snapshot, read through -shm locks).
+        """
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self._header_fd, self._file_id = fd, (st.st_dev, st.st_ino)
@@ -388,7 +400,8 @@ class Store:
             return
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-        rescued = self.path.with_name(f"{self.path.name}.rescued-{time.strftime('%Y%m%dT%H%M%S')}")
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}.{time.time_ns() % 1_000_000_000:09d}"  # two in a second don't collide
+        rescued = self.path.with_name(f"{self.path.name}.rescued-{stamp}")
         try:
             conn.execute("VACUUM INTO ?", (str(rescued),))
             kept = f"what it held is saved in {rescued}"
