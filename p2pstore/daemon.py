@@ -251,7 +251,7 @@ class Daemon:
 
     async def start(self) -> None:
         data_dir = self.config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_data_dir(data_dir)
         self.identity = Identity.load_or_create(data_dir, self.config.name)
         self.registry.device_id = self.identity.device_id
         self._lock.acquire()
@@ -322,6 +322,21 @@ class Daemon:
 def _given(**timers: Any) -> dict[str, Any]:
     """The timers the config sets; the others keep their module's default."""
     return {k: v for k, v in timers.items() if v is not None}
+def check_data_dir(data_dir: Path) -> None:
+    """Create the data directory if needed and prove it can be written, or
+    raise CONFIG_INVALID naming it: a read-only mount or a directory of
+    another user fails here, in one line, not later in the middle of
+    creating the identity or opening a store. A real write is tried
+    (root passes every permission check, not a read-only mount's)."""
+    probe = data_dir / f".write-test-{os.getpid()}"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"data directory {data_dir} is not writable: {exc.strerror or exc}",
+                          data={"data_dir": str(data_dir)}) from exc
 
 
 def store_offer(store: Store) -> StoreOffer:

@@ -136,6 +136,24 @@ class ClockOverflow(P2PStoreError):
     """The local clock reached the end of its range (see clock.py): nothing can be stamped."""
 
     name, code = "CLOCK_OVERFLOW", -31150
+# The storage under a store: the disk, the file system, the file itself.
+class DiskFull(P2PStoreError):
+    """SQLite answered SQLITE_FULL: the transaction was rolled back, nothing written."""
+
+    name, code = "DISK_FULL", -31140
+
+
+class StoreReadOnly(P2PStoreError):
+    """A store's file or directory can't be written (read-only mount, immutable file, permissions)."""
+
+    name, code = "STORE_READ_ONLY", -31141
+
+
+class StoreFileChanged(P2PStoreError):
+    """The file at a store's path is no longer the one the daemon opened
+    (deleted, replaced, overwritten): the store serves nothing until reopened."""
+
+    name, code = "STORE_FILE_CHANGED", -31142
 
 
 # Notifications.

@@ -17,14 +17,22 @@ Invariants:
 - Single-version stores sync by the sync_schema.json entry accepted into
   the store (``store/single_version.py``); accepting one happens inside the
   same transaction as the tables it concerns.
+- Storage faults leave ``Store.run`` as domain errors naming the store and
+  its file: ``DISK_FULL`` (SQLite rolled the transaction back: nothing of it
+  is written), ``STORE_READ_ONLY``. No write is acknowledged unless, just
+  before its COMMIT, the path is still the file the connection opened
+  (same inode, SQLite header); once it is not, the store refuses everything
+  (``STORE_FILE_CHANGED``) until it is closed and opened again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,13 +44,16 @@ from p2pstore.errors import (
     BackupFailed,
     ColumnNotFound,
     ConstraintViolation,
+    DiskFull,
     InvalidParams,
     P2PStoreError,
     PermissionDenied,
     ReadOnlyTable,
     SecurityLabelMismatch,
     SqlError,
+    StoreFileChanged,
     StoreInvalid,
+    StoreReadOnly,
     TableNotDistributed,
     TableTypeLocked,
 )
@@ -85,11 +96,74 @@ def _internal(name: str | None) -> bool:
     return bool(name) and name.lower().startswith(INTERNAL_PREFIX)  # type: ignore[union-attr]
 
 
+#: The first 16 bytes of every SQLite database file (https://sqlite.org/fileformat.html).
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def storage_error(exc: sqlite3.Error) -> P2PStoreError | None:
+    """The domain error for an sqlite3 error about the storage rather than
+    the statement (disk full, read-only file), or None.
+
+    SQLite rolls a transaction back on its own when the disk fills
+    (``conn.in_transaction`` is False afterwards), so such an error means
+    nothing of it was written. ``Store.run`` adds the store and its path.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    text = str(exc)
+    data = {"sqlite": text, "sqlite_code": getattr(exc, "sqlite_errorname", str(code))}
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return DiskFull(f"disk full ({text})", data=data)
+    if code & 0xFF == sqlite3.SQLITE_READONLY:
+        return StoreReadOnly(f"the file can't be written ({text})", data=data)
+    return None
+
+
+def os_storage_error(exc: OSError, path: Path, what: str) -> P2PStoreError:
+    """The domain error for an OSError while creating or checking ``path``."""
+    reason = exc.strerror or str(exc)
+    data = {"path": str(path), "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno))}
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"{what} {path}: disk full ({reason})", data=data)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreReadOnly(f"{what} {path} is not writable: {reason}", data=data)
+    return StoreInvalid(f"{what} {path} can't be used: {reason}", data=data)
+
+
+def require_writable(path: Path) -> None:
+    """Raise STORE_READ_ONLY unless ``path``'s directory (for the -wal and
+    -shm files) and ``path`` itself, if it exists, can be written.
+
+    ``os.access`` sees read-only mounts and immutable files even for root;
+    without this SQLite quietly opens such a file read-only and the first
+    write fails with a misleading error.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_storage_error(exc, path.parent, "store directory") from exc
+    for target, what in ((path.parent, "store directory"), (path, "store file")):
+        if target.exists() and not os.access(target, os.W_OK):
+            problem = "a read-only file system" if _on_read_only_mount(target) else "no write permission"
+            raise StoreReadOnly(f"{what} {target} is not writable: {problem}", data={"path": str(target)})
+
+
+def _on_read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def map_sqlite_error(exc: sqlite3.Error | OverflowError, sql: str | None = None) -> P2PStoreError:
     """The one place sqlite3 errors become p2pstore errors."""
     text = str(exc)
     if isinstance(exc, OverflowError):  # sqlite3 binds ints of at most 64 bits
         return InvalidParams(f"a number is outside SQLite's 64-bit integer range: {text}", data={"sqlite": text})
+    storage = storage_error(exc)
+    if storage is not None:
+        return storage
     data = {"sqlite": text}
     if "READ_ONLY_TABLE" in text:
         return ReadOnlyTable(text.split("READ_ONLY_TABLE: ", 1)[-1], data=data)
@@ -122,6 +196,13 @@ class Store:
         self.schema_problems: tuple[SchemaIssue, ...] = ()
         self._user_sql = False
         self._data_version = -1
+        #: (st_dev, st_ino) of the file the connection opened, and an fd on it
+        #: for reading its header (never closed while SQLite has the file open:
+        #: closing any fd of a file drops the process's POSIX locks on it).
+        self._file_id: tuple[int, int] | None = None
+        self._header_fd: int | None = None
+        #: Set once the file at ``path`` is found not to be ours any more.
+        self._broken: StoreFileChanged | None = None
         #: Called (in the event loop) with every non-empty batch of captured changes.
         self.on_changes: Callable[[Store, ChangeBatch], None] | None = None
 
@@ -140,7 +221,7 @@ class Store:
         device_id: str | None = None,
         max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS,
     ) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        require_writable(path)
         # Statements are cached (keyed by their text): SQLite consults the
         # authorizer only when it prepares one, so API SQL carries API_SQL_TAG
         # and can never reuse a statement the daemon prepared (e.g. "COMMIT").
@@ -150,9 +231,14 @@ class Store:
         try:
             await store.run(store._setup, busy_timeout_ms, synchronous, security_label, device_id)
         except BaseException:
-            await db.close()
+            await store.close()
             raise
         return store
+
+    @property
+    def label(self) -> str:
+        """How errors and logs name this store: bundle/name and its file."""
+        return f"store {self.bundle}/{self.name} ({self.path})"
 
     def _setup(self, conn: sqlite3.Connection, busy_timeout_ms: int, synchronous: str, label: int | None,
                device_id: str | None = None) -> None:
@@ -168,7 +254,10 @@ class Store:
             capture.ensure_schema(conn)
             conn.executescript(single_version.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
+            if storage_error(exc) is not None:
+                raise  # disk full, read-only: Store.run says so (not "not a database")
             raise StoreInvalid(f"{self.path} is not a usable SQLite database: {exc}") from exc
+        self._watch_file()
         conn.set_authorizer(self._authorize)
         with self._transaction(conn):
             if device_id is not None and capture.get_meta(conn, capture.DEVICE_ID_KEY) != device_id:
@@ -217,10 +306,13 @@ class Store:
         self.sync_schema = single_version.load_accepted(conn)
 
     def _transaction(self, conn: sqlite3.Connection) -> _transaction:
-        return _transaction(conn, on_rollback=lambda: self._load_tables(conn))
+        return _transaction(conn, on_rollback=lambda: self._load_tables(conn), before_commit=self._check_file)
 
     async def close(self) -> None:
         await self._db.close()
+        if self._header_fd is not None:
+            os.close(self._header_fd)  # after SQLite let go of the file (see _header_fd)
+            self._header_fd = None
 
     async def backup(self, dest: Path) -> dict[str, Any]:
         """A consistent copy of the store while it is in use (``store.backup``).
@@ -234,9 +326,110 @@ class Store:
         """Run ``fn(conn, *args)`` on the connection's own thread.
 
         aiosqlite routes all of its own calls through ``_execute``; we use the
-        same door so a multi-statement transaction is one hop.
+        same door so a multi-statement transaction is one hop. Every call
+        first checks that the file is still ours (``_check_file``), and
+        storage errors (disk full, read-only) leave here as domain errors
+        naming the store: the one place for both, whatever ``fn`` does.
         """
-        return await self._db._execute(fn, self._db._conn, *args)
+        if self._broken is not None:
+            raise StoreFileChanged(self._broken.message, data=self._broken.data)
+        return await self._db._execute(self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._db._conn
+        try:
+            if self._file_id is not None:
+                self._check_file()
+            return fn(conn, *args)
+        except StoreFileChanged:
+            self._secure(conn)
+            raise
+        except (DiskFull, StoreReadOnly) as exc:  # mapped by map_sqlite_error, without the store's name
+            raise type(exc)(f"{self.label}: {exc.message}", data={**exc.data, "path": str(self.path)}) from exc
+        except sqlite3.Error as exc:
+            mapped = storage_error(exc)
+            if mapped is None:
+                raise
+            raise type(mapped)(f"{self.label}: {mapped.message}", data={**mapped.data, "path": str(self.path)}) from exc
+
+    # -- the file under the store ---------------------------------------------
+
+    def _watch_file(self) -> None:
+        """Remember which file the connection opened (called once it is set up).
+
+        Known limit: closing this fd (``close``) drops every POSIX lock the
+        process holds on the file, so it is closed only after the store's
+        connection; a remote-query reader still open on the file then loses
+        its shared lock (it keeps its WAL snapshot, read through -shm locks).
+        """
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self._header_fd, self._file_id = fd, (st.st_dev, st.st_ino)
+
+    def _check_file(self) -> None:
+        """Raise STORE_FILE_CHANGED unless ``path`` is still the file the
+        connection has open, with an SQLite header.
+
+        A file deleted, renamed over or overwritten while open goes unnoticed
+        by SQLite: the connection keeps reading its cache and writing its
+        WAL, and a write acknowledged now would be gone (or land in someone
+        else's file) after a restart. Checked before every operation and
+        before every COMMIT: one stat and one 16-byte pread.
+        """
+        if self._file_id is None or self._header_fd is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            change, how = "deleted", "deleted"
+        except OSError as exc:
+            change, how = "unreadable", f"made unreadable ({exc.strerror})"
+        else:
+            if (st.st_dev, st.st_ino) != self._file_id:
+                change, how = "replaced", "replaced by another file"
+            elif os.pread(self._header_fd, len(SQLITE_MAGIC), 0) != SQLITE_MAGIC:
+                change, how = "overwritten", "overwritten (it no longer starts with an SQLite header)"
+            else:
+                return
+        raise StoreFileChanged(
+            f"{self.label}: the file was {how} while the daemon had it open; this store serves nothing more "
+            f"until it is closed and opened again (store.close, store.open)",
+            data={"path": str(self.path), "change": change},
+        )
+
+    def _secure(self, conn: sqlite3.Connection) -> None:
+        """First sight of a changed file: stop serving, log it once, keep what we had.
+
+        What the connection still sees (its file, through the open fd, plus
+        its WAL) is copied to ``<path>.rescued-<time>``. If the path now holds
+        another file, the WAL is checkpointed into ours and emptied, so it is
+        never replayed into the newcomer when the store is opened again.
+        """
+        if self._broken is not None:
+            return
+        try:
+            self._check_file()
+        except StoreFileChanged as exc:
+            self._broken = exc
+        if self._broken is None:
+            return
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}.{time.time_ns() % 1_000_000_000:09d}"  # two in a second don't collide
+        rescued = self.path.with_name(f"{self.path.name}.rescued-{stamp}")
+        try:
+            conn.execute("VACUUM INTO ?", (str(rescued),))
+            kept = f"what it held is saved in {rescued}"
+        except sqlite3.Error as exc:
+            kept = f"its content could not be saved ({exc})"
+        if self._broken.data.get("change") != "overwritten":
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("%s: could not empty its WAL: %s", self.label, exc)
+        self._broken.data["rescued"] = str(rescued) if kept.startswith("what") else None
+        log.error("%s: the file was %s while open; the store stops serving (close and open it again); %s",
+                  self.label, self._broken.data["change"], kept)
 
     # -- authorizer --------------------------------------------------------
 
@@ -542,16 +735,24 @@ class Store:
         return batch
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
-        """Apply a peer's batch and move its watermark, in one transaction."""
+        """Apply a peer's batch and move its watermark, in one transaction.
+
+        The transaction is ours (the batch is a savepoint in it), so its
+        COMMIT checks the file first like every other write. On a full disk
+        nothing of the batch is applied and the watermark stays: the sender
+        sends it again on a later sync.
+        """
 
         def op(conn: sqlite3.Connection) -> merge.ApplyResult:
-            try:
+            with self._transaction(conn):  # a rollback reloads the cached capture state
                 return merge.apply_batch(conn, self.capture, self.clock, batch, from_device)
-            except BaseException:
-                self._load_tables(conn)  # the cached capture state follows the rolled-back file
-                raise
 
-        result = await self.run(op)
+        try:
+            result = await self.run(op)
+        except DiskFull as exc:
+            raise DiskFull(f"store {self.bundle}/{self.name}: disk full while applying batch from {from_device}: "
+                           f"{exc.data.get('sqlite', exc.message)} ({self.path}); nothing applied, watermark unchanged",
+                           data={**exc.data, "store": self.name, "bundle": self.bundle, "peer": from_device}) from exc
         self._announce(result.local)
         return result
 
@@ -637,11 +838,8 @@ class Store:
         """Apply a stored failed change again (it leaves the log if it applies now)."""
 
         def op(conn: sqlite3.Connection) -> merge.ApplyResult:
-            try:
+            with self._transaction(conn):
                 return merge.retry_failure(conn, self.capture, self.clock, failure_id)
-            except BaseException:
-                self._load_tables(conn)
-                raise
 
         result = await self.run(op)
         self._announce(result.local)
@@ -691,6 +889,9 @@ class Store:
     async def poll(self) -> ChangeBatch:
         """Stamp and announce changes committed by other connections, if any."""
 
+        if self._broken is not None:
+            return ChangeBatch()  # said once when found; a poll is no request to refuse
+
         def op(conn: sqlite3.Connection) -> ChangeBatch:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version == self._data_version:
@@ -715,9 +916,12 @@ class _transaction:
     process waits on the busy timeout instead of failing half-way.
     """
 
-    def __init__(self, conn: sqlite3.Connection, on_rollback: Callable[[], None] | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, on_rollback: Callable[[], None] | None = None,
+                 before_commit: Callable[[], None] | None = None) -> None:
         self.conn = conn
         self.on_rollback = on_rollback
+        #: Last check before COMMIT (the file is still ours): raising rolls back.
+        self.before_commit = before_commit
 
     def __enter__(self) -> sqlite3.Connection:
         try:
@@ -729,8 +933,13 @@ class _transaction:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             try:
+                if self.before_commit is not None:
+                    self.before_commit()
                 self.conn.execute("COMMIT")
                 return
+            except P2PStoreError:
+                self._rollback()
+                raise
             except sqlite3.Error as err:
                 self._rollback()
                 raise map_sqlite_error(err) from err

@@ -324,8 +324,7 @@ def _atomic(conn: sqlite3.Connection, state: CaptureState) -> Iterator[None]:
         conn.execute("RELEASE p2p_batch" if nested else "COMMIT")
     except BaseException:
         if nested:
-            conn.execute("ROLLBACK TO p2p_batch")
-            conn.execute("RELEASE p2p_batch")
+            _rollback_to(conn, "p2p_batch")
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
         state.stamped_seq = saved[0]
@@ -333,6 +332,15 @@ def _atomic(conn: sqlite3.Connection, state: CaptureState) -> Iterator[None]:
             if tid in state.tables:
                 state.tables[tid].hw = hw
         raise
+
+
+def _rollback_to(conn: sqlite3.Connection, savepoint: str) -> None:
+    """Undo up to ``savepoint`` and drop it. On SQLITE_FULL or an I/O error
+    SQLite may have rolled the whole transaction back already: then there is
+    nothing to undo, and the error that did it is the one to raise."""
+    if conn.in_transaction:
+        conn.execute(f"ROLLBACK TO {savepoint}")
+        conn.execute(f"RELEASE {savepoint}")
 
 
 def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
@@ -538,11 +546,10 @@ class _Applier:
             changed = self._merge_single_version(target, row) if self.mode == SINGLE_VERSION else self._merge_collaborative(target, row)
         except (_RowFailed, sqlite3.Error) as exc:
             reason = exc.reason if isinstance(exc, _RowFailed) else _sqlite_reason(exc)
-            self.conn.execute("ROLLBACK TO p2p_row")
-            self.conn.execute("RELEASE p2p_row")
+            _rollback_to(self.conn, "p2p_row")
             if fresh:  # a device table created for this row was rolled back with it
                 self.targets.pop(row.table, None)
-            if reason is None:
+            if reason is None or not self.conn.in_transaction:
                 raise
             self._failed(row, reason, failure_id)
             return
@@ -706,10 +713,11 @@ class _Applier:
             else:
                 done = self._single_version_bulk(rows, keys, types)
         except sqlite3.Error:
+            if not conn.in_transaction:  # SQLite rolled it all back (disk full, I/O error)
+                raise
             done = False
         if not done:
-            conn.execute("ROLLBACK TO p2p_bulk")
-            conn.execute("RELEASE p2p_bulk")
+            _rollback_to(conn, "p2p_bulk")
             self.targets.clear()  # device tables created in the savepoint are gone
             self.applied = self.conflicts = 0
             self.appended.clear()

@@ -36,6 +36,7 @@ from typing import Any
 
 from p2pstore.errors import (
     DeviceOffline,
+    DiskFull,
     DeviceUntrusted,
     InvalidDeviceId,
     InvalidPredicate,
@@ -107,6 +108,17 @@ class Code(IntEnum):
     #: The device is behind deletes the other side has forgotten (store/gc.py):
     #: only a full sync from that side, which resyncs it, can go on.
     RESYNC_REQUIRED = 14
+    #: The receiver's disk is full: nothing of the batch applied, its watermark unchanged.
+    DISK_FULL = 15
+
+
+def error_code(exc: P2PStoreError) -> Code:
+    """The result code for a domain error that ended a session (either side)."""
+    if isinstance(exc, ProtocolError):
+        return Code.CORRUPTED
+    if isinstance(exc, DiskFull):
+        return Code.DISK_FULL
+    return Code.FAIL
 
 
 class SessionEnded(Exception):
@@ -477,8 +489,7 @@ class SyncEngine:
             if not end.from_peer:
                 await self._end_quietly(peer, msg.req, end.code, end.message)
         except P2PStoreError as exc:
-            code = Code.DISTRIBUTED_TABLE_NOT_SET if isinstance(exc, StoreNotOpen) else \
-                Code.CORRUPTED if isinstance(exc, ProtocolError) else Code.FAIL
+            code = Code.DISTRIBUTED_TABLE_NOT_SET if isinstance(exc, StoreNotOpen) else error_code(exc)
             log.warning("sync session %d with %s on %s/%s failed: %s", msg.req, peer, msg.bundle, msg.store, exc.message)
             await self._end_quietly(peer, msg.req, code, exc.message)
         except Exception as exc:  # a bug here must end the session, not leave the peer waiting
@@ -532,11 +543,13 @@ class SyncEngine:
         try:
             stats = await self._run_session(store, mode, peer, table, where_json, where, progress)
         except SessionEnded as end:
+            if end.code == Code.DISK_FULL:  # the peer's disk: say so here too, once
+                log.warning("sync of %s with %s: the peer's disk is full (code %d): %s", store.name, peer, end.code, end.message)
             return {"device": peer, "code": end.code, "message": end.message}
-        except ProtocolError as exc:
-            return {"device": peer, "code": int(Code.CORRUPTED), "message": exc.message}
         except P2PStoreError as exc:
-            return {"device": peer, "code": int(Code.FAIL), "message": exc.message}
+            if isinstance(exc, DiskFull):  # a pull onto a full disk here
+                log.warning("sync of %s with %s failed: %s", store.name, peer, exc.message)
+            return {"device": peer, "code": int(error_code(exc)), "message": exc.message}
         verb = "pushed" if mode == "push" else "pulled"
         message = f"{verb} {stats.sent} change(s): {stats.applied} applied, {stats.conflicts} conflict(s), {stats.failed} failed"
         return {"device": peer, "code": int(Code.SUCCESS), "message": message,
@@ -577,7 +590,7 @@ class SyncEngine:
                 await self._end_quietly(peer, req, end.code, end.message)  # let the peer stop too
             raise
         except P2PStoreError as exc:
-            await self._end_quietly(peer, req, Code.FAIL, exc.message)
+            await self._end_quietly(peer, req, error_code(exc), exc.message)
             raise
         except Exception as exc:
             # The one boundary for syncs this device starts (store.sync and
