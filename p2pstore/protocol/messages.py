@@ -9,7 +9,9 @@ Invariants:
   refuse.
 - ``decode`` has exactly one failure mode: ``ProtocolError``. Garbage,
   truncated or hostile bytes, wrong types, unknown type tags, missing or
-  extra fields all end there (a hypothesis test checks this).
+  extra fields all end there (a hypothesis test checks this). Only fields a
+  struct lists in ``OPTIONAL_ON_WIRE`` (added later, with a default) may be
+  missing.
 - Wire form of a message: the msgpack array ``[type_tag, {field: value}]``.
   Nested structs are maps with exactly their fields; tuples are arrays.
 - msgpack settings keep SQLite values exact: ``bytes`` travel as bin and
