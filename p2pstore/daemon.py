@@ -42,13 +42,17 @@ from p2pstore.net.trust import TrustStore
 from p2pstore.protocol.messages import Hello, Message, StoreOffer, StoresOffer
 from p2pstore.service import ServiceNotifier, log_handler
 from p2pstore.store.capture import ChangeBatch
-from p2pstore.store.database import Store
+from p2pstore.store.database import Lag, Store
 from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import SyncEngine, table_offers
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.registry import StoreRegistry
 
 log = logging.getLogger("p2pstore.daemon")
+
+#: A device offers its stores again after local changes at most this often
+#: (the peers' ``unreceived`` figures follow within that time).
+REOFFER_INTERVAL_S = 2.0
 
 
 def setup_logging(level: str) -> None:
@@ -146,6 +150,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self.notifier = ServiceNotifier(self.service_status)
         self._last_sync: tuple[str, float, int] | None = None  # (peer, wall time, changes applied)
+        self._reoffer: asyncio.Future[None] | None = None
+        self._offered_at = 0.0
 
     def device_self(self) -> DeviceSelf:
         assert self.identity is not None
@@ -158,8 +164,14 @@ class Daemon:
         assert self.identity is not None
         return Hello(PROTOCOL_VERSION, self.identity.device_id, self.config.name, self.config.security_level_int, ())
 
-    def stores_offer(self) -> StoresOffer:
-        return StoresOffer(tuple(store_offer(s) for s in self.registry.stores() if s.distributed))
+    async def stores_offer(self, peer: str) -> StoresOffer:
+        """Our stores for ``peer``, each with its lag figures for it (sync/lag.py)."""
+        offers = []
+        for store in self.registry.stores():
+            if store.distributed:
+                acked = self.engine.lag.acked_position(peer, store.bundle, store.name) if self.engine is not None else None
+                offers.append(store_offer(store, await store.lag(peer, acked)))
+        return StoresOffer(tuple(offers))
 
     def service_status(self) -> str:
         """The one line ``systemctl status`` shows: peers online, last sync."""
@@ -182,6 +194,28 @@ class Daemon:
         self.api.on_store_changes(store, batch)
         if self.engine is not None:
             self.engine.on_local_changes(store, list(batch.by_table))
+        self._reoffer_soon()
+
+    def _reoffer_soon(self) -> None:
+        """Offer our stores again to every online trusted peer (their
+        ``unreceived`` figure), at most every ``REOFFER_INTERVAL_S``."""
+        if self._reoffer is not None or self.peers is None:
+            return
+        wait = max(0.0, self._offered_at + REOFFER_INTERVAL_S - time.monotonic())
+        self._reoffer = asyncio.ensure_future(self._offer_all_after(wait))
+        self._tasks.append(self._reoffer)
+        self._reoffer.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _offer_all_after(self, wait: float) -> None:
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            self._reoffer = None
+        self._offered_at = time.monotonic()
+        assert self.peers is not None and self.directory is not None
+        for device_id in self.peers.channels():
+            if self.directory.trust_store.is_trusted(device_id):
+                await self._offer_stores(device_id)
 
     def _peer_changed(self, device_id: str, online: bool) -> None:
         if self.directory is not None:
@@ -197,9 +231,11 @@ class Daemon:
 
     async def _offer_stores(self, device_id: str) -> None:
         try:
-            await self.peers.send(device_id, self.stores_offer())
+            await self.peers.send(device_id, await self.stores_offer(device_id))
         except P2PStoreError as exc:
             log.debug("could not offer stores to %s: %s", device_id, exc.message)
+        except Exception as exc:  # e.g. a store closed while its lag was counted: the next offer has it right
+            log.warning("could not offer stores to %s: %s: %s", device_id, type(exc).__name__, exc)
 
     def _device_event(self, event: dict[str, Any]) -> None:
         self.subscriptions.publish(None, "devices", "deviceChange", event)
@@ -339,6 +375,9 @@ def check_data_dir(data_dir: Path) -> None:
                           data={"data_dir": str(data_dir)}) from exc
 
 
-def store_offer(store: Store) -> StoreOffer:
-    """A store's distributed tables as offered in HELLO (names and sync columns, never rows)."""
-    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or "collaborative", table_offers(store))
+def store_offer(store: Store, lag: Lag | None = None) -> StoreOffer:
+    """A store's distributed tables as offered to a peer (names and sync
+    columns, never rows), with ``lag``'s figures for that peer."""
+    figures = (lag.unsent, lag.last_seq, lag.stream) if lag is not None else (None, None, None)
+    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or "collaborative", table_offers(store),
+                      *figures)

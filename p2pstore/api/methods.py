@@ -33,6 +33,7 @@ from p2pstore.net.identity import normalize_device_id
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
+from p2pstore.sync.lag import store_lags
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.database import Store
 from p2pstore.store.registry import StoreRegistry
@@ -167,7 +168,7 @@ async def device_info(api: Api, client: ClientConnection, params: dict[str, Any]
 async def status(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     info = await device_info(api, client, params)
     directory = api._devices()
-    devices = _device_dicts(api, directory) if directory is not None else []
+    devices = await _device_dicts(api, directory) if directory is not None else []
     return {"device": info, "uptime_s": round(time.time() - api.started, 1),
             "stores": [_store_summary(s) for s in api.registry.stores()], "devices": devices}
 
@@ -278,11 +279,12 @@ async def schema_validate(api: Api, client: ClientConnection, params: dict[str, 
 
 @method("devices.list")
 async def devices_list(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
-    return _device_dicts(api, api.devices)
+    return await _device_dicts(api, api.devices)
 
 
-def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, Any]]:
-    """Device views plus, for online peers, where their sync schema differs from ours."""
+async def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, Any]]:
+    """Device views plus, for online peers, where their sync schema differs
+    from ours, and for trusted ones their lag per store (sync/lag.py)."""
     result = []
     for view in directory.list():
         entry = view.to_dict()
@@ -291,6 +293,8 @@ def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, Any]]:
         engine = api._engine()
         seen = engine.peer_view(view.device_id, hello.stores if hello else ()) if engine is not None else {}
         entry["schema_mismatches"] = schema_mismatches(api.registry.stores(), seen)
+        trusted = view.trusted and engine is not None
+        entry["stores"] = await store_lags(engine.lag, api.registry.stores(), view.device_id, seen) if trusted else []
         result.append(entry)
     return result
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+import time
+from typing import Any
 
-from p2pstore.cli.common import EXIT_OK, emit, with_client
+from p2pstore.cli.common import EXIT_OK, EXIT_USAGE, emit, fail, with_client
 from p2pstore.client import Client
 
 
@@ -13,7 +17,12 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
                        description="Print the device ID of the daemon on --socket (give it to peers so they can trust you).")
     p.set_defaults(run=run_id)
     p = sub.add_parser("status", parents=[parent], help="show the daemon, its stores and peers",
-                       description="Show this device (ID, name, security level, port), uptime and open stores.")
+                       description="Show this device (ID, name, security level, port), uptime, open stores, and per "
+                                   "trusted peer and store how far behind it is: rows not yet sent to it, rows not yet "
+                                   "received from it, its last sync and the current throughput (docs/sync.md, \"Lag\").")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C (with --json: one JSON line per refresh)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N refreshes")
     p.set_defaults(run=run_status)
     p = sub.add_parser("devices", parents=[parent], help="list known devices (trusted, pending, online)",
                        description="List the devices this daemon knows: trusted ones, and pending ones (discovered on the "
@@ -42,24 +51,70 @@ def run_id(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    async def go(client: Client) -> int:
-        st = await client.call("status")
-        d = st["device"]
-        lines = [
-            f"device   {d['name']}  {d['device_id']}",
-            f"level    {d['security_level']}   port {d['port']}   version {d['version']}   up {st['uptime_s']}s",
-            f"devices  {len(st.get('devices', []))} known",
-        ]
-        for d in st.get("devices", []):
-            lines.append("  " + _device_line(d))
-        lines.append(f"stores   {len(st['stores'])} open")
-        for s in st["stores"]:
-            tables = ", ".join(s["distributed_tables"]) or "-"
-            lines.append(f"  {s['bundle']}/{s['store']}  {s['security_level']}  {s['table_type'] or 'no distributed tables'}: {tables}")
-        emit(args, st, "\n".join(lines))
-        return EXIT_OK
+    if args.interval <= 0 or (args.count is not None and args.count < 1):
+        print("p2pstore: status: --interval must be > 0 and --count >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.count is not None and not args.watch:
+        return fail("status: --count needs --watch")
 
-    return with_client(args, go)
+    async def go(client: Client) -> int:
+        shown = 0
+        while True:
+            st = await client.call("status")
+            if args.watch and not args.json and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")  # redraw in place
+            emit(args, st, _status_text(st))
+            shown += 1
+            if not args.watch or (args.count is not None and shown >= args.count):
+                return EXIT_OK
+            if not args.json:
+                print(f"-- {time.strftime('%H:%M:%S')}, every {args.interval:g} s; Ctrl-C stops", flush=True)
+            sys.stdout.flush()
+            await asyncio.sleep(args.interval)
+
+    try:
+        return with_client(args, go)
+    except KeyboardInterrupt:  # how --watch ends
+        if args.watch:
+            print()
+            return EXIT_OK
+        raise
+
+
+def _status_text(st: dict[str, Any]) -> str:
+    d = st["device"]
+    lines = [
+        f"device   {d['name']}  {d['device_id']}",
+        f"level    {d['security_level']}   port {d['port']}   version {d['version']}   up {st['uptime_s']}s",
+        f"devices  {len(st.get('devices', []))} known",
+    ]
+    for d in st.get("devices", []):
+        lines.append("  " + _device_line(d))
+        lines.extend(_lag_lines(d.get("stores", [])))
+    lines.append(f"stores   {len(st['stores'])} open")
+    for s in st["stores"]:
+        tables = ", ".join(s["distributed_tables"]) or "-"
+        lines.append(f"  {s['bundle']}/{s['store']}  {s['security_level']}  {s['table_type'] or 'no distributed tables'}: {tables}")
+    return "\n".join(lines)
+
+
+def _lag_lines(stores: list[dict[str, Any]]) -> list[str]:
+    """A peer's lag per store as a table (``status``)."""
+    if not stores:
+        return []
+    rows = [("store", "unsent", "unreceived", "rows/s", "last sync")]
+    for s in stores:
+        last = s.get("last_sync")
+        when = (f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['at']))} {last['direction']} "
+                f"{last['code']} {last['name']}") if last else "never"
+        if last and last["code"] != 0 and s.get("last_success_at"):
+            when += f" (last success {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['last_success_at']))})"
+        unreceived = "?" if s.get("unreceived") is None else str(s["unreceived"])
+        rate = f"{s['rows_per_s']:g}" if s.get("syncing") else "-"
+        rows.append((f"{s['bundle']}/{s['store']}", str(s["unsent"]), unreceived, rate, when))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["      " + f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}"
+            for r in rows]
 
 
 def _device_line(d: dict) -> str:
@@ -75,7 +130,8 @@ def _device_line(d: dict) -> str:
 def run_devices(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         devices = await client.call("devices.list")
-        emit(args, devices, "\n".join(_device_line(d) for d in devices) or "no devices known yet")
+        lines = [line for d in devices for line in (_device_line(d), *_lag_lines(d.get("stores", [])))]
+        emit(args, devices, "\n".join(lines) or "no devices known yet")
         return EXIT_OK
 
     return with_client(args, go)

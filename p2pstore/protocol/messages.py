@@ -9,7 +9,9 @@ Invariants:
   refuse.
 - ``decode`` has exactly one failure mode: ``ProtocolError``. Garbage,
   truncated or hostile bytes, wrong types, unknown type tags, missing or
-  extra fields all end there (a hypothesis test checks this).
+  extra fields all end there (a hypothesis test checks this). Only fields a
+  struct lists in ``OPTIONAL_ON_WIRE`` (added later, with a default) may be
+  missing.
 - Wire form of a message: the msgpack array ``[type_tag, {field: value}]``.
   Nested structs are maps with exactly their fields; tuples are arrays.
 - msgpack settings keep SQLite values exact: ``bytes`` travel as bin and
@@ -52,6 +54,8 @@ class Struct:
     """Base of everything that travels: type-checked, then ``_validate``d."""
 
     __slots__ = ()
+    #: Fields an older sender leaves out (they have defaults); every other field is required.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         for name, hint in _field_hints(type(self)):
@@ -138,11 +142,24 @@ class StoreOffer(Struct):
     security_label: int
     table_type: str
     tables: tuple[TableOffer, ...]
+    #: Lag figures for the device the offer goes to (docs/sync.md, "Lag"):
+    #: the rows of this store's stream it has not been sent yet, and the
+    #: stream position (``last_seq`` in ``stream``) that count runs up to.
+    #: Optional: absent (an older sender) reads as None, "unknown".
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"unsent", "last_seq", "stream"})
+    unsent: int | None = None
+    last_seq: int | None = None
+    stream: str | None = None
 
     def _validate(self) -> None:
         _text(self.bundle, "bundle name")
         _text(self.store, "store name")
         _level(self.security_label, f"store {self.bundle}/{self.store}: security_label")
+        if self.unsent is not None:
+            _seq(self.unsent, f"store {self.bundle}/{self.store}: unsent")
+        if self.last_seq is not None:
+            _seq(self.last_seq, f"store {self.bundle}/{self.store}: last_seq")
+        _stream(self.stream)
         if self.table_type not in TABLE_TYPES:
             raise ProtocolError(
                 f"store {self.bundle}/{self.store}: table_type must be one of "
@@ -629,10 +646,12 @@ def _struct_from_wire(body: Any, cls: type[Struct], path: str) -> Struct:
     hints = _field_hints(cls)
     expected = {name for name, _ in hints}
     if body.keys() != expected:
-        missing = sorted(expected - body.keys())
+        # Fields added after a message was first sent may be absent (read as their default).
+        missing = sorted(expected - body.keys() - cls.OPTIONAL_ON_WIRE)
         extra = sorted(str(k)[:40] for k in body.keys() - expected)
-        raise ProtocolError(f"{path}: missing fields {missing}, unexpected fields {extra}")
-    kwargs = {name: _from_wire(body[name], hint, f"{path}.{name}") for name, hint in hints}
+        if missing or extra:
+            raise ProtocolError(f"{path}: missing fields {missing}, unexpected fields {extra}")
+    kwargs = {name: _from_wire(body[name], hint, f"{path}.{name}") for name, hint in hints if name in body}
     return cls(**kwargs)
 
 

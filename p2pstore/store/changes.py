@@ -492,6 +492,32 @@ def start_position(conn: sqlite3.Connection, since_seq: int, stream: str | None)
     return since_seq
 
 
+def unsent_rows(conn: sqlite3.Connection, since_seq: int, stream: str | None) -> int:
+    """How many rows a full sync would send a peer that has applied this
+    store's ``stream`` up to ``since_seq`` (docs/sync.md, "Lag").
+
+    A row counts once however often it changed since: collaborative, the
+    distinct keys of this device's own log rows above the position (the
+    stream sends each as its current row or delete); single_version, the
+    distinct rows with a cell or tomb above it (changes made here and
+    relayed ones). A position in another stream, or beyond this file's
+    last seq, counts from 0, as ``start_position`` would send. One index
+    range per source, deduplicated: about 20 ms (collaborative) to 80 ms
+    (single_version) per 100k rows pending, nothing when none is.
+    """
+    with read_snapshot(conn):
+        if stream != capture.stream_id(conn) or since_seq > capture.last_seq(conn):
+            since_seq = 0
+        if store_mode(conn) == COLLABORATIVE:
+            sql = ("SELECT count(*) FROM (SELECT DISTINCT tid, pk FROM _p2p_log WHERE seq > ?1 AND origin IS NULL "
+                   "AND tid IN (SELECT tid FROM _p2p_tables WHERE kind = 'local'))")
+        else:
+            # One seq belongs to one row: grouping by seq first halves the rows to deduplicate.
+            sql = ("SELECT count(*) FROM (SELECT tid, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 GROUP BY seq "
+                   "UNION SELECT tid, ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1)")
+        return int(conn.execute(sql, (since_seq,)).fetchone()[0])
+
+
 # --------------------------------------------------------------------------
 # Reading a slice of the stream
 

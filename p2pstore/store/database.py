@@ -34,6 +34,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -803,6 +804,22 @@ class Store:
 
         await self.run(op)
 
+    async def lag(self, peer: str, acked: tuple[int, str | None] | None = None) -> Lag:
+        """How far ``peer`` is behind this store, and this store behind it
+        (docs/sync.md, "Lag"). ``acked``: the peer's position in our stream
+        if the caller knows a fresher one than ``_p2p_acks``."""
+
+        def op(conn: sqlite3.Connection) -> Lag:
+            with changes.read_snapshot(conn):
+                since, stream = acked if acked is not None else gc.ack_of(conn, peer)
+                known = acked is not None or conn.execute(
+                    "SELECT 1 FROM _p2p_acks WHERE peer = ?1 UNION ALL SELECT 1 FROM _p2p_watermarks WHERE peer = ?1",
+                    (peer,)).fetchone() is not None
+                return Lag(changes.unsent_rows(conn, since, stream), changes.stable_bound(conn), capture.stream_id(conn),
+                           merge.position(conn, peer), known)
+
+        return await self.run(op)
+
     async def must_resync_first(self, peer: str) -> bool:
         """Whether to refuse changes from ``peer`` until it was resynced (``gc.must_resync_first``)."""
         return await self.run(gc.must_resync_first, peer)
@@ -907,6 +924,21 @@ class Store:
     def _announce(self, batch: ChangeBatch) -> None:
         if batch and batch.by_table and self.on_changes is not None:
             self.on_changes(self, batch)
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """One peer's lag on one store, as this device sees it (``Store.lag``)."""
+
+    #: Rows of our stream the peer has not been sent (``changes.unsent_rows``).
+    unsent: int
+    #: Where our stream is complete (``changes.stable_bound``), in ``stream``.
+    last_seq: int
+    stream: str
+    #: Our watermark for the peer's stream: (seq, its stream ID).
+    received: tuple[int, str | None]
+    #: Whether this store ever synced with the peer (an ack or a watermark).
+    known: bool
 
 
 class _transaction:

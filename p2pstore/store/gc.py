@@ -98,6 +98,12 @@ def acked(conn: sqlite3.Connection, peer: str) -> int:
     return int(row[0]) if row is not None and row[1] == capture.stream_id(conn) else 0
 
 
+def ack_of(conn: sqlite3.Connection, peer: str) -> tuple[int, str | None]:
+    """``peer``'s recorded position in this store's stream: (seq, stream), (0, None) if none."""
+    row = conn.execute("SELECT seq, stream FROM _p2p_acks WHERE peer = ?", (peer,)).fetchone()
+    return (int(row[0]), row[1]) if row is not None else (0, None)
+
+
 def ack_floor(conn: sqlite3.Connection, holders: Iterable[str], not_before: int) -> int:
     """The seq every holding peer has applied: the lowest ack of the peers in
     ``holders`` that acked at or after ``not_before`` (unix ms). A peer that

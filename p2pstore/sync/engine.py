@@ -68,6 +68,7 @@ from p2pstore.store.changes import OutBatch, batch_from_plain, batch_to_plain
 from p2pstore.store.database import Store
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
+from p2pstore.sync.lag import LagTracker
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +113,12 @@ class Code(IntEnum):
     DISK_FULL = 15
 
 
-def error_code(exc: P2PStoreError) -> Code:
-    """The result code for a domain error that ended a session (either side)."""
-    if isinstance(exc, ProtocolError):
-        return Code.CORRUPTED
-    if isinstance(exc, DiskFull):
-        return Code.DISK_FULL
-    return Code.FAIL
+def code_name(code: int) -> str:
+    """A sync result code's name (a peer may send one this release does not know)."""
+    try:
+        return Code(code).name
+    except ValueError:
+        return f"CODE_{code}"
 
 
 class SessionEnded(Exception):
@@ -154,6 +154,19 @@ class Stats:
 
 
 Progress = Callable[[str, int, Stats, str], None]  # (schedule, code, stats, direction)
+
+
+def session_code(exc: BaseException) -> int:
+    """The sync result code of a session that ended by raising ``exc``."""
+    if isinstance(exc, SessionEnded):
+        return exc.code
+    if isinstance(exc, StoreNotOpen):
+        return int(Code.DISTRIBUTED_TABLE_NOT_SET)
+    if isinstance(exc, ProtocolError):
+        return int(Code.CORRUPTED)
+    if isinstance(exc, DiskFull):
+        return int(Code.DISK_FULL)
+    return int(Code.FAIL)
 
 
 def table_offers(store: Store) -> tuple[TableOffer, ...]:
@@ -281,6 +294,8 @@ class SyncEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Each peer's tables per store as last seen in a sync session (fresher than its HELLO).
         self.peer_tables: dict[str, PeerTables] = {}
+        #: Per-peer lag figures for status and devices.list (sync/lag.py).
+        self.lag = LagTracker(code_name)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -305,6 +320,7 @@ class SyncEngine:
         """Route one message from a peer (called in order per channel; never blocks long)."""
         if isinstance(msg, StoresOffer):
             self.peer_tables[peer] = offers_by_store(msg.stores)
+            self.lag.offered(peer, msg.stores)
             return
         if isinstance(msg, SyncOpen):
             if (peer, msg.req) in self._sessions:
@@ -373,6 +389,7 @@ class SyncEngine:
         """Where to start sending to ``peer`` (and the resync clock if it must
         be resynced); a table or query sync can't resync it: RESYNC_REQUIRED."""
         start, snapshot = await store.begin_send(peer, since, stream)
+        self.lag.acked(peer, store.bundle, store.name, since, stream)
         if snapshot is not None and (table is not None or where is not None):
             raise SessionEnded(Code.RESYNC_REQUIRED, f"the device is behind deletes this device has forgotten (store {store.name}); "
                                                      "a full sync (no table, no where) resyncs it")
@@ -407,6 +424,8 @@ class SyncEngine:
             acked = unacked.popleft()
             if acked.full and (acked.snapshot_hlc is None or not acked.more):
                 last_ack = (ack.last_seq, acked.stream)
+                self.lag.acked(session.peer, store.bundle, store.name, *last_ack)
+            self.lag.moved((session.peer, store.bundle, store.name), len(acked.rows))
             stats.add(acked, ack.applied, ack.conflicts, ack.failed)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, stats, "upload")
@@ -450,6 +469,7 @@ class SyncEngine:
             batch = decode_batch(msg.payload)
             result = await store.apply_changes(batch, session.peer)
             self.on_applied(store, session.peer, result)
+            self.lag.received(session.peer, store.bundle, store.name, batch)
             await self._send(session.peer, SyncAck(session.req, result.last_seq, result.applied, result.conflicts, result.failed))
             stats.add(batch, result.applied, result.conflicts, result.failed)
             if progress is not None:
@@ -464,8 +484,11 @@ class SyncEngine:
 
     async def _serve(self, session: _Session, msg: SyncOpen) -> None:
         peer = session.peer
+        code: int | None = None  # set once the session is tracked (the store exists)
         try:
             store = await self.registry.for_peer(msg.bundle, msg.store)
+            self.lag.begin(peer, msg.bundle, msg.store)
+            code = int(Code.FAIL)
             self._learn(peer, store, msg.tables)
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
@@ -484,19 +507,25 @@ class SyncEngine:
                 stats = await self._send_stream(session, store, start, msg.table, where, None, snapshot)
                 await self._send(peer, SyncEnd(msg.req, int(Code.SUCCESS), ""))
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
+            code = int(Code.SUCCESS)
         except SessionEnded as end:
+            if code is not None:
+                code = end.code
             log.info("sync session %d with %s on %s/%s ended: code %d %s", msg.req, peer, msg.bundle, msg.store, end.code, end.message)
             if not end.from_peer:
                 await self._end_quietly(peer, msg.req, end.code, end.message)
         except P2PStoreError as exc:
-            code = Code.DISTRIBUTED_TABLE_NOT_SET if isinstance(exc, StoreNotOpen) else error_code(exc)
+            if code is not None:
+                code = session_code(exc)
             log.warning("sync session %d with %s on %s/%s failed: %s", msg.req, peer, msg.bundle, msg.store, exc.message)
-            await self._end_quietly(peer, msg.req, code, exc.message)
+            await self._end_quietly(peer, msg.req, session_code(exc), exc.message)
         except Exception as exc:  # a bug here must end the session, not leave the peer waiting
             log.exception("sync session %d with %s on %s/%s crashed", msg.req, peer, msg.bundle, msg.store)
             await self._end_quietly(peer, msg.req, Code.FAIL, f"internal error on the peer: {type(exc).__name__}")
         finally:
             self._sessions.pop((peer, msg.req), None)
+            if code is not None:
+                self.lag.end(peer, msg.bundle, msg.store, "receive" if msg.mode == "push" else "send", code)
 
     async def _end_quietly(self, peer: str, req: int, code: int, message: str) -> None:
         if code == Code.OFFLINE:
@@ -541,7 +570,8 @@ class SyncEngine:
     async def _sync_one(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
                         progress: Progress | None) -> dict[str, Any]:
         try:
-            stats = await self._run_session(store, mode, peer, table, where_json, where, progress)
+            with self.lag.session(peer, store.bundle, store.name, "send" if mode == "push" else "receive", session_code):
+                stats = await self._run_session(store, mode, peer, table, where_json, where, progress)
         except SessionEnded as end:
             if end.code == Code.DISK_FULL:  # the peer's disk: say so here too, once
                 log.warning("sync of %s with %s: the peer's disk is full (code %d): %s", store.name, peer, end.code, end.message)
@@ -549,7 +579,7 @@ class SyncEngine:
         except P2PStoreError as exc:
             if isinstance(exc, DiskFull):  # a pull onto a full disk here
                 log.warning("sync of %s with %s failed: %s", store.name, peer, exc.message)
-            return {"device": peer, "code": int(error_code(exc)), "message": exc.message}
+            return {"device": peer, "code": session_code(exc), "message": exc.message}
         verb = "pushed" if mode == "push" else "pulled"
         message = f"{verb} {stats.sent} change(s): {stats.applied} applied, {stats.conflicts} conflict(s), {stats.failed} failed"
         return {"device": peer, "code": int(Code.SUCCESS), "message": message,
@@ -590,7 +620,7 @@ class SyncEngine:
                 await self._end_quietly(peer, req, end.code, end.message)  # let the peer stop too
             raise
         except P2PStoreError as exc:
-            await self._end_quietly(peer, req, error_code(exc), exc.message)
+            await self._end_quietly(peer, req, session_code(exc), exc.message)
             raise
         except Exception as exc:
             # The one boundary for syncs this device starts (store.sync and
@@ -628,7 +658,8 @@ class SyncEngine:
             while True:
                 self._auto[key] = False
                 try:
-                    stats = await self._run_session(store, "push", peer, None, None, None, None)
+                    with self.lag.session(peer, store.bundle, store.name, "send", session_code):
+                        stats = await self._run_session(store, "push", peer, None, None, None, None)
                     if stats.sent:
                         log.debug("auto-sync pushed %d change(s) of %s to %s", stats.sent, store.name, peer)
                 except SessionEnded as end:

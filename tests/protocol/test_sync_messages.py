@@ -113,3 +113,26 @@ def _wire(msg: Message, **change: Any) -> bytes:
 def test_bad_wire_forms_are_refused(payload: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode(payload)
+
+
+def test_store_offer_lag_figures_round_trip_and_are_optional_on_the_wire() -> None:
+    with_lag = StoresOffer((StoreOffer("b", "s", 1, "collaborative", TABLES, 1200, 4711, STREAM),))
+    assert decode(encode(with_lag)) == with_lag
+    # An offer from a sender without the figures (an older release): they read as unknown.
+    old = msgpack.packb(["stores_offer", {"stores": [{"bundle": "b", "store": "s", "security_label": 1,
+                                                      "table_type": "collaborative", "tables": []}]}], use_bin_type=True)
+    (offer,) = decode(old).stores  # type: ignore[attr-defined]
+    assert (offer.unsent, offer.last_seq, offer.stream) == (None, None, None)
+
+
+@pytest.mark.parametrize("over", [dict(unsent=-1), dict(last_seq=2**63), dict(stream=""), dict(unsent="12"), dict(last_seq=True)])
+def test_store_offer_refuses_bad_lag_figures(over: dict[str, Any]) -> None:
+    good = StoresOffer((StoreOffer("b", "s", 1, "collaborative", (), 0, 0, STREAM),))
+    tag, body = msgpack.unpackb(encode(good), raw=False)
+    body["stores"][0].update(over)
+    with pytest.raises(ProtocolError):
+        decode(msgpack.packb([tag, body], use_bin_type=True))
+    # The other required fields stay required.
+    del body["stores"][0]["tables"]
+    with pytest.raises(ProtocolError):
+        decode(msgpack.packb([tag, body], use_bin_type=True))

@@ -18,7 +18,7 @@ from replicas import Replica, field, schema_doc
 
 from p2pstore.errors import InvalidParams, ProtocolError
 from p2pstore.schema.predicates import compile_predicates
-from p2pstore.store import changes
+from p2pstore.store import changes, merge
 from p2pstore.store.changes import Cell, OutBatch, RowChange
 
 ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT, note TEXT)"
@@ -424,3 +424,76 @@ def test_the_quick_cell_check_agrees_with_the_full_checks(cells: list[Any], mode
     got = decode(cells)
     event("accepted" if isinstance(got, RowChange) else "refused")
     assert repr(got) == repr(as_tuples and decode(as_tuples))  # repr: NaN == NaN
+
+
+# --------------------------------------------------------------------------
+# Counting what a peer has not been sent (status: per-peer lag)
+
+
+def _sent_rows(r: Replica, since: int) -> int:
+    """What a full sync from ``since`` sends, read the way the stream reads it."""
+    return len(r.read(since, limit=changes.MAX_BATCH_ROWS).rows)
+
+
+def _unsent(r: Replica, other: Replica) -> int:
+    """``r``'s count for ``other``, from where ``other`` is in ``r``'s stream."""
+    return changes.unsent_rows(r.conn, *merge_position(other, r))
+
+
+def merge_position(receiver: Replica, sender: Replica) -> tuple[int, str | None]:
+    return merge.position(receiver.conn, sender.id)
+
+
+@pytest.mark.parametrize("kind", ["collaborative", "single_version"])
+def test_unsent_rows_counts_each_row_the_stream_would_send_once(device, kind: str) -> None:
+    a, b = device("DEVA", kind=kind), device("DEVB", kind=kind)
+    if kind == "collaborative":
+        insert, update, delete = ("INSERT INTO notes(id, body, n) VALUES (?, 'x', ?)", "UPDATE notes SET n = n + 1 WHERE id = ?",
+                                  "DELETE FROM notes WHERE id = ?")
+    else:
+        insert, update, delete = ("INSERT INTO items(uid, a, b) VALUES ('u' || ?, ?, 'b')", "UPDATE items SET a = a + 1 WHERE uid = 'u' || ?",
+                                  "DELETE FROM items WHERE uid = 'u' || ?")
+    assert _unsent(a, b) == 0
+    for i in range(1, 6):
+        a.write(insert, (i, i))
+    assert _unsent(a, b) == 5 == _sent_rows(a, 0)
+
+    a.write(update, (1,))
+    a.write(update, (1,))  # changed three times, still one row to send
+    assert _unsent(a, b) == 5 == _sent_rows(a, 0)
+
+    a.push(b)
+    assert _unsent(a, b) == 0
+    since = merge_position(b, a)[0]
+
+    a.write(update, (2,))
+    a.write(delete, (3,))
+    a.write(update, (2,))
+    assert _unsent(a, b) == 2 == _sent_rows(a, since)
+
+    # A position in another stream (or beyond this file's log) counts from 0, as the stream would send.
+    assert changes.unsent_rows(a.conn, since, "another stream") == _sent_rows(a, 0) == 5
+    assert changes.unsent_rows(a.conn, 10**9, merge_position(b, a)[1]) == 5
+
+    a.push(b)
+    assert _unsent(a, b) == 0
+
+
+def test_unsent_rows_never_counts_rows_received_from_peers_collaborative(device) -> None:
+    a, b, c = (device(d, kind="collaborative") for d in ("DEVA", "DEVB", "DEVC"))
+    for i in range(4):
+        a.write("INSERT INTO notes(id, body, n) VALUES (?, 'a', 0)", (i,))
+    a.push(b)
+    assert _unsent(b, c) == 0 == _sent_rows(b, 0)  # A's rows live in B's device table: never relayed
+    b.write("INSERT INTO tags(name, x) VALUES ('t', 1)")
+    assert _unsent(b, c) == 1 == _sent_rows(b, 0)
+
+
+def test_unsent_rows_counts_relayed_rows_single_version(device) -> None:
+    a, b, c = (device(d) for d in ("DEVA", "DEVB", "DEVC"))
+    for i in range(3):
+        a.write("INSERT INTO items(uid, a) VALUES (?, ?)", (f"r{i}", i))
+    a.push(b)
+    assert _unsent(b, c) == 3 == _sent_rows(b, 0)  # B passes A's rows on
+    b.push(c)
+    assert _unsent(b, c) == 0
