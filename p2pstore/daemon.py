@@ -137,7 +137,7 @@ class Daemon:
         )
         self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
                        devices=lambda: self.directory, engine=lambda: self.engine,
-                       queries=lambda: self.queries)
+                       queries=lambda: self.queries, max_result_bytes=config.max_result_bytes)
         self.registry.on_changes = self._store_changed
         self.server = ApiServer(
             config.socket,
@@ -212,7 +212,7 @@ class Daemon:
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
                                  on_applied=self.api.on_applied)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
-                                     timeout=cfg.remote_query_timeout_s)
+                                     timeout=cfg.remote_query_timeout_s, max_result_bytes=cfg.max_result_bytes)
         await self.peers.start()
         for peer in cfg.peers:
             host, _, port = peer.rpartition(":")

@@ -27,11 +27,14 @@ from typing import Any
 
 from p2pstore.errors import InvalidParams, InvalidRequest, P2PStoreError, ParseError
 from p2pstore.schema.sync_schema import SQLITE_INT_MAX, SQLITE_INT_MIN
+from p2pstore.protocol.results import MAX_RESULT_BYTES
 
 #: Default maximum request line, in bytes (config ``max_request_bytes``).
 MAX_LINE_BYTES = 1 << 20
-#: Maximum line the client accepts from the daemon (results can be large).
-MAX_RESPONSE_BYTES = 256 << 20
+#: Maximum line the client accepts from the daemon: the largest result
+#: (``max_result_bytes`` is at most MAX_RESULT_BYTES) plus room for the
+#: envelope and the request's id.
+MAX_RESPONSE_BYTES = MAX_RESULT_BYTES + (16 << 20)
 
 #: Deepest nesting of objects and arrays in a request's params, ``params``
 #: itself being level 1 (predicates need 16, sync_schema documents a handful).

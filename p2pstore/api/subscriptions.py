@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pstore.api.jsonrpc import encode_notification
+from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
 from p2pstore.errors import SubscriptionNotFound, TooManySubscriptions
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,14 @@ async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
             outbox.overflow_note = None
         writer.write(data)
         await writer.drain()
+        size = len(data)
+        del data  # the socket has it: nothing here holds the answer any more
         if note:
-            outbox.pending_bytes -= len(data)
+            outbox.pending_bytes -= size
         elif answer:
-            outbox._answer_written(len(data))
+            outbox._answer_written(size)
+            if size >= TRIM_AFTER_BYTES:
+                give_back_memory()
 
 
 @dataclass(slots=True)
