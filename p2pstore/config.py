@@ -81,6 +81,8 @@ class Config:
     busy_timeout_ms: int = 5000
     max_request_bytes: int = 1 << 20
     remote_query_timeout_s: float = 30.0
+    #: Bytes of JSON one store.query / store.remote_query result may take (protocol/results.py).
+    max_result_bytes: int = 256 * 1024 * 1024
     synchronous: str = "NORMAL"
     tombstone_horizon_days: float = 30.0
     compact_interval_s: float = 60.0

@@ -132,7 +132,7 @@ class Daemon:
         )
         self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
                        devices=lambda: self.directory, engine=lambda: self.engine,
-                       queries=lambda: self.queries)
+                       queries=lambda: self.queries, max_result_bytes=config.max_result_bytes)
         self.registry.on_changes = self._store_changed
         self.registry.tombstone_horizon_ms = int(config.tombstone_horizon_days * 86_400_000)
         self.registry.compact_interval_s = config.compact_interval_s
@@ -264,7 +264,7 @@ class Daemon:
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
                                  on_applied=self._applied)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
-                                     timeout=cfg.remote_query_timeout_s)
+                                     timeout=cfg.remote_query_timeout_s, max_result_bytes=cfg.max_result_bytes)
         await self.peers.start()
         for peer in cfg.peers:
             host, _, port = peer.rpartition(":")

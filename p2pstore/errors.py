@@ -223,7 +223,7 @@ class FailureNotFound(P2PStoreError):
 
 
 class ResultTooLarge(P2PStoreError):
-    """One row of a remote query's result is bigger than a message can carry."""
+    """A query result over its row or byte cap (protocol/results.py), or a remote row bigger than a message."""
 
     name, code = "RESULT_TOO_LARGE", -31503
 

@@ -25,7 +25,8 @@ from p2pstore.api.jsonrpc import Request, from_wire
 from p2pstore.api.server import ClientConnection
 from p2pstore.api.subscriptions import Coalescer, Subscriptions
 from p2pstore.schemas import load_json_schema
-from p2pstore.errors import InternalError, InvalidParams, MethodNotFound
+from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
+from p2pstore.errors import InternalError, InvalidParams, MethodNotFound, ResultTooLarge
 from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import single_version
 from p2pstore.net.devices import DeviceDirectory
@@ -36,6 +37,7 @@ from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
 from p2pstore.sync.lag import store_lags
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.database import Store
+from p2pstore.protocol.results import MAX_RESULT_BYTES
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.store.tables import device_table_name
 
@@ -96,7 +98,9 @@ class Api:
         devices: Callable[[], DeviceDirectory | None] = lambda: None,
         engine: Callable[[], SyncEngine | None] = lambda: None,
         queries: Callable[[], RemoteQueries | None] = lambda: None,
+        max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
+        self.max_result_bytes = max_result_bytes
         self._engine = engine
         self._queries = queries
         self.device = device
@@ -201,7 +205,11 @@ async def store_execute(api: Api, client: ClientConnection, params: dict[str, An
 
 @method("store.query")
 async def store_query(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
-    return await api.store(params).query(params["sql"], params.get("params"))
+    try:
+        return await api.store(params).query(params["sql"], params.get("params"), max_bytes=api.max_result_bytes)
+    except ResultTooLarge as exc:
+        _given_up(exc)
+        raise
 
 
 @method("store.insert")
@@ -397,4 +405,15 @@ async def store_remote_query(api: Api, client: ClientConnection, params: dict[st
     store = api.store(params)
     store.require_distributed(params["table"])
     device = normalize_device_id(params["device"])
-    return await queries.query(store, device, params["table"], params.get("predicates"), params.get("columns"))
+    try:
+        return await queries.query(store, device, params["table"], params.get("predicates"), params.get("columns"))
+    except ResultTooLarge as exc:
+        _given_up(exc)
+        raise
+
+
+def _given_up(exc: ResultTooLarge) -> None:
+    """A result was dropped at its cap: what it had read is freed now, give it back."""
+    if exc.data.get("max_bytes", 0) >= TRIM_AFTER_BYTES:
+        exc.__traceback__ = None  # its frames held the rows read so far
+        give_back_memory()

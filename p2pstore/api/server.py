@@ -31,6 +31,9 @@ from p2pstore.errors import InternalError, P2PStoreError, RequestTooLarge
 log = logging.getLogger(__name__)
 
 #: Requests one connection may have in flight; more wait (backpressure).
+#: Each holds its decoded params (a 1 MiB line can decode to ~10x that in
+#: Python objects) and a store runs one operation at a time anyway, so more
+#: would add memory, not speed. docs/api.md states this number (a test checks).
 MAX_IN_FLIGHT = 16
 
 Dispatch = Callable[["ClientConnection", Request], Awaitable[Any]]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pstore.api.jsonrpc import encode_notification
+from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
 from p2pstore.errors import SubscriptionNotFound, TooManySubscriptions
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,14 @@ async def drain_outbox(outbox: Outbox, writer: asyncio.StreamWriter) -> None:
             outbox.overflow_note = None
         writer.write(data)
         await writer.drain()
+        size = len(data)
+        del data  # the socket has it: nothing here holds the answer any more
         if note:
-            outbox.pending_bytes -= len(data)
+            outbox.pending_bytes -= size
         elif answer:
-            outbox._answer_written(len(data))
+            outbox._answer_written(size)
+            if size >= TRIM_AFTER_BYTES:
+                give_back_memory()
 
 
 @dataclass(slots=True)
@@ -138,20 +143,30 @@ class Subscription:
 
 @dataclass
 class Subscriptions:
-    """Registry of subscriptions across all connections."""
+    """Registry of subscriptions across all connections.
+
+    The limit is per store and counts every client of the daemon (SPEC §2):
+    ``max_per_store`` subscriptions on one store, whoever holds them; the
+    next is ``TOO_MANY_SUBSCRIPTIONS``. A subscription is (connection, store,
+    type): subscribing again to the same type on the same connection returns
+    the same id and takes no second place — even at the limit. Places free
+    up on unsubscribe, ``store.close`` and when the connection closes.
+    Device events (``store`` None) are not a store's and are not limited.
+    """
 
     max_per_store: int = 8
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _subs: dict[int, Subscription] = field(default_factory=dict)
 
     def subscribe(self, outbox: Outbox, store: StoreKey | None, type_: str) -> int:
-        mine = [s for s in self._subs.values() if s.outbox is outbox and s.store == store]
-        for sub in mine:
-            if sub.type == type_:
+        on_store = [s for s in self._subs.values() if s.store == store]
+        for sub in on_store:
+            if sub.outbox is outbox and sub.type == type_:
                 return sub.id  # a duplicate subscription is harmless, as in HarmonyOS
-        if store is not None and len(mine) >= self.max_per_store:
+        if store is not None and len(on_store) >= self.max_per_store:
             raise TooManySubscriptions(
-                f"this connection already has {len(mine)} subscriptions on store {store[1]} (limit {self.max_per_store})",
+                f"store {store[0]}/{store[1]} already has {len(on_store)} subscriptions over all clients "
+                f"(limit {self.max_per_store}, config max_subscriptions); unsubscribe or close a client first",
                 data={"limit": self.max_per_store},
             )
         sub = Subscription(next(self._ids), outbox, store, type_)

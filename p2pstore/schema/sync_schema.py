@@ -298,7 +298,8 @@ def parse_document(text: str | bytes) -> object:
     Raises ``SchemaInvalid`` (rule ``invalid-json``) naming the line and
     column on bad JSON, so a user can fix the file without a JSON linter.
     Beyond plain ``json.loads`` it refuses NaN/Infinity (not JSON), duplicate
-    keys (json.loads would silently keep the last one) and oversized input.
+    keys (json.loads would silently keep the last one), integers outside
+    SQLite's 64 bits (with the JSON pointer of the first) and oversized input.
     """
     if isinstance(text, (bytes, bytearray, memoryview)):
         raw = bytes(text)
@@ -315,7 +316,8 @@ def parse_document(text: str | bytes) -> object:
     else:
         raise _invalid_json(f"expected text, got {type(text).__name__}")
     try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys,
+                         parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise SchemaInvalid(
             f"sync_schema.json is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.",
@@ -325,10 +327,50 @@ def parse_document(text: str | bytes) -> object:
         raise _invalid_json(str(exc)) from exc
     except RecursionError as exc:
         raise _invalid_json("it is nested too deeply") from exc
+    where = _find_huge_int(doc)
+    if where is not None:
+        raise SchemaInvalid(
+            f"sync_schema.json is not valid JSON: the integer at {where or '/'} is outside the 64-bit range.",
+            data={"rule": "invalid-json", "path": where},
+        )
+    return doc
+
+
+#: SQLite's INTEGER range: no bigger integer can be bound or stored, so no
+#: JSON a store takes (this file, API params) may hold one.
+SQLITE_INT_MIN, SQLITE_INT_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class _BadJson(ValueError):
     pass
+
+
+class _HugeInt:
+    """Stands in for an integer literal outside SQLite's range (even one
+    with more digits than Python converts), until its place is reported."""
+
+    __slots__ = ()
+
+
+def _parse_int(digits: str) -> int | _HugeInt:
+    if len(digits) > 20:  # past any 64-bit value, and maybe past int()'s digit limit
+        return _HugeInt()
+    value = int(digits)
+    return value if SQLITE_INT_MIN <= value <= SQLITE_INT_MAX else _HugeInt()
+
+
+def _find_huge_int(doc: object) -> str | None:
+    """JSON pointer of the first _HugeInt in ``doc`` (iterative: any depth json.loads took)."""
+    stack: list[tuple[object, tuple[Any, ...]]] = [(doc, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, _HugeInt):
+            return pointer(path)
+        if isinstance(value, dict):
+            stack.extend((v, (*path, k)) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, i)) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def _reject_constant(name: str) -> Any:
@@ -1125,7 +1167,8 @@ def validate_document(document: object, **kwargs: Any) -> ValidationReport:
 
 def invalid_json_report(exc: SchemaInvalid) -> ValidationReport:
     """A report for the ``SchemaInvalid`` that :func:`parse_document` raised."""
-    return ValidationReport((SchemaIssue("", "invalid-json", exc.message),))
+    where = str(exc.data.get("path", ""))  # set when the place is known (an out-of-range integer)
+    return ValidationReport((SchemaIssue(where, "invalid-json", exc.message),))
 
 
 # --------------------------------------------------------------------------

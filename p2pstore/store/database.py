@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import sqlite3
@@ -62,6 +63,7 @@ from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_i
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
 from p2pstore.store import capture, changes, gc, merge, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
+from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ T = TypeVar("T")
 
 TABLE_TYPES = ("collaborative", "single_version")
 DEFAULT_BUSY_TIMEOUT_MS = 5000
-#: Rows a single store.query may return (protects the daemon and the socket).
-MAX_QUERY_ROWS = 200_000
+#: Rows a single store.query may return (protects the daemon and the socket);
+#: its bytes are capped too (protocol/results.py, config ``max_result_bytes``).
+MAX_QUERY_ROWS = MAX_RESULT_ROWS
 #: Prepared statements kept per store connection: the daemon's own statements
 #: (sync apply, capture, reads) and the API's are re-used instead of re-prepared.
 STATEMENT_CACHE = 256
@@ -461,8 +464,10 @@ class Store:
                 cursor = conn.execute(sql + API_SQL_TAG, params if isinstance(params, dict) else tuple(params))
                 if cursor.description is not None:
                     # Rows of a SELECT or RETURNING: SQLite made every change on the
-                    # first step; drain before COMMIT, which refuses running statements.
-                    cursor.fetchmany(MAX_QUERY_ROWS)
+                    # first step; drain before COMMIT, which refuses running statements
+                    # (a row at a time: a chunk of big rows would itself be big).
+                    for _ in itertools.islice(cursor, MAX_QUERY_ROWS):
+                        pass
                     rowcount = cursor.rowcount
                     cursor.close()
                     cursor = _Done(rowcount, cursor.lastrowid)
@@ -507,24 +512,38 @@ class Store:
         self._announce(batch)
         return result
 
-    async def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, Any]:
+    async def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
+                    max_bytes: int = MAX_RESULT_BYTES) -> dict[str, Any]:
+        """Rows of one read, or ResultTooLarge as soon as they pass MAX_QUERY_ROWS
+        or ``max_bytes`` of JSON: counted as SQLite hands them over, one at a
+        time, so a too-large result is never built."""
         def op(conn: sqlite3.Connection) -> dict[str, Any]:
             # A query runs in a transaction that is always rolled back, so a
             # write smuggled into it (INSERT ... RETURNING) changes nothing.
+            budget = ResultBudget(max_bytes=max_bytes, max_rows=MAX_QUERY_ROWS, source="the query")
+            rows: list[list[Any]] = []
+            cursor: sqlite3.Cursor | None = None
             conn.execute("BEGIN")
             self._user_sql = True
             try:
                 cursor = conn.execute(sql + API_SQL_TAG, params or ())
                 columns = [d[0] for d in cursor.description or ()]
-                rows = cursor.fetchmany(MAX_QUERY_ROWS + 1)
+                budget.add_columns(columns)
+                for row in cursor:  # one row at a time: a chunk of big rows is itself big
+                    budget.add(row)
+                    rows.append(list(row))
             except (sqlite3.Error, OverflowError) as exc:
+                rows.clear()
                 raise map_sqlite_error(exc, sql) from exc
+            except BaseException:
+                rows.clear()  # the traceback keeps this frame alive: free what was read now
+                raise
             finally:
                 self._user_sql = False
+                if cursor is not None:
+                    cursor.close()  # a statement stopped early must not outlive the ROLLBACK
                 conn.execute("ROLLBACK")
-            if len(rows) > MAX_QUERY_ROWS:
-                raise SqlError(f"query returns more than {MAX_QUERY_ROWS} rows; add a LIMIT and page with OFFSET")
-            return {"columns": columns, "rows": [list(r) for r in rows]}
+            return {"columns": columns, "rows": rows}
 
         return await self.run(op)
 

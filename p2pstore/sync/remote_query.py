@@ -49,7 +49,8 @@ from p2pstore.protocol.messages import (
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, encode_predicates, quote_ident
 from p2pstore.store.changes import TEXT_FACTORY
-from p2pstore.store.database import MAX_QUERY_ROWS, Store
+from p2pstore.store.database import Store
+from p2pstore.protocol.results import MAX_RESULT_BYTES, ResultBudget
 from p2pstore.store.registry import StoreRegistry
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,6 @@ DEFAULT_TIMEOUT = 30.0
 FETCH_ROWS = 512
 #: Queries a peer may run here at once.
 MAX_SERVING_PER_PEER = 4
-#: Most a caller gets from one remote query (as ``store.query``, rows; and
-#: bytes as received): the result is held whole to answer the API call.
-MAX_RESULT_BYTES = 256 * 1024 * 1024
 
 
 def _value_size(value: Any) -> int:
@@ -127,7 +125,10 @@ class RemoteQueries:
     """Both sides of remote query: asking (``query``) and answering (``handle``)."""
 
     def __init__(self, *, registry: StoreRegistry, peers: PeerManager, directory: DeviceDirectory,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, max_result_bytes: int = MAX_RESULT_BYTES) -> None:
+        #: Most a caller gets from one remote query, as for ``store.query``
+        #: (protocol/results.py): the result is held whole to answer the API call.
+        self.max_result_bytes = max_result_bytes
         self.registry = registry
         self.peers = peers
         self.directory = directory
@@ -231,7 +232,8 @@ class RemoteQueries:
         self._waiting[(device, req)] = inbox
         result_columns: list[str] = []
         rows: list[list[Any]] = []
-        received = 0
+        budget = ResultBudget(max_bytes=self.max_result_bytes, source=f"the query on {device}",
+                              hint="add a limit and page with offset", data={"device_id": device})
         try:
             try:
                 request = QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()), encode_predicates(predicates))
@@ -249,14 +251,13 @@ class RemoteQueries:
                     cls = by_name(msg.name)
                     raise cls(f"device {device}: {msg.message}", data={"device_id": device})
                 assert isinstance(msg, QueryPage)
-                result_columns = list(msg.columns)
-                rows.extend(decode_rows(msg.rows))
-                received += len(msg.rows)
-                if len(rows) > MAX_QUERY_ROWS or received > MAX_RESULT_BYTES:
-                    # The answering device stops by itself when no QueryMore comes.
-                    raise ResultTooLarge(
-                        f"the result from {device} has more than {MAX_QUERY_ROWS} rows or {MAX_RESULT_BYTES >> 20} MiB; "
-                        "add a limit and page with offset", data={"device_id": device})
+                if not result_columns:
+                    result_columns = list(msg.columns)
+                    budget.add_columns(result_columns)
+                for row in decode_rows(msg.rows):
+                    # Past a cap: the answering device stops by itself when no QueryMore comes.
+                    budget.add(row)
+                    rows.append(row)
                 if msg.last:
                     return {"columns": result_columns, "rows": rows}
                 await self.peers.send(device, QueryMore(req))

@@ -21,6 +21,7 @@ from p2pstore.api.jsonrpc import (
     encode_result,
     from_wire,
     to_wire,
+    MAX_PARAMS_DEPTH,
 )
 from p2pstore.errors import InvalidParams, InvalidRequest, ParseError, StoreNotOpen
 
@@ -242,3 +243,89 @@ def test_encode_request_round_trips_through_decode_and_from_wire() -> None:
 
 def test_non_ascii_is_sent_as_utf8_not_escaped() -> None:
     assert "東京".encode() in encode_result(1, "東京")
+
+
+# -- hostile text, numbers and nesting (issue 10, item 3) ---------------------------
+
+#: A JSON ``\ud800`` escape: valid JSON syntax, but a lone UTF-16 surrogate that no UTF-8 can carry.
+LONE = "\\ud800"
+
+
+def test_a_lone_surrogate_in_the_id_is_invalid_request_answered_with_id_null() -> None:
+    exc = decode_error(('{"jsonrpc":"2.0","id":"a' + LONE + '","method":"status"}').encode())
+    assert isinstance(exc.error, InvalidRequest) and exc.id is None
+    assert "surrogate" in exc.error.message
+    encode_error(exc.id, exc.error).decode("utf-8")  # the answer itself encodes
+
+
+@pytest.mark.parametrize("line", [
+    '{"jsonrpc":"2.0","id":3,"method":"st' + LONE + 'atus"}',
+    '{"jsonrpc":"2.0","id":3,"method":"status","x' + LONE + '":1}',
+], ids=["method", "member name"])
+def test_a_lone_surrogate_in_the_envelope_is_invalid_request(line: str) -> None:
+    exc = decode_error(line.encode())
+    assert isinstance(exc.error, InvalidRequest) and exc.id == 3
+    encode_error(exc.id, exc.error).decode("utf-8")
+
+
+@pytest.mark.parametrize(("params", "where"), [
+    ('{"sql":"SELECT \'' + LONE + '\'"}', "params.sql"),
+    ('{"values":{"n' + LONE + '":1}}', "params.values"),
+    ('{"params":[1,["' + LONE + '"]]}', "params.params[1][0]"),
+], ids=["value", "key", "nested"])
+def test_a_lone_surrogate_in_params_is_invalid_params_naming_where(params: str, where: str) -> None:
+    exc = decode_error(('{"jsonrpc":"2.0","id":4,"method":"store.query","params":' + params + "}").encode())
+    assert isinstance(exc.error, InvalidParams) and exc.id == 4
+    assert exc.error.data["param"] == where and where in exc.error.message
+
+
+def test_paired_surrogates_are_just_text() -> None:
+    request = decode_request(b'{"jsonrpc":"2.0","id":1,"method":"status","params":{"s":"\\ud83d\\ude00"}}')
+    assert request.params == {"s": "\U0001f600"}
+
+
+def test_deeply_nested_params_are_invalid_params_not_a_recursion_error() -> None:
+    line = b'{"jsonrpc":"2.0","id":5,"method":"store.query","params":{"p":' + b"[" * 900 + b"]" * 900 + b"}}"
+    exc = decode_error(line)
+    assert isinstance(exc.error, InvalidParams) and exc.id == 5
+    assert str(MAX_PARAMS_DEPTH) in exc.error.message
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    depth = MAX_PARAMS_DEPTH - 1  # params itself is the first level
+    line = b'{"jsonrpc":"2.0","id":5,"method":"m","params":{"p":' + b"[" * depth + b"]" * depth + b"}}"
+    value = decode_request(line).params["p"]
+    for _ in range(depth - 1):
+        value = value[0]
+    assert value == []
+    from_wire(decode_request(line).params)
+
+
+@pytest.mark.parametrize("number", [str(2**63), str(-(2**63) - 1), "1" + "0" * 4000, "9" * 5000],
+                         ids=["2**63", "-2**63-1", "4001 digits", "5000 digits"])
+def test_an_integer_outside_64_bits_in_params_is_invalid_params(number: str) -> None:
+    exc = decode_error(b'{"jsonrpc":"2.0","id":6,"method":"store.query","params":{"params":[' + number.encode() + b"]}}")
+    assert isinstance(exc.error, InvalidParams) and exc.error.data["param"] == "params.params[0]"
+    assert "64-bit" in exc.error.message
+    encode_error(exc.id, exc.error)
+
+
+def test_the_edges_of_the_64_bit_range_are_accepted() -> None:
+    line = req(jsonrpc="2.0", id=1, method="m", params={"a": [2**63 - 1, -(2**63)]})
+    assert decode_request(line).params == {"a": [2**63 - 1, -(2**63)]}
+
+
+def test_an_id_with_more_digits_than_python_converts_is_invalid_request() -> None:
+    exc = decode_error(b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"status"}')
+    assert isinstance(exc.error, InvalidRequest) and exc.id is None
+
+
+def test_the_error_path_can_not_fail() -> None:
+    # Whatever ends up in an error (a lone surrogate echoed in a message, an id
+    # that can't be encoded), the line is valid UTF-8 JSON.
+    line = encode_error("x\ud800", InvalidParams("bad \udfff here", data={"param": "a\ud800"}))
+    msg = json.loads(line.decode("utf-8"))
+    assert msg["error"]["data"]["name"] == "INVALID_PARAMS"
+    line = encode_error(1, InvalidParams("nan in data", data={"v": float("nan"), "o": object()}))
+    msg = json.loads(line.decode("utf-8"))
+    assert msg["id"] == 1 and msg["error"]["code"] == InvalidParams.code

@@ -207,3 +207,58 @@ async def test_stop_with_connected_clients_is_quiet(sock_dir: Path, caplog: pyte
     for reader, writer in conns:
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+
+async def test_lone_surrogates_anywhere_get_an_answer_every_time(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 10 item 3: 100 such requests got 0 answers ("Task exception was never retrieved")."""
+    recorder = Recorder()
+    server = await start(sock_dir, recorder)
+    reader, writer = await connect(server)
+    lone = "\\ud800"
+    kinds = [
+        ('{"jsonrpc":"2.0","id":"a' + lone + '","method":"m"}', None, "INVALID_REQUEST"),
+        ('{"jsonrpc":"2.0","id":%d,"method":"m' + lone + '"}', "id", "INVALID_REQUEST"),
+        ('{"jsonrpc":"2.0","id":%d,"method":"m","x' + lone + '":1}', "id", "INVALID_REQUEST"),
+        ('{"jsonrpc":"2.0","id":%d,"method":"m","params":{"v":"' + lone + '"}}', "id", "INVALID_PARAMS"),
+        ('{"jsonrpc":"2.0","id":%d,"method":"m","params":{"k' + lone + '":1}}', "id", "INVALID_PARAMS"),
+    ]
+    try:
+        expected = []
+        for i in range(100):
+            text, echoed, name = kinds[i % len(kinds)]
+            writer.write((text % i if echoed else text).encode() + b"\n")
+            expected.append((i if echoed else None, name))
+        await writer.drain()
+        got = [json.loads(await asyncio.wait_for(reader.readline(), 5)) for _ in range(100)]
+        key = lambda pair: (str(pair[0]), pair[1])  # noqa: E731
+        assert sorted(((m["id"], m["error"]["data"]["name"]) for m in got), key=key) == sorted(expected, key=key)
+        assert recorder.calls == []  # refused before dispatch
+        assert (await ask(reader, writer, {"jsonrpc": "2.0", "id": "after", "method": "m"}))["id"] == "after"
+    finally:
+        writer.close()
+        await server.stop()
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_result_that_cannot_be_encoded_still_gets_an_answer(sock_dir: Path) -> None:
+    class Odd(Recorder):
+        async def dispatch(self, client: ClientConnection, request: Request) -> Any:
+            return {"text": "x\ud800", "thing": object()} if request.method == "odd" else {"text": "\udfff"}
+
+    server = await start(sock_dir, Odd())
+    reader, writer = await connect(server)
+    try:
+        odd = await ask(reader, writer, {"jsonrpc": "2.0", "id": 1, "method": "odd"})
+        assert odd["id"] == 1 and odd["error"]["data"]["name"] == "INTERNAL_ERROR"  # a handler bug, answered
+        text = await ask(reader, writer, {"jsonrpc": "2.0", "id": 2, "method": "m"})
+        assert text == {"jsonrpc": "2.0", "id": 2, "result": {"text": "\udfff"}}  # escaped as it would come in
+    finally:
+        writer.close()
+        await server.stop()
+
+
+def test_docs_state_the_in_flight_limit() -> None:
+    """Issue 10 item 10: docs/api.md said 64 while the server took 16."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    assert f"Up to {MAX_IN_FLIGHT} requests per connection are processed concurrently" in (docs / "api.md").read_text()
+    assert f"(at most {MAX_IN_FLIGHT} per connection" in (docs / "architecture.md").read_text()

@@ -64,14 +64,19 @@ def test_duplicate_at_the_limit_is_not_an_error() -> None:
     assert subs.subscribe(box, SHOP, "remote") == a
 
 
-def test_limit_counts_per_store_and_per_connection() -> None:
-    subs = Subscriptions(max_per_store=1)
-    box, box2 = Outbox(100), Outbox(100)
+def test_limit_counts_per_store_over_all_connections() -> None:
+    """Issue 10 item 8: the limit was per connection, so nine clients held nine."""
+    subs = Subscriptions(max_per_store=2)
+    box, box2, box3 = Outbox(100), Outbox(100), Outbox(100)
     subs.subscribe(box, SHOP, "remote")
-    subs.subscribe(box, OTHER, "remote")       # another store: own budget
-    subs.subscribe(box2, SHOP, "remote")       # another connection: own budget
-    with pytest.raises(TooManySubscriptions):
-        subs.subscribe(box, SHOP, "local_details")
+    subs.subscribe(box, OTHER, "remote")       # another store: its own budget
+    subs.subscribe(box2, SHOP, "remote")       # another connection: the same budget
+    with pytest.raises(TooManySubscriptions) as info:
+        subs.subscribe(box3, SHOP, "remote")
+    assert "over all clients" in info.value.message
+    assert subs.subscribe(box2, SHOP, "remote")  # a duplicate at the limit is still no error
+    subs.drop_outbox(box2)                     # a client's connection closed: its place is free
+    subs.subscribe(box3, SHOP, "local_details")
 
 
 def test_device_event_subscriptions_are_not_limited_per_store() -> None:

@@ -399,3 +399,46 @@ def test_the_limit_follows_the_config(start_daemon: Callable[..., DaemonProcess]
     assert error_name(too_big.read()) == "REQUEST_TOO_LARGE"
     assert too_big.read_line() == b""
     assert "result" in ok.call("device.info", rid=3)
+
+
+# -- text no UTF-8 can carry, numbers SQLite can't hold, nesting (issue 10, item 3) ----------------
+
+LONE = "\\ud800"  # a JSON escape for a lone UTF-16 surrogate
+
+HOSTILE_LINES = [
+    ('{"jsonrpc":"2.0","id":"x' + LONE + '","method":"device.info"}', None, "INVALID_REQUEST"),
+    ('{"jsonrpc":"2.0","id":71,"method":"store.qu' + LONE + 'ery"}', 71, "INVALID_REQUEST"),
+    ('{"jsonrpc":"2.0","id":72,"method":"status","p' + LONE + '":{}}', 72, "INVALID_REQUEST"),
+    ('{"jsonrpc":"2.0","id":73,"method":"store.insert","params":{"store":"%s","table":"T","values":{"name":"a' + LONE + '"}}}',
+     73, "INVALID_PARAMS"),
+    ('{"jsonrpc":"2.0","id":74,"method":"store.insert","params":{"store":"%s","table":"T","values":{"na' + LONE + 'me":"a"}}}',
+     74, "INVALID_PARAMS"),
+    ('{"jsonrpc":"2.0","id":75,"method":"store.query","params":{"store":"%s","sql":"SELECT ?","params":["' + LONE + '"]}}',
+     75, "INVALID_PARAMS"),
+    ('{"jsonrpc":"2.0","id":76,"method":"store.query","params":{"store":"%s","sql":"SELECT \'' + LONE + '\'"}}',
+     76, "INVALID_PARAMS"),
+    ('{"jsonrpc":"2.0","id":77,"method":"store.delete","params":{"store":"%s","predicates":{"table":"T","where":'
+     + "[" * 900 + "]" * 900 + "}}}", 77, "INVALID_PARAMS"),
+    ('{"jsonrpc":"2.0","id":78,"method":"store.insert","params":{"store":"%s","table":"T","values":{"id":' + "9" * 5000 + "}}}",
+     78, "INVALID_PARAMS"),
+    ('{"jsonrpc":"2.0","id":79,"method":"store.retry_failure","params":{"store":"%s","id":' + str(2**64) + "}}",
+     79, "INVALID_PARAMS"),
+]
+
+
+@pytest.mark.parametrize(("line", "rid", "name"), HOSTILE_LINES, ids=[f"{n}:{r}" for _, r, n in HOSTILE_LINES])
+def test_hostile_text_numbers_and_nesting_get_their_documented_error(conn: RawConnection, line: str, rid: Any, name: str) -> None:
+    conn.send_raw((line.replace("%s", STORE)).encode() + b"\n")
+    response = conn.read()
+    assert response["id"] == rid and error_name(response) == name, response
+    assert_usable(conn)
+
+
+def test_one_hundred_requests_with_lone_surrogates_get_one_hundred_answers(
+    shared_daemon: DaemonProcess, raw_factory: Callable[[Path], RawConnection]
+) -> None:
+    c = raw_factory(shared_daemon.socket)
+    c.send_raw(b"".join((HOSTILE_LINES[i % 7][0].replace("%s", STORE)).encode() + b"\n" for i in range(100)))
+    names = [error_name(c.read()) for _ in range(100)]
+    assert sorted(names) == sorted(HOSTILE_LINES[i % 7][2] for i in range(100))
+    assert "never retrieved" not in shared_daemon.log() and "Traceback" not in shared_daemon.log()

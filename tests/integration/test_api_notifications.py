@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from p2ps_helpers import DaemonProcess, unique, write_config
+from p2ps_helpers import DaemonProcess, unique, wait_for, write_config
 
 from p2pstore.api.subscriptions import COALESCE_WINDOW_S
 from p2pstore.client import BlockingClient
@@ -267,6 +267,47 @@ def test_subscription_limit_from_the_config(start_daemon: Callable[..., DaemonPr
         assert info.value.data["limit"] == 2
         assert c.call("store.subscribe", store="s1", type="local_details")["subscription"] == first  # a duplicate is fine
         c.call("store.subscribe", store="s2", type="remote_details")        # another store: its own budget
-        other.call("store.subscribe", store="s1", type="remote_details")    # another connection: its own budget
+        with pytest.raises(TooManySubscriptions):
+            other.call("store.subscribe", store="s1", type="remote_details")  # another connection: the same budget
         c.call("store.unsubscribe", store="s1", subscription=first)
-        c.call("store.subscribe", store="s1", type="remote_details")        # a freed place can be used
+        other.call("store.subscribe", store="s1", type="remote_details")    # a freed place can be used
+
+
+def test_the_limit_counts_all_clients_and_a_closed_client_frees_its_places(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """Issue 10 item 8 / SPEC §2: at most 8 per store over all clients; nine clients held nine."""
+    d = start_daemon("nine")  # the default limit, 8
+    clients = [d.client() for _ in range(9)]
+    try:
+        clients[0].call("store.open", store="s")
+        subs = [c.call("store.subscribe", store="s", type="local_details")["subscription"] for c in clients[:8]]
+        assert len(set(subs)) == 8
+        with pytest.raises(TooManySubscriptions) as info:
+            clients[8].call("store.subscribe", store="s", type="local_details")
+        assert info.value.data["limit"] == 8 and "over all clients" in info.value.message
+        # A duplicate at the limit is the same subscription, not an error; another store has its own places.
+        assert clients[3].call("store.subscribe", store="s", type="local_details")["subscription"] == subs[3]
+        clients[0].call("store.open", store="t")
+        clients[8].call("store.subscribe", store="t", type="remote")
+        # The 8 subscribers all hear a change: they are real subscriptions.
+        clients[0].call("store.execute", store="s", sql="CREATE TABLE T (id INTEGER PRIMARY KEY)")
+        clients[0].call("store.set_distributed_tables", store="s", tables=["T"])
+        clients[0].call("store.insert", store="s", table="T", values={"id": 1})
+        for c in clients[:8]:
+            assert c.next_notification(timeout=10)["method"] == "dataChange"
+        clients.pop(5).close()  # the daemon ends a client's subscriptions when its connection closes
+
+        def ninth_subscribes() -> bool:
+            try:
+                clients[7].call("store.subscribe", store="s", type="local_details")
+            except TooManySubscriptions:
+                return False
+            return True
+
+        wait_for(ninth_subscribes, timeout=10)
+        with pytest.raises(TooManySubscriptions):
+            clients[7].call("store.subscribe", store="s", type="remote")  # full again
+    finally:
+        for c in clients:
+            c.close()

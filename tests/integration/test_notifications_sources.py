@@ -267,7 +267,7 @@ def test_sync_progress_goes_to_the_caller_only(linked_daemons) -> None:
 # ====================================================================== 2. subscription limits
 
 
-def test_default_limit_is_eight_per_store_per_connection() -> None:
+def test_default_limit_is_eight_per_store_over_all_connections() -> None:
     assert Config().max_subscriptions == 8
     subs = Subscriptions()
     assert subs.max_per_store == 8
@@ -280,7 +280,8 @@ def test_default_limit_is_eight_per_store_per_connection() -> None:
     assert err.value.data == {"limit": 8} and "limit 8" in err.value.message
     assert subs.subscribe(box, store, "kind3") == ids[3]  # a duplicate: the same one, no error  # type: ignore[arg-type]
     subs.subscribe(box, other_store, "kind8")  # another store      # type: ignore[arg-type]
-    subs.subscribe(other_box, store, "kind8")  # another connection  # type: ignore[arg-type]
+    with pytest.raises(TooManySubscriptions):
+        subs.subscribe(other_box, store, "kind8")  # another connection: the same budget  # type: ignore[arg-type]
     for i in range(20):  # device events are not a store's subscriptions
         subs.subscribe(box, None, f"devices{i}")  # type: ignore[arg-type]
 

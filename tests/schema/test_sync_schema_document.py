@@ -18,6 +18,7 @@ from p2pstore.schema.sync_schema import (
     find_db_entry,
     parse_document,
     validate,
+    validate_document,
 )
 
 DB = "/dbSchema/0"
@@ -194,3 +195,21 @@ def test_find_db_entry() -> None:
     assert find_db_entry(doc, "com.example.rdbDataSync", "RdbTest") == (0, doc["dbSchema"][0])
     assert find_db_entry(doc, "com.example.rdbDataSync", "RdbTest.db") is None
     assert find_db_entry({}, "a", "b") is None
+
+
+@pytest.mark.parametrize("number", ["9" * 5000, str(2**63), str(-(2**63) - 1), "1" + "0" * 25])
+def test_an_integer_outside_64_bits_is_invalid_json_with_its_path(number: str) -> None:
+    """Issue 10 item 3: a 5000-digit version gave INTERNAL_ERROR (int() refuses over 4300 digits)."""
+    doc = valid()
+    text = json.dumps(doc).replace('"version": 0', '"version": ' + number, 1)
+    assert number in text
+    with pytest.raises(SchemaInvalid) as info:
+        parse_document(text)
+    assert info.value.data == {"rule": "invalid-json", "path": "/dbSchema/0/version"}
+    assert "/dbSchema/0/version" in info.value.message and "64-bit" in info.value.message
+    report = validate_document(text)
+    assert not report.valid and report.errors[0].path == "/dbSchema/0/version"
+
+
+def test_the_edges_of_the_64_bit_range_parse() -> None:
+    assert parse_document(f"[{2**63 - 1}, {-(2**63)}, -0, 0]") == [2**63 - 1, -(2**63), 0, 0]

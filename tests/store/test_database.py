@@ -26,6 +26,7 @@ from p2pstore.errors import (
     P2PStoreError,
     PermissionDenied,
     ReadOnlyTable,
+    ResultTooLarge,
     SecurityLabelMismatch,
     SqlError,
     StoreInvalid,
@@ -252,7 +253,7 @@ async def test_query_cannot_modify_data(store: Store, announced: list[Any], sql:
 async def test_query_row_cap(store: Store) -> None:
     sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT ?) SELECT x FROM c"
     assert len(await rows(store, sql, [MAX_QUERY_ROWS])) == MAX_QUERY_ROWS
-    with pytest.raises(SqlError) as info:
+    with pytest.raises(ResultTooLarge) as info:
         await store.query(sql, [MAX_QUERY_ROWS + 1])
     assert "LIMIT" in info.value.message
 
@@ -636,3 +637,32 @@ async def test_compact_keeps_the_stream_and_announces_what_it_stamps(store: Stor
     assert await store.compact() == 0
     assert await log_size(store) == before
     assert await rows(store, "SELECT count(DISTINCT pk) FROM _p2p_log") == [[30]]
+
+
+#: An endless result: only a cap counted while reading can stop it.
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x, randomblob(1000) FROM c"
+
+
+async def test_query_byte_cap_stops_reading_at_the_cap(store: Store) -> None:
+    """Issue 10 item 7: store.query had no byte limit (3,000 x 100 KB blobs -> 2 GB RSS)."""
+    with pytest.raises(ResultTooLarge) as info:
+        await store.query(ENDLESS, max_bytes=1 << 20)
+    assert "LIMIT" in info.value.message and "OFFSET" in info.value.message
+    assert info.value.data["max_bytes"] == 1 << 20
+    # The store is fine after: no transaction or statement left open.
+    await store.execute("CREATE TABLE after_cap (id INTEGER PRIMARY KEY)")
+    assert await rows(store, "SELECT count(*) FROM after_cap") == [[0]]
+
+
+async def test_query_byte_cap_counts_blobs_as_the_json_line_carries_them(store: Store) -> None:
+    # 3 rows of a 3000-byte blob: 4000 bytes of base64 each in the answer.
+    sql = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 3) SELECT zeroblob(3000) FROM c"
+    assert len(await rows(store, sql)) == 3
+    with pytest.raises(ResultTooLarge):
+        await store.query(sql, max_bytes=3 * 4000)  # the raw bytes (9000) would fit, the JSON does not
+    assert len((await store.query(sql, max_bytes=3 * 4100))["rows"]) == 3
+
+
+async def test_query_row_cap_stops_an_endless_result(store: Store) -> None:
+    with pytest.raises(ResultTooLarge):
+        await store.query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c")
