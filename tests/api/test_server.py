@@ -251,7 +251,8 @@ async def test_a_result_that_cannot_be_encoded_still_gets_an_answer(sock_dir: Pa
         odd = await ask(reader, writer, {"jsonrpc": "2.0", "id": 1, "method": "odd"})
         assert odd["id"] == 1 and odd["error"]["data"]["name"] == "INTERNAL_ERROR"  # a handler bug, answered
         text = await ask(reader, writer, {"jsonrpc": "2.0", "id": 2, "method": "m"})
-        assert text == {"jsonrpc": "2.0", "id": 2, "result": {"text": "\udfff"}}  # escaped as it would come in
+        # A lone surrogate (what invalid UTF-8 TEXT reads as) leaves as U+FFFD (docs/api.md).
+        assert text == {"jsonrpc": "2.0", "id": 2, "result": {"text": "\ufffd"}}
     finally:
         writer.close()
         await server.stop()
