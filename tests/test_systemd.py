@@ -83,6 +83,13 @@ def test_unit_needs_no_config_file_and_has_a_watchdog() -> None:
     assert "WatchdogSec=" in text
 
 
+def test_unit_needs_no_account_made_first() -> None:
+    """A fresh machine has no p2pstore user: the unit asks systemd for a dynamic one."""
+    lines = UNIT.read_text().splitlines()
+    assert "DynamicUser=yes" in lines
+    assert not [line for line in lines if line.startswith(("User=", "Group="))]
+
+
 def daemon_argv(root: Path) -> list[str]:
     return [sys.executable, "-m", "p2pstore", "daemon", "--data-dir", str(root / "data"), "--socket", str(root / "api.sock"),
             "--port", "0", "--no-discovery"]
@@ -249,10 +256,9 @@ def test_the_unit_starts_under_systemd_without_a_config_file() -> None:
     exe = Path(sys.executable).parent / "p2pstore"
     name = f"p2pstore-test-{secrets.token_hex(4)}"
     unit = Path("/run/systemd/system") / f"{name}.service"
-    # The installed unit, with this venv's executable, a throwaway dynamic user
-    # and its own directories, so it can't meet a real installation.
+    # The installed unit (a dynamic user), with this venv's executable and its
+    # own directories, so it can't meet a real installation.
     text = (UNIT.read_text().replace("/usr/local/bin/p2pstore", str(exe))
-            .replace("User=p2pstore\n", "DynamicUser=yes\n").replace("Group=p2pstore\n", "")
             .replace("Directory=p2pstore\n", f"Directory={name}\n")
             .replace("ProtectHome=yes", "ProtectHome=read-only"))  # the venv may live under /root
     unit.write_text(text)
