@@ -10,18 +10,23 @@ surviving channel.
 
 These tests restart real daemons (subprocesses) on 127.0.0.1 a bounded
 number of times and start syncs right when the two channels race.
+
+Auto-push loses no change either: a push that fails is tried again (bounded
+backoff), so a write made while it ran and failed still reaches the peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from p2ps_helpers import write_config
 from sync_helpers import (
     LO,
     SV_REF,
@@ -210,3 +215,31 @@ def test_sync_started_while_two_channels_race_completes_fast(mutual_static_peers
     assert not slow, f"{duplicates} duplicate channel(s) resolved; syncs not done fast with code 0: {slow}"
     assert duplicates, "the proxy made no simultaneous dial: the test tested nothing"
     assert not timeouts, "a session timed out"
+
+
+# ====================================================================== auto-push retries
+
+
+def test_write_during_a_failing_auto_push_reaches_the_peer_without_another_write(linked_daemons, short_tmp) -> None:
+    """B's database is locked by another program (longer than its busy
+    timeout), so A's auto-push fails; what A wrote while that push ran and
+    failed reaches B once the lock is gone, with no further write on A."""
+    config = write_config(short_tmp, "busy_timeout_ms = 200\n", "b.toml")
+    a, b = linked_daemons(2, schema=True, flags={1: ["--config", str(config)]})
+    setup_employee(a, auto_sync=True)
+    setup_employee(b, auto_sync=True)
+    path = b.call("store.open", **SV_REF)["path"]
+    lock = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # another program holds B's write lock
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "first", "AGE": 1})
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "during", "AGE": 2})  # while it runs
+        wait_until(lambda: f"auto-sync of {SV_REF['store']} to {b.id}: code" in a.proc.log(), 15.0,
+                   "A's auto-push fails while B is locked")
+        assert not b.rows(SV_REF, "SELECT NAME FROM EMPLOYEE")
+    finally:
+        lock.rollback()
+        lock.close()
+    # No write on A from here on.
+    wait_until(lambda: sorted(r[0] for r in b.rows(SV_REF, "SELECT NAME FROM EMPLOYEE")) == ["during", "first"], 15.0,
+               "both rows reach B once its lock is released")
