@@ -254,14 +254,15 @@ class RemoteQueries:
             request = QueryRequest(1, store.bundle, store.name, table, tuple(columns or ()), encode_predicates(predicates))
         except ProtocolError as exc:  # e.g. predicates over the message limit: the caller's input, not the peer's
             raise InvalidPredicate(f"predicates can't be sent: {exc.message}", data={"path": "/"}) from None
-        for _ in range(1 + CHANNEL_RETRIES):
+        for attempt in range(1 + CHANNEL_RETRIES):
             channel = await self.peers.wait_channel(device)
             if channel is None:
                 break
+            if attempt:
+                log.info("remote query to %s: its connection closed before any answer; asking again on the new one", device)
             answer = await self._ask(device, channel, request)
             if answer is not None:
                 return answer
-            log.info("remote query to %s: its connection closed before any answer; asking again on the new one", device)
         raise DeviceOffline(f"device {device} went offline during the query", data={"device_id": device})
 
     async def _ask(self, device: str, channel: Channel, request: QueryRequest) -> dict[str, Any] | None:

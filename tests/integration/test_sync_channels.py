@@ -157,6 +157,22 @@ def timed_push(node: Node, other: Node, out: dict[str, Any]) -> None:
     out["took"] = time.monotonic() - start
 
 
+def timed_query(node: Node, other: Node, out: dict[str, Any]) -> None:
+    """A remote query of ``other`` the moment ``node`` sees it online."""
+    try:
+        wait_until(lambda: node.sees_online(other), 15.0, f"{node.name} sees {other.name} online", interval=0.005)
+    except AssertionError as exc:
+        out["result"] = {"code": -1, "message": str(exc)}
+        return
+    start = time.monotonic()
+    try:
+        node.call("store.remote_query", **SV_REF, device=other.id, table="EMPLOYEE", predicates={}, columns=["NAME"])
+        out["result"] = {"code": SUCCESS}
+    except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        out["result"] = {"code": -1, "message": repr(exc)}
+    out["took"] = time.monotonic() - start
+
+
 @pytest.fixture
 def mutual_static_peers(linked_daemons) -> Iterator[tuple[list[Node], PairingProxy]]:
     """Two linked daemons with an auto-sync store, each with the other as a
@@ -179,16 +195,17 @@ def test_sync_started_while_two_channels_race_completes_fast(mutual_static_peers
     for round_ in range(ROUNDS):
         restart_together([a, b])
         # Each pushes right when its first channel is up: the duplicate is still being resolved.
-        outs: dict[str, dict[str, Any]] = {"a": {}, "b": {}}
-        threads = [threading.Thread(target=timed_push, args=(a, b, outs["a"])),
-                   threading.Thread(target=timed_push, args=(b, a, outs["b"]))]
+        outs: dict[str, dict[str, Any]] = {"push from a": {}, "push from b": {}, "query from a": {}}
+        threads = [threading.Thread(target=timed_push, args=(a, b, outs["push from a"])),
+                   threading.Thread(target=timed_push, args=(b, a, outs["push from b"])),
+                   threading.Thread(target=timed_query, args=(a, b, outs["query from a"]))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
         for who, out in outs.items():
             if out.get("result", {}).get("code") != SUCCESS or out.get("took", 99) >= FAST:
-                slow.append((round_, f"push from {who}", out))
+                slow.append((round_, who, out))
         # Auto-sync: a write right after the restart reaches the peer at once,
         # not after an auto-push stranded on the losing channel times out.
         for writer, reader in ((a, b), (b, a)):
