@@ -22,7 +22,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -142,8 +142,8 @@ def restart_together(nodes: list[Node]) -> None:
         node._clients = [node.api]
 
 
-def timed_push(node: Node, other: Node, out: dict[str, Any]) -> None:
-    """Push to ``other`` the moment ``node`` sees it online; the result and how long it took."""
+def timed_on_online(node: Node, other: Node, out: dict[str, Any], action: Callable[[], Any]) -> None:
+    """``action()`` (a sync result) the moment ``node`` sees ``other`` online; the result and how long it took."""
     try:
         wait_until(lambda: node.sees_online(other), 15.0, f"{node.name} sees {other.name} online", interval=0.005)
     except AssertionError as exc:
@@ -151,26 +151,22 @@ def timed_push(node: Node, other: Node, out: dict[str, Any]) -> None:
         return
     start = time.monotonic()
     try:
-        out["result"] = node.sync("push", SV_REF, [other])[other.id]
+        out["result"] = action()
     except BaseException as exc:  # noqa: BLE001 - reported by the caller
         out["result"] = {"code": -1, "message": repr(exc)}
     out["took"] = time.monotonic() - start
+
+
+def timed_push(node: Node, other: Node, out: dict[str, Any]) -> None:
+    timed_on_online(node, other, out, lambda: node.sync("push", SV_REF, [other])[other.id])
 
 
 def timed_query(node: Node, other: Node, out: dict[str, Any]) -> None:
-    """A remote query of ``other`` the moment ``node`` sees it online."""
-    try:
-        wait_until(lambda: node.sees_online(other), 15.0, f"{node.name} sees {other.name} online", interval=0.005)
-    except AssertionError as exc:
-        out["result"] = {"code": -1, "message": str(exc)}
-        return
-    start = time.monotonic()
-    try:
+    def query() -> dict[str, Any]:
         node.call("store.remote_query", **SV_REF, device=other.id, table="EMPLOYEE", predicates={}, columns=["NAME"])
-        out["result"] = {"code": SUCCESS}
-    except BaseException as exc:  # noqa: BLE001 - reported by the caller
-        out["result"] = {"code": -1, "message": repr(exc)}
-    out["took"] = time.monotonic() - start
+        return {"code": SUCCESS}
+
+    timed_on_online(node, other, out, query)
 
 
 @pytest.fixture
