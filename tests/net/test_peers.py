@@ -195,34 +195,42 @@ async def test_duplicate_channel_close_is_reported_per_channel(devices: Callable
     losers = 0
     for round_ in range(5):
         a.closed_channels.clear()
+        b.closed_channels.clear()
         await asyncio.gather(
             a.manager.connect("127.0.0.1", b.port, b.id),
             b.manager.connect("127.0.0.1", a.port, a.id),
             return_exceptions=True,
         )
         await eventually(lambda: a.manager.channel(b.id) and b.manager.channel(a.id), 3.0, "a channel each way")
-        survivor = await a.manager.wait_channel(b.id, timeout=3.0)
-        assert survivor is not None and not survivor.closed
-        await a.manager.send(b.id, Note(f"round {round_}", b""), channel=survivor)
-        await eventually(lambda: any(m == Note(f"round {round_}", b"") for _, m in b.messages), 3.0, "sent on the survivor")
-        assert b.message_channels[-1] is b.manager.channel(a.id)
-        assert a.changes == [(b.id, True)]  # the duplicate's close was no offline event
+        survivors = {}
+        for me, other in ((a, b), (b, a)):
+            survivor = await me.manager.wait_channel(other.id, timeout=3.0)
+            assert survivor is not None and not survivor.closed
+            survivors[me.id] = survivor
+            note = Note(f"round {round_} from {me.name}", b"")
+            await me.manager.send(other.id, note, channel=survivor)
+            await eventually(lambda: any(m == note for _, m in other.messages), 3.0, "sent on the survivor")
+            assert other.message_channels[-1] is other.manager.channel(me.id)
+            assert me.changes == [(other.id, True)]  # the duplicate's close was no offline event
         a.manager.disconnect(b.id, "next round")
-        await eventually(lambda: (b.id, survivor) in a.closed_channels, 3.0, "the survivor's close reported")
-        assert await a.manager.wait_channel(b.id, timeout=0.5) is None
-        # Every channel registered this round was reported once, after it closed:
-        # the survivor last, any duplicate it replaced before it.
-        reported = [c for _, c in a.closed_channels]
-        assert reported[-1] is survivor and len(set(map(id, reported))) == len(reported), reported
-        for loser in reported[:-1]:
-            losers += 1
-            assert loser.closed
-            with pytest.raises(DeviceOffline):
-                await a.manager.send(b.id, Note("late", b""), channel=loser)
+        for me, other in ((a, b), (b, a)):
+            survivor = survivors[me.id]
+            await eventually(lambda: (other.id, survivor) in me.closed_channels, 3.0, "the survivor's close reported")
+            assert await me.manager.wait_channel(other.id, timeout=0.5) is None
+            # Every channel registered this round was reported once, after it
+            # closed: the survivor last, any duplicate it replaced before it.
+            reported = [c for _, c in me.closed_channels]
+            assert reported[-1] is survivor and len(set(map(id, reported))) == len(reported), reported
+            for loser in reported[:-1]:
+                losers += 1
+                assert loser.closed
+                with pytest.raises(DeviceOffline):
+                    await me.manager.send(other.id, Note("late", b""), channel=loser)
         await eventually(lambda: not a.manager.channels() and not b.manager.channels(), 3.0, "closed")
         a.changes.clear()
         b.changes.clear()
-    print(f"{losers} duplicate channel(s) registered and reported on a in 5 rounds")
+    print(f"{losers} duplicate channel(s) registered, replaced and reported in 5 rounds")
+    assert losers, "no round made a duplicate channel on either side: the race was not exercised"
 
 
 async def test_untrust_closes_the_channel_at_once(devices: Callable[..., Device]) -> None:
