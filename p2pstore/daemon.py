@@ -34,6 +34,7 @@ from p2pstore.api.subscriptions import Subscriptions
 from p2pstore.config import Config
 from p2pstore.errors import ConfigError, DaemonAlreadyRunning, P2PStoreError
 from p2pstore import PROTOCOL_VERSION
+from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.discovery import Discovery
 from p2pstore.net.identity import Identity
@@ -240,11 +241,18 @@ class Daemon:
     def _device_event(self, event: dict[str, Any]) -> None:
         self.subscriptions.publish(None, "devices", "deviceChange", event)
 
-    async def _peer_message(self, device_id: str, msg: Message) -> None:
-        if self.queries is not None and await self.queries.handle(device_id, msg):
+    async def _peer_message(self, device_id: str, msg: Message, channel: Channel) -> None:
+        if self.queries is not None and await self.queries.handle(device_id, msg, channel):
             return
         if self.engine is not None:
-            await self.engine.handle(device_id, msg)
+            await self.engine.handle(device_id, msg, channel)
+
+    def _channel_closed(self, device_id: str, channel: Channel) -> None:
+        """Sessions and queries live on one channel: they end with it (sync/engine.py)."""
+        if self.engine is not None:
+            self.engine.on_channel_closed(device_id, channel)
+        if self.queries is not None:
+            self.queries.on_channel_closed(device_id, channel)
 
     async def _start_network(self) -> None:
         assert self.identity is not None
@@ -254,6 +262,7 @@ class Daemon:
             self.identity, trust, hello_factory=self.hello,
             on_change=self._peer_changed,
             on_message=self._peer_message,
+            on_channel_closed=self._channel_closed,
             host=list(cfg.interfaces) or "0.0.0.0", port=cfg.port,
             **_given(keepalive_interval=cfg.keepalive_interval_s, dead_after=cfg.peer_dead_after_s,
                      backoff_max=cfg.redial_backoff_max_s),

@@ -309,6 +309,19 @@ async def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, 
 
 @method("devices.trust")
 async def devices_trust(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """One device (``device_id``, ``name``) or a list (``devices``), trusted in one trust-file write.
+
+    The schema checks each field; which of the two forms is given is checked
+    here, where the message can say so plainly."""
+    if "devices" in params:
+        if "device_id" in params or "name" in params:
+            raise InvalidParams("devices.trust: params: give device_id (and name) or devices, not both",
+                                data={"param": "devices"})
+        entries = [(e["device_id"], e.get("name")) for e in params["devices"]]
+        return {"device_ids": api.devices.trust_many(entries)}
+    if "device_id" not in params:
+        raise InvalidParams("devices.trust: params: 'device_id' is a required property (or 'devices', a list)",
+                            data={"param": "device_id"})
     return {"device_id": api.devices.trust(params["device_id"], params.get("name"))}
 
 

@@ -29,12 +29,13 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
                                    "network or that tried to connect, but not trusted yet). Trust a pending device with "
                                    "`p2pstore trust ID`.")
     p.set_defaults(run=run_devices)
-    p = sub.add_parser("trust", parents=[parent], help="trust a device (exchange data with it)",
-                       description="Trust a device by its ID (as printed by `p2pstore id` on that device). Both devices "
-                                   "must trust each other before a channel opens. A mistyped ID is caught by its check characters.")
-    p.add_argument("device_id", metavar="DEVICE_ID")
-    p.add_argument("--name", help="a name to remember it by (default: the name it announces)")
-    p.set_defaults(run=run_trust)
+    p = sub.add_parser("trust", parents=[parent], help="trust devices (exchange data with them)",
+                       description="Trust devices by their IDs (as printed by `p2pstore id` on each device). Both devices "
+                                   "must trust each other before a channel opens. A mistyped ID is caught by its check "
+                                   "characters; with several IDs, one bad ID trusts none of them.")
+    p.add_argument("device_ids", metavar="DEVICE_ID", nargs="+")
+    p.add_argument("--name", help="a name to remember it by (one DEVICE_ID only; default: the name it announces)")
+    p.set_defaults(run=run_trust, usage_error=p.error)
     p = sub.add_parser("untrust", parents=[parent], help="stop trusting a device (closes its channel at once)",
                        description="Remove a device from the trust list. Its channel is closed at once and it gets nothing more.")
     p.add_argument("device_id", metavar="DEVICE_ID")
@@ -138,8 +139,15 @@ def run_devices(args: argparse.Namespace) -> int:
 
 
 def run_trust(args: argparse.Namespace) -> int:
+    if len(args.device_ids) > 1 and args.name:
+        args.usage_error("--name applies to one DEVICE_ID only")  # exits 2
+
     async def go(client: Client) -> int:
-        params = {"device_id": args.device_id}
+        if len(args.device_ids) > 1:
+            result = await client.call("devices.trust", devices=[{"device_id": d} for d in args.device_ids])
+            emit(args, result, "\n".join(f"trusted {d}" for d in result["device_ids"]))
+            return EXIT_OK
+        params = {"device_id": args.device_ids[0]}
         if args.name:
             params["name"] = args.name
         result = await client.call("devices.trust", **params)

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from p2pstore.errors import DeviceUnknown, InvalidDeviceId
 from p2pstore.net.discovery import DiscoveredPeer
 from p2pstore.net.identity import normalize_device_id
-from p2pstore.net.peers import PeerManager
+from p2pstore.net.peers import PeerManager, PendingPeer
 from p2pstore.net.trust import TrustStore
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,12 @@ class DeviceDirectory:
         return self.trust_store.is_trusted(device_id) and security_allows(self.level_of(device_id), store_label)
 
     def get(self, device_id: str) -> DeviceView:
-        for view in self.list():
-            if view.device_id == device_id:
-                return view
+        """One device's view, built alone (a bulk trust emits one per device)."""
+        pending = {p.device_id: p for p in self.peers.pending()}
+        known = device_id in self._discovered or self.trust_store.is_trusted(device_id) or device_id in pending \
+            or self.peers.peer_info(device_id) is not None
+        if known and device_id != self.local_id:
+            return self._view(device_id, pending)
         raise DeviceUnknown(f"no device {device_id} is known (not trusted, not discovered, never connected)",
                             data={"device_id": device_id})
 
@@ -156,49 +159,66 @@ class DeviceDirectory:
         ids.update(p.device_id for p in self.peers.peers())
         ids.discard(self.local_id)
         pending = {p.device_id: p for p in self.peers.pending()}
-        views = []
-        for device_id in sorted(ids):
-            entry = self.trust_store.get(device_id)
-            info = self.peers.peer_info(device_id)
-            disc = self._discovered.get(device_id)
-            knock = pending.get(device_id)
-            trusted = entry is not None
-            # The trust list's name first: the one the user gave at trust time
-            # (the announced name only fills it in when none was given).
-            name = (entry.name if entry else None) or (info.hello.name if info and info.hello else None) \
-                or (disc.name if disc else None) or (knock.name if knock else None)
-            addresses: list[str] = []
-            if info is not None:
-                addresses += [f"{h}:{p}" for h, p in info.addresses]
-            if disc is not None:
-                addresses += [f"{a}:{disc.port}" for a in disc.addresses]
-            if knock is not None:
-                addresses.append(f"{knock.address[0]}:{knock.address[1]}")
-            level = self.level_of(device_id)
-            if level is None and disc is not None:
-                level = disc.security_level
-            seen = [t for t in (info.last_seen if info else None, knock.last_seen if knock else None,
-                                self._discovered_at.get(device_id), entry.last_seen if entry else None) if t]
-            views.append(DeviceView(
-                device_id=device_id, name=name, online=bool(info and info.online), trusted=trusted,
-                pending=not trusted, addresses=tuple(dict.fromkeys(addresses)), security_level=level,
-                last_seen=max(seen) if seen else None, discovered=disc is not None,
-            ))
-        return views
+        return [self._view(device_id, pending) for device_id in sorted(ids)]
+
+    def _view(self, device_id: str, pending: dict[str, PendingPeer]) -> DeviceView:
+        entry = self.trust_store.get(device_id)
+        info = self.peers.peer_info(device_id)
+        disc = self._discovered.get(device_id)
+        knock = pending.get(device_id)
+        trusted = entry is not None
+        # The trust list's name first: the one the user gave at trust time
+        # (the announced name only fills it in when none was given).
+        name = (entry.name if entry else None) or (info.hello.name if info and info.hello else None) \
+            or (disc.name if disc else None) or (knock.name if knock else None)
+        addresses: list[str] = []
+        if info is not None:
+            addresses += [f"{h}:{p}" for h, p in info.addresses]
+        if disc is not None:
+            addresses += [f"{a}:{disc.port}" for a in disc.addresses]
+        if knock is not None:
+            addresses.append(f"{knock.address[0]}:{knock.address[1]}")
+        level = self.level_of(device_id)
+        if level is None and disc is not None:
+            level = disc.security_level
+        seen = [t for t in (info.last_seen if info else None, knock.last_seen if knock else None,
+                            self._discovered_at.get(device_id), entry.last_seen if entry else None) if t]
+        return DeviceView(
+            device_id=device_id, name=name, online=bool(info and info.online), trusted=trusted,
+            pending=not trusted, addresses=tuple(dict.fromkeys(addresses)), security_level=level,
+            last_seen=max(seen) if seen else None, discovered=disc is not None,
+        )
 
     # -- trust -----------------------------------------------------------------
 
     def trust(self, device_id: str, name: str | None = None) -> str:
-        device_id = normalize_device_id(device_id)
-        if device_id == self.local_id:
-            raise InvalidDeviceId("that is this device's own ID", data={"device_id": device_id})
-        if name is None:
-            known = next((v.name for v in self.list() if v.device_id == device_id), None)
-            name = known
-        self.trust_store.trust(device_id, name)
-        log.info("trusted device %s (%r)", device_id, name)
-        self._emit(device_id, self.peers.is_online(device_id))
-        return device_id
+        return self.trust_many([(device_id, name)])[0]
+
+    def trust_many(self, devices: Sequence[tuple[str, str | None]]) -> list[str]:
+        """Trust every ``(device_id, name)`` in one trust-file write, all or
+        none; a bad ID raises ``InvalidDeviceId`` naming it (and, for more
+        than one, its ``index``) before anything is trusted. A name left out
+        is the one the device announced, if known."""
+        checked: list[tuple[str, str | None]] = []
+        known: dict[str, str | None] | None = None
+        for index, (text, name) in enumerate(devices):
+            try:
+                device_id = normalize_device_id(text)
+                if device_id == self.local_id:
+                    raise InvalidDeviceId("that is this device's own ID", data={"device_id": device_id})
+            except InvalidDeviceId as exc:
+                if len(devices) == 1:
+                    raise
+                raise InvalidDeviceId(f"devices[{index}]: {exc.message}", data={**exc.data, "index": index}) from None
+            if name is None:
+                known = known if known is not None else {v.device_id: v.name for v in self.list()}
+                name = known.get(device_id)
+            checked.append((device_id, name))
+        self.trust_store.trust_many(checked)
+        for device_id, name in checked:
+            log.info("trusted device %s (%r)", device_id, name)
+            self._emit(device_id, self.peers.is_online(device_id))
+        return [device_id for device_id, _ in checked]
 
     def untrust(self, device_id: str) -> str:
         device_id = normalize_device_id(device_id)

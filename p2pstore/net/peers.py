@@ -12,6 +12,13 @@ What it guarantees:
   the first channel to a device opens, ``on_change(device, False)`` when the
   last one closes and no other connection to it is being set up, so a
   duplicate being replaced is not reported as offline-then-online.
+- **Sessions can follow their channel.** ``on_message`` gets the channel a
+  message came on and ``send(..., channel=)`` sends on one channel only;
+  ``on_channel_closed(device, channel)`` fires when a channel has closed for
+  any reason (offline, untrusted, or the loser of a simultaneous dial), after
+  every message it delivered was handled. A layer above that binds a
+  conversation to a channel therefore learns at once that it is gone, even
+  when the device stays online over another one (``wait_channel``).
 - **Untrust acts at once.** The manager listens to the ``TrustStore``; when a
   device is untrusted its channel is closed and it is reported offline in
   the same call, whoever called ``untrust``.
@@ -74,7 +81,8 @@ DEFAULT_MAX_HANDSHAKES = 64
 MAX_PENDING = 256
 
 OnChange = Callable[[str, bool], object]
-OnMessage = Callable[[str, Message], Awaitable[None]]
+OnMessage = Callable[[str, Message, Channel], Awaitable[None]]
+OnChannelClosed = Callable[[str, Channel], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +150,12 @@ class PeerManager:
     ``TrustStore`` that decides who may connect, ``hello_factory`` building
     our current HELLO (the daemon lists its stores there) for each new
     channel, ``on_change(device_id, online)`` (plain function, or one
-    returning an awaitable that is run as a task) and the async
-    ``on_message(device_id, message)``, awaited in order per channel: it
-    should hand long work to a task, since the channel stops reading while
-    ``queue_size`` messages wait.
+    returning an awaitable that is run as a task), the async
+    ``on_message(device_id, message, channel)``, awaited in order per
+    channel: it should hand long work to a task, since the channel stops
+    reading while ``queue_size`` messages wait; and
+    ``on_channel_closed(device_id, channel)`` (plain function), called once
+    per registered channel after its last message was handled.
 
     Trust is changed on the ``TrustStore`` (``trust.trust(id)`` /
     ``trust.untrust(id)``); the manager follows it: untrusting closes the
@@ -174,6 +184,7 @@ class PeerManager:
         hello_factory: Callable[[], Hello],
         on_change: OnChange | None = None,
         on_message: OnMessage | None = None,
+        on_channel_closed: OnChannelClosed | None = None,
         host: str | Sequence[str] = "0.0.0.0",
         port: int = DEFAULT_PORT,
         auto_dial: bool = True,
@@ -193,6 +204,7 @@ class PeerManager:
         self._hello_factory = hello_factory
         self._on_change = on_change
         self._on_message = on_message
+        self._on_channel_closed = on_channel_closed
         self._hosts = [host] if isinstance(host, str) else list(host)
         self._requested_port = port
         self._auto_dial = auto_dial
@@ -224,6 +236,8 @@ class PeerManager:
         self._tasks: set[asyncio.Task[object]] = set()
         self._handshakes: set[asyncio.Task[object]] = set()
         self._wake = asyncio.Event()
+        #: Set (and replaced) whenever a channel registers or a set-up ends: wakes ``wait_channel``.
+        self._settled = asyncio.Event()
         self._dial_task: asyncio.Task[None] | None = None
         self._remove_listener: Callable[[], None] | None = None
         self._running = False
@@ -324,6 +338,28 @@ class PeerManager:
     def channel(self, device_id: str) -> Channel | None:
         return self._channels.get(device_id)
 
+    async def wait_channel(self, device_id: str, timeout: float | None = None) -> Channel | None:
+        """The device's open channel; while a connection to it is being set up
+        (say the survivor of a simultaneous dial), wait for that, at most
+        ``timeout`` (default the handshake timeout). None: it is offline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._handshake_timeout if timeout is None else timeout)
+        while True:
+            channel = self._channels.get(device_id)
+            if channel is not None and not channel.closed:
+                return channel
+            left = deadline - loop.time()
+            if left <= 0 or not (self._connecting.get(device_id) or device_id in self._outgoing):
+                return None
+            settled = self._settled
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await settled.wait()
+
+    def _settle(self) -> None:
+        self._settled.set()
+        self._settled = asyncio.Event()
+
     def is_online(self, device_id: str) -> bool:
         return device_id in self._channels
 
@@ -355,10 +391,16 @@ class PeerManager:
 
     # -- actions ---------------------------------------------------------------
 
-    async def send(self, device_id: str, msg: Message) -> None:
-        """Send on the device's channel; ``DeviceOffline`` if there is none, or
-        if it closes under the send (the peer died or left)."""
-        channel = self._channels.get(device_id)
+    async def send(self, device_id: str, msg: Message, *, channel: Channel | None = None) -> None:
+        """Send on the device's channel, or on ``channel`` only (one that a
+        conversation is bound to); ``DeviceOffline`` if there is none, if it
+        is closed, or if it closes under the send (the peer died or left)."""
+        if channel is not None:
+            if channel.closed:
+                raise DeviceOffline(f"the channel to device {device_id} closed: {channel.close_reason}",
+                                    data={"device_id": device_id})
+        else:
+            channel = self._channels.get(device_id)
         if channel is None:
             if not self._trust.is_trusted(device_id):
                 raise DeviceUntrusted(f"device {device_id} is not trusted", data={"device_id": device_id})
@@ -423,6 +465,7 @@ class PeerManager:
         finally:
             if claimed is not None:
                 self._outgoing.discard(claimed)
+                self._settle()
 
     # -- set-up --------------------------------------------------------------------
 
@@ -480,6 +523,7 @@ class PeerManager:
             else:
                 del self._connecting[peer]
             self._update_presence(peer)
+            self._settle()
             self._wake.set()
 
     def _dialer_of(self, channel: Channel) -> str:
@@ -570,7 +614,7 @@ class PeerManager:
                 if self._on_message is None:
                     continue
                 try:
-                    await self._on_message(peer, msg)
+                    await self._on_message(peer, msg, channel)
                 except Exception:  # noqa: BLE001 - a handler bug must not kill the channel
                     log.exception("handling a %s message from %s failed", msg.TYPE, peer)
         finally:
@@ -580,6 +624,11 @@ class PeerManager:
                 del self._channels[peer]
                 self._schedule_redial(peer, channel)
             self._update_presence(peer)
+            if self._on_channel_closed is not None:
+                try:
+                    self._on_channel_closed(peer, channel)
+                except Exception:  # noqa: BLE001 - a callback bug must not break the manager
+                    log.exception("on_channel_closed(%s) failed", peer)
 
     def _update_presence(self, peer: str) -> None:
         online = peer in self._channels

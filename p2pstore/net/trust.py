@@ -25,7 +25,7 @@ import json
 import logging
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -88,29 +88,40 @@ class TrustStore:
 
     def trust(self, device_id: str, name: str | None = None) -> TrustEntry:
         """Trust a device (idempotent; a given ``name`` replaces the old one)."""
-        device_id = normalize_device_id(device_id)
-        entry = self._entries.get(device_id)
-        if entry is None:
-            entry = TrustEntry(
-                device_id=device_id,
-                name=name,
-                security_level=None,
-                key_sha256=key_hash_from_device_id(device_id).hex(),
-                cert_sha256=None,
-                trusted_at=self._clock(),
-                last_seen=None,
-            )
-        elif name is not None:
-            entry = replace(entry, name=name)
-        else:
-            return entry
-        was_trusted = device_id in self._entries
-        self._entries[device_id] = entry
-        self._save()
-        if not was_trusted:
+        return self.trust_many([(device_id, name)])[0]
+
+    def trust_many(self, devices: Sequence[tuple[str, str | None]]) -> list[TrustEntry]:
+        """Trust each ``(device_id, name)`` as ``trust`` does, with one write
+        of the file: all or none. A malformed ID raises ``InvalidDeviceId``
+        before anything changes (``DeviceDirectory.trust_many`` names its index)."""
+        ids = [normalize_device_id(device_id) for device_id, _ in devices]
+        entries = dict(self._entries)
+        result = []
+        for device_id, (_, name) in zip(ids, devices):
+            entry = entries.get(device_id)
+            if entry is None:
+                entry = TrustEntry(
+                    device_id=device_id,
+                    name=name,
+                    security_level=None,
+                    key_sha256=key_hash_from_device_id(device_id).hex(),
+                    cert_sha256=None,
+                    trusted_at=self._clock(),
+                    last_seen=None,
+                )
+            elif name is not None:
+                entry = replace(entry, name=name)
+            entries[device_id] = entry
+            result.append(entry)
+        if entries == self._entries:
+            return result
+        self._save(entries)  # raises before anything changes if the file can't be written
+        added = [d for d in dict.fromkeys(ids) if d not in self._entries]
+        self._entries = entries
+        for device_id in added:
             log.info("device %s is now trusted", device_id)
             self._notify(device_id, True)
-        return entry
+        return result
 
     def untrust(self, device_id: str) -> bool:
         """Stop trusting a device; False if it wasn't trusted."""
@@ -231,8 +242,10 @@ class TrustStore:
             raise self._corrupt(f"{where}.key_sha256 does not match the device ID")
         return TrustEntry(**{**raw, "device_id": device_id})
 
-    def _save(self) -> None:
-        doc = {"version": FORMAT_VERSION, "devices": [e.to_dict() for e in self.entries()]}
+    def _save(self, entries: dict[str, TrustEntry] | None = None) -> None:
+        """Write ``entries`` (default: the current ones) to the file, atomically."""
+        chosen = self._entries if entries is None else entries
+        doc = {"version": FORMAT_VERSION, "devices": [e.to_dict() for e in sorted(chosen.values(), key=lambda e: e.device_id)]}
         data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -21,11 +21,21 @@ Invariants:
   unexpected message ends its session with a code, never the daemon.
 - One user-requested sync per store at a time (``SYNC_IN_PROGRESS``);
   auto-sync pushes run one at a time per (store, peer), coalescing bursts.
+- A session lives on the channel its open went out on (or came in on): its
+  messages go on that channel only, and it ends the moment that channel
+  closes, whether the peer went offline or the channel lost a simultaneous
+  dial (net/peers.py) — never by waiting out the timeout. A session this
+  device started that had moved no batch yet runs again on the surviving
+  channel; one that had ends OFFLINE.
+- Auto-sync loses no change: a change made while a push to a peer runs, or
+  fails, is pushed again after it (bounded retries, then on the next change
+  or when the peer comes back online).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections import deque
@@ -46,6 +56,7 @@ from p2pstore.errors import (
     SyncInProgress,
     TableNotDistributed,
 )
+from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
@@ -87,6 +98,12 @@ SEND_WINDOW = 2
 #: text in characters, so on the wire a batch is at most 4 times this (4-byte
 #: UTF-8) plus clocks: still within a frame.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
+#: Times a session this device starts runs again on a new channel when its
+#: channel closed before any batch moved (a duplicate channel being replaced).
+CHANNEL_RETRIES = 3
+#: Pauses before an auto-sync push that failed is tried again; after the last
+#: it waits for the next local change or for the peer to come back online.
+AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 class Code(IntEnum):
@@ -121,14 +138,26 @@ def code_name(code: int) -> str:
         return f"CODE_{code}"
 
 
+#: Auto-sync failures worth no retry: they last until the peer is back (it is
+#: pushed to then) or a user acts (trust, labels, the peer's tables, a resync).
+AUTO_NO_RETRY = frozenset({Code.OFFLINE, Code.INVALID_ARGS, Code.DISTRIBUTED_TABLE_NOT_SET,
+                           Code.DISTRIBUTED_SCHEMA_MISMATCH, Code.UNTRUSTED, Code.SECURITY_LEVEL, Code.RESYNC_REQUIRED})
+
+
 class SessionEnded(Exception):
     """A session stopped with a result code (ours or the peer's)."""
 
-    def __init__(self, code: Code | int, message: str, *, from_peer: bool = False) -> None:
+    def __init__(self, code: Code | int, message: str, *, from_peer: bool = False, channel_lost: bool = False) -> None:
         super().__init__(message)
         self.code = int(code)
         self.message = message
         self.from_peer = from_peer
+        #: The session's channel closed (offline, or replaced by a duplicate's survivor).
+        self.channel_lost = channel_lost
+
+
+class _ChannelReplaced(Exception):
+    """A session's channel closed before any batch moved: safe to run it again."""
 
 
 @dataclass
@@ -252,18 +281,32 @@ def compile_where(store: Store, table: str | None, where: Any) -> Any:
 
 
 class _Session:
-    def __init__(self, peer: str, req: int) -> None:
+    def __init__(self, peer: str, req: int, channel: Channel) -> None:
         self.peer = peer
         self.req = req
+        self.channel = channel
         self.inbox: asyncio.Queue[Message | None] = asyncio.Queue(INBOX_SIZE)
+        #: Why the session can't go on (set once); ``next`` raises it when the inbox is drained.
+        self.lost: SessionEnded | None = None
+        #: A batch was sent or received: running the session again would not be transparent.
+        self.exchanged = False
+
+    def lose(self, end: SessionEnded) -> None:
+        """End the session from outside: messages already queued are still read first."""
+        if self.lost is None:
+            self.lost = end
+        with contextlib.suppress(asyncio.QueueFull):
+            self.inbox.put_nowait(None)  # wakes a waiting next(); a full inbox is drained first
 
     async def next(self, timeout: float) -> Message:
+        if self.lost is not None and self.inbox.empty():
+            raise self.lost
         try:
             msg = await asyncio.wait_for(self.inbox.get(), timeout)
         except asyncio.TimeoutError:
             raise SessionEnded(Code.TIMEOUT, f"no answer from the peer in {timeout:g} s") from None
         if msg is None:
-            raise SessionEnded(Code.OFFLINE, "the peer went offline during the sync")
+            raise self.lost or SessionEnded(Code.OFFLINE, "the peer went offline during the sync", channel_lost=True)
         if isinstance(msg, SyncEnd):
             raise SessionEnded(msg.code, msg.message or "ended by the peer", from_peer=True)
         return msg
@@ -316,8 +359,10 @@ class SyncEngine:
 
     # -- messages from peers ---------------------------------------------------
 
-    async def handle(self, peer: str, msg: Message) -> None:
-        """Route one message from a peer (called in order per channel; never blocks long)."""
+    async def handle(self, peer: str, msg: Message, channel: Channel) -> None:
+        """Route one message from a peer (called in order per channel; never blocks long).
+
+        A session the peer opens lives on ``channel``, the one its open came on."""
         if isinstance(msg, StoresOffer):
             self.peer_tables[peer] = offers_by_store(msg.stores)
             self.lag.offered(peer, msg.stores)
@@ -326,7 +371,7 @@ class SyncEngine:
             if (peer, msg.req) in self._sessions:
                 log.warning("peer %s reused session id %d; ignored", peer, msg.req)
                 return
-            session = self._open_session(peer, msg.req)
+            session = self._open_session(peer, msg.req, channel)
             self._spawn(self._serve(session, msg), f"serve {msg.mode} {msg.store} for {peer}")
             return
         req = getattr(msg, "req", None)
@@ -339,12 +384,19 @@ class SyncEngine:
             session.inbox.put_nowait(msg)
         except asyncio.QueueFull:
             log.warning("peer %s floods session %d; ending it", peer, session.req)
-            self._close_session(session)
+            self._sessions.pop((session.peer, session.req), None)
+            session.lose(SessionEnded(Code.FAIL, f"the peer sent more than {INBOX_SIZE} messages ahead in the session"))
+
+    def on_channel_closed(self, peer: str, channel: Channel) -> None:
+        """A channel closed (PeerManager): its sessions end now, not at their timeout."""
+        for session in [s for s in self._sessions.values() if s.channel is channel]:
+            session.lose(SessionEnded(Code.OFFLINE, f"the connection to the device closed during the sync "
+                                                    f"({channel.close_reason})", channel_lost=True))
 
     def on_peer_change(self, peer: str, online: bool) -> None:
         if not online:
             for session in [s for s in self._sessions.values() if s.peer == peer]:
-                self._wake_closed(session)
+                session.lose(SessionEnded(Code.OFFLINE, "the peer went offline during the sync", channel_lost=True))
         elif self.auto_sync_enabled:
             # (Re)connected: push what the peer missed; it does the same towards us.
             for store in self.registry.stores():
@@ -359,26 +411,19 @@ class SyncEngine:
         """What we know of a peer's tables: its HELLO, updated by later sessions."""
         return {**offers_by_store(hello_stores), **self.peer_tables.get(peer, {})}
 
-    def _open_session(self, peer: str, req: int) -> _Session:
-        session = _Session(peer, req)
+    def _open_session(self, peer: str, req: int, channel: Channel) -> _Session:
+        session = _Session(peer, req, channel)
         self._sessions[(peer, req)] = session
+        if channel.closed:  # a message read from a channel closed since: its close event may have passed
+            self.on_channel_closed(peer, channel)
         return session
 
-    def _close_session(self, session: _Session) -> None:
-        self._sessions.pop((session.peer, session.req), None)
-        self._wake_closed(session)
-
-    def _wake_closed(self, session: _Session) -> None:
+    async def _send(self, session: _Session, msg: Message) -> None:
+        """Send on the session's own channel: a channel that closed under it ends it."""
         try:
-            session.inbox.put_nowait(None)
-        except asyncio.QueueFull:
-            pass
-
-    async def _send(self, peer: str, msg: Message) -> None:
-        try:
-            await self.peers.send(peer, msg)
+            await self.peers.send(session.peer, msg, channel=session.channel)
         except DeviceOffline as exc:
-            raise SessionEnded(Code.OFFLINE, exc.message) from None
+            raise SessionEnded(Code.OFFLINE, exc.message, channel_lost=True) from None
         except DeviceUntrusted as exc:
             raise SessionEnded(Code.UNTRUSTED, exc.message) from None
 
@@ -441,7 +486,8 @@ class SyncEngine:
                     row = batch.rows[0]
                     raise SessionEnded(Code.FAIL, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
                                                   f"bytes; a sync message carries at most {MAX_PAYLOAD}")
-                await self._send(session.peer, SyncBatch(session.req, payload))
+                session.exchanged = True  # from here the peer may apply it
+                await self._send(session, SyncBatch(session.req, payload))
                 unacked.append(batch)
                 if len(unacked) >= SEND_WINDOW:
                     await take_ack()
@@ -466,11 +512,12 @@ class SyncEngine:
                 raise
             if not isinstance(msg, SyncBatch):
                 raise SessionEnded(Code.FAIL, f"expected a batch, got {type(msg).__name__}")
+            session.exchanged = True
             batch = decode_batch(msg.payload)
             result = await store.apply_changes(batch, session.peer)
             self.on_applied(store, session.peer, result)
             self.lag.received(session.peer, store.bundle, store.name, batch)
-            await self._send(session.peer, SyncAck(session.req, result.last_seq, result.applied, result.conflicts, result.failed))
+            await self._send(session, SyncAck(session.req, result.last_seq, result.applied, result.conflicts, result.failed))
             stats.add(batch, result.applied, result.conflicts, result.failed)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, stats, "download")
@@ -493,7 +540,7 @@ class SyncEngine:
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
-                await self._send(peer, SyncReady(msg.req, since, table_offers(store), stream))
+                await self._send(session, SyncReady(msg.req, since, table_offers(store), stream))
                 stats = await self._receive_stream(session, store, None)
                 log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
                          stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
@@ -505,7 +552,7 @@ class SyncEngine:
                 where = compile_where(store, msg.table, _parse_where(msg.where))
                 start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
                 stats = await self._send_stream(session, store, start, msg.table, where, None, snapshot)
-                await self._send(peer, SyncEnd(msg.req, int(Code.SUCCESS), ""))
+                await self._send(session, SyncEnd(msg.req, int(Code.SUCCESS), ""))
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
             code = int(Code.SUCCESS)
         except SessionEnded as end:
@@ -513,25 +560,25 @@ class SyncEngine:
                 code = end.code
             log.info("sync session %d with %s on %s/%s ended: code %d %s", msg.req, peer, msg.bundle, msg.store, end.code, end.message)
             if not end.from_peer:
-                await self._end_quietly(peer, msg.req, end.code, end.message)
+                await self._end_quietly(session, end.code, end.message)
         except P2PStoreError as exc:
             if code is not None:
                 code = session_code(exc)
             log.warning("sync session %d with %s on %s/%s failed: %s", msg.req, peer, msg.bundle, msg.store, exc.message)
-            await self._end_quietly(peer, msg.req, session_code(exc), exc.message)
+            await self._end_quietly(session, session_code(exc), exc.message)
         except Exception as exc:  # a bug here must end the session, not leave the peer waiting
             log.exception("sync session %d with %s on %s/%s crashed", msg.req, peer, msg.bundle, msg.store)
-            await self._end_quietly(peer, msg.req, Code.FAIL, f"internal error on the peer: {type(exc).__name__}")
+            await self._end_quietly(session, Code.FAIL, f"internal error on the peer: {type(exc).__name__}")
         finally:
             self._sessions.pop((peer, msg.req), None)
             if code is not None:
                 self.lag.end(peer, msg.bundle, msg.store, "receive" if msg.mode == "push" else "send", code)
 
-    async def _end_quietly(self, peer: str, req: int, code: int, message: str) -> None:
+    async def _end_quietly(self, session: _Session, code: int, message: str) -> None:
         if code == Code.OFFLINE:
             return
         try:
-            await self.peers.send(peer, SyncEnd(req, int(code), message[:1000]))
+            await self.peers.send(session.peer, SyncEnd(session.req, int(code), message[:1000]), channel=session.channel)
         except P2PStoreError:
             pass
 
@@ -594,12 +641,31 @@ class SyncEngine:
         if mode == "push" and not self.directory.may_receive(peer, store.security_label):
             raise SessionEnded(Code.SECURITY_LEVEL,
                                f"store {store.name} is labelled S{store.security_label}; the device's level is lower")
+        lost: _ChannelReplaced | None = None
+        for _ in range(1 + CHANNEL_RETRIES):
+            channel = await self.peers.wait_channel(peer)
+            if channel is None:
+                raise SessionEnded(Code.OFFLINE, str(lost) if lost else "the device is offline", channel_lost=True)
+            if lost is not None:
+                log.info("sync of %s/%s with %s (%s): %s before any change moved; going on over the new connection",
+                         store.bundle, store.name, peer, mode, lost)
+            try:
+                return await self._run_on(channel, store, mode, peer, table, where_json, where, progress)
+            except _ChannelReplaced as exc:
+                lost = exc
+        raise SessionEnded(Code.OFFLINE, f"the connection to the device closed {1 + CHANNEL_RETRIES} times before the "
+                                         "sync could start", channel_lost=True)
+
+    async def _run_on(self, channel: Channel, store: Store, mode: str, peer: str, table: str | None, where_json: Any,
+                      where: Any, progress: Progress | None) -> Stats:
+        """One attempt of ``_run_session`` on ``channel``; ``_ChannelReplaced``
+        if the channel closed before any batch moved (nothing to undo)."""
         req = secrets.randbits(62) + 1
-        session = self._open_session(peer, req)
+        session = self._open_session(peer, req, channel)
         try:
             where_text = encode_predicates(where_json) if where is not None else None
             if mode == "push":
-                await self._send(peer, SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store)))
+                await self._send(session, SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store)))
                 ready = await session.next(self.timeout)
                 if not isinstance(ready, SyncReady):
                     raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
@@ -607,20 +673,22 @@ class SyncEngine:
                 check_tables(store, table, ready.tables)
                 start, snapshot = await self._begin_send(store, peer, ready.since, ready.stream, table, where)
                 stats = await self._send_stream(session, store, start, table, where, progress, snapshot)
-                await self._send(peer, SyncEnd(req, int(Code.SUCCESS), ""))
+                await self._send(session, SyncEnd(req, int(Code.SUCCESS), ""))
             else:
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
-                await self._send(peer, SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since,
+                await self._send(session, SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since,
                                                 table_offers(store), stream))
                 stats = await self._receive_stream(session, store, progress)
             return stats
         except SessionEnded as end:
+            if end.channel_lost and not session.exchanged:
+                raise _ChannelReplaced(end.message) from None
             if not end.from_peer:
-                await self._end_quietly(peer, req, end.code, end.message)  # let the peer stop too
+                await self._end_quietly(session, end.code, end.message)  # let the peer stop too
             raise
         except P2PStoreError as exc:
-            await self._end_quietly(peer, req, session_code(exc), exc.message)
+            await self._end_quietly(session, session_code(exc), exc.message)
             raise
         except Exception as exc:
             # The one boundary for syncs this device starts (store.sync and
@@ -628,7 +696,7 @@ class SyncEngine:
             # FAIL with a message, never as INTERNAL_ERROR or a silent stall.
             log.exception("sync of %s/%s with %s (%s) failed unexpectedly", store.bundle, store.name, peer, mode)
             message = f"internal error: {type(exc).__name__}: {exc}"[:1000].encode("utf-8", "replace").decode()
-            await self._end_quietly(peer, req, Code.FAIL, message)
+            await self._end_quietly(session, Code.FAIL, message)
             raise SessionEnded(Code.FAIL, message) from exc
         finally:
             self._sessions.pop((peer, req), None)
@@ -654,21 +722,39 @@ class SyncEngine:
         self._spawn(self._auto_push(store, peer, key), f"auto-sync {store.name} -> {peer}")
 
     async def _auto_push(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
+        """Push until nothing new is left: ``self._auto[key]`` (dirty) is set by
+        every change while a push runs; a failed push is tried again after
+        ``AUTO_RETRY_DELAYS`` (it may have left changes behind, old or new)."""
+        failures = 0
         try:
             while True:
                 self._auto[key] = False
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
                         stats = await self._run_session(store, "push", peer, None, None, None, None)
+                    failures = 0
                     if stats.sent:
                         log.debug("auto-sync pushed %d change(s) of %s to %s", stats.sent, store.name, peer)
-                except SessionEnded as end:
-                    if end.code not in (Code.OFFLINE, Code.UNTRUSTED, Code.SECURITY_LEVEL):
-                        log.warning("auto-sync of %s to %s: code %d %s", store.name, peer, end.code, end.message)
-                    return
-                except P2PStoreError as exc:
-                    log.warning("auto-sync of %s to %s failed: %s", store.name, peer, exc.message)
-                    return
+                except (SessionEnded, P2PStoreError) as exc:
+                    code = session_code(exc)
+                    if code == Code.OFFLINE and self.peers.is_online(peer):
+                        code = int(Code.FAIL)  # its channel was replaced mid-push: go again on the new one
+                    if code in AUTO_NO_RETRY:
+                        # Offline: on_peer_change pushes again when it is back; the rest wait for a user.
+                        if code not in (Code.OFFLINE, Code.UNTRUSTED, Code.SECURITY_LEVEL):
+                            log.warning("auto-sync of %s to %s: code %d %s", store.name, peer, code, exc.message)
+                        return
+                    failures += 1
+                    if failures > len(AUTO_RETRY_DELAYS):
+                        log.warning("auto-sync of %s to %s: code %d %s; gave up after %d tries (the next change or "
+                                    "reconnect tries again)", store.name, peer, code, exc.message, failures)
+                        return
+                    delay = AUTO_RETRY_DELAYS[failures - 1]
+                    log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                            "auto-sync of %s to %s: code %d %s; trying again in %g s",
+                            store.name, peer, code, exc.message, delay)
+                    await asyncio.sleep(delay)
+                    continue
                 if not self._auto.get(key):
                     return
         finally:

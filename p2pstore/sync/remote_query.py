@@ -13,11 +13,17 @@ Answering side invariants:
 - Results travel in pages of about PAGE_BYTES; the asker acknowledges each
   page (QueryMore) before the next is read, so memory on both sides is bound
   by a page (the asker keeps what it has received, as its caller asked for it).
+- A query lives on one channel, the one its request went out on (came in
+  on): when that channel closes it ends at once on both sides. The asker
+  sends it again on the surviving channel if no page had come yet (the
+  channel lost a simultaneous dial), else it is DEVICE_OFFLINE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import secrets
 import sqlite3
@@ -34,6 +40,7 @@ from p2pstore.errors import (
     SyncTimeout,
     by_name,
 )
+from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.messages import (
@@ -60,6 +67,10 @@ DEFAULT_TIMEOUT = 30.0
 FETCH_ROWS = 512
 #: Queries a peer may run here at once.
 MAX_SERVING_PER_PEER = 4
+#: Times a query is sent again when its channel closed before the first page.
+CHANNEL_RETRIES = 3
+
+Inbox = asyncio.Queue[Message | None]
 
 
 def _value_size(value: Any) -> int:
@@ -133,8 +144,9 @@ class RemoteQueries:
         self.peers = peers
         self.directory = directory
         self.timeout = timeout
-        self._waiting: dict[tuple[str, int], asyncio.Queue[Message | None]] = {}
-        self._serving: dict[tuple[str, int], asyncio.Queue[Message | None]] = {}
+        #: Queries in flight, both ways: (device, req) -> (inbox, the channel they live on).
+        self._waiting: dict[tuple[str, int], tuple[Inbox, Channel]] = {}
+        self._serving: dict[tuple[str, int], tuple[Inbox, Channel]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def stop(self) -> None:
@@ -144,38 +156,49 @@ class RemoteQueries:
 
     def on_peer_change(self, peer: str, online: bool) -> None:
         if not online:
-            for (p, _), inbox in list(self._waiting.items()) + list(self._serving.items()):
-                if p == peer:
+            self._end_where(lambda p, channel: p == peer)
+
+    def on_channel_closed(self, peer: str, channel: Channel) -> None:
+        """A channel closed (PeerManager): the queries on it end now, not at their timeout."""
+        self._end_where(lambda p, c: c is channel)
+
+    def _end_where(self, match: Any) -> None:
+        for (p, _), (inbox, channel) in list(self._waiting.items()) + list(self._serving.items()):
+            if match(p, channel):
+                with contextlib.suppress(asyncio.QueueFull):  # a full inbox is read before it waits again
                     inbox.put_nowait(None)
 
     # -- messages from peers ---------------------------------------------------
 
-    async def handle(self, peer: str, msg: Message) -> bool:
-        """Take a remote-query message; False if it is not one."""
+    async def handle(self, peer: str, msg: Message, channel: Channel) -> bool:
+        """Take a remote-query message (from ``channel``); False if it is not one."""
         if isinstance(msg, QueryRequest):
             if sum(1 for p, _ in self._serving if p == peer) >= MAX_SERVING_PER_PEER:
-                await self._send_quietly(peer, QueryError(msg.req, "BUSY", "too many queries from this device at once"))
+                await self._send_quietly(peer, QueryError(msg.req, "BUSY", "too many queries from this device at once"), channel)
                 return True
-            inbox: asyncio.Queue[Message | None] = asyncio.Queue(4)
-            self._serving[(peer, msg.req)] = inbox
-            task = asyncio.get_running_loop().create_task(self._answer(peer, msg, inbox))
+            inbox: Inbox = asyncio.Queue(4)
+            self._serving[(peer, msg.req)] = (inbox, channel)
+            if channel.closed:  # read from a channel closed since: its close event may have passed
+                inbox.put_nowait(None)
+            task = asyncio.get_running_loop().create_task(self._answer(peer, msg, inbox, channel))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return True
         if isinstance(msg, QueryMore):
-            inbox = self._serving.get((peer, msg.req))
+            entry = self._serving.get((peer, msg.req))
         elif isinstance(msg, (QueryPage, QueryError)):
-            inbox = self._waiting.get((peer, msg.req))
+            entry = self._waiting.get((peer, msg.req))
         else:
             return False
-        if inbox is not None:
+        if entry is not None:
+            inbox = entry[0]
             try:
                 inbox.put_nowait(msg)
             except asyncio.QueueFull:
                 log.warning("peer %s floods remote query %d; dropping its messages", peer, msg.req)
         return True
 
-    async def _answer(self, peer: str, msg: QueryRequest, inbox: asyncio.Queue[Message | None]) -> None:
+    async def _answer(self, peer: str, msg: QueryRequest, inbox: Inbox, channel: Channel) -> None:
         pager: _Pager | None = None
         try:
             store = await self.registry.for_peer(msg.bundle, msg.store)
@@ -191,7 +214,7 @@ class RemoteQueries:
             pages = 0
             while True:
                 rows, last = await asyncio.to_thread(pager.page)
-                await self.peers.send(peer, QueryPage(msg.req, tuple(columns), rows, last))
+                await self.peers.send(peer, QueryPage(msg.req, tuple(columns), rows, last), channel=channel)
                 pages += 1
                 if last:
                     break
@@ -201,9 +224,9 @@ class RemoteQueries:
             log.info("answered remote query from %s on %s/%s.%s (%d page(s))", peer, msg.bundle, msg.store, msg.table, pages)
         except P2PStoreError as exc:
             log.info("refused remote query from %s on %s/%s.%s: %s", peer, msg.bundle, msg.store, msg.table, exc.message)
-            await self._send_quietly(peer, QueryError(msg.req, exc.name, exc.message[:1000]))
+            await self._send_quietly(peer, QueryError(msg.req, exc.name, exc.message[:1000]), channel)
         except sqlite3.Error as exc:
-            await self._send_quietly(peer, QueryError(msg.req, "SQL_ERROR", str(exc)[:1000]))
+            await self._send_quietly(peer, QueryError(msg.req, "SQL_ERROR", str(exc)[:1000]), channel)
         except asyncio.TimeoutError:
             log.info("remote query %d from %s abandoned (no request for the next page)", msg.req, peer)
         finally:
@@ -211,9 +234,9 @@ class RemoteQueries:
             if pager is not None:
                 await asyncio.to_thread(pager.close)
 
-    async def _send_quietly(self, peer: str, msg: Message) -> None:
+    async def _send_quietly(self, peer: str, msg: Message, channel: Channel) -> None:
         try:
-            await self.peers.send(peer, msg)
+            await self.peers.send(peer, msg, channel=channel)
         except P2PStoreError:
             pass
 
@@ -227,30 +250,51 @@ class RemoteQueries:
         if not self.peers.is_online(device):
             raise DeviceOffline(f"device {device} is offline", data={"device_id": device})
         predicates = {k: v for k, v in (predicates or {}).items() if k not in ("table", "devices")}
+        try:
+            # A template: each attempt sends it under a fresh req.
+            request = QueryRequest(1, store.bundle, store.name, table, tuple(columns or ()), encode_predicates(predicates))
+        except ProtocolError as exc:  # e.g. predicates over the message limit: the caller's input, not the peer's
+            raise InvalidPredicate(f"predicates can't be sent: {exc.message}", data={"path": "/"}) from None
+        for attempt in range(1 + CHANNEL_RETRIES):
+            channel = await self.peers.wait_channel(device)
+            if channel is None:
+                break
+            if attempt:
+                log.info("remote query to %s: its connection closed before any answer; asking again on the new one", device)
+            answer = await self._ask(device, channel, request)
+            if answer is not None:
+                return answer
+        raise DeviceOffline(f"device {device} went offline during the query", data={"device_id": device})
+
+    async def _ask(self, device: str, channel: Channel, request: QueryRequest) -> dict[str, Any] | None:
+        """The query on ``channel``: the result, or None if the channel closed before any page came."""
         req = secrets.randbits(62) + 1
-        inbox: asyncio.Queue[Message | None] = asyncio.Queue(4)
-        self._waiting[(device, req)] = inbox
+        inbox: Inbox = asyncio.Queue(4)
+        self._waiting[(device, req)] = (inbox, channel)
         result_columns: list[str] = []
         rows: list[list[Any]] = []
         budget = ResultBudget(max_bytes=self.max_result_bytes, source=f"the query on {device}",
                               hint="add a limit and page with offset", data={"device_id": device})
+        pages = 0
         try:
             try:
-                request = QueryRequest(req, store.bundle, store.name, table, tuple(columns or ()), encode_predicates(predicates))
-            except ProtocolError as exc:  # e.g. predicates over the message limit: the caller's input, not the peer's
-                raise InvalidPredicate(f"predicates can't be sent: {exc.message}", data={"path": "/"}) from None
-            await self.peers.send(device, request)
+                await self.peers.send(device, dataclasses.replace(request, req=req), channel=channel)
+            except DeviceOffline:
+                return None
             while True:
                 try:
                     msg = await asyncio.wait_for(inbox.get(), self.timeout)
                 except asyncio.TimeoutError:
                     raise SyncTimeout(f"device {device} did not answer the query within {self.timeout:g} s") from None
                 if msg is None:
+                    if pages == 0:
+                        return None
                     raise DeviceOffline(f"device {device} went offline during the query", data={"device_id": device})
                 if isinstance(msg, QueryError):
                     cls = by_name(msg.name)
                     raise cls(f"device {device}: {msg.message}", data={"device_id": device})
                 assert isinstance(msg, QueryPage)
+                pages += 1
                 if not result_columns:
                     result_columns = list(msg.columns)
                     budget.add_columns(result_columns)
@@ -260,7 +304,7 @@ class RemoteQueries:
                     rows.append(row)
                 if msg.last:
                     return {"columns": result_columns, "rows": rows}
-                await self.peers.send(device, QueryMore(req))
+                await self.peers.send(device, QueryMore(req), channel=channel)
         finally:
             self._waiting.pop((device, req), None)
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from p2ps_helpers import DaemonProcess, RawConnection, error_name, unique, write_config
+
+from p2pstore.net.identity import device_id_from_key_hash
 
 STORE = unique("bad")
 DEVICE = "ABCDEFG-HIJKLMN-OPQRSTU"
@@ -122,6 +125,40 @@ def test_bad_params_are_invalid_params(conn: RawConnection, method: str, params:
     response = request(conn, method, params)
     assert error_name(response) == "INVALID_PARAMS", f"{method} with {why}: {response}"
     assert response["error"]["code"] == -32602
+    assert_usable(conn)
+
+
+#: The list form of devices.trust, ``{"devices": [{"device_id", "name"?}, ...]}``.
+TRUST_LIST_CASES = [
+    ({"devices": []}, "empty list"),
+    ({"devices": DEVICE}, "devices not a list"),
+    ({"devices": [DEVICE]}, "entry not an object"),
+    ({"devices": [{"name": "x"}]}, "entry without device_id"),
+    ({"devices": [{"device_id": 7}]}, "wrong type of an entry's device_id"),
+    ({"devices": [{"device_id": DEVICE, "name": 5}]}, "wrong type of an entry's name"),
+    ({"devices": [{"device_id": DEVICE, "bogus": 1}]}, "unknown key in an entry"),
+    ({"devices": [{"device_id": DEVICE}], "device_id": DEVICE}, "both forms"),
+    ({"devices": [{"device_id": DEVICE}], "name": "x"}, "name beside devices"),
+    ({"devices": [{"device_id": DEVICE}] * 1025}, "over 1024 entries"),
+    ({"name": "x"}, "name without device_id"),
+]
+
+
+@pytest.mark.parametrize(("params", "why"), TRUST_LIST_CASES, ids=[w for _, w in TRUST_LIST_CASES])
+def test_bad_trust_lists_are_invalid_params(conn: RawConnection, params: Any, why: str) -> None:
+    response = request(conn, "devices.trust", params)
+    assert error_name(response) == "INVALID_PARAMS", f"devices.trust with {why}: {response}"
+    assert response["error"]["message"].startswith("devices.trust: "), response
+    assert_usable(conn)
+
+
+def test_bad_id_in_a_trust_list_names_its_index_and_trusts_none(conn: RawConnection) -> None:
+    good = device_id_from_key_hash(os.urandom(32))
+    response = request(conn, "devices.trust", {"devices": [{"device_id": good, "name": "ok"}, {"device_id": "not-an-id"}]})
+    assert error_name(response) == "INVALID_DEVICE_ID", response
+    assert response["error"]["data"]["index"] == 1 and "devices[1]" in response["error"]["message"], response
+    listed = request(conn, "devices.list", {})["result"]
+    assert not any(d["device_id"] == good and d["trusted"] for d in listed), "a list with a bad ID trusted some of it"
     assert_usable(conn)
 
 

@@ -963,8 +963,45 @@ def test_cli_device_commands(node) -> None:
     wait_until(lambda: b.sees_offline(a), 2.0, "b offline after CLI untrust")
     out = cli("untrust", b.id, "--socket", sock)
     assert out.returncode == 1 and "DEVICE_UNKNOWN" in out.stderr, "untrusting twice"
-    for usage in (("trust",), ("untrust",), ("trust", "x", "y")):
-        assert cli(*usage, "--socket", sock).returncode == 2
+    for usage in (("trust",), ("untrust",), ("trust", "x", "y", "--name", "two ids, one name"), ("untrust", "x", "y")):
+        assert cli(*usage, "--socket", sock).returncode == 2, usage
+
+
+def test_trust_a_list_of_devices_in_one_call(node) -> None:
+    """``devices.trust {"devices": [...]}`` and ``p2pstore trust ID ID...``:
+    all in one call (one trust-file write); one bad ID, named by its index,
+    trusts none of them."""
+    a = node("a")
+    b = node("b", "--peer", f"{LO}:{a.port}")
+    sock = str(a.proc.socket)
+    trust_file = a.proc.data_dir / "trust.json"
+    ids = [random_device_id() for _ in range(3)]
+
+    out = cli("trust", ids[0], mistype(ids[1]), ids[2], "--socket", sock)
+    assert out.returncode == 1 and "INVALID_DEVICE_ID" in out.stderr and "devices[1]" in out.stderr, out
+    assert not any(d["trusted"] for d in a.devices()), "a list with a bad ID trusted some of it"
+    out = cli("trust", ids[0], a.id, "--socket", sock)
+    assert out.returncode == 1 and "devices[1]" in out.stderr and "own ID" in out.stderr, out
+
+    out = cli("trust", *ids, b.id.lower(), "--socket", sock)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [w for d in [*ids, b.id] for w in ("trusted", d)], out.stdout
+    assert {d["device_id"] for d in a.devices() if d["trusted"]} == {*ids, b.id}
+    assert {e["device_id"] for e in json.loads(trust_file.read_text())["devices"]} == {*ids, b.id}
+    b.trust(a)
+    wait_until(lambda: a.sees_online(b), FIVE_S, "online after a list trust")
+
+    many = [random_device_id() for _ in range(200)]
+    start = time.monotonic()
+    result = a.api.call("devices.trust", devices=[{"device_id": d, "name": f"n{i}"} for i, d in enumerate(many)])
+    took = time.monotonic() - start
+    assert result == {"device_ids": many}
+    names = {d["device_id"]: d["name"] for d in a.devices() if d["trusted"]}
+    assert all(names[d] == f"n{i}" for i, d in enumerate(many))
+    print(f"trusted {len(many)} devices in one call: {took * 1000:.0f} ms")
+    assert took < 2.0, f"{len(many)} devices took {took:.1f} s in one call (one call each: ~{len(many) * 0.04:.0f} s)"
+    assert a.api.call("devices.trust", device_id=ids[0], name="single form") == {"device_id": ids[0]}
+    assert a.view(ids[0])["name"] == "single form"
 
 
 # ================================================================ 8. security-level rule

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pstore import PROTOCOL_VERSION
+from p2pstore.net.channel import Channel
 from p2pstore.net.identity import Identity
 from p2pstore.net.peers import PeerManager
 from p2pstore.net.trust import TrustStore
@@ -53,6 +54,8 @@ class Device:
         self.trust = TrustStore(self.root / self.name / "trust.json")
         self.changes: list[tuple[str, bool]] = []
         self.messages: list[tuple[str, Message]] = []
+        self.message_channels: list[Channel] = []
+        self.closed_channels: list[tuple[str, Channel]] = []
         self.manager = self.new_manager()
 
     @property
@@ -60,8 +63,9 @@ class Device:
         return self.identity.device_id
 
     def new_manager(self, **overrides: Any) -> PeerManager:
-        async def on_message(device_id: str, msg: Message) -> None:
+        async def on_message(device_id: str, msg: Message, channel: Channel) -> None:
             self.messages.append((device_id, msg))
+            self.message_channels.append(channel)
 
         options: dict[str, Any] = dict(host="127.0.0.1", port=0, keepalive_interval=0.5, dead_after=1.5)
         options.update(self.kwargs)
@@ -72,6 +76,7 @@ class Device:
             hello_factory=self.hello_factory or (lambda: make_hello(self.identity)),
             on_change=lambda d, online: self.changes.append((d, online)),
             on_message=on_message,
+            on_channel_closed=lambda d, channel: self.closed_channels.append((d, channel)),
             **options,
         )
 

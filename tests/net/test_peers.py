@@ -184,6 +184,55 @@ async def test_simultaneous_dial_leaves_exactly_one_channel(devices: Callable[..
         b.changes.clear()
 
 
+async def test_duplicate_channel_close_is_reported_per_channel(devices: Callable[..., Device]) -> None:
+    """The loser of a simultaneous dial closes without an offline event, but
+    ``on_channel_closed`` names it, a send bound to it fails at once, and
+    ``wait_channel`` gives the survivor (what sync sessions rely on)."""
+    a, b = devices("a", auto_dial=False), devices("b", auto_dial=False)
+    trust_each_other(a, b)
+    await a.manager.start()
+    await b.manager.start()
+    losers = 0
+    for round_ in range(5):
+        a.closed_channels.clear()
+        b.closed_channels.clear()
+        await asyncio.gather(
+            a.manager.connect("127.0.0.1", b.port, b.id),
+            b.manager.connect("127.0.0.1", a.port, a.id),
+            return_exceptions=True,
+        )
+        await eventually(lambda: a.manager.channel(b.id) and b.manager.channel(a.id), 3.0, "a channel each way")
+        survivors = {}
+        for me, other in ((a, b), (b, a)):
+            survivor = await me.manager.wait_channel(other.id, timeout=3.0)
+            assert survivor is not None and not survivor.closed
+            survivors[me.id] = survivor
+            note = Note(f"round {round_} from {me.name}", b"")
+            await me.manager.send(other.id, note, channel=survivor)
+            await eventually(lambda: any(m == note for _, m in other.messages), 3.0, "sent on the survivor")
+            assert other.message_channels[-1] is other.manager.channel(me.id)
+            assert me.changes == [(other.id, True)]  # the duplicate's close was no offline event
+        a.manager.disconnect(b.id, "next round")
+        for me, other in ((a, b), (b, a)):
+            survivor = survivors[me.id]
+            await eventually(lambda: (other.id, survivor) in me.closed_channels, 3.0, "the survivor's close reported")
+            assert await me.manager.wait_channel(other.id, timeout=0.5) is None
+            # Every channel registered this round was reported once, after it
+            # closed: the survivor last, any duplicate it replaced before it.
+            reported = [c for _, c in me.closed_channels]
+            assert reported[-1] is survivor and len(set(map(id, reported))) == len(reported), reported
+            for loser in reported[:-1]:
+                losers += 1
+                assert loser.closed
+                with pytest.raises(DeviceOffline):
+                    await me.manager.send(other.id, Note("late", b""), channel=loser)
+        await eventually(lambda: not a.manager.channels() and not b.manager.channels(), 3.0, "closed")
+        a.changes.clear()
+        b.changes.clear()
+    print(f"{losers} duplicate channel(s) registered, replaced and reported in 5 rounds")
+    assert losers, "no round made a duplicate channel on either side: the race was not exercised"
+
+
 async def test_untrust_closes_the_channel_at_once(devices: Callable[..., Device]) -> None:
     a, b = devices("a"), devices("b")
     trust_each_other(a, b)

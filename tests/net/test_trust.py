@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2pstore.errors import ConfigError, InvalidDeviceId
-from p2pstore.net.identity import key_hash_from_device_id
+from p2pstore.net.identity import device_id_from_key_hash, key_hash_from_device_id
 from p2pstore.net.trust import TrustStore
 
 A = "P56IOI7-MZJNU2Y-IQGDREY-DM2MGTI-MGL3BXN-PQ6W5BM-TBBZ4TJ-XZWICQ2"
@@ -124,3 +124,40 @@ def test_world_writable_file_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o666)
     with pytest.raises(ConfigError, match=f"chmod 600 {path}"):
         TrustStore(path)
+
+
+def test_trust_many_is_one_write_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "trust.json"
+    store = TrustStore(path)
+    heard: list[tuple[str, bool]] = []
+    store.add_listener(lambda d, t: heard.append((d, t)))
+    ids = [device_id_from_key_hash(os.urandom(32)) for _ in range(50)]
+    writes: list[object] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (writes.append(dst), real_replace(src, dst)))
+
+    entries = store.trust_many([(d, f"n{i}") for i, d in enumerate(ids)] + [(ids[0], "renamed")])
+    assert len(writes) == 1, "one write of the trust file for the whole list"
+    assert [e.device_id for e in entries] == [*ids, ids[0]] and entries[-1].name == "renamed"
+    assert heard == [(d, True) for d in ids], "each new device is announced once"
+    assert {e.device_id for e in TrustStore(path).entries()} == set(ids)
+
+    before = path.read_bytes()
+    fresh = device_id_from_key_hash(os.urandom(32))
+    with pytest.raises(InvalidDeviceId):
+        store.trust_many([(fresh, None), ("not-an-id", None)])
+    assert len(writes) == 1 and path.read_bytes() == before and not store.is_trusted(fresh), "a bad ID trusts none"
+    store.trust_many([(d, None) for d in ids[1:]])  # nothing new: no write
+    assert len(writes) == 1
+
+
+def test_trust_many_leaves_memory_unchanged_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = TrustStore(tmp_path / "trust.json")
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(ConfigError):
+        store.trust_many([(A, None)])
+    assert not store.is_trusted(A), "not trusted in memory while the file says otherwise"
