@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "p2pstore"
 #: Layer rank of each top-level part of the package; a module may import
 #: modules of its own rank or lower.
 RANK = {
-    "errors": 0, "clock": 0, "config": 0, "schemas": 0, "service": 0, "__init__": 0,
+    "errors": 0, "clock": 0, "config": 0, "schemas": 0, "service": 0, "tasks": 0, "__init__": 0,
     "protocol": 1,
     "store": 2, "schema": 2,
     "net": 3,

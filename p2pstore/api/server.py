@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from p2pstore.tasks import TaskSet
 from p2pstore.api.jsonrpc import RequestError, decode_request, encode_error, encode_result, Request
 from p2pstore.api.subscriptions import Outbox, drain_outbox
 from p2pstore.errors import InternalError, P2PStoreError, RequestTooLarge
@@ -76,7 +77,7 @@ class ApiServer:
         self.on_disconnect = on_disconnect
         self._server: asyncio.AbstractServer | None = None
         self._count = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +105,7 @@ class ApiServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._tasks.close()
             self._server = None
         try:
             self.path.unlink()
@@ -114,16 +113,12 @@ class ApiServer:
             pass
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.spawn(coro)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)  # one entry per live connection, not per connection ever made
+        self._tasks.adopt(task)  # one entry per live connection, not per connection ever made
         try:
             await self._serve(reader, writer)
         except asyncio.CancelledError:

@@ -61,6 +61,7 @@ from typing import Any
 from zeroconf import DNSOutgoing, DNSQuestionType, IPVersion, NonUniqueNameException, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from p2pstore.tasks import TaskSet
 from p2pstore.errors import ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,7 @@ class Discovery:
         self._dormant: dict[str, tuple[str, float]] = {}
         self._peers: dict[str, DiscoveredPeer] = {}
         self._resolving: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
 
     # -- public surface
 
@@ -414,16 +415,16 @@ class Discovery:
         self._running = False
         zc, self._zc = self._zc, None
         browser, self._browser = self._browser, None
-        tasks = list(self._resolving.values()) + list(self._tasks)
+        tasks = list(self._resolving.values())
         if self._sweeper is not None:
             tasks.append(self._sweeper)
             self._sweeper = None
         self._resolving.clear()
-        self._tasks.clear()
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
         if browser is not None:
             await browser.async_cancel()
         if zc is not None:
@@ -678,14 +679,4 @@ class Discovery:
             self._spawn(result)
 
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
-        async def guarded() -> None:
-            try:
-                await awaitable
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("discovery background task failed")
-
-        task = asyncio.get_running_loop().create_task(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(awaitable)

@@ -49,6 +49,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from p2pstore.tasks import TaskSet
 from p2pstore.errors import ChannelError, ConfigError, DeviceOffline, DeviceUntrusted, ProtocolError
 from p2pstore.net.channel import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -233,7 +234,7 @@ class PeerManager:
         self._seen: dict[str, _Seen] = {}
         self._addresses: dict[Address, _Address] = {}
         self._pending: OrderedDict[str, PendingPeer] = OrderedDict()
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks = TaskSet(log)
         self._handshakes: set[asyncio.Task[object]] = set()
         self._wake = asyncio.Event()
         #: Set (and replaced) whenever a channel registers or a set-up ends: wakes ``wait_channel``.
@@ -282,8 +283,7 @@ class PeerManager:
         for channel in channels:
             channel.close("device shutting down")
         await asyncio.gather(*(c.wait_closed(timeout=2.0) for c in channels), return_exceptions=True)
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
+        await self._tasks.wait(timeout=2.0)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
@@ -481,7 +481,7 @@ class PeerManager:
         task = asyncio.get_running_loop().create_task(self._accept(raw), name=f"p2pstore-accept-{where}")
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
-        task.add_done_callback(self._task_done)
+        self._tasks.adopt(task)
 
     async def _accept(self, raw: RawConnection) -> None:
         where = format_address(raw.peer_address)
@@ -652,15 +652,7 @@ class PeerManager:
             self._spawn(result, f"p2pstore-on-change-{peer[:7]}")
 
     def _spawn(self, coro: Awaitable[object], name: str) -> None:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[object]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        self._tasks.spawn(coro, name)
 
     def _on_trust_change(self, device_id: str, trusted: bool) -> None:
         if trusted:

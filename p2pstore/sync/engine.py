@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from p2pstore.tasks import TaskSet
 from p2pstore.errors import (
     DeviceOffline,
     DiskFull,
@@ -334,7 +335,7 @@ class SyncEngine:
         self._sessions: dict[tuple[str, int], _Session] = {}
         self._running_syncs: set[tuple[str, str]] = set()
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
         #: Each peer's tables per store as last seen in a sync session (fresher than its HELLO).
         self.peer_tables: dict[str, PeerTables] = {}
         #: Per-peer lag figures for status and devices.list (sync/lag.py).
@@ -343,19 +344,10 @@ class SyncEngine:
     # -- lifecycle ---------------------------------------------------------
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("sync task %s failed", task.get_name(), exc_info=task.exception())
+        self._tasks.spawn(coro, name)
 
     # -- messages from peers ---------------------------------------------------
 

@@ -29,6 +29,7 @@ import secrets
 import sqlite3
 from typing import Any
 
+from p2pstore.tasks import TaskSet
 from p2pstore.errors import (
     DeviceOffline,
     DeviceUntrusted,
@@ -147,12 +148,10 @@ class RemoteQueries:
         #: Queries in flight, both ways: (device, req) -> (inbox, the channel they live on).
         self._waiting: dict[tuple[str, int], tuple[Inbox, Channel]] = {}
         self._serving: dict[tuple[str, int], tuple[Inbox, Channel]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     def on_peer_change(self, peer: str, online: bool) -> None:
         if not online:
@@ -180,9 +179,7 @@ class RemoteQueries:
             self._serving[(peer, msg.req)] = (inbox, channel)
             if channel.closed:  # read from a channel closed since: its close event may have passed
                 inbox.put_nowait(None)
-            task = asyncio.get_running_loop().create_task(self._answer(peer, msg, inbox, channel))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._answer(peer, msg, inbox, channel), f"answer query {msg.req} from {peer[:7]}")
             return True
         if isinstance(msg, QueryMore):
             entry = self._serving.get((peer, msg.req))

@@ -810,7 +810,7 @@ def test_kill_9_of_the_receiver_mid_push_loses_and_duplicates_nothing(linked_dae
     seen = wait_until(lambda: (n := b.count(SV_REF, "EMPLOYEE")) >= 5_000 and n, 30, "B is receiving", interval=0.05)
     b.kill()
     assert seen < CRASH_ROWS, "the push finished before the kill; nothing was tested"
-    r = one(push.wait(40), b)
+    r = one(push.wait(120), b)  # at once on an idle machine; a loaded one is slow to read the next batch
     assert r["code"] in (OFFLINE, TIMEOUT), r
     print(f"killed B after {time.monotonic() - t0:.2f} s with >= {seen} rows applied; A's result: {r}")
 
