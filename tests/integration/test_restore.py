@@ -163,12 +163,16 @@ def test_a_restored_single_version_store_lets_newer_values_and_deletes_win(linke
     wait_until(lambda: a.sees_online(b) and a.sees_online(c) and b.sees_online(a), 15, "a online again")
     a.call("store.open", **SV_REF)
     assert sv_rows(a) == {"kept": 1, "edited": 1, "deleted": 1}
-    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "after-restore", "AGE": 5})
+    # Written after the restore, before any sync, and past the seqs the peers
+    # hold: the same seqs as the lost history's, in the old stream.
+    later = {f"after-restore-{i}": 5 for i in range(4)}
+    for name, age in later.items():
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": name, "AGE": age})
 
     # The first push of the new incarnation is read from seq 0 (nothing skipped);
     # the restored old cells lose to what the peers hold.
     ok(a.sync("push", SV_REF, [b, c]), b, c)
-    expected["after-restore"] = 5
+    expected.update(later)
     assert sv_rows(b) == sv_rows(c) == expected
     ok(a.sync("pull", SV_REF, [b, c]), b, c)
     assert sv_rows(a) == expected  # the update wins, the delete stays
