@@ -282,7 +282,9 @@ class StoresOffer(Message):
 # SyncResultCode values of SPEC §2. ``req`` is a random id chosen by the
 # opener, unique on the channel.
 
-SYNC_MODES = frozenset({"push", "pull"})
+#: ``catchup``: the opener was restored from a backup and asks for the
+#: receiver's copy of its own rows (store/restore.py); flows like a pull.
+SYNC_MODES = frozenset({"push", "pull", "catchup"})
 #: Largest JSON text of a query-sync row filter.
 MAX_WHERE_LEN = 64 * 1024
 
@@ -324,7 +326,7 @@ class SyncOpen(Message):
         _text(self.bundle, "bundle name")
         _text(self.store, "store name")
         if self.mode not in SYNC_MODES:
-            raise ProtocolError(f"mode must be push or pull, got {self.mode!r:.40}")
+            raise ProtocolError(f"mode must be push, pull or catchup, got {self.mode!r:.40}")
         if self.table is not None:
             _text(self.table, "table name")
         if self.where is not None:

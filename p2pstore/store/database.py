@@ -61,7 +61,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import capture, changes, gc, merge, single_version
+from p2pstore.store import capture, changes, gc, merge, restore, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
@@ -207,6 +207,11 @@ class Store:
         self._header_fd: int | None = None
         #: Set once the file at ``path`` is found not to be ours any more.
         self._broken: StoreFileChanged | None = None
+        #: A restored file that has not caught up from a peer yet (store/restore.py):
+        #: it sends nothing of its own until it has.
+        self.restore_pending = False
+        #: What the state file beside the store says (store/restore.py), as last written.
+        self._state: restore.State | None = None
         #: Called (in the event loop) with every non-empty batch of captured changes.
         self.on_changes: Callable[[Store, ChangeBatch], None] | None = None
 
@@ -255,6 +260,7 @@ class Store:
             if mode.lower() != "wal":
                 raise StoreInvalid(f"{self.path}: could not switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            fresh = restore.is_new_file(conn)
             capture.ensure_schema(conn)
             conn.executescript(single_version.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
@@ -273,10 +279,32 @@ class Store:
                 self.schema_problems = single_version.recheck(
                     conn, label=f"{self.bundle}/{self.name}", bundle=self.bundle, name=self.name, tables=list(self.distributed)
                 )
+            if not fresh and restore.restored(conn, restore.read_state(self.path)):
+                restore.mark_restored(conn, capture.stream_id(conn))
+                log.warning("store %s/%s: the file is older than this device's last sync of it (restored from a backup or "
+                            "copied in): it starts a new change stream%s", self.bundle, self.name,
+                            ", and catches up from a peer before it sends its own rows" if restore.pending(conn) else "")
+            self.restore_pending = restore.pending(conn)
             # Changes written while the daemon was down are stamped now; no
             # one is subscribed yet, so they are not announced.
             capture.stamp(conn, self.capture, self.clock, collect=False)
+        self._note_sent(conn)
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def _note_sent(self, conn: sqlite3.Connection) -> None:
+        """Before seqs of this store can reach a peer: the state file covers
+        them (store/restore.py). Written only when the stream or its last seq
+        moved past what it says."""
+        now = restore.State(capture.stream_id(conn), capture.last_seq(conn))
+        if self._state is not None and now.stream == self._state.stream and now.seq <= self._state.seq:
+            return
+        try:
+            restore.write_state(self.path, now)
+        except OSError as exc:
+            log.warning("store %s/%s: cannot write %s (%s): a restore of this file from a backup may go unnoticed",
+                        self.bundle, self.name, restore.state_path(self.path), exc.strerror or exc)
+            return
+        self._state = now
 
     async def set_security_label(self, label: int) -> None:
         """Raise the store's label; lowering it is refused (data may already be restricted)."""
@@ -748,7 +776,9 @@ class Store:
         def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, ChangeBatch]:
             with self._transaction(conn):
                 local = capture.stamp(conn, self.capture, self.clock)
-                return changes.changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes), local
+                batch = changes.changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes)
+            self._note_sent(conn)
+            return batch, local
 
         batch, local = await self.run(op)
         self._announce(local)
@@ -789,9 +819,13 @@ class Store:
                 before = capture.stream_id(conn)
                 start = changes.start_position(conn, since, stream)
                 if capture.stream_id(conn) != before:
+                    restore.mark_restored(conn, before)
+                    self.restore_pending = restore.pending(conn)
                     log.warning("store %s/%s: a peer has applied seq %d of this store, which this file never reached: the "
                                 "file went back in time (restored from a backup?); it starts a new change stream and every "
-                                "peer reads it again from the start", self.bundle, self.name, since)
+                                "peer reads it again from the start%s", self.bundle, self.name, since,
+                                " once it has caught up from a peer" if self.restore_pending else "")
+            self._note_sent(conn)
             return start
 
         return await self.run(op)
@@ -851,11 +885,47 @@ class Store:
             with self._transaction(conn):
                 local = capture.stamp(conn, self.capture, self.clock)
                 batch, after = gc.snapshot_batch(conn, cursor, snapshot_hlc, limit=limit, max_bytes=max_bytes)
-                return batch, after, local
+            self._note_sent(conn)
+            return batch, after, local
 
         batch, after, local = await self.run(op)
         self._announce(local)
         return batch, after
+
+    async def read_copy(self, origin: str, cursor: restore.CopyCursor | None, *, limit: int = 500,
+                        max_bytes: int | None = None) -> tuple[changes.OutBatch, restore.CopyCursor]:
+        """The next batch of our copy of ``origin``'s rows, for its catch-up (``restore.copy_batch``)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, restore.CopyCursor]:
+            with changes.read_snapshot(conn):
+                return restore.copy_batch(conn, origin, cursor, limit=limit, max_bytes=max_bytes)
+
+        return await self.run(op)
+
+    async def begin_catch_up(self, peer: str) -> None:
+        """A catch-up from ``peer`` starts (``restore.begin``)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                restore.begin(conn, peer)
+
+        await self.run(op)
+
+    async def apply_catch_up(self, batch: changes.OutBatch, peer: str, since: int, stream: str | None) -> restore.CatchUp:
+        """Apply a batch of ``peer``'s copy of our rows (``restore.apply_copy``),
+        stamped as local changes in the same transaction."""
+
+        def op(conn: sqlite3.Connection) -> tuple[restore.CatchUp, ChangeBatch]:
+            with self._transaction(conn):
+                outcome = restore.apply_copy(conn, batch, peer, since, stream)
+                local = capture.stamp(conn, self.capture, self.clock)
+            if outcome.done:
+                self.restore_pending = False
+            return outcome, local
+
+        outcome, local = await self.run(op)
+        self._announce(local)
+        return outcome
 
     async def sync_failures(self, limit: int = 100) -> list[merge.SyncFailure]:
         return await self.run(merge.sync_failures, limit)

@@ -129,6 +129,9 @@ class Code(IntEnum):
     RESYNC_REQUIRED = 14
     #: The receiver's disk is full: nothing of the batch applied, its watermark unchanged.
     DISK_FULL = 15
+    #: The store was restored from a backup and has not caught up from a peer
+    #: yet (store/restore.py): it sends nothing of its own until it has.
+    RESTORE_PENDING = 16
 
 
 def code_name(code: int) -> str:
@@ -336,6 +339,8 @@ class SyncEngine:
         self._running_syncs: set[tuple[str, str]] = set()
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
         self._tasks = TaskSet(log)
+        #: One catch-up of a restored store at a time (store -> lock).
+        self._catch_ups: dict[tuple[str, str], asyncio.Lock] = {}
         #: Each peer's tables per store as last seen in a sync session (fresher than its HELLO).
         self.peer_tables: dict[str, PeerTables] = {}
         #: Per-peer lag figures for status and devices.list (sync/lag.py).
@@ -389,10 +394,12 @@ class SyncEngine:
         if not online:
             for session in [s for s in self._sessions.values() if s.peer == peer]:
                 session.lose(SessionEnded(Code.OFFLINE, "the peer went offline during the sync", channel_lost=True))
-        elif self.auto_sync_enabled:
-            # (Re)connected: push what the peer missed; it does the same towards us.
+        else:
             for store in self.registry.stores():
-                if any(store.auto_sync.values()):
+                if store.restore_pending:  # a restored store catches up as soon as a peer is there
+                    self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
+                elif self.auto_sync_enabled and any(store.auto_sync.values()):
+                    # (Re)connected: push what the peer missed; it does the same towards us.
                     self._schedule_auto(store, peer)
 
     def _learn(self, peer: str, store: Store, tables: tuple[TableOffer, ...]) -> None:
@@ -427,6 +434,9 @@ class SyncEngine:
         be resynced); a table or query sync can't resync it: RESYNC_REQUIRED."""
         start, snapshot = await store.begin_send(peer, since, stream)
         self.lag.acked(peer, store.bundle, store.name, since, stream)
+        if store.restore_pending:  # the peer just showed that the file went back in time
+            self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
+            raise SessionEnded(Code.RESTORE_PENDING, restore_pending_message(store))
         if snapshot is not None and (table is not None or where is not None):
             raise SessionEnded(Code.RESYNC_REQUIRED, f"the device is behind deletes this device has forgotten (store {store.name}); "
                                                      "a full sync (no table, no where) resyncs it")
@@ -439,13 +449,14 @@ class SyncEngine:
                                                      f"{store.name}); it must first get a full sync from there (a resync)")
 
     async def _send_stream(self, session: _Session, store: Store, since: int, table: str | None, where: Any,
-                           progress: Progress | None, snapshot: int | None = None) -> Stats:
+                           progress: Progress | None, snapshot: int | None = None, copy_of: str | None = None) -> Stats:
         """Sender: batches from ``since`` until the stream is drained, each acked.
 
         Up to ``SEND_WINDOW`` batches are unacked at a time: reading batch
         n+1 overlaps the receiver applying batch n. Acks come in order.
-        ``snapshot`` (a clock): send a resync instead (store/gc.py). The
-        peer's last ack of a whole-stream batch is recorded for compaction.
+        ``snapshot`` (a clock): send a resync instead (store/gc.py);
+        ``copy_of`` (the peer): our copy of its rows, for its catch-up
+        (store/restore.py). The peer's last ack of a whole-stream batch is recorded for compaction.
         """
         stats = Stats()
         first = True
@@ -468,11 +479,13 @@ class SyncEngine:
                 progress("in_progress", Code.SUCCESS, stats, "upload")
 
         while True:
-            if snapshot is not None:
+            if copy_of is not None:
+                batch, cursor = await store.read_copy(copy_of, cursor, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
+            elif snapshot is not None:
                 batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
             else:
                 batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
-            if batch.rows or batch.last_seq > since or first or snapshot is not None:
+            if batch.rows or batch.last_seq > since or first or snapshot is not None or copy_of is not None:
                 payload = pack_values(batch_to_plain(batch))
                 if len(payload) > MAX_PAYLOAD:  # one row, alone in its batch, and too big
                     row = batch.rows[0]
@@ -536,7 +549,20 @@ class SyncEngine:
                 stats = await self._receive_stream(session, store, None)
                 log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
                          stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
+            elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
+                if not self.directory.may_receive(peer, store.security_label):
+                    raise SessionEnded(Code.SECURITY_LEVEL,
+                                       f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
+                since, stream = await store.position(peer)
+                await self._send(session, SyncReady(msg.req, since, table_offers(store), stream))
+                stats = await self._send_stream(session, store, 0, None, None, None, copy_of=peer)
+                await self._send(session, SyncEnd(msg.req, int(Code.SUCCESS), ""))
+                log.info("sent %d row(s) of %s/%s back to their device %s (its catch-up after a restore)",
+                         stats.sent, msg.bundle, msg.store, peer)
             else:  # the peer pulls: we send
+                if store.restore_pending:
+                    self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
+                    raise SessionEnded(Code.RESTORE_PENDING, restore_pending_message(store))
                 if not self.directory.may_receive(peer, store.security_label):
                     raise SessionEnded(Code.SECURITY_LEVEL,
                                        f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
@@ -633,6 +659,8 @@ class SyncEngine:
         if mode == "push" and not self.directory.may_receive(peer, store.security_label):
             raise SessionEnded(Code.SECURITY_LEVEL,
                                f"store {store.name} is labelled S{store.security_label}; the device's level is lower")
+        if mode == "push" and store.restore_pending:
+            await self._catch_up(store, peer)
         lost: _ChannelReplaced | None = None
         for _ in range(1 + CHANNEL_RETRIES):
             channel = await self.peers.wait_channel(peer)
@@ -693,6 +721,62 @@ class SyncEngine:
         finally:
             self._sessions.pop((peer, req), None)
 
+    # -- the catch-up of a store restored from a backup (store/restore.py) -------
+
+    async def _catch_up(self, store: Store, peer: str) -> None:
+        """Fetch ``peer``'s copy of our rows of ``store`` and make ours match it
+        (``Store.apply_catch_up``); RESTORE_PENDING if that could not be done.
+        One at a time per store: whoever waited finds it done."""
+        async with self._catch_ups.setdefault((store.bundle, store.name), asyncio.Lock()):
+            if not store.restore_pending:
+                return
+            channel = await self.peers.wait_channel(peer)
+            if channel is None:
+                raise SessionEnded(Code.RESTORE_PENDING, f"{restore_pending_message(store)}; the device is offline")
+            req = secrets.randbits(62) + 1
+            session = self._open_session(peer, req, channel)
+            back = deleted = 0
+            try:
+                await store.begin_catch_up(peer)
+                await self._send(session, SyncOpen(req, store.bundle, store.name, "catchup", None, None, None, table_offers(store)))
+                ready = await session.next(self.timeout)
+                if not isinstance(ready, SyncReady):
+                    raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
+                while True:
+                    try:
+                        msg = await session.next(self.timeout)
+                    except SessionEnded as end:
+                        if end.code == Code.SUCCESS:
+                            break
+                        raise
+                    if not isinstance(msg, SyncBatch):
+                        raise SessionEnded(Code.FAIL, f"expected a batch, got {type(msg).__name__}")
+                    outcome = await store.apply_catch_up(decode_batch(msg.payload), peer, ready.since, ready.stream)
+                    back, deleted = back + outcome.back, deleted + outcome.deleted
+                    await self._send(session, SyncAck(req, 0, outcome.back + outcome.deleted, 0, 0))
+            except (SessionEnded, P2PStoreError) as exc:
+                code = session_code(exc)
+                if not getattr(exc, "from_peer", False):
+                    await self._end_quietly(session, code, str(exc))
+                raise SessionEnded(Code.RESTORE_PENDING, f"{restore_pending_message(store)}; the catch-up from this device "
+                                                         f"failed: code {code} {exc}") from None
+            finally:
+                self._sessions.pop((peer, req), None)
+            if store.restore_pending:
+                raise SessionEnded(Code.RESTORE_PENDING, f"{restore_pending_message(store)}; the device ended the catch-up early")
+            log.warning("store %s/%s caught up from %s after its restore: %d row(s) back or brought up to date, %d deleted",
+                        store.bundle, store.name, peer, back, deleted)
+        if self.auto_sync_enabled and any(store.auto_sync.values()):
+            for other in self._online_trusted():
+                self._schedule_auto(store, other)
+
+    async def _catch_up_quietly(self, store: Store, peer: str) -> None:
+        """A catch-up nobody waits for (a peer came online, or showed the restore)."""
+        try:
+            await self._catch_up(store, peer)
+        except SessionEnded as end:
+            log.warning("store %s/%s: %s", store.bundle, store.name, end.message)
+
     # -- auto-sync ------------------------------------------------------------
 
     def _online_trusted(self) -> list[str]:
@@ -751,6 +835,11 @@ class SyncEngine:
                     return
         finally:
             self._auto.pop(key, None)
+
+
+def restore_pending_message(store: Store) -> str:
+    return (f"store {store.name} was restored from a backup and must catch up from a peer before it sends its own rows "
+            "(it does so by itself from the next online trusted device; docs/sync.md)")
 
 
 def _normalized_targets(devices: list[str] | None) -> tuple[list[str] | None, list[dict[str, Any]]]:
