@@ -42,6 +42,7 @@ from p2pstore.errors import (
     InvalidPredicate,
     P2PStoreError,
     ProtocolError,
+    SecurityLevelDenied,
     StoreNotOpen,
     SyncInProgress,
     TableNotDistributed,
@@ -166,6 +167,8 @@ def session_code(exc: BaseException) -> int:
         return int(Code.CORRUPTED)
     if isinstance(exc, DiskFull):
         return int(Code.DISK_FULL)
+    if isinstance(exc, SecurityLevelDenied):
+        return int(Code.SECURITY_LEVEL)
     return int(Code.FAIL)
 
 
@@ -498,9 +501,7 @@ class SyncEngine:
                 log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
                          stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
             else:  # the peer pulls: we send
-                if not self.directory.may_receive(peer, store.security_label):
-                    raise SessionEnded(Code.SECURITY_LEVEL,
-                                       f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
+                self.directory.check_may_receive(peer, store)
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
                 start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
@@ -591,9 +592,8 @@ class SyncEngine:
             raise SessionEnded(Code.UNTRUSTED, "the device is not trusted")
         if not self.peers.is_online(peer):
             raise SessionEnded(Code.OFFLINE, "the device is offline")
-        if mode == "push" and not self.directory.may_receive(peer, store.security_label):
-            raise SessionEnded(Code.SECURITY_LEVEL,
-                               f"store {store.name} is labelled S{store.security_label}; the device's level is lower")
+        if mode == "push":
+            self.directory.check_may_receive(peer, store)
         req = secrets.randbits(62) + 1
         session = self._open_session(peer, req)
         try:
