@@ -316,45 +316,45 @@ def _duplicates(doc: object) -> Iterator[SchemaIssue]:
         tables = db.get("tables")
         if not isinstance(tables, list):
             continue
-        seen_tables: set[str] = set()
+        repeated_tables = dict(_repeats(t.get("tableName") if isinstance(t, dict) else None for t in tables))
         for j, table in enumerate(tables):
             if not isinstance(table, dict):
                 continue
             tpath = f"/dbSchema/{i}/tables/{j}"
             tname = table.get("tableName")
-            if isinstance(tname, str):
-                if tname in seen_tables:
-                    yield SchemaIssue(
-                        f"{tpath}/tableName",
-                        "duplicate-table",
-                        f"Table {show(tname)} appears twice in database {show(name)}; keep one entry.",
-                    )
-                seen_tables.add(tname)
+            if j in repeated_tables:
+                yield SchemaIssue(
+                    f"{tpath}/tableName",
+                    "duplicate-table",
+                    f"Table {show(tname)} appears twice in database {show(name)}; keep one entry.",
+                )
             fields = table.get("fields")
             if isinstance(fields, list):
-                seen_cols: set[str] = set()
-                for k, fld in enumerate(fields):
-                    col = fld.get("columnName") if isinstance(fld, dict) else None
-                    if isinstance(col, str):
-                        if col in seen_cols:
-                            yield SchemaIssue(
-                                f"{tpath}/fields/{k}/columnName",
-                                "duplicate-column",
-                                f"Column {show(col)} is described twice in the fields of table {show(tname)}.",
-                            )
-                        seen_cols.add(col)
+                for k, col in _repeats(fld.get("columnName") if isinstance(fld, dict) else None for fld in fields):
+                    yield SchemaIssue(
+                        f"{tpath}/fields/{k}/columnName",
+                        "duplicate-column",
+                        f"Column {show(col)} is described twice in the fields of table {show(tname)}.",
+                    )
             sync = table.get("deviceSyncFields")
             if isinstance(sync, list):
-                seen_sync: set[str] = set()
-                for k, col in enumerate(sync):
-                    if isinstance(col, str):
-                        if col in seen_sync:
-                            yield SchemaIssue(
-                                f"{tpath}/deviceSyncFields/{k}",
-                                "duplicate-sync-column",
-                                f"Sync column {show(col)} is listed twice in deviceSyncFields of table {show(tname)}.",
-                            )
-                        seen_sync.add(col)
+                for k, col in _repeats(sync):
+                    yield SchemaIssue(
+                        f"{tpath}/deviceSyncFields/{k}",
+                        "duplicate-sync-column",
+                        f"Sync column {show(col)} is listed twice in deviceSyncFields of table {show(tname)}.",
+                    )
+
+
+def _repeats(names: Iterable[object]) -> Iterator[tuple[int, str]]:
+    """``(index, name)`` of every string name an earlier one already was
+    (anything but a string is skipped: it failed the JSON Schema)."""
+    seen: set[str] = set()
+    for k, name in enumerate(names):
+        if isinstance(name, str):
+            if name in seen:
+                yield k, name
+            seen.add(name)
 
 
 # --------------------------------------------------------------------------
