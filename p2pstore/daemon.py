@@ -25,12 +25,13 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from p2pstore.api.methods import Api, DeviceSelf
 from p2pstore.api.server import ApiServer, ClientConnection
-from p2pstore.api.subscriptions import Subscriptions
+from p2pstore.api.subscriptions import ChangeFeed, Subscriptions
 from p2pstore.config import Config
 from p2pstore.errors import ConfigError, DaemonAlreadyRunning, P2PStoreError
 from p2pstore import PROTOCOL_VERSION
@@ -48,6 +49,7 @@ from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import SyncEngine, table_offers
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.registry import StoreRegistry
+from p2pstore.tasks import TaskSet
 
 log = logging.getLogger("p2pstore.daemon")
 
@@ -112,17 +114,63 @@ class SocketLock:
             self._fd = None
 
 
+class PeerEvents:
+    """What the peer manager calls back into, built before it.
+
+    The one true cycle of the parts: the peer manager must be told whom to
+    call when a peer comes, goes or sends a message, and those parties
+    (device directory, sync engine, remote queries) are built with the peer
+    manager. This dispatcher is handed to the peer manager first and wired
+    once, in :class:`Daemon`, when the parties exist; before that (nothing
+    is started yet) it calls nobody.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: tuple[Callable[[str, bool], object], ...] = ()
+        self._handlers: tuple[Callable[[str, Message, Channel], Awaitable[bool | None]], ...] = ()
+        self._closers: tuple[Callable[[str, Channel], object], ...] = ()
+
+    def wire(self, *, listeners: Sequence[Callable[[str, bool], object]],
+             handlers: Sequence[Callable[[str, Message, Channel], Awaitable[bool | None]]],
+             closers: Sequence[Callable[[str, Channel], object]]) -> None:
+        """``listeners`` hear every online/offline change, in order;
+        ``handlers`` are offered each message in order until one returns True;
+        ``closers`` hear of every channel that closed (sessions and queries
+        live on one channel and end with it, sync/engine.py)."""
+        self._listeners, self._handlers, self._closers = tuple(listeners), tuple(handlers), tuple(closers)
+
+    def changed(self, device_id: str, online: bool) -> None:
+        for listener in self._listeners:
+            listener(device_id, online)
+
+    async def message(self, device_id: str, msg: Message, channel: Channel) -> None:
+        for handler in self._handlers:
+            if await handler(device_id, msg, channel):
+                return
+
+    def channel_closed(self, device_id: str, channel: Channel) -> None:
+        for closer in self._closers:
+            closer(device_id, channel)
+
+
 class Daemon:
+    """The parts, each built with its real collaborators, and their lifecycle.
+
+    Built in dependency order: identity and trust list, store registry, peer
+    manager, device directory, sync engine, remote queries, API. Building
+    does no network I/O (it reads or creates the identity); :meth:`start`
+    takes the socket lock, opens the auto-sync stores, starts the network
+    and discovery, and only then the API socket.
+    """
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stopping = asyncio.Event()
-        self.identity: Identity | None = None
-        self.peers: PeerManager | None = None
-        self.directory: DeviceDirectory | None = None
-        self.discovery: Discovery | None = None
-        self.engine: SyncEngine | None = None
-        self.queries: RemoteQueries | None = None
+        check_data_dir(config.data_dir)
+        self.identity = Identity.load_or_create(config.data_dir, config.name)
+        self.trust = TrustStore(config.data_dir / "trust.json")
         self.subscriptions = Subscriptions(max_per_store=config.max_subscriptions)
+        self.feed = ChangeFeed(self.subscriptions)
         self.registry = StoreRegistry(
             config.data_dir,
             max_per_bundle=config.max_stores_per_bundle,
@@ -131,13 +179,39 @@ class Daemon:
             sync_schema_path=config.sync_schema_path,
             max_clock_offset_ms=config.max_clock_offset_ms,
         )
-        self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
-                       devices=lambda: self.directory, engine=lambda: self.engine,
-                       queries=lambda: self.queries, max_result_bytes=config.max_result_bytes)
+        self.registry.device_id = self.identity.device_id
         self.registry.on_changes = self._store_changed
         self.registry.tombstone_horizon_ms = int(config.tombstone_horizon_days * 86_400_000)
         self.registry.compact_interval_s = config.compact_interval_s
         self.registry.compact_keep_recent = config.compact_keep_recent
+        # Forgetting deletes waits for the trusted peers' acks (store/gc.py); an untrusted one no longer holds it.
+        self.registry.gc_holders = self._gc_holders
+
+        events = PeerEvents()
+        self.peers = PeerManager(
+            self.identity, self.trust, hello_factory=self.hello,
+            on_change=events.changed, on_message=events.message, on_channel_closed=events.channel_closed,
+            host=list(config.interfaces) or "0.0.0.0", port=config.port,
+            **_given(keepalive_interval=config.keepalive_interval_s, dead_after=config.peer_dead_after_s,
+                     backoff_max=config.redial_backoff_max_s),
+        )
+        self.directory = DeviceDirectory(self.identity.device_id, self.trust, self.peers, on_event=self._device_event)
+        self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
+                                 on_applied=self._applied)
+        self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
+                                     timeout=config.remote_query_timeout_s, max_result_bytes=config.max_result_bytes)
+        events.wire(
+            listeners=[self.directory.on_peer_change, self.engine.on_peer_change, self.queries.on_peer_change,
+                       self._offer_on_connect],
+            handlers=[self.queries.handle, self.engine.handle],
+            closers=[self.engine.on_channel_closed, self.queries.on_channel_closed],
+        )
+        #: mDNS; built in start(), as it announces the port the channels are bound to. None: off (or not started).
+        self.discovery: Discovery | None = None
+
+        self.api = Api(device=self.device_self, registry=self.registry, subscriptions=self.subscriptions,
+                       feed=self.feed, devices=self.directory, engine=self.engine, queries=self.queries,
+                       max_result_bytes=config.max_result_bytes)
         self.server = ApiServer(
             config.socket,
             self.api.dispatch,
@@ -148,37 +222,36 @@ class Daemon:
             on_disconnect=self._client_gone,
         )
         self._lock = SocketLock(config.socket)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks = TaskSet(log)
         self.notifier = ServiceNotifier(self.service_status)
         self._last_sync: tuple[str, float, int] | None = None  # (peer, wall time, changes applied)
         self._reoffer: asyncio.Future[None] | None = None
         self._offered_at = 0.0
 
     def device_self(self) -> DeviceSelf:
-        assert self.identity is not None
-        port = self.peers.port if self.peers is not None and self.peers.port is not None else self.config.port
+        port = self.peers.port if self.peers.port is not None else self.config.port
         return DeviceSelf(self.identity.device_id, self.config.name, self.config.security_level, port, self.config.default_store)
 
     def hello(self) -> Hello:
         """Who this device is, for a peer it trusts. No stores: those go in a
-        StoresOffer once the peer has shown it trusts us too (``_peer_changed``)."""
-        assert self.identity is not None
+        StoresOffer once the peer has shown it trusts us too (``_offer_on_connect``)."""
         return Hello(PROTOCOL_VERSION, self.identity.device_id, self.config.name, self.config.security_level_int, ())
+
+    def _gc_holders(self) -> list[str]:
+        return [e.device_id for e in self.trust.entries()]
 
     async def stores_offer(self, peer: str) -> StoresOffer:
         """Our stores for ``peer``, each with its lag figures for it (sync/lag.py)."""
         offers = []
         for store in self.registry.stores():
             if store.distributed:
-                acked = self.engine.lag.acked_position(peer, store.bundle, store.name) if self.engine is not None else None
+                acked = self.engine.lag.acked_position(peer, store.bundle, store.name)
                 offers.append(store_offer(store, await store.lag(peer, acked)))
         return StoresOffer(tuple(offers))
 
     def service_status(self) -> str:
         """The one line ``systemctl status`` shows: peers online, last sync."""
-        online = 0
-        if self.peers is not None and self.directory is not None:
-            online = sum(1 for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
+        online = sum(1 for d in self.peers.channels() if self.trust.is_trusted(d))
         if self._last_sync is None:
             last = "no sync received yet"
         else:
@@ -188,24 +261,21 @@ class Daemon:
 
     def _applied(self, store: Store, peer: str, result: ApplyResult) -> None:
         self._last_sync = (peer, time.time(), result.applied)
-        self.api.on_applied(store, peer, result)
+        self.feed.on_applied(store, peer, result)
 
     def _store_changed(self, store: Store, batch: ChangeBatch) -> None:
         """Local changes (API or another program): notify, and auto-sync them."""
-        self.api.on_store_changes(store, batch)
-        if self.engine is not None:
-            self.engine.on_local_changes(store, list(batch.by_table))
+        self.feed.on_store_changes(store, batch)
+        self.engine.on_local_changes(store, list(batch.by_table))
         self._reoffer_soon()
 
     def _reoffer_soon(self) -> None:
         """Offer our stores again to every online trusted peer (their
         ``unreceived`` figure), at most every ``REOFFER_INTERVAL_S``."""
-        if self._reoffer is not None or self.peers is None:
+        if self._reoffer is not None:
             return
         wait = max(0.0, self._offered_at + REOFFER_INTERVAL_S - time.monotonic())
-        self._reoffer = asyncio.ensure_future(self._offer_all_after(wait))
-        self._tasks.append(self._reoffer)
-        self._reoffer.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._reoffer = self._tasks.spawn(self._offer_all_after(wait), "re-offer stores")
 
     async def _offer_all_after(self, wait: float) -> None:
         try:
@@ -213,22 +283,13 @@ class Daemon:
         finally:
             self._reoffer = None
         self._offered_at = time.monotonic()
-        assert self.peers is not None and self.directory is not None
         for device_id in self.peers.channels():
-            if self.directory.trust_store.is_trusted(device_id):
+            if self.trust.is_trusted(device_id):
                 await self._offer_stores(device_id)
 
-    def _peer_changed(self, device_id: str, online: bool) -> None:
-        if self.directory is not None:
-            self.directory.on_peer_change(device_id, online)
-        if self.engine is not None:
-            self.engine.on_peer_change(device_id, online)
-        if self.queries is not None:
-            self.queries.on_peer_change(device_id, online)
-        if online and self.peers is not None:
-            task = asyncio.ensure_future(self._offer_stores(device_id))
-            self._tasks.append(task)
-            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+    def _offer_on_connect(self, device_id: str, online: bool) -> None:
+        if online:
+            self._tasks.spawn(self._offer_stores(device_id), f"offer stores to {device_id[:7]}")
 
     async def _offer_stores(self, device_id: str) -> None:
         try:
@@ -241,39 +302,8 @@ class Daemon:
     def _device_event(self, event: dict[str, Any]) -> None:
         self.subscriptions.publish(None, "devices", "deviceChange", event)
 
-    async def _peer_message(self, device_id: str, msg: Message, channel: Channel) -> None:
-        if self.queries is not None and await self.queries.handle(device_id, msg, channel):
-            return
-        if self.engine is not None:
-            await self.engine.handle(device_id, msg, channel)
-
-    def _channel_closed(self, device_id: str, channel: Channel) -> None:
-        """Sessions and queries live on one channel: they end with it (sync/engine.py)."""
-        if self.engine is not None:
-            self.engine.on_channel_closed(device_id, channel)
-        if self.queries is not None:
-            self.queries.on_channel_closed(device_id, channel)
-
     async def _start_network(self) -> None:
-        assert self.identity is not None
         cfg = self.config
-        trust = TrustStore(cfg.data_dir / "trust.json")
-        self.peers = PeerManager(
-            self.identity, trust, hello_factory=self.hello,
-            on_change=self._peer_changed,
-            on_message=self._peer_message,
-            on_channel_closed=self._channel_closed,
-            host=list(cfg.interfaces) or "0.0.0.0", port=cfg.port,
-            **_given(keepalive_interval=cfg.keepalive_interval_s, dead_after=cfg.peer_dead_after_s,
-                     backoff_max=cfg.redial_backoff_max_s),
-        )
-        self.directory = DeviceDirectory(self.identity.device_id, trust, self.peers, on_event=self._device_event)
-        # Forgetting deletes waits for the trusted peers' acks (store/gc.py); an untrusted one no longer holds it.
-        self.registry.gc_holders = lambda: [e.device_id for e in trust.entries()]
-        self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
-                                 on_applied=self._applied)
-        self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
-                                     timeout=cfg.remote_query_timeout_s, max_result_bytes=cfg.max_result_bytes)
         await self.peers.start()
         for peer in cfg.peers:
             host, _, port = peer.rpartition(":")
@@ -289,16 +319,13 @@ class Daemon:
             await self.discovery.start()
         log.info("peer channels on port %s (%s), discovery %s, %d static peer(s), %d trusted device(s)",
                  self.peers.port, ", ".join(cfg.interfaces) or "all interfaces",
-                 "on" if cfg.discovery else "off", len(cfg.peers), len(trust.entries()))
+                 "on" if cfg.discovery else "off", len(cfg.peers), len(self.trust.entries()))
 
     def _client_gone(self, client: ClientConnection) -> None:
         self.subscriptions.drop_outbox(client.outbox)
 
     async def start(self) -> None:
         data_dir = self.config.data_dir
-        check_data_dir(data_dir)
-        self.identity = Identity.load_or_create(data_dir, self.config.name)
-        self.registry.device_id = self.identity.device_id
         self._lock.acquire()
         # The API socket comes last: a client that can connect finds the
         # daemon whole (auto-sync stores open, device layer up, real port).
@@ -314,17 +341,15 @@ class Daemon:
             await self.registry.close_all()
             self._lock.release()
             raise
-        self._tasks.append(asyncio.create_task(self.registry.run_polling(self.config.poll_interval_ms)))
+        self._tasks.spawn(self.registry.run_polling(self.config.poll_interval_ms), "poll stores")
         log.info("p2pstore daemon %s (%s) listening on %s, data in %s",
                  self.config.name, self.identity.device_id, self.config.socket, data_dir)
         self.notifier.ready()
-        self._tasks.append(asyncio.create_task(self.notifier.run(), name="sd_notify"))
+        self._tasks.spawn(self.notifier.run(), "sd_notify")
 
     async def stop(self) -> None:
         self.notifier.stopping()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         await self._stop_network()
         await self.server.stop()
         await self.registry.close_all()
@@ -332,15 +357,12 @@ class Daemon:
         log.info("p2pstore daemon stopped")
 
     async def _stop_network(self) -> None:
-        if self.engine is not None:
-            await self.engine.stop()
-        if self.queries is not None:
-            await self.queries.stop()
+        await self.engine.stop()
+        await self.queries.stop()
         if self.discovery is not None:
             await self.discovery.stop()
             self.discovery = None
-        if self.peers is not None:
-            await self.peers.stop()
+        await self.peers.stop()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -355,9 +377,7 @@ class Daemon:
 
     def _on_reload_signal(self) -> None:
         log.info("received SIGHUP, re-reading %s", self.config.sync_schema_path)
-        task = asyncio.create_task(self.registry.reload_sync_schema())
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        self._tasks.spawn(self.registry.reload_sync_schema(), "reload sync_schema.json")
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)

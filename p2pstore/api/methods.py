@@ -23,16 +23,14 @@ import jsonschema
 from p2pstore import __version__
 from p2pstore.api.jsonrpc import Request, from_wire
 from p2pstore.api.server import ClientConnection
-from p2pstore.api.subscriptions import Coalescer, Subscriptions
+from p2pstore.api.subscriptions import ChangeFeed, Subscriptions
 from p2pstore.schemas import load_json_schema
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
-from p2pstore.errors import InternalError, InvalidParams, MethodNotFound, ResultTooLarge
+from p2pstore.errors import InvalidParams, MethodNotFound, ResultTooLarge
 from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import single_version
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
-from p2pstore.store.capture import ChangeBatch
-from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
 from p2pstore.sync.lag import store_lags
 from p2pstore.sync.remote_query import RemoteQueries
@@ -87,7 +85,8 @@ class DeviceSelf:
 
 
 class Api:
-    """Method handlers with their collaborators injected (no daemon object)."""
+    """Method handlers with their collaborators injected (no daemon object):
+    each one is the real part, built before the Api (daemon.py)."""
 
     def __init__(
         self,
@@ -95,19 +94,21 @@ class Api:
         device: Callable[[], DeviceSelf],
         registry: StoreRegistry,
         subscriptions: Subscriptions,
-        devices: Callable[[], DeviceDirectory | None] = lambda: None,
-        engine: Callable[[], SyncEngine | None] = lambda: None,
-        queries: Callable[[], RemoteQueries | None] = lambda: None,
+        feed: ChangeFeed,
+        devices: DeviceDirectory,
+        engine: SyncEngine,
+        queries: RemoteQueries,
         max_result_bytes: int = MAX_RESULT_BYTES,
     ) -> None:
-        self.max_result_bytes = max_result_bytes
-        self._engine = engine
-        self._queries = queries
+        #: This device as the API reports it; a call, as the peer port is known only once the channels listen.
         self.device = device
         self.registry = registry
         self.subscriptions = subscriptions
-        self.coalescer = Coalescer(subscriptions)
-        self._devices = devices
+        self.feed = feed
+        self.devices = devices
+        self.engine = engine
+        self.queries = queries
+        self.max_result_bytes = max_result_bytes
         self.started = time.time()
 
     async def dispatch(self, client: ClientConnection, request: Request) -> Any:
@@ -117,36 +118,8 @@ class Api:
         check_params(request.method, request.params)
         return await handler(self, client, from_wire(request.params))
 
-    @property
-    def devices(self) -> DeviceDirectory:
-        directory = self._devices()
-        if directory is None:
-            raise InternalError("the device layer is not running yet")
-        return directory
-
-    @property
-    def engine(self) -> SyncEngine:
-        engine = self._engine()
-        if engine is None:
-            raise InternalError("the sync engine is not running yet")
-        return engine
-
-    def on_applied(self, store: Store, peer: str, result: ApplyResult) -> None:
-        """Rows written by a sync -> ``remote`` (devices) and ``remote_details`` (ChangeInfo) subscribers."""
-        if result.remote:
-            key = (store.bundle, store.name)
-            base = {"store": store.name, "bundle": store.bundle}
-            self.coalescer.devices(key, "remote", base, result.remote_devices())
-            changes = [{**info, "origin": origin} for origin, infos in result.remote_change_infos().items() for info in infos]
-            self.coalescer.changes(key, "remote_details", base, changes)
-
     def store(self, params: dict[str, Any]) -> Store:
         return self.registry.get(params.get("bundle", "default"), params["store"])
-
-    def on_store_changes(self, store: Store, batch: ChangeBatch) -> None:
-        """Local changes (API or another process) -> ``local_details`` subscribers."""
-        self.coalescer.changes((store.bundle, store.name), "local_details",
-                               {"store": store.name, "bundle": store.bundle}, batch.change_infos())
 
 
 def _store_summary(store: Store) -> dict[str, Any]:
@@ -171,8 +144,7 @@ async def device_info(api: Api, client: ClientConnection, params: dict[str, Any]
 @method("status")
 async def status(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     info = await device_info(api, client, params)
-    directory = api._devices()
-    devices = await _device_dicts(api, directory) if directory is not None else []
+    devices = await _device_dicts(api, api.devices)
     return {"device": info, "uptime_s": round(time.time() - api.started, 1),
             "stores": [_store_summary(s) for s in api.registry.stores()], "devices": devices}
 
@@ -298,11 +270,9 @@ async def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, 
         entry = view.to_dict()
         info = directory.peers.peer_info(view.device_id)
         hello = info.hello if info is not None else None
-        engine = api._engine()
-        seen = engine.peer_view(view.device_id, hello.stores if hello else ()) if engine is not None else {}
+        seen = api.engine.peer_view(view.device_id, hello.stores if hello else ())
         entry["schema_mismatches"] = schema_mismatches(api.registry.stores(), seen)
-        trusted = view.trusted and engine is not None
-        entry["stores"] = await store_lags(engine.lag, api.registry.stores(), view.device_id, seen) if trusted else []
+        entry["stores"] = await store_lags(api.engine.lag, api.registry.stores(), view.device_id, seen) if view.trusted else []
         result.append(entry)
     return result
 
@@ -389,7 +359,7 @@ async def store_clear_conflicts(api: Api, client: ClientConnection, params: dict
 async def store_retry_failure(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     store = api.store(params)
     result = await store.retry_failure(params["id"])
-    api.on_applied(store, "", result)
+    api.feed.on_applied(store, "", result)
     return {"applied": result.applied, "failed": result.failed, "conflicts": result.conflicts}
 
 
@@ -412,14 +382,11 @@ def _change_dict(change: Any) -> dict[str, Any] | None:
 @method("store.remote_query")
 async def store_remote_query(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     """Rows of ``device``'s copy of ``table``; the device checks trust, level and columns."""
-    queries = api._queries()
-    if queries is None:
-        raise InternalError("remote query is not running yet")
     store = api.store(params)
     store.require_distributed(params["table"])
     device = normalize_device_id(params["device"])
     try:
-        return await queries.query(store, device, params["table"], params.get("predicates"), params.get("columns"))
+        return await api.queries.query(store, device, params["table"], params.get("predicates"), params.get("columns"))
     except ResultTooLarge as exc:
         _given_up(exc)
         raise

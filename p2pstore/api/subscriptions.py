@@ -20,11 +20,16 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pstore.api.jsonrpc import encode_notification
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
 from p2pstore.errors import SubscriptionNotFound, TooManySubscriptions
+
+if TYPE_CHECKING:
+    from p2pstore.store.capture import ChangeBatch
+    from p2pstore.store.database import Store
+    from p2pstore.store.merge import ApplyResult
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +275,31 @@ class Coalescer:
             return
         self._last[key] = asyncio.get_running_loop().time()
         self.subscriptions.publish(key[0], key[1], "dataChange", params)
+
+
+class ChangeFeed:
+    """Rows written, as subscribers see them: syncs and retried failures
+    (``remote``, ``remote_details``) and local writes (``local_details``),
+    coalesced per store. Its own object so the sync engine (which reports
+    applied rows) and the API (whose subscribers receive them) can be built
+    in either order."""
+
+    def __init__(self, subscriptions: Subscriptions) -> None:
+        self.coalescer = Coalescer(subscriptions)
+
+    def on_applied(self, store: Store, peer: str, result: ApplyResult) -> None:
+        """Rows written by a sync -> ``remote`` (devices) and ``remote_details`` (ChangeInfo) subscribers."""
+        if result.remote:
+            key = (store.bundle, store.name)
+            base = {"store": store.name, "bundle": store.bundle}
+            self.coalescer.devices(key, "remote", base, result.remote_devices())
+            changes = [{**info, "origin": origin} for origin, infos in result.remote_change_infos().items() for info in infos]
+            self.coalescer.changes(key, "remote_details", base, changes)
+
+    def on_store_changes(self, store: Store, batch: ChangeBatch) -> None:
+        """Local changes (API or another process) -> ``local_details`` subscribers."""
+        self.coalescer.changes((store.bundle, store.name), "local_details",
+                               {"store": store.name, "bundle": store.bundle}, batch.change_infos())
 
 
 def _merge_changes(into: list[dict[str, Any]], changes: list[dict[str, Any]], budget: list[int]) -> None:

@@ -8,7 +8,8 @@ Three sources feed it, none of which decides trust on its own:
   until trusted — a TXT record is only a hint, the channel proves identity).
 
 It also holds the **security-level rule** in one place: data of a store
-labelled Sx goes only to devices whose level is >= Sx (``may_receive``). A
+labelled Sx goes only to devices whose level is >= Sx (``may_receive``, and
+``check_may_receive`` for the places that refuse with an error). A
 device's level is the one it declared in its HELLO on the current channel,
 or, when it is offline, the last level seen (kept in the trust list).
 """
@@ -19,13 +20,16 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from p2pstore.errors import DeviceUnknown, InvalidDeviceId
+from p2pstore.errors import DeviceUnknown, InvalidDeviceId, SecurityLevelDenied
 from p2pstore.net.discovery import DiscoveredPeer
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager, PendingPeer
 from p2pstore.net.trust import TrustStore
+
+if TYPE_CHECKING:
+    from p2pstore.store.database import Store
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,21 @@ class DeviceDirectory:
     def may_receive(self, device_id: str, store_label: int) -> bool:
         """The one check sync and remote query make before data leaves for ``device_id``."""
         return self.trust_store.is_trusted(device_id) and security_allows(self.level_of(device_id), store_label)
+
+    def check_may_receive(self, device_id: str, store: Store) -> None:
+        """:meth:`may_receive` as a guard, for sync (both directions) and
+        remote query: raise ``SecurityLevelDenied`` with one wording, naming
+        the store's label and the device's level, whoever refuses."""
+        label = store.security_label
+        if self.may_receive(device_id, label):
+            return
+        if not self.trust_store.is_trusted(device_id):
+            why = "is not trusted"
+        else:
+            level = level_name(self.level_of(device_id))
+            why = f"is at level {level or 'unknown'}, below S{label}"
+        raise SecurityLevelDenied(f"store {store.name} is labelled S{label}; device {device_id} {why}",
+                                  data={"device_id": device_id, "store": store.name, "security_level": f"S{label}"})
 
     def get(self, device_id: str) -> DeviceView:
         """One device's view, built alone (a bulk trust emits one per device)."""

@@ -1,7 +1,7 @@
 """Read a live SQLite table's shape for layer 2 of sync_schema validation.
 
 This is the only part of ``p2pstore.schema`` that touches SQLite; the rules
-themselves (``sync_schema.check_table``) work on the :class:`TableShape` it
+themselves (``table_rules.check_table``) work on the :class:`TableShape` it
 returns, so they stay pure and testable with plain data.
 
 Invariants:
@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from p2pstore.schema.sync_schema import ColumnShape, TableShape
+from p2pstore.schema.table_shape import ColumnShape, TableShape
 
 __all__ = ["ColumnShape", "TableShape", "read_table_shape", "sql_tokens", "has_autoincrement", "is_without_rowid"]
 

@@ -1,12 +1,19 @@
 """Validation of sync_schema.json (SPEC §6), in three layers.
 
-1. **Shape** (:func:`check_shape`): the JSON Schema
+1. **Shape** (:func:`check_shape`, here): the JSON Schema
    ``p2pstore/schemas/sync_schema.schema.json`` plus the duplicate checks a JSON
    Schema can't express (two entries for one database, table, column or
    sync column).
-2. **Against the live table** (:func:`check_table`): one table entry against
-   the :class:`TableShape` read from SQLite (``p2pstore.schema.shape``).
-3. **Against the previously accepted version** (:func:`check_upgrade`).
+2. **Against the live table** (:func:`check_table`, in ``table_rules``): one
+   table entry against the :class:`TableShape` read from SQLite
+   (``p2pstore.schema.shape``).
+3. **Against the previously accepted version** (:func:`check_upgrade`, in
+   ``upgrade_rules``).
+
+This module is the entry point (:func:`validate`, :func:`parse_document`)
+and re-exports what callers use from the others. Each layer-2 and layer-3
+rule is one function registered in ``p2pstore.schema.rules``; :data:`RULES`
+is derived from that registry.
 
 Invariants:
 
@@ -31,14 +38,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
 from jsonschema import Draft202012Validator
 
 from p2pstore.errors import SchemaInvalid
+from p2pstore.schema.entry import conflict_column, find_db_entry, sync_columns
+from p2pstore.schema.rules import SchemaIssue, ValidationReport, declare, dedupe, pointer, rule_table, show
+from p2pstore.schema.table_rules import check_table, conflict_column_nulls
+from p2pstore.schema.table_shape import FIELD_TYPES, TYPE_AFFINITIES, ColumnShape, TableShape, column_affinity
+from p2pstore.schema.upgrade_rules import check_upgrade, database_removed
 from p2pstore.schemas import load_json_schema
+
+__all__ = [
+    "FIELD_TYPES", "MAX_DOCUMENT_BYTES", "RULES", "SCHEMA_NAME", "SQLITE_INT_MAX", "SQLITE_INT_MIN",
+    "TYPE_AFFINITIES", "ColumnShape", "SchemaIssue", "TableShape", "ValidationReport", "check_shape",
+    "check_table", "check_upgrade", "column_affinity", "conflict_column", "conflict_column_nulls",
+    "find_db_entry", "invalid_json_report", "json_schema", "parse_document", "pointer", "read_document",
+    "sync_columns", "validate", "validate_document",
+]
 
 #: The layer-1 JSON Schema's file name in the package's schemas/.
 SCHEMA_NAME = "sync_schema.schema.json"
@@ -47,213 +66,20 @@ SCHEMA_NAME = "sync_schema.schema.json"
 #: few kilobytes, and the daemon re-reads the file on SIGHUP.
 MAX_DOCUMENT_BYTES = 1024 * 1024
 
-#: Field ``type`` values in the order the seed lists them.
-FIELD_TYPES = ("Text", "Integer", "Long", "Float", "Double", "Blob")
-
-#: Which SQLite column affinities each field ``type`` agrees with. NUMERIC
-#: affinity (NUMERIC, DECIMAL, BOOLEAN, DATE...) stores integers and reals
-#: alike, so every numeric type agrees with it.
-TYPE_AFFINITIES: Mapping[str, frozenset[str]] = {
-    "Text": frozenset({"TEXT"}),
-    "Integer": frozenset({"INTEGER", "NUMERIC"}),
-    "Long": frozenset({"INTEGER", "NUMERIC"}),
-    "Float": frozenset({"REAL", "NUMERIC"}),
-    "Double": frozenset({"REAL", "NUMERIC"}),
-    "Blob": frozenset({"BLOB"}),
-}
-
-#: Every rule name this module can report, with its layer and severity.
-#: docs/sync_schema.md documents each one (tests/schema checks that).
-RULES: Mapping[str, str] = {
-    # layer 1: shape
-    "invalid-json": "layer 1 error (raised by parse_document as SchemaInvalid; reported by validate_document)",
-    "unknown-key": "layer 1 error",
-    "missing-key": "layer 1 error",
-    "wrong-type": "layer 1 error",
-    "empty-value": "layer 1 error",
-    "unknown-field-type": "layer 1 error",
-    "negative-version": "layer 1 error",
-    "db-name-extension": "layer 1 error",
-    "shape": "layer 1 error",
-    "duplicate-db": "layer 1 error",
-    "duplicate-table": "layer 1 error",
-    "duplicate-column": "layer 1 error",
-    "duplicate-sync-column": "layer 1 error",
-    # selection (validate)
-    "db-not-in-schema": "selection error",
-    "table-not-in-schema": "selection error",
-    "table-not-found": "selection error",
-    "previous-invalid": "selection error",
-    # layer 2: against the live table
-    "field-not-in-table": "layer 2 error",
-    "field-type-mismatch": "layer 2 error",
-    "field-autoincrement-mismatch": "layer 2 error",
-    "table-without-primary-key": "layer 2 error",
-    "composite-primary-key": "layer 2 error",
-    "conflict-column-missing": "layer 2 error",
-    "conflict-column-multiple": "layer 2 error",
-    "sync-fields-missing": "layer 2 error",
-    "sync-fields-empty": "layer 2 error",
-    "sync-column-not-in-table": "layer 2 error",
-    "sync-column-not-in-fields": "layer 2 warning",
-    "autoincrement-key-synced": "layer 2 error",
-    "autoincrement-key-is-conflict-column": "layer 2 error",
-    "primary-key-not-conflict-column": "layer 2 error",
-    "primary-key-not-synced": "layer 2 error",
-    "conflict-column-not-synced": "layer 2 error",
-    "conflict-column-not-unique": "layer 2 error",
-    "unique-column-not-synced": "layer 2 error",
-    "not-null-column-not-synced": "layer 2 error",
-    "conflict-column-has-nulls": "layer 2 error (live data: the store counts the rows)",
-    # layer 3: against the previously accepted version
-    "version-not-increased": "layer 3 error",
-    "conflict-column-changed": "layer 3 error",
-    "sync-column-removed": "layer 3 error",
-}
-
 
 # --------------------------------------------------------------------------
-# Results
+# Layer 1: shape. Its rules are read off the JSON Schema's errors
+# (_issues_from_error) and the duplicate checks, so they are declared here.
 
-
-@dataclass(frozen=True, slots=True)
-class SchemaIssue:
-    """One problem found in a sync_schema.json document.
-
-    ``path`` is a JSON pointer (RFC 6901) into the document so an editor or a
-    user can go straight to the node; ``rule`` is stable so scripts and tests
-    can match on it while ``message`` stays free to improve.
-    """
-
-    path: str
-    rule: str
-    message: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "rule": self.rule, "message": self.message}
-
-
-@dataclass(frozen=True, slots=True)
-class ValidationReport:
-    """The outcome of :func:`validate`: errors block the schema, warnings don't.
-
-    ``added_sync_columns`` (layer 3) maps a table to the sync columns the new
-    version adds, so the store can mark existing rows to be sent again; it is
-    not part of :meth:`to_dict` because the API result is
-    ``{valid, errors, warnings}``.
-    """
-
-    errors: tuple[SchemaIssue, ...]
-    warnings: tuple[SchemaIssue, ...] = ()
-    added_sync_columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def valid(self) -> bool:
-        return not self.errors
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "valid": self.valid,
-            "errors": [issue.to_dict() for issue in self.errors],
-            "warnings": [issue.to_dict() for issue in self.warnings],
-        }
-
-    def raise_if_invalid(self) -> None:
-        """Raise ``SchemaInvalid`` carrying the whole report, for callers that
-        must refuse the schema (``set_distributed_tables``, SIGHUP reload)."""
-        if self.valid:
-            return
-        first = self.errors[0]
-        more = len(self.errors) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise SchemaInvalid(
-            f"sync_schema.json is invalid: {first.message}{suffix}",
-            data={"errors": [e.to_dict() for e in self.errors], "warnings": [w.to_dict() for w in self.warnings]},
-        )
-
-
-# --------------------------------------------------------------------------
-# The live table, as data
-
-
-@dataclass(frozen=True, slots=True)
-class ColumnShape:
-    """One column of a live SQLite table, as layer 2 needs it."""
-
-    name: str
-    declared_type: str
-    not_null: bool
-    default: str | None
-    pk_index: int  # 0 = not in the primary key, else 1-based position in it
-    unique: bool  # a single-column UNIQUE constraint/index (partial ones don't count) or the sole PK column
-    autoincrement: bool  # INTEGER PRIMARY KEY AUTOINCREMENT
-
-    @property
-    def affinity(self) -> str:
-        return column_affinity(self.declared_type)
-
-    @property
-    def has_default(self) -> bool:
-        """True when an INSERT that omits the column still satisfies NOT NULL.
-        ``DEFAULT NULL`` is no default for that purpose."""
-        return self.default is not None and self.default.strip().upper() != "NULL"
-
-
-@dataclass(frozen=True, slots=True)
-class TableShape:
-    """A live SQLite table: its columns, and whether it is WITHOUT ROWID
-    (which decides whether an ``INTEGER PRIMARY KEY`` is a rowid alias)."""
-
-    name: str
-    columns: tuple[ColumnShape, ...]
-    without_rowid: bool = False
-
-    def column(self, name: str) -> ColumnShape | None:
-        """The column called exactly ``name`` (case-sensitive, like the
-        seed's "NAMe" rule), or None."""
-        for col in self.columns:
-            if col.name == name:
-                return col
-        return None
-
-    @property
-    def primary_key(self) -> tuple[str, ...]:
-        """Primary-key column names in key order; () for a rowid-only table."""
-        return tuple(c.name for c in sorted((c for c in self.columns if c.pk_index), key=lambda c: c.pk_index))
-
-    @property
-    def rowid_alias(self) -> str | None:
-        """The ``INTEGER PRIMARY KEY`` column that aliases the rowid, if any.
-        SQLite gives such a column a value when an insert leaves it out, with
-        or without AUTOINCREMENT."""
-        if self.without_rowid:
-            return None
-        pk = [c for c in self.columns if c.pk_index]
-        if len(pk) == 1 and pk[0].declared_type.strip().upper() == "INTEGER":
-            return pk[0].name
-        return None
-
-
-def column_affinity(declared_type: str) -> str:
-    """SQLite's type-affinity rules (https://sqlite.org/datatype3.html §3.1),
-    applied in SQLite's order. STRICT tables' ``ANY`` has no affinity of its
-    own; it is reported as ``ANY`` and agrees with every field type."""
-    upper = declared_type.upper()
-    if upper.strip() == "ANY":
-        return "ANY"
-    if "INT" in upper:
-        return "INTEGER"
-    if "CHAR" in upper or "CLOB" in upper or "TEXT" in upper:
-        return "TEXT"
-    if "BLOB" in upper or not upper.strip():
-        return "BLOB"
-    if "REAL" in upper or "FLOA" in upper or "DOUB" in upper:
-        return "REAL"
-    return "NUMERIC"
-
-
-# --------------------------------------------------------------------------
-# Layer 1: shape
+declare("invalid-json", "layer 1", note="raised by parse_document as SchemaInvalid; reported by validate_document")
+for _rule_id in (
+    "unknown-key", "missing-key", "wrong-type", "empty-value", "unknown-field-type", "negative-version",
+    "db-name-extension", "shape", "duplicate-db", "duplicate-table", "duplicate-column", "duplicate-sync-column",
+):
+    declare(_rule_id, "layer 1")
+# Selection: which entries and tables of the document apply (validate's arguments).
+for _rule_id in ("db-not-in-schema", "table-not-in-schema", "table-not-found", "previous-invalid"):
+    declare(_rule_id, "selection")
 
 
 def _is_strict_integer(checker: Any, instance: Any) -> bool:
@@ -403,7 +229,7 @@ def check_shape(doc: object) -> list[SchemaIssue]:
     for err in errors:
         issues.extend(_issues_from_error(doc, err))
     issues.extend(_duplicates(doc))
-    return _dedupe(issues)
+    return dedupe(issues)
 
 
 _TYPE_WORDS = {
@@ -428,14 +254,14 @@ def _issues_from_error(doc: object, err: Any) -> list[SchemaIssue]:
             SchemaIssue(
                 pointer([*parts, key]),
                 "unknown-key",
-                f"Unknown key {_show(key)} in {where}; allowed keys are {', '.join(allowed)}.",
+                f"Unknown key {show(key)} in {where}; allowed keys are {', '.join(allowed)}.",
             )
             for key in err.instance
             if key not in allowed
         ]
     if kind == "required" and isinstance(err.instance, dict):
         return [
-            SchemaIssue(path, "missing-key", f"{_cap(where)} lacks the required key {_show(key)}.")
+            SchemaIssue(path, "missing-key", f"{_cap(where)} lacks the required key {show(key)}.")
             for key in err.validator_value
             if key not in err.instance
         ]
@@ -449,18 +275,18 @@ def _issues_from_error(doc: object, err: Any) -> list[SchemaIssue]:
             SchemaIssue(
                 path,
                 "unknown-field-type",
-                f"{_cap(where)} is {_show(err.instance)}, which is not one of {', '.join(FIELD_TYPES)}.",
+                f"{_cap(where)} is {show(err.instance)}, which is not one of {', '.join(FIELD_TYPES)}.",
             )
         ]
     if kind == "minimum":
-        return [SchemaIssue(path, "negative-version", f"{_cap(where)} must be 0 or more, not {_show(err.instance)}.")]
+        return [SchemaIssue(path, "negative-version", f"{_cap(where)} must be 0 or more, not {show(err.instance)}.")]
     if kind == "pattern" and parts and parts[-1] == "dbName" and isinstance(err.instance, str):
         return [
             SchemaIssue(
                 path,
                 "db-name-extension",
-                f"dbName {_show(err.instance)} must not end in '.db': give the store name without "
-                f"the file extension ({_show(err.instance[:-3])}).",
+                f"dbName {show(err.instance)} must not end in '.db': give the store name without "
+                f"the file extension ({show(err.instance[:-3])}).",
             )
         ]
     return [SchemaIssue(path, "shape", f"{_cap(where)}: {err.message}.")]
@@ -482,7 +308,7 @@ def _duplicates(doc: object) -> Iterator[SchemaIssue]:
                 yield SchemaIssue(
                     f"/dbSchema/{i}",
                     "duplicate-db",
-                    f"Database {_show(name)} of bundle {_show(bundle)} has two entries in dbSchema "
+                    f"Database {show(name)} of bundle {show(bundle)} has two entries in dbSchema "
                     f"(#{seen_dbs[(bundle, name)]} and #{i}); keep one.",
                 )
             else:
@@ -490,520 +316,45 @@ def _duplicates(doc: object) -> Iterator[SchemaIssue]:
         tables = db.get("tables")
         if not isinstance(tables, list):
             continue
-        seen_tables: set[str] = set()
+        repeated_tables = dict(_repeats(t.get("tableName") if isinstance(t, dict) else None for t in tables))
         for j, table in enumerate(tables):
             if not isinstance(table, dict):
                 continue
             tpath = f"/dbSchema/{i}/tables/{j}"
             tname = table.get("tableName")
-            if isinstance(tname, str):
-                if tname in seen_tables:
-                    yield SchemaIssue(
-                        f"{tpath}/tableName",
-                        "duplicate-table",
-                        f"Table {_show(tname)} appears twice in database {_show(name)}; keep one entry.",
-                    )
-                seen_tables.add(tname)
+            if j in repeated_tables:
+                yield SchemaIssue(
+                    f"{tpath}/tableName",
+                    "duplicate-table",
+                    f"Table {show(tname)} appears twice in database {show(name)}; keep one entry.",
+                )
             fields = table.get("fields")
             if isinstance(fields, list):
-                seen_cols: set[str] = set()
-                for k, fld in enumerate(fields):
-                    col = fld.get("columnName") if isinstance(fld, dict) else None
-                    if isinstance(col, str):
-                        if col in seen_cols:
-                            yield SchemaIssue(
-                                f"{tpath}/fields/{k}/columnName",
-                                "duplicate-column",
-                                f"Column {_show(col)} is described twice in the fields of table {_show(tname)}.",
-                            )
-                        seen_cols.add(col)
+                for k, col in _repeats(fld.get("columnName") if isinstance(fld, dict) else None for fld in fields):
+                    yield SchemaIssue(
+                        f"{tpath}/fields/{k}/columnName",
+                        "duplicate-column",
+                        f"Column {show(col)} is described twice in the fields of table {show(tname)}.",
+                    )
             sync = table.get("deviceSyncFields")
             if isinstance(sync, list):
-                seen_sync: set[str] = set()
-                for k, col in enumerate(sync):
-                    if isinstance(col, str):
-                        if col in seen_sync:
-                            yield SchemaIssue(
-                                f"{tpath}/deviceSyncFields/{k}",
-                                "duplicate-sync-column",
-                                f"Sync column {_show(col)} is listed twice in deviceSyncFields of table {_show(tname)}.",
-                            )
-                        seen_sync.add(col)
-
-
-# --------------------------------------------------------------------------
-# Helpers on shape-valid entries (callers pass entries that passed layer 1)
-
-
-def find_db_entry(doc: dict[str, Any], bundle: str, db_name: str) -> tuple[int, dict[str, Any]] | None:
-    """The entry of ``dbSchema`` for store ``(bundle, db_name)`` and its index."""
-    dbs = doc.get("dbSchema") if isinstance(doc, dict) else None
-    if not isinstance(dbs, list):
-        return None
-    for i, db in enumerate(dbs):
-        if isinstance(db, dict) and db.get("bundleName") == bundle and db.get("dbName") == db_name:
-            return i, db
-    return None
-
-
-def _fields(entry: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
-    fields = entry.get("fields")
-    if not isinstance(fields, list):
-        return []
-    return [(k, f) for k, f in enumerate(fields) if isinstance(f, dict) and isinstance(f.get("columnName"), str)]
-
-
-def _field_index(entry: Mapping[str, Any], column: str) -> int | None:
-    for k, fld in _fields(entry):
-        if fld["columnName"] == column:
-            return k
-    return None
-
-
-def _sync_list(entry: Mapping[str, Any]) -> list[Any] | None:
-    sync = entry.get("deviceSyncFields")
-    return sync if isinstance(sync, list) else None
-
-
-def sync_columns(entry: Mapping[str, Any]) -> list[str]:
-    """The columns that actually travel: deviceSyncFields entries that are
-    also described in ``fields`` (the seed: a sync column missing from fields
-    is not synced). In deviceSyncFields order, without repeats."""
-    described = {f["columnName"] for _, f in _fields(entry)}
-    result: list[str] = []
-    for col in _sync_list(entry) or []:
-        if isinstance(col, str) and col in described and col not in result:
-            result.append(col)
-    return result
-
-
-def conflict_column(entry: Mapping[str, Any]) -> str | None:
-    """The conflict-resolution column (the one field with
-    ``"primaryKey": true``), or None when there are zero or several."""
-    marked = [f["columnName"] for _, f in _fields(entry) if f.get("primaryKey") is True]
-    return marked[0] if len(marked) == 1 else None
-
-
-# --------------------------------------------------------------------------
-# Layer 2: one table entry against the live table
-
-
-def check_table(
-    entry: Mapping[str, Any], shape: TableShape | None, path: str
-) -> tuple[list[SchemaIssue], list[SchemaIssue]]:
-    """Layer 2 for one table entry (at JSON pointer ``path``); returns
-    ``(errors, warnings)``.
-
-    ``entry`` must have passed layer 1. With ``shape=None`` only the rules
-    that need nothing but the document run (conflict-column count, sync
-    fields present, conflict column synced, the auto-increment rules taken
-    from the fields' own ``autoIncrement`` claims), which is what a schema
-    file can be checked for before the table exists.
-
-    Why these rules: a single_version table merges rows from every device
-    into one table, so a row must be identified the same way everywhere (one
-    UNIQUE conflict column that travels), a received row must be insertable
-    (every UNIQUE or NOT NULL-without-default column travels), and
-    locally-assigned keys must never travel (they collide across devices).
-    """
-    errors: list[SchemaIssue] = []
-    warnings: list[SchemaIssue] = []
-    table = entry.get("tableName")
-    fields = _fields(entry)
-    described = {f["columnName"]: k for k, f in reversed(fields)}
-    sync = _sync_list(entry)
-    synced = set(sync_columns(entry))
-    has_sync = bool(sync)
-    sync_path = f"{path}/deviceSyncFields"
-    t = _show(table)
-
-    # The fields describe the table: every described column exists, with the
-    # same type affinity and the same auto-increment property.
-    if shape is not None:
-        for k, fld in fields:
-            name = fld["columnName"]
-            col = shape.column(name)
-            fpath = f"{path}/fields/{k}"
-            if col is None:
-                errors.append(
-                    SchemaIssue(
-                        f"{fpath}/columnName",
-                        "field-not-in-table",
-                        f"Field {_show(name)} is not a column of table {t}{_case_hint(shape, name)}.",
+                for k, col in _repeats(sync):
+                    yield SchemaIssue(
+                        f"{tpath}/deviceSyncFields/{k}",
+                        "duplicate-sync-column",
+                        f"Sync column {show(col)} is listed twice in deviceSyncFields of table {show(tname)}.",
                     )
-                )
-                continue
-            ftype = fld.get("type")
-            if isinstance(ftype, str) and col.affinity != "ANY" and col.affinity not in TYPE_AFFINITIES.get(ftype, ()):
-                errors.append(
-                    SchemaIssue(
-                        f"{fpath}/type",
-                        "field-type-mismatch",
-                        f"Column {_show(name)} of table {t} is declared {_show(col.declared_type)} "
-                        f"({col.affinity} affinity) but its schema type is {_show(ftype)}; "
-                        f"use {_suggest_type(col.affinity)}.",
-                    )
-                )
-            claims_auto = fld.get("autoIncrement") is True
-            auto_path = f"{fpath}/autoIncrement" if "autoIncrement" in fld else fpath
-            if claims_auto and shape.rowid_alias != name:
-                errors.append(
-                    SchemaIssue(
-                        auto_path,
-                        "field-autoincrement-mismatch",
-                        f"Column {_show(name)} of table {t} is not an INTEGER PRIMARY KEY, "
-                        f"so its autoIncrement must be false.",
-                    )
-                )
-            elif col.autoincrement and not claims_auto:
-                errors.append(
-                    SchemaIssue(
-                        auto_path,
-                        "field-autoincrement-mismatch",
-                        f"Column {_show(name)} of table {t} is INTEGER PRIMARY KEY AUTOINCREMENT, "
-                        f"so its autoIncrement must be true.",
-                    )
-                )
-
-    # Primary key of the live table.
-    pk: tuple[str, ...] = ()
-    if shape is not None:
-        pk = shape.primary_key
-        if not pk:
-            errors.append(
-                SchemaIssue(
-                    path,
-                    "table-without-primary-key",
-                    f"Table {t} has no PRIMARY KEY; single_version sync needs one "
-                    f"(a rowid-only table can't be synced by column).",
-                )
-            )
-        elif len(pk) > 1:
-            errors.append(
-                SchemaIssue(
-                    path,
-                    "composite-primary-key",
-                    f"Table {t} has the composite primary key ({', '.join(pk)}), which distributed tables don't support.",
-                )
-            )
-
-    # Exactly one conflict column.
-    marked = [(k, f["columnName"]) for k, f in fields if f.get("primaryKey") is True]
-    if not marked:
-        errors.append(
-            SchemaIssue(
-                f"{path}/fields",
-                "conflict-column-missing",
-                f"Table {t} has no conflict column; mark exactly one field with \"primaryKey\": true.",
-            )
-        )
-    for k, name in marked[1:]:
-        errors.append(
-            SchemaIssue(
-                f"{path}/fields/{k}/primaryKey",
-                "conflict-column-multiple",
-                f"Table {t} already has the conflict column {_show(marked[0][1])}, so {_show(name)} "
-                f"can't be one too; only one field may have \"primaryKey\": true.",
-            )
-        )
-    conflict = marked[0][1] if len(marked) == 1 else None
-
-    # deviceSyncFields: present, non-empty, and every entry a real column.
-    if sync is None:
-        errors.append(
-            SchemaIssue(
-                path,
-                "sync-fields-missing",
-                f"Table {t} has no deviceSyncFields; list the columns to sync (at least one).",
-            )
-        )
-    elif not sync:
-        errors.append(
-            SchemaIssue(sync_path, "sync-fields-empty", f"deviceSyncFields of table {t} is empty; list at least one column.")
-        )
-    first_sync_index: dict[str, int] = {}
-    for j, col_name in enumerate(sync or []):
-        if not isinstance(col_name, str):
-            continue
-        first_sync_index.setdefault(col_name, j)
-        if shape is not None and shape.column(col_name) is None:
-            errors.append(
-                SchemaIssue(
-                    f"{sync_path}/{j}",
-                    "sync-column-not-in-table",
-                    f"Sync column {_show(col_name)} is not a column of table {t}{_case_hint(shape, col_name)}.",
-                )
-            )
-        elif col_name not in described:
-            warnings.append(
-                SchemaIssue(
-                    f"{sync_path}/{j}",
-                    "sync-column-not-in-fields",
-                    f"Sync column {_show(col_name)} of table {t} is not described in fields, so it will not be synced.",
-                )
-            )
-
-    # Which key does the device assign itself? With a live table: its
-    # AUTOINCREMENT key, or a plain INTEGER PRIMARY KEY the fields declare
-    # autoIncrement (SQLite assigns those too). Without one: the fields' claim.
-    auto_key: str | None = None
-    if shape is not None:
-        if len(pk) == 1:
-            col = shape.column(pk[0])
-            k = described.get(pk[0])
-            claims = k is not None and entry["fields"][k].get("autoIncrement") is True
-            if col is not None and (col.autoincrement or (shape.rowid_alias == col.name and claims)):
-                auto_key = col.name
-    else:
-        auto_key = next((f["columnName"] for _, f in fields if f.get("autoIncrement") is True), None)
-
-    if auto_key is not None:
-        if auto_key in synced:
-            errors.append(
-                SchemaIssue(
-                    f"{sync_path}/{first_sync_index.get(auto_key, 0)}",
-                    "autoincrement-key-synced",
-                    f"Column {_show(auto_key)} of table {t} is an auto-increment key, which each device "
-                    f"assigns itself, so it must not be synced; remove it from deviceSyncFields.",
-                )
-            )
-        if conflict == auto_key:
-            errors.append(
-                SchemaIssue(
-                    f"{path}/fields/{described[auto_key]}/primaryKey",
-                    "autoincrement-key-is-conflict-column",
-                    f"Column {_show(auto_key)} of table {t} is an auto-increment key and can't be the conflict "
-                    f"column; mark a UNIQUE non-key column (e.g. a UUID) with \"primaryKey\": true instead.",
-                )
-            )
-    elif shape is not None and len(pk) == 1:
-        key = pk[0]
-        if conflict is not None and conflict != key:
-            k = described.get(key)
-            errors.append(
-                SchemaIssue(
-                    f"{path}/fields/{k}/primaryKey" if k is not None else f"{path}/fields",
-                    "primary-key-not-conflict-column",
-                    f"Table {t} has the non-auto-increment primary key {_show(key)}, so {_show(key)} "
-                    f"must be the conflict column, not {_show(conflict)}.",
-                )
-            )
-        if has_sync and key not in synced and key != conflict:
-            errors.append(
-                SchemaIssue(
-                    sync_path,
-                    "primary-key-not-synced",
-                    f"Primary key {_show(key)} of table {t} must be synced (it identifies the row on every "
-                    f"device); add it to deviceSyncFields and fields.",
-                )
-            )
-
-    # The conflict column identifies a row on every device.
-    conflict_col = shape.column(conflict) if shape is not None and conflict is not None else None
-    if conflict is not None and conflict != auto_key and (shape is None or conflict_col is not None):
-        if has_sync and conflict not in synced:
-            errors.append(
-                SchemaIssue(
-                    sync_path,
-                    "conflict-column-not-synced",
-                    f"Conflict column {_show(conflict)} of table {t} must itself be synced; add it to deviceSyncFields.",
-                )
-            )
-        if conflict_col is not None and not conflict_col.unique:
-            errors.append(
-                SchemaIssue(
-                    f"{path}/fields/{described[conflict]}/primaryKey",
-                    "conflict-column-not-unique",
-                    f"Conflict column {_show(conflict)} of table {t} is not UNIQUE in the table; give it a "
-                    f"UNIQUE constraint (a globally unique value such as a UUID) or pick another column.",
-                )
-            )
-
-    # A received row must be insertable: UNIQUE columns and NOT NULL columns
-    # without a default travel. Key and conflict columns are covered above.
-    if shape is not None and has_sync:
-        for col in shape.columns:
-            if col.name in synced or col.pk_index or col.name == conflict:
-                continue
-            if col.unique:
-                errors.append(
-                    SchemaIssue(
-                        sync_path,
-                        "unique-column-not-synced",
-                        f"Column {_show(col.name)} of table {t} is UNIQUE, so it must be synced; add it to "
-                        f"deviceSyncFields and fields.",
-                    )
-                )
-            elif col.not_null and not col.has_default:
-                errors.append(
-                    SchemaIssue(
-                        sync_path,
-                        "not-null-column-not-synced",
-                        f"Column {_show(col.name)} of table {t} is NOT NULL without a default, so it must be "
-                        f"synced; add it to deviceSyncFields and fields, or give it a DEFAULT.",
-                    )
-                )
-    return errors, warnings
 
 
-def _case_hint(shape: TableShape, name: str) -> str:
-    for col in shape.columns:
-        if col.name.lower() == name.lower() and col.name != name:
-            return f" (names are case-sensitive: the table has {_show(col.name)})"
-    return ""
-
-
-def _suggest_type(affinity: str) -> str:
-    return {
-        "TEXT": "'Text'",
-        "INTEGER": "'Integer' or 'Long'",
-        "REAL": "'Float' or 'Double'",
-        "BLOB": "'Blob'",
-    }.get(affinity, "a numeric type")
-
-
-def conflict_column_nulls(entry: Mapping[str, Any], path: str, nulls: int) -> SchemaIssue | None:
-    """Layer 2 on live data: ``nulls`` rows of the table hold NULL in the
-    conflict column of table entry ``entry`` (at ``path``). The store counts
-    them (this module reads no data); the issue is built here so the rule's
-    name, path and wording live beside the other rules.
-
-    Why: the conflict column identifies a row on every device, and NULL
-    identifies nothing (UNIQUE lets any number of rows hold it), so the seed
-    makes setting the distributed table fail while such rows exist.
-    """
-    column = conflict_column(entry)
-    if column is None or nulls <= 0:
-        return None
-    k = _field_index(entry, column)
-    return SchemaIssue(
-        f"{path}/fields/{k}/primaryKey",
-        "conflict-column-has-nulls",
-        f"Conflict column {_show(column)} of table {_show(entry.get('tableName'))} holds NULL in {nulls} "
-        f"row{'s' if nulls != 1 else ''}; give {'them' if nulls != 1 else 'it'} a value (e.g. a UUID) or delete "
-        f"{'them' if nulls != 1 else 'it'} first.",
-    )
-
-
-# --------------------------------------------------------------------------
-# Layer 3: against the previously accepted version
-
-
-def _normalised(entry: Mapping[str, Any]) -> str:
-    """A db entry as canonical JSON minus its version: defaults filled in,
-    and order ignored where order means nothing (tables, fields, sync
-    columns), so reformatting the file is not a change."""
-    tables = []
-    for table in entry.get("tables") or []:
-        if not isinstance(table, dict):
-            continue
-        fields = sorted(
-            (
-                {
-                    "columnName": f["columnName"],
-                    "type": f.get("type"),
-                    "primaryKey": f.get("primaryKey") is True,
-                    "autoIncrement": f.get("autoIncrement") is True,
-                    "notNull": f.get("notNull") is True,
-                }
-                for _, f in _fields(table)
-            ),
-            key=lambda f: f["columnName"],
-        )
-        sync = sorted(c for c in (_sync_list(table) or []) if isinstance(c, str))
-        tables.append({"tableName": table.get("tableName"), "deviceSyncFields": sync, "fields": fields})
-    tables.sort(key=lambda t: str(t["tableName"]))
-    body = {"bundleName": entry.get("bundleName"), "dbName": entry.get("dbName"), "tables": tables}
-    return json.dumps(body, sort_keys=True, ensure_ascii=False)
-
-
-def check_upgrade(
-    previous: Mapping[str, Any], current: Mapping[str, Any], path: str
-) -> tuple[list[SchemaIssue], dict[str, list[str]]]:
-    """Layer 3: the new db entry ``current`` (at ``path``) against the
-    previously accepted one. Returns ``(errors, added)`` where ``added`` maps
-    a table to the sync columns the new version adds (a table new in this
-    version lists all its sync columns), so the store can send existing rows
-    again.
-
-    Why: peers compare versions to know which columns both sides sync; a
-    change without a new version would go unnoticed. A changed conflict
-    column would make the same row look like two rows across devices, and a
-    removed sync column would leave peers with values that no longer move.
-    """
-    errors: list[SchemaIssue] = []
-    added: dict[str, list[str]] = {}
-    db = _show(current.get("dbName"))
-    old_v, new_v = previous.get("version"), current.get("version")
-    if isinstance(old_v, int) and isinstance(new_v, int):
-        changed = _normalised(previous) != _normalised(current)
-        if new_v < old_v or (changed and new_v == old_v):
-            reason = "went down" if new_v < old_v else "changed"
-            errors.append(
-                SchemaIssue(
-                    f"{path}/version",
-                    "version-not-increased",
-                    f"The schema of database {db} {reason} but its version is {new_v}; "
-                    f"set a version higher than the accepted {old_v}.",
-                )
-            )
-
-    current_tables = {
-        t["tableName"]: j for j, t in reversed(list(enumerate(current.get("tables") or []))) if isinstance(t, dict)
-    }
-    previous_names: set[str] = set()
-    for old in previous.get("tables") or []:
-        if not isinstance(old, dict) or not isinstance(old.get("tableName"), str):
-            continue
-        name = old["tableName"]
-        previous_names.add(name)
-        old_sync = sync_columns(old)
-        j = current_tables.get(name)
-        if j is None:
-            if old_sync:
-                errors.append(
-                    SchemaIssue(
-                        f"{path}/tables",
-                        "sync-column-removed",
-                        f"Table {_show(name)} was removed from database {db}, which removes its sync columns "
-                        f"{', '.join(old_sync)}; sync columns can only be added.",
-                    )
-                )
-            continue
-        new = current["tables"][j]
-        tpath = f"{path}/tables/{j}"
-        old_conflict, new_conflict = conflict_column(old), conflict_column(new)
-        if old_conflict is not None and new_conflict != old_conflict:
-            k = _field_index(new, new_conflict) if new_conflict is not None else None
-            now = f"is now {_show(new_conflict)}" if new_conflict is not None else "is no longer set"
-            errors.append(
-                SchemaIssue(
-                    f"{tpath}/fields/{k}/primaryKey" if k is not None else f"{tpath}/fields",
-                    "conflict-column-changed",
-                    f"The conflict column of table {_show(name)} was {_show(old_conflict)} and {now}; "
-                    f"it can't change once accepted.",
-                )
-            )
-        new_sync = sync_columns(new)
-        sync_path = f"{tpath}/deviceSyncFields" if "deviceSyncFields" in new else tpath
-        for col in old_sync:
-            if col not in new_sync:
-                errors.append(
-                    SchemaIssue(
-                        sync_path,
-                        "sync-column-removed",
-                        f"Sync column {_show(col)} of table {_show(name)} was removed; sync columns can only be added.",
-                    )
-                )
-        more = [c for c in new_sync if c not in old_sync]
-        if more:
-            added[name] = more
-    for name, j in current_tables.items():
-        if name not in previous_names:
-            cols = sync_columns(current["tables"][j])
-            if cols:
-                added[name] = cols
-    return errors, added
+def _repeats(names: Iterable[object]) -> Iterator[tuple[int, str]]:
+    """``(index, name)`` of every string name an earlier one already was
+    (anything but a string is skipped: it failed the JSON Schema)."""
+    seen: set[str] = set()
+    for k, name in enumerate(names):
+        if isinstance(name, str):
+            if name in seen:
+                yield k, name
+            seen.add(name)
 
 
 # --------------------------------------------------------------------------
@@ -1053,8 +404,8 @@ def validate(
         wanted = " ".join(
             part
             for part in (
-                f"bundle {_show(bundle)}" if bundle is not None else "",
-                f"database {_show(db_name)}" if db_name is not None else "",
+                f"bundle {show(bundle)}" if bundle is not None else "",
+                f"database {show(db_name)}" if db_name is not None else "",
             )
             if part
         )
@@ -1079,7 +430,7 @@ def validate(
                         SchemaIssue(
                             f"{epath}/tables",
                             "table-not-in-schema",
-                            f"Table {_show(name)} has no entry in database {_show(db['dbName'])} of sync_schema.json.",
+                            f"Table {show(name)} has no entry in database {show(db['dbName'])} of sync_schema.json.",
                         )
                     )
         for j in targets:
@@ -1093,7 +444,7 @@ def validate(
                         SchemaIssue(
                             f"{tpath}/tableName",
                             "table-not-found",
-                            f"Table {_show(name)} does not exist in database {_show(db['dbName'])} "
+                            f"Table {show(name)} does not exist in database {show(db['dbName'])} "
                             f"(table names are case-sensitive).",
                         )
                     )
@@ -1118,23 +469,16 @@ def validate(
         else:
             found = find_db_entry(doc, previous["bundleName"], previous["dbName"])
             if found is None:
-                removed = [c for t in previous["tables"] for c in sync_columns(t)]
-                if removed:
-                    errors.append(
-                        SchemaIssue(
-                            "/dbSchema",
-                            "sync-column-removed",
-                            f"Database {_show(previous['dbName'])} of bundle {_show(previous['bundleName'])} is no "
-                            f"longer in sync_schema.json, which removes all its sync columns; sync columns can only be added.",
-                        )
-                    )
+                gone = database_removed(previous)
+                if gone is not None:
+                    errors.append(gone)
             else:
                 i, entry = found
                 upgrade_errors, upgrade_added = check_upgrade(previous, entry, f"/dbSchema/{i}")
                 errors.extend(upgrade_errors)
                 added = {t: tuple(cols) for t, cols in upgrade_added.items()}
 
-    return ValidationReport(tuple(_dedupe(errors)), tuple(_dedupe(warnings)), added)
+    return ValidationReport(tuple(dedupe(errors)), tuple(dedupe(warnings)), added)
 
 
 def read_document(document: object) -> object:
@@ -1171,33 +515,9 @@ def invalid_json_report(exc: SchemaInvalid) -> ValidationReport:
     return ValidationReport((SchemaIssue(where, "invalid-json", exc.message),))
 
 
-# --------------------------------------------------------------------------
-# Small helpers
-
-
-def pointer(parts: Sequence[Any]) -> str:
-    """RFC 6901 JSON pointer for a path of keys and indexes."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
 
 def _sort_key(parts: Iterable[Any]) -> tuple[tuple[int, Any], ...]:
     return tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in parts)
-
-
-def _dedupe(issues: Iterable[SchemaIssue]) -> list[SchemaIssue]:
-    return list(dict.fromkeys(issues))
-
-
-def _show(value: Any) -> str:
-    """A value for a message: quoted, and short even for hostile input."""
-    if isinstance(value, str):
-        text = repr(value)
-    else:
-        try:
-            text = json.dumps(value, ensure_ascii=False)
-        except (TypeError, ValueError, RecursionError):
-            text = repr(type(value).__name__)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _cap(text: str) -> str:
@@ -1243,17 +563,23 @@ def _where(doc: object, parts: Sequence[Any]) -> str:
             kind = _CONTAINERS[parent_key]
             name_key = _NAME_KEYS.get(parent_key)
             if isinstance(node, dict) and isinstance(node.get(name_key), str) and node[name_key]:
-                label = f"{kind} {_show(node[name_key])}"
+                label = f"{kind} {show(node[name_key])}"
             elif kind == "sync column" and isinstance(node, str) and node:
-                label = f"{kind} {_show(node)}"
+                label = f"{kind} {show(node)}"
             else:
                 label = f"{kind} #{part}"
             entities.append((n, label))
     if not entities:
-        return f"{_show(parts[-1])} of the document" if len(parts) == 1 else "'" + "/".join(map(str, parts)) + "'"
+        return f"{show(parts[-1])} of the document" if len(parts) == 1 else "'" + "/".join(map(str, parts)) + "'"
     last_at, last = entities[-1]
     context = last if len(entities) == 1 else f"{last} in {entities[-2][1]}"
     rest = parts[last_at + 1 :]
     if not rest:
         return context
-    return f"{_show('/'.join(map(str, rest)))} of {context}"
+    return f"{show('/'.join(map(str, rest)))} of {context}"
+
+
+#: Every rule name this module can report → its layer and severity, derived
+#: from the registry. docs/sync_schema.md documents each one (tests/schema
+#: checks that).
+RULES: Mapping[str, str] = rule_table()

@@ -53,6 +53,7 @@ from p2pstore.errors import (
     InvalidPredicate,
     P2PStoreError,
     ProtocolError,
+    SecurityLevelDenied,
     StoreNotOpen,
     SyncInProgress,
     TableNotDistributed,
@@ -199,6 +200,8 @@ def session_code(exc: BaseException) -> int:
         return int(Code.CORRUPTED)
     if isinstance(exc, DiskFull):
         return int(Code.DISK_FULL)
+    if isinstance(exc, SecurityLevelDenied):
+        return int(Code.SECURITY_LEVEL)
     return int(Code.FAIL)
 
 
@@ -550,9 +553,7 @@ class SyncEngine:
                 log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
                          stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
-                if not self.directory.may_receive(peer, store.security_label):
-                    raise SessionEnded(Code.SECURITY_LEVEL,
-                                       f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
+                self.directory.check_may_receive(peer, store)
                 since, stream = await store.position(peer)
                 await self._send(session, SyncReady(msg.req, since, table_offers(store), stream))
                 stats = await self._send_stream(session, store, 0, None, None, None, copy_of=peer)
@@ -563,9 +564,7 @@ class SyncEngine:
                 if store.restore_pending:
                     self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
                     raise SessionEnded(Code.RESTORE_PENDING, restore_pending_message(store))
-                if not self.directory.may_receive(peer, store.security_label):
-                    raise SessionEnded(Code.SECURITY_LEVEL,
-                                       f"store {msg.store} is labelled S{store.security_label}; this device's level is lower")
+                self.directory.check_may_receive(peer, store)
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
                 start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
@@ -656,9 +655,8 @@ class SyncEngine:
             raise SessionEnded(Code.UNTRUSTED, "the device is not trusted")
         if not self.peers.is_online(peer):
             raise SessionEnded(Code.OFFLINE, "the device is offline")
-        if mode == "push" and not self.directory.may_receive(peer, store.security_label):
-            raise SessionEnded(Code.SECURITY_LEVEL,
-                               f"store {store.name} is labelled S{store.security_label}; the device's level is lower")
+        if mode == "push":
+            self.directory.check_may_receive(peer, store)
         if mode == "push" and store.restore_pending:
             await self._catch_up(store, peer)
         lost: _ChannelReplaced | None = None

@@ -37,7 +37,6 @@ from p2pstore.errors import (
     P2PStoreError,
     ProtocolError,
     ResultTooLarge,
-    SecurityLevelDenied,
     SyncTimeout,
     by_name,
 )
@@ -199,9 +198,7 @@ class RemoteQueries:
         pager: _Pager | None = None
         try:
             store = await self.registry.for_peer(msg.bundle, msg.store)
-            if not self.directory.may_receive(peer, store.security_label):
-                raise SecurityLevelDenied(
-                    f"store {msg.store} is labelled S{store.security_label}; the asking device's level is lower")
+            self.directory.check_may_receive(peer, store)
             try:
                 predicates = decode_predicates(msg.predicates)
             except ValueError as exc:

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -37,7 +38,7 @@ from p2ps_helpers import REPO, DaemonProcess
 
 from p2pstore import PROTOCOL_VERSION
 from p2pstore.client import BlockingClient
-from p2pstore.errors import ChannelError
+from p2pstore.errors import ChannelError, SecurityLevelDenied
 from p2pstore.net.channel import accept_tls, dial_tls, listen
 from p2pstore.net.devices import DeviceDirectory, security_allows
 from p2pstore.net.discovery import DiscoveredPeer
@@ -1080,6 +1081,31 @@ def test_may_receive(tmp_path: Path) -> None:
     stranger = random_device_id()
     peers.connect(stranger, 4)
     assert not directory.may_receive(stranger, 1)
+
+
+def test_check_may_receive_refuses_with_the_label_and_the_level(tmp_path: Path) -> None:
+    """The one guard sync (push and served pull) and remote query use: silent
+    when the rule allows, else SecurityLevelDenied naming store, label and level."""
+    trust = TrustStore(tmp_path / "trust.json")
+    peers = _StubPeers()
+    directory = DeviceDirectory(random_device_id(), trust, peers)  # type: ignore[arg-type]
+    s1, unknown, stranger = random_device_id(), random_device_id(), random_device_id()
+    for device in (s1, unknown):
+        trust.trust(device)
+    peers.connect(s1, 1)
+    secret = SimpleNamespace(name="secret", security_label=3)
+    directory.check_may_receive(s1, SimpleNamespace(name="public", security_label=1))  # type: ignore[arg-type]
+    with pytest.raises(SecurityLevelDenied) as low:
+        directory.check_may_receive(s1, secret)  # type: ignore[arg-type]
+    assert low.value.message == f"store secret is labelled S3; device {s1} is at level S1, below S3"
+    assert low.value.data == {"device_id": s1, "store": "secret", "security_level": "S3"}
+    with pytest.raises(SecurityLevelDenied) as never_seen:
+        directory.check_may_receive(unknown, secret)  # type: ignore[arg-type]
+    assert never_seen.value.message.endswith("is at level unknown, below S3")
+    peers.connect(stranger, 4)
+    with pytest.raises(SecurityLevelDenied) as untrusted:
+        directory.check_may_receive(stranger, secret)  # type: ignore[arg-type]
+    assert untrusted.value.message.endswith(f"device {stranger} is not trusted")
 
 
 def test_devices_list_reports_levels_from_hello(node) -> None:
