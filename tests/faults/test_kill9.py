@@ -43,7 +43,10 @@ from sync_helpers import LO, SV_REF, Node, link, setup_employee, wait_linked, wa
 
 from p2pstore.client import BlockingClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+#: One worker runs every case, one after the other (pytest-xdist): they share
+#: one daemon pair per mode, and several 200k-row pushes at once on a 2-core
+#: machine would starve every timing-sensitive test running beside them.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("kill9")]
 
 ROWS = 200_000
 #: Sync batches are 250 rows (sync/engine.py DEFAULT_BATCH_ROWS): ~800 progress notes a push.
