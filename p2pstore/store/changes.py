@@ -647,14 +647,25 @@ def _collaborative_rows(
         (since, last, t.tid, *fparams),
     ).fetchall()
     cols = ", ".join(quote_ident(c) for c in t.info.columns)
-    select = f"SELECT {cols} FROM {quote_ident(t.info.name)} WHERE {t.info.key_expr} = ?"
+    name, key = quote_ident(t.info.name), t.info.key_expr
+    select = f"SELECT {cols} FROM {name} WHERE {key} = ?"
+    # Current rows a chunk of keys per query, matched by exact value; a key
+    # the table returns under another type is read on its own below.
+    keys = [pk for pk, _seq, hlc in latest if hlc is not None and not is_raw_text(pk)]
+    current_rows: dict[Any, tuple[Any, ...]] = {}
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i:i + IN_CHUNK]
+        for pk, *values in conn.execute(f"SELECT {key}, {cols} FROM {name} WHERE {key} IN ({', '.join('?' * len(chunk))})", chunk):
+            current_rows.setdefault(pk, tuple(values))
     for pk, seq, hlc in latest:
         if hlc is None:  # beyond every stamp: stable_bound keeps this from happening
             continue
         if is_raw_text(pk):
             _unsendable(t, pk)
             continue
-        current = conn.execute(select, (pk,)).fetchone()
+        current = current_rows.get(pk)
+        if current is None:
+            current = conn.execute(select, (pk,)).fetchone()
         if current is None:
             yield RowChange(t.info.name, t.key_column, pk, seq, (), hlc, me)
         else:
