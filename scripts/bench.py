@@ -31,6 +31,8 @@ size               bytes on disk of A (sender) and B (receiver) after syncing
                    the push_outside rows (``--rows``, default 100k), both
                    modes, against the same rows in a plain table; dbstat
                    bytes per table and index. Goal (1M rows) <= 1.6 x plain.
+datapath           the push_outside rows through read / encode / decode / apply
+                   in one process (no daemons): seconds in each step.
 rss                peak RSS of each daemon during a 1M-row push. Goal <= 150 MB.
 writes_under_push  p99 of single-row store.insert on B while B receives a
                    1M-row push. Goal <= 50 ms.
@@ -640,6 +642,86 @@ def bench_size(quick: bool) -> dict:
     return out
 
 
+# -- the data path without daemons -------------------------------------------
+
+_EMPLOYEE_DOC_FIELDS = (("ID", "Integer", False, False, True), ("NAME", "Text", True, True, False), ("AGE", "Integer", False, False, False),
+                        ("SALARY", "Float", False, False, False), ("CODES", "Blob", False, False, False))
+
+
+def _datapath_run(root: Path, n: int, single_version: bool, seed: int) -> dict:
+    """Sender read -> wire form -> receiver apply, batch by batch in this process,
+    with the daemon's batch size and file settings; seconds spent in each step."""
+    sys.path.insert(0, str(REPO / "tests" / "store"))
+    from replicas import Replica, field, schema_doc  # the test suite's in-process store (same calls as the daemon)
+
+    from p2pstore.protocol.messages import pack_values, unpack
+    from p2pstore.store import changes, merge
+    from p2pstore.store import database
+    from p2pstore.sync.engine import DEFAULT_BATCH_ROWS, MAX_BATCH_BYTES
+
+    doc = schema_doc({_OUTSIDE_TABLE: ([field(c, t, pk=pk, not_null=nn, autoinc=ai) for c, t, pk, nn, ai in _EMPLOYEE_DOC_FIELDS],
+                                       ["NAME", "AGE", "SALARY", "CODES"])})
+    a, b = Replica(root / "a.db", "DEVA"), Replica(root / "b.db", "DEVB")
+    for r in (a, b):
+        r.conn.execute("PRAGMA synchronous = NORMAL")  # the daemon's default (Replica: OFF)
+        if hasattr(database, "CACHE_KIB"):  # the store's page cache (an older tree has SQLite's default)
+            r.conn.execute(f"PRAGMA cache_size = {-database.CACHE_KIB}")
+        r.write(f"CREATE TABLE {_OUTSIDE_TABLE} {_OUTSIDE_SHAPE}")
+        r.make_distributed(_OUTSIDE_TABLE, doc=doc if single_version else None)
+    _outside_write(root / "a.db", n, seed, False)
+    spent = {"read": 0.0, "encode": 0.0, "decode": 0.0, "apply": 0.0}
+    since = a.start_position(*merge.position(b.conn, a.id))
+    applied = 0
+    t0 = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        batch = a.read(since, limit=DEFAULT_BATCH_ROWS, max_bytes=MAX_BATCH_BYTES)
+        spent["read"] += time.perf_counter() - t
+        t = time.perf_counter()
+        wire = pack_values(changes.batch_to_plain(batch))
+        spent["encode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        batch = changes.batch_from_plain(unpack(wire, "batch", raw_text=True))
+        spent["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        applied += b.apply(batch, a.id).applied
+        spent["apply"] += time.perf_counter() - t
+        since = batch.last_seq
+        if not batch.more:
+            break
+    took = time.perf_counter() - t0
+    a.close()
+    b.close()
+    if applied != n:
+        raise RuntimeError(f"{applied} rows applied; expected {n}")
+    return {"seconds": took, **spent}
+
+
+def bench_datapath(quick: bool) -> dict:
+    n = 20_000 if quick else 100_000
+    runs = 1 if quick else 3
+    seed = 11
+    load = _load()
+    raw, _ = _raw_outside_rate(n, seed)
+    out: dict = {"bench": "datapath", "rows": n, "runs": runs, "loadavg_at_start": load, "raw_sqlite_executemany_rows_per_s": round(raw)}
+    for variant, sv in (("collaborative", False), ("single_version", True)):
+        results = []
+        for _ in range(runs):
+            root = Path(tempfile.mkdtemp(prefix="p2ps-bench-", dir="/tmp"))
+            try:
+                results.append(_datapath_run(root, n, sv, seed))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        mid = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]
+        out[variant] = {"rows_per_s": round(n / mid["seconds"]), "ratio_vs_raw": round(n / mid["seconds"] / raw, 3),
+                        "seconds": {k: round(v, 2) for k, v in mid.items()}}
+    out["loadavg_at_end"] = _load()
+    out["note"] = ("the push_outside rows through the sync data path in one process, no daemons, sockets or TLS: the sender's "
+                   "stamp + read (read), batch_to_plain + msgpack (encode), unpack + batch_from_plain (decode), apply_batch "
+                   "(apply), one batch at a time with the engine's batch size; the run with the median total time")
+    return out
+
+
 #: Gap between isolated inserts: longer than the daemon's notification coalescing
 #: windows (api/subscriptions.py: 20 ms for key lists, 5 ms for ``remote``), so
 #: each change is the first after a quiet period and is announced at once.
@@ -782,7 +864,7 @@ def bench_writes_under_push(quick: bool) -> dict:
 
 
 BENCHES = {"capture": bench_capture, "notify": bench_notify, "push": bench_push, "push_outside": bench_push_outside,
-           "pull_outside": bench_pull_outside, "size": bench_size, "autosync": bench_autosync,
+           "pull_outside": bench_pull_outside, "size": bench_size, "datapath": bench_datapath, "autosync": bench_autosync,
            "rss": bench_rss, "writes_under_push": bench_writes_under_push}
 
 
