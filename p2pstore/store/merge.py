@@ -423,6 +423,7 @@ class _SingleVersionSql:
     insert: str
     delete: str
     key: str  # key expression of the row with a given ck
+    keys_many: str  # ck and key expression of the rows with the cks of an IN list that follows
     update_head: str  # "UPDATE t SET " (the changed columns follow)
     update_tail: str  # " WHERE ck = ?"
 
@@ -440,6 +441,7 @@ class _SingleVersionSql:
             insert=f"INSERT INTO {name} ({listed}) VALUES ({', '.join('?' * len(columns))})",
             delete=f"DELETE FROM {name} WHERE {ck} = ?",
             key=f"SELECT {table.info.key_expr} FROM {name} WHERE {ck} = ?",
+            keys_many=f"SELECT {ck}, {table.info.key_expr} FROM {name} WHERE {ck} IN",
             update_head=f"UPDATE {name} SET ",
             update_tail=f" WHERE {ck} = ?",
         )
@@ -996,12 +998,14 @@ class _Applier:
         for group in (deletes, updates, inserts):
             for statement, params in group.items():
                 conn.executemany(statement, params)
+        keys = {} if raw_text else self._inserted_keys(plans)
         top = capture.last_seq(conn)
         log_rows, cell_rows, tomb_rows = [], [], []
         for seq, plan in enumerate(plans, start=top + 1):
             tid, ck = plan.table.tid, plan.ck
             if plan.write == "insert":
-                plan.pk = conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
+                found = keys.get((tid, ck))
+                plan.pk = found[0] if found is not None else conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
                 self.appended.add(tid)
             log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], plan.newest[1], ck))
             cell_rows += [(tid, ck, col, *self._row(st.clock), seq, *self._row(st.prev)) for col, st in plan.changed]
@@ -1022,6 +1026,25 @@ class _Applier:
             "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
             tomb_rows,
         )
+
+    def _inserted_keys(self, plans: Sequence[_SvPlan]) -> dict[tuple[int, Value], tuple[Value]]:
+        """The local keys of the rows ``plans`` inserted, by (tid, ck): one IN
+        query per table and chunk instead of a SELECT per row. Only for the
+        bulk path, whose keys are of one type that the conflict column keeps
+        distinct (``_keys_stay_distinct``), so a ck read back is the ck sent;
+        a row it misses is looked up on its own by the caller."""
+        by_table: dict[int, tuple[SyncTable, list[Value]]] = {}
+        for plan in plans:
+            if plan.write == "insert":
+                by_table.setdefault(plan.table.tid, (plan.table, []))[1].append(plan.ck)
+        found: dict[tuple[int, Value], tuple[Value]] = {}
+        for tid, (table, cks) in by_table.items():
+            sql = self._sv_sql(table).keys_many
+            for i in range(0, len(cks), IN_CHUNK):
+                chunk = cks[i:i + IN_CHUNK]
+                for ck, pk in self.conn.execute(f"{sql} ({', '.join('?' * len(chunk))})", chunk):
+                    found[(tid, ck)] = (pk,)
+        return found
 
     # -- end of batch ------------------------------------------------------
 
