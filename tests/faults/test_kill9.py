@@ -43,10 +43,7 @@ from sync_helpers import LO, SV_REF, Node, link, setup_employee, wait_linked, wa
 
 from p2pstore.client import BlockingClient
 
-#: One worker runs every case, one after the other (pytest-xdist): they share
-#: one daemon pair per mode, and several 200k-row pushes at once on a 2-core
-#: machine would starve every timing-sensitive test running beside them.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("kill9")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROWS = 200_000
 #: Sync batches are 250 rows (sync/engine.py DEFAULT_BATCH_ROWS): ~800 progress notes a push.
@@ -253,7 +250,12 @@ def push_until_success(pair: Pair, target: Target) -> list[dict[str, Any]]:
     raise AssertionError(f"push did not succeed in {PUSH_ATTEMPTS} attempts / {RESUME_BUDGET_S} s: {attempts}")
 
 
-@pytest.mark.parametrize(("mode", "victim", "seed"), RUNS, ids=[f"{m}-{v}-seed{s}" for m, v, s in RUNS])
+#: The cases of one mode run on one worker, one after the other (pytest-xdist
+#: --dist loadgroup): they share that mode's daemon pair, and more 200k-row
+#: pushes at once on a 2-core machine would starve the timing-sensitive tests
+#: running beside them.
+@pytest.mark.parametrize(("mode", "victim", "seed"), [
+    pytest.param(m, v, s, id=f"{m}-{v}-seed{s}", marks=pytest.mark.xdist_group(f"kill9-{m}")) for m, v, s in RUNS])
 def test_kill_9_mid_push_loses_duplicates_and_changes_nothing(pairs: dict[str, Pair], mode: str, victim: str,
                                                                 seed: int, record_property: Any) -> None:
     run_seed = BASE_SEED * 1000 + seed + (10 if mode == "single_version" else 0) + (100 if victim == "sender" else 0)
