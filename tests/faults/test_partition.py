@@ -28,10 +28,8 @@ import concurrent.futures
 import contextlib
 import os
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,14 +139,6 @@ class Mesh:
                 node.stop()
 
 
-@pytest.fixture
-def short_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="p2pf-", dir="/tmp"))
-    os.chmod(root, 0o700)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def name(host: int, k: int, phase: str = "") -> str:
     return f"h{host}-{phase}{k:03d}"
 
@@ -207,14 +197,14 @@ def split_deletes(mesh: Mesh, i: int, rng: random.Random) -> Callable[[], None]:
     return run
 
 
-def test_partition_and_heal_converge_and_resurrect_nothing(short_root: Path) -> None:
+def test_partition_and_heal_converge_and_resurrect_nothing(short_tmp: Path) -> None:
     prefix = unique_prefix("fp")
     rng = random.Random(SEED)
     print(f"partition test: seed {SEED} (P2PSTORE_FAULT_SEED shifts it)")
     t0 = time.monotonic()
     try:
         with Testbed(HOSTS, prefix) as bed:
-            mesh = Mesh(bed, short_root)
+            mesh = Mesh(bed, short_tmp)
             try:
                 mesh.trust_all()
                 mesh.setup()
