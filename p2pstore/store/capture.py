@@ -51,6 +51,7 @@ from typing import Any
 from p2pstore.clock import HybridClock
 from p2pstore.errors import StoreInvalid, TableNotDistributed, TableNotFound
 from p2pstore.schema.predicates import quote_ident
+from p2pstore.store import cells
 from p2pstore.store.tables import TableInfo, device_table_name, read_table_info
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,15 @@ CREATE TABLE IF NOT EXISTS _p2p_cells(
     PRIMARY KEY (tid, ck, col)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_cells_seq ON _p2p_cells(seq);
+-- The clock tuple a single_version row's synced columns share; a column
+-- whose tuple differs has its own _p2p_cells entry (store/cells.py).
+CREATE TABLE IF NOT EXISTS _p2p_rows(
+    tid INTEGER NOT NULL, ck NOT NULL,
+    hlc INTEGER NOT NULL, origin TEXT, seq INTEGER NOT NULL,
+    prev_hlc INTEGER, prev_origin TEXT,
+    PRIMARY KEY (tid, ck)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS _p2p_rows_seq ON _p2p_rows(seq);
 -- Newest delete of a single_version row (also of rows never seen here).
 CREATE TABLE IF NOT EXISTS _p2p_tombs(
     tid INTEGER NOT NULL, ck NOT NULL,
@@ -489,7 +499,54 @@ def skip_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
         table.hw = top
 
 
-def _cells_sql(table: CapturedTable) -> str:
+_TOUCHED = "(SELECT ck FROM temp._p2p_touched WHERE NOT plain)"
+
+
+def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, first: int, last: int) -> None:
+    """Give the single_version changes of log seqs first..last their cells
+    and tombs, set-based, in one clock tuple per row where they share it
+    (store/cells.py).
+
+    The common case — a row inserted once in the range, with no clock here
+    yet (new rows, rows another program wrote) — becomes its one row tuple
+    in one ``INSERT ... SELECT``. Every other touched row is exploded into
+    per-column cells, stamped by the per-column statements, and folded back:
+    the same cells as one row per column would hold, whatever the mix of
+    inserts, updates and deletes in the range.
+    """
+    tid, name = table.tid, table.info.name
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_touched(ck PRIMARY KEY, plain INTEGER NOT NULL) WITHOUT ROWID")
+    conn.execute("DELETE FROM temp._p2p_touched")
+    conn.execute(
+        "INSERT INTO temp._p2p_touched(ck, plain) "
+        f"SELECT l.ck, count(*) = 1 AND max(l.op) = {OP_INSERT} FROM _p2p_log l "
+        "WHERE l.seq BETWEEN ?1 AND ?2 AND l.tid = ?3 AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.ck",
+        (first, last, tid),
+    )
+    conn.execute(
+        "UPDATE temp._p2p_touched AS x SET plain = 0 WHERE plain AND ("
+        "EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = x.ck) OR "
+        "EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = x.ck) OR "
+        "EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = x.ck))",
+        (tid,),
+    )
+    if conn.execute("SELECT count(*) FROM _p2p_sync_columns WHERE tbl = ?", (name,)).fetchone()[0]:
+        conn.execute(
+            "INSERT INTO _p2p_rows(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) "
+            "SELECT l.tid, l.ck, ?1 + l.seq, NULL, l.seq, NULL, NULL FROM _p2p_log l "
+            "JOIN temp._p2p_touched x ON x.ck = l.ck AND x.plain "
+            f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.hlc IS NULL AND l.op = {OP_INSERT}",
+            (offset, first, last, tid),
+        )
+    if not conn.execute("SELECT 1 FROM temp._p2p_touched WHERE NOT plain LIMIT 1").fetchone():
+        return
+    cells.explode(conn, tid, name, _TOUCHED)
+    conn.execute(_cells_sql(table, f" AND l.ck IN {_TOUCHED}"), (offset, first, last, name, tid))
+    conn.execute(_TOMBS_SQL, (offset, first, last, tid))
+    cells.fold(conn, tid, name, _TOUCHED)
+
+
+def _cells_sql(table: CapturedTable, only: str = "") -> str:
     """One statement stamping the cells of a single_version table's changes.
 
     Binds: hlc offset (base - first), first seq, last seq, table name, tid.
@@ -511,7 +568,7 @@ def _cells_sql(table: CapturedTable) -> str:
         "FROM _p2p_log l JOIN c JOIN _p2p_sync_columns s ON s.tbl = ?4 AND s.col = c.col "
         "LEFT JOIN _p2p_tombs t ON t.tid = l.tid AND t.ck = l.ck "
         "WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?5 AND l.hlc IS NULL AND l.ck IS NOT NULL "
-        f"AND (l.op = {OP_INSERT} OR (l.op = {OP_UPDATE} AND (l.cols IS NULL OR l.cols & c.bit != 0))) "
+        f"AND (l.op = {OP_INSERT} OR (l.op = {OP_UPDATE} AND (l.cols IS NULL OR l.cols & c.bit != 0))){only} "
         "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq, "
         f"prev_hlc = CASE WHEN {_TOMB_IS_NEWER} THEN excluded.prev_hlc ELSE {_replaced('hlc')} END, "
         f"prev_origin = CASE WHEN {_TOMB_IS_NEWER} THEN excluded.prev_origin ELSE {_replaced('origin')} END "
@@ -566,8 +623,7 @@ def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, 
     batch.first_seq, batch.last_seq = first, last
     for table in state.tables.values():
         if table.conflict_column:
-            conn.execute(_cells_sql(table), (base - first, first, last, table.info.name, table.tid))
-            conn.execute(_TOMBS_SQL, (base - first, first, last, table.tid))
+            _stamp_cells(conn, table, base - first, first, last)
     if collect:
         names = {t.tid: t.info.name for t in state.tables.values()}
         seen: set[tuple[int, int, Any]] = set()

@@ -517,7 +517,8 @@ def unsent_rows(conn: sqlite3.Connection, since_seq: int, stream: str | None) ->
                    "AND tid IN (SELECT tid FROM _p2p_tables WHERE kind = 'local'))")
         else:
             # One seq belongs to one row: grouping by seq first halves the rows to deduplicate.
-            sql = ("SELECT count(*) FROM (SELECT tid, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 GROUP BY seq "
+            sql = ("SELECT count(*) FROM (SELECT tid, ck FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE seq > ?1 "
+                   "UNION SELECT tid, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 GROUP BY seq "
                    "UNION SELECT tid, ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1)")
         return int(conn.execute(sql, (since_seq,)).fetchone()[0])
 
@@ -617,7 +618,8 @@ def _next_seqs(
             sources = [("_p2p_log", " AND origin IS NULL", "pk")]
         else:
             # INDEXED BY: left alone, SQLite prefers the (tid, ...) key and sorts everything.
-            sources = [("_p2p_cells INDEXED BY _p2p_cells_seq", "", "ck"), ("_p2p_tombs INDEXED BY _p2p_tombs_seq", "", "ck")]
+            sources = [("_p2p_rows INDEXED BY _p2p_rows_seq", "", "ck"), ("_p2p_cells INDEXED BY _p2p_cells_seq", "", "ck"),
+                       ("_p2p_tombs INDEXED BY _p2p_tombs_seq", "", "ck")]
         for source, extra, key in sources:
             filt, fparams = _filter_sql(t, key, where)
             parts.append(
@@ -652,9 +654,13 @@ def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: li
             assert t.conflict_column is not None
             total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
             # INDEXED BY: left alone, SQLite walks every cell of the table by its (tid, ...) key.
-            sql = (f"SELECT c.seq, max((SELECT {total} FROM {name} WHERE {quote_ident(t.conflict_column)} = c.ck)) "
-                   f"FROM _p2p_cells c INDEXED BY _p2p_cells_seq WHERE c.tid = ? AND c.seq IN ({marks}) GROUP BY c.seq")
-        for seq, size in conn.execute(sql, (t.tid, *seqs)):
+            sql = (f"SELECT c.seq, max((SELECT {total} FROM {name} WHERE {quote_ident(t.conflict_column)} = c.ck)) FROM ("
+                   f"SELECT seq, ck FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE tid = ?1 AND seq IN ({marks}) UNION ALL "
+                   f"SELECT seq, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE tid = ?1 AND seq IN ({marks})) c GROUP BY c.seq")
+            seqs_params = (*seqs, *seqs)
+        if t.mode == COLLABORATIVE:
+            seqs_params = tuple(seqs)
+        for seq, size in conn.execute(sql, (t.tid, *seqs_params)):
             sizes[seq] = sizes.get(seq, 0) + (size or 0)
     used = 0
     for i, seq in enumerate(seqs):
@@ -726,6 +732,24 @@ def _single_version_rows(
     ):
         if col in synced:
             cells.setdefault(ck, []).append((col, *clock))
+    # Rows whose columns share one clock (store/cells.py): that clock for
+    # each sync column without a cell of its own.
+    shared = conn.execute(
+        f"SELECT ck, {clock_sql} FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+        (me, since, last, t.tid, *fparams),
+    ).fetchall()
+    if shared:
+        own: dict[Any, set[str]] = {}
+        if conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1", (t.tid,)).fetchone():
+            keys = [r[0] for r in shared]
+            for i in range(0, len(keys), IN_CHUNK):
+                chunk = keys[i:i + IN_CHUNK]
+                for ck, col in conn.execute(f"SELECT ck, col FROM _p2p_cells WHERE tid = ? AND ck IN ({', '.join('?' * len(chunk))})",
+                                            (t.tid, *chunk)):
+                    own.setdefault(ck, set()).add(col)
+        for ck, *clock in shared:
+            mine = own.get(ck, ())
+            cells.setdefault(ck, []).extend((col, *clock) for col in t.sync_columns if col not in mine)
     tombs: dict[Any, tuple[Any, ...]] = {
         ck: tuple(clock)
         for ck, *clock in conn.execute(

@@ -61,7 +61,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import capture, changes, gc, merge, restore, single_version
+from p2pstore.store import capture, cells, changes, gc, merge, restore, single_version
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
@@ -293,6 +293,7 @@ class Store:
                             "copied in): it starts a new change stream%s", self.bundle, self.name,
                             ", and catches up from a peer before it sends its own rows" if restore.pending(conn) else "")
             self.restore_pending = restore.pending(conn)
+            cells.migrate(conn, capture.get_meta, capture.set_meta)  # a file of the release before: once
             # Changes written while the daemon was down are stamped now; no
             # one is subscribed yet, so they are not announced.
             capture.stamp(conn, self.capture, self.clock, collect=False)

@@ -78,7 +78,7 @@ from typing import Any
 from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import FailureNotFound, ProtocolError
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture, gc
+from p2pstore.store import capture, cells, gc
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
 from p2pstore.store.changes import (
     COLLABORATIVE,
@@ -454,6 +454,9 @@ class _SvState:
     current: tuple[Value, ...] | None  # (key, *sync column values); None: no such row
     cells: dict[str, _Stamp]
     tomb: _Stamp | None
+    stored: dict[str, cells.Stored] = field(default_factory=dict)  # the logical cells as stored (with their seq)
+    had_row: bool = False  # a _p2p_rows entry (store/cells.py)
+    had_cols: bool = False  # _p2p_cells entries of its own
 
 
 @dataclass(slots=True)
@@ -471,6 +474,7 @@ class _SvPlan:
     newest: Clock  # the log row's clock: the newest of the changed cells and tomb
     changed: tuple[tuple[str, _Stamp], ...]  # cells to store
     tomb: _Stamp | None  # tomb to store
+    state: _SvState  # the row before (its stored cells are rewritten with the changed ones)
 
 
 def _row_clock(row: RowChange) -> Clock:
@@ -827,12 +831,9 @@ class _Applier:
                 f"schema_mismatch: the conflict column of {table.info.name} is {table.conflict_column} here, {row.key_column} on {self.sender}"
             )
         conn, ck, tid = self.conn, row.key, table.tid
-        state = _SvState(
-            conn.execute(self._sv_sql(table).select, (ck,)).fetchone(),
-            {col: self._stamp(*clock) for col, *clock in conn.execute(
-                "SELECT col, hlc, origin, prev_hlc, prev_origin FROM _p2p_cells WHERE tid = ? AND ck = ?", (tid, ck))},
-            None,
-        )
+        state = _SvState(conn.execute(self._sv_sql(table).select, (ck,)).fetchone(), {}, None)
+        shared, own = cells.load(conn, tid, [ck])
+        self._fill(state, table, shared.get(ck), own.get(ck))
         found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
         if found is not None:
             state.tomb = self._stamp(*found)
@@ -841,6 +842,13 @@ class _Applier:
             return False
         self._sv_write([plan], raw_text=True)
         return True
+
+    def _fill(self, state: _SvState, table: SyncTable, shared: cells.Stored | None, own: dict[str, cells.Stored] | None) -> None:
+        """Give ``state`` the row's clocks as stored (store/cells.py)."""
+        state.had_row, state.had_cols = shared is not None, bool(own)
+        state.stored = cells.expand(shared, own, table.sync_columns)
+        state.cells = {col: self._stamp(hlc, origin, prev_hlc, prev_origin)
+                       for col, (hlc, origin, _seq, prev_hlc, prev_origin) in state.stored.items()}
 
     def _single_version_bulk(self, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
         conn = self.conn
@@ -860,11 +868,9 @@ class _Applier:
                     if state is None or type(current[-1]) is not types[name]:
                         return False  # a stored key that compares equal but is not: row by row decides
                     state.current = current[:-1]
-                for ck, col, *clock in conn.execute(
-                    f"SELECT ck, col, hlc, origin, prev_hlc, prev_origin FROM _p2p_cells WHERE tid = ? AND ck IN ({marks})",
-                    (table.tid, *chunk),
-                ):
-                    found[ck].cells[col] = self._stamp(*clock)
+                shared, own = cells.load(conn, table.tid, chunk)
+                for ck in {*shared, *own}:
+                    self._fill(found[ck], table, shared.get(ck), own.get(ck))
                 for ck, *clock in conn.execute(
                     f"SELECT ck, hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck IN ({marks})",
                     (table.tid, *chunk),
@@ -966,7 +972,7 @@ class _Applier:
         changed = tuple((col, new_cells[col]) for col in incoming)
         newest_clock = max([st.clock for _, st in changed] + ([in_tomb.clock] if tomb_changed and in_tomb is not None else []))
         return _SvPlan(table, ck, write, diff, after, pk, op, announce, newest_clock, changed,
-                       in_tomb if tomb_changed else None)
+                       in_tomb if tomb_changed else None, state)
 
     def _record_losses(self, table: str, ck: Value, losses: list[tuple[str | None, Value, _Stamp, _Stamp]]) -> None:
         for col, value, winner, loser in losses:
@@ -1000,7 +1006,8 @@ class _Applier:
                 conn.executemany(statement, params)
         keys = {} if raw_text else self._inserted_keys(plans)
         top = capture.last_seq(conn)
-        log_rows, cell_rows, tomb_rows = [], [], []
+        log_rows, tomb_rows = [], []
+        writer = cells.Writer()
         for seq, plan in enumerate(plans, start=top + 1):
             tid, ck = plan.table.tid, plan.ck
             if plan.write == "insert":
@@ -1008,18 +1015,17 @@ class _Applier:
                 plan.pk = found[0] if found is not None else conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
                 self.appended.add(tid)
             log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], plan.newest[1], ck))
-            cell_rows += [(tid, ck, col, *self._row(st.clock), seq, *self._row(st.prev)) for col, st in plan.changed]
+            if plan.changed:
+                stored = dict(plan.state.stored)
+                for col, st in plan.changed:
+                    stored[col] = (*self._row(st.clock), seq, *self._row(st.prev))
+                writer.put(tid, ck, stored, plan.table.sync_columns, had_row=plan.state.had_row, had_cols=plan.state.had_cols)
             if plan.tomb is not None:
                 tomb_rows.append((tid, ck, *self._row(plan.tomb.clock), seq, *self._row(plan.tomb.prev)))
             if plan.announce:
                 self._announce(plan.newest[1], plan.table.info.name, plan.op, plan.pk)
         conn.executemany("INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?, ?)", log_rows)
-        conn.executemany(
-            "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
-            "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
-            cell_rows,
-        )
+        writer.write(conn)
         conn.executemany(
             "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "

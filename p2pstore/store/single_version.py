@@ -56,7 +56,7 @@ from p2pstore.schema.sync_schema import (
     sync_columns,
     validate,
 )
-from p2pstore.store import capture
+from p2pstore.store import capture, cells
 from p2pstore.store.tables import read_table_info
 
 if TYPE_CHECKING:  # database.py imports this module; only annotations go the other way
@@ -75,6 +75,14 @@ CREATE TABLE IF NOT EXISTS _p2p_sync_columns(
     conflict INTEGER NOT NULL DEFAULT 0, -- 1 for the table's conflict column
     PRIMARY KEY (tbl, col)
 ) WITHOUT ROWID;
+-- Every logical per-column clock (store/cells.py): a column's own entry,
+-- else its row's. For people and tests; the sync code reads the tables.
+CREATE VIEW IF NOT EXISTS _p2p_clocks AS
+SELECT c.tid, c.ck, c.col, c.hlc, c.origin, c.seq, c.prev_hlc, c.prev_origin FROM _p2p_cells c
+UNION ALL
+SELECT r.tid, r.ck, s.col, r.hlc, r.origin, r.seq, r.prev_hlc, r.prev_origin
+FROM _p2p_rows r JOIN _p2p_tables t ON t.tid = r.tid JOIN _p2p_sync_columns s ON s.tbl = t.name
+WHERE NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck AND c.col = s.col);
 """
 
 
@@ -329,6 +337,12 @@ def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tab
     if changed:
         capture.set_meta(conn, META_KEY, text)
 
+    for table in tables:
+        columns = tuple(sync_columns(by_name[table]))
+        row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone()
+        if row is not None and _columns(conn, table) != columns:
+            # A row's shared clock covers the sync columns it was written for: pin them first (store/cells.py).
+            cells.explode(conn, row[0], table)
     conn.execute("DELETE FROM _p2p_sync_columns")
     for table in tables:
         table_entry = by_name[table]  # validate reported table-not-in-schema otherwise
@@ -355,6 +369,10 @@ def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tab
         warnings=report.warnings,
         resent=resent,
     )
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> tuple[str, ...]:
+    return tuple(r[0] for r in conn.execute("SELECT col FROM _p2p_sync_columns WHERE tbl = ? ORDER BY pos", (table,)))
 
 
 def _guard_conflict_column(conn: sqlite3.Connection, table: str, column: str) -> None:

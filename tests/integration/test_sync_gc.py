@@ -150,7 +150,7 @@ def test_tombs_are_forgotten_and_a_peer_back_after_the_horizon_is_resynced(linke
     ok(a.sync("push", SV_REF, [b]), b)
     # B acked the deletes; once C's last ack is older than the horizon, A forgets them.
     wait_until(lambda: internal_count(a, "_p2p_tombs") == 0, 30, "A forgets the acked tombs")
-    assert internal_count(a, "_p2p_cells") == 4 * 4  # four rows left, four sync columns each
+    assert internal_count(a, "_p2p_clocks") == 4 * 4  # four rows left, four sync columns each
     c.restart()
     c.call("store.open", **SV_REF)
     wait_until(lambda: c.sees_online(a) and a.sees_online(c), 15, "C and A see each other again")

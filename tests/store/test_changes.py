@@ -53,7 +53,7 @@ def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
 
 
 def cells(r: Replica) -> list[tuple[Any, ...]]:
-    return r.rows("SELECT ck, col, seq FROM _p2p_cells ORDER BY ck, col")
+    return r.rows("SELECT ck, col, seq FROM _p2p_clocks ORDER BY ck, col")
 
 
 # --------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def test_stamp_keeps_one_clock_per_synced_column_and_a_tomb_per_delete(device) -
 
     a.write("DELETE FROM items WHERE uid = 'x'")
     assert a.rows("SELECT ck, origin FROM _p2p_tombs") == [("x", None)]  # origin NULL = this device
-    clocks = a.rows("SELECT hlc FROM _p2p_cells UNION ALL SELECT hlc FROM _p2p_tombs")
+    clocks = a.rows("SELECT hlc FROM _p2p_clocks UNION ALL SELECT hlc FROM _p2p_tombs")
     assert a.rows("SELECT hlc FROM _p2p_tombs")[0][0] == max(h for (h,) in clocks)
 
 
@@ -126,7 +126,7 @@ def test_a_deleted_row_travels_as_its_tomb_and_old_cells_carry_no_value(device) 
     assert row.tomb is not None and row.tomb[1] == "DEVA"
     assert all(c.value is None and c.hlc < row.tomb[0] for c in row.cells)
     # Read from after the insert: only the tomb is new.
-    insert_seq = a.rows("SELECT min(seq) FROM _p2p_cells")[0][0]
+    insert_seq = a.rows("SELECT min(seq) FROM _p2p_clocks")[0][0]
     (row,) = a.read(insert_seq).rows
     assert row.cells == () and row.tomb is not None
 

@@ -111,7 +111,7 @@ def test_tombs_go_only_once_every_holding_peer_acked_them(device) -> None:
     gc_push(a, c)
     assert collect(a, ["DEVB", "DEVC"]) == 4
     assert count(a, "_p2p_tombs") == 0
-    assert count(a, "_p2p_cells") == 2 * 3  # the two rows left, three sync columns each
+    assert count(a, "_p2p_clocks") == 2 * 3  # the two rows left, three sync columns each
     assert gc.gc_seq(a.conn) > 0 and gc.gc_hlc(a.conn) > 0
     assert a.rows(SYNCED) == b.rows(SYNCED) == c.rows(SYNCED) == [("u4", 4, None), ("u5", 5, None)]
     # A row that exists again keeps its tomb (it says which of its cells are hidden).

@@ -197,7 +197,7 @@ def test_equal_clocks_are_broken_by_device_id(device) -> None:
     a, b = device("DEVA"), device("DEVB")
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.push(b)
-    hlc = a.rows("SELECT hlc FROM _p2p_cells WHERE col = 'a'")[0][0]
+    hlc = a.rows("SELECT hlc FROM _p2p_clocks WHERE col = 'a'")[0][0]
 
     def edit(value: int, origin: str) -> OutBatch:
         row = RowChange("items", "uid", "x", 1, (Cell("a", value, hlc + 5, origin),))
@@ -227,7 +227,7 @@ def test_columns_this_device_does_not_sync_are_skipped(device) -> None:
     (result,) = a.push(b)
     assert (result.applied, result.failed) == (1, 0)
     assert b.rows(SYNCED) == [("x", 1, None)]
-    assert b.rows("SELECT DISTINCT col FROM _p2p_cells ORDER BY col") == [("a",), ("uid",)]
+    assert b.rows("SELECT DISTINCT col FROM _p2p_clocks ORDER BY col") == [("a",), ("uid",)]
 
 
 def test_an_added_sync_column_is_sent_again_for_existing_rows(device) -> None:
@@ -302,9 +302,9 @@ def test_relay_delivers_changes_with_their_original_origin(device) -> None:
     (result,) = b.push(c)
     assert c.rows(SYNCED) == [("x", 1, "p")]
     assert result.remote_devices() == ["DEVA"]
-    assert set(c.rows("SELECT origin FROM _p2p_cells")) == {("DEVA",)}
-    hlc_a = a.rows("SELECT hlc FROM _p2p_cells ORDER BY col")
-    assert c.rows("SELECT hlc FROM _p2p_cells ORDER BY col") == hlc_a
+    assert set(c.rows("SELECT origin FROM _p2p_clocks")) == {("DEVA",)}
+    hlc_a = a.rows("SELECT hlc FROM _p2p_clocks ORDER BY col")
+    assert c.rows("SELECT hlc FROM _p2p_clocks ORDER BY col") == hlc_a
     assert c.rows("SELECT origin FROM _p2p_log WHERE origin IS NOT NULL") == [("DEVA",)]
 
 
@@ -328,10 +328,10 @@ def test_re_applying_a_batch_changes_nothing(device) -> None:
     a.write("INSERT INTO items(uid, a) VALUES ('y', 2)")
     batch = a.read(0)
     first = b.apply(batch, "DEVA")
-    before = (b.rows("SELECT * FROM items"), b.rows("SELECT * FROM _p2p_log"), b.rows("SELECT * FROM _p2p_cells"))
+    before = (b.rows("SELECT * FROM items"), b.rows("SELECT * FROM _p2p_log"), b.rows("SELECT * FROM _p2p_clocks"))
     again = b.apply(batch, "DEVA")
     assert (first.applied, again.applied, again.conflicts) == (2, 0, 0)
-    assert (b.rows("SELECT * FROM items"), b.rows("SELECT * FROM _p2p_log"), b.rows("SELECT * FROM _p2p_cells")) == before
+    assert (b.rows("SELECT * FROM items"), b.rows("SELECT * FROM _p2p_log"), b.rows("SELECT * FROM _p2p_clocks")) == before
 
 
 def test_an_edit_made_after_seeing_a_value_is_not_a_conflict_by_any_route(device) -> None:
@@ -396,7 +396,7 @@ def test_the_clock_moves_past_what_it_received(device) -> None:
     a, b = device("DEVA", wall=290_000), device("DEVB", wall=1_000)  # within the clock bound (5 min)
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.push(b)
-    received = a.rows("SELECT max(hlc) FROM _p2p_cells")[0][0]
+    received = a.rows("SELECT max(hlc) FROM _p2p_clocks")[0][0]
     assert int(capture.get_meta(b.conn, "hlc_last")) >= received
     b.write("UPDATE items SET a = 2 WHERE uid = 'x'")  # B's wall is far behind, its clock is not
     b.push(a)
@@ -558,13 +558,13 @@ def test_a_failure_after_rows_were_written_leaves_nothing_behind(device) -> None
     a.write("INSERT INTO items(uid, a) VALUES ('y', 2)")
     a.write("UPDATE items SET a = 5 WHERE uid = 'x'")
     mark = merge.watermark(b.conn, "DEVA")
-    snapshot = [b.rows(f"SELECT * FROM {t}") for t in ("items", "_p2p_log", "_p2p_cells", "_p2p_hw", "_p2p_meta")]
+    snapshot = [b.rows(f"SELECT * FROM {t}") for t in ("items", "_p2p_log", "_p2p_clocks", "_p2p_hw", "_p2p_meta")]
     # The watermark is written last: make that fail, after every row was applied.
     b.conn.execute("CREATE TRIGGER boom BEFORE INSERT ON _p2p_watermarks BEGIN SELECT RAISE(ABORT, 'simulated crash'); END")
     b.conn.execute("CREATE TRIGGER boom2 BEFORE UPDATE ON _p2p_watermarks BEGIN SELECT RAISE(ABORT, 'simulated crash'); END")
     with pytest.raises(Exception, match="simulated crash"):
         a.push(b)
-    assert [b.rows(f"SELECT * FROM {t}") for t in ("items", "_p2p_log", "_p2p_cells", "_p2p_hw", "_p2p_meta")] == snapshot
+    assert [b.rows(f"SELECT * FROM {t}") for t in ("items", "_p2p_log", "_p2p_clocks", "_p2p_hw", "_p2p_meta")] == snapshot
     assert merge.watermark(b.conn, "DEVA") == mark and b.rows("SELECT count(*) FROM _p2p_apply") == [(0,)]
     b.conn.execute("DROP TRIGGER boom")
     b.conn.execute("DROP TRIGGER boom2")
@@ -594,7 +594,7 @@ def test_a_killed_receiver_loses_and_duplicates_nothing(device, tmp_path: Path) 
                 os.kill(os.getpid(), 9)  # in the middle of the batch
             return 0
         b.conn.create_function("maybe_die", 0, maybe_die)
-        b.conn.execute("CREATE TEMP TRIGGER die AFTER INSERT ON main._p2p_cells BEGIN SELECT maybe_die(); END")
+        b.conn.execute("CREATE TEMP TRIGGER die AFTER INSERT ON main._p2p_rows BEGIN SELECT maybe_die(); END")
         batch = changes.batch_from_plain(msgpack.unpackb(open({str(wire)!r}, 'rb').read(), raw=False))
         b.apply(batch, "DEVA")
         print("survived")

@@ -90,7 +90,7 @@ def test_a_hostile_clock_goes_to_the_failure_log_and_nothing_else_moves(device, 
     assert b.clock.last < pack(wall_ms() + DEFAULT_MAX_OFFSET_MS, 0)
     assert b.clock.last >= clock_before
     assert capture.get_meta(b.conn, "hlc_last", 0) < pack(wall_ms() + DEFAULT_MAX_OFFSET_MS, 0)
-    assert b.rows("SELECT max(hlc) FROM _p2p_cells")[0][0] < HOSTILE
+    assert b.rows("SELECT max(hlc) FROM _p2p_clocks")[0][0] < HOSTILE
     assert b.rows("SELECT count(*) FROM _p2p_log WHERE hlc >= ?", (HOSTILE,)) == [(0,)]
     got = b.rows(rows)
     assert ("good", 1) in got or (1, "good") in got

@@ -1,0 +1,185 @@
+"""Where the per-column clocks of single_version rows are stored: one
+clock per row in the common case.
+
+Per-column last-writer-wins needs, for each synced column of each row, the
+clock (hlc, origin) of its current value, the local ``seq`` at which it
+last changed here, and the clock it knowingly superseded (``prev``). Stored
+one row per column (``_p2p_cells``), that is four to ten metadata rows per
+data row, each keyed by the row's conflict value: most of a store's size
+and most of a sync's time (docs/performance.md). But a row's columns
+nearly always share that whole tuple — an insert sets them all at once, a
+peer's row arrives whole — so:
+
+- ``_p2p_rows(tid, ck)`` holds the one tuple the row's columns share;
+- ``_p2p_cells(tid, ck, col)`` holds a column's own tuple only where it
+  differs (a one-column update, concurrent edits merged column by column).
+
+Invariants:
+- The *logical* cell of column ``c`` of row ``ck`` is its ``_p2p_cells``
+  entry if there is one, else the ``_p2p_rows`` entry, else none. Every
+  reader and writer goes through that rule (``expand``), so per-column
+  semantics are exactly those of one row per cell; the view
+  ``_p2p_clocks`` shows the logical cells (single_version.SCHEMA_SQL).
+- A ``_p2p_rows`` entry exists only for a row that has a logical cell for
+  every current sync column. When the sync columns change (a new
+  sync_schema.json), ``explode`` first turns the table's entries into
+  per-column cells for the old columns, so none ever covers a column it
+  did not hold.
+- A file of the release before (cells only, no ``_p2p_rows``) is a valid
+  state; ``fold`` compacts it once at open (``migrate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: A stored clock tuple: (hlc, origin, seq, prev_hlc, prev_origin); origin NULL = this device.
+Stored = tuple[Any, Any, Any, Any, Any]
+
+#: Keys per ``IN (...)`` list (SQLite's default limit is 32766 variables).
+IN_CHUNK = 500
+
+_FIELDS = "hlc, origin, seq, prev_hlc, prev_origin"
+
+
+def load(conn: sqlite3.Connection, tid: int, cks: Sequence[Any]) -> tuple[dict[Any, Stored], dict[Any, dict[str, Stored]]]:
+    """The stored entries of rows ``cks``: their row tuples and their
+    per-column ones, each by ck (matched by exact value, as SQLite returns it)."""
+    rows: dict[Any, Stored] = {}
+    cols: dict[Any, dict[str, Stored]] = {}
+    for i in range(0, len(cks), IN_CHUNK):
+        chunk = list(cks[i:i + IN_CHUNK])
+        marks = ", ".join("?" * len(chunk))
+        for ck, *clock in conn.execute(f"SELECT ck, {_FIELDS} FROM _p2p_rows WHERE tid = ? AND ck IN ({marks})", (tid, *chunk)):
+            rows[ck] = tuple(clock)  # type: ignore[assignment]
+        for ck, col, *clock in conn.execute(
+            f"SELECT ck, col, {_FIELDS} FROM _p2p_cells WHERE tid = ? AND ck IN ({marks})", (tid, *chunk)
+        ):
+            cols.setdefault(ck, {})[col] = tuple(clock)  # type: ignore[assignment]
+    return rows, cols
+
+
+def expand(row: Stored | None, cols: dict[str, Stored] | None, columns: Iterable[str]) -> dict[str, Stored]:
+    """The logical cells of one row: each column's own entry, else the row's."""
+    out = dict(cols) if cols else {}
+    if row is not None:
+        for c in columns:
+            out.setdefault(c, row)
+    return out
+
+
+def normalize(cells: dict[str, Stored], columns: Sequence[str]) -> tuple[Stored | None, dict[str, Stored]]:
+    """The row tuple and the per-column entries that store ``cells``: the
+    tuple most sync columns share becomes the row's (only if every sync
+    column has a cell), the rest stay per column."""
+    if not columns or any(c not in cells for c in columns):
+        return None, dict(cells)
+    counts = Counter(cells[c] for c in columns)
+    # Most shared; on a tie the newest (highest seq), which later writes are likeliest to keep.
+    row = max(counts, key=lambda t: (counts[t], t[2]))
+    return row, {c: v for c, v in cells.items() if v != row}
+
+
+class Writer:
+    """Collects the new cells of a batch's rows and writes them with a few
+    ``executemany`` calls (the merge's end of a batch)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.drop_rows: list[tuple[Any, Any]] = []
+        self.drop_cols: list[tuple[Any, Any]] = []
+        self.cols: list[tuple[Any, ...]] = []
+
+    def put(self, tid: int, ck: Any, cells: dict[str, Stored], columns: Sequence[str], *, had_row: bool, had_cols: bool) -> None:
+        """Store ``cells`` (every logical cell of the row after the merge)."""
+        row, own = normalize(cells, columns)
+        if row is not None:
+            self.rows.append((tid, ck, *row))
+        elif had_row:
+            self.drop_rows.append((tid, ck))
+        if had_cols:
+            self.drop_cols.append((tid, ck))
+        self.cols += [(tid, ck, col, *clock) for col, clock in own.items()]
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        conn.executemany("DELETE FROM _p2p_rows WHERE tid = ? AND ck = ?", self.drop_rows)
+        conn.executemany("DELETE FROM _p2p_cells WHERE tid = ? AND ck = ?", self.drop_cols)
+        conn.executemany(f"INSERT OR REPLACE INTO _p2p_rows(tid, ck, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?)", self.rows)
+        conn.executemany(f"INSERT OR REPLACE INTO _p2p_cells(tid, ck, col, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.cols)
+
+
+def explode(conn: sqlite3.Connection, tid: int, table: str, only: str = "", params: Sequence[Any] = ()) -> None:
+    """Turn the row tuples of ``table`` (those whose ck is in ``only``, an
+    SQL ``IN`` operand; all when empty) into per-column cells for its
+    current sync columns. A column's own cell, where there is one, stays."""
+    where = f" AND r.ck IN {only}" if only else ""
+    conn.execute(
+        f"INSERT OR IGNORE INTO _p2p_cells(tid, ck, col, {_FIELDS}) "
+        f"SELECT r.tid, r.ck, s.col, r.hlc, r.origin, r.seq, r.prev_hlc, r.prev_origin "
+        f"FROM _p2p_rows r JOIN _p2p_sync_columns s ON s.tbl = ? WHERE r.tid = ?{where}",
+        (table, tid, *params),
+    )
+    conn.execute(f"DELETE FROM _p2p_rows AS r WHERE r.tid = ?{where}", (tid, *params))
+
+
+def fold(conn: sqlite3.Connection, tid: int, table: str, only: str = "", params: Sequence[Any] = ()) -> int:
+    """The reverse of ``explode``: rows (``only`` as there) whose every sync
+    column has a cell get a row tuple — the one most of their columns share —
+    and lose the cells equal to it. Returns the number of rows folded."""
+    where = f" AND c.ck IN {only}" if only else ""
+    ncols = conn.execute("SELECT count(*) FROM _p2p_sync_columns WHERE tbl = ?", (table,)).fetchone()[0]
+    if not ncols:
+        return 0
+    # Per row, the tuple with the most columns (SQLite's bare columns of max()).
+    folded = conn.execute(
+        f"INSERT OR REPLACE INTO _p2p_rows(tid, ck, {_FIELDS}) "
+        f"SELECT tid, ck, {_FIELDS} FROM ("
+        f"  SELECT tid, ck, max(n * 4294967296 + seq) AS best, {_FIELDS} FROM ("
+        f"    SELECT c.tid, c.ck, c.hlc, c.origin, c.seq, c.prev_hlc, c.prev_origin, count(*) AS n, "
+        f"           sum(count(*)) OVER (PARTITION BY c.ck) AS total "
+        f"    FROM _p2p_cells c JOIN _p2p_sync_columns s ON s.tbl = ? AND s.col = c.col WHERE c.tid = ?{where} "
+        f"    GROUP BY c.ck, c.hlc, c.origin, c.seq, c.prev_hlc, c.prev_origin"
+        f"  ) WHERE total = ? GROUP BY ck)",
+        (table, tid, *params, ncols),
+    ).rowcount
+    if folded:
+        conn.execute(
+            f"DELETE FROM _p2p_cells AS c WHERE c.tid = ?{where} AND EXISTS (SELECT 1 FROM _p2p_rows r "
+            "WHERE r.tid = c.tid AND r.ck = c.ck AND r.hlc = c.hlc AND r.origin IS c.origin AND r.seq = c.seq "
+            "AND r.prev_hlc IS c.prev_hlc AND r.prev_origin IS c.prev_origin)",
+            (tid, *params),
+        )
+    return max(folded, 0)
+
+
+#: ``_p2p_meta`` key: 2 once the file's cells were folded (issue 11's format).
+FORMAT_KEY = "cells_format"
+FORMAT = 2
+
+
+def migrate(conn: sqlite3.Connection, get_meta: Any, set_meta: Any) -> None:
+    """Fold a file of the release before once (inside the caller's write
+    transaction), logging what it did: its per-column cells become one
+    tuple per row. ``get_meta``/``set_meta``: capture's accessors (this
+    module sits below capture)."""
+    if int(get_meta(conn, FORMAT_KEY, 0) or 0) >= FORMAT:
+        return
+    tables = conn.execute(
+        "SELECT tid, name FROM _p2p_tables WHERE kind = 'local' AND conflict_col IS NOT NULL ORDER BY tid"
+    ).fetchall()
+    for tid, name in tables:
+        before = conn.execute("SELECT count(*) FROM _p2p_cells WHERE tid = ?", (tid,)).fetchone()[0]
+        if not before:
+            continue
+        log.info("table %s: moving %d per-column clocks to one clock per row (once, after an upgrade)", name, before)
+        rows = fold(conn, tid, name)
+        after = conn.execute("SELECT count(*) FROM _p2p_cells WHERE tid = ?", (tid,)).fetchone()[0]
+        log.info("table %s: %d rows now have one clock; %d per-column clocks remain (columns edited on their own)",
+                 name, rows, after)
+    set_meta(conn, FORMAT_KEY, FORMAT)
