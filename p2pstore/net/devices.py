@@ -80,10 +80,23 @@ class DeviceDirectory:
         self._discovered_at: dict[str, float] = {}
         # Trusted devices mDNS lost, whose last addresses are still dialed (see on_lost).
         self._lost: dict[str, DiscoveredPeer] = {}
+        self._malformed: set[str] = set()  # announced IDs that are not device IDs (logged once each)
 
     # -- discovery callbacks ---------------------------------------------------
 
     def on_found(self, peer: DiscoveredPeer) -> None:
+        try:
+            problem = None if normalize_device_id(peer.device_id) == peer.device_id else "not in canonical form"
+        except InvalidDeviceId as exc:
+            problem = exc.message
+        if problem is not None:
+            # mDNS is unauthenticated: anything on the LAN can announce anything. A daemon
+            # announces its ID as it prints it; anything else could never connect, and
+            # must not break devices.list.
+            if peer.device_id not in self._malformed:
+                self._malformed.add(peer.device_id)
+                log.info("mDNS: ignoring %r at %s: its id= is not a device ID (%s)", peer.name, ", ".join(peer.addresses), problem)
+            return
         old = self._discovered.get(peer.device_id)
         new = old is None
         previous = old or self._lost.pop(peer.device_id, None)

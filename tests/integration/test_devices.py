@@ -1165,3 +1165,18 @@ def test_directory_follows_discovery_addresses(tmp_path: Path) -> None:
     directory.on_lost(friend)
     directory.untrust(friend)
     assert peers.addresses == set(), "untrusting a lost device stops dialing it"
+
+
+def test_an_announced_id_that_is_not_a_device_id_is_ignored(tmp_path: Path) -> None:
+    """mDNS is unauthenticated: a record whose id= is no device ID (or not in
+    the form a daemon announces) is left out, and devices.list keeps working
+    (it used to fail for everyone with INVALID_DEVICE_ID)."""
+    trust = TrustStore(tmp_path / "trust.json")
+    peers = _StubPeers()
+    directory = DeviceDirectory(random_device_id(), trust, peers)  # type: ignore[arg-type]
+    good = random_device_id()
+    for device_id in ("DEV-SHORT11", good.lower(), good):
+        directory.on_found(DiscoveredPeer(device_id, "x", ("127.0.0.1",), 4000, 1, 1))
+    assert [v.device_id for v in directory.list()] == [good]
+    directory.on_lost("DEV-SHORT11")
+    assert [v.device_id for v in directory.list()] == [good]
