@@ -78,7 +78,14 @@ def normalize(cells: dict[str, Stored], columns: Sequence[str]) -> tuple[Stored 
     """The row tuple and the per-column entries that store ``cells``: the
     tuple most sync columns share becomes the row's (only if every sync
     column has a cell), the rest stay per column."""
-    if not columns or any(c not in cells for c in columns):
+    if not columns:
+        return None, dict(cells)
+    shared = cells.get(columns[0])
+    if shared is None:
+        return None, dict(cells)
+    if len(cells) == len(columns) and all(cells.get(c) == shared for c in columns):
+        return shared, {}  # the usual case: one change wrote the whole row
+    if any(c not in cells for c in columns):
         return None, dict(cells)
     counts = Counter(cells[c] for c in columns)
     # Most shared; on a tie the newest (highest seq), which later writes are likeliest to keep.

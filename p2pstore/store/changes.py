@@ -54,8 +54,8 @@ import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from p2pstore.clock import MAX_HLC
 from p2pstore.errors import InvalidParams, ProtocolError, StoreInvalid
@@ -109,13 +109,14 @@ ROW_CLOCK_COLUMN = "*"
 # What travels
 
 
-@dataclass(frozen=True, slots=True)
-class Cell:
+class Cell(NamedTuple):
     """One column value and the clock of the change that wrote it.
 
     ``prev_*`` (single_version) is the clock its writer knowingly superseded
     (see capture's ``prev``); the merge uses it to tell conflicts from
-    ordinary later edits, never to decide who wins.
+    ordinary later edits, never to decide who wins. A named tuple, not a
+    dataclass: a batch builds one per column of every row, and a tuple is
+    built several times faster.
     """
 
     column: str
@@ -134,8 +135,7 @@ class Cell:
         return None if self.prev_hlc is None or self.prev_origin is None else (self.prev_hlc, self.prev_origin)
 
 
-@dataclass(frozen=True, slots=True)
-class RowChange:
+class RowChange(NamedTuple):
     """The state of one row that a peer has not seen yet.
 
     ``key`` identifies the row on every device: for collaborative tables the
@@ -200,6 +200,9 @@ class OutBatch:
     snapshot_hlc: int | None = None
     #: The first batch of a resync (the receiver forgets an unfinished one).
     snapshot_first: bool = False
+    #: Every row passed ``row_problem`` (``batch_from_plain`` made it): the
+    #: apply path need not check them again. Never on the wire.
+    checked: bool = field(default=False, compare=False)
 
 
 # --------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def batch_from_plain(obj: Any) -> OutBatch:
     stream = _name(obj["stream"], "stream")
     snap_hlc = _int(snapshot[0], "snapshot hlc", 0, MAX_HLC) if snapshot is not None else None
     return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
-                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False)
+                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True)
 
 
 def encode_change(mode: str, row: RowChange) -> bytes:

@@ -97,7 +97,7 @@ def _apply_both(monkeypatch: pytest.MonkeyPatch, batches: list[list[RowChange]])
                 since += len(rows)
                 a = bulk.apply(batch, SENDER)
                 with monkeypatch.context() as m:
-                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows: False)
+                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows, **kw: False)
                     b = rowwise.apply(batch, SENDER)
                 assert _result(a) == _result(b)
                 assert _dump(bulk) == _dump(rowwise)
@@ -119,8 +119,8 @@ def test_bulk_apply_is_taken_for_an_ordinary_batch(monkeypatch: pytest.MonkeyPat
         calls: list[bool] = []
         real = merge._Applier.apply_bulk
 
-        def spy(self: merge._Applier, rows: Any) -> bool:
-            calls.append(real(self, rows))
+        def spy(self: merge._Applier, rows: Any, **kw: Any) -> bool:
+            calls.append(real(self, rows, **kw))
             return calls[-1]
 
         monkeypatch.setattr(merge._Applier, "apply_bulk", spy)

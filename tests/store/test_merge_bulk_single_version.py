@@ -7,7 +7,9 @@ Checked on random batches against a receiver that also writes locally
 between batches (so incoming changes meet local values, older and newer
 clocks, deletes and resurrections): ordinary batches, which take the bulk
 path, and odd ones (duplicate keys, keys of another type, a wrong conflict
-column, a NOT NULL clash), which fall back to row by row.
+column, a NOT NULL clash), which fall back to row by row. The row-by-row
+side also plans rows never seen here with the general merge, so the
+shortcut for them (``_sv_plan_new``) is proven equal to it.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def _apply_both(monkeypatch: pytest.MonkeyPatch, steps: list[tuple[list[RowChang
     taken: list[bool] = []
     real = merge._Applier.apply_bulk
 
-    def spy(self: merge._Applier, rows: Any) -> bool:
-        taken.append(real(self, rows))
+    def spy(self: merge._Applier, rows: Any, **kw: Any) -> bool:
+        taken.append(real(self, rows, **kw))
         return taken[-1]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,7 +124,9 @@ def _apply_both(monkeypatch: pytest.MonkeyPatch, steps: list[tuple[list[RowChang
                     m.setattr(merge._Applier, "apply_bulk", spy)
                     a = bulk.apply(batch, SENDER)
                 with monkeypatch.context() as m:
-                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows: False)
+                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows, **kw: False)
+                    # and without the shortcut for rows never seen here (_sv_plan_new)
+                    m.setattr(merge._Applier, "_sv_plan", merge._Applier._sv_plan_merge)
                     b = rowwise.apply(batch, SENDER)
                 assert _result(a) == _result(b)
                 assert _dump(bulk) == _dump(rowwise)

@@ -46,10 +46,10 @@ def wire(batch: OutBatch) -> OutBatch:
 def with_clock(row: RowChange, hlc: int, *, prev: bool = False) -> RowChange:
     """``row`` with every cell (or its tomb) at ``hlc``; ``prev``: only the superseded clocks."""
     if prev:
-        return dataclasses.replace(row, cells=tuple(dataclasses.replace(c, prev_hlc=hlc, prev_origin="DEVX") for c in row.cells))
+        return row._replace(cells=tuple(c._replace(prev_hlc=hlc, prev_origin="DEVX") for c in row.cells))
     if row.tomb_hlc is not None:
-        return dataclasses.replace(row, tomb_hlc=hlc)
-    return dataclasses.replace(row, cells=tuple(dataclasses.replace(c, hlc=hlc) for c in row.cells))
+        return row._replace(tomb_hlc=hlc)
+    return row._replace(cells=tuple(c._replace(hlc=hlc) for c in row.cells))
 
 
 def hostile_batch(sender: Replica, key: Any, hlc: int, *, prev: bool = False) -> OutBatch:
