@@ -461,6 +461,8 @@ class Receiver(_Machine):
     def __init__(self, req: int, *, await_ready: bool = False) -> None:
         super().__init__(req)
         self.await_ready = await_ready
+        if await_ready:
+            self.state = State.AWAIT_READY
         self.pending: deque[SyncBatch | SyncEnd] = deque()
         self.applying: OutBatch | None = None
         #: The receiver's watermark for the sender after the last applied batch (the store's answer).
@@ -468,8 +470,6 @@ class Receiver(_Machine):
 
     def start(self, opening: Message | None = None) -> list[Action]:
         """Our first message (SyncOpen of a pull or catch-up, SyncReady of a push's receiver)."""
-        if self.await_ready:
-            self.state = State.AWAIT_READY
         return [] if opening is None else [Send(opening)]
 
     def receive(self, msg: Message) -> list[Action]:
