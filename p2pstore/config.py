@@ -96,6 +96,8 @@ class Config:
     mdns_record_ttl_s: int | None = None
     mdns_liveness_interval_s: float | None = None
     max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS
+    #: Sync batches a sender may have unacknowledged (protocol/sync_session.py, 1..64).
+    sync_window: int = 4
 
     @property
     def security_level_int(self) -> int:

@@ -197,7 +197,7 @@ class Daemon:
         )
         self.directory = DeviceDirectory(self.identity.device_id, self.trust, self.peers, on_event=self._device_event)
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
-                                 on_applied=self._applied)
+                                 on_applied=self._applied, window=config.sync_window)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
                                      timeout=config.remote_query_timeout_s, max_result_bytes=config.max_result_bytes)
         events.wire(

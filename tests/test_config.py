@@ -189,6 +189,9 @@ def test_unknown_key_names_the_file_and_key(tmp_path: Path) -> None:
         ('name = ""', "name"),
         ("max_clock_offset_ms = 10", "max_clock_offset_ms"),
         ("max_clock_offset_ms = 1.5", "max_clock_offset_ms"),
+        ("sync_window = 0", "sync_window"),
+        ("sync_window = 65", "sync_window"),
+        ("sync_window = 2.5", "sync_window"),
         ("[section]\nport = 1", "(top level)"),
     ],
 )
@@ -217,3 +220,9 @@ def test_read_config_file_returns_the_validated_mapping(tmp_path: Path) -> None:
 def test_max_clock_offset_reaches_the_config(tmp_path: Path) -> None:
     assert build_config().max_clock_offset_ms == 300_000  # five minutes (docs/config.md)
     assert build_config(write(tmp_path, "max_clock_offset_ms = 60000\n")).max_clock_offset_ms == 60_000
+
+
+def test_sync_window_reaches_the_config(tmp_path: Path) -> None:
+    assert build_config().sync_window == 4  # docs/config.md
+    assert build_config(write(tmp_path, "sync_window = 64\n")).sync_window == 64
+    assert build_config(write(tmp_path, "sync_window = 1\n")).sync_window == 1

@@ -13,10 +13,15 @@ Invariants:
 - Data leaves this device only after ``DeviceDirectory.may_receive`` (trust
   and the security-level rule) said yes for that peer and store — checked by
   the sender, whoever opened the session.
+- The rules of a session (order of messages, the window, acks, result
+  codes) are protocol/sync_session.py's ``Sender`` and ``Receiver``; this
+  module only carries out their actions (channel sends, store reads and
+  applies) and feeds them what happened (``_drive``).
 - Batches are bounded (``batch_rows``) and the sender has at most
-  ``SEND_WINDOW`` of them unacked (it reads the next batch while the
-  receiver applies the previous one), so memory stays bounded whatever the
-  size of the sync. The receiver handles a session's messages in order.
+  ``window`` of them unacked (the ``sync_window`` option: it reads the next
+  batch while the receiver applies the previous ones), so memory stays
+  bounded whatever the size of the sync. The receiver handles a session's
+  messages in order.
 - Nothing a peer sends can raise out of ``handle``: a malformed or
   unexpected message ends its session with a code, never the daemon.
 - One user-requested sync per store at a time (``SYNC_IN_PROGRESS``);
@@ -39,9 +44,7 @@ import contextlib
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import IntEnum
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from p2pstore.tasks import TaskSet
@@ -52,9 +55,6 @@ from p2pstore.errors import (
     InvalidDeviceId,
     InvalidPredicate,
     P2PStoreError,
-    ProtocolError,
-    SecurityLevelDenied,
-    StoreNotOpen,
     SyncInProgress,
     TableNotDistributed,
 )
@@ -63,21 +63,39 @@ from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol.messages import (
-    MAX_PAYLOAD,
     Message,
     StoreOffer,
     StoresOffer,
     SyncAck,
     SyncBatch,
-    SyncEnd,
     SyncOpen,
     SyncReady,
     TableOffer,
-    pack_values,
-    unpack,
+)
+from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, SessionEnded, Stats re-exported
+    DEFAULT_WINDOW,
+    MAX_WINDOW,
+    Acked,
+    Action,
+    Apply,
+    Code,
+    Finish,
+    Prepare,
+    Problem,
+    ReadBatch,
+    Ready,
+    Receiver,
+    RecordAck,
+    Send,
+    Sender,
+    SessionEnded,
+    Stats,
+    code_name,
+    end_message,
+    ended,
+    result_code,
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
-from p2pstore.store.changes import OutBatch, batch_from_plain, batch_to_plain
 from p2pstore.store.database import Store
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
@@ -90,13 +108,13 @@ log = logging.getLogger(__name__)
 #: (500: ~20 ms) at the same push rate (scripts/bench writes_under_push, push).
 DEFAULT_BATCH_ROWS = 250
 DEFAULT_TIMEOUT = 30.0
-#: Messages a session may have waiting; a peer that floods more is cut off.
-INBOX_SIZE = 16
-#: Batches a sender may have unacked (read the next while the peer applies one).
-SEND_WINDOW = 2
+#: Messages a session may have waiting: a sender's whole window (at most
+#: MAX_WINDOW batches, whatever its ``sync_window``) and its end; a peer that
+#: floods more is cut off.
+INBOX_SIZE = MAX_WINDOW + 4
 #: Stored bytes of the rows of one batch (store/changes.py sizes them with
 #: SQLite's length()): rows with large values (photos, documents) go fewer to
-#: a batch, and a sync holds at most SEND_WINDOW such batches. length() counts
+#: a batch, and a sync holds at most ``window`` such batches. length() counts
 #: text in characters, so on the wire a batch is at most 4 times this (4-byte
 #: UTF-8) plus clocks: still within a frame.
 MAX_BATCH_BYTES = 4 * 1024 * 1024
@@ -108,40 +126,10 @@ CHANNEL_RETRIES = 3
 AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
-class Code(IntEnum):
-    """Per-device sync result codes (HarmonyOS SyncResultCode + two of ours)."""
-
-    SUCCESS = 0
-    FAIL = 1
-    OFFLINE = 2
-    INVALID_ARGS = 3
-    DISTRIBUTED_TABLE_NOT_SET = 4
-    TABLE_FIELD_MISMATCH = 5
-    DISTRIBUTED_SCHEMA_MISMATCH = 6
-    BUSY = 7
-    CORRUPTED = 8
-    TIMEOUT = 9
-    SCHEMA_CHANGED = 10
-    CONSTRAINT_VIOLATION = 11
-    UNTRUSTED = 12
-    SECURITY_LEVEL = 13
-    #: The device is behind deletes the other side has forgotten (store/gc.py):
-    #: only a full sync from that side, which resyncs it, can go on.
-    RESYNC_REQUIRED = 14
-    #: The receiver's disk is full: nothing of the batch applied, its watermark unchanged.
-    DISK_FULL = 15
-    #: The store was restored from a backup and has not caught up from a peer
-    #: yet (store/restore.py): it sends nothing of its own until it has.
-    RESTORE_PENDING = 16
-
-
-def code_name(code: int) -> str:
-    """A sync result code's name (a peer may send one this release does not know)."""
-    try:
-        return Code(code).name
-    except ValueError:
-        return f"CODE_{code}"
-
+#: The result codes, the error -> code table and the session's rules live in
+#: protocol/sync_session.py; ``Code``, ``SessionEnded``, ``Stats``,
+#: ``code_name`` and ``session_code`` stay importable from here.
+session_code = result_code
 
 #: Auto-sync failures worth no retry: they last until the peer is back (it is
 #: pushed to then) or a user acts (trust, labels, the peer's tables, a resync).
@@ -149,60 +137,11 @@ AUTO_NO_RETRY = frozenset({Code.OFFLINE, Code.INVALID_ARGS, Code.DISTRIBUTED_TAB
                            Code.DISTRIBUTED_SCHEMA_MISMATCH, Code.UNTRUSTED, Code.SECURITY_LEVEL, Code.RESYNC_REQUIRED})
 
 
-class SessionEnded(Exception):
-    """A session stopped with a result code (ours or the peer's)."""
-
-    def __init__(self, code: Code | int, message: str, *, from_peer: bool = False, channel_lost: bool = False) -> None:
-        super().__init__(message)
-        self.code = int(code)
-        self.message = message
-        self.from_peer = from_peer
-        #: The session's channel closed (offline, or replaced by a duplicate's survivor).
-        self.channel_lost = channel_lost
-
-
 class _ChannelReplaced(Exception):
     """A session's channel closed before any batch moved: safe to run it again."""
 
 
-@dataclass
-class Stats:
-    """What one session moved, for results and syncProgress."""
-
-    sent: int = 0
-    applied: int = 0
-    conflicts: int = 0
-    failed: int = 0
-    batches: int = 0
-    tables: dict[str, int] = field(default_factory=dict)
-
-    def add(self, batch: OutBatch, applied: int, conflicts: int, failed: int) -> None:
-        """Count one acked batch (the same on both sides of a session)."""
-        self.sent += len(batch.rows)
-        self.applied += applied
-        self.conflicts += conflicts
-        self.failed += failed
-        self.batches += 1
-        for row in batch.rows:
-            self.tables[row.table] = self.tables.get(row.table, 0) + 1
-
-
 Progress = Callable[[str, int, Stats, str], None]  # (schedule, code, stats, direction)
-
-
-def session_code(exc: BaseException) -> int:
-    """The sync result code of a session that ended by raising ``exc``."""
-    if isinstance(exc, SessionEnded):
-        return exc.code
-    if isinstance(exc, StoreNotOpen):
-        return int(Code.DISTRIBUTED_TABLE_NOT_SET)
-    if isinstance(exc, ProtocolError):
-        return int(Code.CORRUPTED)
-    if isinstance(exc, DiskFull):
-        return int(Code.DISK_FULL)
-    if isinstance(exc, SecurityLevelDenied):
-        return int(Code.SECURITY_LEVEL)
-    return int(Code.FAIL)
 
 
 def table_offers(store: Store) -> tuple[TableOffer, ...]:
@@ -228,19 +167,19 @@ def check_tables(store: Store, table: str | None, theirs: tuple[TableOffer, ...]
     needed = [table] if table else sorted(mine)
     unknown = [t for t in needed if t not in mine]
     if unknown:
-        raise SessionEnded(Code.DISTRIBUTED_TABLE_NOT_SET,
+        raise ended(Problem.TABLE_NOT_DISTRIBUTED,
                            f"this device has not distributed table(s) {', '.join(unknown)} of store {store.name}")
     missing = [t for t in needed if t not in their]
     if missing:
-        raise SessionEnded(Code.DISTRIBUTED_TABLE_NOT_SET,
+        raise ended(Problem.TABLE_NOT_DISTRIBUTED,
                            f"the peer has not distributed table(s) {', '.join(missing)} of store {store.name}")
     for name in needed:
         a, b = mine[name], their[name]
         if a.conflict_column != b.conflict_column:
-            raise SessionEnded(Code.DISTRIBUTED_SCHEMA_MISMATCH,
+            raise ended(Problem.SCHEMA_MISMATCH,
                                f"table {name}: conflict column {a.conflict_column!r} here, {b.conflict_column!r} on the peer")
         if a.conflict_column is not None and not set(a.sync_columns) & set(b.sync_columns):
-            raise SessionEnded(Code.DISTRIBUTED_SCHEMA_MISMATCH, f"table {name}: no sync column in common with the peer")
+            raise ended(Problem.SCHEMA_MISMATCH, f"table {name}: no sync column in common with the peer")
 
 
 PeerTables = dict[tuple[str, str], dict[str, TableOffer]]
@@ -305,18 +244,17 @@ class _Session:
         with contextlib.suppress(asyncio.QueueFull):
             self.inbox.put_nowait(None)  # wakes a waiting next(); a full inbox is drained first
 
-    async def next(self, timeout: float) -> Message:
-        if self.lost is not None and self.inbox.empty():
-            raise self.lost
-        try:
-            msg = await asyncio.wait_for(self.inbox.get(), timeout)
-        except asyncio.TimeoutError:
-            raise SessionEnded(Code.TIMEOUT, f"no answer from the peer in {timeout:g} s") from None
-        if msg is None:
-            raise self.lost or SessionEnded(Code.OFFLINE, "the peer went offline during the sync", channel_lost=True)
-        if isinstance(msg, SyncEnd):
-            raise SessionEnded(msg.code, msg.message or "ended by the peer", from_peer=True)
-        return msg
+    async def wait(self, machine: Sender | Receiver, timeout: float) -> list[Action]:
+        """Wait for what happens next to the session, tell ``machine``, and return its answer."""
+        if self.lost is None or not self.inbox.empty():
+            try:
+                msg = await asyncio.wait_for(self.inbox.get(), timeout)
+            except asyncio.TimeoutError:
+                return machine.timed_out(timeout)
+            if msg is not None:
+                return machine.receive(msg)
+        lost = self.lost or ended(Problem.CHANNEL_CLOSED, "the peer went offline during the sync")
+        return machine.channel_closed(lost.message) if lost.channel_lost else machine.abort(lost)
 
 
 class SyncEngine:
@@ -330,6 +268,7 @@ class SyncEngine:
         batch_rows: int = DEFAULT_BATCH_ROWS,
         timeout: float = DEFAULT_TIMEOUT,
         auto_sync: bool = True,
+        window: int = DEFAULT_WINDOW,
     ) -> None:
         self.registry = registry
         self.peers = peers
@@ -337,6 +276,8 @@ class SyncEngine:
         self.on_applied = on_applied
         self.batch_rows = batch_rows
         self.timeout = timeout
+        #: Batches a sender may have unacked (``sync_window``; protocol/sync_session.py).
+        self.window = window
         self.auto_sync_enabled = auto_sync
         self._sessions: dict[tuple[str, int], _Session] = {}
         self._running_syncs: set[tuple[str, str]] = set()
@@ -385,18 +326,18 @@ class SyncEngine:
         except asyncio.QueueFull:
             log.warning("peer %s floods session %d; ending it", peer, session.req)
             self._sessions.pop((session.peer, session.req), None)
-            session.lose(SessionEnded(Code.FAIL, f"the peer sent more than {INBOX_SIZE} messages ahead in the session"))
+            session.lose(ended(Problem.PEER_TOO_FAR_AHEAD, f"the peer sent more than {INBOX_SIZE} messages ahead in the session"))
 
     def on_channel_closed(self, peer: str, channel: Channel) -> None:
         """A channel closed (PeerManager): its sessions end now, not at their timeout."""
         for session in [s for s in self._sessions.values() if s.channel is channel]:
-            session.lose(SessionEnded(Code.OFFLINE, f"the connection to the device closed during the sync "
-                                                    f"({channel.close_reason})", channel_lost=True))
+            session.lose(ended(Problem.CHANNEL_CLOSED, f"the connection to the device closed during the sync "
+                                                          f"({channel.close_reason})"))
 
     def on_peer_change(self, peer: str, online: bool) -> None:
         if not online:
             for session in [s for s in self._sessions.values() if s.peer == peer]:
-                session.lose(SessionEnded(Code.OFFLINE, "the peer went offline during the sync", channel_lost=True))
+                session.lose(ended(Problem.CHANNEL_CLOSED, "the peer went offline during the sync"))
         else:
             for store in self.registry.stores():
                 if store.restore_pending:  # a restored store catches up as soon as a peer is there
@@ -424,10 +365,8 @@ class SyncEngine:
         """Send on the session's own channel: a channel that closed under it ends it."""
         try:
             await self.peers.send(session.peer, msg, channel=session.channel)
-        except DeviceOffline as exc:
-            raise SessionEnded(Code.OFFLINE, exc.message, channel_lost=True) from None
-        except DeviceUntrusted as exc:
-            raise SessionEnded(Code.UNTRUSTED, exc.message) from None
+        except (DeviceOffline, DeviceUntrusted) as exc:
+            raise SessionEnded(result_code(exc), exc.message, channel_lost=isinstance(exc, DeviceOffline)) from None
 
     # -- the two roles ---------------------------------------------------------
 
@@ -439,101 +378,114 @@ class SyncEngine:
         self.lag.acked(peer, store.bundle, store.name, since, stream)
         if store.restore_pending:  # the peer just showed that the file went back in time
             self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
-            raise SessionEnded(Code.RESTORE_PENDING, restore_pending_message(store))
+            raise ended(Problem.RESTORE_PENDING, restore_pending_message(store))
         if snapshot is not None and (table is not None or where is not None):
-            raise SessionEnded(Code.RESYNC_REQUIRED, f"the device is behind deletes this device has forgotten (store {store.name}); "
+            raise ended(Problem.BEHIND_FORGOTTEN_DELETES, f"the device is behind deletes this device has forgotten (store {store.name}); "
                                                      "a full sync (no table, no where) resyncs it")
         return start, snapshot
 
     async def _refuse_if_behind(self, store: Store, peer: str) -> None:
         """A receiver's check: changes from a peer behind what we forgot may bring deleted rows back."""
         if await store.must_resync_first(peer):
-            raise SessionEnded(Code.RESYNC_REQUIRED, f"the device is behind deletes the other side has forgotten (store "
+            raise ended(Problem.BEHIND_FORGOTTEN_DELETES, f"the device is behind deletes the other side has forgotten (store "
                                                      f"{store.name}); it must first get a full sync from there (a resync)")
 
-    async def _send_stream(self, session: _Session, store: Store, since: int, table: str | None, where: Any,
-                           progress: Progress | None, snapshot: int | None = None, copy_of: str | None = None) -> Stats:
-        """Sender: batches from ``since`` until the stream is drained, each acked.
+    async def _drive(self, session: _Session, machine: Sender | Receiver, actions: list[Action],
+                     do: Callable[[Action], Awaitable[list[Action]]]) -> Stats:
+        """Run one side of a session: carry out ``machine``'s actions — sends
+        here, the store's part in ``do`` — and feed it what happens, until it
+        finishes. Success returns its stats; any other ending is raised."""
+        pending = deque(actions)
+        while True:
+            while pending:
+                action = pending.popleft()
+                if isinstance(action, Send):
+                    if isinstance(action.message, SyncBatch):
+                        session.exchanged = True  # from here the peer may apply it
+                    await self._send(session, action.message)
+                elif isinstance(action, Finish):
+                    if action.code == Code.SUCCESS:
+                        return machine.stats
+                    raise action.end
+                else:
+                    pending.extend(await do(action))
+            pending.extend(await session.wait(machine, self.timeout))
 
-        Up to ``SEND_WINDOW`` batches are unacked at a time: reading batch
-        n+1 overlaps the receiver applying batch n. Acks come in order.
+    async def _send_stream(self, session: _Session, store: Store, table: str | None, where: Any,
+                           progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
+                           snapshot: int | None = None, copy_of: str | None = None) -> Stats:
+        """Sender: batches until the stream is drained, each acked, then SyncEnd.
+
+        ``opening`` (a push): our SyncOpen; the receiver's ready says where to
+        start (after the table checks). Otherwise start after ``since``.
         ``snapshot`` (a clock): send a resync instead (store/gc.py);
         ``copy_of`` (the peer): our copy of its rows, for its catch-up
-        (store/restore.py). The peer's last ack of a whole-stream batch is recorded for compaction.
+        (store/restore.py). The peer's last ack of a whole-stream batch is
+        recorded for compaction.
         """
-        stats = Stats()
-        first = True
-        unacked: deque[OutBatch] = deque()
+        machine = Sender(session.req, window=self.window)
         cursor: Any = None
-        last_ack: tuple[int, str] | None = None
 
-        async def take_ack() -> None:
-            nonlocal last_ack
-            ack = await session.next(self.timeout)
-            if not isinstance(ack, SyncAck):
-                raise SessionEnded(Code.FAIL, f"expected an ack, got {type(ack).__name__}")
-            acked = unacked.popleft()
-            if acked.full and (acked.snapshot_hlc is None or not acked.more):
-                last_ack = (ack.last_seq, acked.stream)
-                self.lag.acked(session.peer, store.bundle, store.name, *last_ack)
-            self.lag.moved((session.peer, store.bundle, store.name), len(acked.rows))
-            stats.add(acked, ack.applied, ack.conflicts, ack.failed)
-            if progress is not None:
-                progress("in_progress", Code.SUCCESS, stats, "upload")
+        async def do(action: Action) -> list[Action]:
+            nonlocal cursor, snapshot
+            if isinstance(action, Prepare):
+                ready = action.ready
+                self._learn(session.peer, store, ready.tables)
+                check_tables(store, table, ready.tables)
+                start, snapshot = await self._begin_send(store, session.peer, ready.since, ready.stream, table, where)
+                return machine.begin(start, always_send=snapshot is not None)
+            if isinstance(action, ReadBatch):
+                if copy_of is not None:
+                    batch, cursor = await store.read_copy(copy_of, cursor, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
+                elif snapshot is not None:
+                    batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
+                else:
+                    batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
+                                                     max_bytes=MAX_BATCH_BYTES)
+                return machine.batch_read(batch)
+            if isinstance(action, Acked):
+                key = (session.peer, store.bundle, store.name)
+                if action.watermark is not None:
+                    self.lag.acked(*key, *action.watermark)
+                self.lag.moved(key, len(action.batch.rows))
+                if progress is not None:
+                    progress("in_progress", Code.SUCCESS, machine.stats, "upload")
+                return []
+            if isinstance(action, RecordAck):
+                await store.record_ack(session.peer, action.seq, action.stream)
+                return []
+            raise TypeError(f"a sender has no {type(action).__name__}")
 
-        while True:
-            if copy_of is not None:
-                batch, cursor = await store.read_copy(copy_of, cursor, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
-            elif snapshot is not None:
-                batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
-            else:
-                batch = await store.read_changes(table, since, where=where, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
-            if batch.rows or batch.last_seq > since or first or snapshot is not None or copy_of is not None:
-                payload = pack_values(batch_to_plain(batch))
-                if len(payload) > MAX_PAYLOAD:  # one row, alone in its batch, and too big
-                    row = batch.rows[0]
-                    raise SessionEnded(Code.FAIL, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
-                                                  f"bytes; a sync message carries at most {MAX_PAYLOAD}")
-                session.exchanged = True  # from here the peer may apply it
-                await self._send(session, SyncBatch(session.req, payload))
-                unacked.append(batch)
-                if len(unacked) >= SEND_WINDOW:
-                    await take_ack()
-            first = False
-            since = batch.last_seq
-            if not batch.more:
-                while unacked:
-                    await take_ack()
-                if last_ack is not None:
-                    await store.record_ack(session.peer, *last_ack)
-                return stats
+        if opening is not None:
+            actions = machine.start(opening)
+        else:
+            actions = machine.begin(since, always_send=snapshot is not None or copy_of is not None)
+        return await self._drive(session, machine, actions, do)
 
-    async def _receive_stream(self, session: _Session, store: Store, progress: Progress | None) -> Stats:
-        """Receiver: apply each batch (with the watermark) and ack it, until SyncEnd."""
-        stats = Stats()
-        while True:
-            try:
-                msg = await session.next(self.timeout)
-            except SessionEnded as end:
-                if end.code == Code.SUCCESS:
-                    return stats
-                raise
-            if not isinstance(msg, SyncBatch):
-                raise SessionEnded(Code.FAIL, f"expected a batch, got {type(msg).__name__}")
+    async def _receive_stream(self, session: _Session, store: Store, progress: Progress | None, opening: Message) -> Stats:
+        """Receiver: send ``opening`` (a push's SyncReady, a pull's SyncOpen),
+        then apply each batch (with the watermark) and ack it, until SyncEnd."""
+        machine = Receiver(session.req)
+
+        async def do(action: Action) -> list[Action]:
+            if not isinstance(action, Apply):
+                raise TypeError(f"a receiver has no {type(action).__name__}")
             session.exchanged = True
-            batch = decode_batch(msg.payload)
+            batch = action.batch
             result = await store.apply_changes(batch, session.peer)
             self.on_applied(store, session.peer, result)
             self.lag.received(session.peer, store.bundle, store.name, batch)
-            await self._send(session, SyncAck(session.req, result.last_seq, result.applied, result.conflicts, result.failed))
-            stats.add(batch, result.applied, result.conflicts, result.failed)
+            actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed)
             if progress is not None:
-                progress("in_progress", Code.SUCCESS, stats, "download")
-            if stats.applied and self.auto_sync_enabled and any(store.auto_sync.values()):
+                progress("in_progress", Code.SUCCESS, machine.stats, "download")
+            if result.applied and self.auto_sync_enabled and any(store.auto_sync.values()):
                 # Relay: what we received goes on to our other peers (they dedupe).
                 for other in self._online_trusted():
                     if other != session.peer:
                         self._schedule_auto(store, other)
+            return actions
+
+        return await self._drive(session, machine, machine.start(opening), do)
 
     # -- serving a peer's request ----------------------------------------------
 
@@ -548,54 +500,52 @@ class SyncEngine:
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
-                await self._send(session, SyncReady(msg.req, since, table_offers(store), stream))
-                stats = await self._receive_stream(session, store, None)
+                stats = await self._receive_stream(session, store, None, SyncReady(msg.req, since, table_offers(store), stream))
                 log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
                          stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
                 self.directory.check_may_receive(peer, store)
                 since, stream = await store.position(peer)
                 await self._send(session, SyncReady(msg.req, since, table_offers(store), stream))
-                stats = await self._send_stream(session, store, 0, None, None, None, copy_of=peer)
-                await self._send(session, SyncEnd(msg.req, int(Code.SUCCESS), ""))
+                stats = await self._send_stream(session, store, None, None, None, copy_of=peer)
                 log.info("sent %d row(s) of %s/%s back to their device %s (its catch-up after a restore)",
                          stats.sent, msg.bundle, msg.store, peer)
             else:  # the peer pulls: we send
                 if store.restore_pending:
                     self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
-                    raise SessionEnded(Code.RESTORE_PENDING, restore_pending_message(store))
+                    raise ended(Problem.RESTORE_PENDING, restore_pending_message(store))
                 self.directory.check_may_receive(peer, store)
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
                 start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
-                stats = await self._send_stream(session, store, start, msg.table, where, None, snapshot)
-                await self._send(session, SyncEnd(msg.req, int(Code.SUCCESS), ""))
+                stats = await self._send_stream(session, store, msg.table, where, None, since=start, snapshot=snapshot)
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
             code = int(Code.SUCCESS)
         except SessionEnded as end:
             if code is not None:
                 code = end.code
             log.info("sync session %d with %s on %s/%s ended: code %d %s", msg.req, peer, msg.bundle, msg.store, end.code, end.message)
-            if not end.from_peer:
-                await self._end_quietly(session, end.code, end.message)
+            await self._end_quietly(session, end)
         except P2PStoreError as exc:
             if code is not None:
                 code = session_code(exc)
             log.warning("sync session %d with %s on %s/%s failed: %s", msg.req, peer, msg.bundle, msg.store, exc.message)
-            await self._end_quietly(session, session_code(exc), exc.message)
+            await self._end_quietly(session, SessionEnded(session_code(exc), exc.message))
         except Exception as exc:  # a bug here must end the session, not leave the peer waiting
             log.exception("sync session %d with %s on %s/%s crashed", msg.req, peer, msg.bundle, msg.store)
-            await self._end_quietly(session, Code.FAIL, f"internal error on the peer: {type(exc).__name__}")
+            await self._end_quietly(session, ended(Problem.INTERNAL, f"internal error on the peer: {type(exc).__name__}"))
         finally:
             self._sessions.pop((peer, msg.req), None)
             if code is not None:
                 self.lag.end(peer, msg.bundle, msg.store, "receive" if msg.mode == "push" else "send", code)
 
-    async def _end_quietly(self, session: _Session, code: int, message: str) -> None:
-        if code == Code.OFFLINE:
+    async def _end_quietly(self, session: _Session, end: SessionEnded) -> None:
+        """Tell the peer how the session ended, if it must be told (``end_message``)."""
+        msg = end_message(session.req, end)
+        if msg is None:
             return
         try:
-            await self.peers.send(session.peer, SyncEnd(session.req, int(code), message[:1000]), channel=session.channel)
+            await self.peers.send(session.peer, msg, channel=session.channel)
         except P2PStoreError:
             pass
 
@@ -652,9 +602,9 @@ class SyncEngine:
     async def _run_session(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
                            progress: Progress | None) -> Stats:
         if not self.directory.trust_store.is_trusted(peer):
-            raise SessionEnded(Code.UNTRUSTED, "the device is not trusted")
+            raise ended(Problem.NOT_TRUSTED, "the device is not trusted")
         if not self.peers.is_online(peer):
-            raise SessionEnded(Code.OFFLINE, "the device is offline")
+            raise ended(Problem.CHANNEL_CLOSED, "the device is offline")
         if mode == "push":
             self.directory.check_may_receive(peer, store)
         if mode == "push" and store.restore_pending:
@@ -663,7 +613,7 @@ class SyncEngine:
         for _ in range(1 + CHANNEL_RETRIES):
             channel = await self.peers.wait_channel(peer)
             if channel is None:
-                raise SessionEnded(Code.OFFLINE, str(lost) if lost else "the device is offline", channel_lost=True)
+                raise ended(Problem.CHANNEL_CLOSED, str(lost) if lost else "the device is offline")
             if lost is not None:
                 log.info("sync of %s/%s with %s (%s): %s before any change moved; going on over the new connection",
                          store.bundle, store.name, peer, mode, lost)
@@ -671,8 +621,8 @@ class SyncEngine:
                 return await self._run_on(channel, store, mode, peer, table, where_json, where, progress)
             except _ChannelReplaced as exc:
                 lost = exc
-        raise SessionEnded(Code.OFFLINE, f"the connection to the device closed {1 + CHANNEL_RETRIES} times before the "
-                                         "sync could start", channel_lost=True)
+        raise ended(Problem.CHANNEL_CLOSED, f"the connection to the device closed {1 + CHANNEL_RETRIES} times before the "
+                                            "sync could start")
 
     async def _run_on(self, channel: Channel, store: Store, mode: str, peer: str, table: str | None, where_json: Any,
                       where: Any, progress: Progress | None) -> Stats:
@@ -683,30 +633,19 @@ class SyncEngine:
         try:
             where_text = encode_predicates(where_json) if where is not None else None
             if mode == "push":
-                await self._send(session, SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store)))
-                ready = await session.next(self.timeout)
-                if not isinstance(ready, SyncReady):
-                    raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
-                self._learn(peer, store, ready.tables)
-                check_tables(store, table, ready.tables)
-                start, snapshot = await self._begin_send(store, peer, ready.since, ready.stream, table, where)
-                stats = await self._send_stream(session, store, start, table, where, progress, snapshot)
-                await self._send(session, SyncEnd(req, int(Code.SUCCESS), ""))
-            else:
-                await self._refuse_if_behind(store, peer)
-                since, stream = await store.position(peer)
-                await self._send(session, SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since,
-                                                table_offers(store), stream))
-                stats = await self._receive_stream(session, store, progress)
-            return stats
+                opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store))
+                return await self._send_stream(session, store, table, where, progress, opening=opening)
+            await self._refuse_if_behind(store, peer)
+            since, stream = await store.position(peer)
+            opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream)
+            return await self._receive_stream(session, store, progress, opening)
         except SessionEnded as end:
             if end.channel_lost and not session.exchanged:
                 raise _ChannelReplaced(end.message) from None
-            if not end.from_peer:
-                await self._end_quietly(session, end.code, end.message)  # let the peer stop too
+            await self._end_quietly(session, end)  # let the peer stop too
             raise
         except P2PStoreError as exc:
-            await self._end_quietly(session, session_code(exc), exc.message)
+            await self._end_quietly(session, SessionEnded(session_code(exc), exc.message))
             raise
         except Exception as exc:
             # The one boundary for syncs this device starts (store.sync and
@@ -714,8 +653,9 @@ class SyncEngine:
             # FAIL with a message, never as INTERNAL_ERROR or a silent stall.
             log.exception("sync of %s/%s with %s (%s) failed unexpectedly", store.bundle, store.name, peer, mode)
             message = f"internal error: {type(exc).__name__}: {exc}"[:1000].encode("utf-8", "replace").decode()
-            await self._end_quietly(session, Code.FAIL, message)
-            raise SessionEnded(Code.FAIL, message) from exc
+            end = ended(Problem.INTERNAL, message)
+            await self._end_quietly(session, end)
+            raise end from exc
         finally:
             self._sessions.pop((peer, req), None)
 
@@ -730,38 +670,37 @@ class SyncEngine:
                 return
             channel = await self.peers.wait_channel(peer)
             if channel is None:
-                raise SessionEnded(Code.RESTORE_PENDING, f"{restore_pending_message(store)}; the device is offline")
+                raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the device is offline")
             req = secrets.randbits(62) + 1
             session = self._open_session(peer, req, channel)
             back = deleted = 0
+            machine = Receiver(req, await_ready=True)
+            ready: SyncReady | None = None
+
+            async def do(action: Action) -> list[Action]:
+                nonlocal ready, back, deleted
+                if isinstance(action, Ready):
+                    ready = action.ready
+                    return []
+                if not isinstance(action, Apply) or ready is None:
+                    raise TypeError(f"a catch-up has no {type(action).__name__} here")
+                outcome = await store.apply_catch_up(action.batch, peer, ready.since, ready.stream)
+                back, deleted = back + outcome.back, deleted + outcome.deleted
+                return machine.applied(0, outcome.back + outcome.deleted, 0, 0)
+
             try:
                 await store.begin_catch_up(peer)
-                await self._send(session, SyncOpen(req, store.bundle, store.name, "catchup", None, None, None, table_offers(store)))
-                ready = await session.next(self.timeout)
-                if not isinstance(ready, SyncReady):
-                    raise SessionEnded(Code.FAIL, f"expected ready, got {type(ready).__name__}")
-                while True:
-                    try:
-                        msg = await session.next(self.timeout)
-                    except SessionEnded as end:
-                        if end.code == Code.SUCCESS:
-                            break
-                        raise
-                    if not isinstance(msg, SyncBatch):
-                        raise SessionEnded(Code.FAIL, f"expected a batch, got {type(msg).__name__}")
-                    outcome = await store.apply_catch_up(decode_batch(msg.payload), peer, ready.since, ready.stream)
-                    back, deleted = back + outcome.back, deleted + outcome.deleted
-                    await self._send(session, SyncAck(req, 0, outcome.back + outcome.deleted, 0, 0))
+                opening = SyncOpen(req, store.bundle, store.name, "catchup", None, None, None, table_offers(store))
+                await self._drive(session, machine, machine.start(opening), do)
             except (SessionEnded, P2PStoreError) as exc:
                 code = session_code(exc)
-                if not getattr(exc, "from_peer", False):
-                    await self._end_quietly(session, code, str(exc))
-                raise SessionEnded(Code.RESTORE_PENDING, f"{restore_pending_message(store)}; the catch-up from this device "
+                await self._end_quietly(session, exc if isinstance(exc, SessionEnded) else SessionEnded(code, str(exc)))
+                raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the catch-up from this device "
                                                          f"failed: code {code} {exc}") from None
             finally:
                 self._sessions.pop((peer, req), None)
             if store.restore_pending:
-                raise SessionEnded(Code.RESTORE_PENDING, f"{restore_pending_message(store)}; the device ended the catch-up early")
+                raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the device ended the catch-up early")
             log.warning("store %s/%s caught up from %s after its restore: %d row(s) back or brought up to date, %d deleted",
                         store.bundle, store.name, peer, back, deleted)
         if self.auto_sync_enabled and any(store.auto_sync.values()):
@@ -857,21 +796,10 @@ def _normalized_targets(devices: list[str] | None) -> tuple[list[str] | None, li
     return targets, invalid
 
 
-def decode_batch(payload: bytes) -> OutBatch:
-    """A received batch; any defect is a ProtocolError (the session ends as CORRUPTED)."""
-    plain = unpack(payload, "batch", raw_text=True)
-    try:
-        return batch_from_plain(plain)
-    except ProtocolError:
-        raise
-    except Exception as exc:  # batch_from_plain promises ProtocolError; belt and braces for peer input
-        raise ProtocolError(f"malformed batch: {exc}") from exc
-
-
 def _parse_where(text: str | None) -> Any:
     if text is None:
         return None
     try:
         return decode_predicates(text)
     except (ValueError, InvalidPredicate) as exc:
-        raise SessionEnded(Code.INVALID_ARGS, f"row filter is not valid: {exc}") from None
+        raise ended(Problem.BAD_ROW_FILTER, f"row filter is not valid: {exc}") from None

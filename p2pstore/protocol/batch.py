@@ -1,0 +1,361 @@
+"""A sync batch on the wire: what it holds, its plain (msgpack-ready) form,
+and the one ``decode`` of a received batch.
+
+A batch (``OutBatch``) is one bounded slice of a store's change stream:
+row changes (``RowChange``) made of cells (``Cell``). The sender's store
+builds it (store/changes.py), the receiver's store applies it
+(store/merge.py); this module is what both agree on in between.
+
+Invariants:
+
+- ``decode`` is the one place a received batch is read, and it has one
+  failure mode: ``ProtocolError`` (the session ends as CORRUPTED). A batch
+  object that ``decode`` returns passed every check of ``batch_from_plain``.
+- Wire form: a ``SyncBatch`` message's ``payload`` is the msgpack
+  (``messages.pack_values``) of ``batch_to_plain``'s map. The field layout
+  is frozen: release-1 peers read and write exactly this (docs/protocol.md,
+  "Sync batches", says why the payload stays msgpack inside msgpack).
+- Batches hold plain values only (int, float, str, bytes, None). TEXT that
+  is not valid UTF-8 is a str with lone surrogates (store/changes.py
+  ``TEXT_FACTORY``); it travels byte-exact, and is refused wherever a name or
+  a key must be looked up (``is_raw_text``).
+
+These definitions lived in store/changes.py (which still re-exports them):
+the protocol layer is below the store (SPEC §7), and decoding untrusted
+bytes belongs to it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from p2pstore.clock import MAX_HLC
+from p2pstore.errors import ProtocolError
+from p2pstore.protocol.messages import pack_values, unpack
+
+Value = int | float | str | bytes | None
+
+
+def is_raw_text(value: Any) -> bool:
+    """Whether ``value`` is TEXT read from bytes that are not valid UTF-8
+    (store/changes.py ``TEXT_FACTORY``): SQLite can't be handed it as a str parameter."""
+    if type(value) is not str or value.isascii():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+COLLABORATIVE, SINGLE_VERSION = "collaborative", "single_version"
+MODES = (COLLABORATIVE, SINGLE_VERSION)
+#: Row changes one batch may hold (a receiver refuses more).
+MAX_BATCH_ROWS = 100_000
+#: Caps on names in a decoded batch (SQLite has none; a peer must not make us
+#: hold arbitrarily long identifiers).
+MAX_NAME_LEN = 1024
+
+
+# --------------------------------------------------------------------------
+# What travels
+
+
+class Cell(NamedTuple):
+    """One column value and the clock of the change that wrote it.
+
+    ``prev_*`` (single_version) is the clock its writer knowingly superseded
+    (see capture's ``prev``); the merge uses it to tell conflicts from
+    ordinary later edits, never to decide who wins. A named tuple, not a
+    dataclass: a batch builds one per column of every row, and a tuple is
+    built several times faster.
+    """
+
+    column: str
+    value: Value
+    hlc: int
+    origin: str
+    prev_hlc: int | None = None
+    prev_origin: str | None = None
+
+    @property
+    def clock(self) -> tuple[int, str]:
+        return (self.hlc, self.origin)
+
+    @property
+    def prev(self) -> tuple[int, str] | None:
+        return None if self.prev_hlc is None or self.prev_origin is None else (self.prev_hlc, self.prev_origin)
+
+
+class RowChange(NamedTuple):
+    """The state of one row that a peer has not seen yet.
+
+    ``key`` identifies the row on every device: for collaborative tables the
+    primary key (``key_column`` "" = the rowid), for single_version tables the
+    conflict value (``key_column`` = the conflict column). ``seq`` is the
+    sender's newest log position in this change.
+
+    collaborative: an upsert has the full row in ``cells``, all with the row's
+    clock, and no tomb; a delete has no cells and its clock in ``tomb_*``.
+    single_version: ``cells`` are the sync columns changed since the
+    watermark; ``tomb_*`` is the row's newest delete, if it has one, and
+    ``tomb_prev_*`` the newest cell its writer had when deleting.
+    """
+
+    table: str
+    key_column: str
+    key: Value
+    seq: int
+    cells: tuple[Cell, ...] = ()
+    tomb_hlc: int | None = None
+    tomb_origin: str | None = None
+    tomb_prev_hlc: int | None = None
+    tomb_prev_origin: str | None = None
+
+    @property
+    def tomb(self) -> tuple[int, str] | None:
+        if self.tomb_hlc is None or self.tomb_origin is None:
+            return None
+        return (self.tomb_hlc, self.tomb_origin)
+
+    @property
+    def tomb_prev(self) -> tuple[int, str] | None:
+        if self.tomb_prev_hlc is None or self.tomb_prev_origin is None:
+            return None
+        return (self.tomb_prev_hlc, self.tomb_prev_origin)
+
+
+@dataclass(frozen=True, slots=True)
+class OutBatch:
+    """One bounded slice of a store's change stream.
+
+    ``full`` is True only for a slice of the whole stream (all tables, no row
+    filter): the receiver may then move its watermark for the sender from
+    ``since_seq`` (if it had reached it) to ``last_seq``. ``more`` says that
+    records after ``last_seq`` were ready when the batch was read. Seqs are
+    positions in the sender's ``stream``.
+    """
+
+    mode: str
+    since_seq: int
+    last_seq: int
+    rows: tuple[RowChange, ...]
+    more: bool
+    full: bool
+    #: The sender's stream ID (``capture.stream_id``): seqs are positions in it.
+    stream: str = ""
+    #: A resync (store/gc.py): the newest clock of a change the sender has
+    #: forgotten (None: an ordinary batch). A resync's batches hold the
+    #: sender's whole state; the receiver moves its watermark only at the
+    #: last one (``more`` False), to ``last_seq``, after removing what the
+    #: snapshot did not hold.
+    snapshot_hlc: int | None = None
+    #: The first batch of a resync (the receiver forgets an unfinished one).
+    snapshot_first: bool = False
+    #: Every row passed ``row_problem`` (``batch_from_plain`` made it): the
+    #: apply path need not check them again. Never on the wire.
+    checked: bool = field(default=False, compare=False)
+
+
+# --------------------------------------------------------------------------
+# Plain (msgpack-ready) form, and the checks a received batch must pass
+
+
+def row_to_plain(row: RowChange) -> list[Any]:
+    return [
+        row.table, row.key_column, row.key, row.seq,
+        [[c.column, c.value, c.hlc, c.origin, c.prev_hlc, c.prev_origin] for c in row.cells],
+        [row.tomb_hlc, row.tomb_origin, row.tomb_prev_hlc, row.tomb_prev_origin] if row.tomb_hlc is not None else None,
+    ]
+
+
+def batch_to_plain(batch: OutBatch) -> dict[str, Any]:
+    plain = {
+        "mode": batch.mode, "since_seq": batch.since_seq, "last_seq": batch.last_seq,
+        "more": batch.more, "full": batch.full, "stream": batch.stream, "rows": [row_to_plain(r) for r in batch.rows],
+    }
+    if batch.snapshot_hlc is not None:
+        plain["snapshot"] = [batch.snapshot_hlc, batch.snapshot_first]
+    return plain
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = (1 << 63) - 1) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(f"{what} must be an integer in {low}..{high}")
+    return value
+
+
+def _name(value: Any, what: str, *, empty: bool = False) -> str:
+    if type(value) is not str or (not value and not empty) or len(value) > MAX_NAME_LEN or is_raw_text(value):
+        raise ProtocolError(f"{what} must be a{'' if empty else ' non-empty'} UTF-8 string of at most {MAX_NAME_LEN} characters")
+    return value
+
+
+def _value(value: Any, what: str) -> Value:
+    if value is None or type(value) in (int, str, bytes):
+        if type(value) is int and not -(1 << 63) <= value < (1 << 63):
+            raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
+        return value
+    if type(value) is float:
+        if math.isnan(value):
+            raise ProtocolError(f"{what}: NaN can't be stored")
+        return value
+    raise ProtocolError(f"{what} must be null, an integer, a float, a string or bytes")
+
+
+def _clock(hlc: Any, origin: Any, what: str) -> tuple[int, str] | tuple[None, None]:
+    """An optional (hlc, origin) pair: both or neither."""
+    if hlc is None and origin is None:
+        return (None, None)
+    if hlc is None or origin is None:
+        raise ProtocolError(f"{what}: hlc and origin go together")
+    return (_int(hlc, f"{what} hlc", 0, MAX_HLC), _name(origin, f"{what} origin"))
+
+
+def _plain_cell(cell: Any) -> Cell | None:
+    """The usual well-formed cell, checked without building error texts
+    (they cost more than the checks: a 500-row batch decoded twice as slowly).
+    Accepts a subset of what the checks below accept; None sends the cell
+    through them, for the same result or the same error as always."""
+    if type(cell) is not list or len(cell) != 6:  # msgpack arrays decode as lists
+        return None
+    column, value, hlc, origin, prev_hlc, prev_origin = cell
+    if not (type(column) is str and 0 < len(column) <= MAX_NAME_LEN and type(hlc) is int and 0 <= hlc <= MAX_HLC
+            and type(origin) is str and 0 < len(origin) <= MAX_NAME_LEN and column.isascii() and origin.isascii()):
+        return None  # (non-ASCII names: _name checks that they are UTF-8)
+    kind = type(value)
+    if not (value is None or kind is str or kind is bytes or (kind is int and -(1 << 63) <= value < (1 << 63))
+            or (kind is float and value == value)):  # NaN != NaN
+        return None
+    if prev_hlc is None or prev_origin is None:
+        if prev_hlc is not None or prev_origin is not None:
+            return None
+    elif not (type(prev_hlc) is int and 0 <= prev_hlc <= MAX_HLC and type(prev_origin) is str
+              and 0 < len(prev_origin) <= MAX_NAME_LEN and prev_origin.isascii()):
+        return None
+    return Cell(column, value, hlc, origin, prev_hlc, prev_origin)
+
+
+def row_from_plain(obj: Any, mode: str) -> RowChange:
+    """Check and build one row change; any defect raises ``ProtocolError``."""
+    if not isinstance(obj, (list, tuple)) or len(obj) != 6:
+        raise ProtocolError("a row change must be a list of 6 items")
+    table, key_column, key, seq, cells, tomb = obj
+    table = _name(table, "row table")
+    key_column = _name(key_column, f"{table}: key column", empty=mode == COLLABORATIVE)
+    if mode == SINGLE_VERSION and not key_column:
+        raise ProtocolError(f"{table}: a single_version row needs its conflict column")
+    key = _value(key, f"{table}: key")
+    if key is None:
+        raise ProtocolError(f"{table}: a row key can't be NULL")
+    seq = _int(seq, f"{table}: seq")
+    if not isinstance(cells, (list, tuple)):
+        raise ProtocolError(f"{table}: cells must be a list")
+    built: list[Cell] = []
+    for i, cell in enumerate(cells):
+        plain = _plain_cell(cell)
+        if plain is not None:
+            built.append(plain)
+            continue
+        if not isinstance(cell, (list, tuple)) or len(cell) != 6:
+            raise ProtocolError(f"{table}: cell {i} must be [column, value, hlc, origin, prev hlc, prev origin]")
+        hlc, origin = _clock(cell[2], cell[3], f"{table}: cell {i}")
+        if hlc is None or origin is None:
+            raise ProtocolError(f"{table}: cell {i} needs its clock")
+        built.append(Cell(
+            _name(cell[0], f"{table}: cell {i} column"), _value(cell[1], f"{table}: cell {i} value"),
+            hlc, origin, *_clock(cell[4], cell[5], f"{table}: cell {i} prev"),
+        ))
+    if tomb is None:
+        tomb_clock: tuple[Any, ...] = (None, None, None, None)
+    elif not isinstance(tomb, (list, tuple)) or len(tomb) != 4 or tomb[0] is None:
+        raise ProtocolError(f"{table}: a tomb must be [hlc, origin, prev hlc, prev origin]")
+    else:
+        tomb_clock = (*_clock(tomb[0], tomb[1], f"{table}: tomb"), *_clock(tomb[2], tomb[3], f"{table}: tomb prev"))
+    row = RowChange(table, key_column, key, seq, tuple(built), *tomb_clock)
+    problem = row_problem(mode, row, clocks_checked=True)  # _plain_cell or _clock checked each one above
+    if problem is not None:
+        raise ProtocolError(problem)
+    return row
+
+
+def row_problem(mode: str, row: RowChange, *, clocks_checked: bool = False) -> str | None:
+    """What makes ``row`` meaningless in ``mode`` (None: nothing).
+
+    Checked on decode and again by the apply path, which may be handed
+    batches built some other way. ``clocks_checked``: every clock of ``row``
+    already passed ``_clock``'s checks (``row_from_plain`` builds none
+    otherwise), so the checks of clock values are skipped: on decode they
+    cost more than all the others.
+    """
+    columns = [c.column for c in row.cells]
+    if len(set(columns)) != len(columns):
+        return f"{row.table}: a column appears twice in one row change"
+    if row.key is None:
+        return f"{row.table}: a row key can't be NULL"
+    if is_raw_text(row.key):
+        return f"{row.table}: a row key that is not valid UTF-8 text can't be synced"
+    if not clocks_checked:
+        pairs = [(row.tomb_hlc, row.tomb_origin), (row.tomb_prev_hlc, row.tomb_prev_origin)]
+        pairs += [(c.prev_hlc, c.prev_origin) for c in row.cells]
+        if any((h is None) != (o is None) for h, o in pairs):
+            return f"{row.table}: a clock's hlc and origin go together"
+        pairs += [(c.hlc, c.origin) for c in row.cells]
+        for h, o in pairs:
+            if h is not None and (type(h) is not int or not 0 <= h <= MAX_HLC):
+                return f"{row.table}: clock value out of range"
+            if h is not None and not (isinstance(o, str) and o):
+                return f"{row.table}: every clock needs its origin device"
+    if mode == COLLABORATIVE:
+        if bool(row.cells) == (row.tomb is not None):
+            return f"{row.table}: a collaborative row change is either a full row or a delete"
+        if len({(c.hlc, c.origin) for c in row.cells}) > 1:
+            return f"{row.table}: the cells of a collaborative row share the row's clock"
+    elif mode != SINGLE_VERSION:
+        return f"unknown table type {mode!r}"
+    elif not row.cells and row.tomb is None:
+        return f"{row.table}: a single_version row change carries cells or a tomb"
+    return None
+
+
+def batch_from_plain(obj: Any) -> OutBatch:
+    """Check and build a received batch; any defect raises ``ProtocolError``."""
+    if not isinstance(obj, dict) or set(obj) - {"snapshot"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}:
+        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows (and snapshot)")
+    snapshot = obj.get("snapshot")
+    if snapshot is not None and (not isinstance(snapshot, (list, tuple)) or len(snapshot) != 2 or type(snapshot[1]) is not bool
+                                 or not obj["full"]):
+        raise ProtocolError("snapshot must be [hlc, first] in a batch of the whole stream")
+    mode = obj["mode"]
+    if mode not in MODES:
+        raise ProtocolError(f"unknown table type {mode!r:.40}")
+    since, last = _int(obj["since_seq"], "since_seq"), _int(obj["last_seq"], "last_seq")
+    if last < since:
+        raise ProtocolError("last_seq must not be below since_seq")
+    if type(obj["more"]) is not bool or type(obj["full"]) is not bool:
+        raise ProtocolError("more and full must be booleans")
+    rows = obj["rows"]
+    if not isinstance(rows, (list, tuple)) or len(rows) > MAX_BATCH_ROWS:
+        raise ProtocolError(f"rows must be a list of at most {MAX_BATCH_ROWS} row changes")
+    stream = _name(obj["stream"], "stream")
+    snap_hlc = _int(snapshot[0], "snapshot hlc", 0, MAX_HLC) if snapshot is not None else None
+    return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
+                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True)
+
+
+def encode(batch: OutBatch) -> bytes:
+    """The ``SyncBatch.payload`` of ``batch``."""
+    return pack_values(batch_to_plain(batch))
+
+
+def decode(payload: bytes) -> OutBatch:
+    """A received ``SyncBatch.payload``; any defect is a ``ProtocolError``."""
+    plain = unpack(payload, "batch", raw_text=True)
+    try:
+        return batch_from_plain(plain)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # batch_from_plain promises ProtocolError; belt and braces for peer input
+        raise ProtocolError(f"malformed batch: {exc}") from exc
