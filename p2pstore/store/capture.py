@@ -51,7 +51,7 @@ from typing import Any
 from p2pstore.clock import HybridClock
 from p2pstore.errors import StoreInvalid, TableNotDistributed, TableNotFound
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import cells
+from p2pstore.store import cells, origins
 from p2pstore.store.tables import TableInfo, device_table_name, read_table_info
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ MAX_MASK_COLUMNS = 62
 #: Key column of a device table whose source table is keyed by rowid.
 DEVICE_ROWID_COLUMN = "_p2p_rowid"
 
-SCHEMA_SQL = """
+SCHEMA_SQL = origins.SCHEMA_SQL + """
 CREATE TABLE IF NOT EXISTS _p2p_meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _p2p_tables(
     tid INTEGER PRIMARY KEY,
@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS _p2p_log(
     op INTEGER NOT NULL,
     cols INTEGER,                       -- bit i = column i changed (updates); NULL = all
     hlc INTEGER,                        -- NULL: see _p2p_stamps
-    origin TEXT,                        -- NULL: this device
+    origin INTEGER,                     -- _p2p_origins.id (store/origins.py); NULL: this device
     ck                                  -- single_version tables: the conflict column's value
 );
 CREATE TABLE IF NOT EXISTS _p2p_stamps(
@@ -97,7 +97,7 @@ CREATE VIEW IF NOT EXISTS _p2p_changes AS
 SELECT l.seq, l.tid, t.name AS tbl, l.pk, l.op, l.cols,
        coalesce(l.hlc, (SELECT s.base_hlc + l.seq - s.first_seq FROM _p2p_stamps s
                         WHERE s.first_seq <= l.seq ORDER BY s.first_seq DESC LIMIT 1)) AS hlc,
-       l.origin, l.ck
+       (SELECT o.device FROM _p2p_origins o WHERE o.id = l.origin) AS origin, l.ck
 FROM _p2p_log l JOIN _p2p_tables t ON t.tid = l.tid;
 -- Sync state (store/changes.py reads it, store/merge.py writes it).
 -- Clock of each synced column value of a single_version row; for a
@@ -105,9 +105,9 @@ FROM _p2p_log l JOIN _p2p_tables t ON t.tid = l.tid;
 CREATE TABLE IF NOT EXISTS _p2p_cells(
     tid INTEGER NOT NULL, ck NOT NULL, col TEXT NOT NULL,
     hlc INTEGER NOT NULL,
-    origin TEXT,                        -- NULL: this device
+    origin INTEGER,                     -- _p2p_origins.id; NULL: this device
     seq INTEGER NOT NULL,               -- local log seq when this cell last changed here
-    prev_hlc INTEGER, prev_origin TEXT, -- what its writer had superseded (NULL: nothing)
+    prev_hlc INTEGER, prev_origin INTEGER, -- what its writer had superseded (NULL: nothing)
     PRIMARY KEY (tid, ck, col)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_cells_seq ON _p2p_cells(seq);
@@ -115,8 +115,8 @@ CREATE INDEX IF NOT EXISTS _p2p_cells_seq ON _p2p_cells(seq);
 -- whose tuple differs has its own _p2p_cells entry (store/cells.py).
 CREATE TABLE IF NOT EXISTS _p2p_rows(
     tid INTEGER NOT NULL, ck NOT NULL,
-    hlc INTEGER NOT NULL, origin TEXT, seq INTEGER NOT NULL,
-    prev_hlc INTEGER, prev_origin TEXT,
+    hlc INTEGER NOT NULL, origin INTEGER, seq INTEGER NOT NULL,
+    prev_hlc INTEGER, prev_origin INTEGER,
     PRIMARY KEY (tid, ck)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_rows_seq ON _p2p_rows(seq);
@@ -124,9 +124,9 @@ CREATE INDEX IF NOT EXISTS _p2p_rows_seq ON _p2p_rows(seq);
 CREATE TABLE IF NOT EXISTS _p2p_tombs(
     tid INTEGER NOT NULL, ck NOT NULL,
     hlc INTEGER NOT NULL,
-    origin TEXT,                        -- NULL: this device
+    origin INTEGER,                     -- _p2p_origins.id; NULL: this device
     seq INTEGER NOT NULL,
-    prev_hlc INTEGER, prev_origin TEXT, -- the row's newest cell when it was deleted
+    prev_hlc INTEGER, prev_origin INTEGER, -- the row's newest cell when it was deleted
     PRIMARY KEY (tid, ck)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
@@ -165,8 +165,8 @@ CREATE TABLE IF NOT EXISTS _p2p_failures(
 #: definitions: ``ensure_schema`` adds them to files made before.
 _ADDED_COLUMNS = (
     ("_p2p_tables", "conflict_col", "TEXT"), ("_p2p_log", "ck", ""),
-    ("_p2p_cells", "prev_hlc", "INTEGER"), ("_p2p_cells", "prev_origin", "TEXT"),
-    ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "TEXT"),
+    ("_p2p_cells", "prev_hlc", "INTEGER"), ("_p2p_cells", "prev_origin", "INTEGER"),
+    ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "INTEGER"),
     ("_p2p_watermarks", "stream", "TEXT"),
 )
 
@@ -178,11 +178,71 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}".rstrip())
+    _number_origins(conn)
     if not get_meta(conn, STREAM_KEY):
         new_stream(conn)
     # An index on (tid, pk) made SQLite scan a whole table's log for the
     # stream's seq-range queries; files that have it lose it.
     conn.execute("DROP INDEX IF EXISTS _p2p_log_key")
+
+
+#: The clock tables, whose origins are numbers (store/origins.py), with their indexes.
+_CLOCK_TABLES = {"_p2p_log": (), "_p2p_cells": ("_p2p_cells_seq",), "_p2p_rows": ("_p2p_rows_seq",), "_p2p_tombs": ("_p2p_tombs_seq",)}
+#: Views over them (single_version's is created again by its SCHEMA_SQL).
+_CLOCK_VIEWS = ("_p2p_changes", "_p2p_clocks")
+
+
+def _number_origins(conn: sqlite3.Connection) -> None:
+    """Rebuild, once, the clock tables of a file whose origins are device IDs
+    as text (releases before store/origins.py), in one transaction: the same
+    rows with numbers. SQLite can't change a column's type in place, so each
+    table is renamed away, made again from SCHEMA_SQL and copied back."""
+    old = [t for t in _CLOCK_TABLES
+           if conn.execute(f"SELECT type FROM pragma_table_info('{t}') WHERE name = 'origin'").fetchone()[0].upper() != "INTEGER"]
+    if not old:
+        return
+    total = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in old)
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    log.info("%s: storing device IDs as numbers in %d clock and log rows (once, after an upgrade)", path, total)
+    conn.execute("BEGIN IMMEDIATE")
+    # Renames must not rewrite (nor check) the capture triggers that write _p2p_log.
+    conn.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        for view in _CLOCK_VIEWS:
+            conn.execute(f"DROP VIEW IF EXISTS {view}")
+        for t in old:
+            for col in ("origin", "prev_origin"):
+                if conn.execute(f"SELECT 1 FROM pragma_table_info('{t}') WHERE name = ?", (col,)).fetchone():
+                    conn.execute(f"INSERT OR IGNORE INTO _p2p_origins(device) SELECT DISTINCT {col} FROM {t} WHERE {col} IS NOT NULL")
+            for index in _CLOCK_TABLES[t]:
+                conn.execute(f"DROP INDEX IF EXISTS {index}")
+            conn.execute(f"ALTER TABLE {t} RENAME TO {t}_text")
+        for statement in _statements(SCHEMA_SQL):
+            conn.execute(statement)
+        for t in old:
+            have = [r[1] for r in conn.execute(f"PRAGMA table_info({t}_text)")]
+            select = [f"(SELECT o.id FROM _p2p_origins o WHERE o.device = {c})" if c in ("origin", "prev_origin") else c for c in have]
+            conn.execute(f"INSERT INTO {t}({', '.join(have)}) SELECT {', '.join(select)} FROM {t}_text")
+            conn.execute(f"DROP TABLE {t}_text")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.execute("PRAGMA legacy_alter_table = OFF")
+    log.info("%s: device IDs stored as numbers (%d devices)", path, conn.execute("SELECT count(*) FROM _p2p_origins").fetchone()[0])
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of an SQL script, to run inside a transaction
+    (``executescript`` commits first)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    return out
 
 
 def trigger_names(table: str) -> list[str]:

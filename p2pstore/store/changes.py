@@ -61,7 +61,7 @@ from p2pstore.clock import MAX_HLC
 from p2pstore.errors import InvalidParams, ProtocolError, StoreInvalid
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
-from p2pstore.store import capture
+from p2pstore.store import capture, origins
 from p2pstore.store.tables import TableInfo, read_table_info
 # The batch's types, plain form and checks live in the protocol layer
 # (protocol/batch.py); they are re-exported here for the store's modules.
@@ -441,7 +441,9 @@ def _single_version_rows(
     filt, fparams = _filter_sql(t, "ck", where)
     # origin NULL is this device, and so is prev_origin NULL beside a prev_hlc.
     # (A plain "?" in the filter numbers on after ?4.)
-    clock_sql = "hlc, coalesce(origin, ?1), seq, prev_hlc, CASE WHEN prev_hlc IS NOT NULL THEN coalesce(prev_origin, ?1) END"
+    # Origins are stored as numbers (store/origins.py); batches carry device IDs.
+    clock_sql = (f"hlc, {origins.device_sql('origin', '?1')}, seq, prev_hlc, "
+                 f"CASE WHEN prev_hlc IS NOT NULL THEN {origins.device_sql('prev_origin', '?1')} END")
     cells: dict[Any, list[tuple[Any, ...]]] = {}
     for ck, col, *clock in conn.execute(
         f"SELECT ck, col, {clock_sql} FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",

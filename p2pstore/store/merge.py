@@ -78,7 +78,7 @@ from typing import Any
 from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import FailureNotFound, ProtocolError
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture, cells, gc
+from p2pstore.store import capture, cells, gc, origins
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
 from p2pstore.store.changes import (
     COLLABORATIVE,
@@ -509,6 +509,7 @@ class _Applier:
         self.checked_at = self.now()
         self.clock_limit = clock.limit(self.checked_at)
         self.me = capture.device_id(conn)
+        self.origins = origins.Origins(conn)
         self.tables = {t.info.name: t for t in sync_tables(conn)}
         self.targets: dict[str, _Target] = {}
         self.sv_sql: dict[str, _SingleVersionSql] = {}
@@ -553,6 +554,7 @@ class _Applier:
         except (_RowFailed, sqlite3.Error) as exc:
             reason = exc.reason if isinstance(exc, _RowFailed) else _sqlite_reason(exc)
             _rollback_to(self.conn, "p2p_row")
+            self.origins.reload(self.conn)  # numbers given in the savepoint are gone
             if fresh:  # a device table created for this row was rolled back with it
                 self.targets.pop(row.table, None)
             if reason is None or not self.conn.in_transaction:
@@ -596,7 +598,8 @@ class _Applier:
 
     def _log(self, tid: int, pk: Value, op: int, clock: Clock, ck: Value) -> int:
         cursor = self.conn.execute(
-            "INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)", (tid, pk, op, clock[0], clock[1], ck)
+            "INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)",
+            (tid, pk, op, clock[0], self.origins.number(self.conn, clock[1]), ck),
         )
         return int(cursor.lastrowid or 0)
 
@@ -618,18 +621,19 @@ class _Applier:
         )
         self.conflicts += cursor.rowcount
 
-    def _local(self, origin: str | None) -> str:
-        return self.me if origin is None else origin
+    def _local(self, origin: int | None) -> str:
+        """A stored origin as a device ID (store/origins.py)."""
+        return self.me if origin is None else self.origins.device(origin)
 
-    def _prev(self, hlc: int | None, origin: str | None) -> Clock | None:
+    def _prev(self, hlc: int | None, origin: int | None) -> Clock | None:
         return None if hlc is None else (hlc, self._local(origin))
 
-    def _row(self, clock: Clock | None) -> tuple[int | None, str | None]:
-        """A clock as stored: (hlc, origin), origin NULL for this device."""
+    def _row(self, clock: Clock | None) -> tuple[int | None, int | None]:
+        """A clock as stored: (hlc, origin number), origin NULL for this device."""
         return (None, None) if clock is None else (clock[0], self._stored(clock[1]))
 
-    def _stored(self, origin: str) -> str | None:
-        return None if origin == self.me else origin
+    def _stored(self, origin: str) -> int | None:
+        return None if origin == self.me else self.origins.number(self.conn, origin)
 
     # -- collaborative -----------------------------------------------------
 
@@ -725,6 +729,7 @@ class _Applier:
             done = False
         if not done:
             _rollback_to(conn, "p2p_bulk")
+            self.origins.reload(conn)
             self.targets.clear()  # device tables created in the savepoint are gone
             self.applied = self.conflicts = 0
             self.appended.clear()
@@ -793,7 +798,7 @@ class _Applier:
                 upserts.setdefault(sql, []).append((row.key, *(c.value for c in cells)))
                 op = OP_UPDATE if existed else OP_INSERT
             seq += 1  # what _log's INSERT would get: the log's rowid is max(seq) + 1
-            log_rows.append((seq, target.dest_tid, row.key, op, clock[0], clock[1], None))
+            log_rows.append((seq, target.dest_tid, row.key, op, clock[0], self.origins.number(conn, clock[1]), None))
             cell_rows.append((target.dest_tid, row.key, ROW_CLOCK_COLUMN, clock[0], self._stored(clock[1]), seq))
             if existed or op != OP_DELETE:
                 self._announce(clock[1], table.info.name, op, row.key)
@@ -822,7 +827,7 @@ class _Applier:
             sql = self.sv_sql[table.info.name] = _SingleVersionSql.of(table)
         return sql
 
-    def _stamp(self, hlc: int, origin: str | None, prev_hlc: int | None, prev_origin: str | None) -> _Stamp:
+    def _stamp(self, hlc: int, origin: int | None, prev_hlc: int | None, prev_origin: int | None) -> _Stamp:
         return _Stamp((hlc, self._local(origin)), self._prev(prev_hlc, prev_origin))
 
     def _merge_single_version(self, target: _Target, row: RowChange) -> bool:
@@ -1036,7 +1041,7 @@ class _Applier:
                 found = keys.get((tid, ck))
                 plan.pk = found[0] if found is not None else conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
                 self.appended.add(tid)
-            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], plan.newest[1], ck))
+            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], self.origins.number(conn, plan.newest[1]), ck))
             if plan.changed:
                 stored = dict(plan.state.stored)
                 for col, st in plan.changed:

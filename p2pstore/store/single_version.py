@@ -76,11 +76,14 @@ CREATE TABLE IF NOT EXISTS _p2p_sync_columns(
     PRIMARY KEY (tbl, col)
 ) WITHOUT ROWID;
 -- Every logical per-column clock (store/cells.py): a column's own entry,
--- else its row's. For people and tests; the sync code reads the tables.
+-- else its row's, with device IDs (store/origins.py). For people and tests;
+-- the sync code reads the tables.
 CREATE VIEW IF NOT EXISTS _p2p_clocks AS
-SELECT c.tid, c.ck, c.col, c.hlc, c.origin, c.seq, c.prev_hlc, c.prev_origin FROM _p2p_cells c
+SELECT c.tid, c.ck, c.col, c.hlc, (SELECT o.device FROM _p2p_origins o WHERE o.id = c.origin) AS origin, c.seq, c.prev_hlc,
+       (SELECT o.device FROM _p2p_origins o WHERE o.id = c.prev_origin) AS prev_origin FROM _p2p_cells c
 UNION ALL
-SELECT r.tid, r.ck, s.col, r.hlc, r.origin, r.seq, r.prev_hlc, r.prev_origin
+SELECT r.tid, r.ck, s.col, r.hlc, (SELECT o.device FROM _p2p_origins o WHERE o.id = r.origin), r.seq, r.prev_hlc,
+       (SELECT o.device FROM _p2p_origins o WHERE o.id = r.prev_origin)
 FROM _p2p_rows r JOIN _p2p_tables t ON t.tid = r.tid JOIN _p2p_sync_columns s ON s.tbl = t.name
 WHERE NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck AND c.col = s.col);
 """

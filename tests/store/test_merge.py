@@ -305,7 +305,7 @@ def test_relay_delivers_changes_with_their_original_origin(device) -> None:
     assert set(c.rows("SELECT origin FROM _p2p_clocks")) == {("DEVA",)}
     hlc_a = a.rows("SELECT hlc FROM _p2p_clocks ORDER BY col")
     assert c.rows("SELECT hlc FROM _p2p_clocks ORDER BY col") == hlc_a
-    assert c.rows("SELECT origin FROM _p2p_log WHERE origin IS NOT NULL") == [("DEVA",)]
+    assert c.rows("SELECT origin FROM _p2p_changes WHERE origin IS NOT NULL") == [("DEVA",)]
 
 
 def test_a_cycle_delivers_once_and_stops(device) -> None:

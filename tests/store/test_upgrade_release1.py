@@ -52,8 +52,9 @@ def _as_read(r: Replica) -> dict[str, Any]:
             "SELECT t.name, c.ck, c.col, c.hlc, c.origin, c.seq, c.prev_hlc, c.prev_origin "
             "FROM _p2p_clocks c JOIN _p2p_tables t ON t.tid = c.tid ORDER BY 1, 2, 3")),
         "tombs": as_lists(r.rows(
-            "SELECT t.name, c.ck, c.hlc, c.origin, c.seq, c.prev_hlc, c.prev_origin "
-            "FROM _p2p_tombs c JOIN _p2p_tables t ON t.tid = c.tid ORDER BY 1, 2")),
+            "SELECT t.name, c.ck, c.hlc, o.device, c.seq, c.prev_hlc, p.device "
+            "FROM _p2p_tombs c JOIN _p2p_tables t ON t.tid = c.tid LEFT JOIN _p2p_origins o ON o.id = c.origin "
+            "LEFT JOIN _p2p_origins p ON p.id = c.prev_origin ORDER BY 1, 2")),
         "conflicts": as_lists(r.rows(
             "SELECT tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc FROM _p2p_conflicts ORDER BY 1, 2, 3, 8")),
         "watermarks": as_lists(r.rows("SELECT peer, received_seq FROM _p2p_watermarks ORDER BY 1")),
@@ -70,21 +71,30 @@ async def test_a_release1_file_opens_migrates_once_and_reads_as_release1_did(
     tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = _copy(tmp_path, name)
-    with caplog.at_level(logging.INFO, logger="p2pstore.store.cells"):
+    with caplog.at_level(logging.INFO, logger="p2pstore.store"):
         await _open_and_close(path)
     moved = [m for m in caplog.messages if "one clock per row" in m]
     if name.startswith("sv"):
         assert moved and "table items: moving" in moved[0], caplog.messages
     else:
         assert not moved  # collaborative stores keep one clock per row already
+    numbered = [m for m in caplog.messages if "device IDs as numbers" in m]
+    assert len(numbered) == 1 and "clock and log rows (once, after an upgrade)" in numbered[0], caplog.messages
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="p2pstore.store.cells"):
+    with caplog.at_level(logging.INFO, logger="p2pstore.store"):
         await _open_and_close(path)
-    assert not [m for m in caplog.messages if "one clock per row" in m]  # once
+    assert not [m for m in caplog.messages if "one clock per row" in m or "as numbers" in m]  # once
 
     r = _replica(path, name)
     try:
         assert _as_read(r) == EXPECTED[name]
+        # Origins are numbers now (store/origins.py), each device's ID stored once.
+        for table in ("_p2p_log", "_p2p_cells", "_p2p_rows", "_p2p_tombs"):
+            assert r.rows(f"SELECT type FROM pragma_table_info('{table}') WHERE name = 'origin'") == [("INTEGER",)]
+            assert r.rows(f"SELECT count(*) FROM {table} WHERE typeof(origin) NOT IN ('integer', 'null')") == [(0,)]
+        devices = {d for (d,) in r.rows("SELECT device FROM _p2p_origins")}
+        assert devices <= {"DEVA", "DEVB"}
+        assert r.rows("SELECT count(*) FROM _p2p_changes WHERE origin IS NOT NULL AND origin NOT IN ('DEVA', 'DEVB')") == [(0,)]
         if name.startswith("sv"):
             per_column = r.rows("SELECT count(*) FROM _p2p_cells")[0][0]
             logical = len(EXPECTED[name]["cells"])
