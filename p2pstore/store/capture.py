@@ -85,7 +85,7 @@ CREATE TABLE IF NOT EXISTS _p2p_log(
     cols INTEGER,                       -- bit i = column i changed (updates); NULL = all
     hlc INTEGER,                        -- NULL: see _p2p_stamps
     origin INTEGER,                     -- _p2p_origins.id (store/origins.py); NULL: this device
-    ck                                  -- single_version tables: the conflict column's value
+    ck                                  -- single_version tables, local changes: the conflict column's value
 );
 CREATE TABLE IF NOT EXISTS _p2p_stamps(
     first_seq INTEGER PRIMARY KEY,

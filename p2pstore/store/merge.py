@@ -1041,7 +1041,8 @@ class _Applier:
                 found = keys.get((tid, ck))
                 plan.pk = found[0] if found is not None else conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
                 self.appended.add(tid)
-            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], self.origins.number(conn, plan.newest[1]), ck))
+            # No ck: only stamping reads it, of local rows; this row's clocks are in _p2p_rows/_p2p_cells.
+            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], self.origins.number(conn, plan.newest[1]), None))
             if plan.changed:
                 stored = dict(plan.state.stored)
                 for col, st in plan.changed:
