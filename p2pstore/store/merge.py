@@ -599,7 +599,7 @@ class _Applier:
     def _log(self, tid: int, pk: Value, op: int, clock: Clock, ck: Value) -> int:
         cursor = self.conn.execute(
             "INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)",
-            (tid, pk, op, clock[0], self.origins.number(self.conn, clock[1]), ck),
+            (tid, pk, op, clock[0], self._logged(clock[1]), ck),
         )
         return int(cursor.lastrowid or 0)
 
@@ -634,6 +634,11 @@ class _Applier:
 
     def _stored(self, origin: str) -> int | None:
         return None if origin == self.me else self.origins.number(self.conn, origin)
+
+    def _logged(self, origin: str) -> int:
+        """A received change's origin in ``_p2p_log``: always a number, even
+        ours relayed back (NULL there means a change captured here)."""
+        return self.origins.number(self.conn, origin)
 
     # -- collaborative -----------------------------------------------------
 
@@ -798,7 +803,7 @@ class _Applier:
                 upserts.setdefault(sql, []).append((row.key, *(c.value for c in cells)))
                 op = OP_UPDATE if existed else OP_INSERT
             seq += 1  # what _log's INSERT would get: the log's rowid is max(seq) + 1
-            log_rows.append((seq, target.dest_tid, row.key, op, clock[0], self.origins.number(conn, clock[1]), None))
+            log_rows.append((seq, target.dest_tid, row.key, op, clock[0], self._logged(clock[1]), None))
             cell_rows.append((target.dest_tid, row.key, ROW_CLOCK_COLUMN, clock[0], self._stored(clock[1]), seq))
             if existed or op != OP_DELETE:
                 self._announce(clock[1], table.info.name, op, row.key)
@@ -1042,7 +1047,7 @@ class _Applier:
                 plan.pk = found[0] if found is not None else conn.execute(self._sv_sql(plan.table).key, (ck,)).fetchone()[0]
                 self.appended.add(tid)
             # No ck: only stamping reads it, of local rows; this row's clocks are in _p2p_rows/_p2p_cells.
-            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], self.origins.number(conn, plan.newest[1]), None))
+            log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], self._logged(plan.newest[1]), None))
             if plan.changed:
                 stored = dict(plan.state.stored)
                 for col, st in plan.changed:
