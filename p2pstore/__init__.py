@@ -6,4 +6,5 @@ through its Unix socket.
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+#: 2: sync batches may carry columnar blocks (protocol/batch.py ``Block``).
+PROTOCOL_VERSION = 2

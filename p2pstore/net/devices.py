@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from p2pstore import PROTOCOL_VERSION
 from p2pstore.errors import DeviceUnknown, InvalidDeviceId, SecurityLevelDenied
 from p2pstore.net.discovery import DiscoveredPeer
 from p2pstore.net.identity import normalize_device_id
@@ -54,6 +55,16 @@ class DeviceView:
     security_level: int | None
     last_seen: float | None
     discovered: bool
+    #: The protocol the device announced (mDNS ``pv``, or its HELLO); None: unknown.
+    protocol_version: int | None = None
+
+    @property
+    def protocol_problem(self) -> str | None:
+        """Why this device and we can't talk, in words (None: we can, or it is unknown)."""
+        if self.protocol_version is None or self.protocol_version == PROTOCOL_VERSION:
+            return None
+        return (f"it speaks protocol {self.protocol_version}, this device speaks {PROTOCOL_VERSION}: "
+                "no channel and no sync until both run a release of the same protocol")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +77,8 @@ class DeviceView:
             "security_level": level_name(self.security_level),
             "last_seen": self.last_seen,
             "discovered": self.discovered,
+            "protocol_version": self.protocol_version,
+            "protocol_problem": self.protocol_problem,
         }
 
 
@@ -219,6 +232,7 @@ class DeviceDirectory:
             device_id=device_id, name=name, online=bool(info and info.online), trusted=trusted,
             pending=not trusted, addresses=tuple(dict.fromkeys(addresses)), security_level=level,
             last_seen=max(seen) if seen else None, discovered=disc is not None,
+            protocol_version=info.hello.protocol_version if info and info.hello else disc.protocol_version if disc else None,
         )
 
     # -- trust -----------------------------------------------------------------

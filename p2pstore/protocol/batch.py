@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from p2pstore.clock import MAX_HLC
@@ -157,6 +158,87 @@ class OutBatch:
     #: Every row passed ``row_problem`` (``batch_from_plain`` made it): the
     #: apply path need not check them again. Never on the wire.
     checked: bool = field(default=False, compare=False)
+    #: Rows in columnar form (protocol 2): the common rows, one clock per
+    #: row, straight from one cursor to one ``executemany`` (see ``Block``).
+    #: A batch's ``rows`` and ``blocks`` never hold the same key of a table.
+    blocks: tuple[Block, ...] = ()
+
+    @property
+    def count(self) -> int:
+        """How many row changes the batch carries, in either form."""
+        return len(self.rows) + sum(len(b.rows) for b in self.blocks)
+
+    def tables(self) -> dict[str, int]:
+        """Row changes per table."""
+        out: dict[str, int] = {}
+        for row in self.rows:
+            out[row.table] = out.get(row.table, 0) + 1
+        for block in self.blocks:
+            out[block.table] = out.get(block.table, 0) + len(block.rows)
+        return out
+
+    def first_change(self) -> tuple[str, Value]:
+        """(table, key) of the batch's first row change (there must be one)."""
+        if self.rows:
+            return self.rows[0].table, self.rows[0].key
+        return self.blocks[0].table, self.blocks[0].rows[0][KEY]
+
+    def as_rows(self) -> OutBatch:
+        """The same batch with every block as row changes, in ``seq`` order
+        (protocol-1 peers, and the row-by-row apply path)."""
+        if not self.blocks:
+            return self
+        rows = sorted([*self.rows, *(r for b in self.blocks for r in b.row_changes())], key=lambda r: r.seq)
+        return OutBatch(self.mode, self.since_seq, self.last_seq, tuple(rows), self.more, self.full, self.stream,
+                        self.snapshot_hlc, self.snapshot_first, self.checked)
+
+
+# Positions in a block row (``Block``); the table's values follow from VALUES on.
+KEY, SEQ, HLC, ORIGIN, PREV_HLC, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, TOMB_PREV_ORIGIN, VALUES = range(11)
+
+
+class Block(NamedTuple):
+    """Row changes of one table in columnar form: the shape of the common
+    row, read from one cursor and applied with one ``executemany``.
+
+    Each row is a flat sequence ``(key, seq, hlc, origin, prev_hlc,
+    prev_origin, tomb_hlc, tomb_origin, tomb_prev_hlc, tomb_prev_origin,
+    *values)`` with one value per ``columns`` entry. Every value shares the
+    row's clock ``(hlc, origin)`` (and ``prev``); ``hlc`` None: the row has
+    no cells (a delete). Origins are indexes into ``origins`` (device IDs),
+    so a device ID travels once per block, not once per row.
+
+    The same row as a ``RowChange`` (``row_changes``): one ``Cell`` per
+    column with the row's clock, and the tomb fields. collaborative: a full
+    row (hlc set, no tomb) or a delete (tomb set, no hlc); single_version:
+    cells for exactly ``columns`` (the sync columns), a tomb if the row has
+    one.
+    """
+
+    table: str
+    key_column: str
+    columns: tuple[str, ...]
+    origins: tuple[str, ...]
+    rows: Sequence[Sequence[Value]]
+
+    def row_changes(self) -> list[RowChange]:
+        out = []
+        names, devices = self.columns, self.origins
+        for r in self.rows:
+            hlc = r[HLC]
+            if hlc is None:
+                cells: tuple[Cell, ...] = ()
+            else:
+                origin, prev_hlc = devices[r[ORIGIN]], r[PREV_HLC]
+                prev_origin = devices[r[PREV_ORIGIN]] if prev_hlc is not None else None
+                cells = tuple(Cell(c, v, hlc, origin, prev_hlc, prev_origin) for c, v in zip(names, r[VALUES:]))
+            tomb_hlc = r[TOMB_HLC]
+            tomb: tuple[Any, ...] = (None, None, None, None)
+            if tomb_hlc is not None:
+                tomb_prev = r[TOMB_PREV_HLC]
+                tomb = (tomb_hlc, devices[r[TOMB_ORIGIN]], tomb_prev, devices[r[TOMB_PREV_ORIGIN]] if tomb_prev is not None else None)
+            out.append(RowChange(self.table, self.key_column, r[KEY], r[SEQ], cells, *tomb))
+        return out
 
 
 # --------------------------------------------------------------------------
@@ -171,13 +253,19 @@ def row_to_plain(row: RowChange) -> list[Any]:
     ]
 
 
-def batch_to_plain(batch: OutBatch) -> dict[str, Any]:
-    plain = {
+def batch_to_plain(batch: OutBatch, *, columnar: bool = True) -> dict[str, Any]:
+    """The plain form; ``columnar`` False: blocks as row changes (what a
+    protocol-1 peer reads: it refuses a batch with ``blocks``)."""
+    if not columnar:
+        batch = batch.as_rows()
+    plain: dict[str, Any] = {
         "mode": batch.mode, "since_seq": batch.since_seq, "last_seq": batch.last_seq,
         "more": batch.more, "full": batch.full, "stream": batch.stream, "rows": [row_to_plain(r) for r in batch.rows],
     }
     if batch.snapshot_hlc is not None:
         plain["snapshot"] = [batch.snapshot_hlc, batch.snapshot_first]
+    if batch.blocks:
+        plain["blocks"] = [[b.table, b.key_column, list(b.columns), list(b.origins), b.rows] for b in batch.blocks]
     return plain
 
 
@@ -320,10 +408,89 @@ def row_problem(mode: str, row: RowChange, *, clocks_checked: bool = False) -> s
     return None
 
 
+_VALUE_TYPES = frozenset((int, float, str, bytes, type(None)))
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _column_ints(values: Sequence[Any], what: str, low: int, high: int, *, optional: bool) -> None:
+    """Every item an int in ``low..high`` (or None, if ``optional``): one pass in C where it can."""
+    kinds = set(map(type, values))
+    if optional and type(None) in kinds:
+        kinds.discard(type(None))
+        values = [v for v in values if v is not None]
+    if not kinds <= {int}:
+        raise ProtocolError(f"{what} must be integers")
+    if values and (min(values) < low or max(values) > high):
+        raise ProtocolError(f"{what} must be in {low}..{high}")
+
+
+def _together(hlcs: Sequence[Any], origins: Sequence[Any], what: str) -> None:
+    if any((h is None) is not (o is None) for h, o in zip(hlcs, origins)):
+        raise ProtocolError(f"{what}: hlc and origin go together")
+
+
+def block_from_plain(obj: Any, mode: str) -> Block:
+    """Check and build one block; every check runs over whole columns (the
+    point of the form: no per-row objects), with the same rules as
+    ``row_from_plain`` for each row. Any defect raises ``ProtocolError``."""
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise ProtocolError("a block must be [table, key column, columns, origins, rows]")
+    table, key_column, columns, devices, rows = obj
+    table = _name(table, "block table")
+    key_column = _name(key_column, f"{table}: key column", empty=mode == COLLABORATIVE)
+    if mode == SINGLE_VERSION and not key_column:
+        raise ProtocolError(f"{table}: a single_version row needs its conflict column")
+    if not isinstance(columns, list) or not columns or len(columns) > MAX_NAME_LEN:
+        raise ProtocolError(f"{table}: a block's columns must be a non-empty list")
+    columns = tuple(_name(c, f"{table}: column") for c in columns)
+    if len(set(columns)) != len(columns):
+        raise ProtocolError(f"{table}: a column appears twice in one row change")
+    if not isinstance(devices, list) or not devices or len(devices) > MAX_BATCH_ROWS:
+        raise ProtocolError(f"{table}: a block's origins must be a non-empty list")
+    devices = tuple(_name(d, f"{table}: origin") for d in devices)
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_BATCH_ROWS:
+        raise ProtocolError(f"{table}: a block's rows must be a list of 1..{MAX_BATCH_ROWS} rows")
+    width = VALUES + len(columns)
+    if set(map(type, rows)) != {list} or set(map(len, rows)) != {width}:
+        raise ProtocolError(f"{table}: every block row must be a list of {width} items")
+    fields = list(zip(*rows))
+    keys = fields[KEY]
+    if not set(map(type, keys)) <= _VALUE_TYPES - {type(None)}:
+        raise ProtocolError(f"{table}: a row key can't be NULL" if None in keys else f"{table}: key must be an integer, a float, a string or bytes")
+    _column_ints(fields[SEQ], f"{table}: seq", 0, _INT64[1], optional=False)
+    last_origin = len(devices) - 1
+    for hlc, origin, what in ((HLC, ORIGIN, "clock"), (PREV_HLC, PREV_ORIGIN, "prev"),
+                              (TOMB_HLC, TOMB_ORIGIN, "tomb"), (TOMB_PREV_HLC, TOMB_PREV_ORIGIN, "tomb prev")):
+        _column_ints(fields[hlc], f"{table}: {what} hlc", 0, MAX_HLC, optional=True)
+        _column_ints(fields[origin], f"{table}: {what} origin", 0, last_origin, optional=True)
+        _together(fields[hlc], fields[origin], f"{table}: {what}")
+    values = fields[VALUES:]
+    kinds = set(map(type, (v for column in values for v in column)))
+    if not kinds <= _VALUE_TYPES:
+        raise ProtocolError(f"{table}: a value must be null, an integer, a float, a string or bytes")
+    if int in kinds or float in kinds:
+        for column in values:
+            for v in column:
+                if type(v) is int and not _INT64[0] <= v <= _INT64[1]:
+                    raise ProtocolError(f"{table}: integer out of SQLite's 64-bit range")
+                if type(v) is float and v != v:
+                    raise ProtocolError(f"{table}: NaN can't be stored")
+    if str in set(map(type, keys)) and any(type(k) is str and is_raw_text(k) for k in keys):
+        raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
+    hlcs, tombs = fields[HLC], fields[TOMB_HLC]
+    if mode == COLLABORATIVE:
+        if any((h is None) is (t is None) for h, t in zip(hlcs, tombs)):
+            raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
+    elif any(h is None and t is None for h, t in zip(hlcs, tombs)):
+        raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
+    return Block(table, key_column, columns, devices, rows)
+
+
 def batch_from_plain(obj: Any) -> OutBatch:
     """Check and build a received batch; any defect raises ``ProtocolError``."""
-    if not isinstance(obj, dict) or set(obj) - {"snapshot"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}:
-        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows (and snapshot)")
+    if (not isinstance(obj, dict)
+            or set(obj) - {"snapshot", "blocks"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}):
+        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows (and snapshot, blocks)")
     snapshot = obj.get("snapshot")
     if snapshot is not None and (not isinstance(snapshot, (list, tuple)) or len(snapshot) != 2 or type(snapshot[1]) is not bool
                                  or not obj["full"]):
@@ -341,13 +508,19 @@ def batch_from_plain(obj: Any) -> OutBatch:
         raise ProtocolError(f"rows must be a list of at most {MAX_BATCH_ROWS} row changes")
     stream = _name(obj["stream"], "stream")
     snap_hlc = _int(snapshot[0], "snapshot hlc", 0, MAX_HLC) if snapshot is not None else None
+    plain_blocks = obj.get("blocks", [])
+    if not isinstance(plain_blocks, list) or len(plain_blocks) > MAX_BATCH_ROWS:
+        raise ProtocolError("blocks must be a list")
+    blocks = tuple(block_from_plain(b, mode) for b in plain_blocks)
+    if len(rows) + sum(len(b.rows) for b in blocks) > MAX_BATCH_ROWS:
+        raise ProtocolError(f"a batch holds at most {MAX_BATCH_ROWS} row changes")
     return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
-                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True)
+                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True, blocks=blocks)
 
 
-def encode(batch: OutBatch) -> bytes:
-    """The ``SyncBatch.payload`` of ``batch``."""
-    return pack_values(batch_to_plain(batch))
+def encode(batch: OutBatch, *, columnar: bool = True) -> bytes:
+    """The ``SyncBatch.payload`` of ``batch`` (``columnar``: see ``batch_to_plain``)."""
+    return pack_values(batch_to_plain(batch, columnar=columnar))
 
 
 def decode(payload: bytes) -> OutBatch:

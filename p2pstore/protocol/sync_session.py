@@ -204,13 +204,13 @@ class Stats:
 
     def add(self, batch: OutBatch, applied: int, conflicts: int, failed: int) -> None:
         """Count one acked batch."""
-        self.sent += len(batch.rows)
+        self.sent += batch.count
         self.applied += applied
         self.conflicts += conflicts
         self.failed += failed
         self.batches += 1
-        for row in batch.rows:
-            self.tables[row.table] = self.tables.get(row.table, 0) + 1
+        for table, n in batch.tables().items():
+            self.tables[table] = self.tables.get(table, 0) + n
 
 
 # --------------------------------------------------------------------------
@@ -390,12 +390,12 @@ class Sender(_Machine):
             raise ProtocolError("batch_read() without a ReadBatch")
         self._reading = False
         actions: list[Action] = []
-        if batch.rows or batch.last_seq > self._since or self._first or self.always_send:
+        if batch.count or batch.last_seq > self._since or self._first or self.always_send:
             payload = wire_batch.encode(batch)
             if len(payload) > MAX_PAYLOAD:  # one row, alone in its batch, and too big
-                row = batch.rows[0]
+                table, key = batch.first_change()
                 return self._finish(Finish(ended(
-                    Problem.CHANGE_TOO_BIG, f"a change of table {row.table} (key {row.key!r:.40}) is {len(payload)} "
+                    Problem.CHANGE_TOO_BIG, f"a change of table {table} (key {key!r:.40}) is {len(payload)} "
                                             f"bytes; a sync message carries at most {MAX_PAYLOAD}")))
             actions.append(Send(SyncBatch(self.req, payload)))
             self.unacked.append(batch)

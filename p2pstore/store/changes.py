@@ -67,6 +67,8 @@ from p2pstore.store.tables import TableInfo, read_table_info
 # (protocol/batch.py); they are re-exported here for the store's modules.
 from p2pstore.protocol.batch import (  # noqa: F401 - re-exported
     COLLABORATIVE,
+    KEY,
+    Block,
     MAX_BATCH_ROWS,
     MAX_NAME_LEN,
     MODES,
@@ -252,8 +254,16 @@ def changes_since(
     limit: int = DEFAULT_BATCH_ROWS,
     where: CompiledQuery | None = None,
     max_bytes: int | None = None,
+    columnar: bool = True,
 ) -> OutBatch:
     """The changes a peer whose watermark is ``since_seq`` has not applied.
+
+    ``columnar``: the common rows come as ``Block``s, one per table, read
+    with one statement straight into wire rows (``_collaborative_block``,
+    ``_single_version_block``); the rest (single_version rows whose columns
+    have clocks of their own, deletes of rows without a row clock, any row
+    filter) as ``RowChange``s. ``OutBatch.as_rows`` gives the same batch in
+    row form only, which is what ``columnar`` False reads.
 
     At most ``limit`` seqs, and with ``max_bytes`` only as many as the rows
     they carry fit in (by the stored size of their values, always at least
@@ -294,14 +304,25 @@ def changes_since(
             seqs = fitting
         last = seqs[-1] if more else max(since_seq, bound)
         rows: list[RowChange] = []
+        blocks: list[Block] = []
         if seqs:
+            devices = _origin_list(conn, me) if columnar and filt is None else None
             for t in tables:
+                block = None
+                if devices is not None:
+                    block = (_collaborative_block(conn, t, since_seq, last, devices) if t.mode == COLLABORATIVE
+                             else _single_version_block(conn, t, since_seq, last, devices))
+                if block is not None and block.rows:
+                    blocks.append(block)
                 if t.mode == COLLABORATIVE:
-                    rows.extend(_collaborative_rows(conn, t, since_seq, last, me, filt))
+                    if block is None:
+                        rows.extend(_collaborative_rows(conn, t, since_seq, last, me, filt))
                 else:
-                    rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt))
+                    skip = {r[KEY] for r in block.rows} if block is not None else set()
+                    rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt, skip, only_irregular=block is not None))
         rows.sort(key=lambda r: r.seq)
-        return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None, capture.stream_id(conn))
+        return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None, capture.stream_id(conn),
+                        blocks=tuple(blocks))
 
 
 def _filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[str, tuple[Any, ...]]:
@@ -426,6 +447,81 @@ def _collaborative_rows(
             yield RowChange(t.info.name, t.key_column, pk, seq, cells)
 
 
+def _origin_list(conn: sqlite3.Connection, me: str) -> tuple[str, ...]:
+    """A block's ``origins``: index 0 is this device (stored origin NULL),
+    index n the device of stored origin n (store/origins.py), so a block
+    row's origins come straight from SQL as ``coalesce(origin, 0)``.
+    (Numbers are never reused; an unused one would be a hole: it gets
+    this device's ID, which no row refers to by that index.)"""
+    known = dict(conn.execute("SELECT id, device FROM _p2p_origins"))
+    return (me, *(known.get(n, me) for n in range(1, max(known, default=0) + 1)))
+
+
+def _sendable(t: SyncTable, rows: list[Any]) -> list[Any]:
+    """``rows`` without those keyed by raw text (logged, see ``_unsendable``)."""
+    if any(type(r[KEY]) is str and is_raw_text(r[KEY]) for r in rows):
+        for r in rows:
+            if type(r[KEY]) is str and is_raw_text(r[KEY]):
+                _unsendable(t, r[KEY])
+        return [r for r in rows if not (type(r[KEY]) is str and is_raw_text(r[KEY]))]
+    return rows
+
+
+def _collaborative_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...]) -> Block:
+    """Every change of the interval in one statement, as wire rows: the
+    current row of each key changed (the clock of its newest log row), or
+    its delete if the row is gone. What ``_collaborative_rows`` reads, as
+    ``Block`` rows (tests/store/test_blocks.py compares them)."""
+    name, key = quote_ident(t.info.name), t.info.key_expr
+    cols = ", ".join(f"x.{quote_ident(c)}" for c in t.info.columns)
+    # A joined row has a non-NULL key (it equals l.pk), a missing one NULL.
+    here = f"x.{key} IS NOT NULL"
+    rows = conn.execute(
+        f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
+        f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols} "
+        "FROM (SELECT g.pk, g.seq, (SELECT s.base_hlc + g.seq - s.first_seq FROM _p2p_stamps s "
+        "      WHERE s.first_seq <= g.seq ORDER BY s.first_seq DESC LIMIT 1) AS hlc "
+        "      FROM (SELECT pk, max(seq) AS seq FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL "
+        "            GROUP BY pk) g) l "
+        f"LEFT JOIN {name} x ON x.{key} = l.pk "
+        "WHERE l.hlc IS NOT NULL ORDER BY l.seq",
+        (since, last, t.tid),
+    ).fetchall()
+    return Block(t.info.name, t.key_column, t.info.columns, devices, _sendable(t, rows))
+
+
+def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...]) -> Block:
+    """The interval's *regular* rows in one statement, as wire rows: rows
+    whose sync columns share one clock (a ``_p2p_rows`` entry in the
+    interval, no per-column entry: store/cells.py), with their tomb if they
+    have one; a value the tomb hides travels as NULL, as in
+    ``_single_version_rows``, which reads every other row."""
+    assert t.conflict_column is not None
+    name, ck = quote_ident(t.info.name), quote_ident(t.conflict_column)
+    me_dev = "?4"
+    visible = (f"(tb.hlc IS NULL OR r.hlc > tb.hlc OR (r.hlc = tb.hlc AND {origins.device_sql('r.origin', me_dev)} > "
+               f"{origins.device_sql('tb.origin', me_dev)}))")
+    columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
+    values = ", ".join(f"CASE WHEN {visible} THEN x.{quote_ident(c)} END" for c in columns)
+    # Per-column entries are rare; without any, the NOT EXISTS probe is skipped.
+    own = conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is not None
+    rows = conn.execute(
+        "SELECT r.ck, CASE WHEN tb.seq > ?1 THEN max(r.seq, tb.seq) ELSE r.seq END, r.hlc, coalesce(r.origin, 0), "
+        "r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END, "
+        "tb.hlc, CASE WHEN tb.hlc IS NOT NULL THEN coalesce(tb.origin, 0) END, "
+        "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
+        f"{values} "
+        "FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
+        "LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = r.ck "
+        f"LEFT JOIN {name} x ON x.{ck} = r.ck "
+        "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
+        + (" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if own else "")
+        + " ORDER BY r.seq",
+        (since, last, t.tid, devices[0]),
+    ).fetchall()
+    return Block(t.info.name, t.conflict_column, columns, devices, _sendable(t, rows))
+
+
 def _unsendable(t: SyncTable, key: str) -> None:
     """A row keyed by text that is not valid UTF-8 can't be read by its key
     (nor stored by one on the receiver): it stays here, every other row goes."""
@@ -434,8 +530,11 @@ def _unsendable(t: SyncTable, key: str) -> None:
 
 
 def _single_version_rows(
-    conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, where: CompiledQuery | None
+    conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, where: CompiledQuery | None,
+    skip: set[Any] | frozenset[Any] = frozenset(), *, only_irregular: bool = False,
 ) -> Iterator[RowChange]:
+    """The interval's rows as row changes; ``skip``: keys already sent in a
+    block, ``only_irregular``: every regular row was (``_single_version_block``)."""
     assert t.conflict_column is not None
     synced = set(t.sync_columns)
     filt, fparams = _filter_sql(t, "ck", where)
@@ -453,8 +552,10 @@ def _single_version_rows(
             cells.setdefault(ck, []).append((col, *clock))
     # Rows whose columns share one clock (store/cells.py): that clock for
     # each sync column without a cell of its own.
+    # Row clocks of the interval (those of regular rows came in the block).
+    irregular = " AND EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if only_irregular else ""
     shared = conn.execute(
-        f"SELECT ck, {clock_sql} FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+        f"SELECT ck, {clock_sql} FROM _p2p_rows r INDEXED BY _p2p_rows_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{irregular}{filt}",
         (me, since, last, t.tid, *fparams),
     ).fetchall()
     if shared:
@@ -476,10 +577,13 @@ def _single_version_rows(
             (me, since, last, t.tid, *fparams),
         )
     }
+    for ck in skip:
+        tombs.pop(ck, None)
     for ck in {ck for ck in (*cells, *tombs) if is_raw_text(ck)}:
         cells.pop(ck, None)
         tombs.pop(ck, None)
-        _unsendable(t, ck)
+        if ck not in skip:
+            _unsendable(t, ck)
     name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
     columns = list(t.sync_columns)
     listed = ", ".join(quote_ident(c) for c in columns)

@@ -254,7 +254,7 @@ def snapshot_batch(conn: sqlite3.Connection, cursor: Cursor | None, snapshot_hlc
     with read_snapshot(conn):
         if store_mode(conn) == SINGLE_VERSION:
             since = 0 if cursor is None else cursor[0]
-            batch = changes_since(conn, None, since, limit=limit, max_bytes=max_bytes)
+            batch = changes_since(conn, None, since, limit=limit, max_bytes=max_bytes, columnar=False)
             return (OutBatch(batch.mode, batch.since_seq, batch.last_seq, batch.rows, batch.more, True, batch.stream,
                              snapshot_hlc, first), (batch.last_seq, 0, None))
         bound, index, last_key = cursor if cursor is not None else (stable_bound(conn), 0, None)

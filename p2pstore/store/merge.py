@@ -79,6 +79,7 @@ from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import FailureNotFound, ProtocolError
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.store import capture, cells, gc, origins
+from p2pstore.store.blocks import apply_block, keys_stay_distinct
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_NAMES, OP_UPDATE, CaptureState, ChangeBatch
 from p2pstore.store.changes import (
     COLLABORATIVE,
@@ -211,7 +212,12 @@ def apply_batch(
         local = capture.stamp(conn, state, clock, wall=wall)
         applier = _Applier(conn, state, clock, batch.mode, from_device, wall)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
-        if not applier.apply_bulk(batch.rows, checked=batch.checked):
+        # A batch that is one block goes set-based (store/blocks.py); any
+        # other, or a block that path leaves, as row changes.
+        if batch.blocks and (batch.rows or len(batch.blocks) > 1 or batch.snapshot_hlc is not None
+                             or not apply_block(applier, batch.blocks[0])):
+            batch = batch.as_rows()
+        if batch.rows and not applier.apply_bulk(batch.rows, checked=batch.checked):
             for row in batch.rows:
                 applier.apply(row, failure_id=None)
         applier.finish()
@@ -482,18 +488,6 @@ def _row_clock(row: RowChange) -> Clock:
     return row.tomb if row.tomb is not None else (row.cells[0].hlc, row.cells[0].origin)
 
 
-def _keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_type: type) -> bool:
-    """Whether keys of ``key_type`` keep their type (and so their identity)
-    in ``column``: ints in a column of INTEGER affinity, strs in one of TEXT
-    affinity. Only then can a bulk apply match rows to keys with IN lists
-    and dicts; otherwise it leaves the batch to row by row."""
-    decl = next((r[2] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})") if r[1] == column), None)
-    decl = (decl or "").upper()
-    if key_type is int:
-        return "INT" in decl
-    return "INT" not in decl and any(t in decl for t in ("CHAR", "CLOB", "TEXT"))
-
-
 class _Applier:
     """Applies the row changes of one batch (or one retried failure)."""
 
@@ -549,7 +543,7 @@ class _Applier:
         self.conn.execute("SAVEPOINT p2p_row")
         fresh = row.table not in self.targets
         try:
-            target = self._target(row)
+            target = self._target(row.table)
             changed = self._merge_single_version(target, row) if self.mode == SINGLE_VERSION else self._merge_collaborative(target, row)
         except (_RowFailed, sqlite3.Error) as exc:
             reason = exc.reason if isinstance(exc, _RowFailed) else _sqlite_reason(exc)
@@ -577,15 +571,15 @@ class _Applier:
         else:
             self.conn.execute("UPDATE _p2p_failures SET reason = ?, at = ? WHERE id = ?", (reason, self.now(), failure_id))
 
-    def _target(self, row: RowChange) -> _Target:
-        target = self.targets.get(row.table)
+    def _target(self, name: str) -> _Target:
+        target = self.targets.get(name)
         if target is not None:
             return target
-        table = self.tables.get(row.table)
+        table = self.tables.get(name)
         if table is None:
-            raise _RowFailed(f"not_distributed: table {row.table} is not a distributed table here")
+            raise _RowFailed(f"not_distributed: table {name} is not a distributed table here")
         if table.mode != self.mode:
-            raise _RowFailed(f"schema_mismatch: {row.table} is {table.mode} here, {self.mode} on {self.sender}")
+            raise _RowFailed(f"schema_mismatch: {name} is {table.mode} here, {self.mode} on {self.sender}")
         if self.mode == SINGLE_VERSION:
             dest, tid, columns = table.info.name, table.tid, frozenset(table.sync_columns)
         else:
@@ -593,7 +587,7 @@ class _Applier:
             tid = self.conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (dest,)).fetchone()[0]
             columns = frozenset(r[1] for r in self.conn.execute(f"PRAGMA table_info({quote_ident(dest)})"))
         target = _Target(table, dest, tid, columns)
-        self.targets[row.table] = target
+        self.targets[name] = target
         return target
 
     def _log(self, tid: int, pk: Value, op: int, clock: Clock, ck: Value) -> int:
@@ -754,9 +748,9 @@ class _Applier:
         stored: dict[str, dict[Value, Clock]] = {}
         existing: dict[str, set[Value]] = {}
         for name, table_keys in keys.items():
-            target = self._target(plan[next(i for i, (r, _) in enumerate(plan) if r.table == name)][0])
+            target = self._target(name)
             key_col = target.table.info.key or capture.DEVICE_ROWID_COLUMN
-            if not _keys_stay_distinct(conn, target.dest, key_col, types[name]):
+            if not keys_stay_distinct(conn, target.dest, key_col, types[name]):
                 return False
             stored[name], existing[name] = {}, set()
             for i in range(0, len(table_keys), IN_CHUNK):
@@ -867,7 +861,7 @@ class _Applier:
         for name, table_keys in keys.items():
             table = self.tables[name]
             assert table.conflict_column is not None
-            if not _keys_stay_distinct(conn, name, table.conflict_column, types[name]):
+            if not keys_stay_distinct(conn, name, table.conflict_column, types[name]):
                 return False
             sql = self._sv_sql(table)
             found: dict[Value, _SvState] = {k: _SvState(None, {}, None) for k in table_keys}
@@ -890,7 +884,7 @@ class _Applier:
             states[name] = found
         plans = []
         for row in rows:
-            plan = self._sv_plan(self._target(row), row, states[row.table][row.key])
+            plan = self._sv_plan(self._target(row.table), row, states[row.table][row.key])
             if plan is not None:
                 plans.append(plan)
         self._sv_write(plans)

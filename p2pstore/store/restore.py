@@ -248,6 +248,7 @@ def apply_copy(conn: sqlite3.Connection, batch: OutBatch, peer: str, since: int,
     outcome = CatchUp()
     if not pending(conn):
         return outcome
+    batch = batch.as_rows()
     conn.execute(_KEYS_SQL)
     restore_seq = int(get_meta(conn, RESTORE_SEQ_KEY, 0))
     # The peer's watermark counts only in the stream the restored file had.

@@ -447,7 +447,7 @@ class SyncEngine:
                 key = (session.peer, store.bundle, store.name)
                 if action.watermark is not None:
                     self.lag.acked(*key, *action.watermark)
-                self.lag.moved(key, len(action.batch.rows))
+                self.lag.moved(key, action.batch.count)
                 if progress is not None:
                     progress("in_progress", Code.SUCCESS, machine.stats, "upload")
                 return []

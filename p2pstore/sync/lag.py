@@ -87,8 +87,8 @@ class LagTracker:
         key = (peer, bundle, store)
         offer = self._offers.get(key)
         if offer is not None and batch.full and batch.stream == offer.stream:
-            offer.received_since += len(batch.rows)
-        self.moved(key, len(batch.rows))
+            offer.received_since += batch.count
+        self.moved(key, batch.count)
 
     def moved(self, key: Key, rows: int) -> None:
         """A batch of ``rows`` went through (acked, or applied) in a running session."""

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+
+from p2pstore import PROTOCOL_VERSION
 from peer_agent import Device, agent_command, eventually, make_hello
 
 from p2pstore.errors import ChannelError, DeviceOffline, DeviceUntrusted
@@ -144,14 +146,15 @@ async def test_new_key_claiming_a_trusted_id_is_refused(devices: Callable[..., D
 
 async def test_protocol_version_mismatch_is_reported_on_both_sides(devices: Callable[..., Device]) -> None:
     a, b = devices("a"), devices("b")
-    b.hello_factory = lambda: make_hello(b.identity, version=2)
+    newer = PROTOCOL_VERSION + 1
+    b.hello_factory = lambda: make_hello(b.identity, version=newer)
     b.manager = b.new_manager()
     trust_each_other(a, b)
     await a.manager.start()
     await b.manager.start()
-    with pytest.raises(ChannelError, match="peer speaks protocol 2, this device speaks 1"):
+    with pytest.raises(ChannelError, match=f"peer speaks protocol {newer}, this device speaks {PROTOCOL_VERSION}"):
         await a.manager.connect("127.0.0.1", b.port)
-    with pytest.raises(ChannelError, match="peer speaks protocol 1, this device speaks 2"):
+    with pytest.raises(ChannelError, match=f"peer speaks protocol {PROTOCOL_VERSION}, this device speaks {newer}"):
         await b.manager.connect("127.0.0.1", a.port)
     assert a.manager.channels() == {} and b.manager.channels() == {}
 

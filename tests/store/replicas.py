@@ -136,6 +136,10 @@ class Replica:
             raise
         return batch
 
+    def read_rows(self, since: int, **kw: Any) -> changes.OutBatch:
+        """``read`` in row form only (``OutBatch.as_rows``: what a protocol-1 peer gets)."""
+        return self.read(since, **kw).as_rows()
+
     def compact(self) -> int:
         """What the daemon does every minute: drop log rows nothing reads, all chunks."""
         total = 0

@@ -96,7 +96,7 @@ def test_outside_writers_are_stamped_into_cells_too(device) -> None:
         other.execute("INSERT INTO items(uid, a) VALUES ('x', 1)")
         other.execute("UPDATE items SET b = 'q' WHERE uid = 'x'")
     assert cells(a) == []  # not stamped yet
-    batch = a.read(0)
+    batch = a.read_rows(0)
     assert [r.key for r in batch.rows] == ["x"]
     assert {c.column: c.value for c in batch.rows[0].cells} == {"uid": "x", "a": 1, "b": "q"}
 
@@ -108,7 +108,7 @@ def test_outside_writers_are_stamped_into_cells_too(device) -> None:
 def test_single_version_batch_has_only_sync_columns_with_their_clocks(device) -> None:
     a = device("DEVA")
     a.write("INSERT INTO items(uid, a, b, note) VALUES ('x', 1, 'p', 'secret')")
-    batch = a.read(0)
+    batch = a.read_rows(0)
     assert batch.mode == "single_version" and batch.full and not batch.more
     (row,) = batch.rows
     assert (row.table, row.key_column, row.key) == ("items", "uid", "x")
@@ -122,12 +122,12 @@ def test_a_deleted_row_travels_as_its_tomb_and_old_cells_carry_no_value(device) 
     a = device("DEVA")
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.write("DELETE FROM items WHERE uid = 'x'")
-    (row,) = a.read(0).rows
+    (row,) = a.read_rows(0).rows
     assert row.tomb is not None and row.tomb[1] == "DEVA"
     assert all(c.value is None and c.hlc < row.tomb[0] for c in row.cells)
     # Read from after the insert: only the tomb is new.
     insert_seq = a.rows("SELECT min(seq) FROM _p2p_clocks")[0][0]
-    (row,) = a.read(insert_seq).rows
+    (row,) = a.read_rows(insert_seq).rows
     assert row.cells == () and row.tomb is not None
 
 
@@ -135,9 +135,9 @@ def test_the_tomb_always_travels_with_its_row(device) -> None:
     a = device("DEVA")
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
     a.write("DELETE FROM items WHERE uid = 'x'")
-    after_delete = a.read(0).last_seq
+    after_delete = a.read_rows(0).last_seq
     a.write("INSERT INTO items(uid, a) VALUES ('x', 2)")
-    (row,) = a.read(after_delete).rows
+    (row,) = a.read_rows(after_delete).rows
     assert row.tomb is not None  # older than the watermark, still sent: the row is self-contained
     assert {c.column: c.value for c in row.cells}["a"] == 2
 
@@ -150,7 +150,7 @@ def test_batches_are_bounded_and_resume_exactly(device) -> None:
     seen: list[str] = []
     since, batches = 0, 0
     while True:
-        batch = a.read(since, limit=5)
+        batch = a.read_rows(since, limit=5)
         assert len(batch.rows) <= 5 and batch.since_seq == since
         seen += [r.key for r in batch.rows]
         batches += 1
@@ -161,7 +161,7 @@ def test_batches_are_bounded_and_resume_exactly(device) -> None:
     # whole seqs, and a later seq of a row travels in a later batch.
     assert sorted(set(seen)) == [f"k{i:02}" for i in range(23)]
     assert batches == 6
-    assert a.read(since).rows == ()
+    assert a.read_rows(since).rows == ()
 
 
 _sized_op = st.tuples(st.sampled_from(["insert", "update", "delete"]), st.integers(0, 7), st.integers(0, 3000))
@@ -217,11 +217,11 @@ def test_a_batch_holds_as_many_large_rows_as_fit_and_at_least_one(device) -> Non
     a = device("DEVA")
     for i in range(10):
         a.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?)", (f"k{i}", i, "x" * 1000))
-    first = a.read(0, max_bytes=3500)
+    first = a.read_rows(0, max_bytes=3500)
     assert [r.key for r in first.rows] == ["k0", "k1", "k2"] and first.more  # 3 × (1000 + overhead) fit
-    one = a.read(0, max_bytes=10)
+    one = a.read_rows(0, max_bytes=10)
     assert [r.key for r in one.rows] == ["k0"] and one.more  # never empty
-    rest = a.read(first.last_seq, max_bytes=100_000)
+    rest = a.read_rows(first.last_seq, max_bytes=100_000)
     assert [r.key for r in rest.rows] == [f"k{i}" for i in range(3, 10)] and not rest.more
 
 
@@ -231,7 +231,7 @@ def test_collaborative_batch_sends_current_rows_and_deletes(device) -> None:
     a.write("UPDATE notes SET body = 'ONE' WHERE id = 1")
     a.write("DELETE FROM notes WHERE id = 2")
     a.write("INSERT INTO tags(name, x) VALUES ('t', 7)")
-    batch = a.read(0)
+    batch = a.read_rows(0)
     assert batch.mode == "collaborative"
     by_key = {(r.table, r.key): r for r in batch.rows}
     one = by_key[("notes", 1)]
@@ -247,10 +247,10 @@ def test_a_table_or_a_filter_never_moves_a_watermark(device) -> None:
     a = device("DEVA")
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1), ('y', 20), ('z', 30)")
     a.write("DELETE FROM items WHERE uid = 'z'")
-    assert a.read(0).full
-    assert not a.read(0, table="items").full
+    assert a.read_rows(0).full
+    assert not a.read_rows(0, table="items").full
     where = compile_predicates({"table": "items", "where": [["a", ">", 10]]}, ["uid", "a", "b"])
-    filtered = a.read(0, table="items", where=where)
+    filtered = a.read_rows(0, table="items", where=where)
     assert not filtered.full
     # x does not match; z is gone, so its delete travels (a query sync carries deletes)
     assert sorted(r.key for r in filtered.rows) == ["y", "z"]
@@ -262,12 +262,12 @@ def test_a_table_or_a_filter_never_moves_a_watermark(device) -> None:
 def test_unstamped_local_changes_hold_the_stream_back(device) -> None:
     a = device("DEVA")
     a.write("INSERT INTO items(uid, a) VALUES ('x', 1)")
-    stamped = a.read(0).last_seq
+    stamped = a.read_rows(0).last_seq
     with a.outside() as other:
         other.execute("INSERT INTO items(uid, a) VALUES ('y', 2)")
         other.execute("UPDATE items SET a = 5 WHERE uid = 'x'")  # logged by trigger, not stamped
     # Read without stamping: nothing past the first unstamped log row.
-    batch = changes.changes_since(a.conn, None, 0)
+    batch = changes.changes_since(a.conn, None, 0).as_rows()
     assert batch.last_seq == stamped and [r.key for r in batch.rows] == ["x"]
     assert {c.column: c.value for c in batch.rows[0].cells}["a"] == 5  # (values are current; clocks follow on stamp)
 
@@ -292,7 +292,7 @@ def test_plain_form_round_trips_through_msgpack(device) -> None:
     a.write("INSERT INTO items(uid, a, b) VALUES ('x', 9223372036854775807, ?)", ("ü",))
     a.write("INSERT INTO items(uid, a, b) VALUES (?, 1.5, NULL)", ("y",))
     a.write("DELETE FROM items WHERE uid = 'y'")
-    batch = a.read(0)
+    batch = a.read_rows(0)
     wire = msgpack.packb(changes.batch_to_plain(batch), use_bin_type=True)
     assert changes.batch_from_plain(msgpack.unpackb(wire, raw=False)) == batch
     row = batch.rows[0]
@@ -432,7 +432,7 @@ def test_the_quick_cell_check_agrees_with_the_full_checks(cells: list[Any], mode
 
 def _sent_rows(r: Replica, since: int) -> int:
     """What a full sync from ``since`` sends, read the way the stream reads it."""
-    return len(r.read(since, limit=changes.MAX_BATCH_ROWS).rows)
+    return len(r.read_rows(since, limit=changes.MAX_BATCH_ROWS).rows)
 
 
 def _unsent(r: Replica, other: Replica) -> int:

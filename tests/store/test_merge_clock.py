@@ -53,7 +53,7 @@ def with_clock(row: RowChange, hlc: int, *, prev: bool = False) -> RowChange:
 
 
 def hostile_batch(sender: Replica, key: Any, hlc: int, *, prev: bool = False) -> OutBatch:
-    batch = sender.read(0)
+    batch = sender.read_rows(0)
     rows = tuple(with_clock(r, hlc, prev=prev) if r.key == key else r for r in batch.rows)
     assert rows != batch.rows
     return wire(dataclasses.replace(batch, rows=rows))
@@ -115,7 +115,7 @@ def test_a_hostile_delete_and_a_hostile_superseded_clock_are_refused_too(device)
     a.push(b)
     a.write("DELETE FROM items WHERE uid = 'x'")
     a.write("UPDATE items SET a = 3 WHERE uid = 'y'")
-    batch = a.read(0)
+    batch = a.read_rows(0)
     rows = tuple(with_clock(r, HOSTILE) if r.key == "x" else with_clock(r, MAX_HLC, prev=True) for r in batch.rows)
     result = b.apply(wire(dataclasses.replace(batch, rows=rows)), "DEVA")
     assert result.failed == 2 and result.applied == 0
@@ -129,7 +129,7 @@ def test_a_clock_just_inside_the_bound_applies_and_one_just_beyond_waits_for_loc
     a, b = device("DEVA", "single_version", wall=now), device("DEVB", "single_version", wall=now)
     b.clock.max_offset_ms = 60_000
     a.write("INSERT INTO items(uid, a) VALUES ('in', 1), ('out', 2)")
-    batch = a.read(0)
+    batch = a.read_rows(0)
     edge = b.clock.limit(now)
     rows = tuple(with_clock(r, edge if r.key == "in" else edge + 1) for r in batch.rows)
     result = b.apply(wire(dataclasses.replace(batch, rows=rows)), "DEVA")

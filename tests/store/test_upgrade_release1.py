@@ -117,7 +117,7 @@ async def test_the_migrated_store_sends_the_stream_release1_sent(tmp_path: Path,
     await _open_and_close(path)
     r = _replica(path, name)
     try:
-        batch = r.read(0, limit=changes.MAX_BATCH_ROWS)
+        batch = r.read_rows(0, limit=changes.MAX_BATCH_ROWS)
     finally:
         r.close()
     ours = unpack(pack_values(changes.batch_to_plain(batch)), "batch", raw_text=True)

@@ -46,7 +46,7 @@ def batches(peer: Device) -> list[SyncBatch]:
 
 
 def rows_sent(peer: Device) -> int:
-    return sum(len(wire_batch.decode(b.payload).rows) for b in batches(peer))
+    return sum(wire_batch.decode(b.payload).count for b in batches(peer))
 
 
 def ending(peer: Device) -> SyncEnd | None:
@@ -71,9 +71,9 @@ async def pull_acking_by_hand(peer: Device, node: Node, window: int) -> dict[str
             if ending(peer) is not None or out == 0:
                 break
             batch = wire_batch.decode(batches(peer)[acked].payload)
-            seqs += [r.seq for r in batch.rows]
+            seqs += [r.seq for r in batch.as_rows().rows]
             acked += 1
-            await peer.manager.send(node.id, SyncAck(REQ, batch.last_seq, len(batch.rows), 0, 0))
+            await peer.manager.send(node.id, SyncAck(REQ, batch.last_seq, batch.count, 0, 0))
         await eventually(lambda: ending(peer) is not None, 60, "sync_end")
         return {"peak": peak, "acked": acked, "seqs": seqs, "end": ending(peer)}
     finally:
