@@ -658,6 +658,7 @@ def _datapath_run(root: Path, n: int, single_version: bool, seed: int) -> dict:
     from p2pstore.store import changes, merge
     from p2pstore.store import database
     from p2pstore.sync.engine import DEFAULT_BATCH_ROWS, MAX_BATCH_BYTES
+    DEFAULT_BATCH_ROWS = int(os.environ.get("P2PSTORE_BENCH_BATCH_ROWS", DEFAULT_BATCH_ROWS))
 
     doc = schema_doc({_OUTSIDE_TABLE: ([field(c, t, pk=pk, not_null=nn, autoinc=ai) for c, t, pk, nn, ai in _EMPLOYEE_DOC_FIELDS],
                                        ["NAME", "AGE", "SALARY", "CODES"])})

@@ -28,6 +28,8 @@ bytes belongs to it.
 from __future__ import annotations
 
 import math
+import operator
+from itertools import repeat
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -425,8 +427,42 @@ def _column_ints(values: Sequence[Any], what: str, low: int, high: int, *, optio
 
 
 def _together(hlcs: Sequence[Any], origins: Sequence[Any], what: str) -> None:
-    if any((h is None) is not (o is None) for h, o in zip(hlcs, origins)):
+    if list(map(operator.is_, hlcs, repeat(None))) != list(map(operator.is_, origins, repeat(None))):
         raise ProtocolError(f"{what}: hlc and origin go together")
+
+
+def _check_values(column: Sequence[Any], what: str) -> None:
+    """One column of a block: SQLite values only, integers in 64 bits, no
+    NaN. A column of one type (and NULLs) is checked in C (``min``/``max``,
+    ``map``); a mixed one value by value."""
+    kinds = set(map(type, column))
+    if not kinds <= _VALUE_TYPES:
+        raise ProtocolError(f"{what}: a value must be null, an integer, a float, a string or bytes")
+    kinds.discard(type(None))
+    if kinds == {int}:
+        ints = list(filter(None, column))  # (drops NULLs, and zeros: in range anyway)
+        if ints and (min(ints) < _INT64[0] or max(ints) > _INT64[1]):
+            raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
+    elif kinds == {float}:
+        if any(map(math.isnan, filter(None, column))):
+            raise ProtocolError(f"{what}: NaN can't be stored")
+    elif int in kinds or float in kinds:
+        for v in column:
+            if type(v) is int and not _INT64[0] <= v <= _INT64[1]:
+                raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
+            if type(v) is float and v != v:
+                raise ProtocolError(f"{what}: NaN can't be stored")
+
+
+def has_raw_text(column: Sequence[Any]) -> bool:
+    """Whether any value of ``column`` is raw text (``is_raw_text``); a
+    column of text (and NULLs) is checked with one ``isascii`` in C."""
+    kinds = set(map(type, column))
+    if str not in kinds:
+        return False
+    if kinds <= {str, type(None)} and "".join(filter(None, column)).isascii():
+        return False
+    return any(type(v) is str and is_raw_text(v) for v in column)
 
 
 def block_from_plain(obj: Any, mode: str) -> Block:
@@ -464,18 +500,10 @@ def block_from_plain(obj: Any, mode: str) -> Block:
         _column_ints(fields[hlc], f"{table}: {what} hlc", 0, MAX_HLC, optional=True)
         _column_ints(fields[origin], f"{table}: {what} origin", 0, last_origin, optional=True)
         _together(fields[hlc], fields[origin], f"{table}: {what}")
-    values = fields[VALUES:]
-    kinds = set(map(type, (v for column in values for v in column)))
-    if not kinds <= _VALUE_TYPES:
-        raise ProtocolError(f"{table}: a value must be null, an integer, a float, a string or bytes")
-    if int in kinds or float in kinds:
-        for column in values:
-            for v in column:
-                if type(v) is int and not _INT64[0] <= v <= _INT64[1]:
-                    raise ProtocolError(f"{table}: integer out of SQLite's 64-bit range")
-                if type(v) is float and v != v:
-                    raise ProtocolError(f"{table}: NaN can't be stored")
-    if str in set(map(type, keys)) and any(type(k) is str and is_raw_text(k) for k in keys):
+    for name, column in zip(columns, fields[VALUES:]):
+        _check_values(column, f"{table}: column {name}")
+    _check_values(keys, f"{table}: key")
+    if has_raw_text(keys):
         raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
     hlcs, tombs = fields[HLC], fields[TOMB_HLC]
     if mode == COLLABORATIVE:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pstore.protocol.batch import (
     HLC, KEY, ORIGIN, PREV_HLC, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, TOMB_PREV_ORIGIN, VALUES,
-    COLLABORATIVE, Block, is_raw_text,
+    COLLABORATIVE, Block, has_raw_text,
 )
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.store import capture, origins
@@ -95,7 +95,7 @@ def apply_block(ap: _Applier, block: Block) -> bool:
     hlcs = [*_not_none(fields[HLC]), *_not_none(fields[TOMB_HLC])]
     if max([*hlcs, *_not_none(fields[PREV_HLC]), *_not_none(fields[TOMB_PREV_HLC])], default=0) > ap.clock_limit:
         return False  # the row path logs it as clock_ahead
-    if any(type(v) is str and not v.isascii() and is_raw_text(v) for column in fields[VALUES:] for v in column):
+    if any(map(has_raw_text, fields[VALUES:])):
         return False  # the row path binds it as the bytes it is
     conn = ap.conn
     conn.execute("SAVEPOINT p2p_block")

@@ -269,6 +269,7 @@ class Store:
             # batch touches pages all over the file; SQLite's 2 MB default cache
             # then rereads them for every batch (docs/performance.md).
             conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
+            conn.execute("PRAGMA temp_store = MEMORY")  # the staging tables of a received block (store/blocks.py)
             capture.ensure_schema(conn)
             conn.executescript(single_version.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:

@@ -106,7 +106,7 @@ log = logging.getLogger(__name__)
 #: Rows per batch. The receiver decodes a batch on its event loop and applies it in one
 #: transaction, and local API writes wait for both: 250 keeps that wait near 10 ms
 #: (500: ~20 ms) at the same push rate (scripts/bench writes_under_push, push).
-DEFAULT_BATCH_ROWS = 250
+DEFAULT_BATCH_ROWS = 2000
 DEFAULT_TIMEOUT = 30.0
 #: Messages a session may have waiting: a sender's whole window (at most
 #: MAX_WINDOW batches, whatever its ``sync_window``) and its end; a peer that

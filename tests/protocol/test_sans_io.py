@@ -25,7 +25,7 @@ def test_protocol_modules_import_no_io_in_a_fresh_interpreter() -> None:
 
 
 def test_protocol_sources_import_only_allowed_modules() -> None:
-    allowed_roots = {"__future__", "collections", "dataclasses", "enum", "math", "struct", "types", "typing", "msgpack",
+    allowed_roots = {"__future__", "collections", "dataclasses", "enum", "itertools", "math", "operator", "struct", "types", "typing", "msgpack",
                      "p2pstore"}
     for path in PACKAGE_DIR.glob("*.py"):
         tree = ast.parse(path.read_text(), filename=str(path))

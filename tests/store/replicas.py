@@ -50,6 +50,7 @@ class Replica:
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA busy_timeout = 5000")
         self.conn.execute("PRAGMA synchronous = OFF")  # tests: speed over durability
+        self.conn.execute("PRAGMA temp_store = MEMORY")  # as the daemon's stores (staging tables of store/blocks.py)
         capture.ensure_schema(self.conn)
         self.conn.executescript(single_version.SCHEMA_SQL)
         capture.set_device_id(self.conn, device_id)

@@ -20,12 +20,13 @@ from peer_agent import Device, eventually
 from sync_helpers import Node
 
 from p2pstore.protocol import batch as wire_batch
+from p2pstore.sync.engine import DEFAULT_BATCH_ROWS
 from p2pstore.protocol.messages import SyncAck, SyncBatch, SyncEnd, SyncOpen, TableOffer
 
 pytestmark = pytest.mark.timeout(240)
 
 REF = {"store": "w"}
-ROWS = 2_000  # 8 batches of 250 (sync/engine.py DEFAULT_BATCH_ROWS)
+ROWS = 8 * DEFAULT_BATCH_ROWS  # 8 batches
 REQ = 11
 
 
@@ -91,7 +92,7 @@ def test_a_sender_keeps_exactly_its_window_in_flight(short_tmp: Path, window: in
         assert seen["peak"] == window  # a receiver that does not ack sees the whole window, and no more
         assert seen["end"].code == 0, seen["end"]
         assert sorted(seen["seqs"]) == seen["seqs"] and len(seen["seqs"]) == len(set(seen["seqs"])) == ROWS
-        assert seen["acked"] == len(batches(peer)) == ROWS // 250
+        assert seen["acked"] == len(batches(peer)) == ROWS // DEFAULT_BATCH_ROWS
     finally:
         node.stop()
 
