@@ -184,12 +184,14 @@ def _collaborative(ap: _Applier, block: Block, fields: list[Any], kind: type) ->
 
 
 def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Done | None:
-    """A single_version block of rows never seen here, inserted whole; any
-    other block is the planner's (None)."""
+    """A single_version block whose rows are all either never seen here
+    (inserted whole) or already here exactly as they come (an echo: a row
+    relayed back, a batch sent twice — skipped, as the planner would skip
+    it); any other block is the planner's (None)."""
     table = ap.tables[block.table]
     ck_col = table.conflict_column
     assert ck_col is not None
-    if set(block.columns) != set(table.sync_columns) or _not_none(fields[TOMB_HLC]) or None in fields[HLC]:
+    if set(block.columns) != set(table.sync_columns) or None in fields[HLC]:
         return None
     conn = ap.conn
     if not keys_stay_distinct(conn, table.info.name, ck_col, kind):
@@ -199,36 +201,47 @@ def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Don
         return None
     stage = _load(conn, block)
     name, ck, tid = quote_ident(table.info.name), quote_ident(ck_col), table.tid
-    known = conn.execute(
-        f"SELECT 1 FROM temp.{stage} s WHERE EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = s.k) "
-        "OR EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = s.k) "
-        "OR EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = s.k) "
-        "OR EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = s.k) LIMIT 1",
-        (tid,),
-    ).fetchone()
-    if known is not None:
-        return None
     # The block's origin indexes -> this store's numbers (NULL: this device).
-    used = {*fields[ORIGIN], *_not_none(fields[PREV_ORIGIN])}
+    used = {*fields[ORIGIN], *_not_none(fields[PREV_ORIGIN]), *_not_none(fields[TOMB_ORIGIN])}
     mapping = [(i, ap._stored(block.origins[i]), ap._logged(block.origins[i])) for i in used]
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_stage_origins(idx INTEGER PRIMARY KEY, stored, logged)")
     conn.execute("DELETE FROM temp._p2p_stage_origins")
     conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored, logged) VALUES (?, ?, ?)", mapping)
+    # fresh: 1 never seen here, 0 here already with the same row clock (and
+    # no column clock of its own) and the same tomb or none, NULL otherwise.
+    st = stage  # (UPDATE ... AS alias needs SQLite 3.35: columns are qualified by the table's name)
+    mapped = "(SELECT m.stored FROM temp._p2p_stage_origins m WHERE m.idx = {0})"
+    conn.execute(
+        f"UPDATE temp.{st} SET fresh = CASE "
+        f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
+        f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k) "
+        f"AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k) "
+        f"AND NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k) THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
+        f"WHEN EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k AND r.hlc = {st}.hlc "
+        f"             AND r.origin IS {mapped.format(st + '.o')}) "
+        f"AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k) "
+        f"AND ({st}.th IS NULL OR EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
+        f"     AND t.origin IS {mapped.format(st + '.tor')})) THEN 0 END",
+        (tid,),
+    )
+    origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
+    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh IS NULL LIMIT 1").fetchone() is not None:
+        return None
     position = {c: f"v{i}" for i, c in enumerate(block.columns)}
     listed = ", ".join(quote_ident(c) for c in table.sync_columns)
     values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)
-    conn.execute(f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} ORDER BY n")
-    origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
+    conn.execute(f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE fresh ORDER BY n")
+    seq = "?1 + row_number() OVER (ORDER BY s.n)"
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
-        f"SELECT ?1 + s.n, ?2, x.{table.info.key_expr}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
-        f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k ORDER BY s.n",
+        f"SELECT {seq}, ?2, x.{table.info.key_expr}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
+        f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k WHERE s.fresh ORDER BY s.n",
         (top, tid),
     )
     conn.execute(
         "INSERT INTO _p2p_rows(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) "
-        f"SELECT ?2, s.k, s.hlc, {origin.format('stored', 'o')}, ?1 + s.n, s.ph, "
-        f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END FROM temp.{stage} s ORDER BY s.n",
+        f"SELECT ?2, s.k, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
+        f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END FROM temp.{stage} s WHERE s.fresh ORDER BY s.n",
         (top, tid),
     )
     devices: dict[int, str] = {}
@@ -238,5 +251,4 @@ def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Don
         if device is None:
             device = devices[number] = ap.origins.device(number)
         remote.append((device, table.info.name, OP_INSERT, pk))
-    return len(block.rows), remote, tid
-
+    return len(remote), remote, tid if remote else None
