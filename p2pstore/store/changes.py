@@ -298,28 +298,40 @@ def changes_since(
         filt = where if where is not None and where.where else None
         seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt)
         more = len(seqs) == limit
-        if max_bytes is not None and len(seqs) > 1:
+        devices = _origin_list(conn, me) if columnar and filt is None and seqs else None
+        # Own (per-column) clocks of a single_version table: its rows that have
+        # them go as row changes; without any, every row of the interval is a
+        # block row, and the blocks size themselves while they are read.
+        own = {t.tid: t.mode == SINGLE_VERSION and conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1",
+                                                                (t.tid,)).fetchone() is not None for t in tables}
+        self_sized = devices is not None and not any(own.values())
+        if max_bytes is not None and len(seqs) > 1 and not self_sized:
             fitting = _seqs_within(conn, tables, seqs, max_bytes)
             more = more or len(fitting) < len(seqs)
             seqs = fitting
         last = seqs[-1] if more else max(since_seq, bound)
         rows: list[RowChange] = []
         blocks: list[Block] = []
-        if seqs:
-            devices = _origin_list(conn, me) if columnar and filt is None else None
+        if seqs and devices is not None:
+            budget = max_bytes if self_sized and len(seqs) > 1 else None
+            read = [(_collaborative_block(conn, t, since_seq, last, devices, budget) if t.mode == COLLABORATIVE
+                     else _single_version_block(conn, t, since_seq, last, devices, budget, own[t.tid])) for t in tables]
+            cut = _cut(read, budget)
+            if cut is not None and cut < last:
+                last, more = cut, True
+            for t, (block, _) in zip(tables, read):
+                kept = block._replace(rows=[r[:-2] for r in block.rows if r[-2] <= last])
+                if kept.rows:
+                    blocks.append(kept)
+                if t.mode == SINGLE_VERSION:
+                    skip = {r[KEY] for r in kept.rows}
+                    rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt, skip, only_irregular=True))
+        elif seqs:
             for t in tables:
-                block = None
-                if devices is not None:
-                    block = (_collaborative_block(conn, t, since_seq, last, devices) if t.mode == COLLABORATIVE
-                             else _single_version_block(conn, t, since_seq, last, devices))
-                if block is not None and block.rows:
-                    blocks.append(block)
                 if t.mode == COLLABORATIVE:
-                    if block is None:
-                        rows.extend(_collaborative_rows(conn, t, since_seq, last, me, filt))
+                    rows.extend(_collaborative_rows(conn, t, since_seq, last, me, filt))
                 else:
-                    skip = {r[KEY] for r in block.rows} if block is not None else set()
-                    rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt, skip, only_irregular=block is not None))
+                    rows.extend(_single_version_rows(conn, t, since_seq, last, me, filt))
         rows.sort(key=lambda r: r.seq)
         return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None, capture.stream_id(conn),
                         blocks=tuple(blocks))
@@ -467,18 +479,60 @@ def _sendable(t: SyncTable, rows: list[Any]) -> list[Any]:
     return rows
 
 
-def _collaborative_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...]) -> Block:
+def _fetch(cursor: sqlite3.Cursor, budget: int | None) -> list[Any]:
+    """A block query's rows (each ending in its interval seq and its size);
+    with a ``budget``, only until their sizes pass it (``_cut`` then ends
+    the batch at or before the last row read), so memory stays bounded
+    when rows are large."""
+    if budget is None:
+        return cursor.fetchall()
+    rows: list[Any] = []
+    used = 0
+    while used <= budget:
+        chunk = cursor.fetchmany(256)
+        if not chunk:
+            break
+        rows += chunk
+        used += sum(r[-1] for r in chunk) + _ROW_OVERHEAD * len(chunk)
+    return rows
+
+
+def _cut(read: Sequence[tuple[Block, bool]], budget: int | None) -> int | None:
+    """The last seq of the longest prefix of the blocks' rows (in seq order,
+    over every table) whose sizes fit ``budget`` — at least one row — or
+    None when everything read fits. The same estimate as ``_seqs_within``."""
+    if budget is None:
+        return None
+    sizes = sorted((r[-2], r[-1]) for block, _ in read for r in block.rows)
+    complete = all(done for _, done in read)
+    used = 0
+    for i, (seq, size) in enumerate(sizes):
+        used += size + _ROW_OVERHEAD
+        if used > budget and i > 0:
+            return sizes[i - 1][0]
+    return None if complete else (sizes[-1][0] if sizes else None)
+
+
+def _size_sql(columns: Sequence[str], prefix: str) -> str:
+    return " + ".join(f"coalesce(length({prefix}{quote_ident(c)}), 0)" for c in columns) or "0"
+
+
+def _collaborative_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
+                         budget: int | None = None) -> tuple[Block, bool]:
     """Every change of the interval in one statement, as wire rows: the
     current row of each key changed (the clock of its newest log row), or
     its delete if the row is gone. What ``_collaborative_rows`` reads, as
-    ``Block`` rows (tests/store/test_blocks.py compares them)."""
+    ``Block`` rows (tests/store/test_blocks.py compares them). Each row ends
+    in its seq and its size (``_fetch``; the caller strips both); the flag
+    says whether every row of the interval was read."""
     name, key = quote_ident(t.info.name), t.info.key_expr
     cols = ", ".join(f"x.{quote_ident(c)}" for c in t.info.columns)
     # A joined row has a non-NULL key (it equals l.pk), a missing one NULL.
     here = f"x.{key} IS NOT NULL"
-    rows = conn.execute(
+    cursor = conn.execute(
         f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
-        f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols} "
+        f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols}, "
+        f"l.seq, {_size_sql(t.info.columns, 'x.')} "
         "FROM (SELECT g.pk, g.seq, (SELECT s.base_hlc + g.seq - s.first_seq FROM _p2p_stamps s "
         "      WHERE s.first_seq <= g.seq ORDER BY s.first_seq DESC LIMIT 1) AS hlc "
         "      FROM (SELECT pk, max(seq) AS seq FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL "
@@ -486,16 +540,20 @@ def _collaborative_block(conn: sqlite3.Connection, t: SyncTable, since: int, las
         f"LEFT JOIN {name} x ON x.{key} = l.pk "
         "WHERE l.hlc IS NOT NULL ORDER BY l.seq",
         (since, last, t.tid),
-    ).fetchall()
-    return Block(t.info.name, t.key_column, t.info.columns, devices, _sendable(t, rows))
+    )
+    rows = _fetch(cursor, budget)
+    return Block(t.info.name, t.key_column, t.info.columns, devices, _sendable(t, rows)), cursor.fetchone() is None
 
 
-def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...]) -> Block:
+def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
+                          budget: int | None = None, own: bool = True) -> tuple[Block, bool]:
     """The interval's *regular* rows in one statement, as wire rows: rows
     whose sync columns share one clock (a ``_p2p_rows`` entry in the
     interval, no per-column entry: store/cells.py), with their tomb if they
     have one; a value the tomb hides travels as NULL, as in
-    ``_single_version_rows``, which reads every other row."""
+    ``_single_version_rows``, which reads every other row. ``own``: the
+    table may have per-column entries (without any, no row is probed for
+    them). Rows end as ``_collaborative_block``'s do."""
     assert t.conflict_column is not None
     name, ck = quote_ident(t.info.name), quote_ident(t.conflict_column)
     me_dev = "?4"
@@ -503,14 +561,12 @@ def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, la
                f"{origins.device_sql('tb.origin', me_dev)}))")
     columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
     values = ", ".join(f"CASE WHEN {visible} THEN x.{quote_ident(c)} END" for c in columns)
-    # Per-column entries are rare; without any, the NOT EXISTS probe is skipped.
-    own = conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is not None
-    rows = conn.execute(
+    cursor = conn.execute(
         "SELECT r.ck, CASE WHEN tb.seq > ?1 THEN max(r.seq, tb.seq) ELSE r.seq END, r.hlc, coalesce(r.origin, 0), "
         "r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END, "
         "tb.hlc, CASE WHEN tb.hlc IS NOT NULL THEN coalesce(tb.origin, 0) END, "
         "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
-        f"{values} "
+        f"{values}, r.seq, {_size_sql(columns, 'x.')} "
         "FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
         "LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = r.ck "
         f"LEFT JOIN {name} x ON x.{ck} = r.ck "
@@ -518,8 +574,9 @@ def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, la
         + (" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if own else "")
         + " ORDER BY r.seq",
         (since, last, t.tid, devices[0]),
-    ).fetchall()
-    return Block(t.info.name, t.conflict_column, columns, devices, _sendable(t, rows))
+    )
+    rows = _fetch(cursor, budget)
+    return Block(t.info.name, t.conflict_column, columns, devices, _sendable(t, rows)), cursor.fetchone() is None
 
 
 def _unsendable(t: SyncTable, key: str) -> None:
