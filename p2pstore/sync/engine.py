@@ -104,8 +104,11 @@ from p2pstore.sync.lag import LagTracker
 log = logging.getLogger(__name__)
 
 #: Rows per batch. The receiver decodes a batch on its event loop and applies it in one
-#: transaction, and local API writes wait for both: 250 keeps that wait near 10 ms
-#: (500: ~20 ms) at the same push rate (scripts/bench writes_under_push, push).
+#: transaction, and local API writes wait for both. Applied set-based (store/blocks.py),
+#: 2000 rows take ~10-25 ms; fewer, bigger commits matter with random keys: each
+#: commit rewrites every index page its keys touched, so 250-row batches rewrote most
+#: of a random-keyed index every time (docs/performance.md; scripts/bench
+#: writes_under_push measures the wait).
 DEFAULT_BATCH_ROWS = 2000
 DEFAULT_TIMEOUT = 30.0
 #: Messages a session may have waiting: a sender's whole window (at most
