@@ -31,6 +31,7 @@ from testbed import REPO, Host, Testbed, namespaces_with_prefix, unavailable_rea
 sys.path.insert(0, str(REPO))
 from tests.conftest import DaemonProcess  # noqa: E402
 
+from p2pstore import PROTOCOL_VERSION  # noqa: E402
 from p2pstore.client import BlockingClient  # noqa: E402
 
 pytestmark = [
@@ -356,7 +357,7 @@ def test_avahi_browse_lists_a_running_daemon(avahi: dict[str, str], short_root: 
         # =;iface;proto;name;type;domain;host;address;port;txt
         assert fields[3] == name.replace(" ", "\\032")
         assert fields[7] == avahi["address"] and fields[8] == str(info["port"])
-        for item in (f'"id={info["device_id"]}"', '"sl=2"', '"pv=1"', f'"name={name}"'):
+        for item in (f'"id={info["device_id"]}"', '"sl=2"', f'"pv={PROTOCOL_VERSION}"', f'"name={name}"'):
             assert item in fields[9], fields[9]
     finally:
         if api is not None:
