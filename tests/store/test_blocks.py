@@ -1,0 +1,931 @@
+"""Columnar blocks (protocol 2): the sender's block reads
+(store/changes.py ``_collaborative_block``, ``_single_version_block``), their
+wire form (protocol/batch.py ``block_from_plain``) and the receiver's
+set-based apply (store/blocks.py ``apply_block``).
+
+The invariants checked here, each against the row form rather than itself:
+
+- sender: ``changes_since(..., columnar=True).as_rows()`` is exactly
+  ``changes_since(..., columnar=False)``, at any position and limit;
+- receiver: a batch with blocks, applied through the wire, writes exactly
+  what its ``as_rows()`` form writes applied row by row — tables and local
+  keys, log rows and seqs, row and column clocks, tombs, conflicts,
+  failures, watermarks, the clock — and gives the same ApplyResult;
+- the set-based path is really taken for an ordinary batch (so the
+  comparison is not vacuous), and a block it can't take (known rows, a
+  hostile clock, a row the table refuses) leaves the decisions to the row
+  path, which isolates the bad row in the failure log;
+- ``decode`` refuses every malformed block with ``ProtocolError``.
+
+Real SQLite files (``replicas.Replica``), one fixed wall clock for every
+device, so that two receivers give identical hlc values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from replicas import Replica, field, schema_doc
+
+from p2pstore.clock import MAX_HLC
+from p2pstore.errors import ProtocolError
+from p2pstore.protocol.batch import (
+    HLC, KEY, ORIGIN, PREV_HLC, PREV_ORIGIN, SEQ, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, TOMB_PREV_ORIGIN, VALUES,
+    Block, OutBatch, batch_to_plain, decode, encode,
+)
+from p2pstore.protocol.messages import pack_values
+from p2pstore.store import capture, changes, merge
+
+WALL = 1_700_000_000_000
+SENDER, OTHER, ME = "DEVA", "DEVC", "DEVB"
+HOSTILE = (1 << 63) - 6  # as tests/store/test_merge_clock.py: far beyond any clock bound, inside MAX_HLC
+
+NOTES = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT, n INTEGER)"
+WORDS = "CREATE TABLE words(w TEXT PRIMARY KEY, n INTEGER)"
+TAGS = "CREATE TABLE tags(name TEXT, x INTEGER)"  # keyed by rowid
+ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT, note TEXT)"
+DOC = schema_doc({"items": ([field("id", "Integer", autoinc=True), field("uid", "Text", pk=True, not_null=True),
+                             field("a", "Integer"), field("b", "Text"), field("note", "Text")], ["uid", "a", "b"])})
+COLLABORATIVE, SINGLE_VERSION = "collaborative", "single_version"
+MODES = (COLLABORATIVE, SINGLE_VERSION)
+_files = itertools.count()
+
+
+def _device(root: Path, device_id: str, mode: str, *, items: str = ITEMS, doc: dict[str, Any] = DOC) -> Replica:
+    r = Replica(root / f"{device_id}-{next(_files)}.db", device_id, wall=WALL)
+    if mode == SINGLE_VERSION:
+        r.write(items)
+        r.make_distributed("items", doc=doc)
+    else:
+        for sql in (NOTES, WORDS, TAGS):
+            r.write(sql)
+        r.make_distributed("notes", "words", "tags")
+    return r
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
+    made: list[Replica] = []
+
+    def make(device_id: str, mode: str, **kw: Any) -> Replica:
+        made.append(_device(tmp_path, device_id, mode, **kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+#: Rows that differ between any two stores: each has its own stream ID.
+_OWN = {"_p2p_meta": " WHERE key != 'stream'"}
+#: Columns holding origin numbers (store/origins.py): local to a file, they never travel.
+_ORIGIN_COLUMNS = {"origin", "prev_origin"}
+_CLOCK_TABLES = {"_p2p_log", "_p2p_rows", "_p2p_cells", "_p2p_tombs"}
+
+
+def _dump(r: Replica, *, exact: bool = False) -> dict[str, Any]:
+    """Everything a store holds (temp staging tables are not in sqlite_master).
+
+    Unless ``exact``, two differences that no reader can see are left out,
+    each a known BUG with a test of its own below (strict xfail): origin
+    numbers show as the device IDs they stand for and ``_p2p_origins`` as
+    the other devices it names (test_origin_numbers_are_given_...), and
+    ``sqlite_sequence`` as its non-zero entries (test_an_echo_leaves_...).
+    """
+    names = [n for (n,) in r.rows("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    skip = {"_p2p_failures", "_p2p_conflicts"}
+    devices = dict(r.rows("SELECT id, device FROM _p2p_origins"))
+    out: dict[str, Any] = {}
+    for n in names:
+        if n in skip:
+            continue
+        cursor = r.conn.execute(f'SELECT * FROM "{n}"' + _OWN.get(n, ""))
+        rows = [tuple(row) for row in cursor]
+        if not exact and n in _CLOCK_TABLES:
+            at = [i for i, d in enumerate(cursor.description) if d[0] in _ORIGIN_COLUMNS]
+            rows = [tuple(devices.get(v, ("unknown", v)) if i in at and v is not None else v for i, v in enumerate(row)) for row in rows]
+        elif not exact and n == "_p2p_origins":
+            rows = [(d,) for _, d in rows if d != r.id]
+        elif not exact and n == "sqlite_sequence":
+            rows = [row for row in rows if row[1] != 0]
+        out[n] = sorted(map(repr, rows))
+    return out | {
+        "failures": r.rows("SELECT origin, tbl, change, reason, at FROM _p2p_failures ORDER BY id"),
+        "conflicts": r.rows("SELECT id, tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at "
+                            "FROM _p2p_conflicts ORDER BY id"),
+    }
+
+
+def _result(res: merge.ApplyResult) -> tuple[Any, ...]:
+    return (res.applied, res.conflicts, res.failed, res.last_seq, res.remote)
+
+
+def _no_bulk(self: merge._Applier, rows: Any, **kw: Any) -> bool:
+    return False
+
+
+def _no_block(*args: Any) -> bool:
+    raise AssertionError("a batch in row form must not reach apply_block")
+
+
+def _apply_pair(monkeypatch: pytest.MonkeyPatch, x: Replica, y: Replica, batch: OutBatch, sender: str,
+                taken: list[bool] | None = None) -> tuple[merge.ApplyResult, merge.ApplyResult]:
+    """``batch`` through the wire to ``x`` as it is (blocks), and to ``y`` in
+    row form applied strictly row by row; both must end up the same."""
+    columnar = decode(encode(batch))
+    rows = decode(encode(batch, columnar=False))
+    assert not rows.blocks and rows == columnar.as_rows() == batch.as_rows()
+    calls: list[bool] = []
+    real = merge.apply_block
+
+    def spy(ap: merge._Applier, block: Block) -> bool:
+        calls.append(real(ap, block))
+        return calls[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr(merge, "apply_block", spy)
+        a = x.apply(columnar, sender)
+    with monkeypatch.context() as m:
+        m.setattr(merge, "apply_block", _no_block)
+        m.setattr(merge._Applier, "apply_bulk", _no_bulk)
+        b = y.apply(rows, sender)
+    assert _result(a) == _result(b)
+    assert _dump(x) == _dump(y)
+    assert x.clock.last == y.clock.last
+    if taken is not None:
+        taken.extend(calls)
+    return a, b
+
+
+def _sync(monkeypatch: pytest.MonkeyPatch, src: Replica, x: Replica, y: Replica, *, limit: int = 500,
+          repeat: bool = False, since: int | None = None, table: str | None = None,
+          taken: list[bool] | None = None) -> None:
+    """Send ``x`` and ``y`` what ``src`` has (from ``since``, else from their
+    watermark), batch by batch; ``repeat``: every batch twice."""
+    assert merge.position(x.conn, src.id) == merge.position(y.conn, src.id)
+    start = src.start_position(*merge.position(x.conn, src.id)) if since is None else since
+    for _ in range(1000):
+        batch = src.read(start, limit=limit, table=table)
+        _apply_pair(monkeypatch, x, y, batch, src.id, taken)
+        if repeat:
+            again, _ = _apply_pair(monkeypatch, x, y, batch, src.id, taken)
+            assert again.applied == 0
+        start = batch.last_seq
+        if not batch.more:
+            return
+    raise AssertionError("the stream did not end")
+
+
+# --------------------------------------------------------------------------
+# Local operations (hypothesis)
+
+_KEY = st.integers(1, 5)
+_VALUE = st.sampled_from([None, 0, 1, -7, 1 << 62, -(1 << 63), 1.5, "x", "é", "", b"\x00\xff"])
+_RAW = st.sampled_from([b"\xff", b"a\xfe\xfdz"])  # bytes that are not UTF-8, stored as TEXT by another program
+_UID = _KEY.map("u{}".format)
+
+
+def _many(sql: str, width: int, key: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[str, tuple[Any, ...]]]:
+    """One statement writing 1..4 rows (``sql`` ends with one row's placeholders)."""
+    row = st.tuples(key, *[_VALUE] * (width - 1))
+    return st.lists(row, min_size=1, max_size=4).map(
+        lambda rows: (sql + f", ({', '.join('?' * width)})" * (len(rows) - 1), tuple(v for r in rows for v in r)))
+
+
+_SV_OPS = st.one_of(
+    _many("INSERT OR IGNORE INTO items(uid, a, b) VALUES (?, ?, ?)", 3, _UID),
+    _many("INSERT OR IGNORE INTO items(uid, a, b) VALUES (?, ?, ?)", 3, _UID),
+    _many("INSERT OR REPLACE INTO items(uid, a, b) VALUES (?, ?, ?)", 3, _UID),
+    st.tuples(st.just("UPDATE items SET a = ? WHERE uid = ?"), st.tuples(_VALUE, _UID)),
+    st.tuples(st.just("UPDATE items SET a = ?, b = ? WHERE uid = ?"), st.tuples(_VALUE, _VALUE, _UID)),
+    st.tuples(st.just("UPDATE items SET note = ? WHERE uid = ?"), st.tuples(_VALUE, _UID)),
+    st.tuples(st.just("UPDATE OR IGNORE items SET uid = ? WHERE uid = ?"), st.tuples(_UID, _UID)),
+    st.tuples(st.just("DELETE FROM items WHERE uid = ?"), st.tuples(_UID)),
+    st.tuples(st.just("UPDATE items SET b = CAST(? AS TEXT) WHERE uid = ?"), st.tuples(_RAW, _UID)),
+)
+
+_COLLABORATIVE_OPS = st.one_of(
+    _many("INSERT OR REPLACE INTO notes(id, body, n) VALUES (?, ?, ?)", 3, _KEY),
+    _many("INSERT OR REPLACE INTO notes(id, body, n) VALUES (?, ?, ?)", 3, _KEY),
+    st.tuples(st.just("UPDATE notes SET body = ? WHERE id = ?"), st.tuples(_VALUE, _KEY)),
+    st.tuples(st.just("UPDATE OR IGNORE notes SET id = ? WHERE id = ?"), st.tuples(_KEY, _KEY)),
+    st.tuples(st.just("DELETE FROM notes WHERE id = ?"), st.tuples(_KEY)),
+    _many("INSERT OR REPLACE INTO words(w, n) VALUES (?, ?)", 2, _KEY.map("w{}".format)),
+    st.tuples(st.just("DELETE FROM words WHERE w = ?"), st.tuples(_KEY.map("w{}".format))),
+    _many("INSERT INTO tags(x, name) VALUES (?, ?)", 2, _VALUE),
+    st.tuples(st.just("UPDATE tags SET x = ? WHERE rowid = ?"), st.tuples(_VALUE, _KEY)),
+    st.tuples(st.just("DELETE FROM tags WHERE rowid = ?"), st.tuples(_KEY)),
+    st.tuples(st.just("UPDATE notes SET body = CAST(? AS TEXT) WHERE id = ?"), st.tuples(_RAW, _KEY)),
+)
+_OPS = {SINGLE_VERSION: _SV_OPS, COLLABORATIVE: _COLLABORATIVE_OPS}
+
+
+def _write(r: Replica, op: tuple[str, tuple[Any, ...]], outside: bool) -> None:
+    """One local write, through the daemon or by another program (stamped at the next read or write)."""
+    sql, params = op
+    if outside:
+        other = r.outside()
+        try:
+            other.execute(sql, params)
+        finally:
+            other.close()
+    else:
+        r.write(sql, params)
+
+
+@st.composite
+def _rounds(draw: st.DrawFn, mode: str) -> list[tuple[Any, ...]]:
+    """Rounds of local writes (mostly on the sender A, some on C and on both
+    receivers, some by another program) each followed by a sync: from A or
+    C, in batches of a few rows or all at once, maybe every batch twice,
+    maybe from the start again (rows the receivers know), maybe one table."""
+    ops = _OPS[mode]
+    steps: list[tuple[Any, ...]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        for who, most in (("A", 6), ("C", 2), ("XY", 2)):
+            for op in draw(st.lists(ops, min_size=1 if who == "A" else 0, max_size=most)):
+                steps.append(("local", who, op, draw(st.integers(0, 4)) == 0))
+        if mode == SINGLE_VERSION and draw(st.booleans()):  # rows relayed through A, other origins, prev clocks
+            steps.append(("push", draw(st.sampled_from(["AC", "CA", "XA"])), 500, False))
+        limit, repeat = draw(st.sampled_from([1, 2, 3, 500])), draw(st.booleans())
+        steps.append((draw(st.sampled_from(["sync", "sync", "resend", "table"])), draw(st.sampled_from(["A", "A", "C"])), limit, repeat))
+    return steps
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, mode: str, steps: list[tuple[Any, ...]], taken: list[bool] | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        a, c = _device(root, SENDER, mode), _device(root, OTHER, mode)
+        x, y = _device(root, ME, mode), _device(root, ME, mode)
+        devices = {"A": a, "C": c}
+        tables = ["notes", "words", "tags"] if mode == COLLABORATIVE else ["items"]
+        try:
+            for i, (kind, who, arg, flag) in enumerate(steps):
+                if kind == "local":
+                    for r in ([x, y] if who == "XY" else [devices[who]]):
+                        _write(r, arg, flag)
+                elif kind == "sync":
+                    _sync(monkeypatch, devices[who], x, y, limit=arg, repeat=flag, taken=taken)
+                elif kind == "resend":  # from the start: the receivers know (some of) these rows
+                    _sync(monkeypatch, devices[who], x, y, limit=arg, since=0, repeat=flag, taken=taken)
+                elif kind == "table":  # one table's changes: not a batch of the whole stream
+                    _sync(monkeypatch, devices[who], x, y, limit=arg, since=0, table=tables[i % len(tables)], repeat=flag, taken=taken)
+                elif who == "XA":  # the receivers' own rows come back to them through A
+                    x.push(a)
+                    y.read(0)  # (y stamps what x just stamped: the two stay the same)
+                else:  # A and C exchange rows (single_version relays them)
+                    src, dst = (a, c) if who == "AC" else (c, a)
+                    src.push(dst)
+            # Everything in the end, once more with the final state.
+            for src in (a, c):
+                _sync(monkeypatch, src, x, y, taken=taken)
+        finally:
+            for r in (a, c, x, y):
+                r.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_batch_of_blocks_applies_as_its_rows_do(monkeypatch: pytest.MonkeyPatch, mode: str, data: st.DataObject) -> None:
+    _run(monkeypatch, mode, data.draw(_rounds(mode)))
+
+
+# --------------------------------------------------------------------------
+# The set-based path is taken (the comparison above is not vacuous)
+
+
+def test_the_set_based_path_is_taken_for_ordinary_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    ins = ("INSERT INTO notes(id, body, n) VALUES (?, ?, ?)", (1, "a", 1))
+    steps: list[tuple[Any, ...]] = [
+        ("local", "A", ins, False), ("local", "A", ("INSERT INTO notes(id, body, n) VALUES (2, 'b', 2)", ()), False),
+        ("sync", "A", 500, True),  # fresh rows, then the same batch again (stale)
+        ("local", "A", ("UPDATE notes SET body = 'c' WHERE id = 1", ()), False),
+        ("local", "A", ("DELETE FROM notes WHERE id = 2", ()), False),
+        ("sync", "A", 500, False),  # an update and a delete of known rows
+    ]
+    taken: list[bool] = []
+    _run(monkeypatch, COLLABORATIVE, steps, taken)
+    assert taken == [True, True, True]  # collaborative: every one-block batch
+
+    steps = [
+        ("local", "A", ("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'p'), ('u2', 2, 'q')", ()), False),
+        ("sync", "A", 500, True),  # fresh rows, then the same batch again (echoes: nothing to do)
+        ("local", "A", ("INSERT INTO items(uid, a, b) VALUES ('u3', 3, 'r')", ()), False),
+        ("sync", "A", 500, False),  # fresh again
+        ("local", "A", ("UPDATE items SET a = 5 WHERE uid = 'u1'", ()), False),
+        ("sync", "A", 500, False),  # a one-column edit: a row change, no block
+        ("local", "A", ("INSERT OR REPLACE INTO items(uid, a, b) VALUES ('u2', 7, 's')", ()), False),
+        ("sync", "A", 500, False),  # a known row, deleted and inserted again: the planner's
+    ]
+    taken = []
+    _run(monkeypatch, SINGLE_VERSION, steps, taken)
+    assert taken == [True, True, True, False]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fresh_batch_never_reaches_the_row_paths(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica], mode: str) -> None:
+    a, b = device(SENDER, mode), device(ME, mode)
+    if mode == SINGLE_VERSION:
+        for k in range(1, 301):
+            a.conn.execute("INSERT INTO items(uid, a, b) VALUES (?, ?, ?)", (f"u{k}", k, None if k % 7 else f"b{k}"))
+        table, count = "items", "SELECT count(*) FROM items"
+    else:
+        for k in range(1, 301):
+            a.conn.execute("INSERT INTO notes(id, body, n) VALUES (?, ?, ?)", (k, f"b{k}", k))
+        a.write("DELETE FROM notes WHERE id = 3")
+        table, count = "notes", f"SELECT count(*) FROM {capture.device_table_name(SENDER, 'notes')}"
+    batch = decode(encode(a.read(0)))
+    assert not batch.rows and len(batch.blocks) == 1 and batch.blocks[0].table == table
+    calls: list[bool] = []
+    real = merge.apply_block
+
+    def spy(ap: merge._Applier, block: Block) -> bool:
+        calls.append(real(ap, block))
+        return calls[-1]
+
+    def forbidden(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("the row path was taken")
+
+    monkeypatch.setattr(merge, "apply_block", spy)
+    monkeypatch.setattr(merge._Applier, "apply_bulk", forbidden)
+    monkeypatch.setattr(merge._Applier, "apply", forbidden)
+    res = b.apply(batch, SENDER)
+    assert calls == [True]
+    assert res.applied == batch.count and res.failed == 0 and res.last_seq == batch.last_seq
+    expected = batch.count - (1 if mode == COLLABORATIVE else 0)  # (the delete of a row never sent)
+    assert b.rows(count) == [(expected,)]
+
+
+# --------------------------------------------------------------------------
+# The sender: a batch read in columnar form is the row form, regrouped
+
+
+def _read(r: Replica, since: int, *, columnar: bool, **kw: Any) -> OutBatch:
+    """One read, in one transaction after stamping (as ``Replica.read``)."""
+    r.conn.execute("BEGIN IMMEDIATE")
+    try:
+        capture.stamp(r.conn, r.state, r.clock, wall=r.wall)
+        batch = changes.changes_since(r.conn, kw.pop("table", None), since, columnar=columnar, **kw)
+        r.conn.execute("COMMIT")
+    except BaseException:
+        r.conn.execute("ROLLBACK")
+        raise
+    return batch
+
+
+def _both_forms(r: Replica, since: int, **kw: Any) -> tuple[OutBatch, OutBatch]:
+    return _read(r, since, columnar=True, **kw), _read(r, since, columnar=False, **kw)
+
+
+def _check_bounded(r: Replica, since: int, max_bytes: int, **kw: Any) -> None:
+    """A batch bounded by size ends where its estimate says (the two forms
+    estimate differently), so it is compared with the row form of its own
+    interval: each row it holds is that row, and a row it leaves out has a
+    newer change past its ``last_seq`` (the next batch holds it)."""
+    columnar = _read(r, since, columnar=True, max_bytes=max_bytes, **kw)
+    assert columnar.count >= 1 or not columnar.more
+    for limit in range(1, 1000):
+        rows = _read(r, since, columnar=False, limit=limit, **kw)
+        if rows.last_seq >= columnar.last_seq:
+            break
+    assert rows.last_seq == columnar.last_seq
+    held = {(c.table, c.key): c for c in columnar.as_rows().rows}
+    assert all(held[(c.table, c.key)] == c for c in rows.rows if (c.table, c.key) in held)
+    assert set(held) <= {(c.table, c.key) for c in rows.rows}
+    missing = {(c.table, c.key) for c in rows.rows} - set(held)
+    if missing:
+        after = _read(r, columnar.last_seq, columnar=False, **kw)
+        assert missing <= {(c.table, c.key) for c in after.rows}
+
+
+def _check_forms(columnar: OutBatch, rows: OutBatch) -> None:
+    assert not rows.blocks
+    assert columnar.as_rows() == rows
+    assert columnar.count == rows.count == len(rows.rows) and columnar.tables() == rows.tables()
+    if rows.count:
+        assert columnar.first_change()[0] in rows.tables()
+    in_rows = {(r.table, r.key) for r in columnar.rows}
+    for block in columnar.blocks:
+        assert block.rows and all(len(row) == VALUES + len(block.columns) for row in block.rows)
+        keys = [row[KEY] for row in block.rows]
+        assert len(set(keys)) == len(keys) and not in_rows & {(block.table, k) for k in keys}
+        # In seq order, but for rows with a tomb (single_version: a later delete raises a row's seq).
+        plain = [row[SEQ] for row in block.rows if row[TOMB_HLC] is None]
+        assert plain == sorted(plain)
+    assert len({b.table for b in columnar.blocks}) == len(columnar.blocks)  # one block per table
+    # And through the wire: the decoder keeps both forms as they are.
+    wired = decode(encode(columnar))
+    assert wired.as_rows() == decode(encode(rows)) == rows
+    assert [b._replace(rows=[list(r) for r in b.rows]) for b in columnar.blocks] == list(wired.blocks)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_columnar_read_is_the_row_read_regrouped(mode: str, data: st.DataObject) -> None:
+    steps = [s for s in data.draw(_rounds(mode)) if s[0] in ("local", "push") and s[1] not in ("XY", "XA")]
+    with tempfile.TemporaryDirectory() as tmp:
+        a, c = _device(Path(tmp), SENDER, mode), _device(Path(tmp), OTHER, mode)
+        try:
+            checked = 0
+            for kind, who, arg, flag in [*steps, ("push", "CA", 500, False), ("local", "A", None, False)]:
+                if kind == "push":
+                    src, dst = (a, c) if who == "AC" else (c, a)
+                    src.push(dst)
+                elif arg is not None:
+                    _write(a if who == "A" else c, arg, flag)
+                if kind != "push" and arg is not None and data.draw(st.integers(0, 2), label="check now") != 0:
+                    continue
+                top = capture.last_seq(a.conn)
+                for since in {0, top, data.draw(st.integers(0, max(top, 0)), label="since")}:
+                    for limit in (1, 3, 500):
+                        _check_forms(*_both_forms(a, since, limit=limit))
+                        checked += 1
+                    _check_bounded(a, since, data.draw(st.sampled_from([1, 200]), label="max_bytes"))
+                    table = "items" if mode == SINGLE_VERSION else data.draw(st.sampled_from(["notes", "words", "tags"]), label="table")
+                    _check_forms(*_both_forms(a, since, table=table, limit=data.draw(st.sampled_from([2, 500]), label="table limit")))
+            assert checked
+        finally:
+            a.close()
+            c.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_bytes", [1, 3_000, 40_000])  # (one row a batch, a few, most)
+def test_size_bounded_columnar_batches_lose_nothing(device: Callable[..., Replica], mode: str, max_bytes: int) -> None:
+    """Blocks that size themselves while they are read (more rows than one
+    fetch, two tables of different row sizes): the batches of a stream,
+    one after the other, hold every row of the unbounded read, each as it
+    is there (the newest change of a key comes last)."""
+    a = device(SENDER, mode)
+    if mode == SINGLE_VERSION:
+        for k in range(600):  # (more than one fetch of a block's cursor)
+            a.conn.execute("INSERT INTO items(uid, a, b) VALUES (?, ?, ?)", (f"u{k}", k, "b" * (k % 50)))
+        a.write("UPDATE items SET a = -a, b = 'x' WHERE id % 7 = 0")
+        a.write("DELETE FROM items WHERE id % 11 = 0")
+    else:
+        for k in range(400):
+            a.conn.execute("INSERT INTO notes(id, body, n) VALUES (?, ?, ?)", (k, "b" * (k % 50), k))
+            a.conn.execute("INSERT INTO words(w, n) VALUES (?, ?)", (f"w{k}", k))
+        a.write("UPDATE notes SET n = -n WHERE id % 7 = 0")
+        a.write("DELETE FROM words WHERE rowid % 11 = 0")
+    def merged(rows: Any, into: dict[tuple[str, Any], Any]) -> dict[tuple[str, Any], Any]:
+        """What a receiver keeps of row changes: per column its newest cell, the newest tomb."""
+        for r in rows:
+            cells, tomb = into.setdefault((r.table, r.key), ({}, None))
+            for c in r.cells:
+                if c.column not in cells or c.clock > cells[c.column].clock:
+                    cells[c.column] = c
+            if r.tomb is not None and (tomb is None or r.tomb > tomb):
+                into[(r.table, r.key)] = (cells, r.tomb)
+        return into
+
+    whole = merged(_read(a, 0, columnar=True, limit=changes.MAX_BATCH_ROWS).as_rows().rows, {})
+    got: dict[tuple[str, Any], Any] = {}
+    since, batches = 0, 0
+    while True:
+        batch = _read(a, since, columnar=True, limit=2000, max_bytes=max_bytes)
+        assert batch.count or not batch.more
+        merged(batch.as_rows().rows, got)
+        since, batches = batch.last_seq, batches + 1
+        if not batch.more:
+            break
+    assert got == whole
+    assert batches > (len(whole) // 2 if max_bytes == 1 else 1)
+
+
+def test_a_columnar_read_holds_blocks_and_rows(device: Callable[..., Replica]) -> None:
+    """Not vacuous: a single_version read mixes a block (rows whose columns
+    share one clock) and row changes (a one-column edit, a delete), with
+    origins other than the sender's; a collaborative one has only blocks."""
+    a, c = device(SENDER, SINGLE_VERSION), device(OTHER, SINGLE_VERSION)
+    c.write("INSERT INTO items(uid, a, b) VALUES ('c1', 1, 'p'), ('c2', 2, 'q')")
+    c.push(a)
+    a.write("INSERT INTO items(uid, a, b) VALUES ('a1', 1, 'p'), ('a2', 2, 'q'), ('a3', 3, 'r')")
+    a.write("UPDATE items SET a = 9 WHERE uid = 'a1'")
+    a.write("DELETE FROM items WHERE uid = 'a2'")
+    a.write("UPDATE items SET a = 8, b = 'z', uid = uid WHERE uid = 'c2'")
+    columnar, rows = _both_forms(a, 0)
+    _check_forms(columnar, rows)
+    (block,) = columnar.blocks
+    assert {r[KEY] for r in block.rows} >= {"c1", "a3"} and {r.key for r in columnar.rows} >= {"a1"}
+    assert OTHER in {block.origins[r[ORIGIN]] for r in block.rows}
+    assert block.columns == ("a", "b", "uid")
+
+    n = device(SENDER, COLLABORATIVE)
+    n.write("INSERT INTO notes(id, body) VALUES (1, 'x'), (2, 'y')")
+    n.write("INSERT INTO tags(name) VALUES ('t')")
+    n.write("DELETE FROM notes WHERE id = 2")
+    columnar, rows = _both_forms(n, 0)
+    _check_forms(columnar, rows)
+    assert not columnar.rows and [b.table for b in columnar.blocks] == ["notes", "tags"]
+    assert [r[KEY] for r in columnar.blocks[0].rows] == [1, 2] and columnar.blocks[0].rows[1][TOMB_HLC] is not None
+
+
+# --------------------------------------------------------------------------
+# Decoding: every malformed block is a ProtocolError
+
+H = WALL << 16  # a plausible clock value (clock.pack(WALL, 0))
+
+
+def _good_plain(mode: str) -> dict[str, Any]:
+    """A well-formed batch of one block (the base of the malformed ones)."""
+    if mode == COLLABORATIVE:
+        block = ["notes", "id", ["id", "body", "n"], [SENDER], [
+            [1, 1, H, 0, None, None, None, None, None, None, 1, "x", 5],
+            [2, 2, None, None, None, None, H + 1, 0, None, None, None, None, None],
+            [3, 3, H + 2, 0, None, None, None, None, None, None, 3, 2.5, b"\x00"],
+        ]]
+    else:
+        block = ["items", "uid", ["a", "b", "uid"], [SENDER, OTHER], [
+            ["u1", 1, H, 1, H - 1, 0, None, None, None, None, 1, "p", "u1"],
+            ["u2", 2, None, None, None, None, H, 0, H - 1, 1, None, None, None],
+            ["u3", 3, H + 2, 0, None, None, H + 1, 1, None, None, 1.5, None, "u3"],
+        ]]
+    return {"mode": mode, "since_seq": 0, "last_seq": 3, "more": False, "full": True, "stream": "s1", "rows": [],
+            "blocks": [block]}
+
+
+def _set(row: int, index: int, value: Any) -> Callable[[list[Any]], None]:
+    def change(block: list[Any]) -> None:
+        block[4][row][index] = value
+    return change
+
+
+def _row(row: int, value: Any) -> Callable[[list[Any]], None]:
+    def change(block: list[Any]) -> None:
+        block[4][row] = value
+    return change
+
+
+def _item(index: int, value: Any) -> Callable[[list[Any]], None]:
+    def change(block: list[Any]) -> None:
+        block[index] = value
+    return change
+
+
+def _all(*changes: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+    def change(block: list[Any]) -> None:
+        for c in changes:
+            c(block)
+    return change
+
+
+V = VALUES  # the first value of a block row
+_BOTH = [COLLABORATIVE, SINGLE_VERSION]
+_BAD: list[tuple[str, list[str], Callable[[list[Any]], None]]] = [
+    # the block's shape
+    ("block not a list", _BOTH, lambda b: b.__setitem__(slice(None), [])),
+    ("block of 4 items", _BOTH, lambda b: b.pop()),
+    ("table name empty", _BOTH, _item(0, "")),
+    ("table name raw text", _BOTH, _item(0, "no\udcfftes")),
+    ("single_version without its conflict column", [SINGLE_VERSION], _item(1, "")),
+    ("key column not a string", _BOTH, _item(1, 7)),
+    ("columns not a list", _BOTH, _item(2, "id")),
+    ("columns empty", _BOTH, _all(_item(2, []), lambda b: b.__setitem__(4, [r[:V] for r in b[4]]))),
+    ("column name not a string", _BOTH, lambda b: b[2].__setitem__(0, 1)),
+    ("column name empty", _BOTH, lambda b: b[2].__setitem__(0, "")),
+    ("column name too long", _BOTH, lambda b: b[2].__setitem__(0, "c" * 1025)),
+    ("column name raw text", _BOTH, lambda b: b[2].__setitem__(0, "c\udcff")),
+    ("duplicate column names", _BOTH, lambda b: b[2].__setitem__(1, b[2][0])),
+    ("origins not a list", _BOTH, _item(3, SENDER)),
+    ("origins empty", _BOTH, _item(3, [])),
+    ("origin empty", _BOTH, lambda b: b[3].__setitem__(0, "")),
+    ("origin not a string", _BOTH, lambda b: b[3].__setitem__(0, 5)),
+    ("origin raw text", _BOTH, lambda b: b[3].__setitem__(0, "DEV\udcff")),
+    ("rows not a list", _BOTH, _item(4, {"a": 1})),
+    ("rows empty", _BOTH, _item(4, [])),
+    # rows
+    ("row too wide", _BOTH, lambda b: b[4][0].append(None)),
+    ("row too narrow", _BOTH, lambda b: b[4][0].pop()),
+    ("rows of two widths", _BOTH, _all(lambda b: b[4][0].append(None), lambda b: b[4][1].append(None))),
+    ("row a map", _BOTH, _row(0, {"k": 1})),
+    ("row a number", _BOTH, _row(0, 7)),
+    ("row a string", _BOTH, _row(0, "k" * (V + 3))),
+    ("row null", _BOTH, _row(0, None)),
+    # values
+    ("bool value", _BOTH, _set(0, V + 1, True)),
+    ("list value", _BOTH, _set(0, V + 1, [1])),
+    ("map value", _BOTH, _set(0, V + 1, {"a": 1})),
+    ("value above 64 bits", _BOTH, _set(0, V, 1 << 63)),
+    ("value far above 64 bits", _BOTH, _set(0, V, (1 << 64) - 1)),
+    ("value above 64 bits in a mixed column", _BOTH, _all(_set(0, V + 1, "x"), _set(2, V + 1, 1 << 63))),
+    ("NaN value", _BOTH, _set(2, V + 1, float("nan"))),
+    ("NaN in a mixed column", _BOTH, _all(_set(0, V + 1, "x"), _set(2, V + 1, float("nan")))),
+    ("NaN in an integer column", _BOTH, _set(0, V, float("nan"))),
+    # keys
+    ("null key", _BOTH, _set(1, KEY, None)),
+    ("bool key", _BOTH, _set(0, KEY, False)),
+    ("list key", _BOTH, _set(0, KEY, [1])),
+    ("map key", _BOTH, _set(0, KEY, {"k": 1})),
+    ("NaN key", _BOTH, _set(0, KEY, float("nan"))),
+    ("key above 64 bits", _BOTH, _set(0, KEY, 1 << 63)),
+    ("raw text key", _BOTH, _set(0, KEY, "u\udcff")),
+    ("raw text key among text keys", _BOTH, _all(_set(0, KEY, "k1"), _set(1, KEY, "\udce9t\udcff"), _set(2, KEY, "k3"))),
+    # seqs
+    ("negative seq", _BOTH, _set(1, SEQ, -1)),
+    ("null seq", _BOTH, _set(1, SEQ, None)),
+    ("float seq", _BOTH, _set(1, SEQ, 2.0)),
+    ("bool seq", _BOTH, _set(1, SEQ, True)),
+    ("seq above 64 bits", _BOTH, _set(1, SEQ, 1 << 63)),
+    # clocks
+    ("negative hlc", _BOTH, _set(0, HLC, -1)),
+    ("hlc above MAX_HLC", _BOTH, _set(0, HLC, MAX_HLC + 1)),
+    ("string hlc", _BOTH, _set(0, HLC, "5")),
+    ("bool hlc", _BOTH, _set(0, HLC, True)),
+    ("float hlc", _BOTH, _set(0, HLC, float(H))),
+    ("hlc without origin", _BOTH, _set(0, ORIGIN, None)),
+    ("origin without hlc", _BOTH, _set(1, ORIGIN, 0)),
+    ("prev hlc without prev origin", _BOTH, _all(_set(0, PREV_HLC, H - 1), _set(0, PREV_ORIGIN, None))),
+    ("prev origin without prev hlc", _BOTH, _all(_set(0, PREV_HLC, None), _set(0, PREV_ORIGIN, 0))),
+    ("tomb hlc without tomb origin", _BOTH, _set(1, TOMB_ORIGIN, None)),
+    ("tomb origin without tomb hlc", _BOTH, _set(0, TOMB_ORIGIN, 0)),
+    ("tomb prev hlc without its origin", _BOTH, _all(_set(1, TOMB_PREV_HLC, H - 1), _set(1, TOMB_PREV_ORIGIN, None))),
+    ("tomb prev origin without its hlc", _BOTH, _all(_set(1, TOMB_PREV_HLC, None), _set(1, TOMB_PREV_ORIGIN, 0))),
+    ("negative tomb prev hlc", _BOTH, _all(_set(1, TOMB_PREV_HLC, -5), _set(1, TOMB_PREV_ORIGIN, 0))),
+    # origin indexes
+    ("origin index past the origins", _BOTH, lambda b: b[4][0].__setitem__(ORIGIN, len(b[3]))),
+    ("negative origin index", _BOTH, _set(0, ORIGIN, -1)),
+    ("origin index a string", _BOTH, _set(0, ORIGIN, SENDER)),
+    ("bool origin index", _BOTH, _set(0, ORIGIN, False)),
+    ("prev origin index past the origins", _BOTH, _all(_set(0, PREV_HLC, H - 1), lambda b: b[4][0].__setitem__(PREV_ORIGIN, len(b[3])))),
+    ("tomb origin index past the origins", _BOTH, lambda b: b[4][1].__setitem__(TOMB_ORIGIN, len(b[3]))),
+    ("tomb prev origin index past the origins", _BOTH,
+     _all(_set(1, TOMB_PREV_HLC, H - 1), lambda b: b[4][1].__setitem__(TOMB_PREV_ORIGIN, len(b[3])))),
+    # what a row change is
+    ("collaborative row both full and delete", [COLLABORATIVE], _all(_set(0, TOMB_HLC, H), _set(0, TOMB_ORIGIN, 0))),
+    ("collaborative row neither full nor delete", [COLLABORATIVE], _all(_set(1, TOMB_HLC, None), _set(1, TOMB_ORIGIN, None))),
+    ("single_version row with neither cells nor tomb", [SINGLE_VERSION], _all(_set(1, TOMB_HLC, None), _set(1, TOMB_ORIGIN, None),
+                                                                          _set(1, TOMB_PREV_HLC, None), _set(1, TOMB_PREV_ORIGIN, None))),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_well_formed_base_decodes(mode: str) -> None:
+    plain = _good_plain(mode)
+    batch = decode(pack_values(plain))
+    assert not batch.rows and batch.count == 3 and batch.checked
+    (block,) = batch.blocks
+    assert block == Block(*plain["blocks"][0][:2], tuple(plain["blocks"][0][2]), tuple(plain["blocks"][0][3]), plain["blocks"][0][4])
+
+
+@pytest.mark.parametrize(("what", "mode", "change"), [(w, m, c) for w, modes, c in _BAD for m in modes],
+                         ids=[f"{w}-{m}" for w, modes, _ in _BAD for m in modes])
+def test_a_malformed_block_is_a_protocol_error(what: str, mode: str, change: Callable[[list[Any]], None]) -> None:
+    plain = _good_plain(mode)
+    change(plain["blocks"][0])
+    with pytest.raises(ProtocolError) as caught:
+        decode(pack_values(plain))
+    # Refused by a rule of block_from_plain, not by decode's catch-all for anything else.
+    assert not caught.value.message.startswith("malformed batch"), caught.value.message
+
+
+@pytest.mark.parametrize("blocks", [
+    "not a list", [[]], [None],
+])
+def test_malformed_blocks_of_a_batch_are_protocol_errors(blocks: Any) -> None:
+    plain = _good_plain(COLLABORATIVE) | {"blocks": blocks}
+    with pytest.raises(ProtocolError):
+        decode(pack_values(plain))
+
+
+@pytest.mark.parametrize(("what", "change"), [
+    ("a prev clock on a row without cells", _all(_set(1, PREV_HLC, H - 1), _set(1, PREV_ORIGIN, 0))),
+    ("a tomb prev clock on a row without a tomb", _all(_set(0, TOMB_PREV_HLC, H - 1), _set(0, TOMB_PREV_ORIGIN, 0))),
+    ("values on a row without cells", _set(1, V + 1, "lost")),
+])
+@pytest.mark.xfail(strict=True, reason="BUG: block_from_plain accepts what no row change can hold (row_changes drops it silently)")
+def test_what_no_row_change_can_hold_is_a_protocol_error(what: str, change: Callable[[list[Any]], None]) -> None:
+    plain = _good_plain(SINGLE_VERSION)
+    change(plain["blocks"][0])
+    with pytest.raises(ProtocolError):
+        decode(pack_values(plain))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_round_trips(mode: str) -> None:
+    plain = _good_plain(mode)
+    table, key_column, columns, origins, rows = plain["blocks"][0]
+    rows.append([*rows[0][:V], *([-(1 << 63), "é\u2603", b""] if mode == COLLABORATIVE else [(1 << 63) - 1, "", "u9"])])
+    rows[-1][KEY], rows[-1][SEQ] = (9 if mode == COLLABORATIVE else "u9"), 9
+    rows.append([*rows[0][:V], float("inf"), -0.0, None])
+    rows[-1][KEY], rows[-1][SEQ] = (10 if mode == COLLABORATIVE else "u10"), 10
+    block = Block(table, key_column, tuple(columns), tuple(origins), rows)
+    batch = OutBatch(mode, 0, 10, (), False, True, "s1", blocks=(block,))
+    again = decode(encode(batch))
+    assert again.blocks == batch.blocks
+    assert again == batch and again.as_rows() == batch.as_rows() == decode(encode(batch, columnar=False))
+    assert batch_to_plain(again) == batch_to_plain(batch)
+    assert type(again.blocks[0].rows[0]) is list
+
+
+# --------------------------------------------------------------------------
+# Hostile or unfitting rows in a block: the row path isolates them
+
+
+def _replace_rows(batch: OutBatch, change: Callable[[list[Any]], list[Any]], *, origins: tuple[str, ...] | None = None) -> OutBatch:
+    (block,) = batch.blocks
+    rows = [change(list(r)) for r in block.rows]
+    return dataclasses.replace(batch, blocks=(block._replace(rows=rows, origins=origins or block.origins),))
+
+
+def _check_isolated(monkeypatch: pytest.MonkeyPatch, x: Replica, y: Replica, batch: OutBatch, bad_key: Any,
+                    reason: str) -> merge.ApplyResult:
+    taken: list[bool] = []
+    res, _ = _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
+    assert taken == [False]  # the set-based path left it to the row path
+    assert (res.applied, res.failed) == (batch.count - 1, 1)
+    (failure,) = merge.sync_failures(x.conn)
+    assert failure.origin == SENDER and failure.change is not None and failure.change.key == bad_key
+    assert failure.reason.startswith(reason), failure.reason
+    return res
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", [HLC, PREV_HLC, TOMB_HLC, TOMB_PREV_HLC], ids=["row", "prev", "tomb", "tomb prev"])
+def test_a_hostile_clock_in_a_block_goes_to_the_failure_log(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
+                                                           mode: str, where: int) -> None:
+    """A clock beyond the bound (tests/store/test_merge_clock.py) in one row
+    of a block the set-based path would otherwise take (a fresh one; with a
+    delete in it for the tomb clocks): that row goes to the failure log,
+    never into the tables or the clock; the others apply."""
+    a, x, y = device(SENDER, mode), device(ME, mode), device(ME, mode)
+    deleted = where in (TOMB_HLC, TOMB_PREV_HLC)
+    if mode == SINGLE_VERSION:
+        a.write("INSERT INTO items(uid, a, b) VALUES ('good', 1, 'p'), ('evil', 2, 'q'), ('fine', 3, 'r')")
+        bad, table = "evil", "SELECT uid, a FROM items ORDER BY uid"
+    else:
+        a.write("INSERT INTO notes(id, body) VALUES (1, 'good'), (2, 'evil'), (3, 'fine')")
+        bad, table = 2, f"SELECT id, body FROM {capture.device_table_name(SENDER, 'notes')} ORDER BY id"
+    if deleted:
+        a.write("DELETE FROM " + ("items WHERE uid = 'evil'" if mode == SINGLE_VERSION else "notes WHERE id = 2"))
+    batch = a.read(0)
+    assert not batch.rows and len(batch.blocks) == 1
+
+    def hostile(r: list[Any]) -> list[Any]:
+        if r[KEY] == bad:
+            assert (r[TOMB_HLC] is not None) == deleted
+            r[where], r[where + 1] = HOSTILE, 0  # (the clock's origin index follows it)
+        return r
+
+    _check_isolated(monkeypatch, x, y, _replace_rows(batch, hostile), bad, "clock_ahead: ")
+    assert x.clock.last < HOSTILE >> 1 and capture.get_meta(x.conn, "hlc_last", 0) < HOSTILE >> 1
+    assert x.rows("SELECT count(*) FROM _p2p_log WHERE hlc >= ?", (HOSTILE,)) == [(0,)]
+    got = x.rows(table)
+    assert len(got) == 2 and not any(bad in r for r in got)
+    # The row fails whenever it comes, set-based or not; the others are not applied twice.
+    again, _ = _apply_pair(monkeypatch, x, y, _replace_rows(batch, hostile), SENDER)
+    assert (again.applied, again.failed) == (0, 1)
+
+
+@pytest.mark.parametrize("constraint", ["b TEXT NOT NULL", "b TEXT UNIQUE", "b TEXT CHECK (b != 'bad')"])
+def test_a_block_row_the_table_refuses_goes_to_the_failure_log(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
+                                                                constraint: str) -> None:
+    """The receiver's table has a constraint the sender's has not: the
+    set-based insert fails, the row path applies all but that row."""
+    strict = ITEMS.replace("b TEXT", constraint)
+    a, x, y = device(SENDER, SINGLE_VERSION), device(ME, SINGLE_VERSION, items=strict), device(ME, SINGLE_VERSION, items=strict)
+    bad_b = {"b TEXT NOT NULL": None, "b TEXT UNIQUE": "p", "b TEXT CHECK (b != 'bad')": "bad"}[constraint]
+    a.write("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'p'), ('u2', 2, ?), ('u3', 3, 'q')", (bad_b,))
+    batch = a.read(0)
+    assert not batch.rows and len(batch.blocks) == 1
+    _check_isolated(monkeypatch, x, y, batch, "u2", "constraint: ")
+    assert x.rows("SELECT uid, a, b FROM items ORDER BY uid") == [("u1", 1, "p"), ("u3", 3, "q")]
+    if constraint == "b TEXT UNIQUE":  # retried once it fits, it applies
+        (failure,) = merge.sync_failures(x.conn)
+        x.write("UPDATE items SET b = 'other' WHERE uid = 'u1'")
+        assert merge.retry_failure(x.conn, x.state, x.clock, failure.id, wall=WALL).applied == 1
+        assert x.rows("SELECT uid, b FROM items ORDER BY uid") == [("u1", "other"), ("u2", "p"), ("u3", "q")]
+
+
+@pytest.mark.parametrize("case", ["float key", "relayed row", "unknown column"])
+def test_a_collaborative_block_row_that_does_not_fit_goes_to_the_failure_log(
+        monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica], case: str) -> None:
+    """Device tables keep no constraint but their key (capture.create_device_table):
+    what can fail there is the key's type, a row another device wrote (rows
+    are not relayed), a column the receiver lacks."""
+    a, x, y = device(SENDER, COLLABORATIVE), device(ME, COLLABORATIVE), device(ME, COLLABORATIVE)
+    a.write("INSERT INTO notes(id, body, n) VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)")
+    batch = a.read(0)
+    origins = None
+    if case == "float key":  # an INTEGER PRIMARY KEY takes no 2.5
+        batch = _replace_rows(batch, lambda r: [2.5, *r[1:V], 2.5, *r[V + 1:]] if r[KEY] == 2 else r)
+        bad, reason = 2.5, "constraint: "
+    elif case == "relayed row":
+        origins = (SENDER, OTHER)
+        batch = _replace_rows(batch, lambda r: [*r[:ORIGIN], 1, *r[ORIGIN + 1:]] if r[KEY] == 2 else r, origins=origins)
+        bad, reason = 2, "invalid: collaborative rows are only accepted from their own device"
+    else:  # a column only the sender has: every full row fails, a delete still applies
+        a.write("DELETE FROM notes WHERE id = 2")
+        batch = a.read(0)
+        (block,) = batch.blocks
+        batch = dataclasses.replace(batch, blocks=(block._replace(columns=("id", "body", "nope")),))
+        taken: list[bool] = []
+        res, _ = _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
+        assert taken == [False] and (res.applied, res.failed) == (1, 2)
+        assert {f.change.key for f in merge.sync_failures(x.conn) if f.change} == {1, 3}
+        assert all(f.reason.startswith("unknown_column: ") for f in merge.sync_failures(x.conn))
+        return
+    _check_isolated(monkeypatch, x, y, batch, bad, reason)
+    assert x.rows(f"SELECT id, body FROM {capture.device_table_name(SENDER, 'notes')} ORDER BY id") == [(1, "a"), (3, "c")]
+
+
+def _odd(case: str, batch: OutBatch) -> OutBatch:
+    (block,) = batch.blocks
+    rows = [list(r) for r in block.rows]
+    if case == "duplicate key":
+        rows.append([*rows[0][:SEQ], rows[-1][SEQ] + 1, *rows[0][SEQ + 1:]])
+    elif case == "keys of two types":
+        rows[1][KEY] = str(rows[1][KEY]) if isinstance(rows[1][KEY], int) else 7
+    elif case == "text keys for an integer key":
+        rows = [[str(r[KEY]) if i == KEY else str(v) if i == VALUES and r[HLC] is not None else v for i, v in enumerate(r)] for r in rows]
+        rows[1][KEY] = "two"
+    elif case == "integer keys for a text key":
+        rows = [[k, *r[1:-1], k] for k, r in zip((1, 2, 3), rows)]
+    elif case == "another key column":
+        return dataclasses.replace(batch, blocks=(block._replace(key_column="n" if batch.mode == COLLABORATIVE else "b"),))
+    elif case == "a table not distributed here":
+        return dataclasses.replace(batch, blocks=(block._replace(table="nope"),))
+    elif case == "a column not synced here":
+        return dataclasses.replace(batch, blocks=(block._replace(columns=("a", "b2", "uid")),))
+    return dataclasses.replace(batch, blocks=(block._replace(rows=rows),))
+
+
+_ODD = {
+    COLLABORATIVE: ["duplicate key", "keys of two types", "text keys for an integer key", "another key column",
+                    "a table not distributed here"],
+    SINGLE_VERSION: ["duplicate key", "keys of two types", "integer keys for a text key", "another key column",
+                     "a table not distributed here", "a column not synced here", "another schema version"],
+}
+
+
+@pytest.mark.parametrize(("mode", "case"), [(m, c) for m in MODES for c in _ODD[m]])
+def test_a_block_the_set_based_path_does_not_take_applies_as_its_rows_do(
+        monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica], mode: str, case: str) -> None:
+    """Blocks no honest sender makes, or that meet another schema here: the
+    set-based path leaves them (having changed nothing), and the row path
+    writes exactly what it writes for their rows."""
+    doc = DOC
+    if case == "another schema version":  # b is not synced here
+        doc = schema_doc({"items": ([field("id", "Integer", autoinc=True), field("uid", "Text", pk=True, not_null=True),
+                                     field("a", "Integer"), field("b", "Text"), field("note", "Text")], ["uid", "a"])})
+    a = device(SENDER, mode)
+    x, y = device(ME, mode, doc=doc), device(ME, mode, doc=doc)
+    if mode == SINGLE_VERSION:
+        a.write("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'p'), ('u2', 2, 'q'), ('u3', 3, 'r')")
+    else:
+        a.write("INSERT INTO notes(id, body, n) VALUES (1, '1', 1), (2, '2', 2), (3, '3', 3)")
+    batch = _odd(case, a.read(0))
+    taken: list[bool] = []
+    res, _ = _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
+    assert taken == [False]
+    assert res.applied + res.failed >= 2
+
+
+# --------------------------------------------------------------------------
+# Origin numbers
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: store/blocks.py _new_rows numbers the block's origins in index order, "
+                                       "and the receiver itself on an echo; row by row numbers them as it writes them")
+@pytest.mark.parametrize("case", ["relayed before own", "own row echoed back"])
+def test_origin_numbers_are_given_as_row_by_row_gives_them(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
+                                                           case: str) -> None:
+    a, c = device(SENDER, SINGLE_VERSION), device(OTHER, SINGLE_VERSION)
+    x, y = device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)
+    if case == "relayed before own":  # the block's rows: C's (origin index 1), then A's (index 0)
+        c.write("INSERT INTO items(uid, a, b) VALUES ('c1', 1, 'p')")
+        c.push(a)
+        a.write("INSERT INTO items(uid, a, b) VALUES ('a1', 2, 'q')")
+    else:  # the receiver's own row, relayed back by A: an echo, nothing to write
+        for r in (x, y):
+            r.write("INSERT INTO items(uid, a, b) VALUES ('b1', 1, 'p')")
+        x.push(a)
+        y.read(0)
+    taken: list[bool] = []
+    _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)  # equal as device IDs
+    assert taken == [True]
+    assert _dump(x, exact=True) == _dump(y, exact=True)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: store/blocks.py _new_rows runs its INSERT ... SELECT also when no row is "
+                                       "fresh (all echoes): SQLite then gives an AUTOINCREMENT table its sqlite_sequence row")
+def test_an_echo_leaves_the_table_as_row_by_row_does(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica]) -> None:
+    a, x, y = device(SENDER, SINGLE_VERSION), device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)
+    a.write("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'p')")
+    a.write("DELETE FROM items WHERE uid = 'u1'")
+    batch = a.read(0)
+    taken: list[bool] = []
+    _apply_pair(monkeypatch, x, y, batch, SENDER, taken)  # a row with its tomb: the planner's
+    _apply_pair(monkeypatch, x, y, batch, SENDER, taken)  # again: an echo, nothing to write
+    assert taken == [False, True]
+    assert _dump(x, exact=True) == _dump(y, exact=True)
