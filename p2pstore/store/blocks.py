@@ -209,19 +209,23 @@ def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Don
     conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored, logged) VALUES (?, ?, ?)", mapping)
     # fresh: 1 never seen here, 0 here already with the same row clock (and
     # no column clock of its own) and the same tomb or none, NULL otherwise.
+    # A table with no column clocks (or no tombs) at all is not probed for them.
     st = stage  # (UPDATE ... AS alias needs SQLite 3.35: columns are qualified by the table's name)
     mapped = "(SELECT m.stored FROM temp._p2p_stage_origins m WHERE m.idx = {0})"
+    has = {t: conn.execute(f"SELECT 1 FROM {t} WHERE tid = ? LIMIT 1", (tid,)).fetchone() is not None
+           for t in ("_p2p_cells", "_p2p_tombs")}
+    no_cells = f"NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k)" if has["_p2p_cells"] else "1"
+    no_tomb = f"NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k)" if has["_p2p_tombs"] else "1"
+    same_tomb = (f"EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
+                 f"AND t.origin IS {mapped.format(st + '.tor')})") if has["_p2p_tombs"] else "0"
     conn.execute(
         f"UPDATE temp.{st} SET fresh = CASE "
         f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
         f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k) "
-        f"AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k) "
-        f"AND NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k) THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
+        f"AND {no_cells} AND {no_tomb} THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
         f"WHEN EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k AND r.hlc = {st}.hlc "
         f"             AND r.origin IS {mapped.format(st + '.o')}) "
-        f"AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k) "
-        f"AND ({st}.th IS NULL OR EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
-        f"     AND t.origin IS {mapped.format(st + '.tor')})) THEN 0 END",
+        f"AND {no_cells} AND ({st}.th IS NULL OR {same_tomb}) THEN 0 END",
         (tid,),
     )
     origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
