@@ -50,6 +50,7 @@ from p2pstore.sync.engine import SyncEngine, table_offers
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.tasks import TaskSet
+from p2pstore.protocol.table_type import TableType
 
 log = logging.getLogger("p2pstore.daemon")
 
@@ -408,5 +409,5 @@ def store_offer(store: Store, lag: Lag | None = None) -> StoreOffer:
     """A store's distributed tables as offered to a peer (names and sync
     columns, never rows), with ``lag``'s figures for that peer."""
     figures = (lag.unsent, lag.last_seq, lag.stream) if lag is not None else (None, None, None)
-    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or "collaborative", table_offers(store),
+    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or TableType.COLLABORATIVE, table_offers(store),
                       *figures)

@@ -38,6 +38,7 @@ from p2pstore.store.database import Store
 from p2pstore.protocol.results import MAX_RESULT_BYTES
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.store.tables import device_table_name
+from p2pstore.protocol.table_type import TableType
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ async def store_set_distributed_tables(api: Api, client: ClientConnection, param
     # Check the per-bundle limit and set the tables under one lock, so
     # concurrent calls on different stores can't all pass the check.
     async with api.registry.distributing(store):
-        if config.get("table_type") == "single_version":
+        if config.get("table_type") == TableType.SINGLE_VERSION:
             # Reads sync_schema.json; the result carries the accepted version and its warnings.
             outcome = await single_version.set_tables(
                 store, params["tables"], auto_sync=config.get("auto_sync", False), schema_path=api.registry.sync_schema_path
@@ -214,7 +215,7 @@ async def store_set_distributed_tables(api: Api, client: ClientConnection, param
             return outcome.to_result()
         await store.set_distributed_tables(
             params["tables"],
-            table_type=config.get("table_type", "collaborative"),
+            table_type=config.get("table_type", TableType.COLLABORATIVE),
             auto_sync=config.get("auto_sync", False),
         )
     return {}
@@ -224,7 +225,7 @@ async def store_set_distributed_tables(api: Api, client: ClientConnection, param
 async def store_distributed_table_name(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     store = api.store(params)
     store.require_distributed(params["table"])
-    if store.table_type != "collaborative":
+    if store.table_type != TableType.COLLABORATIVE:
         raise InvalidParams("distributed_table_name applies to collaborative tables only; single-version rows merge into the table itself")
     return {"table": device_table_name(params["device"], params["table"])}
 

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from p2pstore.clock import MAX_HLC
 from p2pstore.errors import ProtocolError
 from p2pstore.protocol.messages import pack_values, unpack
+from p2pstore.protocol.table_type import TableType
 
 Value = int | float | str | bytes | None
 
@@ -53,8 +54,8 @@ def is_raw_text(value: Any) -> bool:
     return False
 
 
-COLLABORATIVE, SINGLE_VERSION = "collaborative", "single_version"
-MODES = (COLLABORATIVE, SINGLE_VERSION)
+COLLABORATIVE, SINGLE_VERSION = TableType.COLLABORATIVE, TableType.SINGLE_VERSION
+MODES = tuple(TableType)
 #: Row changes one batch may hold (a receiver refuses more).
 MAX_BATCH_ROWS = 100_000
 #: Caps on names in a decoded batch (SQLite has none; a peer must not make us

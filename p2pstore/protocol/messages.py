@@ -38,6 +38,7 @@ import msgpack
 
 from p2pstore.errors import ProtocolError
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
+from p2pstore.protocol.table_type import TableType
 
 #: Integers must fit msgpack's 64-bit encodings (signed or unsigned).
 INT_MIN = -(2**63)
@@ -46,7 +47,7 @@ INT_MAX = 2**64 - 1
 MAX_NAME_LEN = 255
 MAX_REASON_LEN = 1024
 MAX_DEVICE_ID_LEN = 64
-TABLE_TYPES = frozenset({"collaborative", "single_version"})
+TABLE_TYPES = frozenset(TableType)
 SECURITY_LEVELS = range(1, 5)
 
 

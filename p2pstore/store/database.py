@@ -65,11 +65,12 @@ from p2pstore.store import capture, cells, changes, gc, merge, restore, single_v
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
+from p2pstore.protocol.table_type import TableType
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TABLE_TYPES = ("collaborative", "single_version")
+TABLE_TYPES = tuple(TableType)
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 #: Rows a single store.query may return (protects the daemon and the socket);
 #: its bytes are capped too (protocol/results.py, config ``max_result_bytes``).
@@ -284,7 +285,7 @@ class Store:
             self._apply_label(conn, label)
             self.table_type = get_meta(conn, "table_type")
             self._load_tables(conn)
-            if self.table_type == "single_version":
+            if self.table_type == TableType.SINGLE_VERSION:
                 self.schema_problems = single_version.recheck(
                     conn, label=f"{self.bundle}/{self.name}", bundle=self.bundle, name=self.name, tables=list(self.distributed)
                 )
@@ -640,7 +641,7 @@ class Store:
         self,
         tables: list[str],
         *,
-        table_type: str = "collaborative",
+        table_type: str = TableType.COLLABORATIVE,
         auto_sync: bool = False,
         validate: Callable[[sqlite3.Connection, list[TableInfo]], T] | None = None,
     ) -> T | None:
@@ -679,7 +680,7 @@ class Store:
                 for info in infos:
                     row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
                     if row is None:
-                        sync = self.sync_schema_for(conn, info.name) if table_type == "single_version" else None
+                        sync = self.sync_schema_for(conn, info.name) if table_type == TableType.SINGLE_VERSION else None
                         capture.register_table(
                             conn, self.capture, info, auto_sync, conflict_column=sync.conflict if sync is not None else None
                         )
@@ -705,7 +706,7 @@ class Store:
     async def reload_sync_schema(self, doc: object) -> single_version.SchemaOutcome:
         """Accept a newly read sync_schema.json (SIGHUP) for this store's
         single_version tables, or raise SchemaInvalid and change nothing."""
-        if self.table_type != "single_version":
+        if self.table_type != TableType.SINGLE_VERSION:
             raise InvalidParams(f"store {self.bundle}/{self.name} has no single_version tables")
 
         def op(conn: sqlite3.Connection) -> tuple[single_version.SchemaOutcome, ChangeBatch]:
@@ -728,7 +729,7 @@ class Store:
     async def check_sync_schema(self, document: object) -> ValidationReport:
         """``schema.validate`` against this store: read only, never raises
         for a bad document (see ``single_version.check_document``)."""
-        tables = list(self.distributed) if self.table_type == "single_version" else []
+        tables = list(self.distributed) if self.table_type == TableType.SINGLE_VERSION else []
 
         def op(conn: sqlite3.Connection) -> ValidationReport:
             conn.execute("BEGIN")  # one consistent snapshot of tables and accepted entry

@@ -29,6 +29,7 @@ from p2pstore.store import capture, single_version
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.tables import check_name
+from p2pstore.protocol.table_type import TableType
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class StoreRegistry:
         single_version tables (SIGHUP). Never raises: every outcome, accepted
         or refused, is logged per store, and the file isn't read at all when
         no such store is open."""
-        stores = [s for s in self.stores() if s.table_type == "single_version" and s.distributed]
+        stores = [s for s in self.stores() if s.table_type == TableType.SINGLE_VERSION and s.distributed]
         if not stores:
             log.info("no open store has single_version tables; %s not read", self.sync_schema_path)
             return

@@ -58,6 +58,7 @@ from p2pstore.schema.sync_schema import (
 )
 from p2pstore.store import capture, cells
 from p2pstore.store.tables import read_table_info
+from p2pstore.protocol.table_type import TableType
 
 if TYPE_CHECKING:  # database.py imports this module; only annotations go the other way
     from p2pstore.store.database import Store
@@ -451,7 +452,7 @@ async def set_tables(store: Store, tables: list[str], *, auto_sync: bool, schema
     try:
         outcome = await store.set_distributed_tables(
             tables,
-            table_type="single_version",
+            table_type=TableType.SINGLE_VERSION,
             auto_sync=auto_sync,
             validate=SchemaFileCheck(schema_path, store.bundle, store.name),
         )
