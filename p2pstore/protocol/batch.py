@@ -507,6 +507,13 @@ def block_from_plain(obj: Any, mode: str) -> Block:
     if has_raw_text(keys):
         raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
     hlcs, tombs = fields[HLC], fields[TOMB_HLC]
+    # What no row change can hold (``row_changes`` would drop it silently).
+    if any(h is None and p is not None for h, p in zip(hlcs, fields[PREV_HLC])):
+        raise ProtocolError(f"{table}: a prev clock on a row without cells")
+    if any(t is None and p is not None for t, p in zip(tombs, fields[TOMB_PREV_HLC])):
+        raise ProtocolError(f"{table}: a tomb prev clock on a row without a tomb")
+    if None in hlcs and any(r[HLC] is None and any(v is not None for v in r[VALUES:]) for r in rows):
+        raise ProtocolError(f"{table}: values on a row without cells")
     if mode == COLLABORATIVE:
         if any((h is None) is (t is None) for h, t in zip(hlcs, tombs)):
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")

@@ -183,6 +183,32 @@ def _collaborative(ap: _Applier, block: Block, fields: list[Any], kind: type) ->
     return applied, remote, None
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _number_origins(ap: _Applier, block: Block, stage: str, used: set[int]) -> None:
+    """Give the fresh rows' devices their numbers (store/origins.py) in the
+    order the row path gives them, as it writes each row — its origin
+    (logged: always a number, this device too), then its prev's (stored:
+    none for this device) — and fill in the staging map. The walk ends once
+    no device is left without a number: at once, in the usual case."""
+    devices = block.origins
+    logged = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT o FROM temp.{stage} WHERE fresh")}
+    stored = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT po FROM temp.{stage} WHERE fresh AND ph IS NOT NULL")}
+    todo = {d for d in logged | (stored - {ap.me}) if ap.origins.known(d) is None}
+    if todo:
+        for o, po, ph in ap.conn.execute(f"SELECT o, po, ph FROM temp.{stage} WHERE fresh ORDER BY n").fetchall():
+            ap._logged(devices[o])
+            if ph is not None:
+                ap._stored(devices[po])
+            if all(ap.origins.known(d) is not None for d in todo):
+                break
+    ap.conn.executemany("UPDATE temp._p2p_stage_origins SET stored = ?, logged = ? WHERE idx = ?",
+                        [(None if devices[i] == ap.me else ap.origins.known(devices[i]), ap.origins.known(devices[i]), i)
+                         for i in used])
+
+
 def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Done | None:
     """A single_version block whose rows are all either never seen here
     (inserted whole) or already here exactly as they come (an echo: a row
@@ -201,12 +227,14 @@ def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Don
         return None
     stage = _load(conn, block)
     name, ck, tid = quote_ident(table.info.name), quote_ident(ck_col), table.tid
-    # The block's origin indexes -> this store's numbers (NULL: this device).
+    # The block's origin indexes -> this store's numbers (NULL: this device;
+    # -1: a device with no number yet, so no stored clock can be its). The
+    # fresh rows' devices get theirs below (``_number_origins``).
     used = {*fields[ORIGIN], *_not_none(fields[PREV_ORIGIN]), *_not_none(fields[TOMB_ORIGIN])}
-    mapping = [(i, ap._stored(block.origins[i]), ap._logged(block.origins[i])) for i in used]
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_stage_origins(idx INTEGER PRIMARY KEY, stored, logged)")
     conn.execute("DELETE FROM temp._p2p_stage_origins")
-    conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored, logged) VALUES (?, ?, ?)", mapping)
+    conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored) VALUES (?, ?)",
+                     [(i, None if block.origins[i] == ap.me else _or(ap.origins.known(block.origins[i]), -1)) for i in used])
     # fresh: 1 never seen here, 0 here already with the same row clock (and
     # no column clock of its own) and the same tomb or none, NULL otherwise.
     # A table with no column clocks (or no tombs) at all is not probed for them.
@@ -231,6 +259,9 @@ def _new_rows(ap: _Applier, block: Block, fields: list[Any], kind: type) -> _Don
     origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
     if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh IS NULL LIMIT 1").fetchone() is not None:
         return None
+    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh LIMIT 1").fetchone() is None:
+        return 0, [], None  # all echoes: nothing to write (an empty INSERT would still touch sqlite_sequence)
+    _number_origins(ap, block, stage, used)
     position = {c: f"v{i}" for i, c in enumerate(block.columns)}
     listed = ", ".join(quote_ident(c) for c in table.sync_columns)
     values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)

@@ -53,6 +53,10 @@ class Origins:
             self._ids[device], self._devices[n] = n, device
         return n
 
+    def known(self, device: str) -> int | None:
+        """The number of ``device`` if it has one (None: none yet; nothing is written)."""
+        return self._ids.get(device)
+
     def device(self, n: int) -> str:
         """The device ID of number ``n`` (a KeyError would be a broken file)."""
         return self._devices[n]

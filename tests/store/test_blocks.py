@@ -87,35 +87,19 @@ def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
 #: Rows that differ between any two stores: each has its own stream ID.
 _OWN = {"_p2p_meta": " WHERE key != 'stream'"}
 #: Columns holding origin numbers (store/origins.py): local to a file, they never travel.
-_ORIGIN_COLUMNS = {"origin", "prev_origin"}
-_CLOCK_TABLES = {"_p2p_log", "_p2p_rows", "_p2p_cells", "_p2p_tombs"}
 
 
-def _dump(r: Replica, *, exact: bool = False) -> dict[str, Any]:
-    """Everything a store holds (temp staging tables are not in sqlite_master).
-
-    Unless ``exact``, two differences that no reader can see are left out,
-    each a known BUG with a test of its own below (strict xfail): origin
-    numbers show as the device IDs they stand for and ``_p2p_origins`` as
-    the other devices it names (test_origin_numbers_are_given_...), and
-    ``sqlite_sequence`` as its non-zero entries (test_an_echo_leaves_...).
-    """
+def _dump(r: Replica) -> dict[str, Any]:
+    """Everything a store holds, exactly (temp staging tables are not in
+    sqlite_master): origin numbers and ``sqlite_sequence`` included."""
     names = [n for (n,) in r.rows("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
     skip = {"_p2p_failures", "_p2p_conflicts"}
-    devices = dict(r.rows("SELECT id, device FROM _p2p_origins"))
     out: dict[str, Any] = {}
     for n in names:
         if n in skip:
             continue
         cursor = r.conn.execute(f'SELECT * FROM "{n}"' + _OWN.get(n, ""))
         rows = [tuple(row) for row in cursor]
-        if not exact and n in _CLOCK_TABLES:
-            at = [i for i, d in enumerate(cursor.description) if d[0] in _ORIGIN_COLUMNS]
-            rows = [tuple(devices.get(v, ("unknown", v)) if i in at and v is not None else v for i, v in enumerate(row)) for row in rows]
-        elif not exact and n == "_p2p_origins":
-            rows = [(d,) for _, d in rows if d != r.id]
-        elif not exact and n == "sqlite_sequence":
-            rows = [row for row in rows if row[1] != 0]
         out[n] = sorted(map(repr, rows))
     return out | {
         "failures": r.rows("SELECT origin, tbl, change, reason, at FROM _p2p_failures ORDER BY id"),
@@ -703,7 +687,7 @@ def test_malformed_blocks_of_a_batch_are_protocol_errors(blocks: Any) -> None:
     ("a tomb prev clock on a row without a tomb", _all(_set(0, TOMB_PREV_HLC, H - 1), _set(0, TOMB_PREV_ORIGIN, 0))),
     ("values on a row without cells", _set(1, V + 1, "lost")),
 ])
-@pytest.mark.xfail(strict=True, reason="BUG: block_from_plain accepts what no row change can hold (row_changes drops it silently)")
+
 def test_what_no_row_change_can_hold_is_a_protocol_error(what: str, change: Callable[[list[Any]], None]) -> None:
     plain = _good_plain(SINGLE_VERSION)
     change(plain["blocks"][0])
@@ -895,8 +879,6 @@ def test_a_block_the_set_based_path_does_not_take_applies_as_its_rows_do(
 # Origin numbers
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store/blocks.py _new_rows numbers the block's origins in index order, "
-                                       "and the receiver itself on an echo; row by row numbers them as it writes them")
 @pytest.mark.parametrize("case", ["relayed before own", "own row echoed back"])
 def test_origin_numbers_are_given_as_row_by_row_gives_them(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
                                                            case: str) -> None:
@@ -914,11 +896,9 @@ def test_origin_numbers_are_given_as_row_by_row_gives_them(monkeypatch: pytest.M
     taken: list[bool] = []
     _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)  # equal as device IDs
     assert taken == [True]
-    assert _dump(x, exact=True) == _dump(y, exact=True)
+    assert _dump(x) == _dump(y)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store/blocks.py _new_rows runs its INSERT ... SELECT also when no row is "
-                                       "fresh (all echoes): SQLite then gives an AUTOINCREMENT table its sqlite_sequence row")
 def test_an_echo_leaves_the_table_as_row_by_row_does(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica]) -> None:
     a, x, y = device(SENDER, SINGLE_VERSION), device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)
     a.write("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'p')")
@@ -928,4 +908,4 @@ def test_an_echo_leaves_the_table_as_row_by_row_does(monkeypatch: pytest.MonkeyP
     _apply_pair(monkeypatch, x, y, batch, SENDER, taken)  # a row with its tomb: the planner's
     _apply_pair(monkeypatch, x, y, batch, SENDER, taken)  # again: an echo, nothing to write
     assert taken == [False, True]
-    assert _dump(x, exact=True) == _dump(y, exact=True)
+    assert _dump(x) == _dump(y)
