@@ -18,10 +18,14 @@ that has applied everything up to ``seq`` W (its watermark for this device,
 Invariants:
 
 - A batch covers a ``seq`` interval (``since_seq``, ``last_seq``]: every
-  record of the selected tables in it is in the batch, and nothing else, so
-  a stream resumes exactly at ``last_seq``. ``limit`` bounds the number of
-  distinct ``seq`` values, and one ``seq`` belongs to one row, so a batch has
-  at most ``limit`` rows.
+  row with a record in it is in the batch — as its current state, at its
+  newest seq — or has a newer record beyond ``last_seq`` and so comes, as
+  its current state, in a later batch; nothing else is in it. A stream
+  therefore resumes exactly at ``last_seq`` and loses nothing. (A batch
+  the byte bound ends early is where the second case shows: a row written
+  at seq 1 and again at seq 3 is not in the batch (0, 2], but in the
+  next.) ``limit`` bounds the number of distinct ``seq`` values, and one
+  ``seq`` belongs to one row, so a batch has at most ``limit`` rows.
 - ``last_seq`` never passes a local log row that is not stamped yet: its
   cells would be created later with a ``seq`` below a watermark a peer
   already holds, and never be sent. Callers stamp first, in the same
@@ -572,7 +576,7 @@ def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, la
         f"LEFT JOIN {name} x ON x.{ck} = r.ck "
         "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
         + (" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if own else "")
-        + " ORDER BY r.seq",
+        + " ORDER BY 2, r.seq",  # by the seq the row travels with (a later tomb raises it), as as_rows() orders
         (since, last, t.tid, devices[0]),
     )
     rows = _fetch(cursor, budget)
