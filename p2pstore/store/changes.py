@@ -72,6 +72,7 @@ from p2pstore.store.tables import TableInfo, read_table_info
 from p2pstore.protocol.batch import (  # noqa: F401 - re-exported
     COLLABORATIVE,
     KEY,
+    SEQ,
     Block,
     MAX_BATCH_ROWS,
     MAX_NAME_LEN,
@@ -325,6 +326,8 @@ def changes_since(
                 last, more = cut, True
             for t, (block, _) in zip(tables, read):
                 kept = block._replace(rows=[r[:-2] for r in block.rows if r[-2] <= last])
+                if any(x[SEQ] > y[SEQ] for x, y in zip(kept.rows, kept.rows[1:])):
+                    kept.rows.sort(key=lambda r: r[SEQ])  # a later tomb raised a row's seq: as as_rows() orders
                 if kept.rows:
                     blocks.append(kept)
                 if t.mode == SINGLE_VERSION:
@@ -576,7 +579,7 @@ def _single_version_block(conn: sqlite3.Connection, t: SyncTable, since: int, la
         f"LEFT JOIN {name} x ON x.{ck} = r.ck "
         "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
         + (" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if own else "")
-        + " ORDER BY 2, r.seq",  # by the seq the row travels with (a later tomb raises it), as as_rows() orders
+        + " ORDER BY r.seq",  # (the budget of _fetch counts in this order; changes_since re-sorts by SEQ)
         (since, last, t.tid, devices[0]),
     )
     rows = _fetch(cursor, budget)

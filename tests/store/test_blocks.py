@@ -363,6 +363,8 @@ def _read(r: Replica, since: int, *, columnar: bool, **kw: Any) -> OutBatch:
     except BaseException:
         r.conn.execute("ROLLBACK")
         raise
+    for block in batch.blocks:  # in the order the rows travel: by seq, as as_rows() orders them
+        assert [row[SEQ] for row in block.rows] == sorted(row[SEQ] for row in block.rows)
     return batch
 
 
