@@ -104,12 +104,13 @@ from p2pstore.sync.lag import LagTracker
 log = logging.getLogger(__name__)
 
 #: Rows per batch. The receiver decodes a batch on its event loop and applies it in one
-#: transaction, and local API writes wait for both. Applied set-based (store/blocks.py),
-#: 2000 rows take ~10-25 ms; fewer, bigger commits matter with random keys: each
-#: commit rewrites every index page its keys touched, so 250-row batches rewrote most
-#: of a random-keyed index every time (docs/performance.md; scripts/bench
-#: writes_under_push measures the wait).
-DEFAULT_BATCH_ROWS = 2000
+#: transaction, and local API writes wait for both. Fewer, bigger commits matter with
+#: random keys (each commit rewrites every index page its keys touched: 250-row batches
+#: rewrote most of a random-keyed index every time); a bigger batch holds local writes
+#: longer. Measured (docs/performance.md, scripts/bench): 2000 rows gave single_version
+#: +15 % push speed but a p99 of 48 ms for writes on the receiver during a 1M-row push;
+#: 1000 rows, 27 ms (goal 50), with the same collaborative speed.
+DEFAULT_BATCH_ROWS = 1000
 DEFAULT_TIMEOUT = 30.0
 #: Messages a session may have waiting: a sender's whole window (at most
 #: MAX_WINDOW batches, whatever its ``sync_window``) and its end; a peer that
