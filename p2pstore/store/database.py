@@ -547,9 +547,7 @@ class Store:
             cursor, batch = self._write(conn, sql, params or ())
             return {"rows_affected": max(cursor.rowcount, 0), "last_insert_rowid": cursor.lastrowid or 0}, batch
 
-        result, batch = await self.run(op)
-        self._announce(batch)
-        return result
+        return await self._announced(op)
 
     async def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None, *,
                     max_bytes: int = MAX_RESULT_BYTES) -> dict[str, Any]:
@@ -599,9 +597,7 @@ class Store:
             cursor, batch = self._write(conn, sql, cols.values())
             return cursor.lastrowid or 0, batch
 
-        rowid, batch = await self.run(op)
-        self._announce(batch)
-        return rowid
+        return await self._announced(op)
 
     async def update(self, values: dict[str, Any], predicates: dict[str, Any]) -> int:
         def op(conn: sqlite3.Connection) -> tuple[int, ChangeBatch]:
@@ -617,9 +613,7 @@ class Store:
             cursor, batch = self._write(conn, f"UPDATE {quote_ident(table)} SET {sets}{where}", (*cols.values(), *compiled.params))
             return cursor.rowcount, batch
 
-        count, batch = await self.run(op)
-        self._announce(batch)
-        return count
+        return await self._announced(op)
 
     async def delete(self, predicates: dict[str, Any]) -> int:
         def op(conn: sqlite3.Connection) -> tuple[int, ChangeBatch]:
@@ -631,9 +625,7 @@ class Store:
             cursor, batch = self._write(conn, f"DELETE FROM {quote_ident(table)}{where}", compiled.params)
             return cursor.rowcount, batch
 
-        count, batch = await self.run(op)
-        self._announce(batch)
-        return count
+        return await self._announced(op)
 
     # -- distributed tables -------------------------------------------------
 
@@ -692,9 +684,7 @@ class Store:
                 self._load_tables(conn)
             return outcome, batch
 
-        outcome, batch = await self.run(op)
-        self._announce(batch)
-        return outcome
+        return await self._announced(op)
 
     # -- single-version schema ----------------------------------------------
 
@@ -709,22 +699,16 @@ class Store:
         if self.table_type != TableType.SINGLE_VERSION:
             raise InvalidParams(f"store {self.bundle}/{self.name} has no single_version tables")
 
-        def op(conn: sqlite3.Connection) -> tuple[single_version.SchemaOutcome, ChangeBatch]:
-            with self._transaction(conn):
-                batch = capture.stamp(conn, self.capture, self.clock)  # announce outside writes first
-                try:
-                    outcome = single_version.accept(
-                        conn, doc, bundle=self.bundle, name=self.name, tables=list(self.distributed)
-                    )
-                except sqlite3.Error as exc:
-                    raise map_sqlite_error(exc) from exc
-                capture.stamp(conn, self.capture, self.clock, collect=False)  # rows to send again: not local changes
-                self._load_tables(conn)
-            return outcome, batch
+        def accept(conn: sqlite3.Connection) -> single_version.SchemaOutcome:
+            try:  # (outside writes were stamped first, by _stamped, and are announced)
+                outcome = single_version.accept(conn, doc, bundle=self.bundle, name=self.name, tables=list(self.distributed))
+            except sqlite3.Error as exc:
+                raise map_sqlite_error(exc) from exc
+            capture.stamp(conn, self.capture, self.clock, collect=False)  # rows to send again: not local changes
+            self._load_tables(conn)
+            return outcome
 
-        outcome, batch = await self.run(op)
-        self._announce(batch)
-        return outcome
+        return await self._stamped(accept)
 
     async def check_sync_schema(self, document: object) -> ValidationReport:
         """``schema.validate`` against this store: read only, never raises
@@ -784,16 +768,9 @@ class Store:
         transaction, so every change read has its clock.
         """
 
-        def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, ChangeBatch]:
-            with self._transaction(conn):
-                local = capture.stamp(conn, self.capture, self.clock)
-                batch = changes.changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes)
-            self._note_sent(conn)
-            return batch, local
-
-        batch, local = await self.run(op)
-        self._announce(local)
-        return batch
+        return await self._stamped(
+            lambda conn: changes.changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes),
+            after=self._note_sent)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
         """Apply a peer's batch and move its watermark, in one transaction.
@@ -892,16 +869,8 @@ class Store:
                           max_bytes: int | None = None) -> tuple[changes.OutBatch, gc.Cursor]:
         """The next batch of a resync (``gc.snapshot_batch``), pending outside writes stamped first."""
 
-        def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, gc.Cursor, ChangeBatch]:
-            with self._transaction(conn):
-                local = capture.stamp(conn, self.capture, self.clock)
-                batch, after = gc.snapshot_batch(conn, cursor, snapshot_hlc, limit=limit, max_bytes=max_bytes)
-            self._note_sent(conn)
-            return batch, after, local
-
-        batch, after, local = await self.run(op)
-        self._announce(local)
-        return batch, after
+        return await self._stamped(
+            lambda conn: gc.snapshot_batch(conn, cursor, snapshot_hlc, limit=limit, max_bytes=max_bytes), after=self._note_sent)
 
     async def read_copy(self, origin: str, cursor: restore.CopyCursor | None, *, limit: int = 500,
                         max_bytes: int | None = None) -> tuple[changes.OutBatch, restore.CopyCursor]:
@@ -926,16 +895,9 @@ class Store:
         """Apply a batch of ``peer``'s copy of our rows (``restore.apply_copy``),
         stamped as local changes in the same transaction."""
 
-        def op(conn: sqlite3.Connection) -> tuple[restore.CatchUp, ChangeBatch]:
-            with self._transaction(conn):
-                outcome = restore.apply_copy(conn, batch, peer, since, stream)
-                local = capture.stamp(conn, self.capture, self.clock)
-            if outcome.done:
-                self.restore_pending = False
-            return outcome, local
-
-        outcome, local = await self.run(op)
-        self._announce(local)
+        outcome = await self._stamped(lambda conn: restore.apply_copy(conn, batch, peer, since, stream), stamp_after=True)
+        if outcome.done:
+            self.restore_pending = False
         return outcome
 
     async def sync_failures(self, limit: int = 100) -> list[merge.SyncFailure]:
@@ -978,22 +940,19 @@ class Store:
         device's own log rows that every holder that acked within
         ``horizon_ms`` has applied (``gc.collect``)."""
 
-        def op(conn: sqlite3.Connection) -> tuple[int, bool, ChangeBatch]:
-            with self._transaction(conn):
-                # Stamped first: rows applied from peers since the last stamp count as stamped then.
-                local = capture.stamp(conn, self.capture, self.clock)
-                before = (capture.get_meta(conn, capture.COMPACTED_KEY, 0), capture.get_meta(conn, gc.GC_MARK_KEY, 0))
-                dropped = capture.compact(conn, self.capture, keep_recent=keep_recent)
-                if holders is not None:
-                    floor = gc.ack_floor(conn, holders, wall_ms() - horizon_ms)
-                    dropped += gc.collect(conn, self.capture, floor, keep_recent=keep_recent)
-                after = (capture.get_meta(conn, capture.COMPACTED_KEY, 0), capture.get_meta(conn, gc.GC_MARK_KEY, 0))
-                return dropped, after != before, local
+        def chunk(conn: sqlite3.Connection) -> tuple[int, bool]:
+            # Stamped first (_stamped): rows applied from peers since the last stamp count as stamped then.
+            before = (capture.get_meta(conn, capture.COMPACTED_KEY, 0), capture.get_meta(conn, gc.GC_MARK_KEY, 0))
+            dropped = capture.compact(conn, self.capture, keep_recent=keep_recent)
+            if holders is not None:
+                floor = gc.ack_floor(conn, holders, wall_ms() - horizon_ms)
+                dropped += gc.collect(conn, self.capture, floor, keep_recent=keep_recent)
+            after = (capture.get_meta(conn, capture.COMPACTED_KEY, 0), capture.get_meta(conn, gc.GC_MARK_KEY, 0))
+            return dropped, after != before
 
         total = 0
         for _ in range(max_chunks):
-            dropped, moved, local = await self.run(op)
-            self._announce(local)
+            dropped, moved = await self._stamped(chunk)
             total += dropped
             if not moved:
                 break
@@ -1020,6 +979,35 @@ class Store:
         batch = await self.run(op)
         self._announce(batch)
         return batch
+
+    async def _announced(self, fn: Callable[[sqlite3.Connection], tuple[T, ChangeBatch]]) -> T:
+        """Run ``fn`` — a write that returns its result and what its stamp
+        found — and announce those local changes once it committed: the one
+        place a write's changes are announced (never before the commit, so
+        no subscriber hears of a change that was rolled back)."""
+        result, batch = await self.run(fn)
+        self._announce(batch)
+        return result
+
+    async def _stamped(self, fn: Callable[[sqlite3.Connection], T], *, stamp_after: bool = False,
+                       after: Callable[[sqlite3.Connection], None] | None = None) -> T:
+        """``fn`` in one write transaction with pending outside writes stamped
+        in it — first, so that what ``fn`` reads or merges has its clocks, or
+        after ``fn`` (``stamp_after``: ``fn``'s own writes are local changes
+        to capture) — announced once committed; ``after`` runs on the
+        connection's thread once the transaction is over."""
+
+        def op(conn: sqlite3.Connection) -> tuple[T, ChangeBatch]:
+            with self._transaction(conn):
+                local = ChangeBatch() if stamp_after else capture.stamp(conn, self.capture, self.clock)
+                result = fn(conn)
+                if stamp_after:
+                    local = capture.stamp(conn, self.capture, self.clock)
+            if after is not None:
+                after(conn)
+            return result, local
+
+        return await self._announced(op)
 
     def _announce(self, batch: ChangeBatch) -> None:
         if batch and batch.by_table and self.on_changes is not None:
