@@ -137,7 +137,7 @@ class PeerEvents:
         """``listeners`` hear every online/offline change, in order;
         ``handlers`` are offered each message in order until one returns True;
         ``closers`` hear of every channel that closed (sessions and queries
-        live on one channel and end with it, sync/engine.py)."""
+        live on one channel and end with it, sync/requests.py)."""
         self._listeners, self._handlers, self._closers = tuple(listeners), tuple(handlers), tuple(closers)
 
     def changed(self, device_id: str, online: bool) -> None:

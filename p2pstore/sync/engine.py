@@ -29,9 +29,10 @@ Invariants:
 - A session lives on the channel its open went out on (or came in on): its
   messages go on that channel only, and it ends the moment that channel
   closes, whether the peer went offline or the channel lost a simultaneous
-  dial (net/peers.py) — never by waiting out the timeout. A session this
-  device started that had moved no batch yet runs again on the surviving
-  channel; one that had ends OFFLINE.
+  dial (net/peers.py) — never by waiting out the timeout (the table of
+  sessions in flight is sync/requests.py's). A session this device started
+  that had moved no batch yet runs again on the surviving channel; one that
+  had ends OFFLINE.
 - Auto-sync loses no change: a change made while a push to a peer runs, or
   fails, is pushed again after it (bounded retries, then on the next change
   or when the peer comes back online).
@@ -40,9 +41,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -100,6 +99,7 @@ from p2pstore.store.database import Store
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.sync.lag import LagTracker
+from p2pstore.sync.requests import Delivery, Ended, Overflow, Request, Requests, Why
 
 log = logging.getLogger(__name__)
 
@@ -230,35 +230,25 @@ def compile_where(store: Store, table: str | None, where: Any) -> Any:
     return compile_predicates({"table": table, "where": where}, store.synced_columns(table))
 
 
-class _Session:
-    def __init__(self, peer: str, req: int, channel: Channel) -> None:
-        self.peer = peer
-        self.req = req
-        self.channel = channel
-        self.inbox: asyncio.Queue[Message | None] = asyncio.Queue(INBOX_SIZE)
-        #: Why the session can't go on (set once); ``next`` raises it when the inbox is drained.
-        self.lost: SessionEnded | None = None
-        #: A batch was sent or received: running the session again would not be transparent.
-        self.exchanged = False
+def _session_end(why: Ended | None) -> SessionEnded:
+    """How a session ended from outside (sync/requests.py) ends, as a result."""
+    if why is not None and why.why is Why.FLOODED:
+        return ended(Problem.PEER_TOO_FAR_AHEAD, f"the peer sent more than {INBOX_SIZE} messages ahead in the session")
+    if why is not None and why.why is Why.CHANNEL_CLOSED:
+        return ended(Problem.CHANNEL_CLOSED, f"the connection to the device closed during the sync ({why.detail})")
+    return ended(Problem.CHANNEL_CLOSED, "the peer went offline during the sync")
 
-    def lose(self, end: SessionEnded) -> None:
-        """End the session from outside: messages already queued are still read first."""
-        if self.lost is None:
-            self.lost = end
-        with contextlib.suppress(asyncio.QueueFull):
-            self.inbox.put_nowait(None)  # wakes a waiting next(); a full inbox is drained first
 
-    async def wait(self, machine: Sender | Receiver, timeout: float) -> list[Action]:
-        """Wait for what happens next to the session, tell ``machine``, and return its answer."""
-        if self.lost is None or not self.inbox.empty():
-            try:
-                msg = await asyncio.wait_for(self.inbox.get(), timeout)
-            except asyncio.TimeoutError:
-                return machine.timed_out(timeout)
-            if msg is not None:
-                return machine.receive(msg)
-        lost = self.lost or ended(Problem.CHANNEL_CLOSED, "the peer went offline during the sync")
-        return machine.channel_closed(lost.message) if lost.channel_lost else machine.abort(lost)
+async def _wait(session: Request, machine: Sender | Receiver, timeout: float) -> list[Action]:
+    """Wait for what happens next to ``session``, tell ``machine``, and return its answer."""
+    try:
+        msg = await session.next(timeout)
+    except asyncio.TimeoutError:
+        return machine.timed_out(timeout)
+    if msg is not None:
+        return machine.receive(msg)
+    lost = _session_end(session.ended)
+    return machine.channel_closed(lost.message) if lost.channel_lost else machine.abort(lost)
 
 
 class SyncEngine:
@@ -283,7 +273,8 @@ class SyncEngine:
         #: Batches a sender may have unacked (``sync_window``; protocol/sync_session.py).
         self.window = window
         self.auto_sync_enabled = auto_sync
-        self._sessions: dict[tuple[str, int], _Session] = {}
+        #: Sessions in flight, both ways, each on its channel; a peer that floods one ends it.
+        self._sessions = Requests(inbox_size=INBOX_SIZE, overflow=Overflow.END)
         self._running_syncs: set[tuple[str, str]] = set()
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
         self._tasks = TaskSet(log)
@@ -313,35 +304,26 @@ class SyncEngine:
             self.lag.offered(peer, msg.stores)
             return
         if isinstance(msg, SyncOpen):
-            if (peer, msg.req) in self._sessions:
+            session = self._sessions.accept(peer, msg.req, channel)
+            if session is None:
                 log.warning("peer %s reused session id %d; ignored", peer, msg.req)
                 return
-            session = self._open_session(peer, msg.req, channel)
             self._spawn(self._serve(session, msg), f"serve {msg.mode} {msg.store} for {peer}")
             return
         req = getattr(msg, "req", None)
-        session = self._sessions.get((peer, req)) if isinstance(req, int) else None
-        if session is None:
-            if isinstance(msg, (SyncBatch, SyncAck, SyncReady)):
-                log.debug("message %s for unknown session %s from %s; ignored", type(msg).__name__, req, peer)
-            return
-        try:
-            session.inbox.put_nowait(msg)
-        except asyncio.QueueFull:
-            log.warning("peer %s floods session %d; ending it", peer, session.req)
-            self._sessions.pop((session.peer, session.req), None)
-            session.lose(ended(Problem.PEER_TOO_FAR_AHEAD, f"the peer sent more than {INBOX_SIZE} messages ahead in the session"))
+        delivery = self._sessions.deliver(peer, req, msg) if isinstance(req, int) else Delivery.UNKNOWN
+        if delivery is Delivery.UNKNOWN and isinstance(msg, (SyncBatch, SyncAck, SyncReady)):
+            log.debug("message %s for unknown session %s from %s; ignored", type(msg).__name__, req, peer)
+        elif delivery is Delivery.OVERFLOWED:
+            log.warning("peer %s floods session %d; ending it", peer, req)
 
     def on_channel_closed(self, peer: str, channel: Channel) -> None:
         """A channel closed (PeerManager): its sessions end now, not at their timeout."""
-        for session in [s for s in self._sessions.values() if s.channel is channel]:
-            session.lose(ended(Problem.CHANNEL_CLOSED, f"the connection to the device closed during the sync "
-                                                          f"({channel.close_reason})"))
+        self._sessions.channel_closed(channel)
 
     def on_peer_change(self, peer: str, online: bool) -> None:
         if not online:
-            for session in [s for s in self._sessions.values() if s.peer == peer]:
-                session.lose(ended(Problem.CHANNEL_CLOSED, "the peer went offline during the sync"))
+            self._sessions.peer_offline(peer)
         else:
             for store in self.registry.stores():
                 if store.restore_pending:  # a restored store catches up as soon as a peer is there
@@ -358,14 +340,7 @@ class SyncEngine:
         """What we know of a peer's tables: its HELLO, updated by later sessions."""
         return {**offers_by_store(hello_stores), **self.peer_tables.get(peer, {})}
 
-    def _open_session(self, peer: str, req: int, channel: Channel) -> _Session:
-        session = _Session(peer, req, channel)
-        self._sessions[(peer, req)] = session
-        if channel.closed:  # a message read from a channel closed since: its close event may have passed
-            self.on_channel_closed(peer, channel)
-        return session
-
-    async def _send(self, session: _Session, msg: Message) -> None:
+    async def _send(self, session: Request, msg: Message) -> None:
         """Send on the session's own channel: a channel that closed under it ends it."""
         try:
             await self.peers.send(session.peer, msg, channel=session.channel)
@@ -394,7 +369,7 @@ class SyncEngine:
             raise ended(Problem.BEHIND_FORGOTTEN_DELETES, f"the device is behind deletes the other side has forgotten (store "
                                                      f"{store.name}); it must first get a full sync from there (a resync)")
 
-    async def _drive(self, session: _Session, machine: Sender | Receiver, actions: list[Action],
+    async def _drive(self, session: Request, machine: Sender | Receiver, actions: list[Action],
                      do: Callable[[Action], Awaitable[list[Action]]]) -> Stats:
         """Run one side of a session: carry out ``machine``'s actions — sends
         here, the store's part in ``do`` — and feed it what happens, until it
@@ -405,7 +380,7 @@ class SyncEngine:
                 action = pending.popleft()
                 if isinstance(action, Send):
                     if isinstance(action.message, SyncBatch):
-                        session.exchanged = True  # from here the peer may apply it
+                        session.moved = True  # from here the peer may apply it
                     await self._send(session, action.message)
                 elif isinstance(action, Finish):
                     if action.code == Code.SUCCESS:
@@ -413,9 +388,9 @@ class SyncEngine:
                     raise action.end
                 else:
                     pending.extend(await do(action))
-            pending.extend(await session.wait(machine, self.timeout))
+            pending.extend(await _wait(session, machine, self.timeout))
 
-    async def _send_stream(self, session: _Session, store: Store, table: str | None, where: Any,
+    async def _send_stream(self, session: Request, store: Store, table: str | None, where: Any,
                            progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
                            snapshot: int | None = None, copy_of: str | None = None) -> Stats:
         """Sender: batches until the stream is drained, each acked, then SyncEnd.
@@ -466,7 +441,7 @@ class SyncEngine:
             actions = machine.begin(since, always_send=snapshot is not None or copy_of is not None)
         return await self._drive(session, machine, actions, do)
 
-    async def _receive_stream(self, session: _Session, store: Store, progress: Progress | None, opening: Message) -> Stats:
+    async def _receive_stream(self, session: Request, store: Store, progress: Progress | None, opening: Message) -> Stats:
         """Receiver: send ``opening`` (a push's SyncReady, a pull's SyncOpen),
         then apply each batch (with the watermark) and ack it, until SyncEnd."""
         machine = Receiver(session.req)
@@ -474,7 +449,7 @@ class SyncEngine:
         async def do(action: Action) -> list[Action]:
             if not isinstance(action, Apply):
                 raise TypeError(f"a receiver has no {type(action).__name__}")
-            session.exchanged = True
+            session.moved = True
             batch = action.batch
             result = await store.apply_changes(batch, session.peer)
             self.on_applied(store, session.peer, result)
@@ -493,7 +468,7 @@ class SyncEngine:
 
     # -- serving a peer's request ----------------------------------------------
 
-    async def _serve(self, session: _Session, msg: SyncOpen) -> None:
+    async def _serve(self, session: Request, msg: SyncOpen) -> None:
         peer = session.peer
         code: int | None = None  # set once the session is tracked (the store exists)
         try:
@@ -539,11 +514,11 @@ class SyncEngine:
             log.exception("sync session %d with %s on %s/%s crashed", msg.req, peer, msg.bundle, msg.store)
             await self._end_quietly(session, ended(Problem.INTERNAL, f"internal error on the peer: {type(exc).__name__}"))
         finally:
-            self._sessions.pop((peer, msg.req), None)
+            self._sessions.finish(session)
             if code is not None:
                 self.lag.end(peer, msg.bundle, msg.store, "receive" if msg.mode == "push" else "send", code)
 
-    async def _end_quietly(self, session: _Session, end: SessionEnded) -> None:
+    async def _end_quietly(self, session: Request, end: SessionEnded) -> None:
         """Tell the peer how the session ended, if it must be told (``end_message``)."""
         msg = end_message(session.req, end)
         if msg is None:
@@ -632,8 +607,8 @@ class SyncEngine:
                       where: Any, progress: Progress | None) -> Stats:
         """One attempt of ``_run_session`` on ``channel``; ``_ChannelReplaced``
         if the channel closed before any batch moved (nothing to undo)."""
-        req = secrets.randbits(62) + 1
-        session = self._open_session(peer, req, channel)
+        session = self._sessions.start(peer, channel)
+        req = session.req
         try:
             where_text = encode_predicates(where_json) if where is not None else None
             if mode == "push":
@@ -644,7 +619,7 @@ class SyncEngine:
             opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream)
             return await self._receive_stream(session, store, progress, opening)
         except SessionEnded as end:
-            if end.channel_lost and not session.exchanged:
+            if end.channel_lost and not session.moved:
                 raise _ChannelReplaced(end.message) from None
             await self._end_quietly(session, end)  # let the peer stop too
             raise
@@ -661,7 +636,7 @@ class SyncEngine:
             await self._end_quietly(session, end)
             raise end from exc
         finally:
-            self._sessions.pop((peer, req), None)
+            self._sessions.finish(session)
 
     # -- the catch-up of a store restored from a backup (store/restore.py) -------
 
@@ -675,8 +650,8 @@ class SyncEngine:
             channel = await self.peers.wait_channel(peer)
             if channel is None:
                 raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the device is offline")
-            req = secrets.randbits(62) + 1
-            session = self._open_session(peer, req, channel)
+            session = self._sessions.start(peer, channel)
+            req = session.req
             back = deleted = 0
             machine = Receiver(req, await_ready=True)
             ready: SyncReady | None = None
@@ -702,7 +677,7 @@ class SyncEngine:
                 raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the catch-up from this device "
                                                          f"failed: code {code} {exc}") from None
             finally:
-                self._sessions.pop((peer, req), None)
+                self._sessions.finish(session)
             if store.restore_pending:
                 raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the device ended the catch-up early")
             log.warning("store %s/%s caught up from %s after its restore: %d row(s) back or brought up to date, %d deleted",

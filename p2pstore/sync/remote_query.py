@@ -14,7 +14,8 @@ Answering side invariants:
   page (QueryMore) before the next is read, so memory on both sides is bound
   by a page (the asker keeps what it has received, as its caller asked for it).
 - A query lives on one channel, the one its request went out on (came in
-  on): when that channel closes it ends at once on both sides. The asker
+  on): when that channel closes it ends at once on both sides
+  (sync/requests.py keeps the queries in flight). The asker
   sends it again on the surviving channel if no page had come yet (the
   channel lost a simultaneous dial), else it is DEVICE_OFFLINE.
 """
@@ -22,10 +23,8 @@ Answering side invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import secrets
 import sqlite3
 from typing import Any
 
@@ -59,6 +58,7 @@ from p2pstore.store.changes import TEXT_FACTORY
 from p2pstore.store.database import Store
 from p2pstore.protocol.results import MAX_RESULT_BYTES, ResultBudget
 from p2pstore.store.registry import StoreRegistry
+from p2pstore.sync.requests import Delivery, Overflow, Request, Requests
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ FETCH_ROWS = 512
 MAX_SERVING_PER_PEER = 4
 #: Times a query is sent again when its channel closed before the first page.
 CHANNEL_RETRIES = 3
-
-Inbox = asyncio.Queue[Message | None]
+#: Messages a query may have waiting (one is all a well-behaved peer sends at a time).
+INBOX_SIZE = 4
 
 
 def _value_size(value: Any) -> int:
@@ -144,9 +144,10 @@ class RemoteQueries:
         self.peers = peers
         self.directory = directory
         self.timeout = timeout
-        #: Queries in flight, both ways: (device, req) -> (inbox, the channel they live on).
-        self._waiting: dict[tuple[str, int], tuple[Inbox, Channel]] = {}
-        self._serving: dict[tuple[str, int], tuple[Inbox, Channel]] = {}
+        #: Queries in flight, each on its channel: asked here (our ids) and answered here
+        #: (the peer's ids). A peer that floods one has its extra messages dropped.
+        self._asking = Requests(inbox_size=INBOX_SIZE, overflow=Overflow.DROP)
+        self._answering = Requests(inbox_size=INBOX_SIZE, overflow=Overflow.DROP)
         self._tasks = TaskSet(log)
 
     async def stop(self) -> None:
@@ -154,47 +155,40 @@ class RemoteQueries:
 
     def on_peer_change(self, peer: str, online: bool) -> None:
         if not online:
-            self._end_where(lambda p, channel: p == peer)
+            self._asking.peer_offline(peer)
+            self._answering.peer_offline(peer)
 
     def on_channel_closed(self, peer: str, channel: Channel) -> None:
         """A channel closed (PeerManager): the queries on it end now, not at their timeout."""
-        self._end_where(lambda p, c: c is channel)
-
-    def _end_where(self, match: Any) -> None:
-        for (p, _), (inbox, channel) in list(self._waiting.items()) + list(self._serving.items()):
-            if match(p, channel):
-                with contextlib.suppress(asyncio.QueueFull):  # a full inbox is read before it waits again
-                    inbox.put_nowait(None)
+        self._asking.channel_closed(channel)
+        self._answering.channel_closed(channel)
 
     # -- messages from peers ---------------------------------------------------
 
     async def handle(self, peer: str, msg: Message, channel: Channel) -> bool:
         """Take a remote-query message (from ``channel``); False if it is not one."""
         if isinstance(msg, QueryRequest):
-            if sum(1 for p, _ in self._serving if p == peer) >= MAX_SERVING_PER_PEER:
+            if self._answering.count(peer) >= MAX_SERVING_PER_PEER:
                 await self._send_quietly(peer, QueryError(msg.req, "BUSY", "too many queries from this device at once"), channel)
                 return True
-            inbox: Inbox = asyncio.Queue(4)
-            self._serving[(peer, msg.req)] = (inbox, channel)
-            if channel.closed:  # read from a channel closed since: its close event may have passed
-                inbox.put_nowait(None)
-            self._tasks.spawn(self._answer(peer, msg, inbox, channel), f"answer query {msg.req} from {peer[:7]}")
+            query = self._answering.accept(peer, msg.req, channel)
+            if query is None:
+                log.warning("peer %s reused remote query id %d; ignored", peer, msg.req)
+                return True
+            self._tasks.spawn(self._answer(query, msg), f"answer query {msg.req} from {peer[:7]}")
             return True
         if isinstance(msg, QueryMore):
-            entry = self._serving.get((peer, msg.req))
+            delivery = self._answering.deliver(peer, msg.req, msg)
         elif isinstance(msg, (QueryPage, QueryError)):
-            entry = self._waiting.get((peer, msg.req))
+            delivery = self._asking.deliver(peer, msg.req, msg)
         else:
             return False
-        if entry is not None:
-            inbox = entry[0]
-            try:
-                inbox.put_nowait(msg)
-            except asyncio.QueueFull:
-                log.warning("peer %s floods remote query %d; dropping its messages", peer, msg.req)
+        if delivery is Delivery.OVERFLOWED:
+            log.warning("peer %s floods remote query %d; dropping its messages", peer, msg.req)
         return True
 
-    async def _answer(self, peer: str, msg: QueryRequest, inbox: Inbox, channel: Channel) -> None:
+    async def _answer(self, query: Request, msg: QueryRequest) -> None:
+        peer, channel = query.peer, query.channel
         pager: _Pager | None = None
         try:
             store = await self.registry.for_peer(msg.bundle, msg.store)
@@ -212,7 +206,7 @@ class RemoteQueries:
                 pages += 1
                 if last:
                     break
-                more = await asyncio.wait_for(inbox.get(), self.timeout)
+                more = await query.next(self.timeout)
                 if not isinstance(more, QueryMore):
                     return  # the asker went away or gave up
             log.info("answered remote query from %s on %s/%s.%s (%d page(s))", peer, msg.bundle, msg.store, msg.table, pages)
@@ -224,7 +218,7 @@ class RemoteQueries:
         except asyncio.TimeoutError:
             log.info("remote query %d from %s abandoned (no request for the next page)", msg.req, peer)
         finally:
-            self._serving.pop((peer, msg.req), None)
+            self._answering.finish(query)
             if pager is not None:
                 await asyncio.to_thread(pager.close)
 
@@ -262,14 +256,12 @@ class RemoteQueries:
 
     async def _ask(self, device: str, channel: Channel, request: QueryRequest) -> dict[str, Any] | None:
         """The query on ``channel``: the result, or None if the channel closed before any page came."""
-        req = secrets.randbits(62) + 1
-        inbox: Inbox = asyncio.Queue(4)
-        self._waiting[(device, req)] = (inbox, channel)
+        query = self._asking.start(device, channel)
+        req = query.req
         result_columns: list[str] = []
         rows: list[list[Any]] = []
         budget = ResultBudget(max_bytes=self.max_result_bytes, source=f"the query on {device}",
                               hint="add a limit and page with offset", data={"device_id": device})
-        pages = 0
         try:
             try:
                 await self.peers.send(device, dataclasses.replace(request, req=req), channel=channel)
@@ -277,18 +269,18 @@ class RemoteQueries:
                 return None
             while True:
                 try:
-                    msg = await asyncio.wait_for(inbox.get(), self.timeout)
+                    msg = await query.next(self.timeout)
                 except asyncio.TimeoutError:
                     raise SyncTimeout(f"device {device} did not answer the query within {self.timeout:g} s") from None
                 if msg is None:
-                    if pages == 0:
+                    if not query.moved:
                         return None
                     raise DeviceOffline(f"device {device} went offline during the query", data={"device_id": device})
                 if isinstance(msg, QueryError):
                     cls = by_name(msg.name)
                     raise cls(f"device {device}: {msg.message}", data={"device_id": device})
                 assert isinstance(msg, QueryPage)
-                pages += 1
+                query.moved = True
                 if not result_columns:
                     result_columns = list(msg.columns)
                     budget.add_columns(result_columns)
@@ -300,7 +292,7 @@ class RemoteQueries:
                     return {"columns": result_columns, "rows": rows}
                 await self.peers.send(device, QueryMore(req), channel=channel)
         finally:
-            self._waiting.pop((device, req), None)
+            self._asking.finish(query)
 
 
 def decode_rows(payload: bytes) -> list[list[Any]]:
