@@ -33,7 +33,7 @@ from p2pstore.api.methods import Api, DeviceSelf
 from p2pstore.api.server import ApiServer, ClientConnection
 from p2pstore.api.subscriptions import ChangeFeed, Subscriptions
 from p2pstore.config import Config
-from p2pstore.errors import ConfigError, DaemonAlreadyRunning, P2PStoreError
+from p2pstore.errors import ConfigError, DaemonAlreadyRunning, P2PStoreError, ProtocolError
 from p2pstore import PROTOCOL_VERSION
 from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
@@ -294,7 +294,12 @@ class Daemon:
 
     async def _offer_stores(self, device_id: str) -> None:
         try:
-            await self.peers.send(device_id, await self.stores_offer(device_id))
+            offer = await self.stores_offer(device_id)
+        except ProtocolError as exc:  # our own offer failed its checks: a bug to see, not a peer that went away
+            log.warning("could not offer stores to %s: the offer is not a valid message: %s", device_id, exc.message)
+            return
+        try:
+            await self.peers.send(device_id, offer)
         except P2PStoreError as exc:
             log.debug("could not offer stores to %s: %s", device_id, exc.message)
         except Exception as exc:  # e.g. a store closed while its lag was counted: the next offer has it right
@@ -409,5 +414,5 @@ def store_offer(store: Store, lag: Lag | None = None) -> StoreOffer:
     """A store's distributed tables as offered to a peer (names and sync
     columns, never rows), with ``lag``'s figures for that peer."""
     figures = (lag.unsent, lag.last_seq, lag.stream) if lag is not None else (None, None, None)
-    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or TableType.COLLABORATIVE, table_offers(store),
+    return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or TableType.COLLABORATIVE.value, table_offers(store),
                       *figures)
