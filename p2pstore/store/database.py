@@ -650,6 +650,7 @@ class Store:
         """
         if table_type not in TABLE_TYPES:
             raise InvalidParams(f"table_type must be one of {', '.join(TABLE_TYPES)}", data={"param": "config.table_type"})
+        table_type = TableType(table_type).value  # a plain str from here on: it goes into messages and the file
 
         def op(conn: sqlite3.Connection) -> tuple[T | None, ChangeBatch]:
             with self._transaction(conn):
