@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from p2pstore.errors import CompositeKeyNotSupported, InvalidParams, TableNotFound
 from p2pstore.schema.predicates import quote_ident
+from p2pstore.schema.shape import read_table_shape
 
 INTERNAL_PREFIX = "_p2p_"
 DEVICE_TABLE_PREFIX = "dev_"
@@ -54,25 +55,24 @@ def is_internal(table: str) -> bool:
 
 
 def read_table_info(conn: sqlite3.Connection, table: str) -> TableInfo:
-    """Raise TableNotFound / CompositeKeyNotSupported; never guess."""
-    if is_internal(table):
+    """Raise TableNotFound / CompositeKeyNotSupported; never guess.
+
+    Read through ``schema.shape`` (the one reader of a live table's shape),
+    so the store and sync_schema.json validation agree on what the key is and
+    whether it aliases the rowid (never in a WITHOUT ROWID table)."""
+    shape = None if is_internal(table) else read_table_shape(conn, table)
+    if shape is None:
         raise TableNotFound(f"no such table: {table}", data={"table": table})
-    row = conn.execute("SELECT type FROM sqlite_master WHERE name = ? AND type = 'table'", (table,)).fetchone()
-    if row is None:
-        raise TableNotFound(f"no such table: {table}", data={"table": table})
-    info = conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall()
-    columns = tuple(r[1] for r in info)
-    pk = sorted((r[5], r[1], (r[2] or "").upper()) for r in info if r[5])
+    pk = shape.primary_key
     if len(pk) > 1:
         raise CompositeKeyNotSupported(
-            f"table {table} has a composite primary key ({', '.join(p[1] for p in pk)}); distributed tables need a single-column key",
+            f"table {table} has a composite primary key ({', '.join(pk)}); distributed tables need a single-column key",
             data={"table": table},
         )
+    columns = tuple(c.name for c in shape.columns)
     if not pk:
         return TableInfo(table, columns, None, False)
-    _, key, decl = pk[0]
-    # An INTEGER PRIMARY KEY column is the rowid itself (SQLite "rowid alias").
-    return TableInfo(table, columns, key, decl == "INTEGER")
+    return TableInfo(table, columns, pk[0], shape.rowid_alias is not None)
 
 
 def device_table_name(device_id: str, table: str) -> str:
