@@ -147,7 +147,8 @@ async def status(api: Api, client: ClientConnection, params: dict[str, Any]) -> 
     info = await device_info(api, client, params)
     devices = await _device_dicts(api, api.devices)
     return {"device": info, "uptime_s": round(time.time() - api.started, 1),
-            "stores": [_store_summary(s) for s in api.registry.stores()], "devices": devices}
+            "stores": [_store_summary(s) for s in api.registry.stores()], "devices": devices,
+            "traffic": api.engine.traffic.totals()}
 
 
 @method("store.open")
@@ -274,6 +275,7 @@ async def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, 
         seen = api.engine.peer_view(view.device_id, hello.stores if hello else ())
         entry["schema_mismatches"] = schema_mismatches(api.registry.stores(), seen)
         entry["stores"] = await store_lags(api.engine.lag, api.registry.stores(), view.device_id, seen) if view.trusted else []
+        entry["traffic"] = api.engine.traffic.peer_dict(view.device_id)
         result.append(entry)
     return result
 

@@ -92,6 +92,7 @@ def _status_text(st: dict[str, Any]) -> str:
     for d in st.get("devices", []):
         lines.append("  " + _device_line(d))
         lines.extend(_lag_lines(d.get("stores", [])))
+        lines.extend(_traffic_lines(d.get("traffic")))
     lines.append(f"stores   {len(st['stores'])} open")
     for s in st["stores"]:
         tables = ", ".join(s["distributed_tables"]) or "-"
@@ -116,6 +117,17 @@ def _lag_lines(stores: list[dict[str, Any]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return ["      " + f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}"
             for r in rows]
+
+
+def _traffic_lines(t: dict[str, int] | None) -> list[str]:
+    """A peer's sync traffic since the daemon started (``status``), if any."""
+    if not t or not (t["sessions_started"] or t["sessions_served"]):
+        return []
+    return [f"      traffic: {t['sessions_started']} session(s) opened, {t['sessions_served']} served; "
+            f"sent {t['batches_sent']} batch(es) {t['bytes_sent']} B {t['rows_sent']} row(s); "
+            f"received {t['batches_received']} batch(es) {t['bytes_received']} B {t['rows_received']} row(s): "
+            f"{t['rows_applied']} applied, {t['conflicts']} conflict(s), {t['failed']} failed, "
+            f"{t['duplicates_received']} duplicate(s)"]
 
 
 def _device_line(d: dict) -> str:

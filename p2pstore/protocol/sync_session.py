@@ -266,9 +266,11 @@ class RecordAck:
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    """(Receiver.) Apply ``batch`` with the watermark in one transaction, then call ``applied``."""
+    """(Receiver.) Apply ``batch`` with the watermark in one transaction, then
+    call ``applied``. ``size``: the bytes it took on the wire (for traffic counts)."""
 
     batch: OutBatch
+    size: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -516,4 +518,4 @@ class Receiver(_Machine):
         except ProtocolError as exc:
             return self._finish(Finish(SessionEnded(result_code(exc), str(exc))))
         self.applying = batch
-        return [Apply(batch)]
+        return [Apply(batch, len(msg.payload))]

@@ -99,6 +99,7 @@ from p2pstore.store.database import Store
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.sync.lag import LagTracker
+from p2pstore.sync.traffic import Traffic
 from p2pstore.sync.requests import Delivery, Ended, Overflow, Request, Requests, Why
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,8 @@ class SyncEngine:
         self.peer_tables: dict[str, PeerTables] = {}
         #: Per-peer lag figures for status and devices.list (sync/lag.py).
         self.lag = LagTracker(code_name)
+        #: Per-peer sessions, batches, bytes and duplicates (sync/traffic.py).
+        self.traffic = Traffic()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -308,6 +311,7 @@ class SyncEngine:
             if session is None:
                 log.warning("peer %s reused session id %d; ignored", peer, msg.req)
                 return
+            self.traffic.session(peer, served=True)
             self._spawn(self._serve(session, msg), f"serve {msg.mode} {msg.store} for {peer}")
             return
         req = getattr(msg, "req", None)
@@ -381,6 +385,7 @@ class SyncEngine:
                 if isinstance(action, Send):
                     if isinstance(action.message, SyncBatch):
                         session.moved = True  # from here the peer may apply it
+                        self.traffic.sent(session.peer, len(action.message.payload))
                     await self._send(session, action.message)
                 elif isinstance(action, Finish):
                     if action.code == Code.SUCCESS:
@@ -427,6 +432,7 @@ class SyncEngine:
                 if action.watermark is not None:
                     self.lag.acked(*key, *action.watermark)
                 self.lag.moved(key, action.batch.count)
+                self.traffic.acked(session.peer, action.batch.count)
                 if progress is not None:
                     progress("in_progress", Code.SUCCESS, machine.stats, "upload")
                 return []
@@ -454,6 +460,7 @@ class SyncEngine:
             result = await store.apply_changes(batch, session.peer)
             self.on_applied(store, session.peer, result)
             self.lag.received(session.peer, store.bundle, store.name, batch)
+            self.traffic.received(session.peer, action.size, batch.count, result.applied, result.conflicts, result.failed)
             actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, machine.stats, "download")
@@ -608,6 +615,7 @@ class SyncEngine:
         """One attempt of ``_run_session`` on ``channel``; ``_ChannelReplaced``
         if the channel closed before any batch moved (nothing to undo)."""
         session = self._sessions.start(peer, channel)
+        self.traffic.session(peer, served=False)
         req = session.req
         try:
             where_text = encode_predicates(where_json) if where is not None else None
@@ -651,6 +659,7 @@ class SyncEngine:
             if channel is None:
                 raise ended(Problem.BACKUP_CATCH_UP_FAILED, f"{restore_pending_message(store)}; the device is offline")
             session = self._sessions.start(peer, channel)
+            self.traffic.session(peer, served=False)
             req = session.req
             back = deleted = 0
             machine = Receiver(req, await_ready=True)
@@ -665,6 +674,7 @@ class SyncEngine:
                     raise TypeError(f"a catch-up has no {type(action).__name__} here")
                 outcome = await store.apply_catch_up(action.batch, peer, ready.since, ready.stream)
                 back, deleted = back + outcome.back, deleted + outcome.deleted
+                self.traffic.received(peer, action.size, action.batch.count, outcome.back + outcome.deleted, 0, 0)
                 return machine.applied(0, outcome.back + outcome.deleted, 0, 0)
 
             try:

@@ -1,0 +1,85 @@
+"""Per-peer traffic counters in ``status`` / ``devices.list`` (docs/sync.md,
+"Traffic"), with real daemons: sessions, batches, bytes and rows each way,
+and rows received that changed nothing (duplicates) — what makes a fleet's
+amplification visible (issue 15 item 4)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sync_helpers import (
+    SV_REF,
+    Node,
+    cli,
+    linked_daemons,  # noqa: F401  (fixture)
+    setup_employee,
+)
+
+ROWS = 2_500  # more than one batch
+
+
+def traffic(me: Node, other: Node, *, method: str = "status") -> dict[str, int]:
+    answer = me.api.call(method)
+    devices = answer["devices"] if method == "status" else answer
+    [device] = [d for d in devices if d["device_id"] == other.id]
+    return device["traffic"]
+
+
+def insert(node: Node, n: int, prefix: str) -> None:
+    node.call("store.execute", **SV_REF, sql=(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
+        "INSERT INTO EMPLOYEE (NAME, AGE, SALARY) SELECT ? || x, x % 90, x * 0.5 FROM c"), params=[n, prefix])
+
+
+def sync(node: Node, other: Node, mode: str) -> dict[str, Any]:
+    [entry] = node.call("store.sync", **SV_REF, mode=mode, predicates={"devices": [other.id]})["results"]
+    assert entry["code"] == 0, entry
+    return entry
+
+
+def test_counters_follow_a_push_an_echo_and_a_pull(linked_daemons) -> None:
+    a, b, c = linked_daemons(3, schema=True)
+    for node in (a, b, c):
+        setup_employee(node)
+    zero = traffic(a, b)
+    assert set(zero) >= {"sessions_started", "sessions_served", "batches_sent", "bytes_sent", "rows_sent",
+                         "batches_received", "bytes_received", "rows_received", "rows_applied", "conflicts",
+                         "failed", "duplicates_received"}
+    assert not any(zero.values())
+
+    insert(a, ROWS, "a")
+    sync(a, b, "push")
+    sent, got = traffic(a, b), traffic(b, a)
+    assert sent["sessions_started"] == 1 and sent["sessions_served"] == 0
+    assert got["sessions_served"] == 1 and got["sessions_started"] == 0
+    assert sent["rows_sent"] == ROWS == got["rows_received"] == got["rows_applied"]
+    assert sent["batches_sent"] == got["batches_received"] >= 2
+    assert sent["bytes_sent"] == got["bytes_received"] > ROWS * 10
+    assert got["duplicates_received"] == 0 and got["conflicts"] == 0 and got["failed"] == 0
+    # devices.list carries the same counters as status
+    assert traffic(b, a, method="devices.list") == got
+
+    # B relays A's rows to C, and C pushes them back to B: an echo, all duplicates on B.
+    sync(b, c, "push")
+    assert traffic(c, b)["rows_applied"] == ROWS
+    sync(c, b, "push")
+    echo = traffic(b, c)
+    assert echo["rows_received"] >= ROWS
+    assert echo["rows_applied"] == 0
+    assert echo["duplicates_received"] == echo["rows_received"]
+
+    # A pulls from C: A's own rows come back, nothing changes on A.
+    sync(a, c, "pull")
+    pulled = traffic(a, c)
+    assert pulled["sessions_started"] == 1 and pulled["rows_applied"] == 0
+    assert pulled["duplicates_received"] == pulled["rows_received"] >= ROWS
+    assert traffic(c, a)["sessions_served"] == 1 and traffic(c, a)["rows_sent"] == pulled["rows_received"]
+
+    # status sums every device's counters; the CLI prints them per device.
+    totals = a.api.call("status")["traffic"]
+    assert totals["rows_sent"] == ROWS and totals["sessions_started"] == 2
+    out = cli(b, "status")
+    assert out.returncode == 0, out.stderr
+    assert f"{ROWS} applied" in out.stdout and f"{echo['duplicates_received']} duplicate(s)" in out.stdout
+    assert json.loads(cli(b, "status", "--json").stdout)["traffic"]["duplicates_received"] == echo["duplicates_received"]
