@@ -37,6 +37,14 @@ rss                peak RSS of each daemon during a 1M-row push. Goal <= 150 MB.
 writes_under_push  p99 of single-row store.insert on B while B receives a
                    1M-row push. Goal <= 50 ms.
 
+Fleet (issue 15), one daemon per network-namespace host (scripts/testbed, root
+only; not in the default run, name it):
+mesh               per fleet size (``--hosts 4,8,16``): mesh online after the
+                   trust calls; a single-row insert reaching every host (p50 /
+                   max) and the sync sessions, batches and duplicates it costs;
+                   200 rows on every host at once: write time against a lone
+                   host, and time until all are identical (scripts/bench_mesh.py).
+
 ``--rows N`` sets the size of the rss / writes_under_push pushes (e.g. 300000
 when 1M takes too long) and of size; ``--profile DIR`` runs the sync benches' daemons
 under ``py-spy record`` (raw collapsed stacks in DIR/<bench>-<daemon>.txt).
@@ -166,6 +174,8 @@ def bench_capture(quick: bool) -> dict:
 
 #: Set by --rows / --profile (main).
 BIG_ROWS: int | None = None
+#: Set by --hosts (main): the fleet sizes of ``mesh``.
+MESH_SIZES: list[int] | None = None
 PROFILE_DIR: Path | None = None
 
 
@@ -864,9 +874,15 @@ def bench_writes_under_push(quick: bool) -> dict:
     }
 
 
+def bench_mesh(quick: bool) -> list[dict]:
+    from bench_mesh import bench_mesh as run  # netns hosts: its own module (scripts/bench_mesh.py)
+
+    return run(MESH_SIZES or ([4] if quick else [4, 8, 16]))
+
+
 BENCHES = {"capture": bench_capture, "notify": bench_notify, "push": bench_push, "push_outside": bench_push_outside,
            "pull_outside": bench_pull_outside, "size": bench_size, "datapath": bench_datapath, "autosync": bench_autosync,
-           "rss": bench_rss, "writes_under_push": bench_writes_under_push}
+           "rss": bench_rss, "writes_under_push": bench_writes_under_push, "mesh": bench_mesh}
 
 
 def main() -> None:
@@ -874,15 +890,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rows and runs (a smoke run)")
     parser.add_argument("names", nargs="*", choices=[[], *BENCHES], default=[], metavar="NAME", help=f"one of {', '.join(BENCHES)} (default: all)")
     parser.add_argument("--rows", type=int, help="rows pushed by rss and writes_under_push (default 1M; quick 100k), and by size (default 100k; quick 20k)")
+    parser.add_argument("--hosts", help="mesh: fleet sizes, comma-separated (default 4,8,16; quick 4)")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="run sync benches' daemons under py-spy record, stacks into DIR")
     args = parser.parse_args()
-    global BIG_ROWS, PROFILE_DIR
+    global BIG_ROWS, PROFILE_DIR, MESH_SIZES
     BIG_ROWS = args.rows
+    if args.hosts:
+        MESH_SIZES = [int(x) for x in args.hosts.split(",")]
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         PROFILE_DIR = args.profile.resolve()
-    for name in args.names or list(BENCHES):
-        print(json.dumps(BENCHES[name](args.quick)), flush=True)
+    for name in args.names or [b for b in BENCHES if b != "mesh"]:
+        result = BENCHES[name](args.quick)
+        for item in result if isinstance(result, list) else [result]:
+            print(json.dumps(item), flush=True)
 
 
 if __name__ == "__main__":
