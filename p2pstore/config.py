@@ -98,6 +98,10 @@ class Config:
     max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS
     #: Sync batches a sender may have unacknowledged (protocol/sync_session.py, 1..64).
     sync_window: int = 4
+    #: Peers a received change is passed on to (sync/engine.py; 0: none, anti-entropy only).
+    relay_fanout: int = 1
+    #: Seconds between anti-entropy pulls of each auto-sync store from a random peer (0: off).
+    anti_entropy_interval_s: float = 30.0
 
     @property
     def security_level_int(self) -> int:

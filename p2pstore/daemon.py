@@ -198,7 +198,8 @@ class Daemon:
         )
         self.directory = DeviceDirectory(self.identity.device_id, self.trust, self.peers, on_event=self._device_event)
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
-                                 on_applied=self._applied, window=config.sync_window)
+                                 on_applied=self._applied, window=config.sync_window,
+                                 relay_fanout=config.relay_fanout, anti_entropy_interval=config.anti_entropy_interval_s)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
                                      timeout=config.remote_query_timeout_s, max_result_bytes=config.max_result_bytes)
         events.wire(
@@ -348,6 +349,7 @@ class Daemon:
             self._lock.release()
             raise
         self._tasks.spawn(self.registry.run_polling(self.config.poll_interval_ms), "poll stores")
+        self.engine.start()
         log.info("p2pstore daemon %s (%s) listening on %s, data in %s",
                  self.config.name, self.identity.device_id, self.config.socket, data_dir)
         self.notifier.ready()

@@ -192,6 +192,10 @@ def test_unknown_key_names_the_file_and_key(tmp_path: Path) -> None:
         ("sync_window = 0", "sync_window"),
         ("sync_window = 65", "sync_window"),
         ("sync_window = 2.5", "sync_window"),
+        ("relay_fanout = -1", "relay_fanout"),
+        ("relay_fanout = 1.5", "relay_fanout"),
+        ("anti_entropy_interval_s = -1", "anti_entropy_interval_s"),
+        ('anti_entropy_interval_s = "often"', "anti_entropy_interval_s"),
         ("[section]\nport = 1", "(top level)"),
     ],
 )
@@ -226,3 +230,10 @@ def test_sync_window_reaches_the_config(tmp_path: Path) -> None:
     assert build_config().sync_window == 4  # docs/config.md
     assert build_config(write(tmp_path, "sync_window = 64\n")).sync_window == 64
     assert build_config(write(tmp_path, "sync_window = 1\n")).sync_window == 1
+
+
+def test_fleet_options_reach_the_config(tmp_path: Path) -> None:
+    default = build_config()
+    assert default.relay_fanout == 1 and default.anti_entropy_interval_s == 30.0  # docs/config.md
+    got = build_config(write(tmp_path, "relay_fanout = 0\nanti_entropy_interval_s = 2.5\n"))
+    assert got.relay_fanout == 0 and got.anti_entropy_interval_s == 2.5

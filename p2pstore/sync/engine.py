@@ -36,12 +36,21 @@ Invariants:
 - Auto-sync loses no change: a change made while a push to a peer runs, or
   fails, is pushed again after it (bounded retries, then on the next change
   or when the peer comes back online).
+- Dissemination (docs/sync.md, "Auto-sync in a fleet"): a device pushes its
+  own changes to every online trusted peer, but passes on what it received
+  to at most ``relay_fanout`` of them, never back to the sender or to the
+  changes' origin; every ``anti_entropy_interval`` (jittered) it pulls each
+  auto-sync store from one random online trusted peer, which brings
+  anything a lost or bounded push left out. So one change costs about
+  (1 + fanout) x (N - 1) sessions in a fleet of N, not (N - 1)^2, and a
+  device that missed it still converges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -61,6 +70,7 @@ from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
+from p2pstore.protocol.table_type import TableType
 from p2pstore.protocol.messages import (
     Message,
     StoreOffer,
@@ -129,6 +139,13 @@ CHANNEL_RETRIES = 3
 #: Pauses before an auto-sync push that failed is tried again; after the last
 #: it waits for the next local change or for the peer to come back online.
 AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+#: Peers a device passes a received change on to (``relay_fanout``).
+DEFAULT_RELAY_FANOUT = 1
+#: Seconds between anti-entropy pulls of each auto-sync store (``anti_entropy_interval_s``; 0: none).
+DEFAULT_ANTI_ENTROPY_S = 30.0
+#: Each wait is the interval times a random factor in this range, so a fleet
+#: started at once does not pull in lockstep.
+ANTI_ENTROPY_JITTER = (0.75, 1.25)
 
 
 #: The result codes, the error -> code table and the session's rules live in
@@ -264,6 +281,9 @@ class SyncEngine:
         timeout: float = DEFAULT_TIMEOUT,
         auto_sync: bool = True,
         window: int = DEFAULT_WINDOW,
+        relay_fanout: int = DEFAULT_RELAY_FANOUT,
+        anti_entropy_interval: float = DEFAULT_ANTI_ENTROPY_S,
+        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry
         self.peers = peers
@@ -274,6 +294,12 @@ class SyncEngine:
         #: Batches a sender may have unacked (``sync_window``; protocol/sync_session.py).
         self.window = window
         self.auto_sync_enabled = auto_sync
+        #: Peers a received change is passed on to (``relay_fanout``), and how
+        #: often each auto-sync store is pulled from a random peer (0: never).
+        self.relay_fanout = relay_fanout
+        self.anti_entropy_interval = anti_entropy_interval
+        self._rng = rng or random.Random()
+        self._anti_entropy_running: set[tuple[str, str]] = set()
         #: Sessions in flight, both ways, each on its channel; a peer that floods one ends it.
         self._sessions = Requests(inbox_size=INBOX_SIZE, overflow=Overflow.END)
         self._running_syncs: set[tuple[str, str]] = set()
@@ -289,6 +315,11 @@ class SyncEngine:
         self.traffic = Traffic()
 
     # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background work that needs no event: anti-entropy."""
+        if self.auto_sync_enabled and self.anti_entropy_interval > 0:
+            self._spawn(self._anti_entropy_loop(), "anti-entropy")
 
     async def stop(self) -> None:
         await self._tasks.close()
@@ -464,11 +495,12 @@ class SyncEngine:
             actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, machine.stats, "download")
-            if result.applied and self.auto_sync_enabled and any(store.auto_sync.values()):
-                # Relay: what we received goes on to our other peers (they dedupe).
-                for other in self._online_trusted():
-                    if other != session.peer:
-                        self._schedule_auto(store, other)
+            if (result.applied and self.auto_sync_enabled and any(store.auto_sync.values())
+                    and store.table_type == TableType.SINGLE_VERSION):
+                # Relay: what we received goes on to a few of our other peers (they dedupe).
+                # (A collaborative stream holds only a device's own rows: nothing to pass on.)
+                for other in self.relay_targets(session.peer, result.remote_devices()):
+                    self._schedule_auto(store, other)
             return actions
 
         return await self._drive(session, machine, machine.start(opening), do)
@@ -707,6 +739,53 @@ class SyncEngine:
 
     def _online_trusted(self) -> list[str]:
         return sorted(d for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
+
+    def relay_targets(self, sender: str, origins: list[str]) -> list[str]:
+        """The peers a change received from ``sender`` goes on to: at most
+        ``relay_fanout`` online trusted ones, chosen at random, never the
+        sender or a device the changes came from (it pushed them itself to
+        the peers it reaches; anti-entropy covers what nobody passed on)."""
+        skip = {sender, *origins}
+        others = [p for p in self._online_trusted() if p not in skip]
+        if len(others) <= self.relay_fanout:
+            return others
+        return sorted(self._rng.sample(others, self.relay_fanout))
+
+    async def _anti_entropy_loop(self) -> None:
+        """Every interval (jittered), each store with auto-sync tables is
+        pulled from one random online trusted peer that offered it."""
+        while True:
+            await asyncio.sleep(self.anti_entropy_interval * self._rng.uniform(*ANTI_ENTROPY_JITTER))
+            online = self._online_trusted()
+            for store in self.registry.stores():
+                if not any(store.auto_sync.values()) or store.restore_pending:
+                    continue
+                holders = [p for p in online if (store.bundle, store.name) in self.peer_tables.get(p, {})]
+                if holders:
+                    self.anti_entropy(store, self._rng.choice(holders))
+
+    def anti_entropy(self, store: Store, peer: str) -> bool:
+        """Pull ``store`` from ``peer`` in the background, unless such a pull
+        of the store is already running (False then)."""
+        key = (store.bundle, store.name)
+        if key in self._anti_entropy_running:
+            return False
+        self._anti_entropy_running.add(key)
+        self._spawn(self._anti_entropy_pull(store, peer, key), f"anti-entropy {store.name} <- {peer}")
+        return True
+
+    async def _anti_entropy_pull(self, store: Store, peer: str, key: tuple[str, str]) -> None:
+        try:
+            with self.lag.session(peer, store.bundle, store.name, "receive", session_code):
+                stats = await self._run_session(store, "pull", peer, None, None, None, None)
+            if stats.applied:
+                log.info("anti-entropy: %d change(s) of %s/%s from %s that no push had brought",
+                         stats.applied, store.bundle, store.name, peer)
+        except (SessionEnded, P2PStoreError) as exc:
+            log.debug("anti-entropy pull of %s/%s from %s: code %d %s", store.bundle, store.name, peer,
+                      session_code(exc), getattr(exc, "message", exc))
+        finally:
+            self._anti_entropy_running.discard(key)
 
     def on_local_changes(self, store: Store, tables: list[str]) -> None:
         """Local writes to auto-sync tables go to every online trusted peer."""

@@ -1,0 +1,105 @@
+"""Auto-sync in a fleet (docs/sync.md, "Auto-sync in a fleet"; issue 15):
+bounded relay and anti-entropy, with real daemons on loopback.
+
+- With every device relaying every received change to every peer, one
+  single-row insert cost (N-1)^2 sync sessions; with ``relay_fanout = 1``
+  it costs at most 2 (N-1), counted by the daemons themselves (``status``
+  ``traffic``), and every device still gets the row.
+- A device that was down while others wrote converges through anti-entropy
+  alone: the writers have no auto-sync (so they push nothing, on reconnect
+  or otherwise) and each holds only its own rows, so the returning device
+  must pull from each of them, picked at random, interval after interval.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sync_helpers import (
+    SV_REF,
+    Node,
+    linked_daemons,  # noqa: F401  (fixture)
+    setup_employee,
+    wait_until,
+)
+
+N = 5
+QUIET_S = 1.0
+
+
+def config_flag(root: Path, name: str, text: str) -> list[str]:
+    path = root / f"{name}-config.toml"
+    path.write_text(text, encoding="utf-8")
+    return ["--config", str(path)]
+
+
+def names(node: Node) -> set[str]:
+    return {r[0] for r in node.rows(SV_REF, "SELECT NAME FROM EMPLOYEE")}
+
+
+def sessions(nodes: list[Node]) -> int:
+    return sum(n.call("status")["traffic"]["sessions_started"] for n in nodes)
+
+
+def quiet_sessions(nodes: list[Node]) -> int:
+    """The fleet's session count once it stopped growing for QUIET_S."""
+    import time
+
+    last, since = sessions(nodes), time.monotonic()
+    deadline = since + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = sessions(nodes)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= QUIET_S:
+            return now
+    raise AssertionError("the fleet did not go quiet in 30 s")
+
+
+def test_one_insert_costs_at_most_2_n_minus_1_sessions_and_reaches_everyone(linked_daemons, short_tmp: Path) -> None:
+    flags = {i: config_flag(short_tmp, f"n{i}", "relay_fanout = 1\nanti_entropy_interval_s = 0\n") for i in range(N)}
+    nodes = linked_daemons(N, schema=True, flags=flags)
+    for node in nodes:
+        setup_employee(node, auto_sync=True)
+    before = quiet_sessions(nodes)
+    for k, writer in enumerate(nodes[:3]):
+        writer.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"one{k}", "AGE": k})
+        wait_until(lambda: all(f"one{k}" in names(n) for n in nodes), 10, f"row one{k} on all {N} devices")
+        after = quiet_sessions(nodes)
+        cost = after - before
+        # the writer's N-1 pushes, plus at most one relay by each receiver
+        assert N - 1 <= cost <= 2 * (N - 1), f"insert {k}: {cost} sessions (full relay: {(N - 1) ** 2})"
+        before = after
+
+
+def test_a_returning_device_converges_through_anti_entropy_alone(linked_daemons, short_tmp: Path) -> None:
+    writers_conf = "relay_fanout = 0\nanti_entropy_interval_s = 0\n"
+    flags: dict[int, Any] = {i: config_flag(short_tmp, f"w{i}", writers_conf) for i in range(3)}
+    flags[3] = config_flag(short_tmp, "late", "relay_fanout = 0\nanti_entropy_interval_s = 0.3\n")
+    *writers, late = linked_daemons(4, schema=True, flags=flags)
+    for w in writers:
+        setup_employee(w, auto_sync=False)  # they push nothing, ever
+    setup_employee(late, auto_sync=True)
+
+    late.stop()
+    wait_until(lambda: not any(w.sees_online(late) for w in writers), 15, "the writers see the device gone")
+    for i, w in enumerate(writers):
+        for k in range(20):
+            w.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"w{i}-{k}", "AGE": k})
+    expected = {f"w{i}-{k}" for i in range(3) for k in range(20)}
+    assert all(len(names(w)) == 20 for w in writers)  # nobody pushed anything to anybody
+
+    late.restart()
+    wait_until(lambda: all(late.sees_online(w) for w in writers), 15, "the device is back online")
+    late.call("store.open", **SV_REF)
+    wait_until(lambda: names(late) == expected, 30, "the returning device has every writer's rows", interval=0.1)
+
+    # It pulled (anti-entropy); no writer opened a session to it.
+    mine = late.call("status")["traffic"]
+    assert mine["sessions_started"] >= 3 and mine["rows_applied"] == len(expected)
+    for w in writers:
+        [view] = [d for d in w.call("devices.list") if d["device_id"] == late.id]
+        assert view["traffic"]["sessions_started"] == 0
+        assert view["traffic"]["sessions_served"] >= 1

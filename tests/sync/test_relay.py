@@ -1,0 +1,46 @@
+"""sync/engine.py's choice of relay targets (docs/sync.md, "Auto-sync in a
+fleet"), without daemons: at most ``relay_fanout`` online trusted peers,
+never the sender or an origin of the changes, spread at random."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+from p2pstore.sync.engine import SyncEngine
+
+PEERS = ["P1", "P2", "P3", "P4", "P5", "P6"]
+
+
+def engine(fanout: int, online: list[str], trusted: set[str] | None = None, seed: int = 1) -> SyncEngine:
+    trusted = set(online) if trusted is None else trusted
+    peers: Any = SimpleNamespace(channels=lambda: list(online))
+    directory: Any = SimpleNamespace(trust_store=SimpleNamespace(is_trusted=lambda d: d in trusted))
+    registry: Any = SimpleNamespace(stores=lambda: [])
+    return SyncEngine(registry=registry, peers=peers, directory=directory, on_applied=lambda *a: None,
+                      relay_fanout=fanout, rng=random.Random(seed))
+
+
+def test_at_most_fanout_targets_never_the_sender_or_an_origin() -> None:
+    e = engine(1, PEERS)
+    for _ in range(50):
+        got = e.relay_targets("P1", ["P2"])
+        assert len(got) == 1 and got[0] not in ("P1", "P2")
+    e2 = engine(3, PEERS)
+    got = e2.relay_targets("P1", ["P2", "P3"])
+    assert len(got) == 3 and set(got) == {"P4", "P5", "P6"}  # only three are left: all of them
+
+
+def test_zero_fanout_relays_nothing_and_untrusted_peers_are_never_chosen() -> None:
+    assert engine(0, PEERS).relay_targets("P1", []) == []
+    e = engine(10, PEERS, trusted={"P1", "P2", "P3"})
+    assert e.relay_targets("P1", []) == ["P2", "P3"]
+
+
+def test_targets_are_spread_over_the_other_peers() -> None:
+    e = engine(1, PEERS, seed=7)
+    counts = Counter(e.relay_targets("P1", [])[0] for _ in range(1000))
+    assert set(counts) == {"P2", "P3", "P4", "P5", "P6"}
+    assert min(counts.values()) > 120  # about 200 each
