@@ -42,8 +42,9 @@ only; not in the default run, name it):
 mesh               per fleet size (``--hosts 4,8,16``): mesh online after the
                    trust calls; a single-row insert reaching every host (p50 /
                    max) and the sync sessions, batches and duplicates it costs;
-                   200 rows on every host at once: write time against a lone
-                   host, and time until all are identical (scripts/bench_mesh.py).
+                   200 rows on every host at once: write time against the same
+                   writes before any host had a peer, and time until all are
+                   identical (scripts/bench_mesh.py).
 
 ``--rows N`` sets the size of the rss / writes_under_push pushes (e.g. 300000
 when 1M takes too long) and of size; ``--profile DIR`` runs the sync benches' daemons
