@@ -38,7 +38,7 @@ from p2pstore.protocol.batch import (
     COLLABORATIVE, Block, has_raw_text,
 )
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.schema.shape import read_table_shape
+from p2pstore.schema.table_shape import column_affinity
 from p2pstore.store import capture, origins
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE
 
@@ -72,11 +72,12 @@ def keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_ty
     in ``column``: ints in a column of INTEGER affinity, strs in one of TEXT
     affinity. Only then can a bulk apply match rows to keys with IN lists,
     joins and dicts; otherwise it leaves the batch to row by row."""
-    shape = read_table_shape(conn, table)
-    col = shape.column(column) if shape is not None else None
-    if col is None:
+    # Called per batch: one pragma, not the whole shape (schema.shape); the
+    # affinity rule is the schema's own.
+    decl = next((r[2] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})") if r[1] == column), None)
+    if decl is None:
         return False
-    return col.affinity == ("INTEGER" if key_type is int else "TEXT")
+    return column_affinity(decl) == ("INTEGER" if key_type is int else "TEXT")
 
 
 def _not_none(values: Any) -> list[Any]:
