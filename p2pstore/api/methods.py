@@ -28,7 +28,7 @@ from p2pstore.schemas import load_json_schema
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
 from p2pstore.errors import InvalidParams, MethodNotFound, ResultTooLarge
 from p2pstore.schema.sync_schema import validate_document
-from p2pstore.store import single_version
+from p2pstore.store import accepted_schema
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
@@ -210,7 +210,7 @@ async def store_set_distributed_tables(api: Api, client: ClientConnection, param
     async with api.registry.distributing(store):
         if config.get("table_type") == TableType.SINGLE_VERSION:
             # Reads sync_schema.json; the result carries the accepted version and its warnings.
-            outcome = await single_version.set_tables(
+            outcome = await accepted_schema.set_tables(
                 store, params["tables"], auto_sync=config.get("auto_sync", False), schema_path=api.registry.sync_schema_path
             )
             return outcome.to_result()

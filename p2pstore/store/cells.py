@@ -19,7 +19,7 @@ Invariants:
   entry if there is one, else the ``_p2p_rows`` entry, else none. Every
   reader and writer goes through that rule (``expand``), so per-column
   semantics are exactly those of one row per cell; the view
-  ``_p2p_clocks`` shows the logical cells (single_version.SCHEMA_SQL).
+  ``_p2p_clocks`` shows the logical cells (accepted_schema.SCHEMA_SQL).
 - A ``_p2p_rows`` entry exists only for a row that has a logical cell for
   every current sync column. When the sync columns change (a new
   sync_schema.json), ``explode`` first turns the table's entries into

@@ -15,7 +15,7 @@ Invariants:
 - ``stamp`` runs in the same transaction as an API write, and after every
   commit by another process (noticed through ``PRAGMA data_version``).
 - Single-version stores sync by the sync_schema.json entry accepted into
-  the store (``store/single_version.py``); accepting one happens inside the
+  the store (``store/accepted_schema.py``); accepting one happens inside the
   same transaction as the tables it concerns.
 - Storage faults leave ``Store.run`` as domain errors naming the store and
   its file: ``DISK_FULL`` (SQLite rolled the transaction back: nothing of it
@@ -61,7 +61,8 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import capture, cells, changes, gc, merge, restore, single_version
+from p2pstore.store import accepted_schema, capture, cells, changes, gc, merge, modes, restore
+from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
@@ -211,7 +212,7 @@ class Store:
         self.auto_sync: dict[str, bool] = {}
         self.capture = CaptureState()
         #: The sync_schema.json entry this store syncs by (single_version only).
-        self.sync_schema: single_version.AcceptedSchema | None = None
+        self.sync_schema: accepted_schema.AcceptedSchema | None = None
         #: Where the live tables no longer match ``sync_schema`` (found at open).
         self.schema_problems: tuple[SchemaIssue, ...] = ()
         self._user_sql = False
@@ -285,7 +286,7 @@ class Store:
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
             capture.ensure_schema(conn)
-            conn.executescript(single_version.SCHEMA_SQL)
+            conn.executescript(accepted_schema.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
                 raise  # disk full, read-only: Store.run says so (not "not a database")
@@ -299,7 +300,7 @@ class Store:
             self.table_type = get_meta(conn, "table_type")
             self._load_tables(conn)
             if self.table_type == TableType.SINGLE_VERSION:
-                self.schema_problems = single_version.recheck(
+                self.schema_problems = accepted_schema.recheck(
                     conn, label=f"{self.bundle}/{self.name}", bundle=self.bundle, name=self.name, tables=list(self.distributed)
                 )
             if not fresh and restore.restored(conn, restore.read_state(self.path)):
@@ -359,7 +360,7 @@ class Store:
         self.auto_sync = {
             name: bool(auto) for name, auto in conn.execute("SELECT name, auto_sync FROM _p2p_tables WHERE kind = 'local'")
         }
-        self.sync_schema = single_version.load_accepted(conn)
+        self.sync_schema = accepted_schema.load_accepted(conn)
 
     def _transaction(self, conn: sqlite3.Connection) -> _transaction:
         return _transaction(conn, on_rollback=lambda: self._load_tables(conn), before_commit=self._check_file)
@@ -655,7 +656,7 @@ class Store:
         Existing rows are logged as inserts so the first sync sends them, but
         they are not announced as local changes: nothing changed locally.
         ``validate`` (the single-version schema check,
-        ``single_version.SchemaFileCheck``) runs inside the same transaction,
+        ``accepted_schema.SchemaFileCheck``) runs inside the same transaction,
         after outside writes were stamped and announced, so a refused schema
         leaves the store untouched and what it logs itself (rows to send
         again) is stamped with the rest, unannounced. Returns what
@@ -686,10 +687,7 @@ class Store:
                 for info in infos:
                     row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (info.name,)).fetchone()
                     if row is None:
-                        sync = self.sync_schema_for(conn, info.name) if table_type == TableType.SINGLE_VERSION else None
-                        capture.register_table(
-                            conn, self.capture, info, auto_sync, conflict_column=sync.conflict if sync is not None else None
-                        )
+                        modes.of(table_type).register(conn, self.capture, info, auto_sync)
                     else:
                         conn.execute("UPDATE _p2p_tables SET auto_sync = ? WHERE tid = ?", (int(auto_sync), row[0]))
                 set_meta(conn, "table_type", table_type)
@@ -707,15 +705,15 @@ class Store:
         """The accepted sync_schema.json version, or None (none accepted)."""
         return self.sync_schema.version if self.sync_schema is not None else None
 
-    async def reload_sync_schema(self, doc: object) -> single_version.SchemaOutcome:
+    async def reload_sync_schema(self, doc: object) -> accepted_schema.SchemaOutcome:
         """Accept a newly read sync_schema.json (SIGHUP) for this store's
         single_version tables, or raise SchemaInvalid and change nothing."""
         if self.table_type != TableType.SINGLE_VERSION:
             raise InvalidParams(f"store {self.bundle}/{self.name} has no single_version tables")
 
-        def accept(conn: sqlite3.Connection) -> single_version.SchemaOutcome:
+        def accept(conn: sqlite3.Connection) -> accepted_schema.SchemaOutcome:
             try:  # (outside writes were stamped first, by _stamped, and are announced)
-                outcome = single_version.accept(conn, doc, bundle=self.bundle, name=self.name, tables=list(self.distributed))
+                outcome = accepted_schema.accept(conn, doc, bundle=self.bundle, name=self.name, tables=list(self.distributed))
             except sqlite3.Error as exc:
                 raise map_sqlite_error(exc) from exc
             capture.stamp(conn, self.capture, self.clock, collect=False)  # rows to send again: not local changes
@@ -726,13 +724,13 @@ class Store:
 
     async def check_sync_schema(self, document: object) -> ValidationReport:
         """``schema.validate`` against this store: read only, never raises
-        for a bad document (see ``single_version.check_document``)."""
+        for a bad document (see ``accepted_schema.check_document``)."""
         tables = list(self.distributed) if self.table_type == TableType.SINGLE_VERSION else []
 
         def op(conn: sqlite3.Connection) -> ValidationReport:
             conn.execute("BEGIN")  # one consistent snapshot of tables and accepted entry
             try:
-                return single_version.check_document(
+                return accepted_schema.check_document(
                     conn, document, bundle=self.bundle, name=self.name, single_version_tables=tables
                 )
             except sqlite3.Error as exc:
@@ -741,13 +739,6 @@ class Store:
                 conn.execute("ROLLBACK")
 
         return await self.run(op)
-
-    @staticmethod
-    def sync_schema_for(conn: sqlite3.Connection, table: str) -> single_version.SyncColumns | None:
-        """The accepted sync columns of ``table`` as the transaction sees them
-        (``self.sync_schema`` is only refreshed once it commits)."""
-        accepted = single_version.load_accepted(conn)
-        return accepted.tables.get(table) if accepted is not None else None
 
     def require_distributed(self, table: str) -> TableInfo:
         info = self.distributed.get(table)
@@ -783,7 +774,7 @@ class Store:
         """
 
         return await self._stamped(
-            lambda conn: changes.changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes),
+            lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes),
             after=self._note_sent)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
@@ -870,7 +861,7 @@ class Store:
                 known = acked is not None or conn.execute(
                     "SELECT 1 FROM _p2p_acks WHERE peer = ?1 UNION ALL SELECT 1 FROM _p2p_watermarks WHERE peer = ?1",
                     (peer,)).fetchone() is not None
-                return Lag(changes.unsent_rows(conn, since, stream), changes.stable_bound(conn), capture.stream_id(conn),
+                return Lag(unsent_rows(conn, since, stream), changes.stable_bound(conn), capture.stream_id(conn),
                            merge.position(conn, peer), known)
 
         return await self.run(op)
@@ -1032,7 +1023,7 @@ class Store:
 class Lag:
     """One peer's lag on one store, as this device sees it (``Store.lag``)."""
 
-    #: Rows of our stream the peer has not been sent (``changes.unsent_rows``).
+    #: Rows of our stream the peer has not been sent (``stream.unsent_rows``).
     unsent: int
     #: Where our stream is complete (``changes.stable_bound``), in ``stream``.
     last_seq: int

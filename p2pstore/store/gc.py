@@ -50,12 +50,12 @@ from p2pstore.store.changes import (
     Cell,
     OutBatch,
     RowChange,
-    changes_since,
     read_snapshot,
     stable_bound,
     store_mode,
     sync_tables,
 )
+from p2pstore.store.stream import changes_since
 from p2pstore.store.tables import device_table_name
 
 #: ``_p2p_meta``: acked records up to here were looked at by ``collect``.

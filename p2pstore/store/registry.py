@@ -25,7 +25,7 @@ from pathlib import Path
 
 from p2pstore.clock import DEFAULT_MAX_OFFSET_MS
 from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
-from p2pstore.store import capture, single_version
+from p2pstore.store import accepted_schema, capture
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.tables import check_name
@@ -188,14 +188,14 @@ class StoreRegistry:
             log.info("no open store has single_version tables; %s not read", self.sync_schema_path)
             return
         try:
-            doc = await asyncio.to_thread(single_version.read_schema_file, self.sync_schema_path)
+            doc = await asyncio.to_thread(accepted_schema.read_schema_file, self.sync_schema_path)
         except P2PStoreError as exc:
             for store in stores:
-                single_version.log_refused(single_version.store_label(store), exc, store.sync_schema_version)
+                accepted_schema.log_refused(accepted_schema.store_label(store), exc, store.sync_schema_version)
             return
         for store in stores:
             try:
-                await single_version.reload(store, doc)
+                await accepted_schema.reload(store, doc)
             except ValueError:
                 pass  # closed while we reloaded
             except Exception:  # a bug must not take the daemon down with it

@@ -1,510 +1,676 @@
-"""Single-version tables: the accepted sync_schema.json entry, kept in the store.
+"""Single_version tables: one merged table, per-column last-writer-wins on
+the conflict column.
 
-A single_version store syncs by the entry of sync_schema.json that was last
-*accepted* for it (``(bundleName, dbName)`` = the store's ``(bundle, name)``).
-The file is only a proposal: the daemon reads it on
-``set_distributed_tables`` and on SIGHUP, checks it in three layers
-(``p2pstore.schema.sync_schema``) plus the data rule that no conflict column
-holds NULL, and only then copies it into the store.
+One of the two table types (protocol/table_type.py); collaborative.py is
+the other, with the same interface (store/modes.py lists it): how a table
+is *registered*, how its changes are *read* for a peer, and how a peer's
+changes are *planned* and *written* here. The accepted sync_schema.json
+entry that says which columns sync is accepted_schema.py's; where the
+clocks are stored, cells.py's.
 
-Invariants:
+The stream (SPEC §4; changes.py's docstring): the rows with a row clock,
+column clock or tomb above a peer's position, each once, as its current
+sync columns with every clock and its tomb — relayed rows too, with their
+original clocks, so A's change reaches C through B as A's.
 
-- The accepted db entry lives in ``_p2p_meta['sync_schema']`` (JSON); per
-  distributed table, its sync columns (in ``deviceSyncFields`` order) and its
-  conflict column live in ``_p2p_sync_columns``, where the sync engine reads
-  them. Both change only inside the transaction that accepts a new entry,
-  after every check passed; a refused entry changes nothing, so the store
-  keeps syncing with the version it had.
-- Every single_version distributed table has two guard triggers that refuse
-  NULL in its conflict column, for every writer (API, ``sqlite3`` shell,
-  peers). They are (re)created on every acceptance and at open.
-- When an accepted upgrade adds sync columns to a captured table, every
-  existing row of that table is logged again as an update (all columns) in
-  the same transaction, so peers receive the new columns' values. Those log
-  entries are stamped but never announced as local changes.
-- Reading the schema file happens here and nowhere else; collaborative
-  stores never get here, so they never read it.
+The merge (merge.py's docstring has the rules): a row change is merged in
+three steps — the row's state here (values, clocks, tomb: ``RowState``),
+a plan (pure: who wins, what is lost, what to write: ``plan_row``) and the
+writes (``write_rows``). Row by row (``merge_row``) loads and writes one
+plan at a time; in bulk (``merge_bulk``) the state of a whole batch comes
+from a few IN queries and every plan is written with executemany; a block
+of rows never seen here is inserted set-based (``write_block``). All three
+write the same (tests/store/test_merge_bulk_single_version.py,
+tests/store/test_blocks.py).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sqlite3
-import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.errors import P2PStoreError, SchemaInvalid, SchemaNotFound
-from p2pstore.schema.predicates import quote_ident
-from p2pstore.schema.shape import read_table_shape
-from p2pstore.schema.sync_schema import (
-    MAX_DOCUMENT_BYTES,
-    RULES,
-    SchemaIssue,
-    TableShape,
-    ValidationReport,
-    conflict_column,
-    conflict_column_nulls,
-    find_db_entry,
-    invalid_json_report,
-    parse_document,
-    read_document,
-    sync_columns,
-    validate,
+from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_ORIGIN
+from p2pstore.schema.predicates import CompiledQuery, quote_ident
+from p2pstore.store import accepted_schema, capture, cells, origins
+from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
+from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
+from p2pstore.store.changes import (
+    IN_CHUNK, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
 )
-from p2pstore.store import capture, cells
-from p2pstore.store.tables import read_table_info
-from p2pstore.protocol.table_type import TableType
+from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind, same, visible
+from p2pstore.store.tables import TableInfo
 
-if TYPE_CHECKING:  # database.py imports this module; only annotations go the other way
-    from p2pstore.store.database import Store
-
-log = logging.getLogger(__name__)
-
-#: ``_p2p_meta`` key of the accepted db entry (JSON text).
-META_KEY = "sync_schema"
-
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS _p2p_sync_columns(
-    tbl TEXT NOT NULL,
-    col TEXT NOT NULL,
-    pos INTEGER NOT NULL,               -- position in deviceSyncFields
-    conflict INTEGER NOT NULL DEFAULT 0, -- 1 for the table's conflict column
-    PRIMARY KEY (tbl, col)
-) WITHOUT ROWID;
--- Every logical per-column clock (store/cells.py): a column's own entry,
--- else its row's, with device IDs (store/origins.py). For people and tests;
--- the sync code reads the tables.
-CREATE VIEW IF NOT EXISTS _p2p_clocks AS
-SELECT c.tid, c.ck, c.col, c.hlc, (SELECT o.device FROM _p2p_origins o WHERE o.id = c.origin) AS origin, c.seq, c.prev_hlc,
-       (SELECT o.device FROM _p2p_origins o WHERE o.id = c.prev_origin) AS prev_origin FROM _p2p_cells c
-UNION ALL
-SELECT r.tid, r.ck, s.col, r.hlc, (SELECT o.device FROM _p2p_origins o WHERE o.id = r.origin), r.seq, r.prev_hlc,
-       (SELECT o.device FROM _p2p_origins o WHERE o.id = r.prev_origin)
-FROM _p2p_rows r JOIN _p2p_tables t ON t.tid = r.tid JOIN _p2p_sync_columns s ON s.tbl = t.name
-WHERE NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck AND c.col = s.col);
-"""
+if TYPE_CHECKING:  # merge.py imports this module
+    from p2pstore.store.merge import _Applier
 
 
-# --------------------------------------------------------------------------
-# What the store holds
+# -- register ---------------------------------------------------------------
+
+
+def register(conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool) -> None:
+    """Capture ``info``'s writes keyed by its conflict column, as the
+    accepted sync_schema.json entry (in this transaction) names it."""
+    accepted = accepted_schema.load_accepted(conn)
+    sync = accepted.tables.get(info.name) if accepted is not None else None
+    capture.register_table(conn, state, info, auto_sync, conflict_column=sync.conflict if sync is not None else None)
+
+
+# -- read: what a peer is sent ------------------------------------------------
+
+#: Where the seqs of an interval are found: (source, extra condition, key
+#: column). INDEXED BY: left alone, SQLite prefers the (tid, ...) key and sorts everything.
+SEQ_SOURCES = (("_p2p_rows INDEXED BY _p2p_rows_seq", "", "ck"), ("_p2p_cells INDEXED BY _p2p_cells_seq", "", "ck"),
+               ("_p2p_tombs INDEXED BY _p2p_tombs_seq", "", "ck"))
+
+#: The rows a peer at position ?1 has not been sent: the distinct rows with a
+#: row clock, column clock or tomb above it. One seq belongs to one row:
+#: grouping by seq first halves the rows to deduplicate.
+UNSENT_SQL = ("SELECT count(*) FROM (SELECT tid, ck FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE seq > ?1 "
+              "UNION SELECT tid, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 GROUP BY seq "
+              "UNION SELECT tid, ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1)")
+
+
+def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]:
+    """(seq, stored size of the sync columns of the row it sends) for ``seqs``."""
+    assert t.conflict_column is not None
+    name = quote_ident(t.info.name)
+    total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
+    marks = ", ".join("?" * len(seqs))
+    # INDEXED BY: left alone, SQLite walks every cell of the table by its (tid, ...) key.
+    return conn.execute(
+        f"SELECT c.seq, max((SELECT {total} FROM {name} WHERE {quote_ident(t.conflict_column)} = c.ck)) FROM ("
+        f"SELECT seq, ck FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE tid = ?1 AND seq IN ({marks}) UNION ALL "
+        f"SELECT seq, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE tid = ?1 AND seq IN ({marks})) c GROUP BY c.seq",
+        (t.tid, *seqs, *seqs),
+    )
+
+
+def has_irregular_rows(conn: sqlite3.Connection, t: SyncTable) -> bool:
+    """Whether some row may have column clocks of its own (store/cells.py):
+    those rows go as row changes, not in the block."""
+    return conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is not None
+
+
+def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, skip: set[Any]) -> Iterator[RowChange]:
+    """The interval's rows the block did not hold (``skip``: those it did)."""
+    return read_rows(conn, t, since, last, me, None, skip, only_irregular=True)
+
+
+def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
+               budget: int | None = None, irregular: bool = True) -> tuple[Block, bool]:
+    """The interval's *regular* rows in one statement, as wire rows: rows
+    whose sync columns share one clock (a ``_p2p_rows`` entry in the
+    interval, no per-column entry: store/cells.py), with their tomb if they
+    have one; a value the tomb hides travels as NULL, as in
+    ``read_rows``, which reads every other row. ``irregular``: the
+    table may have per-column entries (without any, no row is probed for
+    them). Rows end as collaborative ``read_block``'s do."""
+    assert t.conflict_column is not None
+    name, ck = quote_ident(t.info.name), quote_ident(t.conflict_column)
+    me_dev = "?4"
+    visible = (f"(tb.hlc IS NULL OR r.hlc > tb.hlc OR (r.hlc = tb.hlc AND {origins.device_sql('r.origin', me_dev)} > "
+               f"{origins.device_sql('tb.origin', me_dev)}))")
+    columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
+    values = ", ".join(f"CASE WHEN {visible} THEN x.{quote_ident(c)} END" for c in columns)
+    cursor = conn.execute(
+        "SELECT r.ck, CASE WHEN tb.seq > ?1 THEN max(r.seq, tb.seq) ELSE r.seq END, r.hlc, coalesce(r.origin, 0), "
+        "r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END, "
+        "tb.hlc, CASE WHEN tb.hlc IS NOT NULL THEN coalesce(tb.origin, 0) END, "
+        "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
+        f"{values}, r.seq, {size_sql(columns, 'x.')} "
+        "FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
+        "LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = r.ck "
+        f"LEFT JOIN {name} x ON x.{ck} = r.ck "
+        "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
+        + (" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if irregular else "")
+        + " ORDER BY r.seq",  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
+        (since, last, t.tid, devices[0]),
+    )
+    rows = fetch(cursor, budget)
+    return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), cursor.fetchone() is None
+
+
+def read_rows(
+    conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, where: CompiledQuery | None,
+    skip: set[Any] | frozenset[Any] = frozenset(), *, only_irregular: bool = False,
+) -> Iterator[RowChange]:
+    """The interval's rows as row changes; ``skip``: keys already sent in a
+    block, ``only_irregular``: every regular row was (``read_block``)."""
+    assert t.conflict_column is not None
+    synced = set(t.sync_columns)
+    filt, fparams = filter_sql(t, "ck", where)
+    # origin NULL is this device, and so is prev_origin NULL beside a prev_hlc.
+    # (A plain "?" in the filter numbers on after ?4.)
+    # Origins are stored as numbers (store/origins.py); batches carry device IDs.
+    clock_sql = (f"hlc, {origins.device_sql('origin', '?1')}, seq, prev_hlc, "
+                 f"CASE WHEN prev_hlc IS NOT NULL THEN {origins.device_sql('prev_origin', '?1')} END")
+    cells: dict[Any, list[tuple[Any, ...]]] = {}
+    for ck, col, *clock in conn.execute(
+        f"SELECT ck, col, {clock_sql} FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+        (me, since, last, t.tid, *fparams),
+    ):
+        if col in synced:
+            cells.setdefault(ck, []).append((col, *clock))
+    # Rows whose columns share one clock (store/cells.py): that clock for
+    # each sync column without a cell of its own.
+    # Row clocks of the interval (those of regular rows came in the block).
+    irregular = " AND EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if only_irregular else ""
+    shared = conn.execute(
+        f"SELECT ck, {clock_sql} FROM _p2p_rows r INDEXED BY _p2p_rows_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{irregular}{filt}",
+        (me, since, last, t.tid, *fparams),
+    ).fetchall()
+    if shared:
+        own: dict[Any, set[str]] = {}
+        if conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1", (t.tid,)).fetchone():
+            keys = [r[0] for r in shared]
+            for i in range(0, len(keys), IN_CHUNK):
+                chunk = keys[i:i + IN_CHUNK]
+                for ck, col in conn.execute(f"SELECT ck, col FROM _p2p_cells WHERE tid = ? AND ck IN ({', '.join('?' * len(chunk))})",
+                                            (t.tid, *chunk)):
+                    own.setdefault(ck, set()).add(col)
+        for ck, *clock in shared:
+            mine = own.get(ck, ())
+            cells.setdefault(ck, []).extend((col, *clock) for col in t.sync_columns if col not in mine)
+    tombs: dict[Any, tuple[Any, ...]] = {
+        ck: tuple(clock)
+        for ck, *clock in conn.execute(
+            f"SELECT ck, {clock_sql} FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
+            (me, since, last, t.tid, *fparams),
+        )
+    }
+    for ck in skip:
+        tombs.pop(ck, None)
+    for ck in {ck for ck in (*cells, *tombs) if is_raw_text(ck)}:
+        cells.pop(ck, None)
+        tombs.pop(ck, None)
+        if ck not in skip:
+            unsendable(t, ck)
+    name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
+    columns = list(t.sync_columns)
+    listed = ", ".join(quote_ident(c) for c in columns)
+    # Tombs older than the interval and current values, a chunk of keys per
+    # query. Matched by exact value; a key the table stores under another type
+    # (a TEXT column holding an int key as text) is read on its own below.
+    older_tombs: dict[Any, tuple[Any, ...]] = {}
+    current_rows: dict[Any, tuple[Any, ...]] = {}
+    need_tomb = [ck for ck in cells if ck not in tombs]
+    for i in range(0, len(need_tomb), IN_CHUNK):
+        chunk = need_tomb[i:i + IN_CHUNK]
+        for ck, *clock in conn.execute(
+            f"SELECT ck, {clock_sql} FROM _p2p_tombs WHERE tid = ?2 AND ck IN ({', '.join('?' * len(chunk))})",
+            (me, t.tid, *chunk),
+        ):
+            older_tombs[ck] = tuple(clock)
+    keys = list(cells)
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i:i + IN_CHUNK]
+        for ck, *values in conn.execute(f"SELECT {ck_col}, {listed} FROM {name} WHERE {ck_col} IN ({', '.join('?' * len(chunk))})", chunk):
+            current_rows.setdefault(ck, tuple(values))
+    read_values = f"SELECT {listed} FROM {name} WHERE {ck_col} = ?"
+    for ck in dict.fromkeys([*cells, *tombs]):
+        tomb = tombs.get(ck) or older_tombs.get(ck)
+        row_cells = cells.get(ck, [])
+        current: Any = None
+        if row_cells:
+            current = current_rows.get(ck)
+            if current is None:
+                current = conn.execute(read_values, (ck,)).fetchone()
+        values = dict(zip(columns, current)) if current is not None else {}
+        out = []
+        for col, hlc, origin, _seq, prev_hlc, prev_origin in sorted(row_cells, key=lambda c: c[0]):
+            visible = tomb is None or (hlc, origin) > (tomb[0], tomb[1])
+            out.append(Cell(col, values.get(col) if visible else None, hlc, origin, prev_hlc, prev_origin))
+        seq = max([c[3] for c in row_cells] + ([tomb[2]] if tomb is not None and tomb[2] > since else []))
+        tomb_fields = (tomb[0], tomb[1], tomb[3], tomb[4]) if tomb is not None else (None, None, None, None)
+        yield RowChange(t.info.name, t.conflict_column, ck, seq, tuple(out), *tomb_fields)
+
+
+# -- plan and write: a peer's rows here ----------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class SyncColumns:
-    """What travels for one single_version table, and what identifies a row."""
+class Statements:
+    """The statements that merge rows into one single_version table, built
+    once per batch instead of once per row."""
 
-    table: str
     columns: tuple[str, ...]
-    conflict: str
+    select: str  # key expression and the sync columns of the row with a given ck
+    select_many: str  # the same and the ck, for the cks of an IN list that follows
+    insert_head: str  # "INSERT INTO t (sync columns) VALUES " (the placeholders follow)
+    insert: str
+    delete: str
+    key: str  # key expression of the row with a given ck
+    keys_many: str  # ck and key expression of the rows with the cks of an IN list that follows
+    update_head: str  # "UPDATE t SET " (the changed columns follow)
+    update_tail: str  # " WHERE ck = ?"
+
+    @classmethod
+    def of(cls, table: SyncTable) -> Statements:
+        assert table.conflict_column is not None
+        name, ck = quote_ident(table.info.name), quote_ident(table.conflict_column)
+        columns = tuple(table.sync_columns)
+        listed = ", ".join(quote_ident(c) for c in columns)
+        return cls(
+            columns=columns,
+            select=f"SELECT {table.info.key_expr}, {listed} FROM {name} WHERE {ck} = ?",
+            select_many=f"SELECT {table.info.key_expr}, {listed}, {ck} FROM {name} WHERE {ck} IN",
+            insert_head=f"INSERT INTO {name} ({listed}) VALUES ",
+            insert=f"INSERT INTO {name} ({listed}) VALUES ({', '.join('?' * len(columns))})",
+            delete=f"DELETE FROM {name} WHERE {ck} = ?",
+            key=f"SELECT {table.info.key_expr} FROM {name} WHERE {ck} = ?",
+            keys_many=f"SELECT {ck}, {table.info.key_expr} FROM {name} WHERE {ck} IN",
+            update_head=f"UPDATE {name} SET ",
+            update_tail=f" WHERE {ck} = ?",
+        )
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptedSchema:
-    """The db entry this store syncs by, as read back from the store."""
+@dataclass(slots=True)
+class RowState:
+    """A single_version row as it is here before a merge."""
 
-    entry: Mapping[str, Any]
-    tables: Mapping[str, SyncColumns] = field(default_factory=dict)
-
-    @property
-    def version(self) -> int:
-        return int(self.entry["version"])
-
-
-@dataclass(frozen=True, slots=True)
-class SchemaOutcome:
-    """What accepting a schema did: the result of ``set_distributed_tables``
-    for single_version tables, and what SIGHUP logs."""
-
-    version: int
-    previous_version: int | None
-    changed: bool  # a different entry was stored
-    warnings: tuple[SchemaIssue, ...] = ()
-    resent: Mapping[str, int] = field(default_factory=dict)  # table -> rows marked to be sent again
-
-    def to_result(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.version,
-            "warnings": [w.to_dict() for w in self.warnings],
-            "resent": dict(self.resent),
-        }
+    current: tuple[Value, ...] | None  # (key, *sync column values); None: no such row
+    cells: dict[str, Stamp]
+    tomb: Stamp | None
+    stored: dict[str, cells.Stored] = field(default_factory=dict)  # the logical cells as stored (with their seq)
+    had_row: bool = False  # a _p2p_rows entry (store/cells.py)
+    had_cols: bool = False  # _p2p_cells entries of its own
 
 
-def load_accepted(conn: sqlite3.Connection) -> AcceptedSchema | None:
-    """The accepted entry and per-table sync columns, or None if there is none.
+@dataclass(slots=True)
+class RowPlan:
+    """What merging one row change writes."""
 
-    A damaged meta value reads as None (and is then reported by the open
-    check) rather than making the store unopenable.
-    """
-    text = capture.get_meta(conn, META_KEY)
-    if text is None:
+    table: SyncTable
+    ck: Value
+    write: str  # "insert", "update", "delete" or "none" (a delete of a row never seen here)
+    diff: tuple[str, ...]  # update: the columns whose value changes
+    after: dict[str, Value]  # the row's sync columns after the merge
+    pk: Value  # the row's key here (set after an insert)
+    op: int  # what the log row says
+    announce: bool
+    newest: Clock  # the log row's clock: the newest of the changed cells and tomb
+    changed: tuple[tuple[str, Stamp], ...]  # cells to store
+    tomb: Stamp | None  # tomb to store
+    state: RowState  # the row before (its stored cells are rewritten with the changed ones)
+
+
+def statements(ap: _Applier, table: SyncTable) -> Statements:
+    sql = ap.sql.get(table.info.name)
+    if sql is None:
+        sql = ap.sql[table.info.name] = Statements.of(table)
+    return sql
+
+
+def target(ap: _Applier, table: SyncTable) -> Target:
+    """The table itself; only its sync columns are written."""
+    return Target(table, table.info.name, table.tid, frozenset(table.sync_columns))
+
+
+def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
+    """Merge one row change (under the caller's savepoint); False: nothing changed."""
+    table = target.table
+    if row.key_column != table.conflict_column:
+        raise RowFailed(
+            f"schema_mismatch: the conflict column of {table.info.name} is {table.conflict_column} here, {row.key_column} on {ap.sender}"
+        )
+    conn, ck, tid = ap.conn, row.key, table.tid
+    state = RowState(conn.execute(statements(ap, table).select, (ck,)).fetchone(), {}, None)
+    shared, own = cells.load(conn, tid, [ck])
+    fill(ap, state, table, shared.get(ck), own.get(ck))
+    found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
+    if found is not None:
+        state.tomb = ap.stamp(*found)
+    plan = plan_row(ap, target, row, state)
+    if plan is None:
+        return False
+    write_rows(ap, [plan], raw_text=True)
+    return True
+
+
+def fill(ap: _Applier, state: RowState, table: SyncTable, shared: cells.Stored | None, own: dict[str, cells.Stored] | None) -> None:
+    """Give ``state`` the row's clocks as stored (store/cells.py)."""
+    state.had_row, state.had_cols = shared is not None, bool(own)
+    state.stored = cells.expand(shared, own, table.sync_columns)
+    state.cells = {col: ap.stamp(hlc, origin, prev_hlc, prev_origin)
+                   for col, (hlc, origin, _seq, prev_hlc, prev_origin) in state.stored.items()}
+
+
+def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
+    """``merge_row`` for a whole batch (merge.py ``apply_bulk`` says when):
+    every row's state in a few IN queries, every plan written at once."""
+    conn = ap.conn
+    states: dict[str, dict[Value, RowState]] = {}
+    for name, table_keys in keys.items():
+        table = ap.tables[name]
+        assert table.conflict_column is not None
+        if not keys_stay_distinct(conn, name, table.conflict_column, types[name]):
+            return False
+        sql = statements(ap, table)
+        found: dict[Value, RowState] = {k: RowState(None, {}, None) for k in table_keys}
+        for i in range(0, len(table_keys), IN_CHUNK):
+            chunk = table_keys[i:i + IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for current in conn.execute(f"{sql.select_many} ({marks})", chunk):
+                state = found.get(current[-1])
+                if state is None or type(current[-1]) is not types[name]:
+                    return False  # a stored key that compares equal but is not: row by row decides
+                state.current = current[:-1]
+            shared, own = cells.load(conn, table.tid, chunk)
+            for ck in {*shared, *own}:
+                fill(ap, found[ck], table, shared.get(ck), own.get(ck))
+            for ck, *clock in conn.execute(
+                f"SELECT ck, hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck IN ({marks})",
+                (table.tid, *chunk),
+            ):
+                found[ck].tomb = ap.stamp(*clock)
+        states[name] = found
+    plans = []
+    for row in rows:
+        plan = plan_row(ap, ap.target(row.table), row, states[row.table][row.key])
+        if plan is not None:
+            plans.append(plan)
+    write_rows(ap, plans)
+    ap.applied += len(plans)
+    return True
+
+
+def plan_row(ap: _Applier, target: Target, row: RowChange, state: RowState) -> RowPlan | None:
+    """Merge ``row`` into the row's ``state`` here: None if nothing changes."""
+    if state.current is None and not state.cells and state.tomb is None and row.tomb_hlc is None:
+        return plan_new(ap, target, row, state)
+    return plan_merge(ap, target, row, state)
+
+
+def plan_new(ap: _Applier, target: Target, row: RowChange, state: RowState) -> RowPlan | None:
+    """``plan_row`` for the commonest case, a row never seen here arriving
+    without a delete: its cells all win, nothing loses, the row is
+    inserted. The same plan as ``plan_merge`` gives (tests/store/test_merge.py
+    checks), without its comparisons."""
+    table = target.table
+    conflict = table.conflict_column
+    dest = target.dest_columns
+    changed = tuple((c.column, Stamp((c.hlc, c.origin), c.prev)) for c in row.cells if c.column in dest)
+    if not changed:
         return None
-    try:
-        entry = json.loads(text)
-    except (TypeError, ValueError):
-        log.error("the accepted sync_schema entry stored in _p2p_meta is not JSON; ignoring it")
+    incoming = {c.column: c.value for c in row.cells if c.column in dest}
+    after = {col: row.key if col == conflict else incoming.get(col) for col in statements(ap, table).columns}
+    newest = max(st.clock for _, st in changed)
+    return RowPlan(table, row.key, "insert", (), after, None, OP_INSERT, True, newest, changed, None, state)
+
+
+def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) -> RowPlan | None:
+    table = target.table
+    conflict = table.conflict_column
+    assert conflict is not None
+    ck, name = row.key, table.info.name
+    columns = statements(ap, table).columns
+    current, cells, old_tomb = state.current, state.cells, state.tomb
+    existed = current is not None
+    before: dict[str, Value] = dict(zip(columns, current[1:])) if current is not None else {}
+    losses: list[tuple[str | None, Value, Stamp, Stamp]] = []  # (column, losing value, winner, loser)
+
+    # Merge: the greatest clock of each cell and of the tomb.
+    in_tomb = Stamp(row.tomb, row.tomb_prev) if row.tomb is not None else None
+    tomb_changed = in_tomb is not None and (old_tomb is None or in_tomb.clock > old_tomb.clock)
+    new_tomb = in_tomb if tomb_changed else old_tomb
+    new_cells = dict(cells)
+    incoming: dict[str, Value] = {}
+    for c in row.cells:
+        if c.column not in target.dest_columns:
+            continue  # not synced here (another schema version): both sync only what both sync
+        theirs, mine = Stamp(c.clock, c.prev), cells.get(c.column)
+        if mine is not None and theirs.clock == mine.clock:
+            continue  # seen before
+        if mine is None or theirs.clock > mine.clock:
+            new_cells[c.column], incoming[c.column] = theirs, c.value
+        elif c.column != conflict:
+            # Older than ours: the incoming value loses (to our value, or to the delete hiding it).
+            winner = mine if visible(mine, new_tomb) else new_tomb
+            assert winner is not None
+            if not (winner is mine and existed and same(before.get(c.column), c.value)):
+                losses.append((c.column, c.value, winner, theirs))
+    if not incoming and not tomb_changed:
+        record_losses(ap, name, ck, losses)
         return None
-    if not isinstance(entry, dict) or not isinstance(entry.get("version"), int):
-        log.error("the accepted sync_schema entry stored in _p2p_meta is damaged; ignoring it")
-        return None
-    columns: dict[str, list[str]] = {}
-    conflicts: dict[str, str] = {}
-    for tbl, col, is_conflict in conn.execute("SELECT tbl, col, conflict FROM _p2p_sync_columns ORDER BY tbl, pos"):
-        columns.setdefault(tbl, []).append(col)
-        if is_conflict:
-            conflicts[tbl] = col
-    tables = {t: SyncColumns(t, tuple(cols), conflicts.get(t, "")) for t, cols in columns.items()}
-    return AcceptedSchema(entry, tables)
 
+    exists = any(visible(cell, new_tomb) for cell in new_cells.values())
+    after: dict[str, Value] = {}
+    for col in columns:
+        if col == conflict:
+            after[col] = ck
+        elif visible(new_cells.get(col), new_tomb):
+            after[col] = incoming[col] if col in incoming else before.get(col)
+        else:
+            after[col] = None
 
-# --------------------------------------------------------------------------
-# The file
-
-
-def read_schema_file(path: Path) -> object:
-    """Read and parse sync_schema.json at ``path``.
-
-    Raises ``SchemaNotFound`` naming the path when there is no (regular,
-    readable) file, and ``SchemaInvalid`` with ``data.errors`` (rule
-    ``invalid-json``) when it isn't JSON. The file is opened non-blocking
-    and checked to be a regular file before a byte is read, so a FIFO or
-    device put there can't block the caller; at most
-    ``MAX_DOCUMENT_BYTES + 1`` bytes are read, enough for the size check.
-    """
-    where = {"file": str(path)}
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SchemaNotFound(
-            f"no sync_schema.json at {path}: single_version tables need one (see docs/sync_schema.md)", data=where
-        ) from None
-    except OSError as exc:
-        raise SchemaNotFound(f"cannot read sync_schema.json at {path}: {exc.strerror}", data=where) from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SchemaNotFound(f"sync_schema.json at {path} is not a regular file", data=where)
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            raw = fh.read(MAX_DOCUMENT_BYTES + 1)
-    except OSError as exc:
-        raise SchemaNotFound(f"cannot read sync_schema.json at {path}: {exc.strerror}", data=where) from exc
-    finally:
-        os.close(fd)
-    try:
-        return parse_document(raw)
-    except SchemaInvalid as exc:
-        report = invalid_json_report(exc)
-        raise SchemaInvalid(
-            f"{path}: {exc.message}", data={**exc.data, **where, **report.to_dict()}
-        ) from exc
-
-
-# --------------------------------------------------------------------------
-# Checks (read only)
-
-
-def _shapes(conn: sqlite3.Connection, tables: Iterable[str], required: Sequence[str] = ()) -> dict[str, TableShape | None]:
-    """Live shapes of ``tables``. A table that doesn't exist is left out,
-    unless it is ``required`` (then None: validate reports table-not-found)."""
-    shapes: dict[str, TableShape | None] = {}
-    for name in tables:
-        shape = read_table_shape(conn, name)
-        if shape is not None or name in required:
-            shapes[name] = shape
-    return shapes
-
-
-def _passed_layer_1(report: ValidationReport) -> bool:
-    return not any(RULES.get(issue.rule, "").startswith("layer 1") for issue in report.errors)
-
-
-def _table_entries(doc: object, bundle: str, name: str) -> tuple[int, list[tuple[int, Mapping[str, Any]]]] | None:
-    """``(db index, [(table index, table entry)])`` of the store's entry, read
-    defensively (the document may have failed layer 1)."""
-    found = find_db_entry(doc, bundle, name) if isinstance(doc, dict) else None
-    if found is None:
-        return None
-    i, db = found
-    tables = db.get("tables")
-    if not isinstance(tables, list):
-        return i, []
-    return i, [(j, t) for j, t in enumerate(tables) if isinstance(t, dict) and isinstance(t.get("tableName"), str)]
-
-
-def check(
-    conn: sqlite3.Connection,
-    doc: object,
-    *,
-    bundle: str,
-    name: str,
-    tables: Sequence[str],
-    shapes: Mapping[str, TableShape | None],
-    previous: Mapping[str, Any] | None,
-    document_rules: bool = False,
-) -> ValidationReport:
-    """Layers 1-3 for the store's entry, then the data rule: no row may hold
-    NULL in a checked table's conflict column (counted only for documents
-    that passed layer 1, whose conflict column exists in the table)."""
-    report = validate(
-        doc, shapes=shapes, previous=previous, bundle=bundle, db_name=name, tables=tables, document_rules=document_rules
-    )
-    if not _passed_layer_1(report):
-        return report
-    located = _table_entries(doc, bundle, name)
-    if located is None:
-        return report
-    i, entries = located
-    nulls: list[SchemaIssue] = []
-    seen: set[str] = set()
-    for j, entry in entries:
-        table = entry["tableName"]
-        shape = shapes.get(table)
-        column = conflict_column(entry)
-        if table in seen or shape is None or column is None or shape.column(column) is None:
+    # Losers among the values visible here before.
+    for col in columns:
+        mine = cells.get(col)
+        if col == conflict or not existed or not visible(mine, old_tomb):
             continue
-        seen.add(table)
-        count = conn.execute(f"SELECT count(*) FROM {quote_ident(table)} WHERE {quote_ident(column)} IS NULL").fetchone()[0]
-        issue = conflict_column_nulls(entry, f"/dbSchema/{i}/tables/{j}", count)
-        if issue is not None:
-            nulls.append(issue)
-    if not nulls:
-        return report
-    return ValidationReport(report.errors + tuple(nulls), report.warnings, report.added_sync_columns)
+        assert mine is not None
+        newest = new_cells[col]
+        if newest is not mine and visible(newest, new_tomb):
+            if not same(before.get(col), after[col]):
+                losses.append((col, before.get(col), newest, mine))  # overwritten by a newer value
+        elif new_tomb is not None and not visible(newest, new_tomb):
+            losses.append((col, before.get(col), new_tomb, mine))  # hidden by a newer delete
+    # Incoming values that arrive already hidden by the delete lose to it.
+    for col, value in incoming.items():
+        if col != conflict and new_tomb is not None and not visible(new_cells[col], new_tomb):
+            losses.append((col, value, new_tomb, new_cells[col]))
+    # A delete that newer values outlive.
+    if tomb_changed and exists:
+        assert in_tomb is not None
+        newest_cell = max((cell for cell in new_cells.values() if visible(cell, new_tomb)), key=lambda s: s.clock)
+        losses.append((None, None, newest_cell, in_tomb))
+    record_losses(ap, name, ck, losses)
 
-
-def check_document(
-    conn: sqlite3.Connection, document: object, *, bundle: str, name: str, single_version_tables: Sequence[str]
-) -> ValidationReport:
-    """``schema.validate`` with a store: ``document`` (text or JSON values)
-    against the store's live tables and its accepted version. Never raises
-    for a bad document.
-
-    Layer 2 covers every table of the store's entry that exists in the store
-    and every table the store already syncs as single_version (one missing
-    from the entry or the database is an error); tables of the entry that
-    the store doesn't have yet get the document-only rules.
-    """
-    try:
-        doc = read_document(document)
-    except SchemaInvalid as exc:
-        return invalid_json_report(exc)
-    located = _table_entries(doc, bundle, name)
-    names = list(dict.fromkeys([*(e["tableName"] for _, e in (located[1] if located else [])), *single_version_tables]))
-    accepted = load_accepted(conn)
-    return check(
-        conn,
-        doc,
-        bundle=bundle,
-        name=name,
-        tables=names,
-        shapes=_shapes(conn, names, required=single_version_tables),
-        previous=accepted.entry if accepted is not None else None,
-        document_rules=True,
-    )
-
-
-# --------------------------------------------------------------------------
-# Accepting (inside the caller's write transaction)
-
-
-def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tables: Sequence[str]) -> SchemaOutcome:
-    """Check ``doc`` for the store's single_version ``tables`` and, if it
-    passes, make its entry the accepted one.
-
-    Raises ``SchemaInvalid`` (``data.errors``, ``data.warnings``) without
-    writing anything. Must run inside the caller's write transaction, which
-    must stamp the log afterwards (``collect=False``): rows marked to be sent
-    again are in the log but not yet stamped when this returns.
-    """
-    previous = load_accepted(conn)
-    report = check(
-        conn,
-        doc,
-        bundle=bundle,
-        name=name,
-        tables=tables,
-        shapes=_shapes(conn, tables, required=tables),
-        previous=previous.entry if previous is not None else None,
-    )
-    report.raise_if_invalid()
-    assert isinstance(doc, dict)  # layer 1 passed
-    found = find_db_entry(doc, bundle, name)
-    assert found is not None  # validate reported db-not-in-schema otherwise
-    entry = found[1]
-    by_name = {t["tableName"]: t for t in reversed(entry["tables"])}
-
-    text = json.dumps(entry, sort_keys=True, ensure_ascii=False)
-    changed = capture.get_meta(conn, META_KEY) != text
-    if changed:
-        capture.set_meta(conn, META_KEY, text)
-
-    for table in tables:
-        columns = tuple(sync_columns(by_name[table]))
-        row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone()
-        if row is not None and _columns(conn, table) != columns:
-            # A row's shared clock covers the sync columns it was written for: pin them first (store/cells.py).
-            cells.explode(conn, row[0], table)
-    conn.execute("DELETE FROM _p2p_sync_columns")
-    for table in tables:
-        table_entry = by_name[table]  # validate reported table-not-in-schema otherwise
-        conflict = conflict_column(table_entry)
-        assert conflict is not None  # validate reported conflict-column-missing/-multiple otherwise
-        conn.executemany(
-            "INSERT INTO _p2p_sync_columns(tbl, col, pos, conflict) VALUES (?, ?, ?, ?)",
-            [(table, col, pos, int(col == conflict)) for pos, col in enumerate(sync_columns(table_entry))],
-        )
-        _guard_conflict_column(conn, table, conflict)
-
-    resent: dict[str, int] = {}
-    for table, added in report.added_sync_columns.items():
-        if not added:
-            continue
-        row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone()
-        if row is not None:  # a table registered later logs its rows as inserts anyway
-            resent[table] = capture.log_all_rows_again(conn, row[0], read_table_info(conn, table), added)
-
-    return SchemaOutcome(
-        version=int(entry["version"]),
-        previous_version=previous.version if previous is not None else None,
-        changed=changed,
-        warnings=report.warnings,
-        resent=resent,
-    )
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> tuple[str, ...]:
-    return tuple(r[0] for r in conn.execute("SELECT col FROM _p2p_sync_columns WHERE tbl = ? ORDER BY pos", (table,)))
-
-
-def _guard_conflict_column(conn: sqlite3.Connection, table: str, column: str) -> None:
-    for trigger in capture.not_null_trigger_names(table):
-        conn.execute(f"DROP TRIGGER IF EXISTS {quote_ident(trigger)}")
-    for sql in capture.not_null_triggers_sql(table, column):
-        conn.execute(sql)
-
-
-def recheck(conn: sqlite3.Connection, *, label: str, bundle: str, name: str, tables: Sequence[str]) -> tuple[SchemaIssue, ...]:
-    """At open: the live single_version ``tables`` against the accepted entry
-    (no file is read), and the NULL guards put back if something dropped
-    them. Returns the problems found, each also logged: the table may have
-    been altered by another program while the daemon was away.
-    """
-    accepted = load_accepted(conn)
-    if accepted is None:
-        log.warning(
-            "store %s: has single_version tables but no accepted sync_schema entry; "
-            "call set_distributed_tables again or send SIGHUP to load sync_schema.json", label
-        )
-        return ()
-    for table in tables:
-        sync = accepted.tables.get(table)
-        if sync is not None and sync.conflict and read_table_shape(conn, table) is not None:
-            try:
-                for sql in capture.not_null_triggers_sql(table, sync.conflict):
-                    conn.execute(sql)
-            except sqlite3.OperationalError as exc:  # the column itself is gone; reported below
-                log.debug("store %s: could not guard %s.%s: %s", label, table, sync.conflict, exc)
-    report = check(
-        conn,
-        {"dbSchema": [dict(accepted.entry)]},
-        bundle=bundle,
-        name=name,
-        tables=tables,
-        shapes=_shapes(conn, tables, required=tables),
-        previous=None,
-    )
-    for issue in report.errors:
-        log.warning(
-            "store %s: live table no longer matches accepted schema version %d: %s at %s: %s",
-            label, accepted.version, issue.rule, issue.path, issue.message,
-        )
-    return report.errors
-
-
-# --------------------------------------------------------------------------
-# The two ways a schema is applied, with their logging
-
-
-class SchemaFileCheck:
-    """The ``validate`` hook of ``Store.set_distributed_tables`` for
-    single_version tables: reads the file then (after the store's table type
-    was checked, so a mismatch is reported as such rather than as a missing
-    file) and accepts it for the store's tables plus the requested ones."""
-
-    def __init__(self, path: Path, bundle: str, name: str) -> None:
-        self.path = path
-        self.bundle = bundle
-        self.name = name
-
-    def __call__(self, conn: sqlite3.Connection, infos: Sequence[Any]) -> SchemaOutcome:
-        doc = read_schema_file(self.path)
-        registered = [r[0] for r in conn.execute("SELECT name FROM _p2p_tables WHERE kind = 'local' ORDER BY tid")]
-        tables = list(dict.fromkeys([*registered, *(info.name for info in infos)]))
-        return accept(conn, doc, bundle=self.bundle, name=self.name, tables=tables)
-
-
-async def set_tables(store: Store, tables: list[str], *, auto_sync: bool, schema_path: Path) -> SchemaOutcome:
-    """``set_distributed_tables`` for single_version tables, logged."""
-    kept = store.sync_schema_version
-    try:
-        outcome = await store.set_distributed_tables(
-            tables,
-            table_type=TableType.SINGLE_VERSION,
-            auto_sync=auto_sync,
-            validate=SchemaFileCheck(schema_path, store.bundle, store.name),
-        )
-    except (SchemaInvalid, SchemaNotFound) as exc:
-        log_refused(store_label(store), exc, kept)
-        raise
-    log_accepted(store_label(store), outcome)
-    return outcome
-
-
-async def reload(store: Store, doc: object) -> SchemaOutcome | None:
-    """Apply a freshly read document to one store (SIGHUP). A refusal is
-    logged and returns None; the store keeps its accepted version."""
-    kept = store.sync_schema_version
-    try:
-        outcome = await store.reload_sync_schema(doc)
-    except P2PStoreError as exc:
-        log_refused(store_label(store), exc, kept)
-        return None
-    log_accepted(store_label(store), outcome)
-    return outcome
-
-
-def store_label(store: Store) -> str:
-    return f"{store.bundle}/{store.name}"
-
-
-def log_accepted(label: str, outcome: SchemaOutcome) -> None:
-    if outcome.changed and outcome.previous_version is not None:
-        note = f" (was version {outcome.previous_version})"
-    elif outcome.changed:
-        note = ""
+    # What to write to the table.
+    pk: Value = current[0] if current is not None else None
+    diff: tuple[str, ...] = ()
+    if existed and exists:
+        diff = tuple(c for c in columns if c != conflict and not same(before.get(c), after[c]))
+        write, op, announce = "update", OP_UPDATE, bool(diff)
+    elif existed:
+        write, op, announce = "delete", OP_DELETE, True
+    elif exists:
+        write, op, announce = "insert", OP_INSERT, True
     else:
-        note = " (unchanged)"
-    log.info("store %s: schema version %d accepted%s", label, outcome.version, note)
-    for table, rows in outcome.resent.items():
-        log.info("store %s: sync columns added to %s: %d existing row(s) marked to be sent again", label, table, rows)
-    for issue in outcome.warnings:
-        log.warning("store %s: schema warning: %s at %s: %s", label, issue.rule, issue.path, issue.message)
+        write, op, announce = "none", OP_DELETE, False  # a delete of a row never seen here: remembered, nothing to show
+
+    # The new clocks go under one new local seq, so they travel on (relay).
+    changed = tuple((col, new_cells[col]) for col in incoming)
+    newest_clock = max([st.clock for _, st in changed] + ([in_tomb.clock] if tomb_changed and in_tomb is not None else []))
+    return RowPlan(table, ck, write, diff, after, pk, op, announce, newest_clock, changed,
+                   in_tomb if tomb_changed else None, state)
 
 
-def log_refused(label: str, exc: P2PStoreError, kept: int | None) -> None:
-    keeping = f"keeping version {kept}" if kept is not None else "no schema accepted yet"
-    errors = exc.data.get("errors") if isinstance(exc, SchemaInvalid) else None
-    if not errors:
-        log.warning("store %s: schema refused: %s; %s", label, exc.message.rstrip("."), keeping)
-        return
-    first, rest = errors[0], errors[1:]
-    more = f" (and {len(rest)} more)" if rest else ""
-    log.warning(
-        "store %s: schema refused: %s at %s: %s%s; %s",
-        label, first["rule"], first["path"] or "(document)", first["message"].rstrip("."), more, keeping,
+def record_losses(ap: _Applier, table: str, ck: Value, losses: list[tuple[str | None, Value, Stamp, Stamp]]) -> None:
+    for col, value, winner, loser in losses:
+        ap.conflict(table, ck, col, value, winner, loser)
+
+
+def write_rows(ap: _Applier, plans: Sequence[RowPlan], *, raw_text: bool = False) -> None:
+    """Write ``plans`` (in order): the table rows, then one log seq per
+    plan, its cells and tomb. Deletes go first, then updates, then
+    inserts, so a unique value a batch moves between rows is free when
+    its new row takes it. ``raw_text``: values may be TEXT that is not
+    valid UTF-8 (row by row; the bulk path leaves such rows to it)."""
+    marks_of = bind if raw_text else lambda values: (["?"] * len(values), tuple(values))
+    conn = ap.conn
+    deletes: dict[str, list[tuple[Value, ...]]] = {}
+    updates: dict[str, list[tuple[Value, ...]]] = {}
+    inserts: dict[str, list[tuple[Value, ...]]] = {}
+    for plan in plans:
+        sql = statements(ap, plan.table)
+        if plan.write == "delete":
+            deletes.setdefault(sql.delete, []).append((plan.ck,))
+        elif plan.write == "update" and plan.diff:
+            marks, params = marks_of([plan.after[c] for c in plan.diff])
+            statement = sql.update_head + ", ".join(f"{quote_ident(c)} = {m}" for c, m in zip(plan.diff, marks)) + sql.update_tail
+            updates.setdefault(statement, []).append((*params, plan.ck))
+        elif plan.write == "insert":
+            marks, params = marks_of([plan.after[c] for c in sql.columns])
+            statement = sql.insert if all(m == "?" for m in marks) else f"{sql.insert_head}({', '.join(marks)})"
+            inserts.setdefault(statement, []).append(params)
+    for group in (deletes, updates, inserts):
+        for statement, params in group.items():
+            conn.executemany(statement, params)
+    keys = {} if raw_text else inserted_keys(ap, plans)
+    top = capture.last_seq(conn)
+    log_rows, tomb_rows = [], []
+    writer = cells.Writer()
+    for seq, plan in enumerate(plans, start=top + 1):
+        tid, ck = plan.table.tid, plan.ck
+        if plan.write == "insert":
+            found = keys.get((tid, ck))
+            plan.pk = found[0] if found is not None else conn.execute(statements(ap, plan.table).key, (ck,)).fetchone()[0]
+            ap.appended.add(tid)
+        # No ck: only stamping reads it, of local rows; this row's clocks are in _p2p_rows/_p2p_cells.
+        log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], ap.logged(plan.newest[1]), None))
+        if plan.changed:
+            stored = dict(plan.state.stored)
+            for col, st in plan.changed:
+                stored[col] = (*ap.stored_clock(st.clock), seq, *ap.stored_clock(st.prev))
+            writer.put(tid, ck, stored, plan.table.sync_columns, had_row=plan.state.had_row, had_cols=plan.state.had_cols)
+        if plan.tomb is not None:
+            tomb_rows.append((tid, ck, *ap.stored_clock(plan.tomb.clock), seq, *ap.stored_clock(plan.tomb.prev)))
+        if plan.announce:
+            ap.announce(plan.newest[1], plan.table.info.name, plan.op, plan.pk)
+    conn.executemany("INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?, ?)", log_rows)
+    writer.write(conn)
+    conn.executemany(
+        "INSERT INTO _p2p_tombs(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(tid, ck) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq, "
+        "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin",
+        tomb_rows,
     )
-    for issue in rest:
-        log.warning("store %s: schema refused, also: %s at %s: %s", label, issue["rule"], issue["path"] or "(document)", issue["message"])
+
+
+def inserted_keys(ap: _Applier, plans: Sequence[RowPlan]) -> dict[tuple[int, Value], tuple[Value]]:
+    """The local keys of the rows ``plans`` inserted, by (tid, ck): one IN
+    query per table and chunk instead of a SELECT per row. Only for the
+    bulk path, whose keys are of one type that the conflict column keeps
+    distinct (``_keys_stay_distinct``), so a ck read back is the ck sent;
+    a row it misses is looked up on its own by the caller."""
+    by_table: dict[int, tuple[SyncTable, list[Value]]] = {}
+    for plan in plans:
+        if plan.write == "insert":
+            by_table.setdefault(plan.table.tid, (plan.table, []))[1].append(plan.ck)
+    found: dict[tuple[int, Value], tuple[Value]] = {}
+    for tid, (table, cks) in by_table.items():
+        sql = statements(ap, table).keys_many
+        for i in range(0, len(cks), IN_CHUNK):
+            chunk = cks[i:i + IN_CHUNK]
+            for ck, pk in ap.conn.execute(f"{sql} ({', '.join('?' * len(chunk))})", chunk):
+                found[(tid, ck)] = (pk,)
+    return found
+
+
+def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None:
+    """A single_version block whose rows are all either never seen here
+    (inserted whole) or already here exactly as they come (an echo: a row
+    relayed back, a batch sent twice — skipped, as the planner would skip
+    it); any other block is the planner's (None)."""
+    table = ap.tables[block.table]
+    ck_col = table.conflict_column
+    assert ck_col is not None
+    if set(block.columns) != set(table.sync_columns) or None in fields[HLC]:
+        return None
+    conn = ap.conn
+    if not keys_stay_distinct(conn, table.info.name, ck_col, kind):
+        return None
+    top = capture.last_seq(conn)
+    if top + len(block.rows) >= 1 << 63:
+        return None
+    stage = load(conn, block)
+    name, ck, tid = quote_ident(table.info.name), quote_ident(ck_col), table.tid
+    # The block's origin indexes -> this store's numbers (NULL: this device;
+    # -1: a device with no number yet, so no stored clock can be its). The
+    # fresh rows' devices get theirs below (``_number_origins``).
+    used = {*fields[ORIGIN], *not_none(fields[PREV_ORIGIN]), *not_none(fields[TOMB_ORIGIN])}
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_stage_origins(idx INTEGER PRIMARY KEY, stored, logged)")
+    conn.execute("DELETE FROM temp._p2p_stage_origins")
+    conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored) VALUES (?, ?)",
+                     [(i, None if block.origins[i] == ap.me else _or(ap.origins.known(block.origins[i]), -1)) for i in used])
+    # fresh: 1 never seen here, 0 here already with the same row clock (and
+    # no column clock of its own) and the same tomb or none, NULL otherwise.
+    # A table with no column clocks (or no tombs) at all is not probed for them.
+    st = stage  # (UPDATE ... AS alias needs SQLite 3.35: columns are qualified by the table's name)
+    mapped = "(SELECT m.stored FROM temp._p2p_stage_origins m WHERE m.idx = {0})"
+    has = {t: conn.execute(f"SELECT 1 FROM {t} WHERE tid = ? LIMIT 1", (tid,)).fetchone() is not None
+           for t in ("_p2p_cells", "_p2p_tombs")}
+    no_cells = f"NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k)" if has["_p2p_cells"] else "1"
+    no_tomb = f"NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k)" if has["_p2p_tombs"] else "1"
+    same_tomb = (f"EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
+                 f"AND t.origin IS {mapped.format(st + '.tor')})") if has["_p2p_tombs"] else "0"
+    conn.execute(
+        f"UPDATE temp.{st} SET fresh = CASE "
+        f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
+        f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k) "
+        f"AND {no_cells} AND {no_tomb} THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
+        f"WHEN EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k AND r.hlc = {st}.hlc "
+        f"             AND r.origin IS {mapped.format(st + '.o')}) "
+        f"AND {no_cells} AND ({st}.th IS NULL OR {same_tomb}) THEN 0 END",
+        (tid,),
+    )
+    origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
+    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh IS NULL LIMIT 1").fetchone() is not None:
+        return None
+    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh LIMIT 1").fetchone() is None:
+        return 0, [], None  # all echoes: nothing to write (an empty INSERT would still touch sqlite_sequence)
+    _number_origins(ap, block, stage, used)
+    position = {c: f"v{i}" for i, c in enumerate(block.columns)}
+    listed = ", ".join(quote_ident(c) for c in table.sync_columns)
+    values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)
+    conn.execute(f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE fresh ORDER BY n")
+    seq = "?1 + row_number() OVER (ORDER BY s.n)"
+    conn.execute(
+        "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
+        f"SELECT {seq}, ?2, x.{table.info.key_expr}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
+        f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k WHERE s.fresh ORDER BY s.n",
+        (top, tid),
+    )
+    conn.execute(
+        "INSERT INTO _p2p_rows(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) "
+        f"SELECT ?2, s.k, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
+        f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END FROM temp.{stage} s WHERE s.fresh ORDER BY s.n",
+        (top, tid),
+    )
+    devices: dict[int, str] = {}
+    remote = []
+    for number, pk in conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)):
+        device = devices.get(number)
+        if device is None:
+            device = devices[number] = ap.origins.device(number)
+        remote.append((device, table.info.name, OP_INSERT, pk))
+    return len(remote), remote, tid if remote else None
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _number_origins(ap: _Applier, block: Block, stage: str, used: set[int]) -> None:
+    """Give the fresh rows' devices their numbers (store/origins.py) in the
+    order the row path gives them, as it writes each row — its origin
+    (logged: always a number, this device too), then its prev's (stored:
+    none for this device) — and fill in the staging map. The walk ends once
+    no device is left without a number: at once, in the usual case."""
+    devices = block.origins
+    logged = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT o FROM temp.{stage} WHERE fresh")}
+    stored = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT po FROM temp.{stage} WHERE fresh AND ph IS NOT NULL")}
+    todo = {d for d in logged | (stored - {ap.me}) if ap.origins.known(d) is None}
+    if todo:
+        for o, po, ph in ap.conn.execute(f"SELECT o, po, ph FROM temp.{stage} WHERE fresh ORDER BY n").fetchall():
+            ap.logged(devices[o])
+            if ph is not None:
+                ap.stored(devices[po])
+            if all(ap.origins.known(d) is not None for d in todo):
+                break
+    ap.conn.executemany("UPDATE temp._p2p_stage_origins SET stored = ?, logged = ? WHERE idx = ?",
+                        [(None if devices[i] == ap.me else ap.origins.known(devices[i]), ap.origins.known(devices[i]), i)
+                         for i in used])

@@ -6,7 +6,7 @@ For each (peer, store) this keeps, in memory:
 - the peer's latest position in our stream, from its ``SyncReady``/``SyncOpen``
   and from every ack of a whole-stream batch: fresher than ``_p2p_acks``,
   which the engine writes only twice a session (store/gc.py). ``unsent``
-  is counted from it by the store (``changes.unsent_rows``);
+  is counted from it by the store (``stream.unsent_rows``);
 - the peer's last offer of the store: how many rows *it* counted as not yet
   sent to us, up to which position of its stream, and the rows of that
   stream we applied since. ``unreceived`` is derived from it;

@@ -19,7 +19,7 @@ from typing import Any
 from p2pstore.clock import HybridClock
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery
-from p2pstore.store import capture, changes, merge, single_version
+from p2pstore.store import accepted_schema, capture, changes, merge, stream
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.tables import read_table_info
 
@@ -52,7 +52,7 @@ class Replica:
         self.conn.execute("PRAGMA synchronous = OFF")  # tests: speed over durability
         self.conn.execute("PRAGMA temp_store = MEMORY")  # as the daemon's stores (staging tables of store/blocks.py)
         capture.ensure_schema(self.conn)
-        self.conn.executescript(single_version.SCHEMA_SQL)
+        self.conn.executescript(accepted_schema.SCHEMA_SQL)
         capture.set_device_id(self.conn, device_id)
         self.clock = HybridClock()
         self.state = capture.load_state(self.conn, self.clock)
@@ -70,8 +70,8 @@ class Replica:
         try:
             capture.stamp(conn, self.state, self.clock, collect=False, wall=self.wall)
             if doc is not None:
-                single_version.accept(conn, doc, bundle=BUNDLE, name=STORE, tables=list(tables))
-            accepted = single_version.load_accepted(conn)
+                accepted_schema.accept(conn, doc, bundle=BUNDLE, name=STORE, tables=list(tables))
+            accepted = accepted_schema.load_accepted(conn)
             for table in tables:
                 sync = accepted.tables.get(table) if accepted is not None and doc is not None else None
                 capture.register_table(
@@ -84,13 +84,13 @@ class Replica:
             conn.execute("ROLLBACK")
             raise
 
-    def accept_schema(self, doc: dict[str, Any]) -> single_version.SchemaOutcome:
+    def accept_schema(self, doc: dict[str, Any]) -> accepted_schema.SchemaOutcome:
         """A new sync_schema.json version, accepted as the daemon does (SIGHUP)."""
         tables = [t.info.name for t in self.state.tables.values()]
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
-            outcome = single_version.accept(self.conn, doc, bundle=BUNDLE, name=STORE, tables=tables)
+            outcome = accepted_schema.accept(self.conn, doc, bundle=BUNDLE, name=STORE, tables=tables)
             capture.stamp(self.conn, self.state, self.clock, collect=False, wall=self.wall)
             self.conn.execute("COMMIT")
         except BaseException:
@@ -130,7 +130,7 @@ class Replica:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
-            batch = changes.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes)
+            batch = stream.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")

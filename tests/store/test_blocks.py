@@ -42,7 +42,7 @@ from p2pstore.protocol.batch import (
     Block, OutBatch, batch_to_plain, decode, encode,
 )
 from p2pstore.protocol.messages import pack_values
-from p2pstore.store import capture, changes, merge
+from p2pstore.store import capture, changes, merge, stream
 
 WALL = 1_700_000_000_000
 SENDER, OTHER, ME = "DEVA", "DEVC", "DEVB"
@@ -358,7 +358,7 @@ def _read(r: Replica, since: int, *, columnar: bool, **kw: Any) -> OutBatch:
     r.conn.execute("BEGIN IMMEDIATE")
     try:
         capture.stamp(r.conn, r.state, r.clock, wall=r.wall)
-        batch = changes.changes_since(r.conn, kw.pop("table", None), since, columnar=columnar, **kw)
+        batch = stream.changes_since(r.conn, kw.pop("table", None), since, columnar=columnar, **kw)
         r.conn.execute("COMMIT")
     except BaseException:
         r.conn.execute("ROLLBACK")

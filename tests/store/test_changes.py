@@ -18,7 +18,7 @@ from replicas import Replica, field, schema_doc
 
 from p2pstore.errors import InvalidParams, ProtocolError
 from p2pstore.schema.predicates import compile_predicates
-from p2pstore.store import changes, merge
+from p2pstore.store import changes, merge, stream
 from p2pstore.store.changes import Cell, OutBatch, RowChange
 
 ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT, note TEXT)"
@@ -256,7 +256,7 @@ def test_a_table_or_a_filter_never_moves_a_watermark(device) -> None:
     assert sorted(r.key for r in filtered.rows) == ["y", "z"]
     assert next(r for r in filtered.rows if r.key == "z").tomb is not None
     with pytest.raises(InvalidParams):
-        changes.changes_since(a.conn, None, 0, where=where)
+        stream.changes_since(a.conn, None, 0, where=where)
 
 
 def test_unstamped_local_changes_hold_the_stream_back(device) -> None:
@@ -267,7 +267,7 @@ def test_unstamped_local_changes_hold_the_stream_back(device) -> None:
         other.execute("INSERT INTO items(uid, a) VALUES ('y', 2)")
         other.execute("UPDATE items SET a = 5 WHERE uid = 'x'")  # logged by trigger, not stamped
     # Read without stamping: nothing past the first unstamped log row.
-    batch = changes.changes_since(a.conn, None, 0).as_rows()
+    batch = stream.changes_since(a.conn, None, 0).as_rows()
     assert batch.last_seq == stamped and [r.key for r in batch.rows] == ["x"]
     assert {c.column: c.value for c in batch.rows[0].cells}["a"] == 5  # (values are current; clocks follow on stamp)
 
@@ -276,11 +276,11 @@ def test_arguments_are_checked(device) -> None:
     a = device("DEVA")
     for kwargs in ({"limit": 0}, {"limit": changes.MAX_BATCH_ROWS + 1}):
         with pytest.raises(InvalidParams):
-            changes.changes_since(a.conn, None, 0, **kwargs)
+            stream.changes_since(a.conn, None, 0, **kwargs)
     with pytest.raises(InvalidParams):
-        changes.changes_since(a.conn, None, -1)
+        stream.changes_since(a.conn, None, -1)
     with pytest.raises(InvalidParams):
-        changes.changes_since(a.conn, "nope", 0)
+        stream.changes_since(a.conn, "nope", 0)
 
 
 # --------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def _sent_rows(r: Replica, since: int) -> int:
 
 def _unsent(r: Replica, other: Replica) -> int:
     """``r``'s count for ``other``, from where ``other`` is in ``r``'s stream."""
-    return changes.unsent_rows(r.conn, *merge_position(other, r))
+    return stream.unsent_rows(r.conn, *merge_position(other, r))
 
 
 def merge_position(receiver: Replica, sender: Replica) -> tuple[int, str | None]:
@@ -472,8 +472,8 @@ def test_unsent_rows_counts_each_row_the_stream_would_send_once(device, kind: st
     assert _unsent(a, b) == 2 == _sent_rows(a, since)
 
     # A position in another stream (or beyond this file's log) counts from 0, as the stream would send.
-    assert changes.unsent_rows(a.conn, since, "another stream") == _sent_rows(a, 0) == 5
-    assert changes.unsent_rows(a.conn, 10**9, merge_position(b, a)[1]) == 5
+    assert stream.unsent_rows(a.conn, since, "another stream") == _sent_rows(a, 0) == 5
+    assert stream.unsent_rows(a.conn, 10**9, merge_position(b, a)[1]) == 5
 
     a.push(b)
     assert _unsent(a, b) == 0

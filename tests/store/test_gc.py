@@ -17,6 +17,7 @@ import pytest
 from replicas import Replica, field, replica_maker, schema_doc
 
 from p2pstore.store import capture, changes, gc, merge
+from p2pstore.store.stream import changes_since
 from p2pstore.store.tables import device_table_name
 
 ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT)"
@@ -65,7 +66,7 @@ def gc_push(sender: Replica, receiver: Replica, *, at: int = NOW, limit: int = 2
     last = None
     for _ in range(10_000):
         if snapshot is None:
-            batch = wire(tx(sender, lambda: changes.changes_since(sender.conn, None, start, limit=limit)))
+            batch = wire(tx(sender, lambda: changes_since(sender.conn, None, start, limit=limit)))
         else:
             batch, cursor = tx(sender, lambda: gc.snapshot_batch(sender.conn, cursor, snapshot, limit=limit))
             batch = wire(batch)

@@ -9,7 +9,7 @@ clocks, deletes and resurrections): ordinary batches, which take the bulk
 path, and odd ones (duplicate keys, keys of another type, a wrong conflict
 column, a NOT NULL clash), which fall back to row by row. The row-by-row
 side also plans rows never seen here with the general merge, so the
-shortcut for them (``_sv_plan_new``) is proven equal to it.
+shortcut for them (``single_version.plan_new``) is proven equal to it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from replicas import Replica, field, schema_doc
 
-from p2pstore.store import merge
+from p2pstore.store import merge, single_version
 from p2pstore.store.changes import Cell, OutBatch, RowChange
 
 ITEMS = ("CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, "
@@ -125,8 +125,8 @@ def _apply_both(monkeypatch: pytest.MonkeyPatch, steps: list[tuple[list[RowChang
                     a = bulk.apply(batch, SENDER)
                 with monkeypatch.context() as m:
                     m.setattr(merge._Applier, "apply_bulk", lambda self, rows, **kw: False)
-                    # and without the shortcut for rows never seen here (_sv_plan_new)
-                    m.setattr(merge._Applier, "_sv_plan", merge._Applier._sv_plan_merge)
+                    # and without the shortcut for rows never seen here (single_version.plan_new)
+                    m.setattr(single_version, "plan_row", single_version.plan_merge)
                     b = rowwise.apply(batch, SENDER)
                 assert _result(a) == _result(b)
                 assert _dump(bulk) == _dump(rowwise)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from p2pstore.errors import ConstraintViolation, SchemaInvalid, SchemaNotFound, TableTypeLocked
-from p2pstore.store import single_version
+from p2pstore.store import accepted_schema
 from p2pstore.store.capture import OP_INSERT, OP_UPDATE
 from p2pstore.store.database import Store
 
@@ -80,8 +80,8 @@ async def make(store: Store, *sql: str) -> None:
         await store.execute(statement)
 
 
-async def set_sv(store: Store, path: Path, *tables: str) -> single_version.SchemaOutcome:
-    return await single_version.set_tables(store, list(tables), auto_sync=False, schema_path=path)
+async def set_sv(store: Store, path: Path, *tables: str) -> accepted_schema.SchemaOutcome:
+    return await accepted_schema.set_tables(store, list(tables), auto_sync=False, schema_path=path)
 
 
 def rules(exc: SchemaInvalid) -> set[tuple[str, str]]:
@@ -113,7 +113,7 @@ async def test_seed_valid_example_is_accepted_and_kept_in_the_store(store: Store
     assert store.table_type == "single_version" and set(store.distributed) == {"EMPLOYEE", "EMPLOYEE2"}
     assert store.sync_schema_version == 0
     assert store.sync_schema is not None
-    assert store.sync_schema.tables["EMPLOYEE"] == single_version.SyncColumns(
+    assert store.sync_schema.tables["EMPLOYEE"] == accepted_schema.SyncColumns(
         "EMPLOYEE", ("NAME", "AGE", "SALARY", "CODES"), "NAME"
     )
     assert store.sync_schema.tables["EMPLOYEE2"].conflict == "NAME"

@@ -1,0 +1,339 @@
+"""Collaborative tables: each device's rows in their own device table.
+
+One of the two table types (protocol/table_type.py); single_version.py is
+the other, with the same interface (store/modes.py lists it): how a table
+is *registered* for capture, how its changes are *read* for a peer (a
+block, row changes, the seqs and sizes of an interval), and how a peer's
+changes are *planned* and *written* here (row by row, in bulk, or a whole
+block set-based). merge.py and stream.py call these through
+``modes.of(mode)`` and never branch on the table type themselves.
+
+The rules (SPEC §4; merge.py's docstring):
+
+- The stream sends each changed key of this device's own rows once, as its
+  *current* row (or its delete) with the clock of its newest log row. Rows
+  received from peers live in device tables and are never sent on: no
+  relay, so a row is only accepted from the device that wrote it.
+- A peer's rows land in ``dev_<DEVICE>_<T>`` as whole-row upserts and
+  deletes; the row's one clock (``_p2p_cells`` under column ``*``) makes a
+  stale or repeated change a no-op.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from p2pstore.protocol.batch import ORIGIN, PREV_HLC, TOMB_ORIGIN, TOMB_PREV_HLC
+from p2pstore.schema.predicates import CompiledQuery, quote_ident
+from p2pstore.store import capture, origins
+from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
+from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
+from p2pstore.store.changes import (
+    IN_CHUNK, ROW_CLOCK_COLUMN, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
+)
+from p2pstore.store.lww import Clock, RowFailed, Target, bind
+from p2pstore.store.tables import TableInfo
+
+if TYPE_CHECKING:  # merge.py imports this module
+    from p2pstore.store.merge import _Applier
+
+
+# -- register ---------------------------------------------------------------
+
+
+def register(conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool) -> None:
+    """Capture ``info``'s writes: its log rows are keyed by its primary key (or rowid)."""
+    capture.register_table(conn, state, info, auto_sync)
+
+
+# -- read: what a peer is sent ------------------------------------------------
+
+#: Where the seqs of an interval are found: (source, extra condition, key column).
+SEQ_SOURCES = (("_p2p_log", " AND origin IS NULL", "pk"),)
+
+#: The rows a peer at position ?1 has not been sent: the distinct keys of this
+#: device's own log rows above it.
+UNSENT_SQL = ("SELECT count(*) FROM (SELECT DISTINCT tid, pk FROM _p2p_log WHERE seq > ?1 AND origin IS NULL "
+              "AND tid IN (SELECT tid FROM _p2p_tables WHERE kind = 'local'))")
+
+
+def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]:
+    """(seq, stored size of the current row it sends) for the log rows of ``seqs``."""
+    name = quote_ident(t.info.name)
+    total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.info.columns) or "0"
+    marks = ", ".join("?" * len(seqs))
+    return conn.execute(
+        f"SELECT l.seq, (SELECT {total} FROM {name} WHERE {t.info.key_expr} = l.pk) FROM _p2p_log l "
+        f"WHERE l.tid = ? AND l.origin IS NULL AND l.seq IN ({marks})",
+        (t.tid, *seqs),
+    )
+
+
+def has_irregular_rows(conn: sqlite3.Connection, t: SyncTable) -> bool:
+    """Every collaborative row fits a block."""
+    return False
+
+
+def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, skip: set[Any]) -> Iterator[RowChange]:
+    """Nothing: the block held every row of the interval."""
+    return iter(())
+
+
+def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
+               budget: int | None = None, irregular: bool = False) -> tuple[Block, bool]:
+    """Every change of the interval in one statement, as wire rows: the
+    current row of each key changed (the clock of its newest log row), or
+    its delete if the row is gone. What ``read_rows`` reads, as
+    ``Block`` rows (tests/store/test_blocks.py compares them). Each row ends
+    in its seq and its size (``_fetch``; the caller strips both); the flag
+    says whether every row of the interval was read."""
+    name, key = quote_ident(t.info.name), t.info.key_expr
+    cols = ", ".join(f"x.{quote_ident(c)}" for c in t.info.columns)
+    # A joined row has a non-NULL key (it equals l.pk), a missing one NULL.
+    here = f"x.{key} IS NOT NULL"
+    cursor = conn.execute(
+        f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
+        f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols}, "
+        f"l.seq, {size_sql(t.info.columns, 'x.')} "
+        "FROM (SELECT g.pk, g.seq, (SELECT s.base_hlc + g.seq - s.first_seq FROM _p2p_stamps s "
+        "      WHERE s.first_seq <= g.seq ORDER BY s.first_seq DESC LIMIT 1) AS hlc "
+        "      FROM (SELECT pk, max(seq) AS seq FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL "
+        "            GROUP BY pk) g) l "
+        f"LEFT JOIN {name} x ON x.{key} = l.pk "
+        "WHERE l.hlc IS NOT NULL ORDER BY l.seq",
+        (since, last, t.tid),
+    )
+    rows = fetch(cursor, budget)
+    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, rows)), cursor.fetchone() is None
+
+
+def read_rows(
+    conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, where: CompiledQuery | None
+) -> Iterator[RowChange]:
+    filt, fparams = filter_sql(t, "l.pk", where)
+    latest = conn.execute(
+        "SELECT l.pk, l.seq, (SELECT s.base_hlc + l.seq - s.first_seq FROM _p2p_stamps s "
+        "                    WHERE s.first_seq <= l.seq ORDER BY s.first_seq DESC LIMIT 1) "
+        "FROM _p2p_log l WHERE l.seq IN ("
+        "  SELECT max(seq) FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL GROUP BY pk) "
+        f"{filt} ORDER BY l.seq",
+        (since, last, t.tid, *fparams),
+    ).fetchall()
+    cols = ", ".join(quote_ident(c) for c in t.info.columns)
+    name, key = quote_ident(t.info.name), t.info.key_expr
+    select = f"SELECT {cols} FROM {name} WHERE {key} = ?"
+    # Current rows a chunk of keys per query, matched by exact value; a key
+    # the table returns under another type is read on its own below.
+    keys = [pk for pk, _seq, hlc in latest if hlc is not None and not is_raw_text(pk)]
+    current_rows: dict[Any, tuple[Any, ...]] = {}
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i:i + IN_CHUNK]
+        for pk, *values in conn.execute(f"SELECT {key}, {cols} FROM {name} WHERE {key} IN ({', '.join('?' * len(chunk))})", chunk):
+            current_rows.setdefault(pk, tuple(values))
+    for pk, seq, hlc in latest:
+        if hlc is None:  # beyond every stamp: stable_bound keeps this from happening
+            continue
+        if is_raw_text(pk):
+            unsendable(t, pk)
+            continue
+        current = current_rows.get(pk)
+        if current is None:
+            current = conn.execute(select, (pk,)).fetchone()
+        if current is None:
+            yield RowChange(t.info.name, t.key_column, pk, seq, (), hlc, me)
+        else:
+            cells = tuple(Cell(c, v, hlc, me) for c, v in zip(t.info.columns, current))
+            yield RowChange(t.info.name, t.key_column, pk, seq, cells)
+
+
+# -- plan and write: a peer's rows here ----------------------------------------
+
+
+def row_clock(row: RowChange) -> Clock:
+    """A collaborative row change's one clock: its delete's, or its cells' (all equal)."""
+    return row.tomb if row.tomb is not None else (row.cells[0].hlc, row.cells[0].origin)
+
+
+def target(ap: _Applier, table: SyncTable) -> Target:
+    """The sender's device table of ``table`` (created with its first row)."""
+    dest = capture.create_device_table(ap.conn, ap.sender, table.info.name)
+    tid = ap.conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (dest,)).fetchone()[0]
+    columns = frozenset(r[1] for r in ap.conn.execute(f"PRAGMA table_info({quote_ident(dest)})"))
+    return Target(table, dest, tid, columns)
+
+
+def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
+    clock = row_clock(row)
+    if clock[1] != ap.sender:
+        raise RowFailed(f"invalid: collaborative rows are only accepted from their own device, not relayed ({clock[1]} via {ap.sender})")
+    table = target.table
+    if row.key_column != table.key_column:
+        raise RowFailed(f"schema_mismatch: {table.info.name} is keyed by {table.key_column or 'rowid'} here, by {row.key_column or 'rowid'} on {ap.sender}")
+    stored = ap.conn.execute(
+        "SELECT hlc, origin FROM _p2p_cells WHERE tid = ? AND ck = ? AND col = ?", (target.dest_tid, row.key, ROW_CLOCK_COLUMN)
+    ).fetchone()
+    if stored is not None and clock <= (stored[0], ap.local(stored[1])):
+        return False  # stale or repeated
+    dest = quote_ident(target.dest)
+    key_col = table.info.key or capture.DEVICE_ROWID_COLUMN
+    existed = ap.conn.execute(f"SELECT 1 FROM {dest} WHERE {quote_ident(key_col)} = ?", (row.key,)).fetchone() is not None
+    if row.tomb is not None:
+        ap.conn.execute(f"DELETE FROM {dest} WHERE {quote_ident(key_col)} = ?", (row.key,))
+        op = OP_DELETE
+    else:
+        unknown = sorted(c.column for c in row.cells if c.column not in target.dest_columns)
+        if unknown:
+            raise RowFailed(f"unknown_column: {table.info.name} has no column(s) {', '.join(unknown)} here")
+        cells = [c for c in row.cells if c.column != key_col]
+        names = [key_col, *(c.column for c in cells)]
+        sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
+        marks, params = bind([row.key, *(c.value for c in cells)])
+        ap.conn.execute(
+            f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join(marks)}) "
+            f"ON CONFLICT({quote_ident(key_col)}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING"),
+            params,
+        )
+        op = OP_UPDATE if existed else OP_INSERT
+    seq = ap.log_change(target.dest_tid, row.key, op, clock, None)
+    ap.conn.execute(
+        "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq",
+        (target.dest_tid, row.key, ROW_CLOCK_COLUMN, clock[0], ap.stored(clock[1]), seq),
+    )
+    if existed or op != OP_DELETE:
+        ap.announce(clock[1], table.info.name, op, row.key)
+    return True
+
+
+def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool:
+    """``merge_row`` for a whole batch, with a few IN queries and executemany
+    per table (merge.py ``apply_bulk`` says when); False: row by row instead."""
+    if any(row_clock(row)[1] != ap.sender for row in rows):
+        return False  # row by row says why: rows are only taken from their own device
+    conn = ap.conn
+    plan = [(row, row_clock(row)) for row in rows]
+    stored: dict[str, dict[Value, Clock]] = {}
+    existing: dict[str, set[Value]] = {}
+    for name, table_keys in keys.items():
+        target = ap.target(name)
+        key_col = target.table.info.key or capture.DEVICE_ROWID_COLUMN
+        if not keys_stay_distinct(conn, target.dest, key_col, types[name]):
+            return False
+        stored[name], existing[name] = {}, set()
+        for i in range(0, len(table_keys), IN_CHUNK):
+            chunk = table_keys[i:i + IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for ck, hlc, origin in conn.execute(
+                f"SELECT ck, hlc, origin FROM _p2p_cells WHERE tid = ? AND col = ? AND ck IN ({marks})",
+                (target.dest_tid, ROW_CLOCK_COLUMN, *chunk),
+            ):
+                stored[name][ck] = (hlc, ap.local(origin))
+            existing[name].update(
+                r[0] for r in conn.execute(
+                    f"SELECT {quote_ident(key_col)} FROM {quote_ident(target.dest)} WHERE {quote_ident(key_col)} IN ({marks})", chunk
+                )
+            )
+    top = capture.last_seq(conn)
+    if top + len(plan) >= 1 << 63:
+        return False
+    seq = top
+    upserts: dict[str, list[tuple[Value, ...]]] = {}
+    deletes: dict[str, list[tuple[Value]]] = {}
+    log_rows: list[tuple[Any, ...]] = []
+    cell_rows: list[tuple[Any, ...]] = []
+    for row, clock in plan:
+        target = ap.targets[row.table]
+        table = target.table
+        old = stored[row.table].get(row.key)
+        if old is not None and clock <= old:
+            continue  # stale or repeated
+        dest = quote_ident(target.dest)
+        key_col = table.info.key or capture.DEVICE_ROWID_COLUMN
+        existed = row.key in existing[row.table]
+        if row.tomb is not None:
+            deletes.setdefault(f"DELETE FROM {dest} WHERE {quote_ident(key_col)} = ?", []).append((row.key,))
+            op = OP_DELETE
+        else:
+            if any(c.column not in target.dest_columns for c in row.cells):
+                return False  # row by row reports it as unknown_column
+            cells = [c for c in row.cells if c.column != key_col]
+            names = [key_col, *(c.column for c in cells)]
+            sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
+            sql = (f"INSERT INTO {dest} ({', '.join(quote_ident(n) for n in names)}) VALUES ({', '.join('?' * len(names))}) "
+                   f"ON CONFLICT({quote_ident(key_col)}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING"))
+            upserts.setdefault(sql, []).append((row.key, *(c.value for c in cells)))
+            op = OP_UPDATE if existed else OP_INSERT
+        seq += 1  # what _log's INSERT would get: the log's rowid is max(seq) + 1
+        log_rows.append((seq, target.dest_tid, row.key, op, clock[0], ap.logged(clock[1]), None))
+        cell_rows.append((target.dest_tid, row.key, ROW_CLOCK_COLUMN, clock[0], ap.stored(clock[1]), seq))
+        if existed or op != OP_DELETE:
+            ap.announce(clock[1], table.info.name, op, row.key)
+        ap.applied += 1
+    for sql, params in (*upserts.items(), *deletes.items()):
+        conn.executemany(sql, params)
+    conn.executemany("INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?, ?)", log_rows)
+    conn.executemany(
+        "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq",
+        cell_rows,
+    )
+    return True
+
+
+def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None:
+    """Upserts and deletes into the sender's device table; a change not
+    newer than the row's clock there is stale (a repeat) and skipped."""
+    used = {*not_none(fields[ORIGIN]), *not_none(fields[TOMB_ORIGIN])}
+    if any(block.origins[i] != ap.sender for i in used) or not_none(fields[PREV_HLC]) or not_none(fields[TOMB_PREV_HLC]):
+        return None  # rows are only taken from their own device (the row path says why)
+    conn = ap.conn
+    target = ap.target(block.table)
+    key_col = target.table.info.key or capture.DEVICE_ROWID_COLUMN
+    if any(c not in target.dest_columns for c in block.columns):
+        return None  # the row path reports unknown_column
+    if not keys_stay_distinct(conn, target.dest, key_col, kind):
+        return None
+    top = capture.last_seq(conn)
+    if top + len(block.rows) >= 1 << 63:
+        return None
+    stage = load(conn, block)
+    dest, key = quote_ident(target.dest), quote_ident(key_col)
+    newer = f"(c.hlc > coalesce({stage}.hlc, {stage}.th) OR (c.hlc = coalesce({stage}.hlc, {stage}.th) AND " \
+            f"{origins.device_sql('c.origin', '?3')} >= ?2))"
+    conn.execute(
+        f"UPDATE temp.{stage} SET existed = EXISTS (SELECT 1 FROM {dest} d WHERE d.{key} = {stage}.k), "
+        f"fresh = NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {stage}.k AND c.col = '*' AND {newer})",
+        (target.dest_tid, ap.sender, ap.me),
+    )
+    conn.execute(f"DELETE FROM {dest} WHERE {key} IN (SELECT k FROM temp.{stage} WHERE fresh AND hlc IS NULL)")
+    names = [(c, f"v{i}") for i, c in enumerate(block.columns) if c != key_col]
+    sets = ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}" for c, _ in names)
+    conn.execute(
+        f"INSERT INTO {dest} ({key}{''.join(', ' + quote_ident(c) for c, _ in names)}) "
+        f"SELECT k{''.join(', ' + v for _, v in names)} FROM temp.{stage} WHERE fresh AND hlc IS NOT NULL ORDER BY n "
+        f"ON CONFLICT({key}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING")
+    )
+    seq = "?1 + row_number() OVER (ORDER BY n)"
+    conn.execute(
+        "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
+        f"SELECT {seq}, ?2, k, CASE WHEN hlc IS NULL THEN {OP_DELETE} WHEN existed THEN {OP_UPDATE} ELSE {OP_INSERT} END, "
+        f"coalesce(hlc, th), ?3, NULL FROM temp.{stage} WHERE fresh ORDER BY n",
+        (top, target.dest_tid, ap.logged(ap.sender)),
+    )
+    conn.execute(
+        "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) "
+        f"SELECT ?2, k, '*', coalesce(hlc, th), ?3, {seq} FROM temp.{stage} WHERE fresh ORDER BY n "
+        "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq",
+        (top, target.dest_tid, ap.stored(ap.sender)),
+    )
+    applied = conn.execute(f"SELECT count(*) FROM temp.{stage} WHERE fresh").fetchone()[0]
+    name = target.table.info.name
+    remote = [
+        (ap.sender, name, OP_DELETE if deleted else OP_UPDATE if existed else OP_INSERT, k)
+        for k, existed, deleted in conn.execute(
+            f"SELECT k, existed, hlc IS NULL FROM temp.{stage} WHERE fresh AND (existed OR hlc IS NOT NULL) ORDER BY n"
+        )
+    ]
+    return applied, remote, None

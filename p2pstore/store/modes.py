@@ -1,0 +1,69 @@
+"""The two table types' code, by type: one module per mode, one interface.
+
+merge.py (applying a peer's batch) and stream.py (reading one for a peer)
+never branch on the table type: they ask ``of(mode)`` for the module and
+call the same functions on either. ``Mode`` is that interface, written
+down once; collaborative.py and single_version.py implement it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from p2pstore.protocol.table_type import TableType
+from p2pstore.schema.predicates import CompiledQuery
+from p2pstore.store import collaborative, single_version
+from p2pstore.store.blocks import Done
+from p2pstore.store.capture import CaptureState
+from p2pstore.store.changes import Block, RowChange, SyncTable, Value
+from p2pstore.store.lww import Target
+from p2pstore.store.tables import TableInfo
+
+if TYPE_CHECKING:
+    from p2pstore.store.merge import _Applier
+
+
+class Mode(Protocol):
+    """What a table type does: register / read / plan and write."""
+
+    # register: capture a table's writes (store/capture.py) the way this type keys its rows.
+    def register(self, conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool) -> None: ...
+
+    # read: what a peer is sent (stream.py picks the interval).
+    SEQ_SOURCES: tuple[tuple[str, str, str], ...]  # where an interval's seqs are: (source, condition, key column)
+    UNSENT_SQL: str  # how many rows a peer at position ?1 has not been sent
+
+    def seq_sizes(self, conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]: ...
+
+    def has_irregular_rows(self, conn: sqlite3.Connection, t: SyncTable) -> bool: ...
+
+    def read_block(self, conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
+                   budget: int | None = None, irregular: bool = ...) -> tuple[Block, bool]: ...
+
+    def read_irregular(self, conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str,
+                       skip: set[Any]) -> Iterator[RowChange]: ...
+
+    def read_rows(self, conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str,
+                  where: CompiledQuery | None) -> Iterator[RowChange]: ...
+
+    # plan and write: a peer's changes here (merge.py runs the batch).
+    def target(self, ap: _Applier, table: SyncTable) -> Target: ...
+
+    def merge_row(self, ap: _Applier, target: Target, row: RowChange) -> bool: ...
+
+    def merge_bulk(self, ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool: ...
+
+    def write_block(self, ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None: ...
+
+
+_MODES: dict[str, Mode] = {
+    TableType.COLLABORATIVE: cast(Mode, collaborative),
+    TableType.SINGLE_VERSION: cast(Mode, single_version),
+}
+
+
+def of(mode: str) -> Mode:
+    """The module of table type ``mode`` (a ``TableType`` or its string)."""
+    return _MODES[mode]
