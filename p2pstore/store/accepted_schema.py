@@ -76,6 +76,15 @@ CREATE TABLE IF NOT EXISTS _p2p_sync_columns(
     conflict INTEGER NOT NULL DEFAULT 0, -- 1 for the table's conflict column
     PRIMARY KEY (tbl, col)
 ) WITHOUT ROWID;
+-- Cells of columns this device does not sync (yet), sent by a peer on a
+-- newer sync_schema.json: kept, the newest per cell, until an accepted
+-- upgrade adds the column here and merges them under their own clocks
+-- (store/cells.py park / unpark). origin: a device ID.
+CREATE TABLE IF NOT EXISTS _p2p_parked(
+    tid INTEGER NOT NULL, ck NOT NULL, col TEXT NOT NULL, value,
+    hlc INTEGER NOT NULL, origin TEXT NOT NULL, prev_hlc INTEGER, prev_origin TEXT,
+    PRIMARY KEY (tid, ck, col)
+) WITHOUT ROWID;
 -- Every logical per-column clock (store/cells.py): a column's own entry,
 -- else its row's, with device IDs (store/origins.py). For people and tests;
 -- the sync code reads the tables.
@@ -364,7 +373,10 @@ def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tab
             continue
         row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone()
         if row is not None:  # a table registered later logs its rows as inserts anyway
-            resent[table] = capture.log_all_rows_again(conn, row[0], read_table_info(conn, table), added)
+            info = read_table_info(conn, table)
+            cells.unpark(conn, row[0], table, conflict_column(by_name[table]), info.key_expr, added,
+                         capture.device_id, capture.OP_UPDATE)
+            resent[table] = capture.log_all_rows_again(conn, row[0], info, added)
 
     return SchemaOutcome(
         version=int(entry["version"]),

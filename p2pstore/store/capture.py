@@ -335,8 +335,7 @@ def create_device_table(conn: sqlite3.Connection, device_id: str, table: str) ->
     info = read_table_info(conn, table)
     defs = []
     for _cid, col, decl, _nn, _dflt, pk in conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall():
-        d = f"{quote_ident(col)} {decl}".rstrip()
-        defs.append(d + (" PRIMARY KEY" if pk else ""))
+        defs.append(_device_column(col, decl) + (" PRIMARY KEY" if pk else ""))
     if info.key is None:
         defs.append(f"{DEVICE_ROWID_COLUMN} INTEGER PRIMARY KEY")
     conn.execute(f"CREATE TABLE {quote_ident(name)} ({', '.join(defs)})")
@@ -344,6 +343,28 @@ def create_device_table(conn: sqlite3.Connection, device_id: str, table: str) ->
         conn.execute(sql)
     conn.execute("INSERT INTO _p2p_tables(name, kind, origin, source) VALUES (?, 'device', ?, ?)", (name, device_id, table))
     return name
+
+
+def _device_column(column: str, decl: str) -> str:
+    """A device table's definition of a local column: its name and declared type, no constraints."""
+    return f"{quote_ident(column)} {decl}".rstrip()
+
+
+def add_device_columns(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
+    """Give every device table of local table ``table`` the columns it
+    gained since (an ``ALTER TABLE ... ADD COLUMN``), as ``create_device_table``
+    would have made them; the (device table, column) pairs added. Without
+    it, peers that made the same change send rows this device could never
+    store (``unknown_column``)."""
+    local = conn.execute(f"PRAGMA table_info({quote_ident(table)})").fetchall()
+    added = []
+    for (name,) in conn.execute("SELECT name FROM _p2p_tables WHERE kind = 'device' AND source = ?", (table,)).fetchall():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({quote_ident(name)})")}
+        for _cid, col, decl, *_ in local:
+            if col not in have:
+                conn.execute(f"ALTER TABLE {quote_ident(name)} ADD COLUMN {_device_column(col, decl)}")
+                added.append((name, col))
+    return added
 
 
 def has_rowid(conn: sqlite3.Connection, table: str) -> bool:
@@ -509,21 +530,38 @@ def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo, colu
     """Mark every existing row of a captured table to be sent again.
 
     One update entry per row, whose changed-column mask names only
-    ``columns`` (the sync columns just added to sync_schema.json; None: all).
+    ``columns`` (the sync columns just added to sync_schema.json; None: all),
+    and of those only the ones holding a value written here (not NULL, not
+    the column's default) with no clock yet; a row with none is not logged.
     Only those cells get fresh clocks, so peers receive the new columns'
     values while the values of columns they already sync keep their clocks —
-    a device that upgrades late must not win every row with old data. The
+    a device that upgrades late must not win every row with old data, nor
+    with the NULLs its ALTER TABLE left (issue 12). The
     caller stamps them in the same transaction, without announcing them: no
     data changed locally. Returns the number of rows marked.
     """
-    mask: int | None = None
-    if columns is not None:
-        positions = [info.columns.index(c) for c in columns if c in info.columns]
-        mask = None if any(p >= MAX_MASK_COLUMNS for p in positions) else sum(1 << p for p in positions)
+    ck = _ck_expr(conn, tid)
+    if columns is None:
+        cursor = conn.execute(
+            f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) SELECT ?, {info.key_expr}, {OP_UPDATE}, NULL, {ck} FROM {quote_ident(info.name)}",
+            (tid,),
+        )
+        return max(cursor.rowcount, 0)
+    # Per row, only the added columns that hold something written here and
+    # have no clock yet (cells.unpark gave peers' values theirs): a NULL or
+    # a default never gets a fresh clock, which would beat every peer's value.
+    added = [c for c in columns if c in info.columns]
+    fresh = {c: f"({cells.empty_sql(conn, info.name, c)}) = 0 AND NOT EXISTS (SELECT 1 FROM _p2p_cells x "
+                f"WHERE x.tid = ?1 AND x.ck = {ck} AND x.col = '{c.replace(chr(39), chr(39) * 2)}')" for c in added}
+    if any(info.columns.index(c) >= MAX_MASK_COLUMNS for c in added):
+        mask = "NULL"  # too wide for a mask: all columns
+    else:
+        mask = " + ".join(f"CASE WHEN {fresh[c]} THEN {1 << info.columns.index(c)} ELSE 0 END" for c in added) or "0"
+    where = " OR ".join(f"({f})" for f in fresh.values()) or "0"
     cursor = conn.execute(
-        f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) SELECT ?, {info.key_expr}, {OP_UPDATE}, ?, {_ck_expr(conn, tid)} "
-        f"FROM {quote_ident(info.name)}",
-        (tid, mask),
+        f"INSERT INTO _p2p_log(tid, pk, op, cols, ck) SELECT ?1, {info.key_expr}, {OP_UPDATE}, {mask}, {ck} "
+        f"FROM {quote_ident(info.name)} WHERE {where}",
+        (tid,),
     )
     return max(cursor.rowcount, 0)
 

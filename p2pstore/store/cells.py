@@ -34,8 +34,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from p2pstore.schema.predicates import quote_ident
+from p2pstore.store import origins
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +193,59 @@ def migrate(conn: sqlite3.Connection, get_meta: Any, set_meta: Any) -> None:
         log.info("table %s: %d rows now have one clock; %d per-column clocks remain (columns edited on their own)",
                  name, rows, after)
     set_meta(conn, FORMAT_KEY, FORMAT)
+
+
+def empty_sql(conn: sqlite3.Connection, table: str, column: str, prefix: str = "") -> str:
+    """SQL true when ``column`` of a row holds nothing written: NULL, or the
+    column's declared default (what ``ALTER TABLE ... ADD COLUMN`` filled in)."""
+    default = next((r[4] for r in conn.execute(f"PRAGMA table_info({quote_ident(table)})") if r[1] == column), None)
+    return f"{prefix}{quote_ident(column)} IS {'NULL' if default is None else f'({default})'}"
+
+
+def unpark(conn: sqlite3.Connection, tid: int, table: str, ck_column: str, key_expr: str, columns: Sequence[str],
+           device_id: Callable[[sqlite3.Connection], str], log_op: int) -> int:
+    """Merge the parked cells of ``columns`` — sync columns an accepted
+    upgrade just added to ``table`` — under their own clocks; the number merged.
+
+    A parked cell (a peer on the newer schema sent it before this device
+    synced the column) takes its row's column when that holds nothing written
+    here (NULL or the default: ``empty_sql``), the row exists and no newer
+    tomb hides it: the value is written, the cell gets the parked clock and
+    a new log seq (``log_op``, logged as received, so it travels on). A value
+    written here before the column synced is kept: the re-send after the
+    upgrade gives it a fresh clock and it wins. Every parked cell of
+    ``columns`` is gone afterwards. Inside the caller's transaction;
+    ``device_id``: capture's (this module sits below capture).
+    """
+    if conn.execute("SELECT 1 FROM _p2p_parked WHERE tid = ? LIMIT 1", (tid,)).fetchone() is None:
+        return 0  # the usual case (and a store that never synced has no device ID to ask for)
+    me = device_id(conn)
+    numbers = origins.Origins(conn)
+    name, ck = quote_ident(table), quote_ident(ck_column)
+    newer_tomb = ("EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = p.tid AND t.ck = p.ck AND (t.hlc > p.hlc OR "
+                  f"(t.hlc = p.hlc AND {origins.device_sql('t.origin', '?3')} > p.origin)))")
+    merged = 0
+    conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")  # capture triggers: not a local change
+    try:
+        for col in columns:
+            found = conn.execute(
+                f"SELECT p.ck, x.{key_expr}, p.hlc, p.origin, p.prev_hlc, p.prev_origin FROM _p2p_parked p "
+                f"JOIN {name} x ON x.{ck} = p.ck WHERE p.tid = ?1 AND p.col = ?2 AND {empty_sql(conn, table, col, 'x.')} "
+                f"AND NOT {newer_tomb}",
+                (tid, col, me),
+            ).fetchall()
+            for key, pk, hlc, origin, prev_hlc, prev_origin in found:
+                conn.execute(f"UPDATE {name} SET {quote_ident(col)} = (SELECT value FROM _p2p_parked WHERE tid = ? AND ck = ? AND col = ?) "
+                             f"WHERE {ck} = ?", (tid, key, col, key))
+                seq = conn.execute("INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, NULL)",
+                                   (tid, pk, log_op, hlc, numbers.number(conn, origin))).lastrowid
+                stored = (lambda device: None if device is None or device == me else numbers.number(conn, device))
+                conn.execute(f"INSERT OR REPLACE INTO _p2p_cells(tid, ck, col, {_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (tid, key, col, hlc, stored(origin), seq, prev_hlc, stored(prev_origin)))
+                merged += 1
+            conn.execute("DELETE FROM _p2p_parked WHERE tid = ? AND col = ?", (tid, col))
+    finally:
+        conn.execute("DELETE FROM _p2p_apply")
+    if merged:
+        log.info("table %s: %d value(s) peers sent before the upgrade merged under their own clocks", table, merged)
+    return merged

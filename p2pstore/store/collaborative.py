@@ -21,6 +21,7 @@ The rules (SPEC §4; merge.py's docstring):
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ from p2pstore.store.tables import TableInfo
 if TYPE_CHECKING:  # merge.py imports this module
     from p2pstore.store.merge import _Applier
 
+log = logging.getLogger(__name__)
+
 
 # -- register ---------------------------------------------------------------
 
@@ -46,6 +49,15 @@ if TYPE_CHECKING:  # merge.py imports this module
 def register(conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool) -> None:
     """Capture ``info``'s writes: its log rows are keyed by its primary key (or rowid)."""
     capture.register_table(conn, state, info, auto_sync)
+
+
+def columns_changed(conn: sqlite3.Connection, info: TableInfo, label: str) -> None:
+    """``info`` gained or lost columns (an ALTER through the API): every
+    device table of it gains the new ones, so rows from peers that made the
+    same change apply. A dropped column stays in the device tables: rows from
+    peers that still have it keep applying."""
+    for name, col in capture.add_device_columns(conn, info.name):
+        log.info("%s: device table %s gained column %s (as %s did)", label, name, col, info.name)
 
 
 # -- read: what a peer is sent ------------------------------------------------

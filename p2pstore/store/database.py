@@ -113,6 +113,11 @@ _CREATE_ACTIONS = {sqlite3.SQLITE_CREATE_TABLE, sqlite3.SQLITE_CREATE_INDEX, sql
                    sqlite3.SQLITE_CREATE_TEMP_TRIGGER, sqlite3.SQLITE_CREATE_TEMP_VIEW}
 
 
+#: What makes a user statement a schema change (``_after_ddl``): the authorizer sees
+#: it, however the statement is written (comments first, odd case, a CTE).
+_SCHEMA_ACTIONS = _DROP_ACTIONS | _CREATE_ACTIONS | {sqlite3.SQLITE_ALTER_TABLE}
+
+
 def _internal(name: str | None) -> bool:
     return bool(name) and name.lower().startswith(INTERNAL_PREFIX)  # type: ignore[union-attr]
 
@@ -216,6 +221,7 @@ class Store:
         #: Where the live tables no longer match ``sync_schema`` (found at open).
         self.schema_problems: tuple[SchemaIssue, ...] = ()
         self._user_sql = False
+        self._schema_changed = False  # the authorizer saw a user statement change the schema
         self._data_version = -1
         #: (st_dev, st_ino) of the file the connection opened, and an fd on it
         #: for reading its header (never closed while SQLite has the file open:
@@ -493,6 +499,8 @@ class Store:
     def _authorize(self, action: int, arg1: str | None, arg2: str | None, dbname: str | None, source: str | None) -> int:
         if not self._user_sql:
             return sqlite3.SQLITE_OK  # the daemon's own statements
+        if action in _SCHEMA_ACTIONS:
+            self._schema_changed = True
         if source is not None and _internal(source):
             return sqlite3.SQLITE_OK  # bodies of our own triggers and views (user-named ones are checked)
         if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
@@ -512,7 +520,7 @@ class Store:
     def _write(self, conn: sqlite3.Connection, sql: str, params: Iterable[Any]) -> tuple[sqlite3.Cursor, ChangeBatch]:
         """Run one user statement and stamp what it captured, atomically."""
         with self._transaction(conn):
-            self._user_sql = True
+            self._user_sql, self._schema_changed = True, False
             try:
                 cursor = conn.execute(sql + API_SQL_TAG, params if isinstance(params, dict) else tuple(params))
                 if cursor.description is not None:
@@ -528,7 +536,7 @@ class Store:
                 raise map_sqlite_error(exc, sql) from exc
             finally:
                 self._user_sql = False
-            if _is_ddl(sql):
+            if self._schema_changed:
                 self._after_ddl(conn)
             batch = capture.stamp(conn, self.capture, self.clock)
         return cursor, batch
@@ -537,8 +545,10 @@ class Store:
         """Keep capture whole after a schema change made through the API.
 
         A distributed table may gain columns (its capture triggers are rebuilt
-        so the changed-column mask covers them) but may not be renamed or
-        dropped: the change is refused and rolled back.
+        so the changed-column mask covers them; a collaborative table's device
+        tables gain them too) but may not be renamed or dropped: the change is
+        refused and rolled back. The authorizer says whether a statement
+        changed the schema (``_SCHEMA_ACTIONS``), not its first word.
         """
         for table in list(self.capture.tables.values()):
             name = table.info.name
@@ -554,6 +564,8 @@ class Store:
                 for sql in capture.capture_triggers_sql(table.tid, info, table.hw is not None, conflict_column=table.conflict_column):
                     conn.execute(sql)
                 log.info("store %s/%s: table %s changed columns; capture triggers rebuilt", self.bundle, self.name, name)
+                mode = TableType.SINGLE_VERSION if table.conflict_column is not None else TableType.COLLABORATIVE
+                modes.of(mode).columns_changed(conn, info, f"store {self.bundle}/{self.name}")
         self._load_tables(conn)
 
     async def execute(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, int]:
@@ -1093,13 +1105,6 @@ def _checked_values(values: Any, info: TableInfo) -> dict[str, Any]:
 def _no_paging(compiled: Any) -> None:
     if compiled.order_by or compiled.limit is not None or compiled.offset is not None:
         raise InvalidParams("order_by, limit and offset apply to queries, not to updates or deletes", data={"param": "predicates"})
-
-
-_DDL_WORDS = ("CREATE", "DROP", "ALTER")
-
-
-def _is_ddl(sql: str) -> bool:
-    return sql.lstrip().split(None, 1)[0].upper() in _DDL_WORDS if sql.strip() else False
 
 
 class _Done:

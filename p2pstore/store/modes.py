@@ -31,6 +31,9 @@ class Mode(Protocol):
     # register: capture a table's writes (store/capture.py) the way this type keys its rows.
     def register(self, conn: sqlite3.Connection, state: CaptureState, info: TableInfo, auto_sync: bool) -> None: ...
 
+    # ... and follow its schema changes (an ALTER through the API; ``label`` names the store in logs).
+    def columns_changed(self, conn: sqlite3.Connection, info: TableInfo, label: str) -> None: ...
+
     # read: what a peer is sent (stream.py picks the interval).
     SEQ_SOURCES: tuple[tuple[str, str, str], ...]  # where an interval's seqs are: (source, condition, key column)
     UNSENT_SQL: str  # how many rows a peer at position ?1 has not been sent

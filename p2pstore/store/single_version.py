@@ -57,6 +57,11 @@ def register(conn: sqlite3.Connection, state: CaptureState, info: TableInfo, aut
     capture.register_table(conn, state, info, auto_sync, conflict_column=sync.conflict if sync is not None else None)
 
 
+def columns_changed(conn: sqlite3.Connection, info: TableInfo, label: str) -> None:
+    """Nothing to do: what syncs of a single_version table is the accepted
+    sync_schema.json entry's columns, which an ALTER does not change."""
+
+
 # -- read: what a peer is sent ------------------------------------------------
 
 #: Where the seqs of an interval are found: (source, extra condition, key
@@ -322,9 +327,10 @@ def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
     found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
     if found is not None:
         state.tomb = ap.stamp(*found)
+    parked = park(ap, target, [row])
     plan = plan_row(ap, target, row, state)
     if plan is None:
-        return False
+        return parked
     write_rows(ap, [plan], raw_text=True)
     return True
 
@@ -368,12 +374,44 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
         states[name] = found
     plans = []
     for row in rows:
-        plan = plan_row(ap, ap.target(row.table), row, states[row.table][row.key])
+        target = ap.target(row.table)
+        parked = park(ap, target, [row])
+        plan = plan_row(ap, target, row, states[row.table][row.key])
         if plan is not None:
             plans.append(plan)
+        elif parked:
+            ap.applied += 1  # as row by row counts it
     write_rows(ap, plans)
     ap.applied += len(plans)
     return True
+
+
+#: Keep the newer of a parked cell and an incoming one (clocks compare as (hlc, device)).
+_PARK_SQL = (
+    "INSERT INTO _p2p_parked(tid, ck, col, value, hlc, origin, prev_hlc, prev_origin) VALUES (?, ?, ?, {}, ?, ?, ?, ?) "
+    "ON CONFLICT(tid, ck, col) DO UPDATE SET value = excluded.value, hlc = excluded.hlc, origin = excluded.origin, "
+    "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin "
+    "WHERE (excluded.hlc, excluded.origin) > (_p2p_parked.hlc, _p2p_parked.origin)"
+)
+
+
+def park(ap: _Applier, target: Target, rows: Sequence[RowChange]) -> bool:
+    """Keep the cells of ``rows`` for columns this device does not sync
+    (a peer on a newer sync_schema.json): not failures, not dropped — an
+    accepted upgrade that adds the column merges them under their own
+    clocks (cells.unpark), so a device that upgrades late loses nothing.
+    Whether any parked cell was new or newer."""
+    changed = False
+    conflict = target.table.conflict_column
+    for row in rows:
+        for c in row.cells:
+            if c.column in target.dest_columns or c.column == conflict:
+                continue
+            (mark,), (value,) = bind([c.value])
+            prev_hlc, prev_origin = c.prev if c.prev is not None else (None, None)
+            changed |= ap.conn.execute(_PARK_SQL.format(mark), (target.dest_tid, row.key, c.column, value, c.hlc, c.origin,
+                                                              prev_hlc, prev_origin)).rowcount > 0
+    return changed
 
 
 def plan_row(ap: _Applier, target: Target, row: RowChange, state: RowState) -> RowPlan | None:
@@ -419,7 +457,7 @@ def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) ->
     incoming: dict[str, Value] = {}
     for c in row.cells:
         if c.column not in target.dest_columns:
-            continue  # not synced here (another schema version): both sync only what both sync
+            continue  # not synced here (another schema version): parked (``park``), merged on an upgrade
         theirs, mine = Stamp(c.clock, c.prev), cells.get(c.column)
         if mine is not None and theirs.clock == mine.clock:
             continue  # seen before

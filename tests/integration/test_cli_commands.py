@@ -18,6 +18,9 @@ from p2ps_helpers import REPO, DaemonProcess, unique
 from p2pstore.cli.main import build_parser
 
 PY = [sys.executable, "-m", "p2pstore"]
+#: ``PY`` with SIGINT back to Python's default handler, whatever the suite inherited.
+SIGINT_PY = [sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'p2pstore'; runpy.run_module('p2pstore', run_name='__main__', alter_sys=True)"]
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -144,7 +147,9 @@ def test_distribute_errors(sock: str, store: str) -> None:
 @pytest.fixture
 def watcher(sock: str, store: str) -> Iterator[subprocess.Popen[str]]:
     assert cli("distribute", "--socket", sock, "--store", store, "T").returncode == 0
-    proc = subprocess.Popen([*PY, "watch", "--socket", sock, "--store", store, "--local"],
+    # Ctrl-C ends watch; a suite started as a background job (``./scripts/test &``)
+    # hands its children SIGINT ignored, as POSIX shells do, so restore it first.
+    proc = subprocess.Popen([*SIGINT_PY, "watch", "--socket", sock, "--store", store, "--local"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     yield proc
     if proc.poll() is None:

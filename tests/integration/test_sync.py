@@ -31,6 +31,7 @@ from sync_helpers import (
     BUNDLE,
     EMPLOYEE,
     STORE,
+    SV,
     SV_REF,
     Node,
     cli,
@@ -42,6 +43,7 @@ from sync_helpers import (
     stays,
     wait_linked,
     wait_until,
+    write_schema,
 )
 
 from p2pstore.errors import FailureNotFound, ReadOnlyTable, SyncInProgress
@@ -219,6 +221,30 @@ def test_device_tables_are_read_only(linked_daemons) -> None:
     a.call("store.update", **COLLAB, values={"n": 2}, predicates={"table": "T", "where": [["id", "=", 1]]})
     ok(a.sync("push", COLLAB, [b]), b, applied=1)
     assert b.rows(COLLAB, f'SELECT * FROM "{dev_a}"') == [[1, "a1", 2]]
+
+
+def test_the_same_added_column_on_both_devices_syncs_into_the_device_table(linked_daemons) -> None:
+    """Collaborative: A and B make the same ALTER TABLE ... ADD COLUMN (B's
+    device table of A already exists): A's later rows carry the column and
+    apply on B, into B's copy of A's rows (issue 12: they used to fail for
+    ever with unknown_column)."""
+    a, b = linked_daemons(2)
+    setup_collab(a, b)
+    a.call("store.insert", **COLLAB, table="T", values={"id": 1, "name": "before", "n": 1})
+    ok(a.sync("push", COLLAB, [b]), b, applied=1)
+    dev_a = dev_table(b, a)
+    for node in (a, b):
+        node.call("store.execute", **COLLAB, sql="-- v2\nALTER TABLE T ADD COLUMN w TEXT")
+    assert [r[0] for r in b.rows(COLLAB, f"SELECT name FROM pragma_table_info('{dev_a}')")] == ["id", "name", "n", "w"]
+    a.call("store.insert", **COLLAB, table="T", values={"id": 2, "name": "after", "n": 2, "w": "new"})
+    a.call("store.update", **COLLAB, values={"w": "old row too"}, predicates={"table": "T", "where": [["id", "=", 1]]})
+    r = ok(a.sync("push", COLLAB, [b]), b, applied=2)
+    assert r["failed"] == 0, r
+    assert b.rows(COLLAB, f'SELECT id, name, n, w FROM "{dev_a}" ORDER BY id') == [[1, "before", 1, "old row too"], [2, "after", 2, "new"]]
+    assert b.call("store.sync_failures", **COLLAB) == []
+    # The device table is still read-only to applications.
+    with pytest.raises(ReadOnlyTable):
+        b.call("store.execute", **COLLAB, sql=f'UPDATE "{dev_a}" SET w = NULL')
 
 
 # ====================================================================== 2. single_version
@@ -876,6 +902,46 @@ def test_peers_on_different_schema_versions_sync_the_common_columns(linked_daemo
             assert entry.get("code", SUCCESS) == SUCCESS, entry
         [in_status] = [d for d in me.call("status")["devices"] if d["device_id"] == other.id]
         assert mismatch_fields(in_status) == listed
+
+
+def test_a_late_upgrade_keeps_the_values_peers_sent_before_it(linked_daemons) -> None:
+    """Single_version, issue 12: A upgrades to v1 (adds the synced column
+    DEPT) and writes DEPT; B, still on v0, receives the rows without DEPT.
+    When B upgrades, DEPT's values are there (parked, then merged under A's
+    clocks), and B's upgrade gives no fresh clock to the NULLs its ALTER left:
+    after syncing both ways every device holds A's values. (It used to end
+    with DEPT NULL everywhere: B's re-sent NULLs beat A's older clocks.)"""
+    v1 = schema_doc(1, ("NAME", "AGE", "SALARY", "CODES", "DEPT"), [DEPT_FIELD])
+    a, b = linked_daemons(2, schema={0: v1, 1: schema_doc(0)})
+    setup_employee(a, create=EMPLOYEE.replace("CODES BLOB", "CODES BLOB, DEPT TEXT"))
+    setup_employee(b)
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Gus", "AGE": 40, "DEPT": "p"})
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Ann", "AGE": 30})
+    b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "Hal", "AGE": 50})
+    ok(a.sync("push", SV_REF, [b]), b, applied=2)
+    a.call("store.update", **SV_REF, values={"DEPT": "q"}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Ann"]]})
+    r = ok(a.sync("push", SV_REF, [b]), b, applied=1)  # only DEPT changed: kept on B, not a failure
+    assert r["failed"] == 0 and b.call("store.sync_failures", **SV_REF) == []
+    ok(a.sync("pull", SV_REF, [b]), b)
+
+    # B upgrades late: the column, then the schema.
+    b.call("store.execute", **SV_REF, sql="ALTER TABLE EMPLOYEE ADD COLUMN DEPT TEXT")
+    write_schema(b.proc.data_dir, v1)
+    result = b.call("store.set_distributed_tables", **SV_REF, tables=["EMPLOYEE"], config=SV)
+    assert result["schema_version"] == 1
+    assert result["resent"] == {"EMPLOYEE": 0}, "no row of B holds a DEPT written on B: nothing gets a fresh clock"
+    expected = [["Ann", "q"], ["Gus", "p"], ["Hal", None]]
+    assert b.rows(SV_REF, "SELECT NAME, DEPT FROM EMPLOYEE ORDER BY NAME") == expected
+
+    for direction in ("push", "pull", "push"):
+        r = ok(b.sync(direction, SV_REF, [a]), a)
+        assert r["failed"] == 0, r
+    for node in (a, b):
+        assert node.rows(SV_REF, "SELECT NAME, DEPT FROM EMPLOYEE ORDER BY NAME") == expected, node
+    # A value B writes now travels as usual.
+    b.call("store.update", **SV_REF, values={"DEPT": "r"}, predicates={"table": "EMPLOYEE", "where": [["NAME", "=", "Hal"]]})
+    ok(b.sync("push", SV_REF, [a]), a, applied=1)
+    assert a.rows(SV_REF, "SELECT DEPT FROM EMPLOYEE WHERE NAME = 'Hal'") == [["r"]]
 
 
 def test_same_schema_version_reports_no_mismatch(linked_daemons) -> None:

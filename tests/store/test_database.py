@@ -612,6 +612,33 @@ async def test_adding_a_column_to_a_distributed_table_keeps_capturing_it(store: 
     assert mask == 1 << position
 
 
+@pytest.mark.parametrize("sql", [
+    "-- a note first\nALTER TABLE T ADD COLUMN extra TEXT",
+    "/* a comment */ alter table T add column extra TEXT",
+    "\n\n  ALTER TABLE \"T\" ADD extra TEXT",
+])
+async def test_a_schema_change_is_seen_however_it_is_written(store: Store, announced: list[Any], sql: str) -> None:
+    """The authorizer, not the statement's first word, says a statement changed
+    the schema: the capture triggers are rebuilt for the new column whatever
+    comes before ALTER."""
+    await store.set_distributed_tables(["T"])
+    await store.insert("T", {"name": "a"})
+    await store.execute(sql)
+    await store.update({"extra": "x"}, {"table": "T", "where": [["name", "=", "a"]]})
+    columns = [c[0] for c in (await store.query("SELECT name FROM pragma_table_info('T')"))["rows"]]
+    mask = (await store.query("SELECT cols FROM _p2p_log ORDER BY seq DESC LIMIT 1"))["rows"][0][0]
+    assert mask == 1 << columns.index("extra"), "the changed-column mask must cover the column the ALTER added"
+
+
+@pytest.mark.parametrize("sql", ["/* c */ ALTER TABLE T RENAME TO U", "-- bye\nDROP TABLE T", "  /**/drop table T"])
+async def test_renaming_or_dropping_behind_a_comment_is_refused_like_any_other(store: Store, sql: str) -> None:
+    await store.set_distributed_tables(["T"])
+    with pytest.raises(PermissionDenied):
+        await store.execute(sql)  # (a DROP is refused earlier, by the authorizer: it would drop our triggers)
+    await store.insert("T", {"name": "still there"})
+    assert await rows(store, "SELECT name FROM T") == [["still there"]]
+
+
 async def test_dropping_a_distributed_table_through_the_api_is_refused(store: Store) -> None:
     await store.set_distributed_tables(["T"])
     with pytest.raises(PermissionDenied):

@@ -157,3 +157,41 @@ def test_single_version_bulk_apply_is_taken_for_an_ordinary_batch(monkeypatch: p
            RowChange("items", "uid", "z2", 2, (Cell("uid", "z2", hlc + 5000, SENDER), Cell("b", "q", hlc + 5000, SENDER)))]
     taken = _apply_both(monkeypatch, [(dup, []), (bad, [])])
     assert taken == [False, False]
+
+
+def test_cells_of_columns_not_synced_here_are_parked_the_same_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer on a newer sync_schema.json also syncs ``note`` (here a local
+    column): its cells are parked — newest per cell, a repeat is a no-op, a
+    change of ``note`` alone still counts as applied — by the bulk path
+    exactly as row by row (issue 12)."""
+    hlc = WALL * 65536
+    first = [RowChange("items", "uid", f"u{k}", k, (Cell("uid", f"u{k}", hlc + k, SENDER), Cell("a", k, hlc + k, SENDER),
+                                                   Cell("note", f"n{k}", hlc + k, SENDER))) for k in range(1, 4)]
+    newer = [RowChange("items", "uid", "u1", 10, (Cell("note", "newer", hlc + 100, SENDER),)),
+             RowChange("items", "uid", "u2", 11, (Cell("note", "older", hlc, OTHER),))]
+    taken: list[bool] = []
+    real = merge._Applier.apply_bulk
+    with tempfile.TemporaryDirectory() as tmp:
+        bulk, rowwise = _receiver(Path(tmp)), _receiver(Path(tmp))
+        try:
+            results = []
+            for since, rows in ((0, first), (3, newer), (3, newer)):
+                batch = OutBatch("single_version", since, since + len(rows), tuple(rows), False, True)
+                with monkeypatch.context() as m:
+                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows, **kw: taken.append(real(self, rows, **kw)) or taken[-1])
+                    a = bulk.apply(batch, SENDER)
+                with monkeypatch.context() as m:
+                    m.setattr(merge._Applier, "apply_bulk", lambda self, rows, **kw: False)
+                    b = rowwise.apply(batch, SENDER)
+                assert _result(a) == _result(b)
+                assert _dump(bulk) == _dump(rowwise)
+                results.append(a.applied)
+            assert taken == [True, True, True]
+            assert results == [3, 1, 0], "u1's newer note counts; u2's older one and the repeat change nothing"
+            assert [tuple(r) for r in bulk.rows("SELECT ck, col, value, origin FROM _p2p_parked ORDER BY ck")] == [
+                ("u1", "note", "newer", SENDER), ("u2", "note", "n2", SENDER), ("u3", "note", "n3", SENDER)]
+            assert [tuple(r) for r in bulk.rows("SELECT uid, note FROM items ORDER BY uid")] == [("u1", None), ("u2", None), ("u3", None)]
+            assert [tuple(r) for r in bulk.rows("SELECT count(*) FROM _p2p_failures")] == [(0,)]
+        finally:
+            bulk.close()
+            rowwise.close()
