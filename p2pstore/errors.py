@@ -174,6 +174,23 @@ class SchemaNotFound(P2PStoreError):
     name, code = "SCHEMA_NOT_FOUND", -31301
 
 
+# Evolutions (numbered schema scripts, store/evolutions.py).
+class EvolutionDestructive(P2PStoreError):
+    name, code = "EVOLUTION_DESTRUCTIVE", -31302
+
+
+class EvolutionInconsistent(P2PStoreError):
+    name, code = "EVOLUTION_INCONSISTENT", -31303
+
+
+class EvolutionInvalid(P2PStoreError):
+    name, code = "EVOLUTION_INVALID", -31304
+
+
+class EvolutionFailed(P2PStoreError):
+    name, code = "EVOLUTION_FAILED", -31305
+
+
 # Devices, trust, channels.
 class DeviceUnknown(P2PStoreError):
     name, code = "DEVICE_UNKNOWN", -31400

@@ -28,7 +28,7 @@ from p2pstore.schemas import load_json_schema
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
 from p2pstore.errors import InvalidParams, MethodNotFound, ResultTooLarge
 from p2pstore.schema.sync_schema import validate_document
-from p2pstore.store import accepted_schema
+from p2pstore.store import accepted_schema, evolutions
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
@@ -170,6 +170,47 @@ async def store_close(api: Api, client: ClientConnection, params: dict[str, Any]
 async def store_backup(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     """A consistent copy of an open store, made by the daemon while it runs (docs/operations.md)."""
     return await api.store(params).backup(Path(params["path"]))
+
+
+# -- evolutions (store/evolutions.py; docs/api.md "Evolutions") --------------------
+
+
+async def _scripts(api: Api, params: dict[str, Any]) -> tuple[Store, Path, list[evolutions.Evolution]]:
+    store = api.store(params)
+    directory = api.registry.evolutions_dir(store.bundle, store.name)
+    return store, directory, await asyncio.to_thread(evolutions.load_dir, directory)
+
+
+@method("evolutions.status")
+async def evolutions_status(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store, directory, scripts = await _scripts(api, params)
+    revisions = await store.evolutions_status(scripts)
+    return {"directory": str(directory), "inconsistent": any(r.state.startswith("applying_") for r in revisions),
+            "revisions": [{"id": r.id, "description": r.description, "state": r.state, "hash": r.hash, "stored_hash": r.stored_hash,
+                           "applied_at": r.applied_at, "last_problem": r.last_problem} for r in revisions]}
+
+
+@method("evolutions.apply")
+async def evolutions_apply(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store, _, scripts = await _scripts(api, params)
+    return {"applied": await store.apply_evolutions(scripts, params.get("up_to"))}
+
+
+@method("evolutions.mark_applied")
+async def evolutions_mark_applied(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    store, _, scripts = await _scripts(api, params)
+    await store.mark_evolution_applied(scripts, params["revision"])
+    return {"revision": params["revision"], "state": evolutions.APPLIED}
+
+
+@method("evolutions.resolve")
+async def evolutions_resolve(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    return {"revision": params["revision"], "state": await api.store(params).resolve_evolution(params["revision"])}
+
+
+@method("evolutions.log")
+async def evolutions_log(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    return await api.store(params).evolutions_log()
 
 
 @method("store.execute")

@@ -34,7 +34,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from p2pstore.errors import (
     ColumnNotFound,
     ConstraintViolation,
     DiskFull,
+    EvolutionDestructive,
     InvalidParams,
     P2PStoreError,
     PermissionDenied,
@@ -61,7 +62,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import accepted_schema, capture, cells, changes, gc, merge, modes, restore
+from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, restore
 from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
@@ -222,6 +223,7 @@ class Store:
         self.schema_problems: tuple[SchemaIssue, ...] = ()
         self._user_sql = False
         self._schema_changed = False  # the authorizer saw a user statement change the schema
+        self._dropping: str | None = None  # ... or drop a distributed table (evolutions)
         self._data_version = -1
         #: (st_dev, st_ino) of the file the connection opened, and an fd on it
         #: for reading its header (never closed while SQLite has the file open:
@@ -293,6 +295,7 @@ class Store:
             conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
             capture.ensure_schema(conn)
             conn.executescript(accepted_schema.SCHEMA_SQL)
+            conn.executescript(evolutions.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
                 raise  # disk full, read-only: Store.run says so (not "not a database")
@@ -501,6 +504,8 @@ class Store:
             return sqlite3.SQLITE_OK  # the daemon's own statements
         if action in _SCHEMA_ACTIONS:
             self._schema_changed = True
+        if action == sqlite3.SQLITE_DROP_TABLE and arg1 in self.distributed:
+            self._dropping = arg1  # an evolution reports it as destructive (_evolution_statement)
         if source is not None and _internal(source):
             return sqlite3.SQLITE_OK  # bodies of our own triggers and views (user-named ones are checked)
         if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT, sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
@@ -709,6 +714,82 @@ class Store:
             return outcome, batch
 
         return await self._announced(op)
+
+    # -- evolutions (store/evolutions.py) -----------------------------------
+
+    async def evolutions_status(self, scripts: Sequence[evolutions.Evolution]) -> list[evolutions.Revision]:
+        """Every revision of ``scripts`` and of the store's record, with its state here."""
+        return await self.run(lambda conn: evolutions.status(conn, scripts))
+
+    async def apply_evolutions(self, scripts: Sequence[evolutions.Evolution], up_to: int | None = None) -> list[int]:
+        """Apply the pending (and diverged) revisions up to ``up_to``, each in
+        a transaction of its own with the capture changes it needs, its
+        captured rows stamped and announced as local changes. The revisions
+        applied; stops at the first that fails (``EvolutionFailed``: recorded,
+        the store inconsistent) or is refused (``EvolutionDestructive``:
+        nothing of it changed)."""
+        steps = await self.run(lambda conn: evolutions.plan(conn, scripts, up_to))
+        applied: list[int] = []
+        for step in steps:
+            def apply(conn: sqlite3.Connection, step: evolutions.Step = step) -> None:
+                self._schema_changed = False
+                guarded = [evolutions.Guarded(t.info.name, t.sync_columns, t.info.key) for t in changes.sync_tables(conn)]
+                evolutions.apply_revision(conn, step, guarded, lambda sql: self._evolution_statement(conn, sql), wall_ms())
+                if self._schema_changed:
+                    self._after_ddl(conn)
+
+            try:
+                await self._stamped(apply, stamp_after=True)
+            except _ScriptFailed as exc:
+                problem = exc.problem
+
+                def record(conn: sqlite3.Connection, step: evolutions.Step = step) -> P2PStoreError:
+                    with self._transaction(conn):
+                        return evolutions.record_failure(conn, step, problem, wall_ms())
+
+                failure = await self.run(record)
+                log.error("store %s/%s: evolution %d failed and was rolled back: %s", self.bundle, self.name, step.revision, problem)
+                raise failure from exc
+            log.info("store %s/%s: evolution %d applied (%s)", self.bundle, self.name, step.revision, step.evolution.description or "no description")
+            applied.append(step.revision)
+        return applied
+
+    def _evolution_statement(self, conn: sqlite3.Connection, sql: str) -> None:
+        """One statement of an evolution script, checked as API SQL is (the
+        authorizer keeps the store's own tables out of reach). A statement
+        SQLite refuses because it would drop a distributed table, or break
+        the capture triggers on one (a synced column dropped), is destructive,
+        not a failure: refused, nothing recorded."""
+        self._user_sql, self._dropping = True, None
+        try:
+            conn.execute(sql + API_SQL_TAG)
+        except sqlite3.Error as exc:
+            if self._dropping is not None or "error in trigger _p2p_" in str(exc):
+                table = self._dropping or "a distributed table"
+                raise EvolutionDestructive(f"{sql.splitlines()[0][:80]!r} would drop {table} or a column it syncs by; "
+                                           "distributed tables only move forward", data={"statement": sql[:200]}) from exc
+            raise _ScriptFailed(f"{sql.splitlines()[0][:80]!r}: {exc}") from exc
+        finally:
+            self._user_sql = False
+
+    async def mark_evolution_applied(self, scripts: Sequence[evolutions.Evolution], revision: int) -> None:
+        """Record revision ``revision`` as applied without running it (it was applied by hand)."""
+        ev = next((e for e in scripts if e.id == revision), None)
+        if ev is None:
+            raise InvalidParams(f"no script for revision {revision}", data={"param": "revision"})
+
+        def mark(conn: sqlite3.Connection) -> None:
+            evolutions.mark_applied(conn, ev, wall_ms())
+
+        await self._stamped(mark)
+
+    async def evolutions_log(self) -> list[dict[str, Any]]:
+        """The store's record of its evolutions (``evolutions.history``)."""
+        return await self.run(evolutions.history)
+
+    async def resolve_evolution(self, revision: int) -> str:
+        """Declare an inconsistent revision settled by hand (``evolutions.resolve``)."""
+        return await self._stamped(lambda conn: evolutions.resolve(conn, revision))
 
     # -- single-version schema ----------------------------------------------
 
@@ -1105,6 +1186,14 @@ def _checked_values(values: Any, info: TableInfo) -> dict[str, Any]:
 def _no_paging(compiled: Any) -> None:
     if compiled.order_by or compiled.limit is not None or compiled.offset is not None:
         raise InvalidParams("order_by, limit and offset apply to queries, not to updates or deletes", data={"param": "predicates"})
+
+
+class _ScriptFailed(Exception):
+    """A statement of an evolution script that SQLite refused (rolled back, then recorded)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
 
 
 class _Done:

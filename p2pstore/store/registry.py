@@ -72,6 +72,10 @@ class StoreRegistry:
     def path_for(self, bundle: str, name: str) -> Path:
         return self.data_dir / "stores" / check_name("bundle", bundle) / f"{check_name('store', name)}.db"
 
+    def evolutions_dir(self, bundle: str, name: str) -> Path:
+        """Where a store's evolution scripts are read: ``<data dir>/evolutions/<bundle>/<store>/N.sql``."""
+        return self.data_dir / "evolutions" / check_name("bundle", bundle) / check_name("store", name)
+
     async def open(self, bundle: str, name: str, security_label: int | None = None) -> Store:
         path = self.path_for(bundle, name)
         async with self._lock:

@@ -84,6 +84,11 @@ VALID: dict[str, dict[str, Any]] = {
     "store.discard_failure": {"store": STORE, "id": 1},
     "store.remote_query": {"store": STORE, "device": DEVICE, "table": "T", "predicates": {}, "columns": ["name"]},
     "store.backup": {"store": STORE, "bundle": "default", "path": "/nonexistent/backup.db"},
+    "evolutions.status": {"store": STORE, "bundle": "default"},
+    "evolutions.log": {"store": STORE, "bundle": "default"},
+    "evolutions.apply": {"store": STORE, "bundle": "default", "up_to": 1},
+    "evolutions.mark_applied": {"store": STORE, "bundle": "default", "revision": 1},
+    "evolutions.resolve": {"store": STORE, "bundle": "default", "revision": 1},
 }
 REQUIRED = {
     "devices.trust": ["device_id"], "devices.untrust": ["device_id"], "devices.unsubscribe": ["subscription"],
@@ -95,6 +100,8 @@ REQUIRED = {
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
     "store.remote_query": ["store", "device", "table"], "store.backup": ["store", "path"],
+    "evolutions.status": ["store"], "evolutions.log": ["store"], "evolutions.apply": ["store"],
+    "evolutions.mark_applied": ["store", "revision"], "evolutions.resolve": ["store", "revision"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.
 WRONG = {
@@ -102,7 +109,7 @@ WRONG = {
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
     "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
-    "path": "relative/backup.db",
+    "path": "relative/backup.db", "revision": "1",
 }
 
 

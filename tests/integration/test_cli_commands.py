@@ -223,3 +223,35 @@ def test_version() -> None:
 
     result = cli("--version")
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+# -- evolutions -------------------------------------------------------------------------------------
+
+def test_evolutions_status_apply_resolve_and_log_through_the_cli(sock: str, shared_daemon: DaemonProcess) -> None:
+    store = unique("evo")
+    scripts = shared_daemon.data_dir / "evolutions" / "default" / store
+    scripts.mkdir(parents=True)
+    (scripts / "1.sql").write_text("-- Items\n-- !Ups\nCREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT);\n-- !Downs\nDROP TABLE items;\n")
+    (scripts / "2.sql").write_text("-- Price\n-- !Ups\nALTER TABLE items ADD COLUMN price REAL;\nINSERT INTO nowhere VALUES (1);\n")
+    base = ("--socket", sock, "--store", store)
+    status = json.loads(cli("evolutions", "status", *base, "--json").stdout)
+    assert status["directory"] == str(scripts)
+    assert [(r["id"], r["state"], r["description"]) for r in status["revisions"]] == [(1, "pending", "Items"), (2, "pending", "Price")]
+
+    failed = cli("evolutions", "apply", *base)
+    assert failed.returncode == 1 and "EVOLUTION_FAILED" in failed.stderr and "nowhere" in failed.stderr
+    text = cli("evolutions", "status", *base)
+    assert text.returncode == 1 and "applying_up" in text.stdout and "INCONSISTENT" in text.stdout
+    again = cli("evolutions", "apply", *base)
+    assert again.returncode == 1 and "EVOLUTION_INCONSISTENT" in again.stderr
+
+    (scripts / "2.sql").write_text("-- Price\n-- !Ups\nALTER TABLE items ADD COLUMN price REAL;\n")  # the fix
+    fixed = cli("evolutions", "apply", *base)
+    assert fixed.returncode == 0 and "applied revision(s) 2" in fixed.stdout
+    assert [r["state"] for r in json.loads(cli("evolutions", "status", *base, "--json").stdout)["revisions"]] == ["applied", "applied"]
+    assert cli("sql", *base, "INSERT INTO items(name, price) VALUES ('x', 2.5)").returncode == 0
+    log = json.loads(cli("evolutions", "log", *base, "--json").stdout)
+    assert [(e["id"], e["state"]) for e in log] == [(1, "applied"), (2, "applied")]
+    assert "ADD COLUMN price" in log[1]["apply_script"]
+    refused = cli("evolutions", "resolve", *base, "2")
+    assert refused.returncode == 1 and "EVOLUTION_INVALID" in refused.stderr
