@@ -102,6 +102,8 @@ class Config:
     relay_fanout: int = 1
     #: Seconds between anti-entropy pulls of each auto-sync store from a random peer (0: off).
     anti_entropy_interval_s: float = 30.0
+    #: Sync log entries kept per store (store/sync_log.py).
+    sync_log_entries: int = 1000
 
     @property
     def security_level_int(self) -> int:

@@ -199,7 +199,8 @@ class Daemon:
         self.directory = DeviceDirectory(self.identity.device_id, self.trust, self.peers, on_event=self._device_event)
         self.engine = SyncEngine(registry=self.registry, peers=self.peers, directory=self.directory,
                                  on_applied=self._applied, window=config.sync_window,
-                                 relay_fanout=config.relay_fanout, anti_entropy_interval=config.anti_entropy_interval_s)
+                                 relay_fanout=config.relay_fanout, anti_entropy_interval=config.anti_entropy_interval_s,
+                                 sync_log_entries=config.sync_log_entries)
         self.queries = RemoteQueries(registry=self.registry, peers=self.peers, directory=self.directory,
                                      timeout=config.remote_query_timeout_s, max_result_bytes=config.max_result_bytes)
         events.wire(

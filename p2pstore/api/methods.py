@@ -172,6 +172,12 @@ async def store_backup(api: Api, client: ClientConnection, params: dict[str, Any
     return await api.store(params).backup(Path(params["path"]))
 
 
+@method("store.sync_log")
+async def store_sync_log(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    device = normalize_device_id(params["device"]) if "device" in params else None
+    return await api.store(params).sync_log(params.get("limit", 100), device)
+
+
 # -- evolutions (store/evolutions.py; docs/api.md "Evolutions") --------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from p2pstore.cli.common import EXIT_ERROR, EXIT_OK, emit, open_store, parse_value, store_option, with_client
 from p2pstore.client import Client
@@ -47,6 +48,16 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     p.add_argument("--clear", action="store_true", help="forget the logged conflicts instead of showing them")
     p.add_argument("--up-to", type=int, metavar="ID", help="with --clear: only those with id <= ID")
     p.set_defaults(run=run_conflicts)
+
+    p = sub.add_parser("log", parents=[parent], help="the sync log: what each sync did",
+                       description="The sync log of a store: one line per sync session, newest first — started here "
+                                   "(manual, auto, anti-entropy) or by the peer (served): when, peer, send/receive, kind, table and filter, "
+                                   "result code, rows sent / applied / in conflict / failed, duration, message. "
+                                   "Kept to the newest sync_log_entries (docs/config.md).")
+    store_option(p)
+    p.add_argument("--device", metavar="ID", help="only syncs with this device")
+    p.add_argument("--limit", type=int, default=50, help="show at most N, newest first (default 50)")
+    p.set_defaults(run=run_log)
 
 
 def parse_where(text: str) -> list:
@@ -143,6 +154,21 @@ def run_conflicts(args: argparse.Namespace) -> int:
         emit(args, found, "\n".join(
             f"{c['id']}  {c['table']}[{c['key']}].{c['column'] or '(row)'}  lost: {c['losing_value']!r} "
             f"({c['loser']} @{c['loser_hlc']})  winner: {c['winner']} @{c['winner_hlc']}" for c in found) or "no conflicts")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def run_log(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        device = {"device": args.device} if args.device else {}
+        found = await client.call("store.sync_log", **ref, limit=args.limit, **device)
+        emit(args, found, "\n".join(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at'] / 1000))}  {e['peer'][:15]}  {e['direction']:<7} "
+            f"{e['kind']:<12} {e['table'] or '*'}{' where ' + e['filter'] if e['filter'] else ''}  code {e['code']}  "
+            f"sent {e['sent']} applied {e['applied']} conflicts {e['conflicts']} failed {e['failed']}  {e['duration_ms']} ms"
+            + (f"  {e['message']}" if e["code"] else "") for e in found) or "no syncs logged")
         return EXIT_OK
 
     return with_client(args, go)

@@ -62,7 +62,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, restore
+from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, restore, sync_log
 from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
@@ -296,6 +296,7 @@ class Store:
             capture.ensure_schema(conn)
             conn.executescript(accepted_schema.SCHEMA_SQL)
             conn.executescript(evolutions.SCHEMA_SQL)
+            conn.executescript(sync_log.SCHEMA_SQL)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
                 raise  # disk full, read-only: Store.run says so (not "not a database")
@@ -714,6 +715,20 @@ class Store:
             return outcome, batch
 
         return await self._announced(op)
+
+    # -- the sync log (store/sync_log.py) -------------------------------------
+
+    async def record_sync(self, entry: sync_log.Entry, keep: int = sync_log.DEFAULT_KEEP) -> None:
+        """Append one sync log entry, keeping the newest ``keep``."""
+        def op(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                sync_log.record(conn, entry, keep)
+
+        await self.run(op)
+
+    async def sync_log(self, limit: int = 100, peer: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` sync log entries, newest first."""
+        return await self.run(lambda conn: sync_log.entries(conn, limit, peer))
 
     # -- evolutions (store/evolutions.py) -----------------------------------
 

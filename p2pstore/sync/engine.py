@@ -51,10 +51,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from p2pstore.clock import wall_ms
 from p2pstore.tasks import TaskSet
 from p2pstore.errors import (
     DeviceOffline,
@@ -106,6 +108,7 @@ from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, Se
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.database import Store
+from p2pstore.store import sync_log
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.sync.lag import LagTracker
@@ -284,6 +287,7 @@ class SyncEngine:
         relay_fanout: int = DEFAULT_RELAY_FANOUT,
         anti_entropy_interval: float = DEFAULT_ANTI_ENTROPY_S,
         rng: random.Random | None = None,
+        sync_log_entries: int = sync_log.DEFAULT_KEEP,
     ) -> None:
         self.registry = registry
         self.peers = peers
@@ -298,6 +302,8 @@ class SyncEngine:
         #: often each auto-sync store is pulled from a random peer (0: never).
         self.relay_fanout = relay_fanout
         self.anti_entropy_interval = anti_entropy_interval
+        #: Sync log entries kept per store (``sync_log_entries``; store/sync_log.py).
+        self.sync_log_entries = sync_log_entries
         self._rng = rng or random.Random()
         self._anti_entropy_running: set[tuple[str, str]] = set()
         #: Sessions in flight, both ways, each on its channel; a peer that floods one ends it.
@@ -510,6 +516,8 @@ class SyncEngine:
     async def _serve(self, session: Request, msg: SyncOpen) -> None:
         peer = session.peer
         code: int | None = None  # set once the session is tracked (the store exists)
+        at, t0, stats, problem = wall_ms(), time.monotonic(), Stats(), ""
+        store: Store | None = None
         try:
             store = await self.registry.for_peer(msg.bundle, msg.store)
             self.lag.begin(peer, msg.bundle, msg.store)
@@ -541,12 +549,12 @@ class SyncEngine:
             code = int(Code.SUCCESS)
         except SessionEnded as end:
             if code is not None:
-                code = end.code
+                code, problem = end.code, end.message
             log.info("sync session %d with %s on %s/%s ended: code %d %s", msg.req, peer, msg.bundle, msg.store, end.code, end.message)
             await self._end_quietly(session, end)
         except P2PStoreError as exc:
             if code is not None:
-                code = session_code(exc)
+                code, problem = session_code(exc), exc.message
             log.warning("sync session %d with %s on %s/%s failed: %s", msg.req, peer, msg.bundle, msg.store, exc.message)
             await self._end_quietly(session, SessionEnded(session_code(exc), exc.message))
         except Exception as exc:  # a bug here must end the session, not leave the peer waiting
@@ -556,6 +564,9 @@ class SyncEngine:
             self._sessions.finish(session)
             if code is not None:
                 self.lag.end(peer, msg.bundle, msg.store, "receive" if msg.mode == "push" else "send", code)
+        if code is not None and store is not None:
+            await self._log_sync(store, peer, "receive" if msg.mode == "push" else "send", "served", msg.table,
+                                 msg.where, code, stats, at, t0, problem)
 
     async def _end_quietly(self, session: Request, end: SessionEnded) -> None:
         """Tell the peer how the session ended, if it must be told (``end_message``)."""
@@ -603,7 +614,7 @@ class SyncEngine:
                         progress: Progress | None) -> dict[str, Any]:
         try:
             with self.lag.session(peer, store.bundle, store.name, "send" if mode == "push" else "receive", session_code):
-                stats = await self._run_session(store, mode, peer, table, where_json, where, progress)
+                stats = await self._logged_session(store, mode, peer, table, where_json, where, progress, "manual")
         except SessionEnded as end:
             if end.code == Code.DISK_FULL:  # the peer's disk: say so here too, once
                 log.warning("sync of %s with %s: the peer's disk is full (code %d): %s", store.name, peer, end.code, end.message)
@@ -616,6 +627,35 @@ class SyncEngine:
         message = f"{verb} {stats.sent} change(s): {stats.applied} applied, {stats.conflicts} conflict(s), {stats.failed} failed"
         return {"device": peer, "code": int(Code.SUCCESS), "message": message,
                 "sent": stats.sent, "applied": stats.applied, "conflicts": stats.conflicts, "failed": stats.failed}
+
+    async def _logged_session(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
+                              progress: Progress | None, kind: str) -> Stats:
+        """``_run_session``, leaving one entry in the store's sync log however
+        it ends (``_log_sync``; ``_serve`` logs the sessions peers start)."""
+        at, t0 = wall_ms(), time.monotonic()
+        direction = "send" if mode == "push" else "receive"
+        where_text = encode_predicates(where_json) if where_json is not None else None  # as it travels (BLOBs as $blob)
+        try:
+            stats = await self._run_session(store, mode, peer, table, where_json, where, progress)
+        except (SessionEnded, P2PStoreError) as exc:
+            await self._log_sync(store, peer, direction, kind, table, where_text, session_code(exc), Stats(), at, t0, exc.message)
+            raise
+        await self._log_sync(store, peer, direction, kind, table, where_text, int(Code.SUCCESS), stats, at, t0)
+        return stats
+
+    async def _log_sync(self, store: Store, peer: str, direction: str, kind: str, table: str | None, where: str | None,
+                        code: int, stats: Stats, at: int, t0: float, message: str = "") -> None:
+        """One sync log entry (store/sync_log.py): the one place every sync —
+        manual, auto, anti-entropy, or served to a peer — is logged. Never
+        fails the sync (a full disk, a store closed meanwhile: a warning)."""
+        if not message:
+            message = f"{stats.sent} sent, {stats.applied} applied, {stats.conflicts} conflict(s), {stats.failed} failed"
+        entry = sync_log.Entry(at, peer, direction, kind, table, where, code,
+                               stats.sent, stats.applied, stats.conflicts, stats.failed, round((time.monotonic() - t0) * 1000), message)
+        try:
+            await store.record_sync(entry, self.sync_log_entries)
+        except Exception as exc:
+            log.warning("sync of %s/%s with %s: its sync log entry was not written: %s", store.bundle, store.name, peer, exc)
 
     async def _run_session(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
                            progress: Progress | None) -> Stats:
@@ -777,7 +817,7 @@ class SyncEngine:
     async def _anti_entropy_pull(self, store: Store, peer: str, key: tuple[str, str]) -> None:
         try:
             with self.lag.session(peer, store.bundle, store.name, "receive", session_code):
-                stats = await self._run_session(store, "pull", peer, None, None, None, None)
+                stats = await self._logged_session(store, "pull", peer, None, None, None, None, "anti-entropy")
             if stats.applied:
                 log.info("anti-entropy: %d change(s) of %s/%s from %s that no push had brought",
                          stats.applied, store.bundle, store.name, peer)
@@ -812,7 +852,7 @@ class SyncEngine:
                 self._auto[key] = False
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
-                        stats = await self._run_session(store, "push", peer, None, None, None, None)
+                        stats = await self._logged_session(store, "push", peer, None, None, None, None, "auto")
                     failures = 0
                     if stats.sent:
                         log.debug("auto-sync pushed %d change(s) of %s to %s", stats.sent, store.name, peer)

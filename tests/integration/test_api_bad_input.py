@@ -85,6 +85,7 @@ VALID: dict[str, dict[str, Any]] = {
     "store.remote_query": {"store": STORE, "device": DEVICE, "table": "T", "predicates": {}, "columns": ["name"]},
     "store.backup": {"store": STORE, "bundle": "default", "path": "/nonexistent/backup.db"},
     "evolutions.status": {"store": STORE, "bundle": "default"},
+    "store.sync_log": {"store": STORE, "bundle": "default", "limit": 5, "device": DEVICE},
     "evolutions.log": {"store": STORE, "bundle": "default"},
     "evolutions.apply": {"store": STORE, "bundle": "default", "up_to": 1},
     "evolutions.mark_applied": {"store": STORE, "bundle": "default", "revision": 1},
@@ -100,7 +101,7 @@ REQUIRED = {
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
     "store.remote_query": ["store", "device", "table"], "store.backup": ["store", "path"],
-    "evolutions.status": ["store"], "evolutions.log": ["store"], "evolutions.apply": ["store"],
+    "store.sync_log": ["store"], "evolutions.status": ["store"], "evolutions.log": ["store"], "evolutions.apply": ["store"],
     "evolutions.mark_applied": ["store", "revision"], "evolutions.resolve": ["store", "revision"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.

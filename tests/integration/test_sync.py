@@ -421,6 +421,44 @@ def test_cycle_a_b_c_a_does_not_loop_or_duplicate(linked_daemons) -> None:
 # ====================================================================== 4. result codes per device
 
 
+def test_every_sync_leaves_one_sync_log_entry_on_each_side(linked_daemons) -> None:
+    """Issue 12 item 5: a push leaves one entry on the sender (send, manual)
+    and one on the receiver (receive, served) with matching counts; a push
+    to a device that is offline is logged with its code; `p2pstore log`
+    prints them."""
+    a, b, c = linked_daemons(3)
+    setup_collab(a, b, c)
+    for i in range(3):
+        a.call("store.insert", **COLLAB, table="T", values={"id": i, "name": f"a{i}", "n": i})
+    ok(a.sync("push", COLLAB, [b]), b, applied=3)
+    [mine] = a.call("store.sync_log", **COLLAB, device=b.id)
+    assert (mine["direction"], mine["kind"], mine["code"], mine["table"], mine["filter"]) == ("send", "manual", SUCCESS, None, None)
+    wait_until(lambda: b.call("store.sync_log", **COLLAB, device=a.id), 10, "b logged the session it served")
+    [theirs] = b.call("store.sync_log", **COLLAB, device=a.id)
+    assert (theirs["direction"], theirs["kind"], theirs["code"]) == ("receive", "served", SUCCESS)
+    counts = ("sent", "applied", "conflicts", "failed")
+    assert [mine[k] for k in counts] == [theirs[k] for k in counts] == [3, 3, 0, 0]
+    assert mine["duration_ms"] >= 0 and mine["at"] > 0
+
+    # A table sync with a filter says so.
+    r = a.sync("pull", COLLAB, [b], table="T", where=[["n", ">", 0]])
+    assert r[b.id]["code"] == SUCCESS, r
+    newest = a.call("store.sync_log", **COLLAB, limit=1)[0]
+    assert (newest["direction"], newest["table"], newest["filter"]) == ("receive", "T", '[["n", ">", 0]]')
+
+    c.stop()
+    wait_until(lambda: not a.sees_online(c), 10, "a sees c offline")
+    assert a.sync("push", COLLAB, [c])[c.id]["code"] == OFFLINE
+    [offline] = a.call("store.sync_log", **COLLAB, device=c.id)
+    assert (offline["code"], offline["sent"], offline["message"]) == (OFFLINE, 0, a.call("store.sync_log", **COLLAB, device=c.id)[0]["message"])
+    assert "offline" in offline["message"]
+    text = cli(a, "log", "--store", COLLAB["store"])
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert len(lines) == 3 and f"code {OFFLINE}" in lines[0] and "sent 3 applied 3" in lines[2], text.stdout
+    assert [e["kind"] for e in json.loads(cli(a, "log", "--store", COLLAB["store"], "--json").stdout)] == ["manual"] * 3
+
+
 def test_offline_and_untrusted_devices_get_their_codes(linked_daemons) -> None:
     a, b, c = linked_daemons(3)
     setup_collab(a, b, c)
