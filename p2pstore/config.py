@@ -104,6 +104,8 @@ class Config:
     anti_entropy_interval_s: float = 30.0
     #: Sync log entries kept per store (store/sync_log.py).
     sync_log_entries: int = 1000
+    #: Apply a store's pending evolutions when it opens (store/evolutions.py; never Downs).
+    auto_apply_evolutions: bool = False
 
     @property
     def security_level_int(self) -> int:

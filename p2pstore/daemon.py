@@ -185,6 +185,7 @@ class Daemon:
         self.registry.tombstone_horizon_ms = int(config.tombstone_horizon_days * 86_400_000)
         self.registry.compact_interval_s = config.compact_interval_s
         self.registry.compact_keep_recent = config.compact_keep_recent
+        self.registry.auto_apply_evolutions = config.auto_apply_evolutions
         # Forgetting deletes waits for the trusted peers' acks (store/gc.py); an untrusted one no longer holds it.
         self.registry.gc_holders = self._gc_holders
 

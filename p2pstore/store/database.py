@@ -736,14 +736,15 @@ class Store:
         """Every revision of ``scripts`` and of the store's record, with its state here."""
         return await self.run(lambda conn: evolutions.status(conn, scripts))
 
-    async def apply_evolutions(self, scripts: Sequence[evolutions.Evolution], up_to: int | None = None) -> list[int]:
+    async def apply_evolutions(self, scripts: Sequence[evolutions.Evolution], up_to: int | None = None, *,
+                               downs: bool = True) -> list[int]:
         """Apply the pending (and diverged) revisions up to ``up_to``, each in
         a transaction of its own with the capture changes it needs, its
         captured rows stamped and announced as local changes. The revisions
         applied; stops at the first that fails (``EvolutionFailed``: recorded,
         the store inconsistent) or is refused (``EvolutionDestructive``:
         nothing of it changed)."""
-        steps = await self.run(lambda conn: evolutions.plan(conn, scripts, up_to))
+        steps = await self.run(lambda conn: evolutions.plan(conn, scripts, up_to, downs=downs))
         applied: list[int] = []
         for step in steps:
             def apply(conn: sqlite3.Connection, step: evolutions.Step = step) -> None:

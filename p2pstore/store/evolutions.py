@@ -277,8 +277,10 @@ def record_failure(conn: sqlite3.Connection, step: Step, problem: str, wall_ms: 
                            data={"revision": step.revision, "problem": problem})
 
 
-def plan(conn: sqlite3.Connection, scripts: Sequence[Evolution], up_to: int | None = None) -> list[Step]:
-    """What ``apply`` runs, in order, up to revision ``up_to`` (None: all).
+def plan(conn: sqlite3.Connection, scripts: Sequence[Evolution], up_to: int | None = None, *, downs: bool = True) -> list[Step]:
+    """What ``apply`` runs, in order, up to revision ``up_to`` (None: all);
+    without ``downs`` it stops before a diverged revision (Downs never run
+    by themselves: ``auto_apply_evolutions``).
     An inconsistent store runs nothing (``EvolutionInconsistent``) unless the
     half-applied revision's script was fixed since (its hash changed): then
     it is tried again."""
@@ -301,8 +303,10 @@ def plan(conn: sqlite3.Connection, scripts: Sequence[Evolution], up_to: int | No
         if rev.state in ("pending", APPLYING_UP):
             steps.append(Step(rev.id, (ev.ups,), ev, APPLYING_UP))
         elif rev.state == "diverged":
-            downs = conn.execute("SELECT revert_script FROM _p2p_evolutions WHERE id = ?", (rev.id,)).fetchone()[0]
-            steps.append(Step(rev.id, (downs, ev.ups), ev, APPLYING_DOWN))
+            if not downs:
+                break
+            revert = conn.execute("SELECT revert_script FROM _p2p_evolutions WHERE id = ?", (rev.id,)).fetchone()[0]
+            steps.append(Step(rev.id, (revert, ev.ups), ev, APPLYING_DOWN))
     return steps
 
 

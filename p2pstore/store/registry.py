@@ -25,7 +25,7 @@ from pathlib import Path
 
 from p2pstore.clock import DEFAULT_MAX_OFFSET_MS
 from p2pstore.errors import P2PStoreError, StoreNotOpen, TooManyStores
-from p2pstore.store import accepted_schema, capture
+from p2pstore.store import accepted_schema, capture, evolutions
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Store
 from p2pstore.store.tables import check_name
@@ -58,6 +58,8 @@ class StoreRegistry:
         self.max_clock_offset_ms = max_clock_offset_ms
         self.on_changes = on_changes
         self._stores: dict[tuple[str, str], Store] = {}
+        #: Apply a store's pending evolutions when it opens (config ``auto_apply_evolutions``; never Downs).
+        self.auto_apply_evolutions = False
         #: This device's ID, recorded in every store it opens (set by the daemon).
         self.device_id: str | None = None
         self._lock = asyncio.Lock()
@@ -99,7 +101,22 @@ class StoreRegistry:
             self._stores[(bundle, name)] = store
             log.info("opened store %s/%s at %s (label S%d, %d distributed table(s))",
                      bundle, name, path, store.security_label, len(store.distributed))
+            if self.auto_apply_evolutions:
+                await self._apply_evolutions(store)
             return store
+
+    async def _apply_evolutions(self, store: Store) -> None:
+        """``auto_apply_evolutions``: the pending revisions, before anyone uses
+        the store; a diverged one waits for ``evolutions apply`` (Downs never run
+        by themselves). A failure leaves the store open and says so."""
+        directory = self.evolutions_dir(store.bundle, store.name)
+        try:
+            scripts = await asyncio.to_thread(evolutions.load_dir, directory)
+            if scripts:
+                await store.apply_evolutions(scripts, downs=False)
+        except P2PStoreError as exc:
+            log.error("store %s/%s: evolutions not applied at open: %s: %s (see `p2pstore evolutions status`)",
+                      store.bundle, store.name, exc.name, exc.message)
 
     async def open_existing(self, bundle: str, name: str) -> Store | None:
         """Open a store whose file exists (a peer asks for it); None if there is none."""

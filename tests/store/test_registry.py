@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from p2pstore.errors import InvalidParams, StoreNotOpen, TooManyStores
+from p2pstore.store.evolutions import load_dir
 from p2pstore.store.registry import StoreRegistry
 
 
@@ -96,3 +97,28 @@ async def test_poll_once_announces_outside_writes(registry: StoreRegistry) -> No
     assert seen == [("s", [{"table": "T", "type": "data", "inserted": [7], "updated": [], "deleted": []}])]
     await registry.poll_once()
     assert len(seen) == 1
+
+
+async def test_auto_apply_evolutions_applies_pending_revisions_at_open_but_never_downs(tmp_path: Path) -> None:
+    reg = StoreRegistry(tmp_path)
+    reg.auto_apply_evolutions = True
+    scripts = reg.evolutions_dir("default", "shop")
+    scripts.mkdir(parents=True)
+    (scripts / "1.sql").write_text("-- Items\n-- !Ups\nCREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT);\n-- !Downs\nDROP TABLE items;\n")
+    try:
+        store = await reg.open("default", "shop")
+        assert [r.state for r in await store.evolutions_status(load_dir(scripts))] == ["applied"]
+        await reg.close("default", "shop")
+        # Edited after it was applied (diverged) and a new one after it: nothing runs by itself.
+        (scripts / "1.sql").write_text("-- Items\n-- !Ups\nCREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, n);\n-- !Downs\nDROP TABLE items;\n")
+        (scripts / "2.sql").write_text("-- !Ups\nCREATE TABLE more (a);\n")
+        store = await reg.open("default", "shop")
+        assert [r.state for r in await store.evolutions_status(load_dir(scripts))] == ["diverged", "pending"]
+        # A broken script leaves the store open (and inconsistent).
+        (scripts / "1.sql").write_text("-- Items\n-- !Ups\nCREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT);\n-- !Downs\nDROP TABLE items;\n")
+        (scripts / "2.sql").write_text("-- !Ups\nCREATE TABLE nope (;\n")
+        await reg.close("default", "shop")
+        store = await reg.open("default", "shop")
+        assert [r.state for r in await store.evolutions_status(load_dir(scripts))] == ["applied", "applying_up"]
+    finally:
+        await reg.close_all()
