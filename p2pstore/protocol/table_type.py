@@ -18,3 +18,9 @@ class TableType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @classmethod
+    def keyed_by(cls, conflict_column: str | None) -> TableType:
+        """A distributed table's type from its conflict column: single_version
+        tables have one, collaborative ones none (the one place this is decided)."""
+        return cls.SINGLE_VERSION if conflict_column else cls.COLLABORATIVE

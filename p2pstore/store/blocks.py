@@ -50,14 +50,12 @@ def stage_table(conn: sqlite3.Connection, width: int) -> str:
     return name
 
 
-
 def load(conn: sqlite3.Connection, block: Block) -> str:
     stage = stage_table(conn, len(block.columns))
     marks = ", ".join("?" * (VALUES + len(block.columns)))
     values = ", ".join(f"v{i}" for i in range(len(block.columns)))
     conn.executemany(f"INSERT INTO temp.{stage}({_FIXED}, {values}) VALUES ({marks})", block.rows)
     return stage
-
 
 
 def keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_type: type) -> bool:
@@ -71,7 +69,6 @@ def keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_ty
     if decl is None:
         return False
     return column_affinity(decl) == ("INTEGER" if key_type is int else "TEXT")
-
 
 
 def not_none(values: Any) -> list[Any]:

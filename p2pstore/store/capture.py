@@ -551,8 +551,9 @@ def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo, colu
     # have no clock yet (cells.unpark gave peers' values theirs): a NULL or
     # a default never gets a fresh clock, which would beat every peer's value.
     added = [c for c in columns if c in info.columns]
+    literal = {c: "'" + c.replace("'", "''") + "'" for c in added}  # as _cells_sql names columns
     fresh = {c: f"({cells.empty_sql(conn, info.name, c)}) = 0 AND NOT EXISTS (SELECT 1 FROM _p2p_cells x "
-                f"WHERE x.tid = ?1 AND x.ck = {ck} AND x.col = '{c.replace(chr(39), chr(39) * 2)}')" for c in added}
+                f"WHERE x.tid = ?1 AND x.ck = {ck} AND x.col = {literal[c]})" for c in added}
     if any(info.columns.index(c) >= MAX_MASK_COLUMNS for c in added):
         mask = "NULL"  # too wide for a mask: all columns
     else:

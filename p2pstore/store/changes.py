@@ -33,6 +33,7 @@ from p2pstore.errors import InvalidParams, ProtocolError
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture
+from p2pstore.protocol.table_type import TableType
 from p2pstore.store.tables import TableInfo, read_table_info
 # The batch's types, plain form and checks live in the protocol layer
 # (protocol/batch.py); they are re-exported here for the store's modules.
@@ -111,7 +112,7 @@ class SyncTable:
 
     @property
     def mode(self) -> str:
-        return SINGLE_VERSION if self.conflict_column else COLLABORATIVE
+        return TableType.keyed_by(self.conflict_column)
 
     @property
     def key_column(self) -> str:

@@ -570,8 +570,7 @@ class Store:
                 for sql in capture.capture_triggers_sql(table.tid, info, table.hw is not None, conflict_column=table.conflict_column):
                     conn.execute(sql)
                 log.info("store %s/%s: table %s changed columns; capture triggers rebuilt", self.bundle, self.name, name)
-                mode = TableType.SINGLE_VERSION if table.conflict_column is not None else TableType.COLLABORATIVE
-                modes.of(mode).columns_changed(conn, info, f"store {self.bundle}/{self.name}")
+                modes.of(TableType.keyed_by(table.conflict_column)).columns_changed(conn, info, f"store {self.bundle}/{self.name}")
         self._load_tables(conn)
 
     async def execute(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> dict[str, int]:

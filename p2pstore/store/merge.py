@@ -96,7 +96,6 @@ from p2pstore.store.changes import (
 log = logging.getLogger(__name__)
 
 
-
 # --------------------------------------------------------------------------
 # Results and records
 
@@ -159,12 +158,6 @@ class SyncFailure:
     at: int
     mode: str | None
     change: RowChange | None  # None only if the stored payload is unreadable
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------
@@ -354,10 +347,6 @@ def _observe(conn: sqlite3.Connection, clock: HybridClock, newest: int, wall: in
 # The merge
 
 
-
-
-
-
 def _sqlite_reason(exc: sqlite3.Error) -> str | None:
     """The failure-log reason for an error that concerns one row, or None
     for errors that concern the whole store (locked, I/O, corrupt...)."""
@@ -370,16 +359,6 @@ def _sqlite_reason(exc: sqlite3.Error) -> str | None:
     if isinstance(exc, sqlite3.OperationalError) and ("no such column" in text or "has no column named" in text):
         return f"unknown_column: {text}"
     return None
-
-
-
-
-
-
-
-
-
-
 
 
 def apply_block(ap: _Applier, block: Block) -> bool:
@@ -625,17 +604,8 @@ class _Applier:
         return True
 
 
-
     def stamp(self, hlc: int, origin: int | None, prev_hlc: int | None, prev_origin: int | None) -> Stamp:
         return Stamp((hlc, self.local(origin)), self.prev(prev_hlc, prev_origin))
-
-
-
-
-
-
-
-
 
 
     # -- end of batch ------------------------------------------------------

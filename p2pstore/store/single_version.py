@@ -327,7 +327,7 @@ def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
     found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
     if found is not None:
         state.tomb = ap.stamp(*found)
-    parked = park(ap, target, [row])
+    parked = park(ap, target, row)
     plan = plan_row(ap, target, row, state)
     if plan is None:
         return parked
@@ -375,7 +375,7 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
     plans = []
     for row in rows:
         target = ap.target(row.table)
-        parked = park(ap, target, [row])
+        parked = park(ap, target, row)
         plan = plan_row(ap, target, row, states[row.table][row.key])
         if plan is not None:
             plans.append(plan)
@@ -395,22 +395,20 @@ _PARK_SQL = (
 )
 
 
-def park(ap: _Applier, target: Target, rows: Sequence[RowChange]) -> bool:
-    """Keep the cells of ``rows`` for columns this device does not sync
+def park(ap: _Applier, target: Target, row: RowChange) -> bool:
+    """Keep the cells of ``row`` for columns this device does not sync
     (a peer on a newer sync_schema.json): not failures, not dropped — an
     accepted upgrade that adds the column merges them under their own
     clocks (cells.unpark), so a device that upgrades late loses nothing.
     Whether any parked cell was new or newer."""
     changed = False
-    conflict = target.table.conflict_column
-    for row in rows:
-        for c in row.cells:
-            if c.column in target.dest_columns or c.column == conflict:
-                continue
-            (mark,), (value,) = bind([c.value])
-            prev_hlc, prev_origin = c.prev if c.prev is not None else (None, None)
-            changed |= ap.conn.execute(_PARK_SQL.format(mark), (target.dest_tid, row.key, c.column, value, c.hlc, c.origin,
-                                                              prev_hlc, prev_origin)).rowcount > 0
+    for c in row.cells:
+        if c.column in target.dest_columns or c.column == target.table.conflict_column:
+            continue
+        (mark,), (value,) = bind([c.value])
+        prev_hlc, prev_origin = c.prev if c.prev is not None else (None, None)
+        changed |= ap.conn.execute(_PARK_SQL.format(mark), (target.dest_tid, row.key, c.column, value, c.hlc, c.origin,
+                                                          prev_hlc, prev_origin)).rowcount > 0
     return changed
 
 
