@@ -41,7 +41,7 @@ from p2pstore.net.discovery import Discovery
 from p2pstore.net.identity import Identity
 from p2pstore.net.peers import PeerManager
 from p2pstore.net.trust import TrustStore
-from p2pstore.protocol.messages import Hello, Message, StoreOffer, StoresOffer
+from p2pstore.protocol.messages import Hello, Message, RevisionOffer, StoreOffer, StoresOffer
 from p2pstore.service import ServiceNotifier, log_handler
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.database import Lag, Store
@@ -182,6 +182,7 @@ class Daemon:
         )
         self.registry.device_id = self.identity.device_id
         self.registry.on_changes = self._store_changed
+        self.registry.on_revisions = lambda store: self._reoffer_soon()
         self.registry.tombstone_horizon_ms = int(config.tombstone_horizon_days * 86_400_000)
         self.registry.compact_interval_s = config.compact_interval_s
         self.registry.compact_keep_recent = config.compact_keep_recent
@@ -419,4 +420,4 @@ def store_offer(store: Store, lag: Lag | None = None) -> StoreOffer:
     columns, never rows), with ``lag``'s figures for that peer."""
     figures = (lag.unsent, lag.last_seq, lag.stream) if lag is not None else (None, None, None)
     return StoreOffer(store.bundle, store.name, store.security_label, store.table_type or TableType.COLLABORATIVE.value, table_offers(store),
-                      *figures)
+                      *figures, tuple(RevisionOffer(rid, digest) for rid, digest in store.revisions))

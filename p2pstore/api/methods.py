@@ -31,7 +31,7 @@ from p2pstore.schema.sync_schema import validate_document
 from p2pstore.store import accepted_schema, evolutions
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
-from p2pstore.sync.engine import Stats, SyncEngine, schema_mismatches
+from p2pstore.sync.engine import Stats, SyncEngine, revision_states, schema_mismatches
 from p2pstore.sync.lag import store_lags
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.database import Store
@@ -321,6 +321,7 @@ async def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, 
         hello = info.hello if info is not None else None
         seen = api.engine.peer_view(view.device_id, hello.stores if hello else ())
         entry["schema_mismatches"] = schema_mismatches(api.registry.stores(), seen)
+        entry["evolutions"] = revision_states(api.registry.stores(), api.engine.peer_revisions.get(view.device_id, {}))
         entry["stores"] = await store_lags(api.engine.lag, api.registry.stores(), view.device_id, seen) if view.trusted else []
         entry["traffic"] = api.engine.traffic.peer_dict(view.device_id)
         result.append(entry)

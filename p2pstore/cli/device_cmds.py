@@ -137,7 +137,15 @@ def _device_line(d: dict) -> str:
     for m in d.get("schema_mismatches", []):
         line += (f"\n      schema of {m['store']}.{m['table']}: version {m['version']} here, {m['peer_version']} there; "
                  + (f"syncing {', '.join(m['synced_columns'])}" if m["synced_columns"] else "NOT syncing (no common columns or conflict column differs)"))
+    for e in d.get("evolutions", []):
+        line += f"
+      evolutions of {e['store']}: revision {e['revision']} here, {e['peer_revision']} there: {_REVISION_STATE[e['state']]}"
     return line
+
+
+#: How ``devices`` words a peer's evolutions against ours (``evolutions.compare``).
+_REVISION_STATE = {"same": "same", "behind": "it is behind", "ahead": "it is ahead",
+                   "diverged": "DIVERGED (the same revision differs; compare the scripts)"}
 
 
 def run_devices(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ Invariants:
   truncated or hostile bytes, wrong types, unknown type tags, missing or
   extra fields all end there (a hypothesis test checks this). Only fields a
   struct lists in ``OPTIONAL_ON_WIRE`` (added later, with a default) may be
-  missing.
+  missing; such a field at its default is left off the wire.
 - Wire form of a message: the msgpack array ``[type_tag, {field: value}]``.
   Nested structs are maps with exactly their fields; tuples are arrays.
 - msgpack settings keep SQLite values exact: ``bytes`` travel as bin and
@@ -135,6 +135,21 @@ class TableOffer(Struct):
 
 
 @dataclass(frozen=True, slots=True)
+class RevisionOffer(Struct):
+    """One applied schema evolution of a store (store/evolutions.py): its
+    number and hash, never its SQL — peers compare, they never run each other's scripts."""
+
+    id: int
+    hash: str
+
+    def _validate(self) -> None:
+        if not 1 <= self.id <= INT_MAX:
+            raise ProtocolError(f"revision id must be >= 1, got {self.id}")
+        if len(self.hash) != 40 or not all(c in "0123456789abcdef" for c in self.hash):
+            raise ProtocolError(f"revision {self.id}: hash must be 40 lowercase hex digits")
+
+
+@dataclass(frozen=True, slots=True)
 class StoreOffer(Struct):
     """A store with distributed tables that the sending device can sync."""
 
@@ -147,10 +162,12 @@ class StoreOffer(Struct):
     #: the rows of this store's stream it has not been sent yet, and the
     #: stream position (``last_seq`` in ``stream``) that count runs up to.
     #: Optional: absent (an older sender) reads as None, "unknown".
-    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"unsent", "last_seq", "stream"})
+    #: ``revisions``: the store's applied evolutions, oldest first (absent: none).
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"unsent", "last_seq", "stream", "revisions"})
     unsent: int | None = None
     last_seq: int | None = None
     stream: str | None = None
+    revisions: tuple[RevisionOffer, ...] = ()
 
     def _validate(self) -> None:
         _text(self.bundle, "bundle name")
@@ -161,6 +178,9 @@ class StoreOffer(Struct):
         if self.last_seq is not None:
             _seq(self.last_seq, f"store {self.bundle}/{self.store}: last_seq")
         _stream(self.stream)
+        ids = [r.id for r in self.revisions]
+        if ids != sorted(set(ids)):
+            raise ProtocolError(f"store {self.bundle}/{self.store}: revisions must be in increasing order, each once")
         if self.table_type not in TABLE_TYPES:
             raise ProtocolError(
                 f"store {self.bundle}/{self.store}: table_type must be one of "
@@ -659,7 +679,20 @@ def _struct_from_wire(body: Any, cls: type[Struct], path: str) -> Struct:
 
 
 def _struct_to_wire(obj: Struct) -> dict[str, Any]:
-    return {name: _to_wire(getattr(obj, name)) for name, _ in _field_hints(type(obj))}
+    """Optional fields at their default stay off the wire: a release that
+    predates them reads the message as it always did."""
+    optional = type(obj).OPTIONAL_ON_WIRE
+    wire = {}
+    for name, _ in _field_hints(type(obj)):
+        value = getattr(obj, name)
+        if name in optional and value == _default(type(obj), name):
+            continue
+        wire[name] = _to_wire(value)
+    return wire
+
+
+def _default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _to_wire(value: Any) -> Any:

@@ -48,6 +48,7 @@ from p2pstore.errors import (
     DeviceOffline,
     DeviceUntrusted,
     DiskFull,
+    EvolutionInconsistent,
     ProtocolError,
     SecurityLevelDenied,
     StoreNotOpen,
@@ -94,6 +95,9 @@ class Code(enum.IntEnum):
     #: The store was restored from a backup and has not caught up from a peer
     #: yet (store/restore.py): it sends nothing of its own until it has.
     RESTORE_PENDING = 16
+    #: A schema evolution of the store failed half-way (store/evolutions.py):
+    #: it neither sends nor receives until the script is fixed or resolved.
+    EVOLUTION_INCONSISTENT = 17
 
 
 def code_name(code: int) -> str:
@@ -129,6 +133,7 @@ RESULT_CODES: dict[type[BaseException] | Problem, Code] = {
     StoreNotOpen: Code.DISTRIBUTED_TABLE_NOT_SET,
     ProtocolError: Code.CORRUPTED,
     DiskFull: Code.DISK_FULL,
+    EvolutionInconsistent: Code.EVOLUTION_INCONSISTENT,
     SecurityLevelDenied: Code.SECURITY_LEVEL,
     DeviceOffline: Code.OFFLINE,
     DeviceUntrusted: Code.UNTRUSTED,

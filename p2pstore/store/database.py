@@ -48,6 +48,7 @@ from p2pstore.errors import (
     ConstraintViolation,
     DiskFull,
     EvolutionDestructive,
+    EvolutionInconsistent,
     InvalidParams,
     P2PStoreError,
     PermissionDenied,
@@ -235,10 +236,17 @@ class Store:
         #: A restored file that has not caught up from a peer yet (store/restore.py):
         #: it sends nothing of its own until it has.
         self.restore_pending = False
+        #: The store's applied evolutions as (revision, hash), oldest first, as
+        #: peers are shown them (the handshake), and the half-applied revision
+        #: that makes it inconsistent, if any (store/evolutions.py).
+        self.revisions: tuple[tuple[int, str], ...] = ()
+        self.inconsistent: tuple[int, str, str] | None = None
         #: What the state file beside the store says (store/restore.py), as last written.
         self._state: restore.State | None = None
         #: Called (in the event loop) with every non-empty batch of captured changes.
         self.on_changes: Callable[[Store, ChangeBatch], None] | None = None
+        #: Called (in the event loop) when ``revisions`` changed.
+        self.on_revisions: Callable[[Store], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -319,6 +327,7 @@ class Store:
                             "copied in): it starts a new change stream%s", self.bundle, self.name,
                             ", and catches up from a peer before it sends its own rows" if restore.pending(conn) else "")
             self.restore_pending = restore.pending(conn)
+            self._load_evolutions(conn)
             cells.migrate(conn, capture.get_meta, capture.set_meta)  # a file of the release before: once
             # Changes written while the daemon was down are stamped now; no
             # one is subscribed yet, so they are not announced.
@@ -362,6 +371,21 @@ class Store:
         elif label is not None and label > stored:
             set_meta(conn, "security_label", label)
         self.security_label = int(get_meta(conn, "security_label"))
+
+    def _load_evolutions(self, conn: sqlite3.Connection) -> None:
+        self.revisions = evolutions.applied(conn)
+        self.inconsistent = evolutions.inconsistent(conn)
+
+    def require_consistent(self) -> None:
+        """Refuse to sync a store an evolution left half-applied
+        (``EvolutionInconsistent``, sync code 17): its schema is neither the
+        old revision nor the new one, so neither its rows nor a peer's fit."""
+        if self.inconsistent is not None:
+            rid, state, problem = self.inconsistent
+            raise EvolutionInconsistent(
+                f"store {self.bundle}/{self.name} is inconsistent: evolution {rid} is {state} ({problem}); fix its script "
+                f"and apply it, or `p2pstore evolutions resolve {rid}`",
+                data={"store": self.name, "revision": rid, "state": state})
 
     def _load_tables(self, conn: sqlite3.Connection) -> None:
         """Re-read what the file says; the cached capture state follows it."""
@@ -743,6 +767,19 @@ class Store:
         applied; stops at the first that fails (``EvolutionFailed``: recorded,
         the store inconsistent) or is refused (``EvolutionDestructive``:
         nothing of it changed)."""
+        try:
+            return await self._apply_evolutions(scripts, up_to, downs)
+        finally:
+            await self._reload_evolutions()
+
+    async def _reload_evolutions(self) -> None:
+        """Read the evolution state again; if the applied revisions moved, tell ``on_revisions``."""
+        before = self.revisions
+        await self.run(self._load_evolutions)
+        if self.revisions != before and self.on_revisions is not None:
+            self.on_revisions(self)
+
+    async def _apply_evolutions(self, scripts: Sequence[evolutions.Evolution], up_to: int | None, downs: bool) -> list[int]:
         steps = await self.run(lambda conn: evolutions.plan(conn, scripts, up_to, downs=downs))
         applied: list[int] = []
         for step in steps:
@@ -797,6 +834,7 @@ class Store:
             evolutions.mark_applied(conn, ev, wall_ms())
 
         await self._stamped(mark)
+        await self._reload_evolutions()
 
     async def evolutions_log(self) -> list[dict[str, Any]]:
         """The store's record of its evolutions (``evolutions.history``)."""
@@ -804,7 +842,10 @@ class Store:
 
     async def resolve_evolution(self, revision: int) -> str:
         """Declare an inconsistent revision settled by hand (``evolutions.resolve``)."""
-        return await self._stamped(lambda conn: evolutions.resolve(conn, revision))
+        try:
+            return await self._stamped(lambda conn: evolutions.resolve(conn, revision))
+        finally:
+            await self._reload_evolutions()
 
     # -- single-version schema ----------------------------------------------
 

@@ -200,6 +200,29 @@ def status(conn: sqlite3.Connection, scripts: Sequence[Evolution]) -> list[Revis
     return sorted(out, key=lambda r: r.id)
 
 
+def applied(conn: sqlite3.Connection) -> tuple[tuple[int, str], ...]:
+    """The applied revisions as (id, hash), oldest first: what peers are shown."""
+    return tuple((int(r[0]), r[1]) for r in conn.execute("SELECT id, hash FROM _p2p_evolutions WHERE state = ? ORDER BY id", (APPLIED,)))
+
+
+def compare(mine: Sequence[tuple[int, str]], theirs: Sequence[tuple[int, str]]) -> str:
+    """Where a peer's applied revisions stand against ours: ``diverged`` (a
+    revision both applied has another hash on each side), else ``same``,
+    ``behind`` (it lacks revisions we applied) or ``ahead`` (the reverse).
+    Peers on different revisions keep syncing the columns both have
+    (docs/evolutions.md); this only tells users who should upgrade."""
+    here, there = dict(mine), dict(theirs)
+    if any(here[r] != there[r] for r in here.keys() & there.keys()):
+        return "diverged"
+    if here.keys() == there.keys():
+        return "same"
+    if here.keys() > there.keys():
+        return "behind"
+    if here.keys() < there.keys():
+        return "ahead"
+    return "diverged"  # each has one the other lacks (a gap): neither is a prefix
+
+
 def inconsistent(conn: sqlite3.Connection) -> tuple[int, str, str] | None:
     """(id, state, problem) of the revision left half-applied, or None."""
     row = conn.execute("SELECT id, state, last_problem FROM _p2p_evolutions WHERE state != ? ORDER BY id LIMIT 1", (APPLIED,)).fetchone()

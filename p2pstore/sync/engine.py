@@ -108,7 +108,7 @@ from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, Se
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.database import Store
-from p2pstore.store import sync_log
+from p2pstore.store import evolutions, sync_log
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.sync.lag import LagTracker
@@ -159,7 +159,8 @@ session_code = result_code
 #: Auto-sync failures worth no retry: they last until the peer is back (it is
 #: pushed to then) or a user acts (trust, labels, the peer's tables, a resync).
 AUTO_NO_RETRY = frozenset({Code.OFFLINE, Code.INVALID_ARGS, Code.DISTRIBUTED_TABLE_NOT_SET,
-                           Code.DISTRIBUTED_SCHEMA_MISMATCH, Code.UNTRUSTED, Code.SECURITY_LEVEL, Code.RESYNC_REQUIRED})
+                           Code.DISTRIBUTED_SCHEMA_MISMATCH, Code.UNTRUSTED, Code.SECURITY_LEVEL, Code.RESYNC_REQUIRED,
+                           Code.EVOLUTION_INCONSISTENT})
 
 
 class _ChannelReplaced(Exception):
@@ -212,6 +213,24 @@ PeerTables = dict[tuple[str, str], dict[str, TableOffer]]
 
 def offers_by_store(offered: tuple[StoreOffer, ...]) -> PeerTables:
     return {(o.bundle, o.store): {t.name: t for t in o.tables} for o in offered}
+
+
+def revision_states(stores: list[Store], theirs: dict[tuple[str, str], tuple[tuple[int, str], ...]]) -> list[dict[str, Any]]:
+    """For each store a peer offered that has evolutions here or there: the
+    last revision on each side and where the peer stands (``evolutions.compare``:
+    same, behind, ahead or diverged — the peer against this device)."""
+    found = []
+    for store in stores:
+        peer_revs = theirs.get((store.bundle, store.name))
+        if peer_revs is None or not (peer_revs or store.revisions):
+            continue
+        found.append({
+            "store": store.name, "bundle": store.bundle,
+            "revision": store.revisions[-1][0] if store.revisions else 0,
+            "peer_revision": peer_revs[-1][0] if peer_revs else 0,
+            "state": evolutions.compare(store.revisions, peer_revs),
+        })
+    return found
 
 
 def schema_mismatches(stores: list[Store], theirs: PeerTables) -> list[dict[str, Any]]:
@@ -315,6 +334,8 @@ class SyncEngine:
         self._catch_ups: dict[tuple[str, str], asyncio.Lock] = {}
         #: Each peer's tables per store as last seen in a sync session (fresher than its HELLO).
         self.peer_tables: dict[str, PeerTables] = {}
+        #: Each peer's applied evolutions per store, from its last offer (``revision_states``).
+        self.peer_revisions: dict[str, dict[tuple[str, str], tuple[tuple[int, str], ...]]] = {}
         #: Per-peer lag figures for status and devices.list (sync/lag.py).
         self.lag = LagTracker(code_name)
         #: Per-peer sessions, batches, bytes and duplicates (sync/traffic.py).
@@ -341,6 +362,7 @@ class SyncEngine:
         A session the peer opens lives on ``channel``, the one its open came on."""
         if isinstance(msg, StoresOffer):
             self.peer_tables[peer] = offers_by_store(msg.stores)
+            self.peer_revisions[peer] = {(o.bundle, o.store): tuple((r.id, r.hash) for r in o.revisions) for o in msg.stores}
             self.lag.offered(peer, msg.stores)
             return
         if isinstance(msg, SyncOpen):
@@ -523,6 +545,7 @@ class SyncEngine:
             self.lag.begin(peer, msg.bundle, msg.store)
             code = int(Code.FAIL)
             self._learn(peer, store, msg.tables)
+            store.require_consistent()
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
@@ -663,6 +686,7 @@ class SyncEngine:
             raise ended(Problem.NOT_TRUSTED, "the device is not trusted")
         if not self.peers.is_online(peer):
             raise ended(Problem.CHANNEL_CLOSED, "the device is offline")
+        store.require_consistent()
         if mode == "push":
             self.directory.check_may_receive(peer, store)
         if mode == "push" and store.restore_pending:
@@ -798,7 +822,7 @@ class SyncEngine:
             await asyncio.sleep(self.anti_entropy_interval * self._rng.uniform(*ANTI_ENTROPY_JITTER))
             online = self._online_trusted()
             for store in self.registry.stores():
-                if not any(store.auto_sync.values()) or store.restore_pending:
+                if not any(store.auto_sync.values()) or store.restore_pending or store.inconsistent is not None:
                     continue
                 holders = [p for p in online if (store.bundle, store.name) in self.peer_tables.get(p, {})]
                 if holders:
