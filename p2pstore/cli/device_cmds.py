@@ -138,8 +138,7 @@ def _device_line(d: dict) -> str:
         line += (f"\n      schema of {m['store']}.{m['table']}: version {m['version']} here, {m['peer_version']} there; "
                  + (f"syncing {', '.join(m['synced_columns'])}" if m["synced_columns"] else "NOT syncing (no common columns or conflict column differs)"))
     for e in d.get("evolutions", []):
-        line += f"
-      evolutions of {e['store']}: revision {e['revision']} here, {e['peer_revision']} there: {_REVISION_STATE[e['state']]}"
+        line += f"\n      evolutions of {e['store']}: revision {e['revision']} here, {e['peer_revision']} there: {_REVISION_STATE[e['state']]}"
     return line
 
 

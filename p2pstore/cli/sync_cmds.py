@@ -52,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     p = sub.add_parser("log", parents=[parent], help="the sync log: what each sync did",
                        description="The sync log of a store: one line per sync session, newest first — started here "
                                    "(manual, auto, anti-entropy) or by the peer (served): when, peer, send/receive, kind, table and filter, "
-                                   "result code, rows sent / applied / in conflict / failed, duration, message. "
+                                   "result code, rows sent / applied / in conflict / failed / parked, duration, message. "
                                    "Kept to the newest sync_log_entries (docs/config.md).")
     store_option(p)
     p.add_argument("--device", metavar="ID", help="only syncs with this device")
@@ -167,7 +167,8 @@ def run_log(args: argparse.Namespace) -> int:
         emit(args, found, "\n".join(
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at'] / 1000))}  {e['peer'][:15]}  {e['direction']:<7} "
             f"{e['kind']:<12} {e['table'] or '*'}{' where ' + e['filter'] if e['filter'] else ''}  code {e['code']}  "
-            f"sent {e['sent']} applied {e['applied']} conflicts {e['conflicts']} failed {e['failed']}  {e['duration_ms']} ms"
+            f"sent {e['sent']} applied {e['applied']} conflicts {e['conflicts']} failed {e['failed']} "
+            f"parked {e['parked']}  {e['duration_ms']} ms"
             + (f"  {e['message']}" if e["code"] else "") for e in found) or "no syncs logged")
         return EXIT_OK
 

@@ -401,11 +401,14 @@ class SyncAck(Message):
     applied: int
     conflicts: int
     failed: int
+    #: Row changes kept for columns the receiver lacks (added later: absent reads as 0).
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"parked"})
+    parked: int = 0
 
     def _validate(self) -> None:
         _req(self.req)
         _seq(self.last_seq, "last_seq")
-        for name in ("applied", "conflicts", "failed"):
+        for name in ("applied", "conflicts", "failed", "parked"):
             _seq(getattr(self, name), name)
 
 

@@ -204,15 +204,23 @@ class Stats:
     applied: int = 0
     conflicts: int = 0
     failed: int = 0
+    #: Row changes kept for columns the receiver lacks (docs/evolutions.md): applied later, not failures.
+    parked: int = 0
     batches: int = 0
     tables: dict[str, int] = field(default_factory=dict)
 
-    def add(self, batch: OutBatch, applied: int, conflicts: int, failed: int) -> None:
+    def outcome(self) -> str:
+        """What the receiver made of the rows, in words (results, logs, the sync log)."""
+        text = f"{self.applied} applied, {self.conflicts} conflict(s), {self.failed} failed"
+        return text + f", {self.parked} parked" if self.parked else text
+
+    def add(self, batch: OutBatch, applied: int, conflicts: int, failed: int, parked: int = 0) -> None:
         """Count one acked batch."""
         self.sent += batch.count
         self.applied += applied
         self.conflicts += conflicts
         self.failed += failed
+        self.parked += parked
         self.batches += 1
         for table, n in batch.tables().items():
             self.tables[table] = self.tables.get(table, 0) + n
@@ -432,7 +440,7 @@ class Sender(_Machine):
         moved = None
         if batch.full and (batch.snapshot_hlc is None or not batch.more):
             moved = self.watermark = (msg.last_seq, batch.stream)
-        self.stats.add(batch, msg.applied, msg.conflicts, msg.failed)
+        self.stats.add(batch, msg.applied, msg.conflicts, msg.failed, msg.parked)
         actions: list[Action] = [Acked(batch, msg, moved)]
         if self.state is State.DRAINING:
             return actions + self._drained()
@@ -500,7 +508,7 @@ class Receiver(_Machine):
         self.pending.append(msg)
         return self._next()
 
-    def applied(self, last_seq: int, applied: int, conflicts: int, failed: int) -> list[Action]:
+    def applied(self, last_seq: int, applied: int, conflicts: int, failed: int, parked: int = 0) -> list[Action]:
         """The batch of the last ``Apply`` committed; ``last_seq`` is the watermark the store now holds."""
         if self.done:
             return []
@@ -508,8 +516,8 @@ class Receiver(_Machine):
             raise ProtocolError("applied() without an Apply")
         batch, self.applying = self.applying, None
         self.watermark = last_seq
-        self.stats.add(batch, applied, conflicts, failed)
-        return [Send(SyncAck(self.req, last_seq, applied, conflicts, failed)), *self._next()]
+        self.stats.add(batch, applied, conflicts, failed, parked)
+        return [Send(SyncAck(self.req, last_seq, applied, conflicts, failed, parked)), *self._next()]
 
     def _next(self) -> list[Action]:
         """Start on the oldest waiting message unless a batch is being applied."""

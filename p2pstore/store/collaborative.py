@@ -34,7 +34,7 @@ from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
     IN_CHUNK, ROW_CLOCK_COLUMN, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
 )
-from p2pstore.store.lww import Clock, RowFailed, Target, bind
+from p2pstore.store.lww import Clock, RowFailed, Target, bind, park
 from p2pstore.store.tables import TableInfo
 
 if TYPE_CHECKING:  # merge.py imports this module
@@ -58,6 +58,30 @@ def columns_changed(conn: sqlite3.Connection, info: TableInfo, label: str) -> No
     peers that still have it keep applying."""
     for name, col in capture.add_device_columns(conn, info.name):
         log.info("%s: device table %s gained column %s (as %s did)", label, name, col, info.name)
+        merged = unpark(conn, name, info.key or capture.DEVICE_ROWID_COLUMN, col)
+        if merged:
+            log.info("%s: %d value(s) of %s.%s that the peer sent before this device had the column merged", label, merged, name, col)
+
+
+def unpark(conn: sqlite3.Connection, dest: str, key_column: str, column: str) -> int:
+    """Write the cells of ``column`` a peer sent before ``dest`` had it
+    (``lww.park``) into the rows they belong to; the number written. A
+    parked cell is the newest the peer sent for its row (every change of a
+    collaborative row carries the whole row), so it simply takes its place;
+    a row deleted since is gone, and its cell with it."""
+    tid = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ?", (dest,)).fetchone()[0]
+    if conn.execute("SELECT 1 FROM _p2p_parked WHERE tid = ? AND col = ? LIMIT 1", (tid, column)).fetchone() is None:
+        return 0
+    name, key, col = quote_ident(dest), quote_ident(key_column), quote_ident(column)
+    conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")  # the device table's read-only guard lets sync write
+    try:
+        merged = conn.execute(
+            f"UPDATE {name} SET {col} = (SELECT p.value FROM _p2p_parked p WHERE p.tid = ?1 AND p.ck = {name}.{key} AND p.col = ?2) "
+            f"WHERE {key} IN (SELECT ck FROM _p2p_parked WHERE tid = ?1 AND col = ?2)", (tid, column)).rowcount
+    finally:
+        conn.execute("DELETE FROM _p2p_apply")
+    conn.execute("DELETE FROM _p2p_parked WHERE tid = ? AND col = ?", (tid, column))
+    return merged
 
 
 # -- read: what a peer is sent ------------------------------------------------
@@ -195,10 +219,8 @@ def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
         ap.conn.execute(f"DELETE FROM {dest} WHERE {quote_ident(key_col)} = ?", (row.key,))
         op = OP_DELETE
     else:
-        unknown = sorted(c.column for c in row.cells if c.column not in target.dest_columns)
-        if unknown:
-            raise RowFailed(f"unknown_column: {table.info.name} has no column(s) {', '.join(unknown)} here")
-        cells = [c for c in row.cells if c.column != key_col]
+        park(ap, target, row)  # columns this device lacks (the peer is on a later evolution)
+        cells = [c for c in row.cells if c.column != key_col and c.column in target.dest_columns]
         names = [key_col, *(c.column for c in cells)]
         sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
         marks, params = bind([row.key, *(c.value for c in cells)])
@@ -269,7 +291,7 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
             op = OP_DELETE
         else:
             if any(c.column not in target.dest_columns for c in row.cells):
-                return False  # row by row reports it as unknown_column
+                return False  # row by row parks the cells of columns this device lacks
             cells = [c for c in row.cells if c.column != key_col]
             names = [key_col, *(c.column for c in cells)]
             sets = ", ".join(f"{quote_ident(c.column)} = excluded.{quote_ident(c.column)}" for c in cells)
@@ -304,7 +326,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     target = ap.target(block.table)
     key_col = target.table.info.key or capture.DEVICE_ROWID_COLUMN
     if any(c not in target.dest_columns for c in block.columns):
-        return None  # the row path reports unknown_column
+        return None  # the row path parks the cells of columns this device lacks
     if not keys_stay_distinct(conn, target.dest, key_col, kind):
         return None
     top = capture.last_seq(conn)

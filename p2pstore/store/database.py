@@ -305,6 +305,7 @@ class Store:
             conn.executescript(accepted_schema.SCHEMA_SQL)
             conn.executescript(evolutions.SCHEMA_SQL)
             conn.executescript(sync_log.SCHEMA_SQL)
+            sync_log.migrate(conn)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
                 raise  # disk full, read-only: Store.run says so (not "not a database")

@@ -14,15 +14,20 @@ merge.py:
 - ``bind``: placeholders that write raw text back as the bytes it was;
 - ``Target``: where one table's incoming rows are written here;
 - ``RowFailed``: a row change that can't apply: its reason goes to the
-  sync-failure log and the rest of the batch applies.
+  sync-failure log and the rest of the batch applies;
+- ``park``: cells for columns this device lacks, kept for its upgrade.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from p2pstore.store.changes import SyncTable, Value, is_raw_text, raw_text_bytes
+from p2pstore.store.changes import RowChange, SyncTable, Value, is_raw_text, raw_text_bytes
+
+if TYPE_CHECKING:  # merge.py imports this module
+    from p2pstore.store.merge import _Applier
 
 Clock = tuple[int, str]
 
@@ -76,3 +81,31 @@ class RowFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+#: Keep the newer of a parked cell and an incoming one (clocks compare as (hlc, device)).
+_PARK_SQL = (
+    "INSERT INTO _p2p_parked(tid, ck, col, value, hlc, origin, prev_hlc, prev_origin) VALUES (?, ?, ?, {}, ?, ?, ?, ?) "
+    "ON CONFLICT(tid, ck, col) DO UPDATE SET value = excluded.value, hlc = excluded.hlc, origin = excluded.origin, "
+    "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin "
+    "WHERE (excluded.hlc, excluded.origin) > (_p2p_parked.hlc, _p2p_parked.origin)"
+)
+
+
+def park(ap: _Applier, target: Target, row: RowChange) -> bool:
+    """Keep the cells of ``row`` for columns this device does not have or
+    sync (a peer on a newer sync_schema.json or evolution): not failures,
+    not dropped — the upgrade that adds the column here merges them under
+    their own clocks (single_version: cells.unpark; collaborative:
+    collaborative.columns_changed), so a device that upgrades late loses
+    nothing. Whether any parked cell was new or newer."""
+    changed = False
+    for c in row.cells:
+        if c.column in target.dest_columns or c.column == target.table.conflict_column:
+            continue
+        (mark,), (value,) = bind([c.value])
+        prev_hlc, prev_origin = c.prev if c.prev is not None else (None, None)
+        changed |= ap.conn.execute(_PARK_SQL.format(mark), (target.dest_tid, row.key, c.column, value, c.hlc, c.origin,
+                                                          prev_hlc, prev_origin)).rowcount > 0
+    ap.parked += changed
+    return changed

@@ -120,6 +120,8 @@ class ApplyResult:
     last_seq: int
     local: ChangeBatch
     remote: Mapping[str, Mapping[str, Mapping[str, list[Any]]]] = field(default_factory=dict)
+    #: Row changes whose cells for columns this device lacks were kept (parked) for its upgrade.
+    parked: int = 0
 
     def remote_devices(self) -> list[str]:
         return sorted(self.remote)
@@ -424,6 +426,8 @@ class _Applier:
         self.sql: dict[str, Any] = {}  # statements a table type builds once per batch (single_version.statements)
         self.appended: set[int] = set()
         self.applied = self.conflicts = self.failed = 0
+        #: Row changes with cells kept for columns this device lacks (``park``): not failures.
+        self.parked = 0
         self.max_hlc = 0
         self.remote: dict[str, dict[str, dict[str, list[Any]]]] = {}
 
@@ -591,7 +595,7 @@ class _Applier:
             _rollback_to(conn, "p2p_bulk")
             self.origins.reload(conn)
             self.targets.clear()  # device tables created in the savepoint are gone
-            self.applied = self.conflicts = 0
+            self.applied = self.conflicts = self.parked = 0
             self.appended.clear()
             self.remote = {}
             return False
@@ -618,4 +622,4 @@ class _Applier:
                 capture.skip_appended_rows(self.conn, table)
 
     def result(self, last_seq: int, local: ChangeBatch) -> ApplyResult:
-        return ApplyResult(self.applied, self.conflicts, self.failed, last_seq, local, self.remote)
+        return ApplyResult(self.applied, self.conflicts, self.failed, last_seq, local, self.remote, self.parked)

@@ -39,7 +39,7 @@ from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
     IN_CHUNK, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
 )
-from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind, same, visible
+from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind, park, same, visible
 from p2pstore.store.tables import TableInfo
 
 if TYPE_CHECKING:  # merge.py imports this module
@@ -384,32 +384,6 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
     write_rows(ap, plans)
     ap.applied += len(plans)
     return True
-
-
-#: Keep the newer of a parked cell and an incoming one (clocks compare as (hlc, device)).
-_PARK_SQL = (
-    "INSERT INTO _p2p_parked(tid, ck, col, value, hlc, origin, prev_hlc, prev_origin) VALUES (?, ?, ?, {}, ?, ?, ?, ?) "
-    "ON CONFLICT(tid, ck, col) DO UPDATE SET value = excluded.value, hlc = excluded.hlc, origin = excluded.origin, "
-    "prev_hlc = excluded.prev_hlc, prev_origin = excluded.prev_origin "
-    "WHERE (excluded.hlc, excluded.origin) > (_p2p_parked.hlc, _p2p_parked.origin)"
-)
-
-
-def park(ap: _Applier, target: Target, row: RowChange) -> bool:
-    """Keep the cells of ``row`` for columns this device does not sync
-    (a peer on a newer sync_schema.json): not failures, not dropped — an
-    accepted upgrade that adds the column merges them under their own
-    clocks (cells.unpark), so a device that upgrades late loses nothing.
-    Whether any parked cell was new or newer."""
-    changed = False
-    for c in row.cells:
-        if c.column in target.dest_columns or c.column == target.table.conflict_column:
-            continue
-        (mark,), (value,) = bind([c.value])
-        prev_hlc, prev_origin = c.prev if c.prev is not None else (None, None)
-        changed |= ap.conn.execute(_PARK_SQL.format(mark), (target.dest_tid, row.key, c.column, value, c.hlc, c.origin,
-                                                          prev_hlc, prev_origin)).rowcount > 0
-    return changed
 
 
 def plan_row(ap: _Applier, target: Target, row: RowChange, state: RowState) -> RowPlan | None:

@@ -520,7 +520,7 @@ class SyncEngine:
             self.on_applied(store, session.peer, result)
             self.lag.received(session.peer, store.bundle, store.name, batch)
             self.traffic.received(session.peer, action.size, batch.count, result.applied, result.conflicts, result.failed)
-            actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed)
+            actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed, result.parked)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, machine.stats, "download")
             if (result.applied and self.auto_sync_enabled and any(store.auto_sync.values())
@@ -550,8 +550,7 @@ class SyncEngine:
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
                 stats = await self._receive_stream(session, store, None, SyncReady(msg.req, since, table_offers(store), stream))
-                log.info("received %d change(s) of %s/%s from %s (%d applied, %d conflicts, %d failed)",
-                         stats.sent, msg.bundle, msg.store, peer, stats.applied, stats.conflicts, stats.failed)
+                log.info("received %d change(s) of %s/%s from %s (%s)", stats.sent, msg.bundle, msg.store, peer, stats.outcome())
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
                 self.directory.check_may_receive(peer, store)
                 since, stream = await store.position(peer)
@@ -647,9 +646,10 @@ class SyncEngine:
                 log.warning("sync of %s with %s failed: %s", store.name, peer, exc.message)
             return {"device": peer, "code": session_code(exc), "message": exc.message}
         verb = "pushed" if mode == "push" else "pulled"
-        message = f"{verb} {stats.sent} change(s): {stats.applied} applied, {stats.conflicts} conflict(s), {stats.failed} failed"
+        message = f"{verb} {stats.sent} change(s): {stats.outcome()}"
         return {"device": peer, "code": int(Code.SUCCESS), "message": message,
-                "sent": stats.sent, "applied": stats.applied, "conflicts": stats.conflicts, "failed": stats.failed}
+                "sent": stats.sent, "applied": stats.applied, "conflicts": stats.conflicts, "failed": stats.failed,
+                "parked": stats.parked}
 
     async def _logged_session(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
                               progress: Progress | None, kind: str) -> Stats:
@@ -672,9 +672,10 @@ class SyncEngine:
         manual, auto, anti-entropy, or served to a peer — is logged. Never
         fails the sync (a full disk, a store closed meanwhile: a warning)."""
         if not message:
-            message = f"{stats.sent} sent, {stats.applied} applied, {stats.conflicts} conflict(s), {stats.failed} failed"
+            message = f"{stats.sent} sent, {stats.outcome()}"
         entry = sync_log.Entry(at, peer, direction, kind, table, where, code,
-                               stats.sent, stats.applied, stats.conflicts, stats.failed, round((time.monotonic() - t0) * 1000), message)
+                               stats.sent, stats.applied, stats.conflicts, stats.failed, stats.parked,
+                               round((time.monotonic() - t0) * 1000), message)
         try:
             await store.record_sync(entry, self.sync_log_entries)
         except Exception as exc:

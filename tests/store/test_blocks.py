@@ -810,16 +810,16 @@ def test_a_collaborative_block_row_that_does_not_fit_goes_to_the_failure_log(
         origins = (SENDER, OTHER)
         batch = _replace_rows(batch, lambda r: [*r[:ORIGIN], 1, *r[ORIGIN + 1:]] if r[KEY] == 2 else r, origins=origins)
         bad, reason = 2, "invalid: collaborative rows are only accepted from their own device"
-    else:  # a column only the sender has: every full row fails, a delete still applies
+    else:  # a column only the sender has: every full row parks its cell, a delete still applies
         a.write("DELETE FROM notes WHERE id = 2")
         batch = a.read(0)
         (block,) = batch.blocks
         batch = dataclasses.replace(batch, blocks=(block._replace(columns=("id", "body", "nope")),))
         taken: list[bool] = []
         res, _ = _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
-        assert taken == [False] and (res.applied, res.failed) == (1, 2)
-        assert {f.change.key for f in merge.sync_failures(x.conn) if f.change} == {1, 3}
-        assert all(f.reason.startswith("unknown_column: ") for f in merge.sync_failures(x.conn))
+        assert taken == [False] and (res.applied, res.failed, res.parked) == (3, 0, 2)
+        assert x.rows("SELECT ck, col FROM _p2p_parked ORDER BY ck") == [(1, "nope"), (3, "nope")]
+        assert x.rows(f"SELECT id, body FROM {capture.device_table_name(SENDER, 'notes')} ORDER BY id") == [(1, "a"), (3, "c")]
         return
     _check_isolated(monkeypatch, x, y, batch, bad, reason)
     assert x.rows(f"SELECT id, body FROM {capture.device_table_name(SENDER, 'notes')} ORDER BY id") == [(1, "a"), (3, "c")]

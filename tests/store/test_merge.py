@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from replicas import Replica, applied, field, schema_doc
 
 from p2pstore.errors import FailureNotFound, StoreInvalid
-from p2pstore.store import capture, changes, merge
+from p2pstore.store import capture, changes, collaborative, merge
 from p2pstore.store.changes import Cell, OutBatch, RowChange
-from p2pstore.store.tables import device_table_name
+from p2pstore.store.tables import device_table_name, read_table_info
 
 ITEMS = "CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT, note TEXT)"
 ITEMS_FIELDS = [
@@ -126,7 +126,7 @@ def test_collaborative_rows_are_only_taken_from_their_own_device(device) -> None
     assert "only accepted from their own device" in merge.sync_failures(b.conn)[0].reason
 
 
-def test_collaborative_unknown_column_is_a_failure(device, tmp_path: Path) -> None:
+def test_collaborative_unknown_column_is_parked_and_merged_when_the_column_is_added(device, tmp_path: Path) -> None:
     a = Replica(tmp_path / "wide.db", "DEVA")
     a.write("CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT, n INTEGER, extra TEXT)")
     a.write("CREATE TABLE tags(name TEXT, x INTEGER)")
@@ -135,11 +135,21 @@ def test_collaborative_unknown_column_is_a_failure(device, tmp_path: Path) -> No
     a.write("INSERT INTO notes VALUES (1, 'one', 1, 'more')")
     a.write("INSERT INTO tags VALUES ('t', 1)")
     (result,) = a.push(b)
-    assert (result.applied, result.failed) == (1, 1)
-    (failure,) = merge.sync_failures(b.conn)
-    assert failure.reason.startswith("unknown_column:") and "extra" in failure.reason
-    assert failure.origin == "DEVA" and failure.table == "notes" and failure.change is not None
-    assert merge.watermark(b.conn, "DEVA") == result.last_seq > 0  # the stream moved on; the change is kept
+    assert (result.applied, result.failed, result.parked) == (2, 0, 1)  # tags applies as before
+    assert merge.sync_failures(b.conn) == []
+    dev = capture.device_table_name("DEVA", "notes")
+    assert b.rows(f"SELECT id, body, n FROM {dev}") == [(1, "one", 1)]
+    assert b.rows("SELECT col, value FROM _p2p_parked") == [("extra", "more")]
+    assert merge.watermark(b.conn, "DEVA") == result.last_seq > 0
+    a.write("UPDATE notes SET extra = 'newer' WHERE id = 1")
+    (result,) = a.push(b)
+    assert b.rows("SELECT col, value FROM _p2p_parked") == [("extra", "newer")]  # the newest kept
+
+    b.write("ALTER TABLE notes ADD COLUMN extra TEXT")  # B catches up (Store._after_ddl calls the mode's hook)
+    with b.conn:
+        collaborative.columns_changed(b.conn, read_table_info(b.conn, "notes"), "test")
+    assert b.rows(f"SELECT id, body, n, extra FROM {dev}") == [(1, "one", 1, "newer")]
+    assert b.rows("SELECT count(*) FROM _p2p_parked") == [(0,)]
     a.close()
 
 
