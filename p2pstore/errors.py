@@ -245,6 +245,12 @@ class ResultTooLarge(P2PStoreError):
     name, code = "RESULT_TOO_LARGE", -31503
 
 
+class RebuildRefused(P2PStoreError):
+    """A rebuild would drop local changes no peer has acknowledged (store/rebuild.py)."""
+
+    name, code = "REBUILD_REFUSED", -31504
+
+
 def all_error_classes() -> list[type[P2PStoreError]]:
     """Every concrete error class, for the docs check and the API table."""
     seen: list[type[P2PStoreError]] = []

@@ -26,9 +26,9 @@ from p2pstore.api.server import ClientConnection
 from p2pstore.api.subscriptions import ChangeFeed, Subscriptions
 from p2pstore.schemas import load_json_schema
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
-from p2pstore.errors import InvalidParams, MethodNotFound, ResultTooLarge
+from p2pstore.errors import DeviceOffline, InvalidParams, MethodNotFound, RebuildRefused, ResultTooLarge, SyncInProgress
 from p2pstore.schema.sync_schema import validate_document
-from p2pstore.store import accepted_schema, evolutions
+from p2pstore.store import accepted_schema, evolutions, versions
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.sync.engine import Stats, SyncEngine, revision_states, schema_mismatches
@@ -219,6 +219,37 @@ async def evolutions_log(api: Api, client: ClientConnection, params: dict[str, A
     return await api.store(params).evolutions_log()
 
 
+# -- versions (store/versions.py; docs/api.md "Versions") -------------------------
+
+
+@method("versions.list")
+async def versions_list(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    return await api.store(params).versions()
+
+
+@method("versions.diff")
+async def versions_diff(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Between two versions (``from``, ``to``; no ``to``: the schema now), or
+    between this device's distributed tables and what ``device`` offers of
+    the store (its sync schema; column types do not travel)."""
+    store = api.store(params)
+    if "device" in params:
+        if "from" in params or "to" in params:
+            raise InvalidParams("versions.diff: params: give from (and to) or device, not both", data={"param": "device"})
+        peer = normalize_device_id(params["device"])
+        api.devices.check_may_receive(peer, store)  # a device the store may not reach is not shown it, nor compared
+        info = api.devices.peers.peer_info(peer)
+        offered = api.engine.peer_view(peer, info.hello.stores if info is not None and info.hello else ()).get((store.bundle, store.name))
+        if offered is None:
+            raise DeviceOffline(f"device {peer} has not offered store {store.bundle}/{store.name} (offline, or the store is not open "
+                                "with distributed tables there)", data={"device_id": peer, "store": store.name})
+        theirs = {t.name: {"sync_columns": list(t.sync_columns), "conflict_column": t.conflict_column} for t in offered.values()}
+        return {"device": peer, **versions.diff_sync(await store.sync_view(), theirs)}
+    if "from" not in params:
+        raise InvalidParams("versions.diff: params: 'from' is a required property (or 'device')", data={"param": "from"})
+    return {"from": params["from"], "to": params.get("to"), **await store.versions_diff(params["from"], params.get("to"))}
+
+
 @method("store.execute")
 async def store_execute(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     return await api.store(params).execute(params["sql"], params.get("params"))
@@ -379,6 +410,23 @@ async def store_sync(api: Api, client: ClientConnection, params: dict[str, Any])
 
     results = await api.engine.sync(store, params["mode"], params.get("predicates"), progress)
     return {"results": results}
+
+
+@method("store.rebuild")
+async def store_rebuild(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Drop this device's copy of a distributed table and pull the store
+    from every online trusted peer (store/rebuild.py). Only with
+    ``yes_destroy_local_data: true``; refused while local changes are unsent."""
+    store = api.store(params)
+    if params.get("yes_destroy_local_data") is not True:
+        raise RebuildRefused("store.rebuild drops this device's copy of the table: pass yes_destroy_local_data: true "
+                             "(CLI --yes-destroy-local-data)", data={"param": "yes_destroy_local_data"})
+    dropped = await store.rebuild_table(params["table"])
+    try:
+        results = await api.engine.sync(store, "pull", None)
+    except SyncInProgress:
+        results = []  # the running sync, anti-entropy or the next pull brings the rows back
+    return {"table": params["table"], "dropped_tables": list(dropped.tables), "dropped_rows": dropped.rows, "results": results}
 
 
 @method("store.sync_failures")

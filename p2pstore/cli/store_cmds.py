@@ -8,7 +8,7 @@ import os
 import sys
 
 from p2pstore.api.jsonrpc import to_wire
-from p2pstore.cli.common import EXIT_OK, emit, open_store, parse_value, print_rows, store_option, with_client
+from p2pstore.cli.common import EXIT_ERROR, EXIT_OK, emit, open_store, parse_value, print_rows, store_option, with_client
 from p2pstore.client import Client
 
 #: Statements whose first word means "returns rows": sent as store.query.
@@ -53,6 +53,17 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     store_option(p)
     p.add_argument("file", metavar="FILE", help="the backup file to create")
     p.set_defaults(run=run_backup)
+
+    r = sub.add_parser("rebuild", parents=[parent], help="drop this device's copy of a distributed table and pull it back",
+                       description="Rebuild (rather than update) a distributed table: drop this device's copy of it -- a "
+                                   "single_version table's rows, or a collaborative table's copies of other devices' rows "
+                                   "(this device's own rows stay) -- without sending any delete, then pull the store from "
+                                   "every online trusted device. Refused while a local change of the table is unsent. To "
+                                   "update a table in place instead, add columns with an evolution (p2pstore evolutions).")
+    store_option(r)
+    r.add_argument("--table", metavar="T", required=True, help="the distributed table to rebuild")
+    r.add_argument("--yes-destroy-local-data", action="store_true", help="required: confirms that the local copy is dropped")
+    r.set_defaults(run=run_rebuild, usage_error=r.error)
 
 
 def run_sql(args: argparse.Namespace) -> int:
@@ -111,6 +122,22 @@ def run_watch(args: argparse.Namespace) -> int:
         return with_client(args, go)
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def run_rebuild(args: argparse.Namespace) -> int:
+    if not args.yes_destroy_local_data:
+        args.usage_error("rebuild drops this device's copy of the table; add --yes-destroy-local-data to go on")  # exits 2
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        result = await client.call("store.rebuild", **ref, table=args.table, yes_destroy_local_data=True)
+        lines = [f"dropped {result['dropped_rows']} row(s) of {', '.join(result['dropped_tables']) or 'nothing'}"]
+        lines += [f"{r['device']}  code {r['code']}  {r['message']}" for r in result["results"]] or [
+            "no device online to pull from: the rows come back with the next pull"]
+        emit(args, result, "\n".join(lines))
+        return EXIT_OK if all(r["code"] == 0 for r in result["results"]) else EXIT_ERROR
+
+    return with_client(args, go)
 
 
 def run_backup(args: argparse.Namespace) -> int:

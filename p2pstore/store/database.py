@@ -53,6 +53,7 @@ from p2pstore.errors import (
     P2PStoreError,
     PermissionDenied,
     ReadOnlyTable,
+    RebuildRefused,
     SecurityLabelMismatch,
     SqlError,
     StoreFileChanged,
@@ -63,7 +64,7 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, restore, sync_log
+from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, rebuild, restore, sync_log, versions
 from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
@@ -305,6 +306,7 @@ class Store:
             conn.executescript(accepted_schema.SCHEMA_SQL)
             conn.executescript(evolutions.SCHEMA_SQL)
             conn.executescript(sync_log.SCHEMA_SQL)
+            conn.executescript(versions.SCHEMA_SQL)
             sync_log.migrate(conn)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
@@ -736,6 +738,8 @@ class Store:
                 capture.stamp(conn, self.capture, self.clock, collect=False)
                 self.table_type = table_type
                 self._load_tables(conn)
+                if isinstance(outcome, accepted_schema.SchemaOutcome) and outcome.changed:
+                    self._note_sync_schema(conn, outcome)
             return outcome, batch
 
         return await self._announced(op)
@@ -790,6 +794,7 @@ class Store:
                 evolutions.apply_revision(conn, step, guarded, lambda sql: self._evolution_statement(conn, sql), wall_ms())
                 if self._schema_changed:
                     self._after_ddl(conn)
+                versions.note(conn, "evolution", step.revision, step.evolution.description or f"revision {step.revision}", wall_ms())
 
             try:
                 await self._stamped(apply, stamp_after=True)
@@ -833,6 +838,7 @@ class Store:
 
         def mark(conn: sqlite3.Connection) -> None:
             evolutions.mark_applied(conn, ev, wall_ms())
+            versions.note(conn, "evolution", ev.id, ev.description or f"revision {ev.id}", wall_ms())
 
         await self._stamped(mark)
         await self._reload_evolutions()
@@ -847,6 +853,54 @@ class Store:
             return await self._stamped(lambda conn: evolutions.resolve(conn, revision))
         finally:
             await self._reload_evolutions()
+
+    # -- rebuild (store/rebuild.py) --------------------------------------------
+
+    async def rebuild_table(self, table: str) -> rebuild.Dropped:
+        """Drop this device's copy of distributed ``table`` and every
+        watermark, so the next pulls bring it back whole; nothing is sent as
+        a delete. ``RebuildRefused`` while a local change of it is unsent."""
+        def op(conn: sqlite3.Connection) -> rebuild.Dropped:
+            (info,) = changes.sync_tables(conn, table)  # InvalidParams if not distributed
+            if info.conflict_column is not None:
+                unsent = rebuild.unsent_local(conn, info)
+                if unsent:
+                    raise RebuildRefused(f"table {table} has {unsent} local change(s) no peer has acknowledged; push them first "
+                                         "(a rebuild would lose them)", data={"table": table, "unsent": unsent})
+            dropped = rebuild.drop_copy(conn, info)
+            self._load_tables(conn)  # the capture state's high-water marks moved
+            return dropped
+
+        dropped = await self._stamped(op)
+        log.warning("store %s/%s: table %s rebuilt: %d row(s) of %s dropped here, to be pulled again from peers",
+                    self.bundle, self.name, table, dropped.rows, ", ".join(dropped.tables) or "no device table")
+        return dropped
+
+    # -- versions (store/versions.py) ----------------------------------------
+
+    @staticmethod
+    def _note_sync_schema(conn: sqlite3.Connection, outcome: accepted_schema.SchemaOutcome) -> None:
+        versions.note(conn, "sync_schema", outcome.version, f"sync_schema.json version {outcome.version} accepted", wall_ms())
+
+    async def versions(self) -> list[dict[str, Any]]:
+        """Every recorded version, oldest first (``versions.listing``)."""
+        return await self.run(versions.listing)
+
+    async def versions_diff(self, old: int, new: int | None) -> dict[str, Any]:
+        """What changed from version ``old`` to ``new`` (None: the schema now)."""
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            try:
+                before, after = versions.load(conn, old), versions.load(conn, new)
+            except KeyError as exc:
+                raise InvalidParams(f"store {self.bundle}/{self.name} has no version {exc.args[0]} "
+                                    "(`p2pstore versions list` shows them)", data={"param": "version"}) from None
+            return versions.diff(*before, *after)
+
+        return await self.run(op)
+
+    async def sync_view(self) -> dict[str, dict[str, Any]]:
+        """The distributed tables now, as a version's ``sync`` holds them."""
+        return await self.run(lambda conn: versions.current(conn)[2])
 
     # -- single-version schema ----------------------------------------------
 
@@ -868,6 +922,8 @@ class Store:
                 raise map_sqlite_error(exc) from exc
             capture.stamp(conn, self.capture, self.clock, collect=False)  # rows to send again: not local changes
             self._load_tables(conn)
+            if outcome.changed:
+                self._note_sync_schema(conn, outcome)
             return outcome
 
         return await self._stamped(accept)

@@ -87,6 +87,9 @@ VALID: dict[str, dict[str, Any]] = {
     "evolutions.status": {"store": STORE, "bundle": "default"},
     "store.sync_log": {"store": STORE, "bundle": "default", "limit": 5, "device": DEVICE},
     "evolutions.log": {"store": STORE, "bundle": "default"},
+    "versions.list": {"store": STORE, "bundle": "default"},
+    "store.rebuild": {"store": STORE, "bundle": "default", "table": "T", "yes_destroy_local_data": True},
+    "versions.diff": {"store": STORE, "bundle": "default", "from": 1, "to": 2},
     "evolutions.apply": {"store": STORE, "bundle": "default", "up_to": 1},
     "evolutions.mark_applied": {"store": STORE, "bundle": "default", "revision": 1},
     "evolutions.resolve": {"store": STORE, "bundle": "default", "revision": 1},
@@ -101,7 +104,7 @@ REQUIRED = {
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
     "store.remote_query": ["store", "device", "table"], "store.backup": ["store", "path"],
-    "store.sync_log": ["store"], "evolutions.status": ["store"], "evolutions.log": ["store"], "evolutions.apply": ["store"],
+    "store.sync_log": ["store"], "evolutions.status": ["store"], "evolutions.log": ["store"], "versions.list": ["store"], "store.rebuild": ["store", "table", "yes_destroy_local_data"], "versions.diff": ["store"], "evolutions.apply": ["store"],
     "evolutions.mark_applied": ["store", "revision"], "evolutions.resolve": ["store", "revision"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.
@@ -110,7 +113,7 @@ WRONG = {
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
     "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
-    "path": "relative/backup.db", "revision": "1",
+    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes",
 }
 
 
