@@ -182,7 +182,7 @@ class Daemon:
         )
         self.registry.device_id = self.identity.device_id
         self.registry.on_changes = self._store_changed
-        self.registry.on_revisions = lambda store: self._reoffer_soon()
+        self.registry.on_offer_changed = lambda store: self._reoffer_soon()
         self.registry.tombstone_horizon_ms = int(config.tombstone_horizon_days * 86_400_000)
         self.registry.compact_interval_s = config.compact_interval_s
         self.registry.compact_keep_recent = config.compact_keep_recent

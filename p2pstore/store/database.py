@@ -246,8 +246,9 @@ class Store:
         self._state: restore.State | None = None
         #: Called (in the event loop) with every non-empty batch of captured changes.
         self.on_changes: Callable[[Store, ChangeBatch], None] | None = None
-        #: Called (in the event loop) when ``revisions`` changed.
-        self.on_revisions: Callable[[Store], None] | None = None
+        #: Called (in the event loop) when what peers are offered of this store
+        #: changed: its distributed tables, their sync schema, its ``revisions``.
+        self.on_offer_changed: Callable[[Store], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -742,7 +743,10 @@ class Store:
                     self._note_sync_schema(conn, outcome)
             return outcome, batch
 
-        return await self._announced(op)
+        try:
+            return await self._announced(op)
+        finally:
+            self._offer_changed()
 
     # -- the sync log (store/sync_log.py) -------------------------------------
 
@@ -778,11 +782,15 @@ class Store:
             await self._reload_evolutions()
 
     async def _reload_evolutions(self) -> None:
-        """Read the evolution state again; if the applied revisions moved, tell ``on_revisions``."""
+        """Read the evolution state again; if the applied revisions moved, tell ``on_offer_changed``."""
         before = self.revisions
         await self.run(self._load_evolutions)
-        if self.revisions != before and self.on_revisions is not None:
-            self.on_revisions(self)
+        if self.revisions != before:
+            self._offer_changed()
+
+    def _offer_changed(self) -> None:
+        if self.on_offer_changed is not None:
+            self.on_offer_changed(self)
 
     async def _apply_evolutions(self, scripts: Sequence[evolutions.Evolution], up_to: int | None, downs: bool) -> list[int]:
         steps = await self.run(lambda conn: evolutions.plan(conn, scripts, up_to, downs=downs))
@@ -926,7 +934,9 @@ class Store:
                 self._note_sync_schema(conn, outcome)
             return outcome
 
-        return await self._stamped(accept)
+        outcome = await self._stamped(accept)
+        self._offer_changed()
+        return outcome
 
     async def check_sync_schema(self, document: object) -> ValidationReport:
         """``schema.validate`` against this store: read only, never raises

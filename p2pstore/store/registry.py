@@ -57,8 +57,8 @@ class StoreRegistry:
         self.synchronous = synchronous
         self.max_clock_offset_ms = max_clock_offset_ms
         self.on_changes = on_changes
-        #: Called (in the event loop) when a store's applied evolutions change: peers are shown them again.
-        self.on_revisions: Callable[[Store], None] | None = None
+        #: Called (in the event loop) when what peers are offered of a store changed (tables, sync schema, evolutions).
+        self.on_offer_changed: Callable[[Store], None] | None = None
         self._stores: dict[tuple[str, str], Store] = {}
         #: Apply a store's pending evolutions when it opens (config ``auto_apply_evolutions``; never Downs).
         self.auto_apply_evolutions = False
@@ -100,7 +100,7 @@ class StoreRegistry:
                     await store.close()
                     raise
             store.on_changes = self.on_changes
-            store.on_revisions = self.on_revisions
+            store.on_offer_changed = self.on_offer_changed
             self._stores[(bundle, name)] = store
             log.info("opened store %s/%s at %s (label S%d, %d distributed table(s))",
                      bundle, name, path, store.security_label, len(store.distributed))

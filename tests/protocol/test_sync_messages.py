@@ -16,6 +16,7 @@ from p2pstore.protocol.messages import (
     QueryMore,
     QueryPage,
     QueryRequest,
+    RevisionOffer,
     StoreOffer,
     StoresOffer,
     SyncAck,
@@ -123,6 +124,41 @@ def test_store_offer_lag_figures_round_trip_and_are_optional_on_the_wire() -> No
                                                       "table_type": "collaborative", "tables": []}]}], use_bin_type=True)
     (offer,) = decode(old).stores  # type: ignore[attr-defined]
     assert (offer.unsent, offer.last_seq, offer.stream) == (None, None, None)
+
+
+def test_optional_fields_at_their_default_stay_off_the_wire() -> None:
+    """A store without evolutions, an ack without parked cells: read by an
+    older release exactly as before the fields existed."""
+    plain = StoresOffer((StoreOffer("b", "s", 1, "collaborative", TABLES),))
+    _tag, body = msgpack.unpackb(encode(plain), raw=False)
+    assert set(body["stores"][0]) == {"bundle", "store", "security_label", "table_type", "tables"}
+    _tag, ack = msgpack.unpackb(encode(SyncAck(7, 1, 1, 0, 0)), raw=False)
+    assert set(ack) == {"req", "last_seq", "applied", "conflicts", "failed"}
+    assert decode(encode(SyncAck(7, 1, 1, 0, 0, parked=3))) == SyncAck(7, 1, 1, 0, 0, 3)
+
+
+def test_store_offer_revisions_round_trip() -> None:
+    revs = (RevisionOffer(1, "a" * 40), RevisionOffer(2, "0123456789abcdef0123456789abcdef01234567"))
+    offer = StoresOffer((StoreOffer("b", "s", 1, "collaborative", TABLES, revisions=revs),))
+    assert decode(encode(offer)) == offer
+    _tag, body = msgpack.unpackb(encode(offer), raw=False)
+    assert body["stores"][0]["revisions"] == [{"id": 1, "hash": "a" * 40}, {"id": 2, "hash": revs[1].hash}]
+
+
+@pytest.mark.parametrize("revisions", [
+    [{"id": 0, "hash": "a" * 40}],                                # ids start at 1
+    [{"id": 1, "hash": "A" * 40}],                                # lowercase hex only
+    [{"id": 1, "hash": "a" * 39}],
+    [{"id": 1, "hash": "a" * 40, "sql": "DROP TABLE T"}],         # SQL never travels
+    [{"id": 2, "hash": "a" * 40}, {"id": 1, "hash": "b" * 40}],   # in order
+    [{"id": 1, "hash": "a" * 40}, {"id": 1, "hash": "b" * 40}],   # each once
+    {"id": 1, "hash": "a" * 40},
+])
+def test_store_offer_refuses_bad_revisions(revisions: Any) -> None:
+    tag, body = msgpack.unpackb(encode(StoresOffer((StoreOffer("b", "s", 1, "collaborative", ()),))), raw=False)
+    body["stores"][0]["revisions"] = revisions
+    with pytest.raises(ProtocolError):
+        decode(msgpack.packb([tag, body], use_bin_type=True))
 
 
 @pytest.mark.parametrize("over", [dict(unsent=-1), dict(last_seq=2**63), dict(stream=""), dict(unsent="12"), dict(last_seq=True)])
