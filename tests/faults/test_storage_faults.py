@@ -1,7 +1,7 @@
 """Fault suite, storage: real daemons on real failing storage.
 
-- a receiver whose data dir is a small tmpfs, filled by a push: sync result
-  code 15 DISK_FULL, one log line on each side (no traceback), nothing lost,
+- a receiver whose data dir is a small tmpfs, filled by a push (or by its
+  own pull): sync result code 15 DISK_FULL, one log line on each side (no traceback), nothing lost,
   and once the disk has room again the next push brings every row and the
   receiver's file passes ``PRAGMA integrity_check``;
 - a read-only data dir (fresh, or with a daemon's files in it): the daemon
@@ -64,7 +64,7 @@ def receiver_disk(short_tmp: Path) -> Iterator[Path]:
         yield mount
 
 
-def test_a_push_onto_a_full_disk_is_code_14_then_completes_once_there_is_room(
+def test_a_push_onto_a_full_disk_is_code_15_then_completes_once_there_is_room(
         receiver_disk: Path, linked_daemons: Callable[..., list[Node]]) -> None:
     a, b = linked_daemons(2)
     for node in (a, b):
@@ -100,6 +100,38 @@ def test_a_push_onto_a_full_disk_is_code_14_then_completes_once_there_is_room(
 
     resize_tmpfs(receiver_disk, "64m")  # space returns
     result = a.sync("push", STORE, [b])[b.id]
+    assert result["code"] == 0, result
+    assert b.rows(STORE, DIGEST.format(copy)) == sent
+    assert b.rows(STORE, "PRAGMA integrity_check") == [["ok"]]
+
+
+def test_a_pull_onto_a_full_disk_is_code_15_then_completes_once_there_is_room(
+        receiver_disk: Path, linked_daemons: Callable[..., list[Node]]) -> None:
+    """The same, with the receiver starting the session (issue 12 item 6):
+    its own result says DISK_FULL, nothing half-applied, and its next pull
+    brings the rest."""
+    a, b = linked_daemons(2)
+    for node in (a, b):
+        node.call("store.open", **STORE)
+        node.call("store.execute", **STORE, sql=TABLE)
+        node.call("store.set_distributed_tables", **STORE, tables=["T"])
+    a.call("store.execute", **STORE, sql=f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS}) "
+                                          f"INSERT INTO T SELECT i, randomblob({ROW_BYTES}) FROM n")
+    sent = a.rows(STORE, DIGEST.format("T"))
+    copy = quote_ident(device_table_name(a.id, "T"))
+
+    result = b.sync("pull", STORE, [a])[a.id]
+    assert result["code"] == 15, result
+    assert "disk full" in result["message"], result
+    assert len(log_lines(b, f"disk full while applying batch from {a.id}", "nothing applied, watermark unchanged")) == 1, b.proc.log()[-3000:]
+    for node in (a, b):
+        assert "Traceback" not in node.proc.log()
+    exists = b.rows(STORE, "SELECT count(*) FROM sqlite_master WHERE name = ?", [device_table_name(a.id, "T")]) == [[1]]
+    got = b.rows(STORE, DIGEST.format(copy)) if exists else []
+    assert len(got) < ROWS and got == sent[:len(got)], "what was applied is whole batches, in order"
+
+    resize_tmpfs(receiver_disk, "64m")
+    result = b.sync("pull", STORE, [a])[a.id]
     assert result["code"] == 0, result
     assert b.rows(STORE, DIGEST.format(copy)) == sent
     assert b.rows(STORE, "PRAGMA integrity_check") == [["ok"]]
