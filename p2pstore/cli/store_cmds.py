@@ -132,7 +132,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
         ref = await open_store(client, args)
         result = await client.call("store.rebuild", **ref, table=args.table, yes_destroy_local_data=True)
         lines = [f"dropped {result['dropped_rows']} row(s) of {', '.join(result['dropped_tables']) or 'nothing'}"]
-        lines += [f"{r['device']}  code {r['code']}  {r['message']}" for r in result["results"]] or [
+        lines += [f"{r['device']}  code {r['code']} {r['name']}  {r['message']}" for r in result["results"]] or [
             "no device online to pull from: the rows come back with the next pull"]
         emit(args, result, "\n".join(lines))
         return EXIT_OK if all(r["code"] == 0 for r in result["results"]) else EXIT_ERROR

@@ -111,7 +111,7 @@ def run_sync(args: argparse.Namespace) -> int:
             result = task.result()
         else:
             result = await call
-        lines = [f"{r['device']}  code {r['code']}  {r['message']}" for r in result["results"]] or ["no device to sync with"]
+        lines = [f"{r['device']}  code {r['code']} {r['name']}  {r['message']}" for r in result["results"]] or ["no device to sync with"]
         emit(args, result, "\n".join(lines))
         return EXIT_OK if all(r["code"] == 0 for r in result["results"]) else EXIT_ERROR
 

@@ -625,6 +625,8 @@ class SyncEngine:
                 progress("begin", Code.SUCCESS, Stats(), "upload" if mode == "push" else "download")
             results = invalid + await asyncio.gather(*(self._sync_one(store, mode, peer, table, predicates.get("where"), where, progress)
                                                        for peer in targets))
+            for r in results:  # the code's name beside its number: what users read and search for
+                r["name"] = code_name(r["code"])
             if progress is not None:
                 worst = max((r["code"] for r in results), default=0)
                 progress("finish", worst, Stats(), "upload" if mode == "push" else "download")

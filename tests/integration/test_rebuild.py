@@ -80,7 +80,7 @@ def test_a_collaborative_rebuild_pulls_other_devices_rows_back_and_keeps_its_own
 
     result = b.call("store.rebuild", **COLLAB, table="T", yes_destroy_local_data=True)
     assert result["dropped_tables"] == [dev_a] and result["dropped_rows"] == 3
-    assert [r["code"] for r in result["results"]] == [SUCCESS]
+    assert [(r["code"], r["name"]) for r in result["results"]] == [(SUCCESS, "SUCCESS")]
     assert b.rows(COLLAB, f'SELECT id, name FROM "{dev_a}" ORDER BY id') == copy
     assert b.rows(COLLAB, "SELECT id, name FROM T") == [[1, "b's own"]], "the device's own rows are never dropped"
     assert a.rows(COLLAB, "SELECT count(*) FROM T") == [[3]]

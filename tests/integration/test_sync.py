@@ -1009,7 +1009,7 @@ def test_cli_sync_push_pull_devices_all_table_where_json_and_exit_codes(linked_d
     # --where (query sync) to one device: only matching rows.
     run = cli(a, "sync", *store, "--push", "--devices", b.id, "--table", "EMPLOYEE", "--where", "AGE > 18", "--where", "AGE < 50")
     assert run.returncode == 0, run.stderr
-    assert b.id in run.stdout and "code 0" in run.stdout, run.stdout
+    assert b.id in run.stdout and "code 0 SUCCESS" in run.stdout, run.stdout
     assert employees(b) == [["adult", 30, None]]
     assert employees(c) == []
 
