@@ -251,6 +251,12 @@ class RebuildRefused(P2PStoreError):
     name, code = "REBUILD_REFUSED", -31504
 
 
+class ReplicaMismatch(P2PStoreError):
+    """The replica kinds of a link's two ends forbid the sync (protocol/replica_kind.py)."""
+
+    name, code = "REPLICA_MISMATCH", -31505
+
+
 def all_error_classes() -> list[type[P2PStoreError]]:
     """Every concrete error class, for the docs check and the API table."""
     seen: list[type[P2PStoreError]] = []

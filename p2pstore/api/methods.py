@@ -10,11 +10,12 @@ into JSON-RPC errors.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -26,18 +27,19 @@ from p2pstore.api.server import ClientConnection
 from p2pstore.api.subscriptions import ChangeFeed, Subscriptions
 from p2pstore.schemas import load_json_schema
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
-from p2pstore.errors import DeviceOffline, InvalidParams, MethodNotFound, RebuildRefused, ResultTooLarge, SyncInProgress
+from p2pstore.errors import DeviceOffline, InvalidParams, MethodNotFound, RebuildRefused, ReplicaMismatch, ResultTooLarge, SyncInProgress
 from p2pstore.schema.sync_schema import validate_document
-from p2pstore.store import accepted_schema, evolutions, versions
+from p2pstore.store import accepted_schema, evolutions, replicas, versions
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
-from p2pstore.sync.engine import Stats, SyncEngine, revision_states, schema_mismatches
+from p2pstore.sync.engine import Stats, SyncEngine, compile_where, revision_states, schema_mismatches
 from p2pstore.sync.lag import store_lags
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.database import Store
 from p2pstore.protocol.results import MAX_RESULT_BYTES
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.store.tables import device_table_name
+from p2pstore.protocol.replica_kind import ReplicaKind
 from p2pstore.protocol.table_type import TableType
 
 log = logging.getLogger(__name__)
@@ -427,6 +429,73 @@ async def store_rebuild(api: Api, client: ClientConnection, params: dict[str, An
     except SyncInProgress:
         results = []  # the running sync, anti-entropy or the next pull brings the rows back
     return {"table": params["table"], "dropped_tables": list(dropped.tables), "dropped_rows": dropped.rows, "results": results}
+
+
+# -- replica links (store/replicas.py; docs/replicas.md) ------------------------
+
+
+def _link_dict(store: Store, link: replicas.Link) -> dict[str, Any]:
+    return {"store": store.name, "bundle": store.bundle, **link.to_dict()}
+
+
+@method("replica.set")
+async def replica_set(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """This device's end of the link with ``peer`` for a store: two-way (the
+    default), send or receive. The other device sets its own end; a session
+    between ends that do not agree answers REPLICA_MISMATCH."""
+    store = api.store(params)
+    link = replicas.Link(normalize_device_id(params["peer"]), ReplicaKind(params["kind"]))
+    await store.set_replica(link)
+    return _link_dict(store, store.replica(link.peer))
+
+
+@method("replica.list")
+async def replica_list(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every link that is not two-way, of one store or of every open store."""
+    stores = [api.store(params)] if "store" in params else api.registry.stores()
+    return [_link_dict(s, link) for s in stores for link in sorted(s.replicas.values(), key=lambda x: x.peer)]
+
+
+@method("store.checkout")
+async def store_checkout(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Check out selected rows from ``device`` (a parent whose end stays
+    two-way): record the checkout link and pull them; edits are allowed here
+    and go back once with ``store.checkin``."""
+    store = api.store(params)
+    peer = normalize_device_id(params["device"])
+    current = store.replica(peer)
+    if current.kind not in (ReplicaKind.TWO_WAY, ReplicaKind.CHECKOUT):
+        raise ReplicaMismatch(f"the link with {peer} for store {store.name} is {current.kind}; set it two-way before a checkout",
+                              data={"device_id": peer, "kind": current.kind.value})
+    where = params.get("where")
+    predicates = {"devices": [peer], **({"table": params["table"]} if "table" in params else {}), **({"where": where} if where else {})}
+    compile_where(store, params.get("table"), where)  # a bad filter fails here, before the link is recorded
+    await store.set_replica(replicas.Link(peer, ReplicaKind.CHECKOUT, params.get("table"), json.dumps(where) if where else None))
+    results = await api.engine.sync(store, "pull", predicates)
+    return {"device": peer, "results": results, "link": _link_dict(store, store.replica(peer))}
+
+
+@method("store.checkin")
+async def store_checkin(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Push a checkout's edits back to its parent, once: on success the link closes."""
+    store = api.store(params)
+    links = [link for link in store.replicas.values() if link.kind is ReplicaKind.CHECKOUT
+             and ("device" not in params or link.peer == normalize_device_id(params["device"]))]
+    open_links = [link for link in links if not link.closed]
+    if len(open_links) != 1:
+        why = ("its checkout was already checked in: the link is closed" if links and not open_links
+               else "there is no open checkout" if not links else "there are several open checkouts: say which device")
+        raise ReplicaMismatch(f"store {store.name}: {why}", data={"store": store.name})
+    link = open_links[0]
+    predicates: dict[str, Any] = {"devices": [link.peer]}
+    if link.table is not None:
+        predicates["table"] = link.table
+    if link.filter is not None:
+        predicates["where"] = json.loads(link.filter)
+    results = await api.engine.sync(store, "push", predicates)
+    if all(r["code"] == 0 for r in results):
+        await store.set_replica(replace(link, closed=True, at=0))
+    return {"device": link.peer, "results": results, "link": _link_dict(store, store.replica(link.peer))}
 
 
 @method("store.sync_failures")

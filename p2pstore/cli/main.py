@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from p2pstore import __version__
-from p2pstore.cli import daemon_cmd, device_cmds, evolutions_cmd, query_cmd, schema_cmd, store_cmds, sync_cmds, versions_cmd
+from p2pstore.cli import daemon_cmd, device_cmds, evolutions_cmd, query_cmd, replica_cmds, schema_cmd, store_cmds, sync_cmds, versions_cmd
 from p2pstore.cli.common import EXIT_ERROR, EXIT_USAGE, socket_options
 from p2pstore.errors import P2PStoreError
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema_cmd.add_parsers(sub, parent)
     evolutions_cmd.add_parsers(sub, parent)
     versions_cmd.add_parsers(sub, parent)
+    replica_cmds.add_parsers(sub, parent)
     return parser
 
 

@@ -38,6 +38,7 @@ import msgpack
 
 from p2pstore.errors import ProtocolError
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
+from p2pstore.protocol.replica_kind import ReplicaKind
 from p2pstore.protocol.table_type import TableType
 
 #: Integers must fit msgpack's 64-bit encodings (signed or unsigned).
@@ -48,6 +49,7 @@ MAX_NAME_LEN = 255
 MAX_REASON_LEN = 1024
 MAX_DEVICE_ID_LEN = 64
 TABLE_TYPES = frozenset(TableType)
+REPLICA_KINDS = frozenset(k.value for k in ReplicaKind)
 SECURITY_LEVELS = range(1, 5)
 
 
@@ -341,11 +343,16 @@ class SyncOpen(Message):
     since: int | None
     tables: tuple[TableOffer, ...]
     stream: str | None = None
+    #: The opener's replica kind for the other device (protocol/replica_kind.py); added later.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"replica"})
+    replica: str = ReplicaKind.TWO_WAY.value
 
     def _validate(self) -> None:
         _req(self.req)
         _text(self.bundle, "bundle name")
         _text(self.store, "store name")
+        if self.replica not in REPLICA_KINDS:
+            raise ProtocolError(f"replica must be one of {sorted(REPLICA_KINDS)}, got {self.replica!r:.40}")
         if self.mode not in SYNC_MODES:
             raise ProtocolError(f"mode must be push, pull or catchup, got {self.mode!r:.40}")
         if self.table is not None:

@@ -50,6 +50,7 @@ from p2pstore.errors import (
     DiskFull,
     EvolutionInconsistent,
     ProtocolError,
+    ReplicaMismatch,
     SecurityLevelDenied,
     StoreNotOpen,
 )
@@ -98,6 +99,9 @@ class Code(enum.IntEnum):
     #: A schema evolution of the store failed half-way (store/evolutions.py):
     #: it neither sends nor receives until the script is fixed or resolved.
     EVOLUTION_INCONSISTENT = 17
+    #: The replica kinds of the two ends forbid rows to move this way
+    #: (protocol/replica_kind.py): nothing was sent.
+    REPLICA_MISMATCH = 18
 
 
 def code_name(code: int) -> str:
@@ -134,6 +138,7 @@ RESULT_CODES: dict[type[BaseException] | Problem, Code] = {
     ProtocolError: Code.CORRUPTED,
     DiskFull: Code.DISK_FULL,
     EvolutionInconsistent: Code.EVOLUTION_INCONSISTENT,
+    ReplicaMismatch: Code.REPLICA_MISMATCH,
     SecurityLevelDenied: Code.SECURITY_LEVEL,
     DeviceOffline: Code.OFFLINE,
     DeviceUntrusted: Code.UNTRUSTED,

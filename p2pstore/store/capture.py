@@ -285,16 +285,22 @@ def capture_triggers_sql(tid: int, info: TableInfo, has_rowid: bool = True, *, c
     ]
 
 
-def read_only_triggers_sql(table: str, origin: str) -> list[str]:
-    """Guards that make a collaborative device table writable only by the apply path."""
+def read_only_triggers_sql(table: str, origin: str, why: str = "holds rows synced from device") -> list[str]:
+    """Guards that make a table writable only by the apply path: a
+    collaborative device table, or every distributed table of a ``receive``
+    replica (store/replicas.py)."""
     t = quote_ident(table)
-    message = f"READ_ONLY_TABLE: {table} holds rows synced from device {origin}; only sync writes it"
+    message = f"READ_ONLY_TABLE: {table} {why} {origin}; only sync writes it"
     raise_sql = "SELECT RAISE(ABORT, '" + message.replace("'", "''") + "');"
     return [
-        f"CREATE TRIGGER IF NOT EXISTS {quote_ident(f'_p2p_ro_{op}_{table}')} BEFORE {op.upper()} ON {t} "
+        f"CREATE TRIGGER IF NOT EXISTS {quote_ident(name)} BEFORE {op.upper()} ON {t} "
         f"WHEN NOT EXISTS (SELECT 1 FROM _p2p_apply) BEGIN {raise_sql} END"
-        for op in ("insert", "update", "delete")
+        for op, name in zip(("insert", "update", "delete"), read_only_trigger_names(table))
     ]
+
+
+def read_only_trigger_names(table: str) -> list[str]:
+    return [f"_p2p_ro_{op}_{table}" for op in ("insert", "update", "delete")]
 
 
 def not_null_trigger_names(table: str) -> list[str]:

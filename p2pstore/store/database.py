@@ -35,7 +35,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,11 +64,12 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, rebuild, restore, sync_log, versions
+from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, rebuild, replicas, restore, sync_log, versions
 from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
 from p2pstore.store.tables import INTERNAL_PREFIX, TableInfo, read_table_info
+from p2pstore.protocol.replica_kind import ReplicaKind
 from p2pstore.protocol.table_type import TableType
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,8 @@ class Store:
         #: that makes it inconsistent, if any (store/evolutions.py).
         self.revisions: tuple[tuple[int, str], ...] = ()
         self.inconsistent: tuple[int, str, str] | None = None
+        #: This device's end of each replica link that is not two-way (store/replicas.py).
+        self.replicas: dict[str, replicas.Link] = {}
         #: What the state file beside the store says (store/restore.py), as last written.
         self._state: restore.State | None = None
         #: Called (in the event loop) with every non-empty batch of captured changes.
@@ -308,6 +311,7 @@ class Store:
             conn.executescript(evolutions.SCHEMA_SQL)
             conn.executescript(sync_log.SCHEMA_SQL)
             conn.executescript(versions.SCHEMA_SQL)
+            conn.executescript(replicas.SCHEMA_SQL)
             sync_log.migrate(conn)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
@@ -393,6 +397,7 @@ class Store:
 
     def _load_tables(self, conn: sqlite3.Connection) -> None:
         """Re-read what the file says; the cached capture state follows it."""
+        self.replicas = replicas.load(conn)
         self.capture = capture.load_state(conn, self.clock)
         self.distributed = {t.info.name: t.info for t in self.capture.tables.values()}
         self.auto_sync = {
@@ -741,6 +746,7 @@ class Store:
                 self._load_tables(conn)
                 if isinstance(outcome, accepted_schema.SchemaOutcome) and outcome.changed:
                     self._note_sync_schema(conn, outcome)
+                replicas.guard(conn)  # a receive replica's new tables are read-only too
             return outcome, batch
 
         try:
@@ -861,6 +867,22 @@ class Store:
             return await self._stamped(lambda conn: evolutions.resolve(conn, revision))
         finally:
             await self._reload_evolutions()
+
+    # -- replica links (store/replicas.py) ----------------------------------------
+
+    def replica(self, peer: str) -> replicas.Link:
+        """This device's end of the link with ``peer`` (two-way unless set)."""
+        return self.replicas.get(peer) or replicas.Link(peer, ReplicaKind.TWO_WAY)
+
+    async def set_replica(self, link: replicas.Link) -> None:
+        """Record this device's end of a link (and the read-only guards a receive end needs)."""
+        def op(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                replicas.put(conn, replace(link, at=link.at or wall_ms()))
+                self.replicas = replicas.load(conn)
+
+        await self.run(op)
+        log.info("store %s/%s: replica link with %s is now %s", self.bundle, self.name, link.peer, link.kind)
 
     # -- rebuild (store/rebuild.py) --------------------------------------------
 

@@ -65,6 +65,7 @@ from p2pstore.errors import (
     InvalidDeviceId,
     InvalidPredicate,
     P2PStoreError,
+    ReplicaMismatch,
     SyncInProgress,
     TableNotDistributed,
 )
@@ -72,6 +73,9 @@ from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
+from p2pstore.protocol.replica_kind import PARTNER as REPLICA_PARTNER
+from p2pstore.protocol.replica_kind import ReplicaKind
+from p2pstore.protocol.replica_kind import problem as replica_problem
 from p2pstore.protocol.table_type import TableType
 from p2pstore.protocol.messages import (
     Message,
@@ -160,7 +164,7 @@ session_code = result_code
 #: pushed to then) or a user acts (trust, labels, the peer's tables, a resync).
 AUTO_NO_RETRY = frozenset({Code.OFFLINE, Code.INVALID_ARGS, Code.DISTRIBUTED_TABLE_NOT_SET,
                            Code.DISTRIBUTED_SCHEMA_MISMATCH, Code.UNTRUSTED, Code.SECURITY_LEVEL, Code.RESYNC_REQUIRED,
-                           Code.EVOLUTION_INCONSISTENT})
+                           Code.EVOLUTION_INCONSISTENT, Code.REPLICA_MISMATCH})
 
 
 class _ChannelReplaced(Exception):
@@ -527,7 +531,7 @@ class SyncEngine:
                     and store.table_type == TableType.SINGLE_VERSION):
                 # Relay: what we received goes on to a few of our other peers (they dedupe).
                 # (A collaborative stream holds only a device's own rows: nothing to pass on.)
-                for other in self.relay_targets(session.peer, result.remote_devices()):
+                for other in self.relay_targets(session.peer, result.remote_devices(), store):
                     self._schedule_auto(store, other)
             return actions
 
@@ -546,6 +550,7 @@ class SyncEngine:
             code = int(Code.FAIL)
             self._learn(peer, store, msg.tables)
             store.require_consistent()
+            _check_replicas(store, peer, msg.mode, ReplicaKind(msg.replica))
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
@@ -690,6 +695,7 @@ class SyncEngine:
         if not self.peers.is_online(peer):
             raise ended(Problem.CHANNEL_CLOSED, "the device is offline")
         store.require_consistent()
+        _check_replicas(store, peer, mode, None)
         if mode == "push":
             self.directory.check_may_receive(peer, store)
         if mode == "push" and store.restore_pending:
@@ -719,11 +725,13 @@ class SyncEngine:
         try:
             where_text = encode_predicates(where_json) if where is not None else None
             if mode == "push":
-                opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store))
+                opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store),
+                                   replica=store.replica(peer).kind.value)
                 return await self._send_stream(session, store, table, where, progress, opening=opening)
             await self._refuse_if_behind(store, peer)
             since, stream = await store.position(peer)
-            opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream)
+            opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream,
+                               replica=store.replica(peer).kind.value)
             return await self._receive_stream(session, store, progress, opening)
         except SessionEnded as end:
             if end.channel_lost and not session.moved:
@@ -807,13 +815,14 @@ class SyncEngine:
     def _online_trusted(self) -> list[str]:
         return sorted(d for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
 
-    def relay_targets(self, sender: str, origins: list[str]) -> list[str]:
+    def relay_targets(self, sender: str, origins: list[str], store: Store | None = None) -> list[str]:
         """The peers a change received from ``sender`` goes on to: at most
         ``relay_fanout`` online trusted ones, chosen at random, never the
         sender or a device the changes came from (it pushed them itself to
-        the peers it reaches; anti-entropy covers what nobody passed on)."""
+        the peers it reaches; anti-entropy covers what nobody passed on),
+        nor one ``store``'s replica links do not auto-send to."""
         skip = {sender, *origins}
-        others = [p for p in self._online_trusted() if p not in skip]
+        others = [p for p in self._online_trusted() if p not in skip and (store is None or _auto_sends(store, p))]
         if len(others) <= self.relay_fanout:
             return others
         return sorted(self._rng.sample(others, self.relay_fanout))
@@ -827,7 +836,8 @@ class SyncEngine:
             for store in self.registry.stores():
                 if not any(store.auto_sync.values()) or store.restore_pending or store.inconsistent is not None:
                     continue
-                holders = [p for p in online if (store.bundle, store.name) in self.peer_tables.get(p, {})]
+                holders = [p for p in online if (store.bundle, store.name) in self.peer_tables.get(p, {})
+                           and store.replica(p).kind in (ReplicaKind.TWO_WAY, ReplicaKind.RECEIVE)]
                 if holders:
                     self.anti_entropy(store, self._rng.choice(holders))
 
@@ -862,6 +872,8 @@ class SyncEngine:
             self._schedule_auto(store, peer)
 
     def _schedule_auto(self, store: Store, peer: str) -> None:
+        if not _auto_sends(store, peer):
+            return  # a receive or checkout end, or a closed link: auto-sync follows the kind
         key = ((store.bundle, store.name), peer)
         if key in self._auto:
             self._auto[key] = True  # running: go again when it finishes
@@ -907,6 +919,34 @@ class SyncEngine:
                     return
         finally:
             self._auto.pop(key, None)
+
+
+def _auto_sends(store: Store, peer: str) -> bool:
+    """Whether auto-sync pushes ``store`` to ``peer``: only from a two-way or
+    send end (a checkout's edits go back once, by ``checkin``)."""
+    return store.replica(peer).kind in (ReplicaKind.TWO_WAY, ReplicaKind.SEND)
+
+
+def _check_replicas(store: Store, peer: str, mode: str, opener: ReplicaKind | None) -> None:
+    """``ReplicaMismatch`` unless the replica link with ``peer`` lets rows of
+    ``store`` move as ``mode`` says: checked by the opener for its own end
+    (``opener`` None) and by the other side for both ends (protocol/replica_kind.py).
+    A restore's catch-up only needs the ends to agree."""
+    mine = store.replica(peer)
+    if mine.closed:
+        raise ReplicaMismatch(f"store {store.name}: the checkout from {peer} was checked in and the link is closed "
+                              "(`p2pstore replica set` opens another)", data={"store": store.name, "device_id": peer})
+    if opener is None:  # our own end: does it go this way at all?
+        ok = mine.kind.sends if mode == "push" else mine.kind.receives
+        why = None if ok else f"this device is a {mine.kind} replica for {peer}: it does not {'send' if mode == 'push' else 'receive'}"
+    elif mode == "push":  # the opener sends to us
+        why = replica_problem(opener, mine.kind)
+    elif mode == "pull":
+        why = replica_problem(mine.kind, opener)
+    else:
+        why = None if opener in REPLICA_PARTNER[mine.kind] else f"the replica kinds do not agree: {opener} there, {mine.kind} here"
+    if why is not None:
+        raise ReplicaMismatch(f"store {store.name}: {why}", data={"store": store.name, "device_id": peer, "kind": mine.kind.value})
 
 
 def restore_pending_message(store: Store) -> str:

@@ -89,6 +89,10 @@ VALID: dict[str, dict[str, Any]] = {
     "evolutions.log": {"store": STORE, "bundle": "default"},
     "versions.list": {"store": STORE, "bundle": "default"},
     "store.rebuild": {"store": STORE, "bundle": "default", "table": "T", "yes_destroy_local_data": True},
+    "store.checkout": {"store": STORE, "bundle": "default", "device": DEVICE, "table": "T", "where": [["id", ">", 1]]},
+    "store.checkin": {"store": STORE, "bundle": "default", "device": DEVICE},
+    "replica.set": {"store": STORE, "bundle": "default", "peer": DEVICE, "kind": "send"},
+    "replica.list": {"store": STORE, "bundle": "default"},
     "versions.diff": {"store": STORE, "bundle": "default", "from": 1, "to": 2},
     "evolutions.apply": {"store": STORE, "bundle": "default", "up_to": 1},
     "evolutions.mark_applied": {"store": STORE, "bundle": "default", "revision": 1},
@@ -104,7 +108,8 @@ REQUIRED = {
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
     "store.remote_query": ["store", "device", "table"], "store.backup": ["store", "path"],
-    "store.sync_log": ["store"], "evolutions.status": ["store"], "evolutions.log": ["store"], "versions.list": ["store"], "store.rebuild": ["store", "table", "yes_destroy_local_data"], "versions.diff": ["store"], "evolutions.apply": ["store"],
+    "store.sync_log": ["store"], "evolutions.status": ["store"], "evolutions.log": ["store"], "versions.list": ["store"], "store.rebuild": ["store", "table", "yes_destroy_local_data"], "store.checkout": ["store", "device"],
+    "store.checkin": ["store"], "replica.set": ["store", "peer", "kind"], "versions.diff": ["store"], "evolutions.apply": ["store"],
     "evolutions.mark_applied": ["store", "revision"], "evolutions.resolve": ["store", "revision"],
 }
 #: A value of the wrong type (or outside the allowed set) for each param name.
@@ -113,7 +118,7 @@ WRONG = {
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
     "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
-    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes",
+    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes", "peer": 7, "kind": "both-ways", "where": "id > 1",
 }
 
 
