@@ -410,7 +410,7 @@ async def store_sync(api: Api, client: ClientConnection, params: dict[str, Any])
         client.outbox.notify("syncProgress", {"store": store.name, "bundle": store.bundle, "schedule": schedule,
                                               "code": int(code), "details": details})
 
-    results = await api.engine.sync(store, params["mode"], params.get("predicates"), progress)
+    results = await api.engine.sync(store, params["mode"], params.get("predicates"), progress, refresh=params.get("refresh", False))
     return {"results": results}
 
 

@@ -23,11 +23,15 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
                    help="send this device's changes the devices have not applied yet")
     g.add_argument("--pull", action="store_const", const="pull", dest="mode",
                    help="fetch the devices' changes this device has not applied yet")
+    g.add_argument("--both", action="store_const", const="both", dest="mode",
+                   help="push, then pull the same selection, with each device (one sync; counts per direction)")
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--devices", metavar="ID[,ID...]", help="target device IDs")
     t.add_argument("--all", action="store_true", help="all online trusted devices")
     p.add_argument("--table", metavar="T", help="only this table")
     p.add_argument("--where", metavar="COND", action="append", default=[], help="row filter, e.g. 'AGE > 18'")
+    p.add_argument("--refresh", action="store_true",
+                   help="send or fetch the selected rows again from the start, whatever the watermarks say")
     p.set_defaults(run=run_sync)
 
     p = sub.add_parser("failures", parents=[parent], help="list, retry or discard received changes that could not be applied",
@@ -94,7 +98,7 @@ def run_sync(args: argparse.Namespace) -> int:
             predicates["table"] = args.table
         if where:
             predicates["where"] = where
-        call = client.call("store.sync", **ref, mode=args.mode, predicates=predicates)
+        call = client.call("store.sync", **ref, mode=args.mode, predicates=predicates, **({"refresh": True} if args.refresh else {}))
         if show_bar:
             import asyncio
 

@@ -54,6 +54,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from p2pstore.clock import wall_ms
@@ -460,7 +461,7 @@ class SyncEngine:
 
     async def _send_stream(self, session: Request, store: Store, table: str | None, where: Any,
                            progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
-                           snapshot: int | None = None, copy_of: str | None = None) -> Stats:
+                           snapshot: int | None = None, copy_of: str | None = None, refresh: bool = False) -> Stats:
         """Sender: batches until the stream is drained, each acked, then SyncEnd.
 
         ``opening`` (a push): our SyncOpen; the receiver's ready says where to
@@ -480,6 +481,8 @@ class SyncEngine:
                 self._learn(session.peer, store, ready.tables)
                 check_tables(store, table, ready.tables)
                 start, snapshot = await self._begin_send(store, session.peer, ready.since, ready.stream, table, where)
+                if refresh and snapshot is None:
+                    start = 0  # a push --refresh: the whole stream again (what the peer has is a no-op there)
                 return machine.begin(start, always_send=snapshot is not None)
             if isinstance(action, ReadBatch):
                 if copy_of is not None:
@@ -608,8 +611,11 @@ class SyncEngine:
     # -- syncs this device starts -----------------------------------------------
 
     async def sync(self, store: Store, mode: str, predicates: dict[str, Any] | None,
-                   progress: Progress | None = None) -> list[dict[str, Any]]:
-        """``store.sync``: one result per target device (SPEC §2)."""
+                   progress: Progress | None = None, *, refresh: bool = False) -> list[dict[str, Any]]:
+        """``store.sync``: one result per target device (SPEC §2). ``mode``
+        ``both``: a push then a pull of the same selection with each device,
+        in this one sync slot, counted per direction. ``refresh``: from the
+        start of the stream, whatever the watermarks say."""
         predicates = predicates or {}
         table = predicates.get("table")
         if table is not None:
@@ -617,7 +623,7 @@ class SyncEngine:
         elif not store.distributed:
             raise TableNotDistributed(f"store {store.name} has no distributed tables; call store.set_distributed_tables first",
                                       data={"store": store.name})
-        where = compile_where(store, table, predicates.get("where"))
+        selection = Selection(table, predicates.get("where"), compile_where(store, table, predicates.get("where")), refresh)
         targets, invalid = _normalized_targets(devices_of(predicates))
         if targets is None:
             targets = self._online_trusted()
@@ -627,46 +633,58 @@ class SyncEngine:
         self._running_syncs.add(key)
         try:
             if progress is not None:
-                progress("begin", Code.SUCCESS, Stats(), "upload" if mode == "push" else "download")
-            results = invalid + await asyncio.gather(*(self._sync_one(store, mode, peer, table, predicates.get("where"), where, progress)
-                                                       for peer in targets))
-            for r in results:  # the code's name beside its number: what users read and search for
-                r["name"] = code_name(r["code"])
+                progress("begin", Code.SUCCESS, Stats(), "download" if mode == "pull" else "upload")
+            one = self._sync_both if mode == "both" else self._sync_one
+            results = invalid + await asyncio.gather(*(one(store, mode, peer, selection, progress) for peer in targets))
             if progress is not None:
                 worst = max((r["code"] for r in results), default=0)
-                progress("finish", worst, Stats(), "upload" if mode == "push" else "download")
+                progress("finish", worst, Stats(), "download" if mode == "pull" else "upload")
             return list(results)
         finally:
             self._running_syncs.discard(key)
 
-    async def _sync_one(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
+    async def _sync_one(self, store: Store, mode: str, peer: str, selection: Selection,
                         progress: Progress | None) -> dict[str, Any]:
+        """One direction with one device, as a result entry (code and name, message, counts)."""
         try:
             with self.lag.session(peer, store.bundle, store.name, "send" if mode == "push" else "receive", session_code):
-                stats = await self._logged_session(store, mode, peer, table, where_json, where, progress, "manual")
+                stats = await self._logged_session(store, mode, peer, selection, progress, "manual")
         except SessionEnded as end:
             if end.code == Code.DISK_FULL:  # the peer's disk: say so here too, once
                 log.warning("sync of %s with %s: the peer's disk is full (code %d): %s", store.name, peer, end.code, end.message)
-            return {"device": peer, "code": end.code, "message": end.message}
+            return _result(peer, end.code, end.message)
         except P2PStoreError as exc:
             if isinstance(exc, DiskFull):  # a pull onto a full disk here
                 log.warning("sync of %s with %s failed: %s", store.name, peer, exc.message)
-            return {"device": peer, "code": session_code(exc), "message": exc.message}
+            return _result(peer, session_code(exc), exc.message)
         verb = "pushed" if mode == "push" else "pulled"
         message = f"{verb} {stats.sent} change(s): {stats.outcome()}"
-        return {"device": peer, "code": int(Code.SUCCESS), "message": message,
+        return {**_result(peer, int(Code.SUCCESS), message),
                 "sent": stats.sent, "applied": stats.applied, "conflicts": stats.conflicts, "failed": stats.failed,
                 "parked": stats.parked}
 
-    async def _logged_session(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
+    async def _sync_both(self, store: Store, mode: str, peer: str, selection: Selection,
+                         progress: Progress | None) -> dict[str, Any]:
+        """A push, then (whatever its outcome) a pull with ``peer``: the
+        result's code is the first that is not 0, each direction's entry under
+        ``push`` and ``pull``."""
+        pushed = await self._sync_one(store, "push", peer, selection, progress)
+        pulled = await self._sync_one(store, "pull", peer, selection, progress)
+        first = pushed if pushed["code"] else pulled
+        strip = ("device",)
+        return {**_result(peer, first["code"], f"push: {pushed['message']}; pull: {pulled['message']}"),
+                "push": {k: v for k, v in pushed.items() if k not in strip},
+                "pull": {k: v for k, v in pulled.items() if k not in strip}}
+
+    async def _logged_session(self, store: Store, mode: str, peer: str, selection: Selection,
                               progress: Progress | None, kind: str) -> Stats:
         """``_run_session``, leaving one entry in the store's sync log however
         it ends (``_log_sync``; ``_serve`` logs the sessions peers start)."""
         at, t0 = wall_ms(), time.monotonic()
         direction = "send" if mode == "push" else "receive"
-        where_text = encode_predicates(where_json) if where_json is not None else None  # as it travels (BLOBs as $blob)
+        table, where_text = selection.table, selection.where_text()
         try:
-            stats = await self._run_session(store, mode, peer, table, where_json, where, progress)
+            stats = await self._run_session(store, mode, peer, selection, progress)
         except (SessionEnded, P2PStoreError) as exc:
             await self._log_sync(store, peer, direction, kind, table, where_text, session_code(exc), Stats(), at, t0, exc.message)
             raise
@@ -688,7 +706,7 @@ class SyncEngine:
         except Exception as exc:
             log.warning("sync of %s/%s with %s: its sync log entry was not written: %s", store.bundle, store.name, peer, exc)
 
-    async def _run_session(self, store: Store, mode: str, peer: str, table: str | None, where_json: Any, where: Any,
+    async def _run_session(self, store: Store, mode: str, peer: str, selection: Selection,
                            progress: Progress | None) -> Stats:
         if not self.directory.trust_store.is_trusted(peer):
             raise ended(Problem.NOT_TRUSTED, "the device is not trusted")
@@ -709,27 +727,29 @@ class SyncEngine:
                 log.info("sync of %s/%s with %s (%s): %s before any change moved; going on over the new connection",
                          store.bundle, store.name, peer, mode, lost)
             try:
-                return await self._run_on(channel, store, mode, peer, table, where_json, where, progress)
+                return await self._run_on(channel, store, mode, peer, selection, progress)
             except _ChannelReplaced as exc:
                 lost = exc
         raise ended(Problem.CHANNEL_CLOSED, f"the connection to the device closed {1 + CHANNEL_RETRIES} times before the "
                                             "sync could start")
 
-    async def _run_on(self, channel: Channel, store: Store, mode: str, peer: str, table: str | None, where_json: Any,
-                      where: Any, progress: Progress | None) -> Stats:
+    async def _run_on(self, channel: Channel, store: Store, mode: str, peer: str, selection: Selection,
+                      progress: Progress | None) -> Stats:
         """One attempt of ``_run_session`` on ``channel``; ``_ChannelReplaced``
         if the channel closed before any batch moved (nothing to undo)."""
         session = self._sessions.start(peer, channel)
         self.traffic.session(peer, served=False)
         req = session.req
+        table, where, where_text = selection.table, selection.where, selection.where_text()
         try:
-            where_text = encode_predicates(where_json) if where is not None else None
             if mode == "push":
                 opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store),
                                    replica=store.replica(peer).kind.value)
-                return await self._send_stream(session, store, table, where, progress, opening=opening)
+                return await self._send_stream(session, store, table, where, progress, opening=opening, refresh=selection.refresh)
             await self._refuse_if_behind(store, peer)
             since, stream = await store.position(peer)
+            if selection.refresh:
+                since = 0  # the sender's whole stream again (its forgotten deletes: a resync); our watermark only moves up
             opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream,
                                replica=store.replica(peer).kind.value)
             return await self._receive_stream(session, store, progress, opening)
@@ -854,7 +874,7 @@ class SyncEngine:
     async def _anti_entropy_pull(self, store: Store, peer: str, key: tuple[str, str]) -> None:
         try:
             with self.lag.session(peer, store.bundle, store.name, "receive", session_code):
-                stats = await self._logged_session(store, "pull", peer, None, None, None, None, "anti-entropy")
+                stats = await self._logged_session(store, "pull", peer, Selection(), None, "anti-entropy")
             if stats.applied:
                 log.info("anti-entropy: %d change(s) of %s/%s from %s that no push had brought",
                          stats.applied, store.bundle, store.name, peer)
@@ -891,7 +911,7 @@ class SyncEngine:
                 self._auto[key] = False
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
-                        stats = await self._logged_session(store, "push", peer, None, None, None, None, "auto")
+                        stats = await self._logged_session(store, "push", peer, Selection(), None, "auto")
                     failures = 0
                     if stats.sent:
                         log.debug("auto-sync pushed %d change(s) of %s to %s", stats.sent, store.name, peer)
@@ -919,6 +939,27 @@ class SyncEngine:
                     return
         finally:
             self._auto.pop(key, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What a session syncs: every distributed table, or ``table`` with its
+    row filter (``where_json`` as given, ``where`` compiled), and whether
+    from the start of the stream (``refresh``) rather than the watermark."""
+
+    table: str | None = None
+    where_json: Any = None
+    where: Any = None
+    refresh: bool = False
+
+    def where_text(self) -> str | None:
+        """The filter as it travels and is logged (BLOBs as ``$blob``)."""
+        return encode_predicates(self.where_json) if self.where is not None else None
+
+
+def _result(peer: str, code: int, message: str) -> dict[str, Any]:
+    """One ``store.sync`` result entry: the code's name beside its number (what users read and search for)."""
+    return {"device": peer, "code": code, "name": code_name(code), "message": message}
 
 
 def _auto_sends(store: Store, peer: str) -> bool:
@@ -964,7 +1005,7 @@ def _normalized_targets(devices: list[str] | None) -> tuple[list[str] | None, li
         try:
             device = normalize_device_id(text)
         except InvalidDeviceId as exc:
-            invalid.append({"device": text, "code": int(Code.INVALID_ARGS), "message": exc.message})
+            invalid.append(_result(text, int(Code.INVALID_ARGS), exc.message))
             continue
         if device not in targets:
             targets.append(device)

@@ -76,7 +76,7 @@ VALID: dict[str, dict[str, Any]] = {
     "store.subscribe": {"store": STORE, "type": "local_details"},
     "store.unsubscribe": {"store": STORE, "subscription": 1},
     "schema.validate": {"document": "{}"},
-    "store.sync": {"store": STORE, "mode": "push", "predicates": {"table": "T"}},
+    "store.sync": {"store": STORE, "mode": "push", "predicates": {"table": "T"}, "refresh": False},
     "store.sync_failures": {"store": STORE, "limit": 10},
     "store.conflicts": {"store": STORE, "table": "T", "limit": 10},
     "store.clear_conflicts": {"store": STORE, "table": "T", "up_to": 3},
@@ -118,7 +118,7 @@ WRONG = {
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
     "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
-    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes", "peer": 7, "kind": "both-ways", "where": "id > 1",
+    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes", "refresh": 1, "peer": 7, "kind": "both-ways", "where": "id > 1",
 }
 
 
