@@ -257,6 +257,16 @@ class ReplicaMismatch(P2PStoreError):
     name, code = "REPLICA_MISMATCH", -31505
 
 
+class InConflict(P2PStoreError):
+    """The store's manual-reconciliation queue is not empty: it sends nothing until it is (store/policies.py)."""
+
+    name, code = "IN_CONFLICT", -31506
+
+
+class ConflictNotFound(P2PStoreError):
+    name, code = "CONFLICT_NOT_FOUND", -31507
+
+
 def all_error_classes() -> list[type[P2PStoreError]]:
     """Every concrete error class, for the docs check and the API table."""
     seen: list[type[P2PStoreError]] = []

@@ -29,10 +29,10 @@ from p2pstore.schemas import load_json_schema
 from p2pstore.api.memory import TRIM_AFTER_BYTES, give_back_memory
 from p2pstore.errors import DeviceOffline, InvalidParams, MethodNotFound, RebuildRefused, ReplicaMismatch, ResultTooLarge, SyncInProgress
 from p2pstore.schema.sync_schema import validate_document
-from p2pstore.store import accepted_schema, evolutions, replicas, versions
+from p2pstore.store import accepted_schema, evolutions, policies, replicas, versions
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
-from p2pstore.sync.engine import Stats, SyncEngine, compile_where, revision_states, schema_mismatches
+from p2pstore.sync.engine import Stats, SyncEngine, compile_where, policy_mismatches, revision_states, schema_mismatches
 from p2pstore.sync.lag import store_lags
 from p2pstore.sync.remote_query import RemoteQueries
 from p2pstore.store.database import Store
@@ -354,6 +354,7 @@ async def _device_dicts(api: Api, directory: DeviceDirectory) -> list[dict[str, 
         hello = info.hello if info is not None else None
         seen = api.engine.peer_view(view.device_id, hello.stores if hello else ())
         entry["schema_mismatches"] = schema_mismatches(api.registry.stores(), seen)
+        entry["policy_mismatches"] = policy_mismatches(api.registry.stores(), seen)
         entry["evolutions"] = revision_states(api.registry.stores(), api.engine.peer_revisions.get(view.device_id, {}))
         entry["stores"] = await store_lags(api.engine.lag, api.registry.stores(), view.device_id, seen) if view.trusted else []
         entry["traffic"] = api.engine.traffic.peer_dict(view.device_id)
@@ -521,6 +522,41 @@ async def store_conflicts(api: Api, client: ClientConnection, params: dict[str, 
 @method("store.clear_conflicts")
 async def store_clear_conflicts(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     return {"cleared": await api.store(params).clear_conflicts(params.get("up_to"), params.get("table"))}
+
+
+@method("conflicts.policy")
+async def conflicts_policy(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """A single_version table's conflict policy here (store/policies.py); every device must set the same."""
+    store = api.store(params)
+    if params["policy"] == policies.MANUAL:
+        if "reconciler" not in params:
+            raise InvalidParams("conflicts.policy: params: manual needs a reconciler (the device that resolves conflicts)",
+                                data={"param": "reconciler"})
+        policy = policies.Policy(policies.MANUAL, normalize_device_id(params["reconciler"]), params.get("detect", policies.COLUMN))
+    else:
+        if "reconciler" in params or params.get("detect", policies.COLUMN) != policies.COLUMN:
+            raise InvalidParams("conflicts.policy: params: reconciler and detect: row go with the manual policy (lww compares "
+                                "column by column)", data={"param": "reconciler" if "reconciler" in params else "detect"})
+        policy = policies.DEFAULT
+    await store.set_policy(params["table"], policy)
+    return {"store": store.name, "bundle": store.bundle, "table": params["table"], **policy.to_dict()}
+
+
+@method("conflicts.queue")
+async def conflicts_queue(api: Api, client: ClientConnection, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Changes queued on this reconciler, oldest first, each with an ``id`` to resolve."""
+    return await api.store(params).conflict_queue(params.get("limit", 100))
+
+
+@method("conflicts.resolve")
+async def conflicts_resolve(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
+    """Settle one queued change: keep the local value, take the remote one, or write ``value``."""
+    if (params["take"] == "value") != ("value" in params):
+        raise InvalidParams("conflicts.resolve: params: give value with take: value (and only then)", data={"param": "value"})
+    store = api.store(params)
+    done = await store.resolve_queued(params["id"], params["take"], params.get("value"))
+    api.engine.on_local_changes(store, [done["table"]])  # auto-sync takes the resolution to the peers
+    return done
 
 
 @method("store.retry_failure")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STORE_TYPES = ("remote", "local_details", "remote_details")
+STORE_TYPES = ("remote", "local_details", "remote_details", "conflict")
 StoreKey = tuple[str, str]
 
 
@@ -285,10 +285,16 @@ class ChangeFeed:
     in either order."""
 
     def __init__(self, subscriptions: Subscriptions) -> None:
+        self.subscriptions = subscriptions
         self.coalescer = Coalescer(subscriptions)
 
     def on_applied(self, store: Store, peer: str, result: ApplyResult) -> None:
-        """Rows written by a sync -> ``remote`` (devices) and ``remote_details`` (ChangeInfo) subscribers."""
+        """Rows written by a sync -> ``remote`` (devices) and ``remote_details``
+        (ChangeInfo) subscribers; changes queued for a person -> ``conflict``."""
+        if result.queued:
+            self.subscriptions.publish((store.bundle, store.name), "conflict", "conflict",
+                                       {"store": store.name, "bundle": store.bundle, "device": peer, "new": result.queued,
+                                        "queued": store.queued})
         if result.remote:
             key = (store.bundle, store.name)
             base = {"store": store.name, "bundle": store.bundle}

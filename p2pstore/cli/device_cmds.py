@@ -137,6 +137,8 @@ def _device_line(d: dict) -> str:
     for m in d.get("schema_mismatches", []):
         line += (f"\n      schema of {m['store']}.{m['table']}: version {m['version']} here, {m['peer_version']} there; "
                  + (f"syncing {', '.join(m['synced_columns'])}" if m["synced_columns"] else "NOT syncing (no common columns or conflict column differs)"))
+    for m in d.get("policy_mismatches", []):
+        line += f"\n      conflict policy of {m['store']}.{m['table']} differs: {m['policy']} here, {m['peer_policy']} there"
     for e in d.get("evolutions", []):
         line += f"\n      evolutions of {e['store']}: revision {e['revision']} here, {e['peer_revision']} there: {_REVISION_STATE[e['state']]}"
     return line

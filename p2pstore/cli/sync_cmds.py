@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -43,15 +44,24 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     p.add_argument("id", nargs="?", type=int)
     p.set_defaults(run=run_failures)
 
-    p = sub.add_parser("conflicts", parents=[parent], help="show changes that lost a conflict",
-                       description="The conflict log of single-version tables: every change that lost to a newer one "
-                                   "(per column, last writer wins on the hybrid clock, ties by device ID).")
+    p = sub.add_parser("conflicts", parents=[parent], help="the conflict log, conflict policies and the reconciler's queue",
+                       description="ACTION list (default): the conflict log of single-version tables, every change that "
+                                   "lost to a newer one (per column, last writer wins on the hybrid clock, ties by device ID). "
+                                   "policy lww|manual: set a table's conflict policy (--table; manual needs --reconciler; "
+                                   "every device must set the same). queue: the changes queued on this reconciler. "
+                                   "resolve ID --take local|remote|value [--value JSON]: settle a queued change.")
     store_option(p)
-    p.add_argument("--table", metavar="T", help="only this table")
+    p.add_argument("action", nargs="?", choices=["list", "policy", "queue", "resolve"], default="list")
+    p.add_argument("arg", nargs="?", metavar="POLICY|ID", help="policy: lww or manual; resolve: the queue entry's id")
+    p.add_argument("--table", metavar="T", help="only this table (policy: the table)")
+    p.add_argument("--reconciler", metavar="ID", help="policy manual: the device where a person resolves conflicts")
+    p.add_argument("--detect", choices=["column", "row"], help="what counts as concurrent edits (default column)")
+    p.add_argument("--take", choices=["local", "remote", "value"], help="resolve: which value to keep")
+    p.add_argument("--value", metavar="JSON", help="resolve --take value: the value, as JSON (e.g. 42, \"text\", null)")
     p.add_argument("--limit", type=int, default=100, help="show at most N, newest first (default 100)")
     p.add_argument("--clear", action="store_true", help="forget the logged conflicts instead of showing them")
     p.add_argument("--up-to", type=int, metavar="ID", help="with --clear: only those with id <= ID")
-    p.set_defaults(run=run_conflicts)
+    p.set_defaults(run=run_conflicts, usage_error=p.error)
 
     p = sub.add_parser("log", parents=[parent], help="the sync log: what each sync did",
                        description="The sync log of a store: one line per sync session, newest first — started here "
@@ -146,6 +156,13 @@ def run_failures(args: argparse.Namespace) -> int:
 
 
 def run_conflicts(args: argparse.Namespace) -> int:
+    if args.action == "policy":
+        return _run_policy(args)
+    if args.action == "queue":
+        return _run_queue(args)
+    if args.action == "resolve":
+        return _run_resolve(args)
+
     async def go(client: Client) -> int:
         ref = await open_store(client, args)
         table = {"table": args.table} if args.table else {}
@@ -158,6 +175,52 @@ def run_conflicts(args: argparse.Namespace) -> int:
         emit(args, found, "\n".join(
             f"{c['id']}  {c['table']}[{c['key']}].{c['column'] or '(row)'}  lost: {c['losing_value']!r} "
             f"({c['loser']} @{c['loser_hlc']})  winner: {c['winner']} @{c['winner_hlc']}" for c in found) or "no conflicts")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def _run_policy(args: argparse.Namespace) -> int:
+    if args.arg not in ("lww", "manual") or not args.table:
+        args.usage_error("conflicts policy lww|manual --table T [--reconciler ID] [--detect column|row]")  # exits 2
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        extra = {k: v for k, v in (("reconciler", args.reconciler), ("detect", args.detect)) if v is not None}
+        result = await client.call("conflicts.policy", **ref, table=args.table, policy=args.arg, **extra)
+        emit(args, result, f"{result['table']}: {result['kind']}" + (f", reconciler {result['reconciler']}" if result.get("reconciler") else "")
+             + f", detect {result['detect']}")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def _run_queue(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        found = await client.call("conflicts.queue", **ref, limit=args.limit)
+        emit(args, found, "\n".join(
+            f"{e['id']}  {e['table']}[{e['key']}].{e['column']}  here: {e['local_value']!r} ({e['local_origin']} @{e['local_hlc']})  "
+            f"incoming: {e['remote_value']!r} ({e['remote_origin']} @{e['remote_hlc']})" for e in found) or "nothing queued")
+        return EXIT_OK
+
+    return with_client(args, go)
+
+
+def _run_resolve(args: argparse.Namespace) -> int:
+    if args.arg is None or not args.arg.isdigit() or args.take is None:
+        args.usage_error("conflicts resolve ID --take local|remote|value [--value JSON]")
+    if (args.take == "value") != (args.value is not None):
+        args.usage_error("--value goes with --take value (and only then)")
+    try:
+        value = {"value": json.loads(args.value)} if args.value is not None else {}
+    except ValueError as exc:
+        args.usage_error(f"--value is not JSON: {exc}")
+
+    async def go(client: Client) -> int:
+        ref = await open_store(client, args)
+        done = await client.call("conflicts.resolve", **ref, id=int(args.arg), take=args.take, **value)
+        emit(args, done, f"{done['table']}[{done['key']}].{done['column']} = {done['value']!r}; {done['queued']} still queued")
         return EXIT_OK
 
     return with_client(args, go)

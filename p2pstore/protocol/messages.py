@@ -123,6 +123,9 @@ class TableOffer(Struct):
     schema_version: int | None
     sync_columns: tuple[str, ...]
     conflict_column: str | None
+    #: The table's conflict policy (store/policies.py), canonical JSON; absent: lww. Added later.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"policy"})
+    policy: str | None = None
 
     def _validate(self) -> None:
         _text(self.name, "table name")
@@ -134,6 +137,8 @@ class TableOffer(Struct):
             raise ProtocolError(f"table {self.name}: sync columns repeat")
         if self.conflict_column is not None:
             _text(self.conflict_column, f"table {self.name}: conflict column name")
+        if self.policy is not None:
+            _text(self.policy, f"table {self.name}: policy", max_len=MAX_NAME_LEN)
 
 
 @dataclass(frozen=True, slots=True)

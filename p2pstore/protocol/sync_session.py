@@ -49,6 +49,7 @@ from p2pstore.errors import (
     DeviceUntrusted,
     DiskFull,
     EvolutionInconsistent,
+    InConflict,
     ProtocolError,
     ReplicaMismatch,
     SecurityLevelDenied,
@@ -102,6 +103,9 @@ class Code(enum.IntEnum):
     #: The replica kinds of the two ends forbid rows to move this way
     #: (protocol/replica_kind.py): nothing was sent.
     REPLICA_MISMATCH = 18
+    #: The sending store has conflicts queued for a person to reconcile
+    #: (store/policies.py): it receives, but sends nothing until they are resolved.
+    IN_CONFLICT = 19
 
 
 def code_name(code: int) -> str:
@@ -139,6 +143,7 @@ RESULT_CODES: dict[type[BaseException] | Problem, Code] = {
     DiskFull: Code.DISK_FULL,
     EvolutionInconsistent: Code.EVOLUTION_INCONSISTENT,
     ReplicaMismatch: Code.REPLICA_MISMATCH,
+    InConflict: Code.IN_CONFLICT,
     SecurityLevelDenied: Code.SECURITY_LEVEL,
     DeviceOffline: Code.OFFLINE,
     DeviceUntrusted: Code.UNTRUSTED,

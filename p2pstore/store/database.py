@@ -49,6 +49,8 @@ from p2pstore.errors import (
     DiskFull,
     EvolutionDestructive,
     EvolutionInconsistent,
+    ConflictNotFound,
+    InConflict,
     InvalidParams,
     P2PStoreError,
     PermissionDenied,
@@ -64,7 +66,9 @@ from p2pstore.errors import (
 )
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
-from p2pstore.store import accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, rebuild, replicas, restore, sync_log, versions
+from p2pstore.store import (
+    accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, origins, policies, rebuild, replicas, restore, sync_log, versions,
+)
 from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
 from p2pstore.protocol.results import MAX_RESULT_BYTES, MAX_RESULT_ROWS, ResultBudget
@@ -245,6 +249,10 @@ class Store:
         self.inconsistent: tuple[int, str, str] | None = None
         #: This device's end of each replica link that is not two-way (store/replicas.py).
         self.replicas: dict[str, replicas.Link] = {}
+        #: single_version tables' conflict policies that are not lww, and the
+        #: entries queued here for a person to reconcile (store/policies.py).
+        self.policies: dict[str, policies.Policy] = {}
+        self.queued = 0
         #: What the state file beside the store says (store/restore.py), as last written.
         self._state: restore.State | None = None
         #: Called (in the event loop) with every non-empty batch of captured changes.
@@ -312,6 +320,7 @@ class Store:
             conn.executescript(sync_log.SCHEMA_SQL)
             conn.executescript(versions.SCHEMA_SQL)
             conn.executescript(replicas.SCHEMA_SQL)
+            conn.executescript(policies.SCHEMA_SQL)
             sync_log.migrate(conn)
         except sqlite3.DatabaseError as exc:
             if storage_error(exc) is not None:
@@ -391,13 +400,15 @@ class Store:
         if self.inconsistent is not None:
             rid, state, problem = self.inconsistent
             raise EvolutionInconsistent(
-                f"store {self.bundle}/{self.name} is inconsistent: evolution {rid} is {state} ({problem}); fix its script "
+                f"store {self.bundle}/{self.name} is inconsistent: evolution revision {rid} is {state} ({problem}); fix its script "
                 f"and apply it, or `p2pstore evolutions resolve {rid}`",
                 data={"store": self.name, "revision": rid, "state": state})
 
     def _load_tables(self, conn: sqlite3.Connection) -> None:
         """Re-read what the file says; the cached capture state follows it."""
         self.replicas = replicas.load(conn)
+        self.policies = policies.load(conn)
+        self.queued = policies.queued(conn)
         self.capture = capture.load_state(conn, self.clock)
         self.distributed = {t.info.name: t.info for t in self.capture.tables.values()}
         self.auto_sync = {
@@ -884,6 +895,79 @@ class Store:
         await self.run(op)
         log.info("store %s/%s: replica link with %s is now %s", self.bundle, self.name, link.peer, link.kind)
 
+    # -- conflict policies and the reconciler's queue (store/policies.py) --------
+
+    async def set_policy(self, table: str, policy: policies.Policy) -> None:
+        """Set ``table``'s conflict policy here (every device must set the same)."""
+        def op(conn: sqlite3.Connection) -> None:
+            with self._transaction(conn):
+                (info,) = changes.sync_tables(conn, table)  # InvalidParams if not distributed
+                if info.conflict_column is None:
+                    raise InvalidParams(f"table {table} is collaborative: it has no conflicts, so no conflict policy",
+                                        data={"param": "table"})
+                policies.put(conn, table, policy)
+                self.policies = policies.load(conn)
+
+        await self.run(op)
+        log.info("store %s/%s: conflict policy of %s is now %s", self.bundle, self.name, table, policy.text())
+        self._offer_changed()
+
+    def require_not_in_conflict(self) -> None:
+        """A store with queued conflicts sends nothing (``InConflict``, sync code 19)."""
+        if self.queued:
+            raise InConflict(f"store {self.bundle}/{self.name} is in conflict: {self.queued} change(s) wait for a person to "
+                             "reconcile them (`p2pstore conflicts queue`); it receives, but sends nothing until then",
+                             data={"store": self.name, "queued": self.queued})
+
+    async def conflict_queue(self, limit: int = 100) -> list[dict[str, Any]]:
+        return await self.run(lambda conn: policies.entries(conn, limit))
+
+    async def resolve_queued(self, entry_id: int, take: str, value: changes.Value = None) -> dict[str, Any]:
+        """Settle queued entry ``entry_id`` with the local value, the remote one
+        or ``value``: written here as a change newer than both sides, whose
+        ``prev`` is the newer of the two clocks, so every device takes it as an
+        ordinary later edit and logs no conflict (store/policies.py)."""
+        def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], ChangeBatch]:
+            with self._transaction(conn):
+                local = capture.stamp(conn, self.capture, self.clock)
+                e = policies.entry(conn, entry_id)
+                if e is None:
+                    raise ConflictNotFound(f"no queued conflict {entry_id} in store {self.name}", data={"id": entry_id})
+                chosen = {"local": e["local_value"], "remote": e["remote_value"]}.get(take, value)
+                self._write_resolution(conn, e, chosen)
+                conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (entry_id,))
+                self.queued = policies.queued(conn)
+            return {**e, "value": chosen, "queued": self.queued}, local
+
+        return await self._announced(op)
+
+    def _write_resolution(self, conn: sqlite3.Connection, e: dict[str, Any], value: changes.Value) -> None:
+        (table,) = changes.sync_tables(conn, e["table"])
+        info, name = table.info, quote_ident(e["table"])
+        assert table.conflict_column is not None
+        found = conn.execute(f"SELECT {info.key_expr} FROM {name} WHERE {quote_ident(table.conflict_column)} = ?", (e["key"],)).fetchone()
+        if found is None:
+            return  # the row was deleted since (by a newer delete): nothing to write, the entry just goes
+        conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")  # written here with its own clock, not captured
+        try:
+            conn.execute(f"UPDATE {name} SET {quote_ident(e['column'])} = ? WHERE {quote_ident(table.conflict_column)} = ?",
+                         (value, e["key"]))
+        finally:
+            conn.execute("DELETE FROM _p2p_apply")
+        me, numbers = capture.device_id(conn), origins.Origins(conn)
+        hlc = self.clock.now()  # newer than both: this device has seen both values
+        capture.set_meta(conn, "hlc_last", self.clock.last)
+        seq = conn.execute("INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)",
+                           (table.tid, found[0], capture.OP_UPDATE, hlc, numbers.number(conn, me), e["key"])).lastrowid
+        clocks = [(e["remote_hlc"], e["remote_origin"])] + ([(e["local_hlc"], e["local_origin"])] if e["local_hlc"] is not None else [])
+        prev_hlc, prev_device = max(clocks)
+        shared, own = cells.load(conn, table.tid, [e["key"]])
+        logical = cells.expand(shared.get(e["key"]), own.get(e["key"]), table.sync_columns)
+        logical[e["column"]] = (hlc, None, seq, prev_hlc, None if prev_device == me else numbers.number(conn, prev_device))
+        writer = cells.Writer()
+        writer.put(table.tid, e["key"], logical, table.sync_columns, had_row=e["key"] in shared, had_cols=e["key"] in own)
+        writer.write(conn)
+
     # -- rebuild (store/rebuild.py) --------------------------------------------
 
     async def rebuild_table(self, table: str) -> rebuild.Dropped:
@@ -1035,6 +1119,7 @@ class Store:
                            f"{exc.data.get('sqlite', exc.message)} ({self.path}); nothing applied, watermark unchanged",
                            data={**exc.data, "store": self.name, "bundle": self.bundle, "peer": from_device}) from exc
         self._announce(result.local)
+        self.queued += result.queued
         return result
 
     async def position(self, peer: str) -> tuple[int, str | None]:

@@ -78,7 +78,7 @@ from typing import Any
 from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import FailureNotFound, ProtocolError
 from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, has_raw_text
-from p2pstore.store import capture, gc, modes, origins
+from p2pstore.store import capture, gc, modes, origins, policies
 from p2pstore.store.blocks import not_none
 from p2pstore.store.capture import OP_NAMES, CaptureState, ChangeBatch
 from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind
@@ -122,6 +122,8 @@ class ApplyResult:
     remote: Mapping[str, Mapping[str, Mapping[str, list[Any]]]] = field(default_factory=dict)
     #: Row changes whose cells for columns this device lacks were kept (parked) for its upgrade.
     parked: int = 0
+    #: Incoming values queued for a person to reconcile (store/policies.py), not applied.
+    queued: int = 0
 
     def remote_devices(self) -> list[str]:
         return sorted(self.remote)
@@ -367,8 +369,8 @@ def apply_block(ap: _Applier, block: Block) -> bool:
     """Apply ``block`` set-based (store/blocks.py; the table type writes it),
     or return False having changed nothing."""
     table = ap.tables.get(block.table)
-    if table is None or table.mode != ap.mode or block.key_column != table.key_column:
-        return False
+    if table is None or table.mode != ap.mode or block.key_column != table.key_column or block.table in ap.reconciles:
+        return False  # (a table this device reconciles by hand: row by row, where conflicts are queued)
     fields = list(zip(*block.rows))
     keys = fields[KEY]
     kinds = set(map(type, keys))
@@ -428,6 +430,9 @@ class _Applier:
         self.applied = self.conflicts = self.failed = 0
         #: Row changes with cells kept for columns this device lacks (``park``): not failures.
         self.parked = 0
+        #: The tables whose conflicts this device reconciles by hand (store/policies.py), and the entries queued.
+        self.reconciles = {t: p for t, p in policies.load(conn).items() if p.kind == policies.MANUAL and p.reconciler == self.me}
+        self.queued = 0
         self.max_hlc = 0
         self.remote: dict[str, dict[str, dict[str, list[Any]]]] = {}
 
@@ -572,6 +577,8 @@ class _Applier:
             table = self.tables.get(row.table)
             if (not checked and row_problem(self.mode, row) is not None) or table is None or table.mode != self.mode:
                 return False
+            if row.table in self.reconciles:
+                return False  # row by row queues its conflicts (store/policies.py)
             if self._clock_ahead(row) is not None:
                 return False  # row by row logs it as a failure
             if any(is_raw_text(c.value) for c in row.cells):
@@ -595,7 +602,7 @@ class _Applier:
             _rollback_to(conn, "p2p_bulk")
             self.origins.reload(conn)
             self.targets.clear()  # device tables created in the savepoint are gone
-            self.applied = self.conflicts = self.parked = 0
+            self.applied = self.conflicts = self.parked = self.queued = 0
             self.appended.clear()
             self.remote = {}
             return False
@@ -622,4 +629,4 @@ class _Applier:
                 capture.skip_appended_rows(self.conn, table)
 
     def result(self, last_seq: int, local: ChangeBatch) -> ApplyResult:
-        return ApplyResult(self.applied, self.conflicts, self.failed, last_seq, local, self.remote, self.parked)
+        return ApplyResult(self.applied, self.conflicts, self.failed, last_seq, local, self.remote, self.parked, self.queued)

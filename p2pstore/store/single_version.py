@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_ORIGIN
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
-from p2pstore.store import accepted_schema, capture, cells, origins
+from p2pstore.store import accepted_schema, capture, cells, origins, policies
 from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
@@ -427,12 +427,18 @@ def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) ->
     new_tomb = in_tomb if tomb_changed else old_tomb
     new_cells = dict(cells)
     incoming: dict[str, Value] = {}
+    manual = ap.reconciles.get(name)
     for c in row.cells:
         if c.column not in target.dest_columns:
             continue  # not synced here (another schema version): parked (``park``), merged on an upgrade
         theirs, mine = Stamp(c.clock, c.prev), cells.get(c.column)
         if mine is not None and theirs.clock == mine.clock:
             continue  # seen before
+        if manual is not None and c.column != conflict and _must_queue(manual, cells, c.column, theirs, old_tomb):
+            # This device reconciles the table by hand: the concurrent value waits in the queue; ours stays.
+            ap.queued += policies.enqueue(ap.conn, name, ck, c.column, (before.get(c.column), mine.clock if mine else None),
+                                          (c.value, theirs.clock), ap.now())
+            continue
         if mine is None or theirs.clock > mine.clock:
             new_cells[c.column], incoming[c.column] = theirs, c.value
         elif c.column != conflict:
@@ -496,6 +502,15 @@ def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) ->
     newest_clock = max([st.clock for _, st in changed] + ([in_tomb.clock] if tomb_changed and in_tomb is not None else []))
     return RowPlan(table, ck, write, diff, after, pk, op, announce, newest_clock, changed,
                    in_tomb if tomb_changed else None, state)
+
+
+def _must_queue(policy: policies.Policy, cells: dict[str, Stamp], column: str, theirs: Stamp, tomb: Stamp | None) -> bool:
+    """Whether an incoming cell is concurrent with what this device holds:
+    its column's value (``detect: column``) or any visible value of the row (``row``)."""
+    if policy.detect == policies.ROW:
+        return any(policies.concurrent(cell, theirs) for cell in cells.values() if visible(cell, tomb))
+    mine = cells.get(column)
+    return visible(mine, tomb) and policies.concurrent(mine, theirs)
 
 
 def record_losses(ap: _Applier, table: str, ck: Value, losses: list[tuple[str | None, Value, Stamp, Stamp]]) -> None:

@@ -113,7 +113,7 @@ from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, Se
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.database import Store
-from p2pstore.store import evolutions, sync_log
+from p2pstore.store import evolutions, policies, sync_log
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.sync.lag import LagTracker
@@ -165,7 +165,7 @@ session_code = result_code
 #: pushed to then) or a user acts (trust, labels, the peer's tables, a resync).
 AUTO_NO_RETRY = frozenset({Code.OFFLINE, Code.INVALID_ARGS, Code.DISTRIBUTED_TABLE_NOT_SET,
                            Code.DISTRIBUTED_SCHEMA_MISMATCH, Code.UNTRUSTED, Code.SECURITY_LEVEL, Code.RESYNC_REQUIRED,
-                           Code.EVOLUTION_INCONSISTENT, Code.REPLICA_MISMATCH})
+                           Code.EVOLUTION_INCONSISTENT, Code.REPLICA_MISMATCH, Code.IN_CONFLICT})
 
 
 class _ChannelReplaced(Exception):
@@ -180,9 +180,11 @@ def table_offers(store: Store) -> tuple[TableOffer, ...]:
     offers = []
     for name in sorted(store.distributed):
         sync = store.sync_schema.tables.get(name) if store.sync_schema is not None else None
+        policy = store.policies.get(name)
         offers.append(TableOffer(
             name, store.sync_schema_version if sync else None,
             tuple(sync.columns) if sync else (), sync.conflict if sync else None,
+            policy.text() if policy is not None else None,
         ))
     return tuple(offers)
 
@@ -235,6 +237,20 @@ def revision_states(stores: list[Store], theirs: dict[tuple[str, str], tuple[tup
             "peer_revision": peer_revs[-1][0] if peer_revs else 0,
             "state": evolutions.compare(store.revisions, peer_revs),
         })
+    return found
+
+
+def policy_mismatches(stores: list[Store], theirs: PeerTables) -> list[dict[str, Any]]:
+    """Where a peer's conflict policy of a table differs from ours: reported
+    (``devices.list``), since every device must set the same (store/policies.py)."""
+    found = []
+    for store in stores:
+        peer_tables = theirs.get((store.bundle, store.name)) or {}
+        for mine in table_offers(store):
+            other = peer_tables.get(mine.name)
+            if other is not None and other.conflict_column is not None and mine.policy != other.policy:
+                found.append({"store": store.name, "bundle": store.bundle, "table": mine.name,
+                              "policy": _policy_dict(mine.policy), "peer_policy": _policy_dict(other.policy)})
     return found
 
 
@@ -570,6 +586,7 @@ class SyncEngine:
                 if store.restore_pending:
                     self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
                     raise ended(Problem.RESTORE_PENDING, restore_pending_message(store))
+                store.require_not_in_conflict()
                 self.directory.check_may_receive(peer, store)
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
@@ -715,6 +732,7 @@ class SyncEngine:
         store.require_consistent()
         _check_replicas(store, peer, mode, None)
         if mode == "push":
+            store.require_not_in_conflict()
             self.directory.check_may_receive(peer, store)
         if mode == "push" and store.restore_pending:
             await self._catch_up(store, peer)
@@ -960,6 +978,14 @@ class Selection:
 def _result(peer: str, code: int, message: str) -> dict[str, Any]:
     """One ``store.sync`` result entry: the code's name beside its number (what users read and search for)."""
     return {"device": peer, "code": code, "name": code_name(code), "message": message}
+
+
+def _policy_dict(text: str | None) -> dict[str, Any]:
+    """A policy as offered, for people (a peer's text is untrusted: unreadable is shown as such)."""
+    try:
+        return (policies.Policy.parse(text) if text is not None else policies.DEFAULT).to_dict()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {"unreadable": str(text)[:80]}
 
 
 def _auto_sends(store: Store, peer: str) -> bool:

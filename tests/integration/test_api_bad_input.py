@@ -80,6 +80,9 @@ VALID: dict[str, dict[str, Any]] = {
     "store.sync_failures": {"store": STORE, "limit": 10},
     "store.conflicts": {"store": STORE, "table": "T", "limit": 10},
     "store.clear_conflicts": {"store": STORE, "table": "T", "up_to": 3},
+    "conflicts.policy": {"store": STORE, "bundle": "default", "table": "T", "policy": "manual", "reconciler": DEVICE, "detect": "row"},
+    "conflicts.queue": {"store": STORE, "bundle": "default", "limit": 5},
+    "conflicts.resolve": {"store": STORE, "bundle": "default", "id": 1, "take": "local"},
     "store.retry_failure": {"store": STORE, "id": 1},
     "store.discard_failure": {"store": STORE, "id": 1},
     "store.remote_query": {"store": STORE, "device": DEVICE, "table": "T", "predicates": {}, "columns": ["name"]},
@@ -106,6 +109,7 @@ REQUIRED = {
     "store.distributed_table_name": ["store", "device", "table"], "store.subscribe": ["store", "type"],
     "store.unsubscribe": ["store", "subscription"], "schema.validate": ["document"],
     "store.sync": ["store", "mode"], "store.sync_failures": ["store"], "store.conflicts": ["store"], "store.clear_conflicts": ["store"],
+    "conflicts.policy": ["store", "table", "policy"], "conflicts.queue": ["store"], "conflicts.resolve": ["store", "id", "take"],
     "store.retry_failure": ["store", "id"], "store.discard_failure": ["store", "id"],
     "store.remote_query": ["store", "device", "table"], "store.backup": ["store", "path"],
     "store.sync_log": ["store"], "evolutions.status": ["store"], "evolutions.log": ["store"], "versions.list": ["store"], "store.rebuild": ["store", "table", "yes_destroy_local_data"], "store.checkout": ["store", "device"],
@@ -118,7 +122,7 @@ WRONG = {
     "table": None, "values": [["name", "x"]], "predicates": "id = 1", "tables": "T", "type": "everything",
     "config": {"table_type": "both"}, "device": 42, "subscription": "1", "device_id": 7,
     "mode": "sideways", "limit": 0, "id": "one", "columns": "name", "up_to": 0,
-    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes", "refresh": 1, "peer": 7, "kind": "both-ways", "where": "id > 1",
+    "path": "relative/backup.db", "revision": "1", "from": "1", "to": 0, "yes_destroy_local_data": "yes", "refresh": 1, "peer": 7, "kind": "both-ways", "where": "id > 1", "policy": "first-wins", "reconciler": 9, "detect": "cell", "take": "mine",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from p2pstore.clock import HybridClock
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery
-from p2pstore.store import accepted_schema, capture, changes, merge, stream
+from p2pstore.store import accepted_schema, capture, changes, merge, policies, stream
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.tables import read_table_info
 
@@ -53,6 +53,7 @@ class Replica:
         self.conn.execute("PRAGMA temp_store = MEMORY")  # as the daemon's stores (staging tables of store/blocks.py)
         capture.ensure_schema(self.conn)
         self.conn.executescript(accepted_schema.SCHEMA_SQL)
+        self.conn.executescript(policies.SCHEMA_SQL)  # as Store.open makes it
         capture.set_device_id(self.conn, device_id)
         self.clock = HybridClock()
         self.state = capture.load_state(self.conn, self.clock)

@@ -1,0 +1,127 @@
+"""Conflict policies of single_version tables, and the manual reconciler's queue (seed 004).
+
+A table's policy is set the same on every device (a difference is reported
+in ``devices.list``, like a schema mismatch):
+
+- ``lww`` (the default): per column, the newest clock wins; the loser goes
+  to the conflict log (merge.py's rules).
+- ``manual`` with a named **reconciler** device: every other device merges
+  as ``lww`` does; on the reconciler, an incoming change made concurrently
+  with the value held here is **queued**, not applied — the value here
+  stays until a person resolves the entry (take the local value, the
+  remote one, or a new one). ``detect: row`` widens "concurrent" from the
+  same column to any column of the row.
+
+Concurrent means: written on another device, and neither writer had seen
+the other's value (``prev``, what a writer knowingly superseded, is older
+than the other's clock) — the same test that keeps ordinary later edits out
+of the conflict log (merge.py ``_Applier.conflict``).
+
+A resolution is written here with a fresh clock — newer than both sides,
+since the reconciler has seen both — whose ``prev`` is the newer of the two
+clocks: the value every ``lww`` device holds. So it replaces that value
+everywhere as an ordinary later edit, and no device logs a conflict for it.
+While the queue is not empty the store is *in conflict*: it still receives,
+but sends nothing (sync code 19 ``IN_CONFLICT``), so the value it holds in
+place of the ``lww`` winner does not spread before a person decided.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from p2pstore.store.lww import Clock, Stamp, bind
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS _p2p_policies(tbl TEXT PRIMARY KEY, policy TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _p2p_queue(
+    id INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL, ck NOT NULL, col TEXT NOT NULL,
+    local_value, local_hlc INTEGER, local_origin TEXT,     -- what this device holds (and keeps meanwhile)
+    remote_value, remote_hlc INTEGER NOT NULL, remote_origin TEXT NOT NULL,
+    at INTEGER NOT NULL,                                   -- unix ms when queued
+    UNIQUE (tbl, ck, col, remote_hlc, remote_origin)
+);
+"""
+
+LWW, MANUAL = "lww", "manual"
+COLUMN, ROW = "column", "row"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    kind: str = LWW
+    reconciler: str | None = None
+    detect: str = COLUMN
+
+    def text(self) -> str:
+        """The canonical form: what is stored, offered to peers and compared."""
+        out: dict[str, Any] = {"kind": self.kind, "detect": self.detect}
+        if self.reconciler is not None:
+            out["reconciler"] = self.reconciler
+        return json.dumps(out, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        d = json.loads(text)
+        return cls(d["kind"], d.get("reconciler"), d.get("detect", COLUMN))
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.text())
+
+
+DEFAULT = Policy()
+
+
+def load(conn: sqlite3.Connection) -> dict[str, Policy]:
+    """Every table's policy that is not the default."""
+    return {tbl: Policy.parse(text) for tbl, text in conn.execute("SELECT tbl, policy FROM _p2p_policies")}
+
+
+def put(conn: sqlite3.Connection, table: str, policy: Policy) -> None:
+    if policy == DEFAULT:
+        conn.execute("DELETE FROM _p2p_policies WHERE tbl = ?", (table,))
+    else:
+        conn.execute("INSERT OR REPLACE INTO _p2p_policies(tbl, policy) VALUES (?, ?)", (table, policy.text()))
+
+
+def concurrent(mine: Stamp | None, theirs: Stamp) -> bool:
+    """Whether ``theirs`` was written on another device without its writer
+    having seen ``mine``, nor ``mine``'s writer ``theirs``."""
+    if mine is None or mine.clock[1] == theirs.clock[1] or mine.clock == theirs.clock:
+        return False
+    return not ((theirs.prev is not None and theirs.prev >= mine.clock) or (mine.prev is not None and mine.prev >= theirs.clock))
+
+
+def enqueue(conn: sqlite3.Connection, table: str, ck: Any, col: str, local: tuple[Any, Clock | None],
+            remote: tuple[Any, Clock], at: int) -> bool:
+    """Queue an incoming value (once per change); whether it is new."""
+    (lmark, rmark), (lvalue, rvalue) = bind([local[0], remote[0]])
+    lclock = local[1] or (None, None)
+    return conn.execute(
+        "INSERT OR IGNORE INTO _p2p_queue(tbl, ck, col, local_value, local_hlc, local_origin, remote_value, remote_hlc, "
+        f"remote_origin, at) VALUES (?, ?, ?, {lmark}, ?, ?, {rmark}, ?, ?, ?)",
+        (table, ck, col, lvalue, lclock[0], lclock[1], rvalue, remote[1][0], remote[1][1], at)).rowcount > 0
+
+
+def queued(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM _p2p_queue").fetchone()[0])
+
+
+_ENTRY = "id, tbl AS \"table\", ck AS key, col AS column, local_value, local_hlc, local_origin, remote_value, remote_hlc, remote_origin, at"
+
+
+def entries(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    """The queue, oldest first."""
+    cursor = conn.execute(f"SELECT {_ENTRY} FROM _p2p_queue ORDER BY id LIMIT ?", (limit,))
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
+
+
+def entry(conn: sqlite3.Connection, entry_id: int) -> dict[str, Any] | None:
+    cursor = conn.execute(f"SELECT {_ENTRY} FROM _p2p_queue WHERE id = ?", (entry_id,))
+    row = cursor.fetchone()
+    return dict(zip([d[0] for d in cursor.description], row)) if row is not None else None
