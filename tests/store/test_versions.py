@@ -105,7 +105,7 @@ async def test_the_store_keeps_its_applied_revisions_and_whether_it_is_inconsist
     with pytest.raises(EvolutionFailed):
         await store.apply_evolutions([parse(1, ONE), parse(2, BROKEN)])
     assert store.inconsistent is not None and store.inconsistent[0] == 2
-    with pytest.raises(EvolutionInconsistent, match="evolution 2 is applying_up") as info:
+    with pytest.raises(EvolutionInconsistent, match="evolution revision 2 is applying_up") as info:
         store.require_consistent()
     assert info.value.data["revision"] == 2
     assert len(seen) == 1, "a failed revision does not change what peers are shown"
