@@ -49,7 +49,6 @@ from p2pstore.errors import (
     DiskFull,
     EvolutionDestructive,
     EvolutionInconsistent,
-    ConflictNotFound,
     InConflict,
     InvalidParams,
     P2PStoreError,
@@ -67,7 +66,7 @@ from p2pstore.errors import (
 from p2pstore.schema.predicates import compile_predicates, is_sql_value, quote_ident, table_of
 from p2pstore.schema.sync_schema import SchemaIssue, ValidationReport
 from p2pstore.store import (
-    accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, origins, policies, rebuild, replicas, restore, sync_log, versions,
+    accepted_schema, capture, cells, changes, evolutions, gc, merge, modes, policies, rebuild, replicas, restore, sync_log, versions,
 )
 from p2pstore.store.stream import changes_since, unsent_rows
 from p2pstore.store.capture import CaptureState, ChangeBatch, get_meta, set_meta
@@ -923,50 +922,19 @@ class Store:
         return await self.run(lambda conn: policies.entries(conn, limit))
 
     async def resolve_queued(self, entry_id: int, take: str, value: changes.Value = None) -> dict[str, Any]:
-        """Settle queued entry ``entry_id`` with the local value, the remote one
-        or ``value``: written here as a change newer than both sides, whose
-        ``prev`` is the newer of the two clocks, so every device takes it as an
-        ordinary later edit and logs no conflict (store/policies.py)."""
+        """Settle queued entry ``entry_id`` (``policies.resolve``), outside writes stamped first."""
         def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], ChangeBatch]:
             with self._transaction(conn):
                 local = capture.stamp(conn, self.capture, self.clock)
                 e = policies.entry(conn, entry_id)
-                if e is None:
-                    raise ConflictNotFound(f"no queued conflict {entry_id} in store {self.name}", data={"id": entry_id})
-                chosen = {"local": e["local_value"], "remote": e["remote_value"]}.get(take, value)
-                self._write_resolution(conn, e, chosen)
-                conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (entry_id,))
-                self.queued = policies.queued(conn)
-            return {**e, "value": chosen, "queued": self.queued}, local
+                if e is not None and policies.row_gone(conn, e):
+                    done = merge.release(conn, self.capture, self.clock, e)
+                else:
+                    done = policies.resolve(conn, self.clock, entry_id, take, value)
+                self.queued = done["queued"]
+            return done, local
 
         return await self._announced(op)
-
-    def _write_resolution(self, conn: sqlite3.Connection, e: dict[str, Any], value: changes.Value) -> None:
-        (table,) = changes.sync_tables(conn, e["table"])
-        info, name = table.info, quote_ident(e["table"])
-        assert table.conflict_column is not None
-        found = conn.execute(f"SELECT {info.key_expr} FROM {name} WHERE {quote_ident(table.conflict_column)} = ?", (e["key"],)).fetchone()
-        if found is None:
-            return  # the row was deleted since (by a newer delete): nothing to write, the entry just goes
-        conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")  # written here with its own clock, not captured
-        try:
-            conn.execute(f"UPDATE {name} SET {quote_ident(e['column'])} = ? WHERE {quote_ident(table.conflict_column)} = ?",
-                         (value, e["key"]))
-        finally:
-            conn.execute("DELETE FROM _p2p_apply")
-        me, numbers = capture.device_id(conn), origins.Origins(conn)
-        hlc = self.clock.now()  # newer than both: this device has seen both values
-        capture.set_meta(conn, "hlc_last", self.clock.last)
-        seq = conn.execute("INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)",
-                           (table.tid, found[0], capture.OP_UPDATE, hlc, numbers.number(conn, me), e["key"])).lastrowid
-        clocks = [(e["remote_hlc"], e["remote_origin"])] + ([(e["local_hlc"], e["local_origin"])] if e["local_hlc"] is not None else [])
-        prev_hlc, prev_device = max(clocks)
-        shared, own = cells.load(conn, table.tid, [e["key"]])
-        logical = cells.expand(shared.get(e["key"]), own.get(e["key"]), table.sync_columns)
-        logical[e["column"]] = (hlc, None, seq, prev_hlc, None if prev_device == me else numbers.number(conn, prev_device))
-        writer = cells.Writer()
-        writer.put(table.tid, e["key"], logical, table.sync_columns, had_row=e["key"] in shared, had_cols=e["key"] in own)
-        writer.write(conn)
 
     # -- rebuild (store/rebuild.py) --------------------------------------------
 

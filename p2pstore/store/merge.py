@@ -365,6 +365,19 @@ def _sqlite_reason(exc: sqlite3.Error) -> str | None:
     return None
 
 
+def release(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, e: dict[str, Any], *,
+            wall: int | None = None) -> dict[str, Any]:
+    """Settle a queued entry whose row was deleted since (``policies.row_gone``):
+    its change merged under its own clock, as every lww device merged it —
+    there is no value here left to choose. Inside the caller's transaction."""
+    (table,) = sync_tables(conn, e["table"])
+    assert table.conflict_column is not None
+    batch = OutBatch(table.mode.value, 0, 0, (policies.released(e, table.conflict_column),), False, False)
+    apply_batch(conn, state, clock, batch, e["remote_origin"], wall=wall)
+    conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (e["id"],))
+    return {**e, "value": None, "released": True, "queued": policies.queued(conn)}
+
+
 def apply_block(ap: _Applier, block: Block) -> bool:
     """Apply ``block`` set-based (store/blocks.py; the table type writes it),
     or return False having changed nothing."""

@@ -33,6 +33,11 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from p2pstore.clock import HybridClock
+from p2pstore.errors import ConflictNotFound
+from p2pstore.schema.predicates import quote_ident
+from p2pstore.store import capture, cells, changes, origins
+from p2pstore.protocol.batch import Cell, RowChange
 from p2pstore.store.lww import Clock, Stamp, bind
 
 SCHEMA_SQL = """
@@ -125,3 +130,69 @@ def entry(conn: sqlite3.Connection, entry_id: int) -> dict[str, Any] | None:
     cursor = conn.execute(f"SELECT {_ENTRY} FROM _p2p_queue WHERE id = ?", (entry_id,))
     row = cursor.fetchone()
     return dict(zip([d[0] for d in cursor.description], row)) if row is not None else None
+
+
+def resolve(conn: sqlite3.Connection, clock: HybridClock, entry_id: int, take: str, value: Any = None, *,
+            wall: int | None = None) -> dict[str, Any]:
+    """Settle queued entry ``entry_id`` inside the caller's write transaction:
+    keep the value held here now (``local``), take the queued one
+    (``remote``), or write ``value``. It is written with a clock newer than
+    both sides, whose ``prev`` is the newer of the two clocks, so every
+    device takes it as an ordinary later edit. The entry, with the value
+    written and the number still queued."""
+    e = entry(conn, entry_id)
+    if e is None:
+        raise ConflictNotFound(f"no queued conflict {entry_id}", data={"id": entry_id})
+    if row_gone(conn, e):
+        raise ValueError(f"queued conflict {entry_id}: its row was deleted since; release it (``released``) instead")
+    (table,) = changes.sync_tables(conn, e["table"])
+    assert table.conflict_column is not None
+    name, ck_col, col = quote_ident(e["table"]), quote_ident(table.conflict_column), quote_ident(e["column"])
+    found = conn.execute(f"SELECT {table.info.key_expr}, {col} FROM {name} WHERE {ck_col} = ?", (e["key"],)).fetchone()
+    chosen = found[1] if take == "local" else e["remote_value"] if take == "remote" else value
+    _write(conn, clock, table, e, found[0], chosen, wall)
+    conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (entry_id,))
+    return {**e, "value": chosen, "queued": queued(conn)}
+
+
+def row_gone(conn: sqlite3.Connection, e: dict[str, Any]) -> bool:
+    """Whether entry ``e``'s row was deleted here since it was queued: then
+    there is no value here left to choose, and the entry is *released* —
+    its change merged under its own clock, as every lww device merged it
+    (``released``; the store does that through the merge)."""
+    (table,) = changes.sync_tables(conn, e["table"])
+    assert table.conflict_column is not None
+    return conn.execute(f"SELECT 1 FROM {quote_ident(e['table'])} WHERE {quote_ident(table.conflict_column)} = ?",
+                        (e["key"],)).fetchone() is None
+
+
+def released(e: dict[str, Any], key_column: str) -> RowChange:
+    """Entry ``e``'s change as a peer sent it (for the merge): its value under its own clock."""
+    return RowChange(e["table"], key_column, e["key"], 0, (Cell(e["column"], e["remote_value"], e["remote_hlc"], e["remote_origin"]),))
+
+
+def _write(conn: sqlite3.Connection, clock: HybridClock, table: changes.SyncTable, e: dict[str, Any], pk: Any, value: Any,
+           wall: int | None) -> None:
+    assert table.conflict_column is not None
+    name = quote_ident(table.info.name)
+    conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")  # written here with its own clock, not captured
+    try:
+        (mark,), (param,) = bind([value])
+        conn.execute(f"UPDATE {name} SET {quote_ident(e['column'])} = {mark} WHERE {quote_ident(table.conflict_column)} = ?",
+                     (param, e["key"]))
+    finally:
+        conn.execute("DELETE FROM _p2p_apply")
+    me, numbers = capture.device_id(conn), origins.Origins(conn)
+    hlc = clock.now(wall)  # newer than both: this device has seen (observed) both values
+    capture.set_meta(conn, "hlc_last", clock.last)
+    # Logged as a received change is (its own clock, origin a number): it travels on, never stamped again.
+    seq = conn.execute("INSERT INTO _p2p_log(tid, pk, op, hlc, origin, ck) VALUES (?, ?, ?, ?, ?, ?)",
+                       (table.tid, pk, capture.OP_UPDATE, hlc, numbers.number(conn, me), e["key"])).lastrowid
+    both = [(e["remote_hlc"], e["remote_origin"])] + ([(e["local_hlc"], e["local_origin"])] if e["local_hlc"] is not None else [])
+    prev_hlc, prev_device = max(both)
+    shared, own = cells.load(conn, table.tid, [e["key"]])
+    logical = cells.expand(shared.get(e["key"]), own.get(e["key"]), table.sync_columns)
+    logical[e["column"]] = (hlc, None, seq, prev_hlc, None if prev_device == me else numbers.number(conn, prev_device))
+    writer = cells.Writer()
+    writer.put(table.tid, e["key"], logical, table.sync_columns, had_row=e["key"] in shared, had_cols=e["key"] in own)
+    writer.write(conn)

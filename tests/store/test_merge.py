@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from replicas import Replica, applied, field, schema_doc
 
 from p2pstore.errors import FailureNotFound, StoreInvalid
-from p2pstore.store import capture, changes, collaborative, merge
+from p2pstore.store import capture, changes, collaborative, merge, policies
 from p2pstore.store.changes import Cell, OutBatch, RowChange
 from p2pstore.store.tables import device_table_name, read_table_info
 
@@ -773,3 +773,88 @@ def test_a_late_schema_upgrade_does_not_win_old_columns_with_stale_values(device
     a.push(b)
     b.push(a)
     assert a.rows(SYNCED) == b.rows(SYNCED) == [("x", 2, "p")]
+
+
+_resolve = st.tuples(st.just("resolve"), st.just(1), st.sampled_from(["local", "remote", "value"]), st.integers(0, 9))
+_manual_op = st.one_of(_upsert, _set, _set, _delete, _sync, _sync, _resolve,
+                       st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 3)))
+
+
+def _resolve_oldest(r: Replica, take: str, value: int) -> bool:
+    """Settle the oldest entry of ``r``'s queue (as conflicts.resolve does); whether there was one."""
+    entries = policies.entries(r.conn, 1)
+    if not entries:
+        return False
+    column_value = value if entries[0]["column"] == "a" else f"v{value}"
+    r.conn.execute("BEGIN IMMEDIATE")
+    try:
+        capture.stamp(r.conn, r.state, r.clock, wall=r.wall)
+        if policies.row_gone(r.conn, entries[0]):
+            merge.release(r.conn, r.state, r.clock, entries[0], wall=r.wall)
+        else:
+            policies.resolve(r.conn, r.clock, entries[0]["id"], take, column_value, wall=r.wall)
+        r.conn.execute("COMMIT")
+    except BaseException:
+        r.conn.execute("ROLLBACK")
+        raise
+    return True
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_manual_op, min_size=20, max_size=60), walls=st.lists(st.sampled_from([1_000, 1_000, 1_001]), min_size=3, max_size=3),
+       detect=st.sampled_from([policies.COLUMN, policies.ROW]))
+def test_a_manual_policy_converges_once_the_queue_is_resolved(ops: list[tuple[Any, ...]], walls: list[int], detect: str) -> None:
+    """Issue 13's property: random writes on 3 replicas, the table reconciled
+    by hand on DEVB; DEVB sends nothing while it has queued entries (in
+    conflict) and resolves them at random with local, remote or a new
+    value. Once its queue is empty and everyone synced with everyone, the
+    synced contents are identical."""
+    with tempfile.TemporaryDirectory(prefix="p2p-manual-") as tmp:
+        reps = []
+        for device_id, wall in zip(DEVICES, walls):
+            r = Replica(Path(tmp) / f"{device_id}.db", device_id, wall=wall)
+            r.write(ITEMS)
+            r.make_distributed("items", doc=ITEMS_DOC)
+            r.conn.execute("BEGIN IMMEDIATE")
+            policies.put(r.conn, "items", policies.Policy(policies.MANUAL, "DEVB", detect))
+            r.conn.execute("COMMIT")
+            reps.append(r)
+        b = reps[1]
+
+        def push(src: Replica, dst: Replica, limit: int = changes.DEFAULT_BATCH_ROWS) -> int:
+            if src is b and policies.queued(b.conn):
+                return 0  # in conflict: the reconciler sends nothing
+            return applied(src.push(dst, limit=limit))
+
+        try:
+            for op in ops:
+                kind, i = op[0], op[1]
+                r = reps[i]
+                if kind == "upsert":
+                    _, _, key, a, bv = op
+                    r.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?) ON CONFLICT(uid) DO UPDATE SET a = excluded.a, b = excluded.b", (key, a, bv))
+                elif kind == "set":
+                    _, _, key, col, value = op
+                    r.write(f"UPDATE items SET {col} = ? WHERE uid = ?", (value if col == "a" else f"v{value}", key))
+                elif kind == "delete":
+                    r.write("DELETE FROM items WHERE uid = ?", (op[2],))
+                elif kind == "sync":
+                    _, _, j, limit = op
+                    if i != j:
+                        push(r, reps[j], limit)
+                elif kind == "resolve":
+                    _resolve_oldest(b, op[2], op[3])
+                else:
+                    r.wall = (r.wall or 0) + op[2]
+            for _ in range(10):  # bounded: resolve what is queued, then everyone with everyone, until quiet
+                while _resolve_oldest(b, "remote", 0):
+                    pass
+                moved = sum(push(src, dst) for _ in range(2) for src in reps for dst in reps if src is not dst)
+                if moved == 0 and not policies.queued(b.conn):
+                    break
+            assert policies.queued(b.conn) == 0
+            contents = [r.rows(SYNCED) for r in reps]
+            assert contents[0] == contents[1] == contents[2]
+        finally:
+            for r in reps:
+                r.close()
