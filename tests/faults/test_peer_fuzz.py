@@ -162,6 +162,8 @@ _SPECIAL: dict[str, list[Any]] = {
     "security_level": [1, 2, 3, 4],
     "security_label": [1, 2, 3, 4],
     "protocol_version": [PROTOCOL_VERSION],
+    "replica": ["two-way", "send", "receive", "checkout"],
+    "hash": ["a" * 40, "0123456789abcdef0123456789abcdef01234567"],
 }
 _TEXT = ["x", "fuzz", "EMPLOYEE", "é✓", "a" * 200, "zz.top"]
 
