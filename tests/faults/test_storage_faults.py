@@ -64,8 +64,9 @@ def receiver_disk(short_tmp: Path) -> Iterator[Path]:
         yield mount
 
 
-def test_a_push_onto_a_full_disk_is_code_15_then_completes_once_there_is_room(
-        receiver_disk: Path, linked_daemons: Callable[..., list[Node]]) -> None:
+def more_than_the_disk_holds(linked_daemons: Callable[..., list[Node]]) -> tuple[Node, Node, list[list[object]], str]:
+    """Two linked daemons sharing T, with ~4.8 MB of rows on a: (a, b, a's
+    rows as DIGEST reads them, b's device table for them)."""
     a, b = linked_daemons(2)
     for node in (a, b):
         node.call("store.open", **STORE)
@@ -73,8 +74,12 @@ def test_a_push_onto_a_full_disk_is_code_15_then_completes_once_there_is_room(
         node.call("store.set_distributed_tables", **STORE, tables=["T"])
     a.call("store.execute", **STORE, sql=f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS}) "
                                           f"INSERT INTO T SELECT i, randomblob({ROW_BYTES}) FROM n")
-    sent = a.rows(STORE, DIGEST.format("T"))
-    copy = quote_ident(device_table_name(a.id, "T"))
+    return a, b, a.rows(STORE, DIGEST.format("T")), quote_ident(device_table_name(a.id, "T"))
+
+
+def test_a_push_onto_a_full_disk_is_code_15_then_completes_once_there_is_room(
+        receiver_disk: Path, linked_daemons: Callable[..., list[Node]]) -> None:
+    a, b, sent, copy = more_than_the_disk_holds(linked_daemons)
 
     result = a.sync("push", STORE, [b])[b.id]
     assert result["code"] == 15, result
@@ -110,15 +115,7 @@ def test_a_pull_onto_a_full_disk_is_code_15_then_completes_once_there_is_room(
     """The same, with the receiver starting the session (issue 12 item 6):
     its own result says DISK_FULL, nothing half-applied, and its next pull
     brings the rest."""
-    a, b = linked_daemons(2)
-    for node in (a, b):
-        node.call("store.open", **STORE)
-        node.call("store.execute", **STORE, sql=TABLE)
-        node.call("store.set_distributed_tables", **STORE, tables=["T"])
-    a.call("store.execute", **STORE, sql=f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS}) "
-                                          f"INSERT INTO T SELECT i, randomblob({ROW_BYTES}) FROM n")
-    sent = a.rows(STORE, DIGEST.format("T"))
-    copy = quote_ident(device_table_name(a.id, "T"))
+    a, b, sent, copy = more_than_the_disk_holds(linked_daemons)
 
     result = b.sync("pull", STORE, [a])[a.id]
     assert result["code"] == 15, result

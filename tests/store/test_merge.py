@@ -705,6 +705,18 @@ _op = st.one_of(
 )
 
 
+def _write_op(r: Replica, op: tuple[Any, ...]) -> None:
+    """One random local write of the convergence tests: upsert, set one column, delete."""
+    if op[0] == "upsert":
+        _, _, key, a, b = op
+        r.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?) ON CONFLICT(uid) DO UPDATE SET a = excluded.a, b = excluded.b", (key, a, b))
+    elif op[0] == "set":
+        _, _, key, col, value = op
+        r.write(f"UPDATE items SET {col} = ? WHERE uid = ?", (value, key))
+    else:
+        r.write("DELETE FROM items WHERE uid = ?", (op[2],))
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, min_size=20, max_size=60), walls=st.lists(st.sampled_from([1_000, 1_000, 1_001]), min_size=3, max_size=3))
 def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...]], walls: list[int]) -> None:
@@ -722,14 +734,8 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
             for op in ops:
                 kind, i = op[0], op[1]
                 r = reps[i]
-                if kind == "upsert":
-                    _, _, key, a, b = op
-                    r.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?) ON CONFLICT(uid) DO UPDATE SET a = excluded.a, b = excluded.b", (key, a, b))
-                elif kind == "set":
-                    _, _, key, col, value = op
-                    r.write(f"UPDATE items SET {col} = ? WHERE uid = ?", (value, key))
-                elif kind == "delete":
-                    r.write("DELETE FROM items WHERE uid = ?", (op[2],))
+                if kind in ("upsert", "set", "delete"):
+                    _write_op(r, op)
                 elif kind == "rekey":
                     _, _, old, new = op
                     if not r.rows("SELECT 1 FROM items WHERE uid = ?", (new,)):
@@ -830,14 +836,8 @@ def test_a_manual_policy_converges_once_the_queue_is_resolved(ops: list[tuple[An
             for op in ops:
                 kind, i = op[0], op[1]
                 r = reps[i]
-                if kind == "upsert":
-                    _, _, key, a, bv = op
-                    r.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?) ON CONFLICT(uid) DO UPDATE SET a = excluded.a, b = excluded.b", (key, a, bv))
-                elif kind == "set":
-                    _, _, key, col, value = op
-                    r.write(f"UPDATE items SET {col} = ? WHERE uid = ?", (value if col == "a" else f"v{value}", key))
-                elif kind == "delete":
-                    r.write("DELETE FROM items WHERE uid = ?", (op[2],))
+                if kind in ("upsert", "set", "delete"):
+                    _write_op(r, op)
                 elif kind == "sync":
                     _, _, j, limit = op
                     if i != j:
