@@ -134,6 +134,11 @@ def _store_summary(store: Store) -> dict[str, Any]:
         "table_type": store.table_type,
         "distributed_tables": sorted(store.distributed),
         "schema_version": store.sync_schema_version,
+        # What stops a store from syncing, at a glance: a half-applied evolution, a reconciler's queue.
+        "revision": store.revisions[-1][0] if store.revisions else 0,
+        "inconsistent_revision": store.inconsistent[0] if store.inconsistent else None,
+        "queued_conflicts": store.queued,
+        "replicas": [link.to_dict() for link in sorted(store.replicas.values(), key=lambda x: x.peer)],
     }
 
 

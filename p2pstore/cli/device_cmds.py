@@ -96,7 +96,14 @@ def _status_text(st: dict[str, Any]) -> str:
     lines.append(f"stores   {len(st['stores'])} open")
     for s in st["stores"]:
         tables = ", ".join(s["distributed_tables"]) or "-"
-        lines.append(f"  {s['bundle']}/{s['store']}  {s['security_level']}  {s['table_type'] or 'no distributed tables'}: {tables}")
+        lines.append(f"  {s['bundle']}/{s['store']}  {s['security_level']}  {s['table_type'] or 'no distributed tables'}: {tables}"
+                     + (f"  revision {s['revision']}" if s.get("revision") else ""))
+        if s.get("inconsistent_revision") is not None:
+            lines.append(f"      INCONSISTENT: evolution {s['inconsistent_revision']} failed; it does not sync (`p2pstore evolutions status`)")
+        if s.get("queued_conflicts"):
+            lines.append(f"      IN CONFLICT: {s['queued_conflicts']} change(s) to reconcile; it sends nothing (`p2pstore conflicts queue`)")
+        for link in s.get("replicas", []):
+            lines.append(f"      replica: {link['kind']} with {link['peer']}" + (f" ({link['state']})" if "state" in link else ""))
     return "\n".join(lines)
 
 

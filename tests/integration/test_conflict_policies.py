@@ -53,6 +53,9 @@ def test_manual_policy_queues_on_the_reconciler_until_a_person_resolves(linked_d
     assert note["method"] == "conflict" and (note["params"]["queued"], note["params"]["device"]) == (1, a.id), note
     listed = json.loads(cli(b, "conflicts", "queue", "--store", SV_REF["store"], "--bundle", SV_REF["bundle"], "--json").stdout)
     assert [e["id"] for e in listed] == [entry["id"]]
+    (summary,) = [s for s in b.call("status")["stores"] if s["store"] == SV_REF["store"]]
+    assert summary["queued_conflicts"] == 1
+    assert "IN CONFLICT: 1 change(s)" in cli(b, "status").stdout
 
     # In conflict: B receives but sends nothing; A's pushes still succeed.
     r = b.sync("push", SV_REF, [a])[a.id]

@@ -243,6 +243,9 @@ def test_a_failed_revision_makes_every_sync_of_the_store_answer_17_until_resolve
     assert a.rows(SHOP, "SELECT * FROM pragma_table_info('T')") == shape_before, "a failed revision is rolled back whole (no column c)"
     status = a.call("evolutions.status", **SHOP)
     assert status["inconsistent"] is True
+    (summary,) = [s for s in a.call("status")["stores"] if s["store"] == SHOP["store"]]
+    assert (summary["revision"], summary["inconsistent_revision"]) == (2, 3), summary
+    assert "INCONSISTENT: evolution 3 failed" in cli(a, "status").stdout
     assert [(r["id"], r["state"]) for r in status["revisions"]] == [(1, "applied"), (2, "applied"), (3, "applying_up")]
     assert "nowhere" in status["revisions"][2]["last_problem"]
 

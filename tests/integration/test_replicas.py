@@ -56,6 +56,7 @@ def test_a_send_receive_pair_moves_rows_one_way_and_the_child_is_read_only(linke
     assert "Bea" not in ages(a)
     listed = json.loads(cli(b, "replica", "list", "--json").stdout)
     assert listed == [{"store": SV_REF["store"], "bundle": SV_REF["bundle"], "peer": a.id, "kind": "receive"}]
+    assert f"replica: receive with {a.id}" in cli(b, "status").stdout
 
     # Back to two-way on both ends: writable again, and rows go both ways.
     b.call("replica.set", **SV_REF, peer=a.id, kind="two-way")
