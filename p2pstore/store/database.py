@@ -922,15 +922,11 @@ class Store:
         return await self.run(lambda conn: policies.entries(conn, limit))
 
     async def resolve_queued(self, entry_id: int, take: str, value: changes.Value = None) -> dict[str, Any]:
-        """Settle queued entry ``entry_id`` (``policies.resolve``), outside writes stamped first."""
+        """Settle queued entry ``entry_id`` (``merge.settle``), outside writes stamped first."""
         def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], ChangeBatch]:
             with self._transaction(conn):
                 local = capture.stamp(conn, self.capture, self.clock)
-                e = policies.entry(conn, entry_id)
-                if e is not None and policies.row_gone(conn, e):
-                    done = merge.release(conn, self.capture, self.clock, e)
-                else:
-                    done = policies.resolve(conn, self.clock, entry_id, take, value)
+                done = merge.settle(conn, self.capture, self.clock, entry_id, take, value)
                 self.queued = done["queued"]
             return done, local
 

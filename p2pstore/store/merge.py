@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pstore.clock import HybridClock, wall_ms
-from p2pstore.errors import FailureNotFound, ProtocolError
+from p2pstore.errors import ConflictNotFound, FailureNotFound, ProtocolError
 from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, has_raw_text
 from p2pstore.store import capture, gc, modes, origins, policies
 from p2pstore.store.blocks import not_none
@@ -365,17 +365,28 @@ def _sqlite_reason(exc: sqlite3.Error) -> str | None:
     return None
 
 
-def release(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, e: dict[str, Any], *,
-            wall: int | None = None) -> dict[str, Any]:
-    """Settle a queued entry whose row was deleted since (``policies.row_gone``):
-    its change merged under its own clock, as every lww device merged it —
-    there is no value here left to choose. Inside the caller's transaction."""
+def settle(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, entry_id: int, take: str, value: Value = None, *,
+           wall: int | None = None) -> dict[str, Any]:
+    """Settle queued entry ``entry_id`` of a manual policy's reconciler
+    (store/policies.py) inside the caller's transaction: resolved as the
+    person chose (``policies.resolve``) — or, if its row was deleted since,
+    *released*: its change merged under its own clock, as every lww device
+    merged it (there is no value here left to choose). The entry, with the
+    value written (``released``: True instead) and the number still queued."""
+    e = policies.entry(conn, entry_id)
+    if e is None:
+        raise ConflictNotFound(f"no queued conflict {entry_id}", data={"id": entry_id})
     (table,) = sync_tables(conn, e["table"])
     assert table.conflict_column is not None
-    batch = OutBatch(table.mode.value, 0, 0, (policies.released(e, table.conflict_column),), False, False)
-    apply_batch(conn, state, clock, batch, e["remote_origin"], wall=wall)
-    conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (e["id"],))
-    return {**e, "value": None, "released": True, "queued": policies.queued(conn)}
+    row = policies.held(conn, table, e)
+    if row is None:
+        batch = OutBatch(table.mode.value, 0, 0, (policies.released(e, table.conflict_column),), False, False)
+        apply_batch(conn, state, clock, batch, e["remote_origin"], wall=wall)
+        done = {**e, "value": None, "released": True}
+    else:
+        done = {**e, "value": policies.resolve(conn, clock, table, e, row, take, value, wall=wall)}
+    conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (entry_id,))
+    return {**done, "queued": policies.queued(conn)}
 
 
 def apply_block(ap: _Applier, block: Block) -> bool:

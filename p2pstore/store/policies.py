@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pstore.clock import HybridClock
-from p2pstore.errors import ConflictNotFound
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.store import capture, cells, changes, origins
 from p2pstore.protocol.batch import Cell, RowChange
@@ -132,38 +131,25 @@ def entry(conn: sqlite3.Connection, entry_id: int) -> dict[str, Any] | None:
     return dict(zip([d[0] for d in cursor.description], row)) if row is not None else None
 
 
-def resolve(conn: sqlite3.Connection, clock: HybridClock, entry_id: int, take: str, value: Any = None, *,
-            wall: int | None = None) -> dict[str, Any]:
-    """Settle queued entry ``entry_id`` inside the caller's write transaction:
-    keep the value held here now (``local``), take the queued one
-    (``remote``), or write ``value``. It is written with a clock newer than
-    both sides, whose ``prev`` is the newer of the two clocks, so every
-    device takes it as an ordinary later edit. The entry, with the value
-    written and the number still queued."""
-    e = entry(conn, entry_id)
-    if e is None:
-        raise ConflictNotFound(f"no queued conflict {entry_id}", data={"id": entry_id})
-    if row_gone(conn, e):
-        raise ValueError(f"queued conflict {entry_id}: its row was deleted since; release it (``released``) instead")
-    (table,) = changes.sync_tables(conn, e["table"])
+def held(conn: sqlite3.Connection, table: changes.SyncTable, e: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Entry ``e``'s row here: (its key, the value its column holds now), or
+    None when the row was deleted since it was queued — then there is no
+    value here left to choose (merge.settle releases the entry)."""
     assert table.conflict_column is not None
-    name, ck_col, col = quote_ident(e["table"]), quote_ident(table.conflict_column), quote_ident(e["column"])
-    found = conn.execute(f"SELECT {table.info.key_expr}, {col} FROM {name} WHERE {ck_col} = ?", (e["key"],)).fetchone()
-    chosen = found[1] if take == "local" else e["remote_value"] if take == "remote" else value
-    _write(conn, clock, table, e, found[0], chosen, wall)
-    conn.execute("DELETE FROM _p2p_queue WHERE id = ?", (entry_id,))
-    return {**e, "value": chosen, "queued": queued(conn)}
+    return conn.execute(f"SELECT {table.info.key_expr}, {quote_ident(e['column'])} FROM {quote_ident(table.info.name)} "
+                        f"WHERE {quote_ident(table.conflict_column)} = ?", (e["key"],)).fetchone()
 
 
-def row_gone(conn: sqlite3.Connection, e: dict[str, Any]) -> bool:
-    """Whether entry ``e``'s row was deleted here since it was queued: then
-    there is no value here left to choose, and the entry is *released* —
-    its change merged under its own clock, as every lww device merged it
-    (``released``; the store does that through the merge)."""
-    (table,) = changes.sync_tables(conn, e["table"])
-    assert table.conflict_column is not None
-    return conn.execute(f"SELECT 1 FROM {quote_ident(e['table'])} WHERE {quote_ident(table.conflict_column)} = ?",
-                        (e["key"],)).fetchone() is None
+def resolve(conn: sqlite3.Connection, clock: HybridClock, table: changes.SyncTable, e: dict[str, Any], row: tuple[Any, Any],
+            take: str, value: Any = None, *, wall: int | None = None) -> Any:
+    """Settle entry ``e``, whose row is ``row`` (``held``), inside the
+    caller's write transaction: keep the value held here now (``local``),
+    take the queued one (``remote``), or write ``value``. It is written with
+    a clock newer than both sides, whose ``prev`` is the newer of the two
+    clocks, so every device takes it as an ordinary later edit. The value written."""
+    chosen = row[1] if take == "local" else e["remote_value"] if take == "remote" else value
+    _write(conn, clock, table, e, row[0], chosen, wall)
+    return chosen
 
 
 def released(e: dict[str, Any], key_column: str) -> RowChange:

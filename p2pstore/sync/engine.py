@@ -74,9 +74,7 @@ from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
-from p2pstore.protocol.replica_kind import PARTNER as REPLICA_PARTNER
-from p2pstore.protocol.replica_kind import ReplicaKind
-from p2pstore.protocol.replica_kind import problem as replica_problem
+from p2pstore.protocol.replica_kind import PARTNER as REPLICA_PARTNER, ReplicaKind, problem as replica_problem
 from p2pstore.protocol.table_type import TableType
 from p2pstore.protocol.messages import (
     Message,

@@ -795,10 +795,7 @@ def _resolve_oldest(r: Replica, take: str, value: int) -> bool:
     r.conn.execute("BEGIN IMMEDIATE")
     try:
         capture.stamp(r.conn, r.state, r.clock, wall=r.wall)
-        if policies.row_gone(r.conn, entries[0]):
-            merge.release(r.conn, r.state, r.clock, entries[0], wall=r.wall)
-        else:
-            policies.resolve(r.conn, r.clock, entries[0]["id"], take, column_value, wall=r.wall)
+        merge.settle(r.conn, r.state, r.clock, entries[0]["id"], take, column_value, wall=r.wall)
         r.conn.execute("COMMIT")
     except BaseException:
         r.conn.execute("ROLLBACK")
