@@ -923,14 +923,9 @@ class Store:
 
     async def resolve_queued(self, entry_id: int, take: str, value: changes.Value = None) -> dict[str, Any]:
         """Settle queued entry ``entry_id`` (``merge.settle``), outside writes stamped first."""
-        def op(conn: sqlite3.Connection) -> tuple[dict[str, Any], ChangeBatch]:
-            with self._transaction(conn):
-                local = capture.stamp(conn, self.capture, self.clock)
-                done = merge.settle(conn, self.capture, self.clock, entry_id, take, value)
-                self.queued = done["queued"]
-            return done, local
-
-        return await self._announced(op)
+        done = await self._stamped(lambda conn: merge.settle(conn, self.capture, self.clock, entry_id, take, value))
+        self.queued = done["queued"]
+        return done
 
     # -- rebuild (store/rebuild.py) --------------------------------------------
 
