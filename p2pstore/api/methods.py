@@ -519,7 +519,8 @@ async def store_conflicts(api: Api, client: ClientConnection, params: dict[str, 
     found = await api.store(params).conflicts(params.get("table"), params.get("limit", 100))
     return [
         {"id": c.id, "table": c.table, "key": c.key, "column": c.column, "losing_value": c.losing_value,
-         "winner": c.winner, "winner_hlc": c.winner_hlc, "loser": c.loser, "loser_hlc": c.loser_hlc, "at": c.at}
+         "winner": c.winner, "winner_hlc": c.winner_hlc, "loser": c.loser, "loser_hlc": c.loser_hlc, "at": c.at,
+         "kind": "value" if c.other_column is None else "row", "other_column": c.other_column}
         for c in found
     ]
 
@@ -533,16 +534,25 @@ async def store_clear_conflicts(api: Api, client: ClientConnection, params: dict
 async def conflicts_policy(api: Api, client: ClientConnection, params: dict[str, Any]) -> dict[str, Any]:
     """A single_version table's conflict policy here (store/policies.py); every device must set the same."""
     store = api.store(params)
-    if params["policy"] == policies.MANUAL:
-        if "reconciler" not in params:
-            raise InvalidParams("conflicts.policy: params: manual needs a reconciler (the device that resolves conflicts)",
-                                data={"param": "reconciler"})
-        policy = policies.Policy(policies.MANUAL, normalize_device_id(params["reconciler"]), params.get("detect", policies.COLUMN))
+    kind, detect = params["policy"], params.get("detect", policies.COLUMN)
+    needs = {policies.MANUAL: "reconciler", policies.PRIORITY: "devices"}
+    for param in ("reconciler", "devices"):
+        if param in params and needs.get(kind) != param:
+            raise InvalidParams(f"conflicts.policy: params: {param} goes with the "
+                                f"{'manual' if param == 'reconciler' else 'priority'} policy, not {kind}", data={"param": param})
+    if kind in needs and needs[kind] not in params:
+        raise InvalidParams(f"conflicts.policy: params: {kind} needs {needs[kind]} "
+                            f"({'the device that resolves conflicts' if kind == policies.MANUAL else 'the devices it favours, strongest first'})",
+                            data={"param": needs[kind]})
+    if kind == policies.MANUAL:
+        policy = policies.Policy(kind, normalize_device_id(params["reconciler"]), detect)
+    elif kind == policies.PRIORITY:
+        devices = tuple(normalize_device_id(d) for d in params["devices"])
+        if len(set(devices)) != len(devices):
+            raise InvalidParams("conflicts.policy: params: devices: a device is listed twice", data={"param": "devices"})
+        policy = policies.Policy(kind, None, detect, devices)
     else:
-        if "reconciler" in params or params.get("detect", policies.COLUMN) != policies.COLUMN:
-            raise InvalidParams("conflicts.policy: params: reconciler and detect: row go with the manual policy (lww compares "
-                                "column by column)", data={"param": "reconciler" if "reconciler" in params else "detect"})
-        policy = policies.DEFAULT
+        policy = policies.Policy(policies.LWW, None, detect)
     await store.set_policy(params["table"], policy)
     return {"store": store.name, "bundle": store.bundle, "table": params["table"], **policy.to_dict()}
 

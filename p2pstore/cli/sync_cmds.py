@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from p2pstore.cli.common import EXIT_ERROR, EXIT_OK, emit, open_store, parse_value, store_option, with_client
 from p2pstore.client import Client
@@ -47,12 +48,16 @@ def add_parsers(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     p = sub.add_parser("conflicts", parents=[parent], help="the conflict log, conflict policies and the reconciler's queue",
                        description="ACTION list (default): the conflict log of single-version tables, every change that "
                                    "lost to a newer one (per column, last writer wins on the hybrid clock, ties by device ID). "
-                                   "policy lww|manual: set a table's conflict policy (--table; manual needs --reconciler; "
-                                   "every device must set the same). queue: the changes queued on this reconciler. "
+                                   "policy lww | priority DEV[,DEV...] | manual --reconciler DEV [--detect column|row]: set a "
+                                   "table's conflict policy (--table; every device must set the same; priority: concurrent edits "
+                                   "resolve in favour of the devices listed, strongest first; detect row: concurrent edits of "
+                                   "different columns of a row are a conflict too). queue: the changes queued on this reconciler. "
                                    "resolve ID --take local|remote|value [--value JSON]: settle a queued change.")
     store_option(p)
     p.add_argument("action", nargs="?", choices=["list", "policy", "queue", "resolve"], default="list")
-    p.add_argument("arg", nargs="?", metavar="POLICY|ID", help="policy: lww or manual; resolve: the queue entry's id")
+    p.add_argument("arg", nargs="?", metavar="POLICY|ID", help="policy: lww, priority or manual; resolve: the queue entry's id")
+    p.add_argument("devices", nargs="?", metavar="DEV[,DEV...]",
+                   help="policy priority: the devices favoured in a conflict, strongest first, comma-separated")
     p.add_argument("--table", metavar="T", help="only this table (policy: the table)")
     p.add_argument("--reconciler", metavar="ID", help="policy manual: the device where a person resolves conflicts")
     p.add_argument("--detect", choices=["column", "row"], help="what counts as concurrent edits (default column)")
@@ -172,24 +177,36 @@ def run_conflicts(args: argparse.Namespace) -> int:
             emit(args, cleared, f"{cleared['cleared']} conflict(s) cleared")
             return EXIT_OK
         found = await client.call("store.conflicts", **ref, limit=args.limit, **table)
-        emit(args, found, "\n".join(
-            f"{c['id']}  {c['table']}[{c['key']}].{c['column'] or '(row)'}  lost: {c['losing_value']!r} "
-            f"({c['loser']} @{c['loser_hlc']})  winner: {c['winner']} @{c['winner_hlc']}" for c in found) or "no conflicts")
+        emit(args, found, "\n".join(map(_conflict_line, found)) or "no conflicts")
         return EXIT_OK
 
     return with_client(args, go)
 
 
+def _conflict_line(c: dict[str, Any]) -> str:
+    if c.get("kind") == "row":
+        return (f"{c['id']}  {c['table']}[{c['key']}]  row conflict: {c['column']} edited on {c['winner']} @{c['winner_hlc']} while "
+                f"{c['other_column']} was on {c['loser']} @{c['loser_hlc']} (both kept)")
+    return (f"{c['id']}  {c['table']}[{c['key']}].{c['column'] or '(row)'}  lost: {c['losing_value']!r} "
+            f"({c['loser']} @{c['loser_hlc']})  winner: {c['winner']} @{c['winner_hlc']}")
+
+
 def _run_policy(args: argparse.Namespace) -> int:
-    if args.arg not in ("lww", "manual") or not args.table:
-        args.usage_error("conflicts policy lww|manual --table T [--reconciler ID] [--detect column|row]")  # exits 2
+    usage = "conflicts policy lww | priority DEV[,DEV...] | manual --reconciler ID --table T [--detect column|row]"
+    if args.arg not in ("lww", "priority", "manual") or not args.table:
+        args.usage_error(usage)  # exits 2
+    if (args.arg == "priority") != (args.devices is not None):
+        args.usage_error(f"the device list goes with priority (and only then): {usage}")
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices is not None else None
+    if devices is not None and not all(devices):
+        args.usage_error(f"an empty device ID in {args.devices!r}: {usage}")
 
     async def go(client: Client) -> int:
         ref = await open_store(client, args)
-        extra = {k: v for k, v in (("reconciler", args.reconciler), ("detect", args.detect)) if v is not None}
+        extra = {k: v for k, v in (("reconciler", args.reconciler), ("detect", args.detect), ("devices", devices)) if v is not None}
         result = await client.call("conflicts.policy", **ref, table=args.table, policy=args.arg, **extra)
         emit(args, result, f"{result['table']}: {result['kind']}" + (f", reconciler {result['reconciler']}" if result.get("reconciler") else "")
-             + f", detect {result['detect']}")
+             + (f", in favour of {', '.join(result['devices'])}" if result.get("devices") else "") + f", detect {result['detect']}")
         return EXIT_OK
 
     return with_client(args, go)

@@ -33,8 +33,9 @@ Invariants:
   watermark is compared with (``store/changes.py``, ``store/merge.py``).
   ``prev`` records what a change knowingly superseded, so the merge can
   tell a conflict from an ordinary later edit: for a cell, the newest of the
-  foreign value it replaced and the row's tomb; for a tomb, the newest cell
-  of the row when it was deleted.
+  foreign value it replaced and the row's tomb (on a table whose policy
+  detects conflicts by row, the newest edit of the whole row seen here:
+  ``_ROW_PREV_SQL``); for a tomb, the newest cell of the row when it was deleted.
 - The apply path writes its own log rows with the peer's hlc and origin
   (``hlc`` NOT NULL): stamping never turns them into cells or announces them.
 """
@@ -147,7 +148,8 @@ CREATE TABLE IF NOT EXISTS _p2p_conflicts(
     losing_value,
     winner TEXT NOT NULL, winner_hlc INTEGER NOT NULL,
     loser TEXT NOT NULL, loser_hlc INTEGER NOT NULL,
-    at INTEGER NOT NULL                 -- unix ms when it was recorded here
+    at INTEGER NOT NULL,                -- unix ms when it was recorded here
+    other_col TEXT                      -- a row conflict (detect: row): the loser is this column's edit; both stayed
 );
 CREATE UNIQUE INDEX IF NOT EXISTS _p2p_conflicts_loser ON _p2p_conflicts(tbl, ck, ifnull(col, ''), loser, loser_hlc);
 -- Received changes that could not be applied, with their payload.
@@ -167,7 +169,7 @@ _ADDED_COLUMNS = (
     ("_p2p_tables", "conflict_col", "TEXT"), ("_p2p_log", "ck", ""),
     ("_p2p_cells", "prev_hlc", "INTEGER"), ("_p2p_cells", "prev_origin", "INTEGER"),
     ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "INTEGER"),
-    ("_p2p_watermarks", "stream", "TEXT"),
+    ("_p2p_watermarks", "stream", "TEXT"), ("_p2p_conflicts", "other_col", "TEXT"),
 )
 
 
@@ -648,7 +650,30 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     cells.explode(conn, tid, name, _TOUCHED)
     conn.execute(_cells_sql(table, f" AND l.ck IN {_TOUCHED}"), (offset, first, last, name, tid))
     conn.execute(_TOMBS_SQL, (offset, first, last, tid))
+    if _detects_rows(conn, name):
+        conn.execute(_ROW_PREV_SQL, (tid, first, last))
     cells.fold(conn, tid, name, _TOUCHED)
+
+
+def _detects_rows(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether ``table``'s conflict policy says ``detect: row`` (store/policies.py, which sits above this module)."""
+    return conn.execute("SELECT 1 FROM sqlite_schema WHERE name = '_p2p_policies'").fetchone() is not None and conn.execute(
+        "SELECT 1 FROM _p2p_policies WHERE tbl = ? AND json_extract(policy, '$.detect') = 'row'", (table,)).fetchone() is not None
+
+
+#: ``detect: row``: a cell written here supersedes knowingly the newest edit
+#: of its *row* seen here — another device's cell, the foreign value one of
+#: ours replaced, the tomb — not only its own column's: so an edit of one
+#: column made after another device's edit of another column is an ordinary
+#: later edit, and only edits neither writer had seen are a row conflict.
+_ROW_PREV_SQL = (
+    "UPDATE _p2p_cells AS c SET (prev_hlc, prev_origin) = (SELECT s.hlc, s.origin FROM ("
+    "  SELECT x.hlc, x.origin FROM _p2p_cells x WHERE x.tid = c.tid AND x.ck = c.ck AND x.origin IS NOT NULL "
+    "  UNION ALL SELECT x.prev_hlc, x.prev_origin FROM _p2p_cells x WHERE x.tid = c.tid AND x.ck = c.ck AND x.prev_hlc IS NOT NULL "
+    "  UNION ALL SELECT t.hlc, t.origin FROM _p2p_tombs t WHERE t.tid = c.tid AND t.ck = c.ck"
+    ") s ORDER BY s.hlc DESC LIMIT 1) "
+    f"WHERE c.tid = ?1 AND c.seq BETWEEN ?2 AND ?3 AND c.origin IS NULL AND c.ck IN {_TOUCHED}"
+)
 
 
 def _cells_sql(table: CapturedTable, only: str = "") -> str:

@@ -137,7 +137,10 @@ class ApplyResult:
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
-    """One losing change (``column`` None: a row delete that lost)."""
+    """One losing change (``column`` None: a row delete that lost), or a row
+    conflict (``other_column`` set, ``detect: row``): an incoming edit of
+    ``column`` (the winner) concurrent with this device's edit of
+    ``other_column`` (the loser) — both values stayed."""
 
     id: int
     table: str
@@ -149,6 +152,7 @@ class Conflict:
     loser: str
     loser_hlc: int
     at: int
+    other_column: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +263,7 @@ def sync_failures(conn: sqlite3.Connection, limit: int = 100) -> list[SyncFailur
 
 def conflicts(conn: sqlite3.Connection, table: str | None = None, limit: int = 100) -> list[Conflict]:
     """The conflict log, newest first (optionally of one table)."""
-    sql = "SELECT id, tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at FROM _p2p_conflicts"
+    sql = "SELECT id, tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at, other_col FROM _p2p_conflicts"
     params: tuple[Any, ...] = (limit,)
     if table is not None:
         sql += " WHERE tbl = ?"
@@ -393,8 +397,8 @@ def apply_block(ap: _Applier, block: Block) -> bool:
     """Apply ``block`` set-based (store/blocks.py; the table type writes it),
     or return False having changed nothing."""
     table = ap.tables.get(block.table)
-    if table is None or table.mode != ap.mode or block.key_column != table.key_column or block.table in ap.reconciles:
-        return False  # (a table this device reconciles by hand: row by row, where conflicts are queued)
+    if table is None or table.mode != ap.mode or block.key_column != table.key_column or block.table in ap.decides:
+        return False  # (a table whose conflicts this device decides: row by row, where they are queued or decided)
     fields = list(zip(*block.rows))
     keys = fields[KEY]
     kinds = set(map(type, keys))
@@ -454,8 +458,10 @@ class _Applier:
         self.applied = self.conflicts = self.failed = 0
         #: Row changes with cells kept for columns this device lacks (``park``): not failures.
         self.parked = 0
-        #: The tables whose conflicts this device reconciles by hand (store/policies.py), and the entries queued.
-        self.reconciles = {t: p for t, p in policies.load(conn).items() if p.kind == policies.MANUAL and p.reconciler == self.me}
+        #: Every table's policy that is not plain lww (store/policies.py); those whose conflicts this
+        #: device decides (the manual reconciler, the priority arbiter), and the entries queued.
+        self.policies = policies.load(conn)
+        self.decides = {t: p for t, p in self.policies.items() if p.decider == self.me}
         self.queued = 0
         self.max_hlc = 0
         self.remote: dict[str, dict[str, dict[str, list[Any]]]] = {}
@@ -543,19 +549,34 @@ class _Applier:
         lists = self.remote.setdefault(origin, {}).setdefault(table, {"inserted": [], "updated": [], "deleted": []})
         lists[OP_NAMES[op]].append(key)
 
-    def conflict(self, table: str, ck: Value, col: str | None, value: Value, winner: Stamp, loser: Stamp) -> None:
+    def conflict(self, table: str, ck: Value, col: str | None, value: Value, winner: Stamp, loser: Stamp,
+                 other_col: str | None = None) -> None:
         """Log ``loser`` unless its loss was no conflict: a device superseding
         its own change, or a winner written by a device that had already
-        seen the loser (or something newer)."""
+        seen the loser (or something newer). ``other_col``: a row conflict
+        (``detect: row``): ``loser`` is the cell of that column here, which
+        stays, as does ``winner``, the incoming cell of ``col``."""
         if winner.clock[1] == loser.clock[1] or (winner.prev is not None and loser.clock <= winner.prev):
             return
         (mark,), (param,) = bind([value])
         cursor = self.conn.execute(
-            "INSERT OR IGNORE INTO _p2p_conflicts(tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at) "
-            f"VALUES (?, ?, ?, {mark}, ?, ?, ?, ?, ?)",
-            (table, ck, col, param, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now()),
+            "INSERT OR IGNORE INTO _p2p_conflicts(tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at, "
+            f"other_col) VALUES (?, ?, ?, {mark}, ?, ?, ?, ?, ?, ?)",
+            (table, ck, col, param, winner.clock[1], winner.clock[0], loser.clock[1], loser.clock[0], self.now(), other_col),
         )
         self.conflicts += cursor.rowcount
+
+    def decision(self, *clocks: Clock) -> Stamp:
+        """The stamp of a value this device writes to settle concurrent
+        ``clocks`` (a priority arbiter's decision): newer than all of them —
+        this device has seen them all — with the newest as the ``prev`` it
+        supersedes, so every other device takes it as an ordinary later
+        edit and logs no conflict for it (store/policies.py)."""
+        newest = max(clocks)
+        self.clock.observe(newest[0], self.wall)
+        hlc = self.clock.now(self.wall)
+        self.max_hlc = max(self.max_hlc, hlc)
+        return Stamp((hlc, self.me), newest)
 
     def local(self, origin: int | None) -> str:
         """A stored origin as a device ID (store/origins.py)."""
@@ -601,8 +622,8 @@ class _Applier:
             table = self.tables.get(row.table)
             if (not checked and row_problem(self.mode, row) is not None) or table is None or table.mode != self.mode:
                 return False
-            if row.table in self.reconciles:
-                return False  # row by row queues its conflicts (store/policies.py)
+            if row.table in self.decides:
+                return False  # row by row queues or decides its conflicts (store/policies.py)
             if self._clock_ahead(row) is not None:
                 return False  # row by row logs it as a failure
             if any(is_raw_text(c.value) for c in row.cells):

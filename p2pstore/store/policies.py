@@ -5,19 +5,42 @@ in ``devices.list``, like a schema mismatch):
 
 - ``lww`` (the default): per column, the newest clock wins; the loser goes
   to the conflict log (merge.py's rules).
+- ``priority`` with a list of devices, strongest first ("in favour of"
+  a device; local-wins and remote-wins are a list both sides agree on):
+  every other device merges as ``lww`` does; the first device of the list,
+  the **arbiter**, decides each concurrent pair it merges: when ``lww``
+  would keep the value of the device that ranks lower (a device not in the
+  list ranks below every listed one; equal ranks leave it to ``lww``), it
+  writes the favoured value again as its own decision (below). Decisions
+  need no person, so the store is never *in conflict*.
 - ``manual`` with a named **reconciler** device: every other device merges
   as ``lww`` does; on the reconciler, an incoming change made concurrently
   with the value held here is **queued**, not applied — the value here
   stays until a person resolves the entry (take the local value, the
-  remote one, or a new one). ``detect: row`` widens "concurrent" from the
-  same column to any column of the row.
+  remote one, or a new one).
+
+``detect: row`` widens what is a conflict from two concurrent edits of one
+column to concurrent edits of any columns of one row: the reconciler queues
+them; under ``lww`` and ``priority`` values still merge column by column
+(nothing is lost) and the pair is logged as a *row conflict* (the conflict
+log's ``other_column``), so a person can check the record.
+
+Why one device decides, not every device by the list: comparing ranks
+write by write as each device merges is not transitive (a over b by rank,
+b over c because b's writer had seen c, c over a by rank), so devices
+merging the same writes in different orders could end apart; and were
+every device to write favoured values again, each would do it under its
+own clock and name, so a value would lose its author's rank at the next
+comparison. One arbiter's decision is an ordinary later edit everywhere
+else, exactly as a manual resolution is — so the convergence argument (and
+property test) of ``manual`` carries over.
 
 Concurrent means: written on another device, and neither writer had seen
 the other's value (``prev``, what a writer knowingly superseded, is older
 than the other's clock) — the same test that keeps ordinary later edits out
 of the conflict log (merge.py ``_Applier.conflict``).
 
-A resolution is written here with a fresh clock — newer than both sides,
+A resolution (or an arbiter's decision) is written here with a fresh clock — newer than both sides,
 since the reconciler has seen both — whose ``prev`` is the newer of the two
 clocks: the value every ``lww`` device holds. So it replaces that value
 everywhere as an ordinary later edit, and no device logs a conflict for it.
@@ -51,7 +74,7 @@ CREATE TABLE IF NOT EXISTS _p2p_queue(
 );
 """
 
-LWW, MANUAL = "lww", "manual"
+LWW, PRIORITY, MANUAL = "lww", "priority", "manual"
 COLUMN, ROW = "column", "row"
 
 
@@ -60,18 +83,34 @@ class Policy:
     kind: str = LWW
     reconciler: str | None = None
     detect: str = COLUMN
+    devices: tuple[str, ...] = ()  # priority: strongest first
 
     def text(self) -> str:
         """The canonical form: what is stored, offered to peers and compared."""
         out: dict[str, Any] = {"kind": self.kind, "detect": self.detect}
         if self.reconciler is not None:
             out["reconciler"] = self.reconciler
+        if self.devices:
+            out["devices"] = list(self.devices)
         return json.dumps(out, sort_keys=True)
 
     @classmethod
     def parse(cls, text: str) -> Policy:
         d = json.loads(text)
-        return cls(d["kind"], d.get("reconciler"), d.get("detect", COLUMN))
+        return cls(d["kind"], d.get("reconciler"), d.get("detect", COLUMN), tuple(d.get("devices", ())))
+
+    @property
+    def decider(self) -> str | None:
+        """The one device that decides this table's conflicts (None: ``lww`` everywhere)."""
+        if self.kind == MANUAL:
+            return self.reconciler
+        return self.devices[0] if self.kind == PRIORITY and self.devices else None
+
+    def favoured(self, mine: Stamp, theirs: Stamp) -> Stamp | None:
+        """Of two concurrent cells, the one whose writer ranks higher (None: equal ranks)."""
+        rank = {device: i for i, device in enumerate(self.devices)}
+        a, b = rank.get(mine.clock[1], len(rank)), rank.get(theirs.clock[1], len(rank))
+        return None if a == b else mine if a < b else theirs
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.text())

@@ -427,18 +427,28 @@ def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) ->
     new_tomb = in_tomb if tomb_changed else old_tomb
     new_cells = dict(cells)
     incoming: dict[str, Value] = {}
-    manual = ap.reconciles.get(name)
+    decides = ap.decides.get(name)
     for c in row.cells:
         if c.column not in target.dest_columns:
             continue  # not synced here (another schema version): parked (``park``), merged on an upgrade
         theirs, mine = Stamp(c.clock, c.prev), cells.get(c.column)
         if mine is not None and theirs.clock == mine.clock:
             continue  # seen before
-        if manual is not None and c.column != conflict and _must_queue(manual, cells, c.column, theirs, old_tomb):
-            # This device reconciles the table by hand: the concurrent value waits in the queue; ours stays.
-            ap.queued += policies.enqueue(ap.conn, name, ck, c.column, (before.get(c.column), mine.clock if mine else None),
-                                          (c.value, theirs.clock), ap.now())
-            continue
+        if decides is not None and c.column != conflict:
+            if decides.kind == policies.MANUAL and _must_queue(decides, cells, c.column, theirs, old_tomb):
+                # This device reconciles the table by hand: the concurrent value waits in the queue; ours stays.
+                ap.queued += policies.enqueue(ap.conn, name, ck, c.column, (before.get(c.column), mine.clock if mine else None),
+                                              (c.value, theirs.clock), ap.now())
+                continue
+            if decides.kind == policies.PRIORITY and _overrules(decides, mine, theirs, new_tomb, before.get(c.column), c.value):
+                # This device arbitrates by priority and lww would keep the lower-ranked value: the favoured
+                # one is written again as this device's decision, newer than both.
+                assert mine is not None
+                keep = decides.favoured(mine, theirs) is mine
+                new_cells[c.column] = ap.decision(mine.clock, theirs.clock)
+                incoming[c.column] = before.get(c.column) if keep else c.value
+                losses.append((c.column, c.value, mine, theirs) if keep else (c.column, before.get(c.column), theirs, mine))
+                continue
         if mine is None or theirs.clock > mine.clock:
             new_cells[c.column], incoming[c.column] = theirs, c.value
         elif c.column != conflict:
@@ -448,7 +458,7 @@ def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) ->
             if not (winner is mine and existed and same(before.get(c.column), c.value)):
                 losses.append((c.column, c.value, winner, theirs))
     if not incoming and not tomb_changed:
-        record_losses(ap, name, ck, losses)
+        _record(ap, row, losses, cells, old_tomb, new_tomb, existed)
         return None
 
     exists = any(visible(cell, new_tomb) for cell in new_cells.values())
@@ -482,7 +492,7 @@ def plan_merge(ap: _Applier, target: Target, row: RowChange, state: RowState) ->
         assert in_tomb is not None
         newest_cell = max((cell for cell in new_cells.values() if visible(cell, new_tomb)), key=lambda s: s.clock)
         losses.append((None, None, newest_cell, in_tomb))
-    record_losses(ap, name, ck, losses)
+    _record(ap, row, losses, cells, old_tomb, new_tomb, existed)
 
     # What to write to the table.
     pk: Value = current[0] if current is not None else None
@@ -511,6 +521,55 @@ def _must_queue(policy: policies.Policy, cells: dict[str, Stamp], column: str, t
         return any(policies.concurrent(cell, theirs) for cell in cells.values() if visible(cell, tomb))
     mine = cells.get(column)
     return visible(mine, tomb) and policies.concurrent(mine, theirs)
+
+
+def _overrules(policy: policies.Policy, mine: Stamp | None, theirs: Stamp, tomb: Stamp | None, held: Value, value: Value) -> bool:
+    """Whether a priority arbiter decides between the value it holds and an
+    incoming one: they are concurrent, differ and outlive the row's delete
+    (``tomb``, after the merge), their writers rank apart, and ``lww``
+    would keep the value of the one that ranks lower."""
+    if mine is None or not (visible(mine, tomb) and visible(theirs, tomb)) or not policies.concurrent(mine, theirs) \
+            or same(held, value):
+        return False
+    favoured = policy.favoured(mine, theirs)
+    return favoured is not None and (favoured is theirs) != (theirs.clock > mine.clock)
+
+
+def _record(ap: _Applier, row: RowChange, losses: list[tuple[str | None, Value, Stamp, Stamp]], cells: dict[str, Stamp],
+            tomb: Stamp | None, new_tomb: Stamp | None, existed: bool) -> None:
+    """Log the conflicts of merging ``row``: its ``losses``; and with
+    ``detect: row``, where none of them was a conflict, a row conflict.
+
+    Under ``priority``, a device that is not the arbiter leaves out a value
+    that lost here to a lower-ranked one: the arbiter will overrule that
+    (single_version's ``_overrules``), and logs the conflict where it decides it."""
+    policy = ap.policies.get(row.table)
+    if policy is not None and policy.kind == policies.PRIORITY and policy.decider != ap.me:
+        losses = [loss for loss in losses if loss[2] is new_tomb or policy.favoured(loss[2], loss[3]) is not loss[3]]
+    logged = ap.conflicts
+    record_losses(ap, row.table, row.key, losses)
+    if policy is None or policy.detect != policies.ROW or ap.conflicts != logged or not existed:
+        return
+    if policy.kind == policies.MANUAL and policy.decider == ap.me:
+        return  # the reconciler queued them instead
+    _row_conflict(ap, row, cells, tomb)
+
+
+def _row_conflict(ap: _Applier, row: RowChange, cells: dict[str, Stamp], tomb: Stamp | None) -> None:
+    """``detect: row`` under ``lww`` or ``priority`` (not where a reconciler
+    queues it): an incoming edit of one column concurrent with this
+    device's edit of another column of the row is logged once per row
+    change as a row conflict — both values stay, as per-column merging keeps them."""
+    for c in row.cells:
+        theirs = Stamp(c.clock, c.prev)
+        seen = cells.get(c.column)
+        if c.column == row.key_column or (seen is not None and seen.clock == theirs.clock):
+            continue
+        for col, mine in cells.items():
+            if col not in (c.column, row.key_column) and visible(mine, tomb) and mine.clock != theirs.clock \
+                    and policies.concurrent(mine, theirs):
+                ap.conflict(row.table, row.key, c.column, None, theirs, mine, other_col=col)
+                return
 
 
 def record_losses(ap: _Applier, table: str, ck: Value, losses: list[tuple[str | None, Value, Stamp, Stamp]]) -> None:

@@ -843,15 +843,182 @@ def test_a_manual_policy_converges_once_the_queue_is_resolved(ops: list[tuple[An
                     _resolve_oldest(b, op[2], op[3])
                 else:
                     r.wall = (r.wall or 0) + op[2]
-            for _ in range(10):  # bounded: resolve what is queued, then everyone with everyone, until quiet
-                while _resolve_oldest(b, "remote", 0):
-                    pass
-                moved = sum(push(src, dst) for _ in range(2) for src in reps for dst in reps if src is not dst)
-                if moved == 0 and not policies.queued(b.conn):
-                    break
+            _sync_until_quiet(reps, push, settle=lambda: _resolve_all(b), pending=lambda: policies.queued(b.conn))
             assert policies.queued(b.conn) == 0
             contents = [r.rows(SYNCED) for r in reps]
             assert contents[0] == contents[1] == contents[2]
         finally:
             for r in reps:
                 r.close()
+
+
+def _resolve_all(r: Replica) -> None:
+    while _resolve_oldest(r, "remote", 0):
+        pass
+
+
+def _sync_until_quiet(reps: list[Replica], push: Callable[[Replica, Replica], int], settle: Callable[[], None] = lambda: None,
+                      pending: Callable[[], int] = lambda: 0) -> None:
+    """Bounded: settle what waits (a reconciler's queue), then everyone with
+    everyone (twice: a relay needs two hops), until nothing moves."""
+    for _ in range(10):
+        settle()
+        moved = sum(push(src, dst) for _ in range(2) for src in reps for dst in reps if src is not dst)
+        if moved == 0 and not pending():
+            return
+    raise AssertionError("the replicas still exchange changes after 10 rounds")
+
+
+# Edits of one row's cells between syncs: what makes concurrent pairs for the arbiter to decide.
+_set_k1 = st.tuples(st.just("set"), st.integers(0, 2), st.just("k1"), st.sampled_from(["a", "b"]), st.integers(0, 9))
+_priority_op = st.one_of(_upsert, _set, _set_k1, _set_k1, _delete, _sync, _sync,
+                         st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 3)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_priority_op, min_size=20, max_size=60),
+       walls=st.lists(st.sampled_from([1_000, 1_000, 1_001]), min_size=3, max_size=3),
+       policy=st.sampled_from([policies.Policy(policies.PRIORITY, None, policies.COLUMN, ("DEVB", "DEVA")),
+                               policies.Policy(policies.PRIORITY, None, policies.ROW, ("DEVC",)),
+                               policies.Policy(policies.LWW, None, policies.ROW)]))
+def test_priority_and_row_detection_converge(ops: list[tuple[Any, ...]], walls: list[int], policy: policies.Policy) -> None:
+    """Issue 13's property for the automatic policies: random writes on 3
+    replicas, random pairwise syncs, then everyone with everyone until
+    nothing moves: the synced contents are identical — under ``priority``
+    (the arbiter's decisions are later edits that settle too) and under
+    ``lww`` with row detection (which only logs more)."""
+    with tempfile.TemporaryDirectory(prefix="p2p-priority-") as tmp:
+        reps = []
+        for device_id, wall in zip(DEVICES, walls):
+            r = Replica(Path(tmp) / f"{device_id}.db", device_id, wall=wall)
+            r.write(ITEMS)
+            r.make_distributed("items", doc=ITEMS_DOC)
+            r.conn.execute("BEGIN IMMEDIATE")
+            policies.put(r.conn, "items", policy)
+            r.conn.execute("COMMIT")
+            reps.append(r)
+        try:
+            for op in ops:
+                kind, i = op[0], op[1]
+                if kind in ("upsert", "set", "delete"):
+                    _write_op(reps[i], op)
+                elif kind == "sync":
+                    if i != op[2]:
+                        reps[i].push(reps[op[2]], limit=op[3])
+                else:
+                    reps[i].wall = (reps[i].wall or 0) + op[2]
+            _sync_until_quiet(reps, lambda src, dst: applied(src.push(dst)))
+            contents = [r.rows(SYNCED) for r in reps]
+            assert contents[0] == contents[1] == contents[2]
+        finally:
+            for r in reps:
+                r.close()
+
+
+# --------------------------------------------------------------------------
+# conflict policies: priority and row detection (store/policies.py)
+
+
+def _with_policy(r: Replica, policy: policies.Policy) -> Replica:
+    r.conn.execute("BEGIN IMMEDIATE")
+    policies.put(r.conn, "items", policy)
+    r.conn.execute("COMMIT")
+    return r
+
+
+def _lost(r: Replica) -> list[tuple[Any, ...]]:
+    return [(c.column, c.losing_value, c.winner, c.loser, c.other_column) for c in merge.conflicts(r.conn)]
+
+
+@pytest.mark.parametrize("first", ["favoured", "other"])
+def test_priority_keeps_the_favoured_value_of_concurrent_edits_whoever_wrote_later(device, first: str) -> None:
+    """priority [DEVA]: B's concurrent edit is later on the clock (lww would
+    keep it) — after syncing both ways, in either order, both hold A's; the
+    arbiter alone logs the conflict, and its decision is no conflict on B."""
+    favour_a = policies.Policy(policies.PRIORITY, devices=("DEVA",))
+    a, b = _with_policy(device("DEVA", wall=1_000_000), favour_a), _with_policy(device("DEVB", wall=1_000_000), favour_a)
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
+    a.push(b)
+    a.write("UPDATE items SET a = 2 WHERE uid = 'x'")
+    b.wall = 1_100_000
+    b.write("UPDATE items SET a = 3 WHERE uid = 'x'")
+    if first == "favoured":
+        a.push(b)
+        assert b.rows(SYNCED) == [("x", 3, "p")], "B merges as lww until the arbiter decided"
+        b.push(a)
+    else:
+        b.push(a)
+    assert a.rows(SYNCED) == [("x", 2, "p")], "the arbiter keeps the favoured value"
+    a.push(b)
+    assert a.rows(SYNCED) == b.rows(SYNCED) == [("x", 2, "p")]
+    assert _lost(a) == [("a", 3, "DEVA", "DEVB", None)] and _lost(b) == []
+    assert applied(a.push(b)) == applied(b.push(a)) == 0
+
+
+def test_priority_lets_a_later_edit_win_and_ranks_devices_the_arbiter_does_not_hold(device) -> None:
+    """priority [DEVB, DEVA]: an edit made after seeing the favoured value is an
+    ordinary later edit (no conflict), whoever made it; of concurrent edits by
+    DEVA and DEVC (not listed: ranks last), the arbiter DEVB takes DEVA's
+    although DEVC's is later and DEVB holds neither."""
+    policy = policies.Policy(policies.PRIORITY, devices=("DEVB", "DEVA"))
+    a, b, c = (_with_policy(device(d, wall=1_000_000), policy) for d in ("DEVA", "DEVB", "DEVC"))
+    b.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
+    b.push(a)
+    b.push(c)
+    c.write("UPDATE items SET a = 5 WHERE uid = 'x'")  # after seeing B's: a later edit
+    c.push(b)
+    assert b.rows(SYNCED) == [("x", 5, "p")] and _lost(b) == []
+    c.push(a)
+    a.write("UPDATE items SET b = 'q' WHERE uid = 'x'")
+    c.wall = 1_200_000
+    c.write("UPDATE items SET b = 'r' WHERE uid = 'x'")  # concurrent with A's, later
+    c.push(b)
+    a.push(b)
+    assert b.rows(SYNCED) == [("x", 5, "q")], "DEVA ranks above DEVC"
+    for src, dst in ((b, a), (b, c), (a, c), (c, a)):
+        src.push(dst)
+    assert a.rows(SYNCED) == b.rows(SYNCED) == c.rows(SYNCED) == [("x", 5, "q")]
+    assert _lost(b) == [("b", "r", "DEVA", "DEVC", None)]
+
+
+def test_priority_leaves_deletes_and_equal_ranks_to_lww(device) -> None:
+    policy = policies.Policy(policies.PRIORITY, devices=("DEVA",))
+    a, b, c = (_with_policy(device(d, wall=1_000_000), policy) for d in ("DEVA", "DEVB", "DEVC"))
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p'), ('y', 1, 'p')")
+    a.push(b)
+    a.push(c)
+    b.write("UPDATE items SET a = 2 WHERE uid = 'x'")
+    c.wall = 1_100_000
+    c.write("UPDATE items SET a = 3 WHERE uid = 'x'")  # B and C rank alike: the later clock wins
+    a.write("UPDATE items SET a = 4 WHERE uid = 'y'")
+    c.write("DELETE FROM items WHERE uid = 'y'")  # a later delete beats the favoured device's edit
+    for src, dst in ((b, a), (c, a), (a, b), (a, c)):
+        src.push(dst)
+    assert a.rows(SYNCED) == b.rows(SYNCED) == c.rows(SYNCED) == [("x", 3, "p")]
+
+
+def test_row_detection_logs_concurrent_edits_of_different_columns_and_keeps_both(device) -> None:
+    by_row = policies.Policy(policies.LWW, detect=policies.ROW)
+    a, b = _with_policy(device("DEVA", wall=1_000_000), by_row), _with_policy(device("DEVB", wall=1_000_000), by_row)
+    a.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p'), ('y', 1, 'p')")
+    a.push(b)
+    a.write("UPDATE items SET a = 2 WHERE uid = 'x'")
+    b.write("UPDATE items SET b = 'q' WHERE uid = 'x'")
+    a.push(b)
+    b.push(a)
+    assert a.rows(SYNCED) == b.rows(SYNCED) == [("x", 2, "q"), ("y", 1, "p")], "per-column merging keeps both edits"
+    assert _lost(b) == [("a", None, "DEVA", "DEVB", "b")] and _lost(a) == [("b", None, "DEVB", "DEVA", "a")]
+    # An edit made after seeing the other's is no conflict; and column detection logs none of this.
+    b.write("UPDATE items SET a = 3 WHERE uid = 'y'")
+    b.push(a)
+    a.write("UPDATE items SET b = 'r' WHERE uid = 'y'")
+    a.push(b)
+    assert len(merge.conflicts(a.conn)) == len(merge.conflicts(b.conn)) == 1
+    c, d = device("DEVC", wall=1_000_000), device("DEVD", wall=1_000_000)
+    c.write("INSERT INTO items(uid, a, b) VALUES ('x', 1, 'p')")
+    c.push(d)
+    c.write("UPDATE items SET a = 2 WHERE uid = 'x'")
+    d.write("UPDATE items SET b = 'q' WHERE uid = 'x'")
+    c.push(d)
+    d.push(c)
+    assert merge.conflicts(c.conn) == merge.conflicts(d.conn) == []
