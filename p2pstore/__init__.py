@@ -7,4 +7,5 @@ through its Unix socket.
 
 __version__ = "0.1.0"
 #: 2: sync batches may carry columnar blocks (protocol/batch.py ``Block``).
-PROTOCOL_VERSION = 2
+#: 3: a session's receiver says what it holds per origin (protocol/messages.py ``OriginMark``).
+PROTOCOL_VERSION = 3

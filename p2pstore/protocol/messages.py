@@ -157,6 +157,34 @@ class RevisionOffer(Struct):
 
 
 @dataclass(frozen=True, slots=True)
+class OriginMark(Struct):
+    """What a receiver already holds of one origin's changes: every change
+    that ``device`` wrote with an hlc up to ``hlc`` (or a newer state of its
+    row). A sender leaves out rows whose every clock is so covered
+    (store/stream.py ``covered``): in a fleet, most of what a device's
+    stream holds was relayed, and its peers had it from the writer."""
+
+    device: str
+    hlc: int
+
+    def _validate(self) -> None:
+        _text(self.device, "origin device", max_len=MAX_DEVICE_ID_LEN)
+        if not 0 <= self.hlc <= INT_MAX:
+            raise ProtocolError("origin mark: hlc must be an unsigned 64-bit integer")
+
+
+#: Most origin marks one session opening carries (one per device of a fleet).
+MAX_ORIGIN_MARKS = 4096
+
+
+def _marks(marks: tuple[OriginMark, ...]) -> None:
+    if len(marks) > MAX_ORIGIN_MARKS:
+        raise ProtocolError(f"have: {len(marks)} origin marks; the limit is {MAX_ORIGIN_MARKS}")
+    if len({m.device for m in marks}) != len(marks):
+        raise ProtocolError("have: a device is listed twice")
+
+
+@dataclass(frozen=True, slots=True)
 class StoreOffer(Struct):
     """A store with distributed tables that the sending device can sync."""
 
@@ -349,13 +377,16 @@ class SyncOpen(Message):
     tables: tuple[TableOffer, ...]
     stream: str | None = None
     #: The opener's replica kind for the other device (protocol/replica_kind.py); added later.
-    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"replica"})
+    #: ``have``: a pull's opener (the receiver) says what it holds per origin (``OriginMark``); added later.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"replica", "have"})
     replica: str = ReplicaKind.TWO_WAY.value
+    have: tuple[OriginMark, ...] = ()
 
     def _validate(self) -> None:
         _req(self.req)
         _text(self.bundle, "bundle name")
         _text(self.store, "store name")
+        _marks(self.have)
         if self.replica not in REPLICA_KINDS:
             raise ProtocolError(f"replica must be one of {sorted(REPLICA_KINDS)}, got {self.replica!r:.40}")
         if self.mode not in SYNC_MODES:
@@ -382,11 +413,15 @@ class SyncReady(Message):
     since: int
     tables: tuple[TableOffer, ...]
     stream: str | None = None
+    #: What the receiver holds per origin (``OriginMark``); added later: absent, nothing is left out.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"have"})
+    have: tuple[OriginMark, ...] = ()
 
     def _validate(self) -> None:
         _req(self.req)
         _seq(self.since, "since")
         _stream(self.stream)
+        _marks(self.have)
 
 
 @register

@@ -134,7 +134,11 @@ CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
 -- Highest seq of a peer's change stream applied here; moved by the receiver,
 -- in the transaction of the batch it covers.
 -- ``stream`` is the sender's stream ID the seq belongs to (see stream_id).
-CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL, stream TEXT) WITHOUT ROWID;
+-- own_hlc: every change the peer itself wrote with an hlc up to it is here (or a newer state of its
+-- row): what origin marks say (store/merge.py ``origin_marks``); pending_hlc: the newest of its own
+-- changes received since its stream was last drained (own_hlc takes it then).
+CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL, stream TEXT,
+    own_hlc INTEGER, pending_hlc INTEGER) WITHOUT ROWID;
 -- What each peer has confirmed applying of THIS store's stream (the sender's
 -- side of a watermark: store/gc.py), and when it last said so (unix ms).
 -- Compaction forgets deletes only below every holding peer's ack.
@@ -170,6 +174,7 @@ _ADDED_COLUMNS = (
     ("_p2p_cells", "prev_hlc", "INTEGER"), ("_p2p_cells", "prev_origin", "INTEGER"),
     ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "INTEGER"),
     ("_p2p_watermarks", "stream", "TEXT"), ("_p2p_conflicts", "other_col", "TEXT"),
+    ("_p2p_watermarks", "own_hlc", "INTEGER"), ("_p2p_watermarks", "pending_hlc", "INTEGER"),
 )
 
 
@@ -441,6 +446,9 @@ def set_device_id(conn: sqlite3.Connection, device_id: str) -> None:
 
 #: ``_p2p_meta`` key of the store's change-stream ID.
 STREAM_KEY = "stream"
+#: Set once this device dropped rows it had written itself (a rebuild, a restore from a
+#: backup): from then on it never claims to hold all its own changes (merge.origin_marks).
+OWN_ROWS_LOST_KEY = "own_rows_lost"
 
 
 def stream_id(conn: sqlite3.Connection) -> str:

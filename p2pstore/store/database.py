@@ -34,7 +34,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1047,15 +1047,16 @@ class Store:
     # -- sync (called by the sync engine) -------------------------------------
 
     async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500,
-                           max_bytes: int | None = None) -> changes.OutBatch:
-        """The next slice of this store's change stream after ``since``.
+                           max_bytes: int | None = None, covered: Mapping[str, int] | None = None) -> changes.OutBatch:
+        """The next slice of this store's change stream after ``since``
+        (``covered``: the peer's origin marks, see ``changes_since``).
 
         Pending outside writes are stamped (and announced) first, in the same
         transaction, so every change read has its clock.
         """
 
         return await self._stamped(
-            lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes),
+            lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered),
             after=self._note_sent)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
@@ -1084,6 +1085,10 @@ class Store:
     async def position(self, peer: str) -> tuple[int, str | None]:
         """Our watermark for ``peer``'s copy of this store: (seq, its stream ID)."""
         return await self.run(merge.position, peer)
+
+    async def origin_marks(self) -> list[tuple[str, int]]:
+        """What this store holds per origin, for a peer about to send to it (``merge.origin_marks``)."""
+        return await self.run(lambda conn: merge.origin_marks(conn, self.clock.last))
 
     async def start_position(self, since: int, stream: str | None) -> int:
         """Where to start sending to a peer at (``since``, ``stream``); see

@@ -331,18 +331,60 @@ def _rollback_to(conn: sqlite3.Connection, savepoint: str) -> None:
 
 
 def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
-    current, stream = position(conn, peer)
+    """Move ``peer``'s watermark over ``batch`` if it continues the stream,
+    and with it what this device holds of the peer's own changes
+    (``origin_marks``): once a contiguous run of whole-stream batches
+    reaches the end of the peer's stream (``more`` False), every change the
+    peer wrote with a clock up to the newest clock in that run is here (or a
+    newer state of its row) — it wrote them before it read that run, and
+    what it writes later gets a newer clock than anything it had seen.
+    Before the end, a row the sender changed again later is not in the
+    batch (its newer state comes further on), so an older change of it,
+    with a smaller clock, may not be here yet."""
+    found = conn.execute("SELECT received_seq, stream, own_hlc, pending_hlc FROM _p2p_watermarks WHERE peer = ?",
+                         (peer,)).fetchone()
+    current, stream, own, pending = found if found is not None else (0, None, None, None)
     if stream != batch.stream:
-        current = 0  # another stream (the sender's store is new or restored): its seqs start over
+        current, own, pending = 0, None, None  # another stream (the sender's store is new or restored): its seqs start over
     resynced = batch.snapshot_hlc is not None and not batch.more  # a resync moves it once, at its end (store/gc.py)
     if resynced or (batch.full and batch.snapshot_hlc is None and batch.since_seq <= current < batch.last_seq):
+        if not resynced:
+            pending = max(pending or 0, _newest(batch)) or None
+            if not batch.more and pending is not None:
+                own = max(own or 0, pending)
         conn.execute(
-            "INSERT INTO _p2p_watermarks(peer, received_seq, stream) VALUES (?, ?, ?) "
-            "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq, stream = excluded.stream",
-            (peer, batch.last_seq, batch.stream),
+            "INSERT INTO _p2p_watermarks(peer, received_seq, stream, own_hlc, pending_hlc) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq, stream = excluded.stream, "
+            "own_hlc = excluded.own_hlc, pending_hlc = excluded.pending_hlc",
+            (peer, batch.last_seq, batch.stream, own, pending),
         )
         return batch.last_seq
-    return current
+    return int(current)
+
+
+def _newest(batch: OutBatch) -> int:
+    """The newest clock among ``batch``'s cells and tombs (0: none)."""
+    hlcs = [c.hlc for r in batch.rows for c in r.cells]
+    hlcs += [r.tomb_hlc for r in batch.rows if r.tomb_hlc is not None]
+    for block in batch.blocks:
+        hlcs += [r[HLC] for r in block.rows if r[HLC] is not None]
+        hlcs += [r[TOMB_HLC] for r in block.rows if r[TOMB_HLC] is not None]
+    return max(hlcs, default=0)
+
+
+def origin_marks(conn: sqlite3.Connection, newest_own: int) -> list[tuple[str, int]]:
+    """What this device holds per origin (protocol ``OriginMark``): of each
+    peer whose stream it took whole up to its end, every change that peer
+    wrote up to the newest clock in it (``_advance_watermark``); and of itself, everything
+    up to ``newest_own`` (the clock's last value), unless it ever dropped
+    rows of its own (``capture.OWN_ROWS_LOST_KEY``). A sender leaves out rows whose
+    every clock is covered (store/stream.py): in a fleet, most of a
+    device's stream was relayed, and its peers had it from the writer."""
+    marks = [(peer, int(hlc)) for peer, hlc in conn.execute(
+        "SELECT peer, own_hlc FROM _p2p_watermarks WHERE own_hlc IS NOT NULL ORDER BY peer")]
+    if newest_own > 0 and not capture.get_meta(conn, capture.OWN_ROWS_LOST_KEY):
+        marks.append((capture.device_id(conn), newest_own))
+    return marks
 
 
 def _observe(conn: sqlite3.Connection, clock: HybridClock, newest: int, wall: int | None) -> None:

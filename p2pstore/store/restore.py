@@ -160,6 +160,7 @@ def mark_restored(conn: sqlite3.Connection, old_stream: str) -> None:
     in a write transaction."""
     if capture.stream_id(conn) == old_stream:
         capture.new_stream(conn)
+    set_meta(conn, capture.OWN_ROWS_LOST_KEY, 1)  # what it wrote after the backup must come back from peers
     if store_mode(conn) != COLLABORATIVE or get_meta(conn, RESTORED_FROM_KEY) is not None:
         return  # single_version needs no catch-up; a pending one keeps its own marks
     set_meta(conn, RESTORED_FROM_KEY, old_stream)

@@ -47,12 +47,13 @@ picks the interval and puts the batch together.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from p2pstore.errors import InvalidParams, StoreInvalid
 from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import capture, modes
+from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN
 from p2pstore.store.changes import (
     DEFAULT_BATCH_ROWS, KEY, MAX_BATCH_ROWS, ROW_OVERHEAD, SEQ, Block, OutBatch, RowChange, SyncTable, filter_sql, origin_list,
     read_snapshot, stable_bound, store_mode, sync_tables,
@@ -68,6 +69,7 @@ def changes_since(
     where: CompiledQuery | None = None,
     max_bytes: int | None = None,
     columnar: bool = True,
+    covered: Mapping[str, int] | None = None,
 ) -> OutBatch:
     """The changes a peer whose watermark is ``since_seq`` has not applied.
 
@@ -90,6 +92,11 @@ def changes_since(
     the peer still needs. A filtered batch has the rows that exist and match
     now, and the deletes of rows that no longer exist (``filter_sql``);
     ``where``'s order, limit and offset are ignored.
+
+    ``covered``: the peer's origin marks (device → hlc, protocol
+    ``OriginMark``): single_version rows whose every clock they cover are
+    left out (``_uncovered``); the interval, and what the peer's watermark
+    may do, stay the same.
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -141,8 +148,31 @@ def changes_since(
             for t in tables:
                 rows.extend(modes.of(t.mode).read_rows(conn, t, since_seq, last, me, filt))
         rows.sort(key=lambda r: r.seq)
+        if covered and mode == SINGLE_VERSION:
+            rows, blocks = _uncovered(rows, blocks, covered)
         return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None, capture.stream_id(conn),
                         blocks=tuple(blocks))
+
+
+def _uncovered(rows: list[RowChange], blocks: list[Block], covered: Mapping[str, int]) -> tuple[list[RowChange], list[Block]]:
+    """``rows`` and ``blocks`` without the rows whose every clock the peer
+    holds already (``covered``: its origin marks, store/merge.py
+    ``origin_marks``): a no-op there, so leaving them out changes nothing
+    but the work. The batch still covers its whole interval, so the peer's
+    watermark moves over them. Only single_version streams relay, so only
+    they hold rows the peer had from their writer."""
+    def has(hlc: int | None, origin: str | None) -> bool:
+        return hlc is None or (origin is not None and hlc <= covered.get(origin, -1))
+
+    kept_rows = [r for r in rows if not (all(has(c.hlc, c.origin) for c in r.cells) and has(r.tomb_hlc, r.tomb_origin))]
+    kept_blocks = []
+    for b in blocks:
+        marks = [covered.get(origin, -1) for origin in b.origins]
+        kept = [r for r in b.rows if not ((r[HLC] is None or r[HLC] <= marks[r[ORIGIN]])
+                                          and (r[TOMB_HLC] is None or r[TOMB_HLC] <= marks[r[TOMB_ORIGIN]]))]
+        if kept:
+            kept_blocks.append(b._replace(rows=kept))
+    return kept_rows, kept_blocks
 
 
 def unsent_rows(conn: sqlite3.Connection, since_seq: int, stream: str | None) -> int:

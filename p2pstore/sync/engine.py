@@ -78,6 +78,7 @@ from p2pstore.protocol.replica_kind import PARTNER as REPLICA_PARTNER, ReplicaKi
 from p2pstore.protocol.table_type import TableType
 from p2pstore.protocol.messages import (
     Message,
+    OriginMark,
     StoreOffer,
     StoresOffer,
     SyncAck,
@@ -236,6 +237,17 @@ def revision_states(stores: list[Store], theirs: dict[tuple[str, str], tuple[tup
             "state": evolutions.compare(store.revisions, peer_revs),
         })
     return found
+
+
+async def _marks(store: Store) -> tuple[OriginMark, ...]:
+    """What ``store`` holds per origin, for the peer about to send to it (a single_version store's: only they relay)."""
+    if store.table_type != TableType.SINGLE_VERSION:
+        return ()
+    return tuple(OriginMark(device, hlc) for device, hlc in await store.origin_marks())
+
+
+def _covered(marks: tuple[OriginMark, ...]) -> dict[str, int] | None:
+    return {m.device: m.hlc for m in marks} or None
 
 
 def policy_mismatches(stores: list[Store], theirs: PeerTables) -> list[dict[str, Any]]:
@@ -475,8 +487,12 @@ class SyncEngine:
 
     async def _send_stream(self, session: Request, store: Store, table: str | None, where: Any,
                            progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
-                           snapshot: int | None = None, copy_of: str | None = None, refresh: bool = False) -> Stats:
+                           snapshot: int | None = None, copy_of: str | None = None, refresh: bool = False,
+                           covered: dict[str, int] | None = None) -> Stats:
         """Sender: batches until the stream is drained, each acked, then SyncEnd.
+
+        ``covered``: what the peer holds per origin (its ``OriginMark``s, a
+        pull's; a push's come in its ready): rows it holds are left out.
 
         ``opening`` (a push): our SyncOpen; the receiver's ready says where to
         start (after the table checks). Otherwise start after ``since``.
@@ -489,7 +505,7 @@ class SyncEngine:
         cursor: Any = None
 
         async def do(action: Action) -> list[Action]:
-            nonlocal cursor, snapshot
+            nonlocal cursor, snapshot, covered
             if isinstance(action, Prepare):
                 ready = action.ready
                 self._learn(session.peer, store, ready.tables)
@@ -497,6 +513,8 @@ class SyncEngine:
                 start, snapshot = await self._begin_send(store, session.peer, ready.since, ready.stream, table, where)
                 if refresh and snapshot is None:
                     start = 0  # a push --refresh: the whole stream again (what the peer has is a no-op there)
+                if not refresh:
+                    covered = _covered(ready.have)
                 return machine.begin(start, always_send=snapshot is not None)
             if isinstance(action, ReadBatch):
                 if copy_of is not None:
@@ -505,7 +523,7 @@ class SyncEngine:
                     batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 else:
                     batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
-                                                     max_bytes=MAX_BATCH_BYTES)
+                                                     max_bytes=MAX_BATCH_BYTES, covered=covered)
                 return machine.batch_read(batch)
             if isinstance(action, Acked):
                 key = (session.peer, store.bundle, store.name)
@@ -571,7 +589,8 @@ class SyncEngine:
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
                 since, stream = await store.position(peer)
-                stats = await self._receive_stream(session, store, None, SyncReady(msg.req, since, table_offers(store), stream))
+                ready = SyncReady(msg.req, since, table_offers(store), stream, have=await _marks(store))
+                stats = await self._receive_stream(session, store, None, ready)
                 log.info("received %d change(s) of %s/%s from %s (%s)", stats.sent, msg.bundle, msg.store, peer, stats.outcome())
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
                 self.directory.check_may_receive(peer, store)
@@ -589,7 +608,8 @@ class SyncEngine:
                 check_tables(store, msg.table, msg.tables)
                 where = compile_where(store, msg.table, _parse_where(msg.where))
                 start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
-                stats = await self._send_stream(session, store, msg.table, where, None, since=start, snapshot=snapshot)
+                stats = await self._send_stream(session, store, msg.table, where, None, since=start, snapshot=snapshot,
+                                                covered=_covered(msg.have))
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
             code = int(Code.SUCCESS)
         except SessionEnded as end:
@@ -767,7 +787,7 @@ class SyncEngine:
             if selection.refresh:
                 since = 0  # the sender's whole stream again (its forgotten deletes: a resync); our watermark only moves up
             opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream,
-                               replica=store.replica(peer).kind.value)
+                               replica=store.replica(peer).kind.value, have=() if selection.refresh else await _marks(store))
             return await self._receive_stream(session, store, progress, opening)
         except SessionEnded as end:
             if end.channel_lost and not session.moved:

@@ -1,7 +1,8 @@
 """Per-peer traffic counters in ``status`` / ``devices.list`` (docs/sync.md,
 "Traffic"), with real daemons: sessions, batches, bytes and rows each way,
 and rows received that changed nothing (duplicates) — what makes a fleet's
-amplification visible (issue 15 item 4)."""
+amplification visible (issue 15 item 4) — and the rows a receiver's origin
+marks keep from travelling at all (protocol 3, ``have``)."""
 
 from __future__ import annotations
 
@@ -60,26 +61,30 @@ def test_counters_follow_a_push_an_echo_and_a_pull(linked_daemons) -> None:
     # devices.list carries the same counters as status
     assert traffic(b, a, method="devices.list") == got
 
-    # B relays A's rows to C, and C pushes them back to B: an echo, all duplicates on B.
+    # B relays A's rows to C, and C pushes them back to B: an echo. B's origin marks say it
+    # holds A's rows (it took A's stream whole), so C leaves them out: nothing travels.
     sync(b, c, "push")
     assert traffic(c, b)["rows_applied"] == ROWS
     sync(c, b, "push")
     echo = traffic(b, c)
-    assert echo["rows_received"] >= ROWS
-    assert echo["rows_applied"] == 0
-    assert echo["duplicates_received"] == echo["rows_received"]
-
-    # A pulls from C: A's own rows come back, nothing changes on A.
+    assert echo["sessions_served"] == 1 and echo["rows_received"] == echo["duplicates_received"] == 0
+    # A pulls from C: A's own rows, which A holds (its own mark): left out too.
     sync(a, c, "pull")
+    assert traffic(a, c)["rows_received"] == 0
+
+    # A --refresh pull sends no marks: A's own rows come back, all duplicates.
+    [refreshed] = a.call("store.sync", **SV_REF, mode="pull", refresh=True, predicates={"devices": [c.id]})["results"]
+    assert refreshed["code"] == 0, refreshed
     pulled = traffic(a, c)
-    assert pulled["sessions_started"] == 1 and pulled["rows_applied"] == 0
+    assert pulled["sessions_started"] == 2 and pulled["rows_applied"] == 0
     assert pulled["duplicates_received"] == pulled["rows_received"] >= ROWS
-    assert traffic(c, a)["sessions_served"] == 1 and traffic(c, a)["rows_sent"] == pulled["rows_received"]
+    assert traffic(c, a)["sessions_served"] == 2 and traffic(c, a)["rows_sent"] == pulled["rows_received"]
 
     # status sums every device's counters; the CLI prints them per device.
     totals = a.api.call("status")["traffic"]
-    assert totals["rows_sent"] == ROWS and totals["sessions_started"] == 2
-    out = cli(b, "status")
+    assert totals["rows_sent"] == ROWS and totals["sessions_started"] == 3
+    out = cli(a, "status")
     assert out.returncode == 0, out.stderr
-    assert f"{ROWS} applied" in out.stdout and f"{echo['duplicates_received']} duplicate(s)" in out.stdout
-    assert json.loads(cli(b, "status", "--json").stdout)["traffic"]["duplicates_received"] == echo["duplicates_received"]
+    assert f"{pulled['duplicates_received']} duplicate(s)" in out.stdout
+    assert json.loads(cli(a, "status", "--json").stdout)["traffic"]["duplicates_received"] == pulled["duplicates_received"]
+    assert f"{ROWS} applied" in cli(b, "status").stdout

@@ -12,6 +12,7 @@ import pytest
 from p2pstore.errors import ProtocolError
 from p2pstore.protocol.messages import (
     Message,
+    OriginMark,
     QueryError,
     QueryMore,
     QueryPage,
@@ -47,6 +48,8 @@ MESSAGES: list[Message] = [
     sync_open(mode="push", table=None, where=None, since=None, stream=None),
     SyncReady(7, 0, TABLES, None),
     SyncReady(7, 2**63 - 1, (), STREAM),
+    SyncReady(7, 3, (), STREAM, have=(OriginMark("DEV-A", 2**64 - 1), OriginMark("DEV-B", 0))),
+    sync_open(mode="pull", have=(OriginMark("DEV-A", 5),)),
     SyncBatch(7, b"\x00" * 100),
     SyncAck(7, 12, 10, 1, 1),
     SyncEnd(7, 0, ""),
@@ -78,6 +81,11 @@ def test_round_trip(msg: Message) -> None:
     lambda: sync_open(stream=5),
     lambda: SyncReady(7, -1, (), None),
     lambda: SyncReady(7, 0, (), ""),
+    lambda: SyncReady(7, 0, (), None, have=(OriginMark("DEV-A", 1), OriginMark("DEV-A", 2))),  # a device twice
+    lambda: SyncReady(7, 0, (), None, have=tuple(OriginMark(f"D{i}", 1) for i in range(4097))),  # too many
+    lambda: SyncReady(7, 0, (), None, have=(OriginMark("", 1),)),
+    lambda: SyncReady(7, 0, (), None, have=(OriginMark("DEV-A", -1),)),
+    lambda: sync_open(have=(OriginMark("x" * 65, 1),)),
     lambda: SyncAck(7, -1, 0, 0, 0),
     lambda: SyncAck(7, 1, -1, 0, 0),
     lambda: SyncEnd(7, 100, ""),

@@ -126,12 +126,14 @@ class Replica:
     # -- sync -----------------------------------------------------------------
 
     def read(self, since: int, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
-             where: CompiledQuery | None = None, max_bytes: int | None = None) -> changes.OutBatch:
+             where: CompiledQuery | None = None, max_bytes: int | None = None,
+             covered: dict[str, int] | None = None) -> changes.OutBatch:
         """What the sender does: stamp, then read, in one transaction."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
-            batch = stream.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes)
+            batch = stream.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes,
+                                         covered=covered)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -178,16 +180,18 @@ class Replica:
             raise
 
     def push(self, other: Replica, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
-             plain: bool = True, max_bytes: int | None = None) -> list[merge.ApplyResult]:
+             plain: bool = True, max_bytes: int | None = None, marks: bool = False) -> list[merge.ApplyResult]:
         """Send ``other`` everything it has not applied from us, in batches.
 
         ``plain`` sends each batch through its msgpack-ready form and back,
-        as the wire will.
+        as the wire will. ``marks``: leave out what ``other``'s origin marks
+        say it holds, as the daemons do (protocol 3).
         """
         results = []
         since = self.start_position(*merge.position(other.conn, self.id))
+        covered = dict(merge.origin_marks(other.conn, other.clock.last)) if marks else None
         while True:
-            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes)
+            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes, covered=covered)
             if plain:
                 wire = pack_values(changes.batch_to_plain(batch))
                 batch = changes.batch_from_plain(unpack(wire, "batch", raw_text=True))

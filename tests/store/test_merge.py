@@ -697,8 +697,10 @@ _delete = st.tuples(st.just("delete"), st.integers(0, 2), st.sampled_from(KEYS))
 _sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4))
 # Weighted by repetition: edits of single columns and syncs are what make
 # concurrent updates meet deletes (partial resurrection) and each other.
+# A sync whose sender leaves out what the receiver's origin marks say it holds (protocol 3).
+_marked_sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4), st.just("marks"))
 _op = st.one_of(
-    _upsert, _set, _set, _delete, _sync, _sync,
+    _upsert, _set, _set, _delete, _sync, _sync, _marked_sync,
     st.tuples(st.just("rekey"), st.integers(0, 2), st.sampled_from(KEYS), st.sampled_from(KEYS)),
     st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 3)),
     st.tuples(st.just("compact"), st.integers(0, 2)),
@@ -741,18 +743,18 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
                     if not r.rows("SELECT 1 FROM items WHERE uid = ?", (new,)):
                         r.write("UPDATE items SET uid = ? WHERE uid = ?", (new, old))
                 elif kind == "sync":
-                    _, _, j, limit = op
+                    j, limit = op[2], op[3]
                     if i != j:
-                        r.push(reps[j], limit=limit)
+                        r.push(reps[j], limit=limit, marks=len(op) > 4)
                 elif kind == "compact":
                     r.compact()
                 else:
                     r.wall = (r.wall or 0) + op[2]
-            for _ in range(2):  # twice: a relay needs two hops
+            for hop in range(2):  # twice: a relay needs two hops (the second leaving out what origin marks cover)
                 for src in reps:
                     for dst in reps:
                         if src is not dst:
-                            src.push(dst)
+                            src.push(dst, marks=hop == 1)
             contents = [r.rows(SYNCED) for r in reps]
             assert contents[0] == contents[1] == contents[2]
             assert [applied(src.push(dst)) for src in reps for dst in reps if src is not dst] == [0] * 6
