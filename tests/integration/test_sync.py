@@ -405,10 +405,11 @@ def test_cycle_a_b_c_a_does_not_loop_or_duplicate(linked_daemons) -> None:
         return [(r["sent"], r["applied"]) for r in (ok(src.sync("push", SV_REF, [dst]), dst) for src, dst in ring)]
 
     first, second, third = round_(), round_(), round_()
-    # 1: A -> B A's 3; B -> C B's 2 + A's 3 (relayed); C -> A C's 1 + the 5 it got, of which A's own 3 are no-ops.
-    # 2: A -> B forwards b1, b2, c1 (only c1 is new to B); B -> C forwards c1 (C's own); C -> A nothing.
+    # Each receiver's origin marks (protocol 3) keep what it holds from travelling:
+    # 1: A -> B A's 3; B -> C B's 2 + A's 3 (relayed); C -> A C's 1 + B's 2 (A's own 3 left out).
+    # 2: A -> B forwards c1 only (B holds its own b1, b2); B -> C c1 is C's own: nothing; C -> A nothing.
     # 3: nothing moves: a change seen again gets no new seq, so it stops travelling.
-    assert (first, second, third) == ([(3, 3), (5, 5), (6, 3)], [(3, 1), (1, 0), (0, 0)], [(0, 0)] * 3)
+    assert (first, second, third) == ([(3, 3), (5, 5), (3, 3)], [(1, 1), (0, 0), (0, 0)], [(0, 0)] * 3)
 
     expected = [[n, i, 9.5 if n == "a1" else None] for names in (["a1", "a2", "a3"], ["b1", "b2"], ["c1"])
                 for i, n in enumerate(names)]
@@ -592,10 +593,11 @@ def test_query_sync_sends_only_matching_rows_and_keeps_the_watermark(linked_daem
     # A pull with a filter: the serving side filters what it sends.
     b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "b-young", "AGE": 5})
     b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "b-old", "AGE": 50})
-    # (B's stream also holds A's rows it received: adult and elder match too, and are no-ops on A.)
-    ok(a.sync("pull", SV_REF, [b], table="EMPLOYEE", where=[["AGE", ">", 18]]), b, sent=3, applied=1)
+    # (B's stream also holds A's rows it received — adult and elder match too — but A's
+    # origin mark says it holds all it wrote: B leaves them out, protocol 3.)
+    ok(a.sync("pull", SV_REF, [b], table="EMPLOYEE", where=[["AGE", ">", 18]]), b, sent=1, applied=1)
     assert "b-young" not in [e[0] for e in employees(a)]
-    ok(a.sync("pull", SV_REF, [b]), b, sent=6, applied=1)
+    ok(a.sync("pull", SV_REF, [b]), b, sent=2, applied=1)
     assert "b-young" in [e[0] for e in employees(a)]
 
 
