@@ -26,6 +26,11 @@ Invariants:
   (``RecordAck``); a session that breaks records nothing, and the next one
   resends from the receiver's committed watermark: a re-sent change is a
   no-op, never a duplicate.
+- **A lingering sender goes on.** With ``linger`` (auto-sync pushes), a
+  sender whose every batch is acked records the ack and asks its caller
+  (``Drained``) whether changes came meanwhile: if so (``resume``) it reads
+  on from where it stopped, in the same session, instead of ending and
+  opening another — at most ``MAX_RESUMES`` times, then it ends.
 - **Nothing a peer sends raises out of a machine.** An unexpected message, a
   batch that does not decode, a peer that runs more than ``MAX_WINDOW``
   batches ahead: each is a ``Finish`` with its code, never an exception.
@@ -70,6 +75,9 @@ from p2pstore.protocol.messages import (
 #: Batches a sender may have unacked, by default and at most (``sync_window``).
 DEFAULT_WINDOW = 4
 MIN_WINDOW, MAX_WINDOW = 1, 64
+#: Times a lingering sender reads on after draining, before it ends its session anyway
+#: (so one session does not hold its sync slot for ever under constant writes).
+MAX_RESUMES = 64
 
 
 class Code(enum.IntEnum):
@@ -288,6 +296,12 @@ class RecordAck:
 
 
 @dataclass(frozen=True, slots=True)
+class Drained:
+    """(Lingering sender.) Every batch is acked and recorded: call ``resume``
+    if changes came meanwhile, else ``stop``."""
+
+
+@dataclass(frozen=True, slots=True)
 class Apply:
     """(Receiver.) Apply ``batch`` with the watermark in one transaction, then
     call ``applied``. ``size``: the bytes it took on the wire (for traffic counts)."""
@@ -307,7 +321,7 @@ class Finish:
         return self.end.code
 
 
-Action = Send | Prepare | Ready | ReadBatch | Acked | RecordAck | Apply | Finish
+Action = Send | Prepare | Ready | ReadBatch | Acked | RecordAck | Drained | Apply | Finish
 
 
 class State(enum.Enum):
@@ -315,6 +329,7 @@ class State(enum.Enum):
     PREPARING = "preparing"          # sender: the caller checks tables and finds the start
     STREAMING = "streaming"          # batches move
     DRAINING = "draining"            # sender: the last batch went out; acks still due
+    DRAINED = "drained"              # lingering sender: all acked; the caller says resume or end
     DONE = "done"
 
 
@@ -369,11 +384,14 @@ class Sender(_Machine):
     """The side that reads its store's stream and sends it in batches;
     ``window``: batches unacked at most."""
 
-    def __init__(self, req: int, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, req: int, *, window: int = DEFAULT_WINDOW, linger: bool = False) -> None:
         super().__init__(req)
         if not MIN_WINDOW <= window <= MAX_WINDOW:
             raise ValueError(f"window must be {MIN_WINDOW}..{MAX_WINDOW}, got {window}")
         self.window = window
+        self.linger = linger
+        self.resumes = 0
+        self._recorded: tuple[int, str] | None = None
         self.always_send = False
         self.state = State.PREPARING
         self.unacked: deque[OutBatch] = deque()
@@ -465,14 +483,35 @@ class Sender(_Machine):
         self._reading = True
         return [ReadBatch(self._since)]
 
+    def resume(self) -> list[Action]:
+        """(After ``Drained``.) Changes came meanwhile: read on in this session."""
+        if self.done:
+            return []
+        if self.state is not State.DRAINED:
+            raise ProtocolError(f"resume() in state {self.state.value}")
+        self.resumes += 1
+        self.state = State.STREAMING
+        return self._read()
+
+    def stop(self) -> list[Action]:
+        """(After ``Drained``.) Nothing new: the session ends, successfully."""
+        if self.done:
+            return []
+        if self.state is not State.DRAINED:
+            raise ProtocolError(f"stop() in state {self.state.value}")
+        return [Send(SyncEnd(self.req, int(Code.SUCCESS), ""))] + self._finish(_success())
+
     def _drained(self) -> list[Action]:
         if self.unacked:
             return []
         actions: list[Action] = []
-        if self.watermark is not None:
+        if self.watermark is not None and self.watermark != self._recorded:
             actions.append(RecordAck(*self.watermark))
-        actions.append(Send(SyncEnd(self.req, int(Code.SUCCESS), "")))
-        return actions + self._finish(_success())
+            self._recorded = self.watermark
+        self.state = State.DRAINED
+        if self.linger and self.resumes < MAX_RESUMES:
+            return actions + [Drained()]
+        return actions + self.stop()
 
 
 class Receiver(_Machine):

@@ -54,7 +54,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from p2pstore.clock import wall_ms
@@ -94,6 +94,7 @@ from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, Se
     Action,
     Apply,
     Code,
+    Drained,
     Finish,
     Prepare,
     Problem,
@@ -488,8 +489,10 @@ class SyncEngine:
     async def _send_stream(self, session: Request, store: Store, table: str | None, where: Any,
                            progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
                            snapshot: int | None = None, copy_of: str | None = None, refresh: bool = False,
-                           covered: dict[str, int] | None = None) -> Stats:
-        """Sender: batches until the stream is drained, each acked, then SyncEnd.
+                           covered: dict[str, int] | None = None, linger: Callable[[], bool] | None = None) -> Stats:
+        """Sender: batches until the stream is drained, each acked, then SyncEnd
+        — or, with ``linger`` (an auto push), on in the same session while
+        ``linger()`` says changes came meanwhile (protocol/sync_session.py).
 
         ``covered``: what the peer holds per origin (its ``OriginMark``s, a
         pull's; a push's come in its ready): rows it holds are left out.
@@ -501,7 +504,7 @@ class SyncEngine:
         (store/restore.py). The peer's last ack of a whole-stream batch is
         recorded for compaction.
         """
-        machine = Sender(session.req, window=self.window)
+        machine = Sender(session.req, window=self.window, linger=linger is not None)
         cursor: Any = None
 
         async def do(action: Action) -> list[Action]:
@@ -537,6 +540,9 @@ class SyncEngine:
             if isinstance(action, RecordAck):
                 await store.record_ack(session.peer, action.seq, action.stream)
                 return []
+            if isinstance(action, Drained):
+                assert linger is not None
+                return machine.resume() if linger() else machine.stop()
             raise TypeError(f"a sender has no {type(action).__name__}")
 
         if opening is not None:
@@ -781,7 +787,8 @@ class SyncEngine:
             if mode == "push":
                 opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store),
                                    replica=store.replica(peer).kind.value)
-                return await self._send_stream(session, store, table, where, progress, opening=opening, refresh=selection.refresh)
+                return await self._send_stream(session, store, table, where, progress, opening=opening, refresh=selection.refresh,
+                                               linger=selection.linger)
             await self._refuse_if_behind(store, peer)
             since, stream = await store.position(peer)
             if selection.refresh:
@@ -937,6 +944,14 @@ class SyncEngine:
         self._auto[key] = False
         self._spawn(self._auto_push(store, peer, key), f"auto-sync {store.name} -> {peer}")
 
+    def _take_dirty(self, key: tuple[tuple[str, str], str]) -> bool:
+        """Whether changes came for ``key``'s running auto push since it last
+        read (then the push goes on with them in the same session: coalescing)."""
+        if self._auto.get(key):
+            self._auto[key] = False
+            return True
+        return False
+
     async def _auto_push(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
         """Push until nothing new is left: ``self._auto[key]`` (dirty) is set by
         every change while a push runs; a failed push is tried again after
@@ -947,7 +962,8 @@ class SyncEngine:
                 self._auto[key] = False
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
-                        stats = await self._logged_session(store, "push", peer, Selection(), None, "auto")
+                        stats = await self._logged_session(store, "push", peer, Selection(linger=lambda: self._take_dirty(key)),
+                                                           None, "auto")
                     failures = 0
                     if stats.sent:
                         log.debug("auto-sync pushed %d change(s) of %s to %s", stats.sent, store.name, peer)
@@ -987,6 +1003,9 @@ class Selection:
     where_json: Any = None
     where: Any = None
     refresh: bool = False
+    #: (An auto push.) Whether changes came while its batches were in flight:
+    #: then the session reads on instead of ending (``Sender`` ``linger``).
+    linger: Callable[[], bool] | None = field(default=None, compare=False)
 
     def where_text(self) -> str | None:
         """The filter as it travels and is logged (BLOBs as ``$blob``)."""

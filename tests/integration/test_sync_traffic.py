@@ -15,6 +15,7 @@ from sync_helpers import (
     cli,
     linked_daemons,  # noqa: F401  (fixture)
     setup_employee,
+    wait_until,
 )
 
 ROWS = 2_500  # more than one batch
@@ -88,3 +89,20 @@ def test_counters_follow_a_push_an_echo_and_a_pull(linked_daemons) -> None:
     assert f"{pulled['duplicates_received']} duplicate(s)" in out.stdout
     assert json.loads(cli(a, "status", "--json").stdout)["traffic"]["duplicates_received"] == pulled["duplicates_received"]
     assert f"{ROWS} applied" in cli(b, "status").stdout
+
+
+def test_an_auto_push_goes_on_in_its_session_while_writes_keep_coming(linked_daemons) -> None:
+    """Coalescing (issue 15 item 2): changes made while an auto push's
+    batches are in flight go out in the same session (the sender lingers,
+    protocol/sync_session.py) instead of a new session each: more batches
+    than sessions. Without lingering every session sends exactly one batch here."""
+    a, b = linked_daemons(2, schema=True)
+    for node in (a, b):
+        setup_employee(node, auto_sync=True)
+    writes = 60
+    for i in range(writes):
+        a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"w{i}", "AGE": i})
+    wait_until(lambda: b.rows(SV_REF, "SELECT count(*) FROM EMPLOYEE") == [[writes]], 30, "B has every write")
+    sent = wait_until(lambda: (t := traffic(a, b))["rows_sent"] == writes and t, 10, "A's counters settle")
+    assert sent["batches_sent"] > sent["sessions_started"] >= 1, sent
+    assert sent["sessions_started"] < writes, sent

@@ -37,9 +37,11 @@ from p2pstore.protocol.sync_session import (
     MAX_WINDOW,
     MIN_WINDOW,
     RESULT_CODES,
+    MAX_RESUMES,
     Acked,
     Apply,
     Code,
+    Drained,
     Finish,
     Prepare,
     Problem,
@@ -318,6 +320,56 @@ def test_sender_calls_out_of_turn_are_the_callers_bug() -> None:
     s.begin(0)
     with pytest.raises(ProtocolError):
         s.begin(0)
+
+
+def lingering_sender() -> Sender:
+    s = Sender(REQ, window=2, linger=True)
+    s.start(OPEN)
+    s.receive(SyncReady(REQ, 0, (), STREAM))
+    assert s.begin(0) == [ReadBatch(0)]
+    return s
+
+
+def test_a_lingering_sender_reads_on_in_the_same_session_while_changes_come() -> None:
+    s = lingering_sender()
+    b1 = batch(0, 3, more=False)
+    s.batch_read(b1)
+    actions = s.receive(ack(3, 3))
+    assert actions == [Acked(b1, ack(3, 3), (3, STREAM)), RecordAck(3, STREAM), Drained()]
+    assert s.state is State.DRAINED and not s.done and sent(actions) == []
+    assert s.resume() == [ReadBatch(3)] and s.state is State.STREAMING
+    b2 = batch(3, 5, more=False)
+    assert sent(s.batch_read(b2)) == [SyncBatch(REQ, wire_batch.encode(b2))]
+    assert s.receive(ack(5, 2))[-1] == Drained()
+    # Nothing new came: the session ends as an ordinary one does.
+    actions = s.stop()
+    assert sent(actions) == [SyncEnd(REQ, 0, "")] and finish(actions).code == Code.SUCCESS and s.done
+    assert (s.stats.sent, s.stats.batches) == (5, 2)
+
+
+def test_a_lingering_sender_sends_no_empty_batch_and_stops_after_max_resumes() -> None:
+    s = lingering_sender()
+    s.batch_read(batch(0, 1, more=False))
+    assert s.receive(ack(1))[-1] == Drained()
+    for _ in range(MAX_RESUMES - 1):
+        assert s.resume() == [ReadBatch(1)]
+        actions = s.batch_read(batch(1, 1, more=False, rows=0))  # the change was already sent: nothing moves
+        assert sent(actions) == [] and actions == [Drained()]
+    s.resume()
+    actions = s.batch_read(batch(1, 1, more=False, rows=0))
+    assert sent(actions) == [SyncEnd(REQ, 0, "")] and s.done, "the session ends after MAX_RESUMES, lingering or not"
+    assert s.resume() == [] and s.stop() == []  # DONE ignores all
+
+
+def test_an_ordinary_sender_never_lingers_and_out_of_turn_calls_are_the_callers_bug() -> None:
+    s, _ = streaming_sender()
+    with pytest.raises(ProtocolError):
+        s.resume()
+    with pytest.raises(ProtocolError):
+        s.stop()
+    s.batch_read(batch(0, 2, more=False))
+    actions = s.receive(ack(2))
+    assert not any(isinstance(a, Drained) for a in actions) and s.done
 
 
 # --------------------------------------------------------------------------
