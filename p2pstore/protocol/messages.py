@@ -449,14 +449,18 @@ class SyncAck(Message):
     conflicts: int
     failed: int
     #: Row changes kept for columns the receiver lacks (added later: absent reads as 0).
-    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"parked"})
+    #: ``have``: the receiver's origin marks after this batch (protocol 3; absent: unchanged),
+    #: so a long session leaves out what the receiver got meanwhile from elsewhere.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"parked", "have"})
     parked: int = 0
+    have: tuple[OriginMark, ...] = ()
 
     def _validate(self) -> None:
         _req(self.req)
         _seq(self.last_seq, "last_seq")
         for name in ("applied", "conflicts", "failed", "parked"):
             _seq(getattr(self, name), name)
+        _marks(self.have)
 
 
 @register

@@ -66,6 +66,7 @@ from p2pstore.protocol.messages import (
     MAX_PAYLOAD,
     MAX_REASON_LEN,
     Message,
+    OriginMark,
     SyncAck,
     SyncBatch,
     SyncEnd,
@@ -557,8 +558,10 @@ class Receiver(_Machine):
         self.pending.append(msg)
         return self._next()
 
-    def applied(self, last_seq: int, applied: int, conflicts: int, failed: int, parked: int = 0) -> list[Action]:
-        """The batch of the last ``Apply`` committed; ``last_seq`` is the watermark the store now holds."""
+    def applied(self, last_seq: int, applied: int, conflicts: int, failed: int, parked: int = 0,
+                have: tuple[OriginMark, ...] = ()) -> list[Action]:
+        """The batch of the last ``Apply`` committed; ``last_seq`` is the
+        watermark the store now holds, ``have`` its origin marks now."""
         if self.done:
             return []
         if self.applying is None:
@@ -566,7 +569,7 @@ class Receiver(_Machine):
         batch, self.applying = self.applying, None
         self.watermark = last_seq
         self.stats.add(batch, applied, conflicts, failed, parked)
-        return [Send(SyncAck(self.req, last_seq, applied, conflicts, failed, parked)), *self._next()]
+        return [Send(SyncAck(self.req, last_seq, applied, conflicts, failed, parked, have)), *self._next()]
 
     def _next(self) -> list[Action]:
         """Start on the oldest waiting message unless a batch is being applied."""

@@ -68,6 +68,7 @@ stream counts from 0 (see ``changes.start_position``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
@@ -77,7 +78,7 @@ from typing import Any
 
 from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import ConflictNotFound, FailureNotFound, ProtocolError
-from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, has_raw_text
+from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, SINGLE_VERSION, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, has_raw_text
 from p2pstore.store import capture, gc, modes, origins, policies
 from p2pstore.store.blocks import not_none
 from p2pstore.store.capture import OP_NAMES, CaptureState, ChangeBatch
@@ -124,6 +125,8 @@ class ApplyResult:
     parked: int = 0
     #: Incoming values queued for a person to reconcile (store/policies.py), not applied.
     queued: int = 0
+    #: This store's origin marks after the batch (``origin_marks``; single_version only).
+    marks: tuple[tuple[str, int], ...] = ()
 
     def remote_devices(self) -> list[str]:
         return sorted(self.remote)
@@ -209,7 +212,10 @@ def apply_batch(
         conn.execute("DELETE FROM _p2p_apply")
         last = _advance_watermark(conn, from_device, batch)
         _observe(conn, clock, applier.max_hlc, wall)
-        return applier.result(last, local)
+        result = applier.result(last, local)
+        if batch.mode == SINGLE_VERSION:  # (only single_version streams relay: marks leave nothing else out)
+            result = dataclasses.replace(result, marks=tuple(origin_marks(conn, clock.last)))
+        return result
 
 
 def retry_failure(

@@ -489,13 +489,15 @@ class SyncEngine:
     async def _send_stream(self, session: Request, store: Store, table: str | None, where: Any,
                            progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
                            snapshot: int | None = None, copy_of: str | None = None, refresh: bool = False,
-                           covered: dict[str, int] | None = None, linger: Callable[[], bool] | None = None) -> Stats:
+                           marks: bool = False, have: tuple[OriginMark, ...] = (),
+                           linger: Callable[[], bool] | None = None) -> Stats:
         """Sender: batches until the stream is drained, each acked, then SyncEnd
         — or, with ``linger`` (an auto push), on in the same session while
         ``linger()`` says changes came meanwhile (protocol/sync_session.py).
 
-        ``covered``: what the peer holds per origin (its ``OriginMark``s, a
-        pull's; a push's come in its ready): rows it holds are left out.
+        ``marks``: leave out rows the receiver's origin marks cover (protocol
+        3: ``have``, from its pull's open, else its ready, then each ack) —
+        not for a ``refresh``, whose point is to send them.
 
         ``opening`` (a push): our SyncOpen; the receiver's ready says where to
         start (after the table checks). Otherwise start after ``since``.
@@ -506,6 +508,7 @@ class SyncEngine:
         """
         machine = Sender(session.req, window=self.window, linger=linger is not None)
         cursor: Any = None
+        covered = _covered(have) if marks else None
 
         async def do(action: Action) -> list[Action]:
             nonlocal cursor, snapshot, covered
@@ -516,7 +519,7 @@ class SyncEngine:
                 start, snapshot = await self._begin_send(store, session.peer, ready.since, ready.stream, table, where)
                 if refresh and snapshot is None:
                     start = 0  # a push --refresh: the whole stream again (what the peer has is a no-op there)
-                if not refresh:
+                if marks and not refresh:
                     covered = _covered(ready.have)
                 return machine.begin(start, always_send=snapshot is not None)
             if isinstance(action, ReadBatch):
@@ -529,6 +532,8 @@ class SyncEngine:
                                                      max_bytes=MAX_BATCH_BYTES, covered=covered)
                 return machine.batch_read(batch)
             if isinstance(action, Acked):
+                if marks and not refresh and action.ack.have:
+                    covered = _covered(action.ack.have)  # what the receiver got meanwhile, from us or elsewhere
                 key = (session.peer, store.bundle, store.name)
                 if action.watermark is not None:
                     self.lag.acked(*key, *action.watermark)
@@ -551,9 +556,11 @@ class SyncEngine:
             actions = machine.begin(since, always_send=snapshot is not None or copy_of is not None)
         return await self._drive(session, machine, actions, do)
 
-    async def _receive_stream(self, session: Request, store: Store, progress: Progress | None, opening: Message) -> Stats:
+    async def _receive_stream(self, session: Request, store: Store, progress: Progress | None, opening: Message, *,
+                              marks: bool = True) -> Stats:
         """Receiver: send ``opening`` (a push's SyncReady, a pull's SyncOpen),
-        then apply each batch (with the watermark) and ack it, until SyncEnd."""
+        then apply each batch (with the watermark) and ack it, until SyncEnd;
+        ``marks``: each ack says what the store now holds (none for a ``refresh`` pull)."""
         machine = Receiver(session.req)
 
         async def do(action: Action) -> list[Action]:
@@ -565,7 +572,8 @@ class SyncEngine:
             self.on_applied(store, session.peer, result)
             self.lag.received(session.peer, store.bundle, store.name, batch)
             self.traffic.received(session.peer, action.size, batch.count, result.applied, result.conflicts, result.failed)
-            actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed, result.parked)
+            have = tuple(OriginMark(device, hlc) for device, hlc in result.marks) if marks else ()
+            actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed, result.parked, have)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, machine.stats, "download")
             if (result.applied and self.auto_sync_enabled and any(store.auto_sync.values())
@@ -615,7 +623,7 @@ class SyncEngine:
                 where = compile_where(store, msg.table, _parse_where(msg.where))
                 start, snapshot = await self._begin_send(store, peer, msg.since or 0, msg.stream, msg.table, where)
                 stats = await self._send_stream(session, store, msg.table, where, None, since=start, snapshot=snapshot,
-                                                covered=_covered(msg.have))
+                                                marks=True, have=msg.have)
                 log.info("sent %d change(s) of %s/%s to %s (pulled)", stats.sent, msg.bundle, msg.store, peer)
             code = int(Code.SUCCESS)
         except SessionEnded as end:
@@ -788,14 +796,14 @@ class SyncEngine:
                 opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store),
                                    replica=store.replica(peer).kind.value)
                 return await self._send_stream(session, store, table, where, progress, opening=opening, refresh=selection.refresh,
-                                               linger=selection.linger)
+                                               marks=True, linger=selection.linger)
             await self._refuse_if_behind(store, peer)
             since, stream = await store.position(peer)
             if selection.refresh:
                 since = 0  # the sender's whole stream again (its forgotten deletes: a resync); our watermark only moves up
             opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream,
                                replica=store.replica(peer).kind.value, have=() if selection.refresh else await _marks(store))
-            return await self._receive_stream(session, store, progress, opening)
+            return await self._receive_stream(session, store, progress, opening, marks=not selection.refresh)
         except SessionEnded as end:
             if end.channel_lost and not session.moved:
                 raise _ChannelReplaced(end.message) from None

@@ -693,3 +693,40 @@ async def test_query_byte_cap_counts_blobs_as_the_json_line_carries_them(store: 
 async def test_query_row_cap_stops_an_endless_result(store: Store) -> None:
     with pytest.raises(ResultTooLarge):
         await store.query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c")
+
+
+# --------------------------------------------------------------------------
+# Local work first (Store.run_background)
+
+
+def _slow(order: list[str], tag: str, seconds: float = 0.02) -> Any:
+    def op(conn: sqlite3.Connection) -> None:
+        time.sleep(seconds)
+        order.append(tag)
+    return op
+
+
+async def test_sync_work_lets_the_application_s_operations_go_first(store: Store) -> None:
+    """Sync operations queued before an application's write do not all run
+    before it: at most the one already in the connection's queue does."""
+    order: list[str] = []
+    sync_work = [asyncio.create_task(store.run_background(_slow(order, f"sync{i}"))) for i in range(5)]
+    await asyncio.sleep(0.005)  # the first is on the connection's thread now
+    await store.run(_slow(order, "app"))
+    assert order.index("app") <= 1, order
+    await asyncio.gather(*sync_work)
+    assert sorted(order) == ["app", *(f"sync{i}" for i in range(5))]
+
+
+async def test_sync_work_is_not_starved_by_a_steady_stream_of_application_operations(store: Store) -> None:
+    order: list[str] = []
+
+    async def steady() -> None:  # back-to-back application operations for ~0.5 s
+        for i in range(25):
+            await store.run(_slow(order, f"app{i}"))
+
+    app = asyncio.create_task(steady())
+    await asyncio.sleep(0.005)
+    await store.run_background(_slow(order, "sync"))
+    assert "sync" in order and order.index("sync") < 15, order  # it waited BACKGROUND_YIELD_S at most, not for all
+    await app
