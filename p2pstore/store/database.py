@@ -34,7 +34,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +113,19 @@ WAL_KEEP_BYTES = 4 * 1024 * 1024
 #: How long sync work on a store waits at most for the application's
 #: operations in flight to finish before it queues anyway (``Store.run_background``).
 BACKGROUND_YIELD_S = 0.05
+_SYNC_WORK: ContextVar[bool] = ContextVar("p2pstore_sync_work", default=False)
+
+
+@contextmanager
+def sync_work() -> Iterator[None]:
+    """Store operations made inside (in this task) are the sync engine's, not
+    the application's: they do not make sync work wait (``Store.run_background``
+    lets only the application's operations go first)."""
+    token = _SYNC_WORK.set(True)
+    try:
+        yield
+    finally:
+        _SYNC_WORK.reset(token)
 
 # Authorizer action codes (sqlite3 exposes them as constants).
 _DENY_PRAGMAS = {"journal_mode", "locking_mode", "writable_schema", "query_only", "read_uncommitted", "recursive_triggers"}
@@ -453,6 +468,8 @@ class Store:
         """
         if self._broken is not None:
             raise StoreFileChanged(self._broken.message, data=self._broken.data)
+        if _SYNC_WORK.get():  # the engine's own small steps: not the application's (``sync_work``)
+            return await self._db._execute(self._guarded, fn, *args)
         self._foreground += 1
         self._idle.clear()
         try:

@@ -49,13 +49,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from p2pstore.clock import wall_ms
 from p2pstore.tasks import TaskSet
@@ -112,7 +113,7 @@ from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, Se
     result_code,
 )
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
-from p2pstore.store.database import Store
+from p2pstore.store.database import Store, sync_work
 from p2pstore.store import evolutions, policies, sync_log
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
@@ -121,6 +122,7 @@ from p2pstore.sync.traffic import Traffic
 from p2pstore.sync.requests import Delivery, Ended, Overflow, Request, Requests, Why
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Rows per batch. The receiver decodes a batch on its event loop and applies it in one
 #: transaction, and local API writes wait for both. Fewer, bigger commits matter with
@@ -238,6 +240,16 @@ def revision_states(stores: list[Store], theirs: dict[tuple[str, str], tuple[tup
             "state": evolutions.compare(store.revisions, peer_revs),
         })
     return found
+
+
+def _engine_work(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A session's store operations are the engine's (``store.database.sync_work``):
+    they never make the engine's own heavy steps wait, only the application's do."""
+    @functools.wraps(method)
+    async def run(*args: Any, **kwargs: Any) -> T:
+        with sync_work():
+            return await method(*args, **kwargs)
+    return run
 
 
 async def _marks(store: Store) -> tuple[OriginMark, ...]:
@@ -588,6 +600,7 @@ class SyncEngine:
 
     # -- serving a peer's request ----------------------------------------------
 
+    @_engine_work
     async def _serve(self, session: Request, msg: SyncOpen) -> None:
         peer = session.peer
         code: int | None = None  # set once the session is tracked (the store exists)
@@ -755,6 +768,7 @@ class SyncEngine:
         except Exception as exc:
             log.warning("sync of %s/%s with %s: its sync log entry was not written: %s", store.bundle, store.name, peer, exc)
 
+    @_engine_work
     async def _run_session(self, store: Store, mode: str, peer: str, selection: Selection,
                            progress: Progress | None) -> Stats:
         if not self.directory.trust_store.is_trusted(peer):
@@ -826,6 +840,7 @@ class SyncEngine:
 
     # -- the catch-up of a store restored from a backup (store/restore.py) -------
 
+    @_engine_work
     async def _catch_up(self, store: Store, peer: str) -> None:
         """Fetch ``peer``'s copy of our rows of ``store`` and make ours match it
         (``Store.apply_catch_up``); RESTORE_PENDING if that could not be done.
