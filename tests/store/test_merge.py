@@ -815,15 +815,7 @@ def test_a_manual_policy_converges_once_the_queue_is_resolved(ops: list[tuple[An
     value. Once its queue is empty and everyone synced with everyone, the
     synced contents are identical."""
     with tempfile.TemporaryDirectory(prefix="p2p-manual-") as tmp:
-        reps = []
-        for device_id, wall in zip(DEVICES, walls):
-            r = Replica(Path(tmp) / f"{device_id}.db", device_id, wall=wall)
-            r.write(ITEMS)
-            r.make_distributed("items", doc=ITEMS_DOC)
-            r.conn.execute("BEGIN IMMEDIATE")
-            policies.put(r.conn, "items", policies.Policy(policies.MANUAL, "DEVB", detect))
-            r.conn.execute("COMMIT")
-            reps.append(r)
+        reps = _replicas_with_policy(Path(tmp), walls, policies.Policy(policies.MANUAL, "DEVB", detect))
         b = reps[1]
 
         def push(src: Replica, dst: Replica, limit: int = changes.DEFAULT_BATCH_ROWS) -> int:
@@ -852,6 +844,17 @@ def test_a_manual_policy_converges_once_the_queue_is_resolved(ops: list[tuple[An
         finally:
             for r in reps:
                 r.close()
+
+
+def _replicas_with_policy(tmp: Path, walls: list[int], policy: policies.Policy) -> list[Replica]:
+    """DEVA, DEVB, DEVC with table ``items`` under ``policy`` (the policy properties' set-up)."""
+    reps = []
+    for device_id, wall in zip(DEVICES, walls):
+        r = Replica(tmp / f"{device_id}.db", device_id, wall=wall)
+        r.write(ITEMS)
+        r.make_distributed("items", doc=ITEMS_DOC)
+        reps.append(_with_policy(r, policy))
+    return reps
 
 
 def _resolve_all(r: Replica) -> None:
@@ -890,15 +893,7 @@ def test_priority_and_row_detection_converge(ops: list[tuple[Any, ...]], walls: 
     (the arbiter's decisions are later edits that settle too) and under
     ``lww`` with row detection (which only logs more)."""
     with tempfile.TemporaryDirectory(prefix="p2p-priority-") as tmp:
-        reps = []
-        for device_id, wall in zip(DEVICES, walls):
-            r = Replica(Path(tmp) / f"{device_id}.db", device_id, wall=wall)
-            r.write(ITEMS)
-            r.make_distributed("items", doc=ITEMS_DOC)
-            r.conn.execute("BEGIN IMMEDIATE")
-            policies.put(r.conn, "items", policy)
-            r.conn.execute("COMMIT")
-            reps.append(r)
+        reps = _replicas_with_policy(Path(tmp), walls, policy)
         try:
             for op in ops:
                 kind, i = op[0], op[1]
