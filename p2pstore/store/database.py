@@ -471,14 +471,12 @@ class Store:
         storage errors (disk full, read-only) leave here as domain errors
         naming the store: the one place for both, whatever ``fn`` does.
         """
-        if self._broken is not None:
-            raise StoreFileChanged(self._broken.message, data=self._broken.data)
         if _SYNC_WORK.get():  # the engine's own small steps: not the application's (``sync_work``)
-            return await self._db._execute(self._guarded, fn, *args)
+            return await self._execute(fn, *args)
         self._foreground += 1
         self._idle.clear()
         try:
-            return await self._db._execute(self._guarded, fn, *args)
+            return await self._execute(fn, *args)
         finally:
             self._foreground -= 1
             if not self._foreground:
@@ -502,9 +500,13 @@ class Store:
                     await asyncio.wait_for(self._idle.wait(), BACKGROUND_YIELD_S)
                 except TimeoutError:
                     pass
-            if self._broken is not None:
-                raise StoreFileChanged(self._broken.message, data=self._broken.data)
-            return await self._db._execute(self._guarded, fn, *args)
+            return await self._execute(fn, *args)
+
+    async def _execute(self, fn: Callable[..., T], *args: Any) -> T:
+        """The one door to the connection's thread (``run`` says what it checks)."""
+        if self._broken is not None:
+            raise StoreFileChanged(self._broken.message, data=self._broken.data)
+        return await self._db._execute(self._guarded, fn, *args)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         conn = self._db._conn
