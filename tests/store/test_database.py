@@ -35,7 +35,7 @@ from p2pstore.errors import (
     TableTypeLocked,
 )
 from p2pstore.store import capture
-from p2pstore.store.database import BACKGROUND_QUEUED, MAX_QUERY_ROWS, Store
+from p2pstore.store.database import BACKGROUND_QUEUED, BACKGROUND_QUIET_S, MAX_QUERY_ROWS, Store
 
 DEVICE = "ABCDEFG-HIJKLMN-OPQRSTU"
 
@@ -710,12 +710,25 @@ async def test_sync_work_lets_the_application_s_operations_go_first(store: Store
     """Sync operations queued before an application's write do not all run
     before it: at most those already in the connection's queue do."""
     order: list[str] = []
+    await store.run(_slow(order, "app0", 0))  # the application is at work
     sync_work = [asyncio.create_task(store.run_background(_slow(order, f"sync{i}"))) for i in range(5)]
     await asyncio.sleep(0.005)  # the first is on the connection's thread now
     await store.run(_slow(order, "app"))
-    assert order.index("app") <= BACKGROUND_QUEUED, order
+    assert order.index("app") <= 1 + BACKGROUND_QUEUED, order
     await asyncio.gather(*sync_work)
-    assert sorted(order) == ["app", *(f"sync{i}" for i in range(5))]
+    assert sorted(order) == ["app", "app0", *(f"sync{i}" for i in range(5))]
+
+
+async def test_while_the_application_is_quiet_sync_work_queues_freely(store: Store) -> None:
+    """A change fanned out to many peers is not held back by the turn-taking
+    when the application has not been at work for BACKGROUND_QUIET_S."""
+    await asyncio.sleep(BACKGROUND_QUIET_S * 1.5)
+    order: list[str] = []
+    sync_work = [asyncio.create_task(store.run_background(_slow(order, f"sync{i}"))) for i in range(5)]
+    await asyncio.sleep(0.005)
+    await store.run(_slow(order, "app"))
+    assert order[-1] == "app", order
+    await asyncio.gather(*sync_work)
 
 
 async def test_sync_work_is_not_starved_by_a_steady_stream_of_application_operations(store: Store) -> None:
