@@ -535,15 +535,13 @@ async def conflicts_policy(api: Api, client: ClientConnection, params: dict[str,
     """A single_version table's conflict policy here (store/policies.py); every device must set the same."""
     store = api.store(params)
     kind, detect = params["policy"], params.get("detect", policies.COLUMN)
-    needs = {policies.MANUAL: "reconciler", policies.PRIORITY: "devices"}
-    for param in ("reconciler", "devices"):
-        if param in params and needs.get(kind) != param:
-            raise InvalidParams(f"conflicts.policy: params: {param} goes with the "
-                                f"{'manual' if param == 'reconciler' else 'priority'} policy, not {kind}", data={"param": param})
-    if kind in needs and needs[kind] not in params:
-        raise InvalidParams(f"conflicts.policy: params: {kind} needs {needs[kind]} "
-                            f"({'the device that resolves conflicts' if kind == policies.MANUAL else 'the devices it favours, strongest first'})",
-                            data={"param": needs[kind]})
+    # The param each kind needs, and what it names; no other kind takes it.
+    needs = {policies.MANUAL: ("reconciler", "the device that resolves conflicts"),
+             policies.PRIORITY: ("devices", "the devices it favours, strongest first")}
+    for owner, (param, what) in needs.items():
+        if (kind == owner) != (param in params):
+            problem = f"{kind} needs {param} ({what})" if kind == owner else f"{param} goes with the {owner} policy, not {kind}"
+            raise InvalidParams(f"conflicts.policy: params: {problem}", data={"param": param})
     if kind == policies.MANUAL:
         policy = policies.Policy(kind, normalize_device_id(params["reconciler"]), detect)
     elif kind == policies.PRIORITY:

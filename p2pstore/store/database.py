@@ -1159,9 +1159,18 @@ class Store:
         """Our watermark for ``peer``'s copy of this store: (seq, its stream ID)."""
         return await self.run(merge.position, peer)
 
-    async def origin_marks(self) -> list[tuple[str, int]]:
-        """What this store holds per origin, for a peer about to send to it (``merge.origin_marks``)."""
-        return await self.run(lambda conn: merge.origin_marks(conn, self.clock.last))
+    async def receiving(self, peer: str) -> tuple[int, str | None, list[tuple[str, int]]]:
+        """What a session receiving from ``peer`` opens with, in one read: our
+        watermark for it (``position``) and what we hold per origin
+        (``merge.origin_marks``; none for a collaborative store: only
+        single_version streams relay, so marks leave nothing else out)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, str | None, list[tuple[str, int]]]:
+            since, stream = merge.position(conn, peer)
+            marks = merge.origin_marks(conn, self.clock.last) if self.table_type == TableType.SINGLE_VERSION else []
+            return since, stream, marks
+
+        return await self.run(op)
 
     async def start_position(self, since: int, stream: str | None) -> int:
         """Where to start sending to a peer at (``since``, ``stream``); see

@@ -252,11 +252,8 @@ def _engine_work(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable
     return run
 
 
-async def _marks(store: Store) -> tuple[OriginMark, ...]:
-    """What ``store`` holds per origin, for the peer about to send to it (a single_version store's: only they relay)."""
-    if store.table_type != TableType.SINGLE_VERSION:
-        return ()
-    return tuple(OriginMark(device, hlc) for device, hlc in await store.origin_marks())
+def _origin_marks(marks: list[tuple[str, int]]) -> tuple[OriginMark, ...]:
+    return tuple(OriginMark(device, hlc) for device, hlc in marks)
 
 
 def _covered(marks: tuple[OriginMark, ...]) -> dict[str, int] | None:
@@ -584,7 +581,7 @@ class SyncEngine:
             self.on_applied(store, session.peer, result)
             self.lag.received(session.peer, store.bundle, store.name, batch)
             self.traffic.received(session.peer, action.size, batch.count, result.applied, result.conflicts, result.failed)
-            have = tuple(OriginMark(device, hlc) for device, hlc in result.marks) if marks else ()
+            have = _origin_marks(list(result.marks)) if marks else ()
             actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed, result.parked, have)
             if progress is not None:
                 progress("in_progress", Code.SUCCESS, machine.stats, "download")
@@ -615,8 +612,8 @@ class SyncEngine:
             _check_replicas(store, peer, msg.mode, ReplicaKind(msg.replica))
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
-                since, stream = await store.position(peer)
-                ready = SyncReady(msg.req, since, table_offers(store), stream, have=await _marks(store))
+                since, stream, marks = await store.receiving(peer)
+                ready = SyncReady(msg.req, since, table_offers(store), stream, have=_origin_marks(marks))
                 stats = await self._receive_stream(session, store, None, ready)
                 log.info("received %d change(s) of %s/%s from %s (%s)", stats.sent, msg.bundle, msg.store, peer, stats.outcome())
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
@@ -812,11 +809,11 @@ class SyncEngine:
                 return await self._send_stream(session, store, table, where, progress, opening=opening, refresh=selection.refresh,
                                                marks=True, linger=selection.linger)
             await self._refuse_if_behind(store, peer)
-            since, stream = await store.position(peer)
+            since, stream, marks = await store.receiving(peer)
             if selection.refresh:
-                since = 0  # the sender's whole stream again (its forgotten deletes: a resync); our watermark only moves up
+                since, marks = 0, []  # the sender's whole stream again (its forgotten deletes: a resync); our watermark only moves up
             opening = SyncOpen(req, store.bundle, store.name, "pull", table, where_text, since, table_offers(store), stream,
-                               replica=store.replica(peer).kind.value, have=() if selection.refresh else await _marks(store))
+                               replica=store.replica(peer).kind.value, have=_origin_marks(marks))
             return await self._receive_stream(session, store, progress, opening, marks=not selection.refresh)
         except SessionEnded as end:
             if end.channel_lost and not session.moved:
