@@ -85,17 +85,6 @@ CREATE TABLE IF NOT EXISTS _p2p_parked(
     hlc INTEGER NOT NULL, origin TEXT NOT NULL, prev_hlc INTEGER, prev_origin TEXT,
     PRIMARY KEY (tid, ck, col)
 ) WITHOUT ROWID;
--- Every logical per-column clock (store/cells.py): a column's own entry,
--- else its row's, with device IDs (store/origins.py). For people and tests;
--- the sync code reads the tables.
-CREATE VIEW IF NOT EXISTS _p2p_clocks AS
-SELECT c.tid, c.ck, c.col, c.hlc, (SELECT o.device FROM _p2p_origins o WHERE o.id = c.origin) AS origin, c.seq, c.prev_hlc,
-       (SELECT o.device FROM _p2p_origins o WHERE o.id = c.prev_origin) AS prev_origin FROM _p2p_cells c
-UNION ALL
-SELECT r.tid, r.ck, s.col, r.hlc, (SELECT o.device FROM _p2p_origins o WHERE o.id = r.origin), r.seq, r.prev_hlc,
-       (SELECT o.device FROM _p2p_origins o WHERE o.id = r.prev_origin)
-FROM _p2p_rows r JOIN _p2p_tables t ON t.tid = r.tid JOIN _p2p_sync_columns s ON s.tbl = t.name
-WHERE NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck AND c.col = s.col);
 """
 
 
@@ -355,7 +344,7 @@ def accept(conn: sqlite3.Connection, doc: object, *, bundle: str, name: str, tab
         row = conn.execute("SELECT tid FROM _p2p_tables WHERE name = ? AND kind = 'local'", (table,)).fetchone()
         if row is not None and _columns(conn, table) != columns:
             # A row's shared clock covers the sync columns it was written for: pin them first (store/cells.py).
-            cells.explode(conn, row[0], table)
+            cells.explode(conn, cells.RowKeys.read(conn, row[0]))
     conn.execute("DELETE FROM _p2p_sync_columns")
     for table in tables:
         table_entry = by_name[table]  # validate reported table-not-in-schema otherwise

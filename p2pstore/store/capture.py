@@ -112,15 +112,9 @@ CREATE TABLE IF NOT EXISTS _p2p_cells(
     PRIMARY KEY (tid, ck, col)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _p2p_cells_seq ON _p2p_cells(seq);
--- The clock tuple a single_version row's synced columns share; a column
--- whose tuple differs has its own _p2p_cells entry (store/cells.py).
-CREATE TABLE IF NOT EXISTS _p2p_rows(
-    tid INTEGER NOT NULL, ck NOT NULL,
-    hlc INTEGER NOT NULL, origin INTEGER, seq INTEGER NOT NULL,
-    prev_hlc INTEGER, prev_origin INTEGER,
-    PRIMARY KEY (tid, ck)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS _p2p_rows_seq ON _p2p_rows(seq);
+-- The clock tuple a single_version row's synced columns share, by the
+-- row's local key; a column whose tuple differs has its own _p2p_cells
+-- entry (store/cells.py, which defines it: _p2p_rows and _p2p_rows_seq).
 -- Newest delete of a single_version row (also of rows never seen here).
 CREATE TABLE IF NOT EXISTS _p2p_tombs(
     tid INTEGER NOT NULL, ck NOT NULL,
@@ -165,7 +159,7 @@ CREATE TABLE IF NOT EXISTS _p2p_failures(
     reason TEXT NOT NULL,
     at INTEGER NOT NULL
 );
-"""
+""" + cells.SCHEMA_SQL
 
 #: Columns added to capture tables after their first release, with their
 #: definitions: ``ensure_schema`` adds them to files made before.
@@ -195,7 +189,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
 
 #: The clock tables, whose origins are numbers (store/origins.py), with their indexes.
 _CLOCK_TABLES = {"_p2p_log": (), "_p2p_cells": ("_p2p_cells_seq",), "_p2p_rows": ("_p2p_rows_seq",), "_p2p_tombs": ("_p2p_tombs_seq",)}
-#: Views over them (single_version's is created again by its SCHEMA_SQL).
+#: Views over them (``_p2p_clocks``: release 2's, over its row clocks by conflict value).
 _CLOCK_VIEWS = ("_p2p_changes", "_p2p_clocks")
 
 
@@ -224,6 +218,8 @@ def _number_origins(conn: sqlite3.Connection) -> None:
             for index in _CLOCK_TABLES[t]:
                 conn.execute(f"DROP INDEX IF EXISTS {index}")
             conn.execute(f"ALTER TABLE {t} RENAME TO {t}_text")
+        if "_p2p_rows" in old and conn.execute("SELECT 1 FROM pragma_table_info('_p2p_rows_text') WHERE name = 'ck'").fetchone():
+            conn.execute(cells.RELEASE2_ROWS_SQL)  # keyed by the conflict value still: cells.migrate moves it after
         for statement in _statements(SCHEMA_SQL):
             conn.execute(statement)
         for t in old:
@@ -622,14 +618,20 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     and tombs, set-based, in one clock tuple per row where they share it
     (store/cells.py).
 
-    The common case — a row inserted once in the range, with no clock here
-    yet (new rows, rows another program wrote) — becomes its one row tuple
-    in one ``INSERT ... SELECT``. Every other touched row is exploded into
-    per-column cells, stamped by the per-column statements, and folded back:
-    the same cells as one row per column would hold, whatever the mix of
-    inserts, updates and deletes in the range.
+    First, the row tuples of the local keys the range touched are turned
+    into per-column cells under the conflict value of the row that held the
+    key before the range — what the key's first log row in it names (an
+    insert first: the key was free, an entry there is an orphan) — so a row
+    deleted, or given another key or value, keeps its clocks by value.
+    Then the common case — a row inserted once in the range, with no clock
+    here yet (new rows, rows another program wrote) — becomes its one row
+    tuple in one ``INSERT ... SELECT``. Every other touched row is stamped
+    by the per-column statements and folded back: the same cells as one row
+    per column would hold, whatever the mix of inserts, updates and deletes
+    in the range.
     """
     tid, name = table.tid, table.info.name
+    keys = cells.RowKeys.of(table)
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_touched(ck PRIMARY KEY, plain INTEGER NOT NULL) WITHOUT ROWID")
     conn.execute("DELETE FROM temp._p2p_touched")
     conn.execute(
@@ -638,29 +640,31 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
         "WHERE l.seq BETWEEN ?1 AND ?2 AND l.tid = ?3 AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.ck",
         (first, last, tid),
     )
+    # (pk, ck of the row that held pk before the range): SQLite's bare columns of min().
+    cells.explode(conn, keys, f"SELECT pk, CASE WHEN op = {OP_INSERT} THEN NULL ELSE ck END AS ck FROM ("
+                  "SELECT l.pk, l.ck, l.op, min(l.seq) FROM _p2p_log l WHERE l.seq BETWEEN ? AND ? AND l.tid = ? "
+                  "AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.pk)", (first, last, tid))
     conn.execute(
         "UPDATE temp._p2p_touched AS x SET plain = 0 WHERE plain AND ("
-        "EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = x.ck) OR "
         "EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = x.ck) OR "
         "EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = x.ck))",
         (tid,),
     )
     if conn.execute("SELECT count(*) FROM _p2p_sync_columns WHERE tbl = ?", (name,)).fetchone()[0]:
         conn.execute(
-            "INSERT INTO _p2p_rows(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) "
-            "SELECT l.tid, l.ck, ?1 + l.seq, NULL, l.seq, NULL, NULL FROM _p2p_log l "
+            "INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
+            "SELECT l.tid, l.pk, ?1 + l.seq, NULL, l.seq, NULL, NULL FROM _p2p_log l "
             "JOIN temp._p2p_touched x ON x.ck = l.ck AND x.plain "
             f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.hlc IS NULL AND l.op = {OP_INSERT}",
             (offset, first, last, tid),
         )
     if not conn.execute("SELECT 1 FROM temp._p2p_touched WHERE NOT plain LIMIT 1").fetchone():
         return
-    cells.explode(conn, tid, name, _TOUCHED)
     conn.execute(_cells_sql(table, f" AND l.ck IN {_TOUCHED}"), (offset, first, last, name, tid))
     conn.execute(_TOMBS_SQL, (offset, first, last, tid))
     if _detects_rows(conn, name):
         conn.execute(_ROW_PREV_SQL, (tid, first, last))
-    cells.fold(conn, tid, name, _TOUCHED)
+    cells.fold(conn, keys, _TOUCHED)
 
 
 def _detects_rows(conn: sqlite3.Connection, table: str) -> bool:

@@ -194,8 +194,10 @@ def start_position(conn: sqlite3.Connection, since_seq: int, stream: str | None)
 # Reading a slice of the stream
 
 
-def filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[str, tuple[Any, ...]]:
+def filter_sql(t: SyncTable, column: str, where: CompiledQuery | None, *, local_key: bool = False) -> tuple[str, tuple[Any, ...]]:
     """`` AND <column> is the key of a row matching where, or of no row`` and its parameters.
+    ``column`` holds the row's conflict value (single_version), or with
+    ``local_key`` (and in collaborative tables) its local key.
 
     A row that is gone has no values left to match, so the delete of every
     row gone since the watermark travels with a query sync: the row no longer
@@ -205,7 +207,7 @@ def filter_sql(t: SyncTable, column: str, where: CompiledQuery | None) -> tuple[
     """
     if where is None:
         return "", ()
-    key = quote_ident(t.conflict_column) if t.conflict_column else t.info.key_expr
+    key = quote_ident(t.conflict_column) if t.conflict_column and not local_key else t.info.key_expr
     name = quote_ident(t.info.name)
     return (f" AND ({column} IN (SELECT {key} FROM {name} WHERE {where.where}) "
             f"OR NOT EXISTS (SELECT 1 FROM {name} WHERE {key} = {column}))", tuple(where.params))

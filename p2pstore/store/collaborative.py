@@ -89,10 +89,14 @@ def unpark(conn: sqlite3.Connection, dest: str, key_column: str, column: str) ->
 #: Where the seqs of an interval are found: (source, extra condition, key column).
 SEQ_SOURCES = (("_p2p_log", " AND origin IS NULL", "pk"),)
 
-#: The rows a peer at position ?1 has not been sent: the distinct keys of this
-#: device's own log rows above it.
-UNSENT_SQL = ("SELECT count(*) FROM (SELECT DISTINCT tid, pk FROM _p2p_log WHERE seq > ?1 AND origin IS NULL "
-              "AND tid IN (SELECT tid FROM _p2p_tables WHERE kind = 'local'))")
+
+
+def unsent(conn: sqlite3.Connection, since: int) -> int:
+    """The rows a peer at position ``since`` has not been sent: the distinct
+    keys of this device's own log rows above it."""
+    return int(conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT tid, pk FROM _p2p_log WHERE seq > ?1 AND origin IS NULL "
+        "AND tid IN (SELECT tid FROM _p2p_tables WHERE kind = 'local'))", (since,)).fetchone()[0])
 
 
 def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]:

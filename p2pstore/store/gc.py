@@ -185,16 +185,14 @@ def _collect_tombs(conn: sqlite3.Connection, state: CaptureState, low: int, boun
         gone = conn.execute(
             "SELECT t.ck, t.hlc, t.seq FROM _p2p_tombs t INDEXED BY _p2p_tombs_seq WHERE t.seq > ?1 AND t.seq <= ?2 AND t.tid = ?3 "
             f"AND NOT EXISTS (SELECT 1 FROM {name} WHERE {ck} = t.ck) "
-            "AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = t.tid AND c.ck = t.ck AND c.seq > ?4) "
-            "AND NOT EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = t.tid AND r.ck = t.ck AND r.seq > ?4)",
+            "AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = t.tid AND c.ck = t.ck AND c.seq > ?4)",
             (low, end, table.tid, bound),
         ).fetchall()
         if not gone:
             continue
         keys = [(table.tid, g[0]) for g in gone]
         conn.executemany("DELETE FROM _p2p_tombs WHERE tid = ? AND ck = ?", keys)
-        conn.executemany("DELETE FROM _p2p_cells WHERE tid = ? AND ck = ?", keys)
-        conn.executemany("DELETE FROM _p2p_rows WHERE tid = ? AND ck = ?", keys)
+        conn.executemany("DELETE FROM _p2p_cells WHERE tid = ? AND ck = ?", keys)  # (a row not in the table has no row clock)
         _forgot(conn, max(g[2] for g in gone), max(g[1] for g in gone))
         dropped += len(gone)
     set_meta(conn, GC_MARK_KEY, end)
@@ -330,14 +328,18 @@ def sweep(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
         else:
             assert t.conflict_column is not None
             name, ck = quote_ident(t.info.name), quote_ident(t.conflict_column)
-            gone = [r[0] for r in conn.execute(
-                f"SELECT {ck} FROM {name} x WHERE {ck} NOT IN ({marks}) AND NOT EXISTS (SELECT 1 FROM _p2p_clocks c "
-                f"WHERE c.tid = ? AND c.ck = x.{ck} AND (c.hlc > ? OR (c.origin IS NULL AND c.seq > ?)))",
+            # Kept: a row with a clock newer than the snapshot, or one of this device's own not yet acked.
+            newer = "(c.hlc > ?4 OR (c.origin IS NULL AND c.seq > ?5))"
+            found = conn.execute(
+                f"SELECT x.{ck}, x.{t.info.key_expr} FROM {name} x WHERE x.{ck} NOT IN (SELECT ck FROM _p2p_resync WHERE peer = ?1 AND tid = ?2) "
+                f"AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?3 AND c.ck = x.{ck} AND {newer}) "
+                f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows c WHERE c.tid = ?3 AND c.pk = x.{t.info.key_expr} AND {newer})",
                 (peer, t.tid, t.tid, batch.snapshot_hlc, acked(conn, peer)),
-            )]
+            ).fetchall()
+            gone = [k for k, _ in found]
             conn.executemany(f"DELETE FROM {name} WHERE {ck} = ?", [(k,) for k in gone])
             conn.executemany("DELETE FROM _p2p_cells WHERE tid = ? AND ck = ?", [(t.tid, k) for k in gone])
-            conn.executemany("DELETE FROM _p2p_rows WHERE tid = ? AND ck = ?", [(t.tid, k) for k in gone])
+            conn.executemany("DELETE FROM _p2p_rows WHERE tid = ? AND pk = ?", [(t.tid, pk) for _, pk in found])
             conn.executemany("DELETE FROM _p2p_tombs WHERE tid = ? AND ck = ?", [(t.tid, k) for k in gone])
             removed += len(gone)
     conn.execute("DELETE FROM _p2p_resync WHERE peer = ?", (peer,))

@@ -35,8 +35,9 @@ class Mode(Protocol):
     def columns_changed(self, conn: sqlite3.Connection, info: TableInfo, label: str) -> None: ...
 
     # read: what a peer is sent (stream.py picks the interval).
-    SEQ_SOURCES: tuple[tuple[str, str, str], ...]  # where an interval's seqs are: (source, condition, key column)
-    UNSENT_SQL: str  # how many rows a peer at position ?1 has not been sent
+    SEQ_SOURCES: tuple[tuple[str, str, str], ...]  # where an interval's seqs are: (source, condition ({table}, {key}), key column)
+
+    def unsent(self, conn: sqlite3.Connection, since: int) -> int: ...  # how many rows a peer at ``since`` has not been sent
 
     def seq_sizes(self, conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]: ...
 

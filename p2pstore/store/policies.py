@@ -215,9 +215,10 @@ def _write(conn: sqlite3.Connection, clock: HybridClock, table: changes.SyncTabl
                        (table.tid, pk, capture.OP_UPDATE, hlc, numbers.number(conn, me), e["key"])).lastrowid
     both = [(e["remote_hlc"], e["remote_origin"])] + ([(e["local_hlc"], e["local_origin"])] if e["local_hlc"] is not None else [])
     prev_hlc, prev_device = max(both)
-    shared, own = cells.load(conn, table.tid, [e["key"]])
+    shared, own = cells.load(conn, cells.RowKeys.of(table), [e["key"]])
     logical = cells.expand(shared.get(e["key"]), own.get(e["key"]), table.sync_columns)
     logical[e["column"]] = (hlc, None, seq, prev_hlc, None if prev_device == me else numbers.number(conn, prev_device))
     writer = cells.Writer()
-    writer.put(table.tid, e["key"], logical, table.sync_columns, had_row=e["key"] in shared, had_cols=e["key"] in own)
+    writer.put(table.tid, e["key"], pk, logical, table.sync_columns, old_pk=pk, had_row=e["key"] in shared,
+               had_cols=e["key"] in own)
     writer.write(conn)

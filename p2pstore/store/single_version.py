@@ -64,30 +64,43 @@ def columns_changed(conn: sqlite3.Connection, info: TableInfo, label: str) -> No
 
 # -- read: what a peer is sent ------------------------------------------------
 
-#: Where the seqs of an interval are found: (source, extra condition, key
-#: column). INDEXED BY: left alone, SQLite prefers the (tid, ...) key and sorts everything.
-SEQ_SOURCES = (("_p2p_rows INDEXED BY _p2p_rows_seq", "", "ck"), ("_p2p_cells INDEXED BY _p2p_cells_seq", "", "ck"),
+#: Where the seqs of an interval are found: (source, extra condition — with
+#: the table's quoted ``{table}`` name and ``{key}`` expression —, key
+#: column: the conflict value ``ck``, or ``pk``, a row's local key). A row
+#: clock counts only with its row (an orphan: store/cells.py).
+#: INDEXED BY: left alone, SQLite prefers the (tid, ...) key and sorts everything.
+SEQ_SOURCES = (("_p2p_rows INDEXED BY _p2p_rows_seq", " AND EXISTS (SELECT 1 FROM {table} x WHERE x.{key} = pk)", "pk"),
+               ("_p2p_cells INDEXED BY _p2p_cells_seq", "", "ck"),
                ("_p2p_tombs INDEXED BY _p2p_tombs_seq", "", "ck"))
 
-#: The rows a peer at position ?1 has not been sent: the distinct rows with a
-#: row clock, column clock or tomb above it. One seq belongs to one row:
-#: grouping by seq first halves the rows to deduplicate.
-UNSENT_SQL = ("SELECT count(*) FROM (SELECT tid, ck FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE seq > ?1 "
-              "UNION SELECT tid, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 GROUP BY seq "
-              "UNION SELECT tid, ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1)")
+
+def unsent(conn: sqlite3.Connection, since: int) -> int:
+    """The rows a peer at position ``since`` has not been sent: the distinct
+    rows with a row clock, column clock or tomb above it. One seq belongs to
+    one row: grouping by seq first halves the rows to deduplicate."""
+    total = 0
+    for keys in cells.single_version_tables(conn):
+        total += conn.execute(
+            f"SELECT count(*) FROM (SELECT x.{keys.ck} FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
+            f"JOIN {keys.table} x ON x.{keys.key} = r.pk WHERE r.seq > ?1 AND r.tid = ?2 "
+            "UNION SELECT ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 AND tid = ?2 GROUP BY seq "
+            "UNION SELECT ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1 AND tid = ?2)",
+            (since, keys.tid),
+        ).fetchone()[0]
+    return total
 
 
 def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]:
     """(seq, stored size of the sync columns of the row it sends) for ``seqs``."""
-    assert t.conflict_column is not None
-    name = quote_ident(t.info.name)
-    total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
+    keys = cells.RowKeys.of(t)
+    total = " + ".join(f"coalesce(length(x.{quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
     marks = ", ".join("?" * len(seqs))
     # INDEXED BY: left alone, SQLite walks every cell of the table by its (tid, ...) key.
     return conn.execute(
-        f"SELECT c.seq, max((SELECT {total} FROM {name} WHERE {quote_ident(t.conflict_column)} = c.ck)) FROM ("
-        f"SELECT seq, ck FROM _p2p_rows INDEXED BY _p2p_rows_seq WHERE tid = ?1 AND seq IN ({marks}) UNION ALL "
-        f"SELECT seq, ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE tid = ?1 AND seq IN ({marks})) c GROUP BY c.seq",
+        f"SELECT r.seq, {total} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {keys.table} x ON x.{keys.key} = r.pk "
+        f"WHERE r.tid = ?1 AND r.seq IN ({marks}) UNION ALL "
+        f"SELECT c.seq, max((SELECT {total} FROM {keys.table} x WHERE x.{keys.ck} = c.ck)) "
+        f"FROM _p2p_cells c INDEXED BY _p2p_cells_seq WHERE c.tid = ?1 AND c.seq IN ({marks}) GROUP BY c.seq",
         (t.tid, *seqs, *seqs),
     )
 
@@ -119,17 +132,18 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
                f"{origins.device_sql('tb.origin', me_dev)}))")
     columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
     values = ", ".join(f"CASE WHEN {visible} THEN x.{quote_ident(c)} END" for c in columns)
+    key = t.info.key_expr
     cursor = conn.execute(
-        "SELECT r.ck, CASE WHEN tb.seq > ?1 THEN max(r.seq, tb.seq) ELSE r.seq END, r.hlc, coalesce(r.origin, 0), "
+        f"SELECT x.{ck}, CASE WHEN tb.seq > ?1 THEN max(r.seq, tb.seq) ELSE r.seq END, r.hlc, coalesce(r.origin, 0), "
         "r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END, "
         "tb.hlc, CASE WHEN tb.hlc IS NOT NULL THEN coalesce(tb.origin, 0) END, "
         "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
         f"{values}, r.seq, {size_sql(columns, 'x.')} "
         "FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
-        "LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = r.ck "
-        f"LEFT JOIN {name} x ON x.{ck} = r.ck "
+        f"JOIN {name} x ON x.{key} = r.pk "
+        f"LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = x.{ck} "
         "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
-        + (" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if irregular else "")
+        + (f" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck})" if irregular else "")
         + " ORDER BY r.seq",  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
         (since, last, t.tid, devices[0]),
     )
@@ -161,9 +175,14 @@ def read_rows(
     # Rows whose columns share one clock (store/cells.py): that clock for
     # each sync column without a cell of its own.
     # Row clocks of the interval (those of regular rows came in the block).
-    irregular = " AND EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = r.ck)" if only_irregular else ""
+    name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
+    irregular = f" AND EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck_col})" if only_irregular else ""
+    row_filt, _ = filter_sql(t, f"x.{ck_col}", where)
+    row_clock = (f"r.hlc, {origins.device_sql('r.origin', '?1')}, r.seq, r.prev_hlc, "
+                 f"CASE WHEN r.prev_hlc IS NOT NULL THEN {origins.device_sql('r.prev_origin', '?1')} END")
     shared = conn.execute(
-        f"SELECT ck, {clock_sql} FROM _p2p_rows r INDEXED BY _p2p_rows_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{irregular}{filt}",
+        f"SELECT x.{ck_col}, {row_clock} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {name} x ON x.{t.info.key_expr} = r.pk "
+        f"WHERE r.seq > ?2 AND r.seq <= ?3 AND r.tid = ?4{irregular}{row_filt}",
         (me, since, last, t.tid, *fparams),
     ).fetchall()
     if shared:
@@ -192,7 +211,6 @@ def read_rows(
         tombs.pop(ck, None)
         if ck not in skip:
             unsendable(t, ck)
-    name, ck_col = quote_ident(t.info.name), quote_ident(t.conflict_column)
     columns = list(t.sync_columns)
     listed = ", ".join(quote_ident(c) for c in columns)
     # Tombs older than the interval and current values, a chunk of keys per
@@ -322,7 +340,7 @@ def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
         )
     conn, ck, tid = ap.conn, row.key, table.tid
     state = RowState(conn.execute(statements(ap, table).select, (ck,)).fetchone(), {}, None)
-    shared, own = cells.load(conn, tid, [ck])
+    shared, own = cells.load(conn, cells.RowKeys.of(table), [ck])
     fill(ap, state, table, shared.get(ck), own.get(ck))
     found = conn.execute("SELECT hlc, origin, prev_hlc, prev_origin FROM _p2p_tombs WHERE tid = ? AND ck = ?", (tid, ck)).fetchone()
     if found is not None:
@@ -363,7 +381,7 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
                 if state is None or type(current[-1]) is not types[name]:
                     return False  # a stored key that compares equal but is not: row by row decides
                 state.current = current[:-1]
-            shared, own = cells.load(conn, table.tid, chunk)
+            shared, own = cells.load(conn, cells.RowKeys.of(table), chunk)
             for ck in {*shared, *own}:
                 fill(ap, found[ck], table, shared.get(ck), own.get(ck))
             for ck, *clock in conn.execute(
@@ -615,11 +633,15 @@ def write_rows(ap: _Applier, plans: Sequence[RowPlan], *, raw_text: bool = False
             ap.appended.add(tid)
         # No ck: only stamping reads it, of local rows; this row's clocks are in _p2p_rows/_p2p_cells.
         log_rows.append((seq, tid, plan.pk, plan.op, plan.newest[0], ap.logged(plan.newest[1]), None))
-        if plan.changed:
+        gone = plan.write in ("delete", "none")
+        if plan.changed or (gone and plan.state.had_row):  # a row leaving the table keeps its clocks by value
             stored = dict(plan.state.stored)
             for col, st in plan.changed:
                 stored[col] = (*ap.stored_clock(st.clock), seq, *ap.stored_clock(st.prev))
-            writer.put(tid, ck, stored, plan.table.sync_columns, had_row=plan.state.had_row, had_cols=plan.state.had_cols)
+            current = plan.state.current
+            writer.put(tid, ck, None if gone else plan.pk, stored, plan.table.sync_columns,
+                       old_pk=current[0] if current is not None else None, had_row=plan.state.had_row,
+                       had_cols=plan.state.had_cols)
         if plan.tomb is not None:
             tomb_rows.append((tid, ck, *ap.stored_clock(plan.tomb.clock), seq, *ap.stored_clock(plan.tomb.prev)))
         if plan.announce:
@@ -691,13 +713,14 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     no_tomb = f"NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k)" if has["_p2p_tombs"] else "1"
     same_tomb = (f"EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
                  f"AND t.origin IS {mapped.format(st + '.tor')})") if has["_p2p_tombs"] else "0"
+    # (A row not in the table has no row clock: store/cells.py.)
+    key = table.info.key_expr
     conn.execute(
         f"UPDATE temp.{st} SET fresh = CASE "
         f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
-        f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k) "
         f"AND {no_cells} AND {no_tomb} THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
-        f"WHEN EXISTS (SELECT 1 FROM _p2p_rows r WHERE r.tid = ?1 AND r.ck = {st}.k AND r.hlc = {st}.hlc "
-        f"             AND r.origin IS {mapped.format(st + '.o')}) "
+        f"WHEN EXISTS (SELECT 1 FROM {name} x JOIN _p2p_rows r ON r.tid = ?1 AND r.pk = x.{key} WHERE x.{ck} = {st}.k "
+        f"             AND r.hlc = {st}.hlc AND r.origin IS {mapped.format(st + '.o')}) "
         f"AND {no_cells} AND ({st}.th IS NULL OR {same_tomb}) THEN 0 END",
         (tid,),
     )
@@ -718,10 +741,12 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k WHERE s.fresh ORDER BY s.n",
         (top, tid),
     )
+    # OR REPLACE: an orphan row clock under a key a new row took (store/cells.py).
     conn.execute(
-        "INSERT INTO _p2p_rows(tid, ck, hlc, origin, seq, prev_hlc, prev_origin) "
-        f"SELECT ?2, s.k, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
-        f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END FROM temp.{stage} s WHERE s.fresh ORDER BY s.n",
+        "INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
+        f"SELECT ?2, x.{key}, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
+        f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END "
+        f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k WHERE s.fresh ORDER BY s.n",
         (top, tid),
     )
     devices: dict[int, str] = {}

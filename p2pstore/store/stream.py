@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from p2pstore.errors import InvalidParams, StoreInvalid
-from p2pstore.schema.predicates import CompiledQuery
+from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, modes
 from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN
 from p2pstore.store.changes import (
@@ -191,7 +191,7 @@ def unsent_rows(conn: sqlite3.Connection, since_seq: int, stream: str | None) ->
     with read_snapshot(conn):
         if stream != capture.stream_id(conn) or since_seq > capture.last_seq(conn):
             since_seq = 0
-        return int(conn.execute(modes.of(store_mode(conn)).UNSENT_SQL, (since_seq,)).fetchone()[0])
+        return modes.of(store_mode(conn)).unsent(conn, since_seq)
 
 
 def _next_seqs(
@@ -205,7 +205,8 @@ def _next_seqs(
     params: list[Any] = []
     for t in tables:
         for source, extra, key in modes.of(t.mode).SEQ_SOURCES:
-            filt, fparams = filter_sql(t, key, where)
+            filt, fparams = filter_sql(t, key, where, local_key=key == "pk")
+            extra = extra.format(table=quote_ident(t.info.name), key=t.info.key_expr)
             parts.append(
                 f"SELECT * FROM (SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} "
                 "ORDER BY seq LIMIT ?)"

@@ -19,7 +19,7 @@ from typing import Any
 from p2pstore.clock import HybridClock
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery
-from p2pstore.store import accepted_schema, capture, changes, merge, policies, stream
+from p2pstore.store import accepted_schema, capture, cells, changes, merge, policies, stream
 from p2pstore.store.capture import ChangeBatch
 from p2pstore.store.tables import read_table_info
 
@@ -121,6 +121,8 @@ class Replica:
         return conn
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if "_p2p_clocks" in sql:
+            cells.clocks_view(self.conn)  # every logical cell: a TEMP view, made for the asking
         return [tuple(r) for r in self.conn.execute(sql, tuple(params))]
 
     # -- sync -----------------------------------------------------------------
