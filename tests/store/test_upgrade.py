@@ -1,8 +1,11 @@
-"""Upgrade in place (issue 11 item 5): store files written by the release
-before the one-clock-per-row metadata (tests/fixtures/release1, made by
-tests/fixtures/make_release1_stores.py with that release) open with this
-one, migrate once with a log line, read exactly as that release read them,
-send the stream that release sent, and keep syncing.
+"""Upgrade in place (issue 11 item 5): store files written by earlier
+releases open with this one, migrate once with a log line, read exactly as
+that release read them, send the stream that release sent, and keep
+syncing. tests/fixtures/make_release1_stores.py made them with each release:
+
+- release 1 (tests/fixtures/release1): per-column clocks only, device IDs as text;
+- release 2 (tests/fixtures/release2): one clock per row keyed by the row's
+  conflict value, device IDs as numbers.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.store import changes
 from p2pstore.store.database import Store
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "release1"
-EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
-_spec = importlib.util.spec_from_file_location("make_release1_stores", FIXTURES.parent / "make_release1_stores.py")
+RELEASES = (1, 2)
+FIXTURES = {r: Path(__file__).parents[1] / "fixtures" / f"release{r}" for r in RELEASES}
+EXPECTED = {r: json.loads((FIXTURES[r] / "expected.json").read_text()) for r in RELEASES}
+_spec = importlib.util.spec_from_file_location("make_release1_stores", FIXTURES[1].parent / "make_release1_stores.py")
 assert _spec is not None and _spec.loader is not None
 MAKER = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(MAKER)  # the same table definitions and sync_schema.json as the fixtures
@@ -31,9 +35,9 @@ NAMES = ["sv-a", "sv-b", "collab-a", "collab-b"]
 DEVICE = {"a": "DEVA", "b": "DEVB"}
 
 
-def _copy(tmp_path: Path, name: str) -> Path:
+def _copy(tmp_path: Path, release: int, name: str) -> Path:
     path = tmp_path / f"{name}.db"
-    shutil.copyfile(FIXTURES / f"{name}.db", path)
+    shutil.copyfile(FIXTURES[release] / f"{name}.db", path)
     return path
 
 
@@ -66,28 +70,36 @@ def _replica(path: Path, name: str) -> Replica:
     return Replica(path, DEVICE[name[-1]])
 
 
+@pytest.mark.parametrize("release", RELEASES)
 @pytest.mark.parametrize("name", NAMES)
-async def test_a_release1_file_opens_migrates_once_and_reads_as_release1_did(
-    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+async def test_an_earlier_release_file_opens_migrates_once_and_reads_as_that_release_did(
+    tmp_path: Path, release: int, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = _copy(tmp_path, name)
+    path = _copy(tmp_path, release, name)
     with caplog.at_level(logging.INFO, logger="p2pstore.store"):
         await _open_and_close(path)
-    moved = [m for m in caplog.messages if "one clock per row" in m]
+    said = {"one clock per row": [m for m in caplog.messages if "one clock per row" in m],
+            "local key": [m for m in caplog.messages if "to the row's local key" in m],
+            "numbers": [m for m in caplog.messages if "device IDs as numbers" in m]}
     if name.startswith("sv"):
-        assert moved and "table items: moving" in moved[0], caplog.messages
+        assert said["one clock per row" if release == 1 else "local key"], caplog.messages
+        assert "table items: moving" in (said["one clock per row"] + said["local key"])[0]
+    # collaborative stores keep one clock per row already; release 2 had row clocks, and numbers
+    assert not said["local key" if release == 1 else "one clock per row"]
+    assert not (said["one clock per row"] and name.startswith("collab"))
+    if release == 1:
+        (numbered,) = said["numbers"]
+        assert "clock and log rows (once, after an upgrade)" in numbered, caplog.messages
     else:
-        assert not moved  # collaborative stores keep one clock per row already
-    numbered = [m for m in caplog.messages if "device IDs as numbers" in m]
-    assert len(numbered) == 1 and "clock and log rows (once, after an upgrade)" in numbered[0], caplog.messages
+        assert not said["numbers"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="p2pstore.store"):
         await _open_and_close(path)
-    assert not [m for m in caplog.messages if "one clock per row" in m or "as numbers" in m]  # once
+    assert not [m for m in caplog.messages if "one clock per row" in m or "as numbers" in m or "local key" in m]  # once
 
     r = _replica(path, name)
     try:
-        assert _as_read(r) == EXPECTED[name]
+        assert _as_read(r) == EXPECTED[release][name]
         # Origins are numbers now (store/origins.py), each device's ID stored once.
         for table in ("_p2p_log", "_p2p_cells", "_p2p_rows", "_p2p_tombs"):
             assert r.rows(f"SELECT type FROM pragma_table_info('{table}') WHERE name = 'origin'") == [("INTEGER",)]
@@ -97,7 +109,7 @@ async def test_a_release1_file_opens_migrates_once_and_reads_as_release1_did(
         assert r.rows("SELECT count(*) FROM _p2p_changes WHERE origin IS NOT NULL AND origin NOT IN ('DEVA', 'DEVB')") == [(0,)]
         if name.startswith("sv"):
             per_column = r.rows("SELECT count(*) FROM _p2p_cells")[0][0]
-            logical = len(EXPECTED[name]["cells"])
+            logical = len(EXPECTED[release][name]["cells"])
             # 42 rows x 3 sync columns; only the columns edited on their own keep a clock of their own
             assert r.rows("SELECT count(*) FROM _p2p_rows")[0][0] >= 40
             assert per_column < logical / 3, (per_column, logical)
@@ -111,9 +123,10 @@ def _normalized(plain: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("release", RELEASES)
 @pytest.mark.parametrize("name", NAMES)
-async def test_the_migrated_store_sends_the_stream_release1_sent(tmp_path: Path, name: str) -> None:
-    path = _copy(tmp_path, name)
+async def test_the_migrated_store_sends_the_stream_that_release_sent(tmp_path: Path, release: int, name: str) -> None:
+    path = _copy(tmp_path, release, name)
     await _open_and_close(path)
     r = _replica(path, name)
     try:
@@ -121,15 +134,18 @@ async def test_the_migrated_store_sends_the_stream_release1_sent(tmp_path: Path,
     finally:
         r.close()
     ours = unpack(pack_values(changes.batch_to_plain(batch)), "batch", raw_text=True)
-    theirs = unpack((FIXTURES / f"{name}.batch").read_bytes(), "batch", raw_text=True)
+    theirs = unpack((FIXTURES[release] / f"{name}.batch").read_bytes(), "batch", raw_text=True)
     assert _normalized(ours) == _normalized(theirs)
 
 
+@pytest.mark.parametrize("release", RELEASES)
 @pytest.mark.parametrize("name", ["sv-a", "collab-a"])
-def test_a_batch_release1_sent_applies_here(tmp_path: Path, name: str) -> None:
-    """A peer still on release 1 sends its stream; a fresh store of this
-    release takes it whole: the same rows and the same clocks."""
-    source = _copy(tmp_path, name)
+async def test_a_batch_an_earlier_release_sent_applies_here(tmp_path: Path, release: int, name: str) -> None:
+    """A peer still on an earlier release sends its stream; a fresh store of
+    this release takes it whole: the same rows and the same clocks (as
+    that peer's file, migrated, holds them)."""
+    source = _copy(tmp_path, release, name)
+    await _open_and_close(source)
     r = _replica(source, name)
     c = Replica(tmp_path / "c.db", "DEVC")
     try:
@@ -139,7 +155,7 @@ def test_a_batch_release1_sent_applies_here(tmp_path: Path, name: str) -> None:
         else:
             c.write(MAKER.NOTES)
             c.make_distributed("notes")
-        batch = changes.batch_from_plain(unpack((FIXTURES / f"{name}.batch").read_bytes(), "batch", raw_text=True))
+        batch = changes.batch_from_plain(unpack((FIXTURES[release] / f"{name}.batch").read_bytes(), "batch", raw_text=True))
         result = c.apply(batch, "DEVA")
         assert result.failed == 0
         if name.startswith("sv"):
@@ -155,8 +171,9 @@ def test_a_batch_release1_sent_applies_here(tmp_path: Path, name: str) -> None:
         c.close()
 
 
-async def test_migrated_peers_keep_syncing(tmp_path: Path) -> None:
-    pa, pb = _copy(tmp_path, "sv-a"), _copy(tmp_path, "sv-b")
+@pytest.mark.parametrize("release", RELEASES)
+async def test_migrated_peers_keep_syncing(tmp_path: Path, release: int) -> None:
+    pa, pb = _copy(tmp_path, release, "sv-a"), _copy(tmp_path, release, "sv-b")
     for p in (pa, pb):
         await _open_and_close(p)
     a, b = Replica(pa, "DEVA"), Replica(pb, "DEVB")
