@@ -621,8 +621,9 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     First, the row tuples of the local keys the range touched are turned
     into per-column cells under the conflict value of the row that held the
     key before the range — what the key's first log row in it names (an
-    insert first: the key was free, an entry there is an orphan) — so a row
-    deleted, or given another key or value, keeps its clocks by value.
+    insert first: the key was free and an entry there is an orphan, unless
+    the key is the conflict value) — so a row deleted, or given another key
+    or value, keeps its clocks by value.
     Then the common case — a row inserted once in the range, with no clock
     here yet (new rows, rows another program wrote) — becomes its one row
     tuple in one ``INSERT ... SELECT``. Every other touched row is stamped
@@ -640,8 +641,9 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
         "WHERE l.seq BETWEEN ?1 AND ?2 AND l.tid = ?3 AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.ck",
         (first, last, tid),
     )
-    # (pk, ck of the row that held pk before the range): SQLite's bare columns of min().
-    cells.explode(conn, keys, f"SELECT pk, CASE WHEN op = {OP_INSERT} THEN NULL ELSE ck END AS ck FROM ("
+    # (pk, ck of the row that held pk before the range): SQLite's bare columns of min(). An insert
+    # first: the key was free, unless the key is the conflict value itself (an INSERT OR REPLACE of it).
+    cells.explode(conn, keys, f"SELECT pk, CASE WHEN op = {OP_INSERT} AND pk IS NOT ck THEN NULL ELSE ck END AS ck FROM ("
                   "SELECT l.pk, l.ck, l.op, min(l.seq) FROM _p2p_log l WHERE l.seq BETWEEN ? AND ? AND l.tid = ? "
                   "AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.pk)", (first, last, tid))
     conn.execute(
@@ -823,8 +825,14 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     ``_p2p_stamps`` ranges left covering no local row. ``_p2p_changes``
     then shows only what stays, and the newest ``keep_recent`` seqs. Call it
     in a transaction; it looks at ``chunk`` log rows past the last call's
-    mark, so repeated calls walk the whole log once.
+    mark, so repeated calls walk the whole log once. Each call also looks
+    at a chunk of each single_version table's row clocks for orphans
+    (``cells.sweep_orphans``).
     """
+    for table in state.tables.values():
+        if table.conflict_column is not None:
+            mark = f"{ORPHANS_KEY}{table.tid}"
+            set_meta(conn, mark, cells.sweep_orphans(conn, cells.RowKeys.of(table), get_meta(conn, mark)))
     top = last_seq(conn)
     high = min(state.stamped_seq, top) - keep_recent
     low = int(get_meta(conn, COMPACTED_KEY, 0))
@@ -846,3 +854,7 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     # The highest row stays; the next call looks at it again, when it may not be the highest.
     set_meta(conn, COMPACTED_KEY, min(end, top - 1))
     return dropped
+
+
+#: ``_p2p_meta`` key prefix (+ tid): the row clock key ``cells.sweep_orphans`` goes on after.
+ORPHANS_KEY = "orphans_swept_"

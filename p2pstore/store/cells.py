@@ -240,6 +240,30 @@ def fold(conn: sqlite3.Connection, keys: RowKeys, only: str = "", params: Sequen
     return max(folded, 0)
 
 
+#: Row clocks one ``sweep_orphans`` call looks at.
+SWEEP_CHUNK = 20_000
+
+
+def sweep_orphans(conn: sqlite3.Connection, keys: RowKeys, after: Any, chunk: int = SWEEP_CHUNK) -> Any:
+    """Drop the orphans (row clocks whose row left the table unseen: see the
+    module docstring) among the next ``chunk`` row clocks of the table in
+    key order after ``after`` (None: from the first); the key to go on
+    after next time (None: the walk starts over). Bounded work per call,
+    so the periodic compaction walks a table of any size a chunk at a time."""
+    bound = "AND pk > ? " if after is not None else ""
+    first = (after,) if after is not None else ()
+    last = conn.execute(f"SELECT max(pk) FROM (SELECT pk FROM _p2p_rows WHERE tid = ? {bound}ORDER BY pk LIMIT ?)",
+                        (keys.tid, *first, chunk)).fetchone()[0]
+    if last is None:
+        return None
+    dropped = conn.execute(
+        f"DELETE FROM _p2p_rows WHERE tid = ? {bound}AND pk <= ? "
+        f"AND NOT EXISTS (SELECT 1 FROM {keys.table} x WHERE x.{keys.key} = _p2p_rows.pk)", (keys.tid, *first, last)).rowcount
+    if dropped > 0:
+        log.info("table %s: dropped %d row clock(s) of rows replaced by INSERT OR REPLACE", keys.name, dropped)
+    return last
+
+
 #: ``_p2p_meta`` key: 2 once the file's cells were folded into row tuples
 #: (issue 11's format), 3 once those are keyed by the local key.
 FORMAT_KEY = "cells_format"
