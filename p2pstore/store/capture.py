@@ -643,9 +643,14 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     )
     # (pk, ck of the row that held pk before the range): SQLite's bare columns of min(). An insert
     # first: the key was free, unless the key is the conflict value itself (an INSERT OR REPLACE of it).
-    cells.explode(conn, keys, f"SELECT pk, CASE WHEN op = {OP_INSERT} AND pk IS NOT ck THEN NULL ELSE ck END AS ck FROM ("
-                  "SELECT l.pk, l.ck, l.op, min(l.seq) FROM _p2p_log l WHERE l.seq BETWEEN ? AND ? AND l.tid = ? "
-                  "AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.pk)", (first, last, tid))
+    # A range of inserts only (another program's bulk insert) has nothing to move: row clocks written
+    # below replace an orphan they meet.
+    if table.info.key == table.conflict_column or conn.execute(
+            f"SELECT 1 FROM _p2p_log WHERE seq BETWEEN ? AND ? AND tid = ? AND op != {OP_INSERT} AND hlc IS NULL LIMIT 1",
+            (first, last, tid)).fetchone():
+        cells.explode(conn, keys, f"SELECT pk, CASE WHEN op = {OP_INSERT} AND pk IS NOT ck THEN NULL ELSE ck END AS ck FROM ("
+                      "SELECT l.pk, l.ck, l.op, min(l.seq) FROM _p2p_log l WHERE l.seq BETWEEN ? AND ? AND l.tid = ? "
+                      "AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.pk)", (first, last, tid))
     conn.execute(
         "UPDATE temp._p2p_touched AS x SET plain = 0 WHERE plain AND ("
         "EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = x.ck) OR "

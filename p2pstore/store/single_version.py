@@ -733,21 +733,23 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     position = {c: f"v{i}" for i, c in enumerate(block.columns)}
     listed = ", ".join(quote_ident(c) for c in table.sync_columns)
     values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)
-    conn.execute(f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE fresh ORDER BY n")
+    inserted = conn.execute(f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE fresh ORDER BY n").rowcount
     seq = "?1 + row_number() OVER (ORDER BY s.n)"
+    pk, source, first = _new_keys(conn, table, stage, inserted)
+    binds = (top, tid) if first is None else (top, tid, first)
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
-        f"SELECT {seq}, ?2, x.{table.info.key_expr}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
-        f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k WHERE s.fresh ORDER BY s.n",
-        (top, tid),
+        f"SELECT {seq}, ?2, {pk}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
+        f"FROM {source} WHERE s.fresh ORDER BY s.n",
+        binds,
     )
     # OR REPLACE: an orphan row clock under a key a new row took (store/cells.py).
     conn.execute(
         "INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
-        f"SELECT ?2, x.{key}, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
+        f"SELECT ?2, {pk}, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
         f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END "
-        f"FROM temp.{stage} s JOIN {name} x ON x.{ck} = s.k WHERE s.fresh ORDER BY s.n",
-        (top, tid),
+        f"FROM {source} WHERE s.fresh ORDER BY s.n",
+        binds,
     )
     devices: dict[int, str] = {}
     remote = []
@@ -757,6 +759,33 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
             device = devices[number] = ap.origins.device(number)
         remote.append((device, table.info.name, OP_INSERT, pk))
     return len(remote), remote, tid if remote else None
+
+
+def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: int) -> tuple[str, str, int | None]:
+    """How ``write_block`` finds the local keys of the ``inserted`` rows it
+    just wrote (the staging rows ``s`` that are fresh, in order): SQL of the
+    key, the FROM clause, and the first key (bound as ?3).
+
+    Without a lookup of each row by its (usually random) conflict value
+    where the key says itself: a key that is the conflict value is the
+    staged value; an id SQLite assigned (an INTEGER PRIMARY KEY: the rowid)
+    is the next one after another for the rows of one INSERT, checked here
+    (the range holds that many rows, its first and last the first and last
+    values written). Otherwise, a join on the conflict value."""
+    name, ck = quote_ident(table.info.name), quote_ident(table.conflict_column or "")
+    staged = f"temp.{stage} s"
+    if table.info.key == table.conflict_column:
+        return "s.k", staged, None
+    if table.info.key_is_rowid_alias and inserted > 0:
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = last - inserted + 1
+        ends = conn.execute(f"SELECT (SELECT k FROM temp.{stage} WHERE fresh ORDER BY n LIMIT 1), "
+                            f"(SELECT k FROM temp.{stage} WHERE fresh ORDER BY n DESC LIMIT 1)").fetchone()
+        found = conn.execute(f"SELECT count(*), (SELECT {ck} FROM {name} WHERE rowid = ?1), (SELECT {ck} FROM {name} WHERE rowid = ?2) "
+                             f"FROM {name} WHERE rowid BETWEEN ?1 AND ?2", (first, last)).fetchone()
+        if found == (inserted, *ends):
+            return "?3 + row_number() OVER (ORDER BY s.n) - 1", staged, first
+    return f"x.{table.info.key_expr}", f"{staged} JOIN {name} x ON x.{ck} = s.k", None
 
 
 def _or(value: Any, default: Any) -> Any:

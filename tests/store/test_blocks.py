@@ -916,3 +916,45 @@ def test_an_echo_leaves_the_table_as_row_by_row_does(monkeypatch: pytest.MonkeyP
     _apply_pair(monkeypatch, x, y, batch, SENDER, taken)  # again: an echo, nothing to write
     assert taken == [False, True]
     assert _dump(x) == _dump(y)
+
+
+# --------------------------------------------------------------------------
+# The local keys of rows a block inserts (single_version ``_new_keys``)
+
+KEYED_BY_VALUE = "CREATE TABLE items(uid TEXT PRIMARY KEY, a INTEGER, b TEXT, note TEXT)"
+KEYED_BY_VALUE_DOC = schema_doc({"items": ([field("uid", "Text", pk=True, not_null=True), field("a", "Integer"),
+                                            field("b", "Text"), field("note", "Text")], ["uid", "a", "b"])})
+
+
+@pytest.mark.parametrize("how", ["ids counted", "ids looked up", "key is the value"])
+def test_a_block_gives_its_rows_clocks_under_the_keys_they_got(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
+                                                              how: str) -> None:
+    """The set-based insert knows each new row's local key without looking
+    it up by its conflict value (ids SQLite gave one after another, or the
+    value itself); looked up, or counted, the store is what row by row writes."""
+    from p2pstore.store import single_version
+
+    shape = {"items": KEYED_BY_VALUE, "doc": KEYED_BY_VALUE_DOC} if how == "key is the value" else {}
+    a, x, y = (device(d, SINGLE_VERSION, **shape) for d in (SENDER, ME, ME))
+    for r in (x, y):  # ids already taken here, and a gap: the next ids are not the sender's
+        r.write("INSERT INTO items(uid, a, b) VALUES ('mine1', 0, 'm'), ('mine2', 0, 'm')")
+        if how != "key is the value":
+            r.write("DELETE FROM items WHERE uid = 'mine2'")
+    a.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{i:03d}', {i}, 'b{i}')" for i in range(40)))
+    real = single_version._new_keys
+    seen: list[str] = []
+
+    def spy(conn: Any, table: Any, stage: str, inserted: int) -> Any:
+        out = real(conn, table, stage, 0 if how == "ids looked up" else inserted)
+        seen.append(out[0])
+        return out
+
+    taken: list[bool] = []
+    with monkeypatch.context() as m:
+        m.setattr(single_version, "_new_keys", spy)
+        _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)
+    assert taken == [True]
+    assert seen == [{"ids counted": "?3 + row_number() OVER (ORDER BY s.n) - 1", "ids looked up": 'x."id"',
+                     "key is the value": "s.k"}[how]]
+    key, mine = ("uid", 2) if how == "key is the value" else ("id", 1)
+    assert x.rows(f"SELECT count(*) FROM _p2p_rows r JOIN items i ON i.{key} = r.pk") == [(40 + mine,)]
