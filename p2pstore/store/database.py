@@ -110,6 +110,13 @@ WAL_CHECKPOINT_PAGES = 10_000
 #: The WAL file is cut back to this after a checkpoint (it otherwise keeps its
 #: largest size): what a store costs on disk besides its file when idle.
 WAL_KEEP_BYTES = 4 * 1024 * 1024
+#: Free pages (4 KiB each) a store file gives back to the disk per step after
+#: compaction (``PRAGMA incremental_vacuum``: files made with auto_vacuum
+#: INCREMENTAL, every store created since row clocks by local key), and the
+#: fewest worth a step. A step moves pages from the end of the file into
+#: the free ones and truncates it; 2000 pages take some tens of ms.
+VACUUM_STEP_PAGES = 2000
+VACUUM_MIN_PAGES = 256
 #: How long sync work on a store waits at most for the application's
 #: operations in flight to finish before it queues anyway (``Store.run_background``).
 BACKGROUND_YIELD_S = 0.05
@@ -335,6 +342,10 @@ class Store:
         conn.text_factory = changes.TEXT_FACTORY
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                # A new file: pages compaction frees can be given back (``give_back_space``).
+                # Only possible before its first table (and before WAL mode writes its header).
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreInvalid(f"{self.path}: could not switch to WAL mode (got {mode})")
@@ -1332,7 +1343,35 @@ class Store:
                 break
         if total:
             log.debug("store %s/%s: compacted %d change-log row(s)", self.bundle, self.name, total)
+        await self.give_back_space(max_chunks)
         return total
+
+    async def give_back_space(self, max_steps: int = 10) -> int:
+        """Shrink the file by the pages compaction freed, ``VACUUM_STEP_PAGES``
+        a step (each its own transaction, so API writes go between); the
+        number of pages given back. Files made before the store set
+        auto_vacuum keep their free pages for later writes (a ``VACUUM``
+        with the daemon stopped converts them)."""
+
+        def step(conn: sqlite3.Connection) -> int:
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # INCREMENTAL
+                return 0
+            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            if free < VACUUM_MIN_PAGES:
+                return 0
+            # executescript steps the pragma to its end (execute would free one page); no transaction is open here.
+            conn.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
+            return free - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+        given = 0
+        for _ in range(max_steps):
+            pages = await self.run_background(step)
+            given += pages
+            if pages == 0:
+                break
+        if given:
+            log.debug("store %s/%s: gave %d free page(s) back to the disk", self.bundle, self.name, given)
+        return given
 
     # -- capture of other processes' writes ----------------------------------
 

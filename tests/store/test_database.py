@@ -35,7 +35,7 @@ from p2pstore.errors import (
     TableTypeLocked,
 )
 from p2pstore.store import capture
-from p2pstore.store.database import BACKGROUND_QUEUED, BACKGROUND_QUIET_S, MAX_QUERY_ROWS, Store
+from p2pstore.store.database import BACKGROUND_QUEUED, BACKGROUND_QUIET_S, MAX_QUERY_ROWS, VACUUM_MIN_PAGES, Store
 
 DEVICE = "ABCDEFG-HIJKLMN-OPQRSTU"
 
@@ -664,6 +664,44 @@ async def test_compact_keeps_the_stream_and_announces_what_it_stamps(store: Stor
     assert await store.compact() == 0
     assert await log_size(store) == before
     assert await rows(store, "SELECT count(DISTINCT pk) FROM _p2p_log") == [[30]]
+
+
+async def test_a_new_store_file_gives_the_pages_compaction_frees_back_to_the_disk(store: Store, db_path: Path) -> None:
+    """Store files are made with auto_vacuum INCREMENTAL: what compaction (or
+    the application) frees is given back after it, a step at a time; a file
+    made without it keeps its free pages for later writes."""
+    pragma = sqlite3.connect(db_path)
+    try:
+        assert pragma.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+    finally:
+        pragma.close()
+    await store.execute("CREATE TABLE scratch(x BLOB)")
+    await store.execute("WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 3000) "
+                        "INSERT INTO scratch SELECT randomblob(3000) FROM c")
+    await store.execute("DELETE FROM scratch")
+    free = (await rows(store, "PRAGMA freelist_count"))[0][0]
+    assert free > 2500
+    given = await store.compact()
+    assert given == 0  # (compaction dropped no log row: the pages were the application's)
+    assert (await rows(store, "PRAGMA freelist_count"))[0][0] < VACUUM_MIN_PAGES
+    assert (await rows(store, "PRAGMA page_count"))[0][0] < 500
+
+
+async def test_a_file_made_without_auto_vacuum_keeps_its_free_pages(db_path: Path) -> None:
+    plain = sqlite3.connect(db_path)
+    plain.execute("CREATE TABLE scratch(x BLOB)")
+    plain.execute("WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 1000) "
+                  "INSERT INTO scratch SELECT randomblob(3000) FROM c")
+    plain.execute("DELETE FROM scratch")
+    plain.commit()
+    plain.close()
+    store = await open_store(db_path)
+    try:
+        free = (await rows(store, "PRAGMA freelist_count"))[0][0]
+        assert free > 900 and await store.give_back_space() == 0
+        assert (await rows(store, "PRAGMA freelist_count"))[0][0] == free
+    finally:
+        await store.close()
 
 
 #: An endless result: only a cap counted while reading can stop it.
