@@ -36,7 +36,8 @@ Invariants:
   log records with the row's old key and value. An entry whose row left
   unseen (an ``INSERT OR REPLACE`` by another program deletes the row it
   replaces without a trigger) is an orphan: no reader joins it to a row,
-  and the next row given that key overwrites it.
+  the next row given that key overwrites it, and compaction drops it
+  (``sweep_orphans``).
 - A ``_p2p_rows`` entry exists only for a row that has a logical cell for
   every current sync column. When the sync columns change (a new
   sync_schema.json), ``explode`` first turns the table's entries into

@@ -18,6 +18,7 @@ import pytest
 from replicas import Replica, field, schema_doc
 
 from p2pstore.protocol.batch import KEY
+from p2pstore.store import cells
 
 THINGS = "CREATE TABLE things(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT)"
 WORDS = "CREATE TABLE words(w TEXT PRIMARY KEY, n INTEGER)"
@@ -157,3 +158,24 @@ def test_insert_or_replace_of_a_key_that_is_the_conflict_value_keeps_its_clocks_
     assert a.rows("SELECT prev_hlc, prev_origin FROM _p2p_clocks WHERE ck = 'hello' AND col = 'n'") == [theirs]
     a.push(b)
     assert b.rows("SELECT w, n FROM words") == [("hello", 2)]
+
+
+def test_the_orphan_sweep_walks_a_table_a_chunk_at_a_time(pair: tuple[Replica, Replica]) -> None:
+    a, _ = pair
+    a.write("INSERT INTO things(uid, a, b) VALUES " + ", ".join(f"('u{i}', {i}, 'x')" for i in range(10)))
+    out = a.outside()
+    out.execute("INSERT OR REPLACE INTO things(uid, a, b) VALUES ('u8', 0, 'y')")  # id 9 becomes an orphan, 11 is new
+    out.close()
+    a.write("SELECT 1")
+    assert _orphans(a) == 1
+    keys = cells.RowKeys.of(next(t for t in a.state.tables.values() if t.info.name == "things"))
+    marks: list[object] = []
+    mark = None
+    for _ in range(10):
+        mark = cells.sweep_orphans(a.conn, keys, mark, chunk=3)
+        marks.append(mark)
+        if mark is None:
+            break
+    assert marks == [3, 6, 9, 11, None]  # 11 row clocks, 3 a call; the orphan (9) went in the third
+    assert _orphans(a) == 0
+    assert a.rows("SELECT count(*) FROM _p2p_rows r JOIN _p2p_tables t ON t.tid = r.tid WHERE t.name = 'things'") == [(10,)]
