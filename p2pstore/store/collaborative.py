@@ -336,7 +336,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     top = capture.last_seq(conn)
     if top + len(block.rows) >= 1 << 63:
         return None
-    stage = load(conn, block)
+    stage = load(conn, block, fields)
     dest, key = quote_ident(target.dest), quote_ident(key_col)
     newer = f"(c.hlc > coalesce({stage}.hlc, {stage}.th) OR (c.hlc = coalesce({stage}.hlc, {stage}.th) AND " \
             f"{origins.device_sql('c.origin', '?3')} >= ?2))"

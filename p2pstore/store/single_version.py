@@ -692,7 +692,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     top = capture.last_seq(conn)
     if top + len(block.rows) >= 1 << 63:
         return None
-    stage = load(conn, block)
+    stage = load(conn, block, fields)
     name, ck, tid = quote_ident(table.info.name), quote_ident(ck_col), table.tid
     # The block's origin indexes -> this store's numbers (NULL: this device;
     # -1: a device with no number yet, so no stored clock can be its). The
