@@ -17,9 +17,10 @@ Invariants:
   n+1 overlaps the receiver applying batch n, and memory stays bounded
   whatever the size of the sync.
 - **Acks come in order and move the watermark.** A receiver applies its
-  batches one at a time in the order they came, each in one transaction with
-  its watermark (store/merge.py), and acks each when — and only when — it is
-  applied; its ``watermark`` is the store's answer for the last applied
+  batches in the order they came, each with its watermark in the
+  transaction that applies it (store/merge.py; several waiting batches may
+  share one: ``take_waiting``), and acks each when — and only when — it is
+  committed; its ``watermark`` is the store's answer for the last applied
   batch. A sender pairs each ack with its oldest unacked batch; an ack with
   no batch in flight ends the session. A sender's ``watermark`` is the last
   ack of a whole-stream batch, and is recorded once, at the successful end
@@ -530,6 +531,8 @@ class Receiver(_Machine):
             self.state = State.AWAIT_READY
         self.pending: deque[SyncBatch | SyncEnd] = deque()
         self.applying: OutBatch | None = None
+        #: Batches taken to apply with ``applying`` in one transaction (``take_waiting``), in order.
+        self.grouped: deque[OutBatch] = deque()
         #: The receiver's watermark for the sender after the last applied batch (the store's answer).
         self.watermark: int | None = None
 
@@ -566,10 +569,29 @@ class Receiver(_Machine):
             return []
         if self.applying is None:
             raise ProtocolError("applied() without an Apply")
-        batch, self.applying = self.applying, None
+        batch, self.applying = self.applying, (self.grouped.popleft() if self.grouped else None)
         self.watermark = last_seq
         self.stats.add(batch, applied, conflicts, failed, parked)
         return [Send(SyncAck(self.req, last_seq, applied, conflicts, failed, parked, have)), *self._next()]
+
+    def take_waiting(self, limit: int) -> list[tuple[OutBatch, int]]:
+        """While an ``Apply`` is carried out: up to ``limit`` batches that
+        arrived meanwhile, decoded, with their wire sizes, to apply in the
+        same transaction (a group commit: one commit for several batches).
+        ``applied`` is then called once per batch, the ``Apply``'s first, in
+        order; each ack goes out as before. A batch that fails to decode is
+        left waiting: it ends the session in its turn."""
+        taken: list[tuple[OutBatch, int]] = []
+        while self.applying is not None and len(taken) < limit and self.pending and isinstance(self.pending[0], SyncBatch):
+            payload = self.pending[0].payload
+            try:
+                batch = wire_batch.decode(payload)
+            except ProtocolError:
+                break
+            self.pending.popleft()
+            self.grouped.append(batch)
+            taken.append((batch, len(payload)))
+        return taken
 
     def _next(self) -> list[Action]:
         """Start on the oldest waiting message unless a batch is being applied."""

@@ -513,7 +513,7 @@ class Store:
         While the application is quiet (nothing of it in flight, none in the
         last ``BACKGROUND_QUIET_S``) sync work queues freely: a single change
         fanned out to many peers is not held back by the turn-taking."""
-        if not self._foreground and time.monotonic() - self._foreground_ended > BACKGROUND_QUIET_S:
+        if self.application_quiet():
             return await self._execute(fn, *args)
         async with self._background:
             if self._foreground:
@@ -1144,27 +1144,40 @@ class Store:
             after=self._note_sent, background=True)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
-        """Apply a peer's batch and move its watermark, in one transaction.
+        """Apply a peer's batch and move its watermark, in one transaction."""
+        return (await self.apply_changes_group([batch], from_device))[0]
 
-        The transaction is ours (the batch is a savepoint in it), so its
+    def application_quiet(self) -> bool:
+        """Whether no operation of the application is in flight, nor was in
+        the last ``BACKGROUND_QUIET_S`` (``run_background``)."""
+        return not self._foreground and time.monotonic() - self._foreground_ended > BACKGROUND_QUIET_S
+
+    async def apply_changes_group(self, batches: Sequence[changes.OutBatch], from_device: str) -> list[merge.ApplyResult]:
+        """Apply a peer's consecutive batches, each moving its watermark, in
+        one transaction: one commit for all (a commit rewrites every page
+        the batch touched, which a random-keyed index spreads over the
+        file: most of a large sync's time, docs/performance.md).
+
+        The transaction is ours (each batch is a savepoint in it), so its
         COMMIT checks the file first like every other write. On a full disk
-        nothing of the batch is applied and the watermark stays: the sender
-        sends it again on a later sync.
+        nothing is applied and the watermark stays: the sender sends it
+        again on a later sync.
         """
 
-        def op(conn: sqlite3.Connection) -> merge.ApplyResult:
+        def op(conn: sqlite3.Connection) -> list[merge.ApplyResult]:
             with self._transaction(conn):  # a rollback reloads the cached capture state
-                return merge.apply_batch(conn, self.capture, self.clock, batch, from_device)
+                return [merge.apply_batch(conn, self.capture, self.clock, batch, from_device) for batch in batches]
 
         try:
-            result = await self.run_background(op)
+            results = await self.run_background(op)
         except DiskFull as exc:
             raise DiskFull(f"store {self.bundle}/{self.name}: disk full while applying batch from {from_device}: "
                            f"{exc.data.get('sqlite', exc.message)} ({self.path}); nothing applied, watermark unchanged",
                            data={**exc.data, "store": self.name, "bundle": self.bundle, "peer": from_device}) from exc
-        self._announce(result.local)
-        self.queued += result.queued
-        return result
+        for result in results:
+            self._announce(result.local)
+            self.queued += result.queued
+        return results
 
     async def position(self, peer: str) -> tuple[int, str | None]:
         """Our watermark for ``peer``'s copy of this store: (seq, its stream ID)."""

@@ -149,6 +149,9 @@ CHANNEL_RETRIES = 3
 #: Pauses before an auto-sync push that failed is tried again; after the last
 #: it waits for the next local change or for the peer to come back online.
 AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+#: Batches of a session a receiver applies in one transaction at most, when
+#: they are waiting and the application is quiet (``Receiver.take_waiting``).
+GROUP_COMMIT_BATCHES = 4
 #: Peers a device passes a received change on to (``relay_fanout``).
 DEFAULT_RELAY_FANOUT = 1
 #: Seconds between anti-entropy pulls of each auto-sync store (``anti_entropy_interval_s``; 0: none).
@@ -576,21 +579,27 @@ class SyncEngine:
             if not isinstance(action, Apply):
                 raise TypeError(f"a receiver has no {type(action).__name__}")
             session.moved = True
-            batch = action.batch
-            result = await store.apply_changes(batch, session.peer)
-            self.on_applied(store, session.peer, result)
-            self.lag.received(session.peer, store.bundle, store.name, batch)
-            self.traffic.received(session.peer, action.size, batch.count, result.applied, result.conflicts, result.failed)
-            have = _origin_marks(list(result.marks)) if marks else ()
-            actions = machine.applied(result.last_seq, result.applied, result.conflicts, result.failed, result.parked, have)
-            if progress is not None:
-                progress("in_progress", Code.SUCCESS, machine.stats, "download")
-            if (result.applied and self.auto_sync_enabled and any(store.auto_sync.values())
-                    and store.table_type == TableType.SINGLE_VERSION):
-                # Relay: what we received goes on to a few of our other peers (they dedupe).
-                # (A collaborative stream holds only a device's own rows: nothing to pass on.)
-                for other in self.relay_targets(session.peer, result.remote_devices(), store):
-                    self._schedule_auto(store, other)
+            group = [(action.batch, action.size)]
+            if store.application_quiet():
+                # Batches that came meanwhile share the transaction (one commit); not while the
+                # application writes, whose next write would wait for the whole group.
+                group += machine.take_waiting(GROUP_COMMIT_BATCHES - 1)
+            results = await store.apply_changes_group([batch for batch, _ in group], session.peer)
+            actions: list[Action] = []
+            for (batch, size), result in zip(group, results):
+                self.on_applied(store, session.peer, result)
+                self.lag.received(session.peer, store.bundle, store.name, batch)
+                self.traffic.received(session.peer, size, batch.count, result.applied, result.conflicts, result.failed)
+                have = _origin_marks(list(result.marks)) if marks else ()
+                actions += machine.applied(result.last_seq, result.applied, result.conflicts, result.failed, result.parked, have)
+                if progress is not None:
+                    progress("in_progress", Code.SUCCESS, machine.stats, "download")
+                if (result.applied and self.auto_sync_enabled and any(store.auto_sync.values())
+                        and store.table_type == TableType.SINGLE_VERSION):
+                    # Relay: what we received goes on to a few of our other peers (they dedupe).
+                    # (A collaborative stream holds only a device's own rows: nothing to pass on.)
+                    for other in self.relay_targets(session.peer, result.remote_devices(), store):
+                        self._schedule_auto(store, other)
             return actions
 
         return await self._drive(session, machine, machine.start(opening), do)

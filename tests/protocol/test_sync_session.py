@@ -416,6 +416,47 @@ def test_receiver_watermark_is_exactly_the_last_applied_batch_when_a_window_arri
     assert r.watermark == 40 and r.stats.batches == 4
 
 
+def test_receiver_group_commit_takes_the_waiting_batches_and_acks_each_in_order() -> None:
+    """``take_waiting``: batches that came while one is applied join it (one
+    transaction); each is still acked on its own, in order, with its own
+    watermark, and the session goes on after the group as before."""
+    r = Receiver(REQ)
+    r.start()
+    batches = [batch(i * 10, i * 10 + 10, more=i < 4) for i in range(5)]
+    assert [a for b in batches for a in r.receive(payload(b))] == [Apply(batches[0])]
+    assert r.receive(SyncEnd(REQ, 0, "")) == []
+    taken = r.take_waiting(2)
+    assert [b for b, _ in taken] == batches[1:3]
+    assert [size for _, size in taken] == [len(payload(b).payload) for b in batches[1:3]]
+    assert r.take_waiting(0) == []
+    acks = []
+    for b in batches[:3]:
+        actions = r.applied(b.last_seq, 10, 0, 0)
+        acks.append(actions[0])
+        assert r.watermark == b.last_seq
+        if b is not batches[2]:
+            assert actions[1:] == []  # the group's next batch is being applied: nothing new starts
+    assert acks == [Send(SyncAck(REQ, b.last_seq, 10, 0, 0)) for b in batches[:3]]
+    assert actions[1:] == [Apply(batches[3])]  # the rest as before
+    assert r.take_waiting(5) == [(batches[4], len(payload(batches[4]).payload))]  # never the end
+    r.applied(40, 10, 0, 0)
+    assert finish(r.applied(50, 10, 0, 0)).code == Code.SUCCESS
+    assert r.watermark == 50 and r.stats.batches == 5
+
+
+def test_receiver_group_commit_leaves_a_batch_that_does_not_decode_for_its_turn() -> None:
+    r = Receiver(REQ)
+    r.start()
+    good = batch(0, 5, more=True)
+    r.receive(payload(good))
+    r.receive(SyncBatch(REQ, b"\xc1 not msgpack"))
+    assert r.take_waiting(3) == []
+    actions = r.applied(5, 5, 0, 0)
+    assert actions[0] == Send(SyncAck(REQ, 5, 5, 0, 0))
+    assert finish(actions).end.code == Code.CORRUPTED
+    assert r.watermark == 5
+
+
 def test_receiver_out_of_turn_completion_does_not_move_the_watermark() -> None:
     r = Receiver(REQ)
     r.start()

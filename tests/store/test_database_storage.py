@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+from typing import Any
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -290,3 +291,60 @@ async def test_an_untouched_store_is_not_flagged(live: tuple[Store, Path]) -> No
     await store.insert("T", {"id": 11, "v": "after"})
     assert (await store.query("SELECT count(*) FROM T"))["rows"] == [[7]]
     assert not list(path.parent.glob("*.rescued-*"))
+
+
+async def _batches(sender: Store, n: int, since: int = 0) -> list[Any]:
+    out = []
+    for _ in range(n):
+        batch = await sender.read_changes(None, since, limit=10)
+        out.append(batch)
+        since = batch.last_seq
+    return out
+
+
+async def test_a_group_of_batches_applies_as_they_apply_one_by_one(tmp_path: Path) -> None:
+    """Store.apply_changes_group (a receiver's group commit): the same rows,
+    watermarks and results as applying the batches one at a time."""
+    sender = await open_store(tmp_path / "src.db", PEER)
+    one, group = await open_store(tmp_path / "one.db"), await open_store(tmp_path / "group.db")
+    try:
+        for s in (sender, one, group):
+            await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v BLOB)")
+            await s.set_distributed_tables(["T"])
+        for i in range(30):
+            await sender.insert("T", {"id": i, "v": os.urandom(10)})
+        batches = await _batches(sender, 3)
+        singly = [await one.apply_changes(b, PEER) for b in batches]
+        together = await group.apply_changes_group(batches, PEER)
+        assert [(r.applied, r.last_seq) for r in together] == [(r.applied, r.last_seq) for r in singly] == [
+            (10, b.last_seq) for b in batches]
+        copy = quote_ident(device_table_name(PEER, "T"))
+        for s in (one, group):
+            assert (await s.query(f"SELECT count(*) FROM {copy}"))["rows"] == [[30]]
+        assert await group.position(PEER) == await one.position(PEER)
+    finally:
+        for s in (sender, one, group):
+            await s.close()
+
+
+async def test_a_group_of_batches_on_a_full_disk_applies_nothing_of_any(tmp_path: Path, small_disk: Path) -> None:
+    sender = await open_store(tmp_path / "src.db", PEER)
+    receiver = await open_store(small_disk / "dst.db")
+    try:
+        for s in (sender, receiver):
+            await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v BLOB)")
+            await s.set_distributed_tables(["T"])
+        for i in range(120):  # ~2.4 MB: more than the receiver's disk holds
+            await sender.insert("T", {"id": i, "v": os.urandom(20_000)})
+        group = await _batches(sender, 12)
+        with pytest.raises(DiskFull):
+            await receiver.apply_changes_group(group, PEER)
+        assert (await receiver.position(PEER))[0] == 0  # not even the first batch's watermark moved
+        resize_tmpfs(small_disk, "16m")
+        results = await receiver.apply_changes_group(group, PEER)  # the same group again, once it fits: all of it
+        assert [r.applied for r in results] == [10] * 12 and (await receiver.position(PEER))[0] == group[-1].last_seq
+        copy = quote_ident(device_table_name(PEER, "T"))
+        assert (await receiver.query(f"SELECT count(*) FROM {copy}"))["rows"] == [[120]]
+    finally:
+        await sender.close()
+        await receiver.close()
