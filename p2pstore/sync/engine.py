@@ -150,8 +150,11 @@ CHANNEL_RETRIES = 3
 #: it waits for the next local change or for the peer to come back online.
 AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 #: Batches of a session a receiver applies in one transaction at most, when
-#: they are waiting and the application is quiet (``Receiver.take_waiting``).
+#: they are waiting and the application is quiet (``Receiver.take_waiting``),
+#: and the time such a transaction should take at the pace of the session's
+#: last batches: an application write that comes meanwhile waits for it.
 GROUP_COMMIT_BATCHES = 4
+GROUP_COMMIT_BUDGET_S = 0.05
 #: Peers a device passes a received change on to (``relay_fanout``).
 DEFAULT_RELAY_FANOUT = 1
 #: Seconds between anti-entropy pulls of each auto-sync store (``anti_entropy_interval_s``; 0: none).
@@ -574,17 +577,21 @@ class SyncEngine:
         then apply each batch (with the watermark) and ack it, until SyncEnd;
         ``marks``: each ack says what the store now holds (none for a ``refresh`` pull)."""
         machine = Receiver(session.req)
+        per_batch_s: list[float] = []  # how long applying one batch took, last time
 
         async def do(action: Action) -> list[Action]:
             if not isinstance(action, Apply):
                 raise TypeError(f"a receiver has no {type(action).__name__}")
             session.moved = True
             group = [(action.batch, action.size)]
-            if store.application_quiet():
-                # Batches that came meanwhile share the transaction (one commit); not while the
-                # application writes, whose next write would wait for the whole group.
-                group += machine.take_waiting(GROUP_COMMIT_BATCHES - 1)
+            if store.application_quiet() and per_batch_s:
+                # Batches that came meanwhile share the transaction (one commit), as many as fit the
+                # budget at the pace measured so far; not while the application writes.
+                fit = int(GROUP_COMMIT_BUDGET_S / per_batch_s[-1])
+                group += machine.take_waiting(min(GROUP_COMMIT_BATCHES, fit) - 1)
+            started = time.monotonic()
             results = await store.apply_changes_group([batch for batch, _ in group], session.peer)
+            per_batch_s[:] = [max((time.monotonic() - started) / len(group), 1e-4)]
             actions: list[Action] = []
             for (batch, size), result in zip(group, results):
                 self.on_applied(store, session.peer, result)
