@@ -89,15 +89,21 @@ async def test_an_insert_on_a_full_disk_is_disk_full_naming_the_store(small_disk
     assert count(path) == acked + 1
 
 
-async def test_a_batch_applied_on_a_full_disk_applies_nothing_and_keeps_the_watermark(tmp_path: Path, small_disk: Path) -> None:
+async def _sender_and_small_receiver(tmp_path: Path, small_disk: Path) -> tuple[Store, Store]:
+    """A sender with ~2.4 MB of rows of a collaborative table: more than the receiver's disk holds."""
     sender = await open_store(tmp_path / "src.db", PEER)
     receiver = await open_store(small_disk / "dst.db")
+    for s in (sender, receiver):
+        await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v BLOB)")
+        await s.set_distributed_tables(["T"])
+    for i in range(120):
+        await sender.insert("T", {"id": i, "v": os.urandom(20_000)})
+    return sender, receiver
+
+
+async def test_a_batch_applied_on_a_full_disk_applies_nothing_and_keeps_the_watermark(tmp_path: Path, small_disk: Path) -> None:
+    sender, receiver = await _sender_and_small_receiver(tmp_path, small_disk)
     try:
-        for s in (sender, receiver):
-            await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v BLOB)")
-            await s.set_distributed_tables(["T"])
-        for i in range(120):  # ~2.4 MB: more than the receiver's disk holds
-            await sender.insert("T", {"id": i, "v": os.urandom(20_000)})
         copy = quote_ident(device_table_name(PEER, "T"))  # a collaborative peer's rows land in its device table
         acked_seq = 0
         with pytest.raises(DiskFull) as info:
@@ -328,14 +334,8 @@ async def test_a_group_of_batches_applies_as_they_apply_one_by_one(tmp_path: Pat
 
 
 async def test_a_group_of_batches_on_a_full_disk_applies_nothing_of_any(tmp_path: Path, small_disk: Path) -> None:
-    sender = await open_store(tmp_path / "src.db", PEER)
-    receiver = await open_store(small_disk / "dst.db")
+    sender, receiver = await _sender_and_small_receiver(tmp_path, small_disk)
     try:
-        for s in (sender, receiver):
-            await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v BLOB)")
-            await s.set_distributed_tables(["T"])
-        for i in range(120):  # ~2.4 MB: more than the receiver's disk holds
-            await sender.insert("T", {"id": i, "v": os.urandom(20_000)})
         group = await _batches(sender, 12)
         with pytest.raises(DiskFull):
             await receiver.apply_changes_group(group, PEER)
