@@ -114,8 +114,8 @@ WAL_KEEP_BYTES = 4 * 1024 * 1024
 #: compaction (``PRAGMA incremental_vacuum``: files made with auto_vacuum
 #: INCREMENTAL, every store created since row clocks by local key), and the
 #: fewest worth a step. A step moves pages from the end of the file into
-#: the free ones and truncates it; 2000 pages take some tens of ms.
-VACUUM_STEP_PAGES = 2000
+#: the free ones and truncates it; 500 pages (2 MiB) take a few ms to some tens.
+VACUUM_STEP_PAGES = 500
 VACUUM_MIN_PAGES = 256
 #: How long sync work on a store waits at most for the application's
 #: operations in flight to finish before it queues anyway (``Store.run_background``).
