@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS _p2p_log(
     hlc INTEGER,                        -- NULL: see _p2p_stamps
     origin INTEGER,                     -- _p2p_origins.id (store/origins.py); NULL: this device
     ck                                  -- single_version tables, local changes: the conflict column's value
+                                        -- (NULL for rows another program appended: stamping reads the table)
 );
 CREATE TABLE IF NOT EXISTS _p2p_stamps(
     first_seq INTEGER PRIMARY KEY,
@@ -586,9 +587,10 @@ def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
     top = conn.execute(f"SELECT max(rowid) FROM {name}").fetchone()[0]
     if top is None or top <= table.hw:
         return
-    ck = quote_ident(table.conflict_column) if table.conflict_column else "NULL"
+    # No conflict value: these rows are stamped in this transaction, and stamping reads it from the
+    # table (``_ck_sql``), which holds what the log would: a single_version log row is 4 × smaller so.
     conn.execute(
-        f"INSERT INTO _p2p_log(tid, pk, op, ck) SELECT ?, {table.info.key_expr}, {OP_INSERT}, {ck} FROM {name} WHERE rowid > ? ORDER BY rowid",
+        f"INSERT INTO _p2p_log(tid, pk, op) SELECT ?, {table.info.key_expr}, {OP_INSERT} FROM {name} WHERE rowid > ? ORDER BY rowid",
         (table.tid, table.hw),
     )
     conn.execute("UPDATE _p2p_hw SET hw = ? WHERE tid = ?", (top, table.tid))
@@ -633,12 +635,13 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     """
     tid, name = table.tid, table.info.name
     keys = cells.RowKeys.of(table)
+    ck = _ck_sql(table)
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_touched(ck PRIMARY KEY, plain INTEGER NOT NULL) WITHOUT ROWID")
     conn.execute("DELETE FROM temp._p2p_touched")
     conn.execute(
         "INSERT INTO temp._p2p_touched(ck, plain) "
-        f"SELECT l.ck, count(*) = 1 AND max(l.op) = {OP_INSERT} FROM _p2p_log l "
-        "WHERE l.seq BETWEEN ?1 AND ?2 AND l.tid = ?3 AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.ck",
+        f"SELECT {ck}, count(*) = 1 AND max(l.op) = {OP_INSERT} FROM _p2p_log l "
+        f"WHERE l.seq BETWEEN ?1 AND ?2 AND l.tid = ?3 AND l.hlc IS NULL AND {ck} IS NOT NULL GROUP BY 1",
         (first, last, tid),
     )
     # (pk, ck of the row that held pk before the range): SQLite's bare columns of min(). An insert
@@ -649,8 +652,8 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
             f"SELECT 1 FROM _p2p_log WHERE seq BETWEEN ? AND ? AND tid = ? AND op != {OP_INSERT} AND hlc IS NULL LIMIT 1",
             (first, last, tid)).fetchone():
         cells.explode(conn, keys, f"SELECT pk, CASE WHEN op = {OP_INSERT} AND pk IS NOT ck THEN NULL ELSE ck END AS ck FROM ("
-                      "SELECT l.pk, l.ck, l.op, min(l.seq) FROM _p2p_log l WHERE l.seq BETWEEN ? AND ? AND l.tid = ? "
-                      "AND l.hlc IS NULL AND l.ck IS NOT NULL GROUP BY l.pk)", (first, last, tid))
+                      f"SELECT l.pk, {ck} AS ck, l.op, min(l.seq) FROM _p2p_log l WHERE l.seq BETWEEN ? AND ? AND l.tid = ? "
+                      f"AND l.hlc IS NULL AND {ck} IS NOT NULL GROUP BY l.pk)", (first, last, tid))
     conn.execute(
         "UPDATE temp._p2p_touched AS x SET plain = 0 WHERE plain AND ("
         "EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = x.ck) OR "
@@ -661,17 +664,26 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
         conn.execute(
             "INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
             "SELECT l.tid, l.pk, ?1 + l.seq, NULL, l.seq, NULL, NULL FROM _p2p_log l "
-            "JOIN temp._p2p_touched x ON x.ck = l.ck AND x.plain "
+            f"JOIN temp._p2p_touched x ON x.ck = {ck} AND x.plain "
             f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.hlc IS NULL AND l.op = {OP_INSERT}",
             (offset, first, last, tid),
         )
     if not conn.execute("SELECT 1 FROM temp._p2p_touched WHERE NOT plain LIMIT 1").fetchone():
         return
-    conn.execute(_cells_sql(table, f" AND l.ck IN {_TOUCHED}"), (offset, first, last, name, tid))
+    conn.execute(_cells_sql(table, f" AND {ck} IN {_TOUCHED}"), (offset, first, last, name, tid))
     conn.execute(_TOMBS_SQL, (offset, first, last, tid))
     if _detects_rows(conn, name):
         conn.execute(_ROW_PREV_SQL, (tid, first, last))
     cells.fold(conn, keys, _TOUCHED)
+
+
+def _ck_sql(table: CapturedTable) -> str:
+    """The conflict value of log row ``l`` of ``table``: the one the log row
+    holds, or, for a row another program appended (logged by stamping,
+    ``_log_appended_rows``, without it), its row's in the table."""
+    assert table.conflict_column is not None
+    return (f"coalesce(l.ck, (SELECT ar.{quote_ident(table.conflict_column)} FROM {quote_ident(table.info.name)} ar "
+            f"WHERE ar.{table.info.key_expr} = l.pk))")
 
 
 def _detects_rows(conn: sqlite3.Connection, table: str) -> bool:
@@ -707,16 +719,17 @@ def _cells_sql(table: CapturedTable, only: str = "") -> str:
     so consecutive local edits carry the foreign value they started from).
     """
     columns = table.info.columns
+    ck = _ck_sql(table)
     bits = ", ".join(
         "('" + c.replace("'", "''") + f"', {1 << i if len(columns) <= MAX_MASK_COLUMNS else 0})" for i, c in enumerate(columns)
     )
     return (
         f"WITH c(col, bit) AS (VALUES {bits}) "
         "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq, prev_hlc, prev_origin) "
-        "SELECT l.tid, l.ck, c.col, ?1 + l.seq, NULL, l.seq, t.hlc, t.origin "
+        f"SELECT l.tid, {ck}, c.col, ?1 + l.seq, NULL, l.seq, t.hlc, t.origin "
         "FROM _p2p_log l JOIN c JOIN _p2p_sync_columns s ON s.tbl = ?4 AND s.col = c.col "
-        "LEFT JOIN _p2p_tombs t ON t.tid = l.tid AND t.ck = l.ck "
-        "WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?5 AND l.hlc IS NULL AND l.ck IS NOT NULL "
+        f"LEFT JOIN _p2p_tombs t ON t.tid = l.tid AND t.ck = {ck} "
+        f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?5 AND l.hlc IS NULL AND {ck} IS NOT NULL "
         f"AND (l.op = {OP_INSERT} OR (l.op = {OP_UPDATE} AND (l.cols IS NULL OR l.cols & c.bit != 0))){only} "
         "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = NULL, seq = excluded.seq, "
         f"prev_hlc = CASE WHEN {_TOMB_IS_NEWER} THEN excluded.prev_hlc ELSE {_replaced('hlc')} END, "
