@@ -73,6 +73,20 @@ IN_CHUNK = 500
 _FIELDS = "hlc, origin, seq, prev_hlc, prev_origin"
 
 
+def same_key(pk: str, key: str) -> str:
+    """SQL: the stored key ``pk`` (of ``_p2p_rows``, the log, ...) names the
+    table's key ``key``.
+
+    A stored key has no type affinity and a table's key has one: compared
+    plainly, SQLite converts ``pk`` to the key's affinity and can no longer
+    search ``pk``'s index, so it walks all of the table's row clocks for
+    each row it looks up (tests/store/test_query_plans.py). Each side
+    stripped of its affinity in turn (``+``) leaves both indexes usable and
+    compares the same values: ``pk`` was stored from that key.
+    """
+    return f"({pk} = +{key} AND +{pk} = {key})"
+
+
 class _Table(Protocol):
     tid: int
     info: TableInfo
@@ -118,7 +132,7 @@ def load(conn: sqlite3.Connection, keys: RowKeys, cks: Sequence[Any]) -> tuple[d
         marks = ", ".join("?" * len(chunk))
         for ck, *clock in conn.execute(
             f"SELECT x.{keys.ck}, r.hlc, r.origin, r.seq, r.prev_hlc, r.prev_origin FROM {keys.table} x "
-            f"JOIN _p2p_rows r ON r.tid = ? AND r.pk = x.{keys.key} WHERE x.{keys.ck} IN ({marks})", (keys.tid, *chunk)
+            f"JOIN _p2p_rows r ON r.tid = ? AND {same_key('r.pk', 'x.' + keys.key)} WHERE x.{keys.ck} IN ({marks})", (keys.tid, *chunk)
         ):
             rows[chunk[0] if len(cks) == 1 else ck] = tuple(clock)  # type: ignore[assignment]
         for ck, col, *clock in conn.execute(
@@ -198,7 +212,7 @@ def explode(conn: sqlite3.Connection, keys: RowKeys, source: str = "", params: S
     conn.execute(
         f"INSERT OR IGNORE INTO _p2p_cells(tid, ck, col, {_FIELDS}) "
         f"SELECT r.tid, k.ck, s.col, r.hlc, r.origin, r.seq, r.prev_hlc, r.prev_origin "
-        f"FROM ({source}) k JOIN _p2p_rows r ON r.tid = ? AND r.pk = k.pk JOIN _p2p_sync_columns s ON s.tbl = ? "
+        f"FROM ({source}) k JOIN _p2p_rows r ON r.tid = ? AND {same_key('r.pk', 'k.pk')} JOIN _p2p_sync_columns s ON s.tbl = ? "
         "WHERE k.ck IS NOT NULL",
         (*params, keys.tid, keys.name),
     )
@@ -233,7 +247,7 @@ def fold(conn: sqlite3.Connection, keys: RowKeys, only: str = "", params: Sequen
     if folded:
         conn.execute(
             f"DELETE FROM _p2p_cells AS c WHERE c.tid = ?{where} AND EXISTS (SELECT 1 FROM {keys.table} x "
-            f"JOIN _p2p_rows r ON r.tid = c.tid AND r.pk = x.{keys.key} WHERE x.{keys.ck} = c.ck "
+            f"JOIN _p2p_rows r ON r.tid = c.tid AND {same_key('r.pk', 'x.' + keys.key)} WHERE x.{keys.ck} = c.ck "
             "AND r.hlc = c.hlc AND r.origin IS c.origin AND r.seq = c.seq "
             "AND r.prev_hlc IS c.prev_hlc AND r.prev_origin IS c.prev_origin)",
             (keys.tid, *params),
@@ -368,7 +382,7 @@ def clocks_view(conn: sqlite3.Connection) -> None:
     for keys in single_version_tables(conn):
         parts.append(
             f"SELECT r.tid, x.{keys.ck}, s.col, r.hlc, {device.format('r.origin')}, r.seq, r.prev_hlc, "
-            f"{device.format('r.prev_origin')} FROM main._p2p_rows r JOIN main.{keys.table} x ON x.{keys.key} = r.pk "
+            f"{device.format('r.prev_origin')} FROM main._p2p_rows r JOIN main.{keys.table} x ON {same_key('r.pk', 'x.' + keys.key)} "
             f"JOIN main._p2p_sync_columns s ON s.tbl = '{keys.name.replace(chr(39), chr(39) * 2)}' WHERE r.tid = {keys.tid} "
             f"AND NOT EXISTS (SELECT 1 FROM main._p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{keys.ck} AND c.col = s.col)")
     conn.execute("DROP VIEW IF EXISTS temp._p2p_clocks")

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture
+from p2pstore.store import capture, cells
 from p2pstore.store.capture import CaptureState, get_meta, set_meta
 from p2pstore.store.changes import (
     COLLABORATIVE,
@@ -333,7 +333,7 @@ def sweep(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
             found = conn.execute(
                 f"SELECT x.{ck}, x.{t.info.key_expr} FROM {name} x WHERE x.{ck} NOT IN (SELECT ck FROM _p2p_resync WHERE peer = ?1 AND tid = ?2) "
                 f"AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?3 AND c.ck = x.{ck} AND {newer}) "
-                f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows c WHERE c.tid = ?3 AND c.pk = x.{t.info.key_expr} AND {newer})",
+                f"AND NOT EXISTS (SELECT 1 FROM _p2p_rows c WHERE c.tid = ?3 AND {cells.same_key('c.pk', 'x.' + t.info.key_expr)} AND {newer})",
                 (peer, t.tid, t.tid, batch.snapshot_hlc, acked(conn, peer)),
             ).fetchall()
             gone = [k for k, _ in found]

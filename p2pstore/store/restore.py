@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture
+from p2pstore.store import capture, cells
 from p2pstore.store.capture import get_meta, set_meta
 from p2pstore.store.changes import COLLABORATIVE, IN_CHUNK, ROW_CLOCK_COLUMN, Cell, OutBatch, RowChange, store_mode, sync_tables
 from p2pstore.store.tables import read_table_info
@@ -333,7 +333,7 @@ def _delete_unheld(conn: sqlite3.Connection, tid: int, info: Any, mark: str, res
     key = info.key_expr
     gone = [r[0] for r in conn.execute(
         f"SELECT {key} FROM {quote_ident(info.name)} x WHERE {key} NOT IN (SELECT ck FROM _p2p_resync WHERE peer = ? AND tid = ?) "
-        f"AND ifnull((SELECT seq FROM _p2p_restore_keys k WHERE k.tid = ? AND k.pk = x.{key}), 0) <= ?",
+        f"AND ifnull((SELECT seq FROM _p2p_restore_keys k WHERE k.tid = ? AND {cells.same_key('k.pk', 'x.' + key)}), 0) <= ?",
         (mark, tid, tid, seen_up_to),
     )]
     later = _changed_after(conn, tid, restore_seq)

@@ -82,7 +82,7 @@ def unsent(conn: sqlite3.Connection, since: int) -> int:
     for keys in cells.single_version_tables(conn):
         total += conn.execute(
             f"SELECT count(*) FROM (SELECT x.{keys.ck} FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
-            f"JOIN {keys.table} x ON x.{keys.key} = r.pk WHERE r.seq > ?1 AND r.tid = ?2 "
+            f"JOIN {keys.table} x ON {cells.same_key('r.pk', 'x.' + keys.key)} WHERE r.seq > ?1 AND r.tid = ?2 "
             "UNION SELECT ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 AND tid = ?2 GROUP BY seq "
             "UNION SELECT ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1 AND tid = ?2)",
             (since, keys.tid),
@@ -97,7 +97,7 @@ def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> It
     marks = ", ".join("?" * len(seqs))
     # INDEXED BY: left alone, SQLite walks every cell of the table by its (tid, ...) key.
     return conn.execute(
-        f"SELECT r.seq, {total} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {keys.table} x ON x.{keys.key} = r.pk "
+        f"SELECT r.seq, {total} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {keys.table} x ON {cells.same_key('r.pk', 'x.' + keys.key)} "
         f"WHERE r.tid = ?1 AND r.seq IN ({marks}) UNION ALL "
         f"SELECT c.seq, max((SELECT {total} FROM {keys.table} x WHERE x.{keys.ck} = c.ck)) "
         f"FROM _p2p_cells c INDEXED BY _p2p_cells_seq WHERE c.tid = ?1 AND c.seq IN ({marks}) GROUP BY c.seq",
@@ -140,7 +140,7 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
         "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
         f"{values}, r.seq, {size_sql(columns, 'x.')} "
         "FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
-        f"JOIN {name} x ON x.{key} = r.pk "
+        f"JOIN {name} x ON {cells.same_key('r.pk', 'x.' + key)} "
         f"LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = x.{ck} "
         "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
         + (f" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck})" if irregular else "")
@@ -165,13 +165,13 @@ def read_rows(
     # Origins are stored as numbers (store/origins.py); batches carry device IDs.
     clock_sql = (f"hlc, {origins.device_sql('origin', '?1')}, seq, prev_hlc, "
                  f"CASE WHEN prev_hlc IS NOT NULL THEN {origins.device_sql('prev_origin', '?1')} END")
-    cells: dict[Any, list[tuple[Any, ...]]] = {}
+    by_ck: dict[Any, list[tuple[Any, ...]]] = {}
     for ck, col, *clock in conn.execute(
         f"SELECT ck, col, {clock_sql} FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?2 AND seq <= ?3 AND tid = ?4{filt}",
         (me, since, last, t.tid, *fparams),
     ):
         if col in synced:
-            cells.setdefault(ck, []).append((col, *clock))
+            by_ck.setdefault(ck, []).append((col, *clock))
     # Rows whose columns share one clock (store/cells.py): that clock for
     # each sync column without a cell of its own.
     # Row clocks of the interval (those of regular rows came in the block).
@@ -181,7 +181,7 @@ def read_rows(
     row_clock = (f"r.hlc, {origins.device_sql('r.origin', '?1')}, r.seq, r.prev_hlc, "
                  f"CASE WHEN r.prev_hlc IS NOT NULL THEN {origins.device_sql('r.prev_origin', '?1')} END")
     shared = conn.execute(
-        f"SELECT x.{ck_col}, {row_clock} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {name} x ON x.{t.info.key_expr} = r.pk "
+        f"SELECT x.{ck_col}, {row_clock} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {name} x ON {cells.same_key('r.pk', 'x.' + t.info.key_expr)} "
         f"WHERE r.seq > ?2 AND r.seq <= ?3 AND r.tid = ?4{irregular}{row_filt}",
         (me, since, last, t.tid, *fparams),
     ).fetchall()
@@ -196,7 +196,7 @@ def read_rows(
                     own.setdefault(ck, set()).add(col)
         for ck, *clock in shared:
             mine = own.get(ck, ())
-            cells.setdefault(ck, []).extend((col, *clock) for col in t.sync_columns if col not in mine)
+            by_ck.setdefault(ck, []).extend((col, *clock) for col in t.sync_columns if col not in mine)
     tombs: dict[Any, tuple[Any, ...]] = {
         ck: tuple(clock)
         for ck, *clock in conn.execute(
@@ -206,8 +206,8 @@ def read_rows(
     }
     for ck in skip:
         tombs.pop(ck, None)
-    for ck in {ck for ck in (*cells, *tombs) if is_raw_text(ck)}:
-        cells.pop(ck, None)
+    for ck in {ck for ck in (*by_ck, *tombs) if is_raw_text(ck)}:
+        by_ck.pop(ck, None)
         tombs.pop(ck, None)
         if ck not in skip:
             unsendable(t, ck)
@@ -218,7 +218,7 @@ def read_rows(
     # (a TEXT column holding an int key as text) is read on its own below.
     older_tombs: dict[Any, tuple[Any, ...]] = {}
     current_rows: dict[Any, tuple[Any, ...]] = {}
-    need_tomb = [ck for ck in cells if ck not in tombs]
+    need_tomb = [ck for ck in by_ck if ck not in tombs]
     for i in range(0, len(need_tomb), IN_CHUNK):
         chunk = need_tomb[i:i + IN_CHUNK]
         for ck, *clock in conn.execute(
@@ -226,15 +226,15 @@ def read_rows(
             (me, t.tid, *chunk),
         ):
             older_tombs[ck] = tuple(clock)
-    keys = list(cells)
+    keys = list(by_ck)
     for i in range(0, len(keys), IN_CHUNK):
         chunk = keys[i:i + IN_CHUNK]
         for ck, *values in conn.execute(f"SELECT {ck_col}, {listed} FROM {name} WHERE {ck_col} IN ({', '.join('?' * len(chunk))})", chunk):
             current_rows.setdefault(ck, tuple(values))
     read_values = f"SELECT {listed} FROM {name} WHERE {ck_col} = ?"
-    for ck in dict.fromkeys([*cells, *tombs]):
+    for ck in dict.fromkeys([*by_ck, *tombs]):
         tomb = tombs.get(ck) or older_tombs.get(ck)
-        row_cells = cells.get(ck, [])
+        row_cells = by_ck.get(ck, [])
         current: Any = None
         if row_cells:
             current = current_rows.get(ck)
@@ -719,7 +719,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"UPDATE temp.{st} SET fresh = CASE "
         f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
         f"AND {no_cells} AND {no_tomb} THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
-        f"WHEN EXISTS (SELECT 1 FROM {name} x JOIN _p2p_rows r ON r.tid = ?1 AND r.pk = x.{key} WHERE x.{ck} = {st}.k "
+        f"WHEN EXISTS (SELECT 1 FROM {name} x JOIN _p2p_rows r ON r.tid = ?1 AND {cells.same_key('r.pk', 'x.' + key)} WHERE x.{ck} = {st}.k "
         f"             AND r.hlc = {st}.hlc AND r.origin IS {mapped.format(st + '.o')}) "
         f"AND {no_cells} AND ({st}.th IS NULL OR {same_tomb}) THEN 0 END",
         (tid,),
