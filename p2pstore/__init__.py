@@ -8,4 +8,5 @@ through its Unix socket.
 __version__ = "0.1.0"
 #: 2: sync batches may carry columnar blocks (protocol/batch.py ``Block``).
 #: 3: a session's receiver says what it holds per origin (protocol/messages.py ``OriginMark``).
-PROTOCOL_VERSION = 3
+#: 4: an auto push may carry only the sender's own changes (``SyncOpen.own``).
+PROTOCOL_VERSION = 4

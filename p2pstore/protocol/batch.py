@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import operator
 from itertools import repeat
+import dataclasses
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -161,6 +162,11 @@ class OutBatch:
     #: Every row passed ``row_problem`` (``batch_from_plain`` made it): the
     #: apply path need not check them again. Never on the wire.
     checked: bool = field(default=False, compare=False)
+    #: Part of a push of the sender's own changes (``SyncOpen.own``) that left
+    #: out changes it relayed (so not ``full``): the receiver moves its eager
+    #: position, not its watermark (store/merge.py). Set by the receiving
+    #: session from the push's open, never on the wire.
+    own: bool = field(default=False, compare=False)
     #: Rows in columnar form (protocol 2): the common rows, one clock per
     #: row, straight from one cursor to one ``executemany`` (see ``Block``).
     #: A batch's ``rows`` and ``blocks`` never hold the same key of a table.
@@ -192,8 +198,7 @@ class OutBatch:
         if not self.blocks:
             return self
         rows = sorted([*self.rows, *(r for b in self.blocks for r in b.row_changes())], key=lambda r: r.seq)
-        return OutBatch(self.mode, self.since_seq, self.last_seq, tuple(rows), self.more, self.full, self.stream,
-                        self.snapshot_hlc, self.snapshot_first, self.checked)
+        return dataclasses.replace(self, rows=tuple(rows), blocks=())
 
 
 # Positions in a block row (``Block``); the table's values follow from VALUES on.
@@ -552,6 +557,13 @@ def batch_from_plain(obj: Any) -> OutBatch:
         raise ProtocolError(f"a batch holds at most {MAX_BATCH_ROWS} row changes")
     return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
                     snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True, blocks=blocks)
+
+
+def own_push_part(batch: OutBatch) -> OutBatch:
+    """``batch`` as received in a push of the sender's own changes
+    (``SyncOpen.own``): one that left out changes the sender relayed (not
+    ``full``) moves the receiver's eager position, not its watermark."""
+    return batch if batch.full or batch.snapshot_hlc is not None else dataclasses.replace(batch, own=True)
 
 
 def encode(batch: OutBatch, *, columnar: bool = True) -> bytes:

@@ -378,9 +378,13 @@ class SyncOpen(Message):
     stream: str | None = None
     #: The opener's replica kind for the other device (protocol/replica_kind.py); added later.
     #: ``have``: a pull's opener (the receiver) says what it holds per origin (``OriginMark``); added later.
-    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"replica", "have"})
+    #: ``own`` (protocol 4): a push of the sender's own changes only (docs/sync.md, "Auto-sync in a
+    #: fleet"): the receiver answers with where it holds all of them (its *eager position*), and
+    #: batches that leave out changes the sender relayed do not move its watermark.
+    OPTIONAL_ON_WIRE: ClassVar[frozenset[str]] = frozenset({"replica", "have", "own"})
     replica: str = ReplicaKind.TWO_WAY.value
     have: tuple[OriginMark, ...] = ()
+    own: bool = False
 
     def _validate(self) -> None:
         _req(self.req)
@@ -397,6 +401,10 @@ class SyncOpen(Message):
             _text(self.where, "where", max_len=MAX_WHERE_LEN)
         if self.mode == "pull" and self.since is None:
             raise ProtocolError("a pull must say since which seq it needs changes")
+        if type(self.own) is not bool:
+            raise ProtocolError(f"own must be true or false, got {self.own!r:.40}")
+        if self.own and (self.mode != "push" or self.table is not None or self.where is not None):
+            raise ProtocolError("only a push of the whole store (no table, no where) can carry own changes only")
         if self.since is not None:
             _seq(self.since, "since")
         _stream(self.stream)

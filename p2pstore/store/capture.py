@@ -132,8 +132,10 @@ CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
 -- own_hlc: every change the peer itself wrote with an hlc up to it is here (or a newer state of its
 -- row): what origin marks say (store/merge.py ``origin_marks``); pending_hlc: the newest of its own
 -- changes received since its stream was last drained (own_hlc takes it then).
+-- eager_seq: up to where in its stream every change the peer itself made is here (pushes of its own
+-- changes only move it, not received_seq); eager_pending: pending_hlc of those pushes.
 CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL, stream TEXT,
-    own_hlc INTEGER, pending_hlc INTEGER) WITHOUT ROWID;
+    own_hlc INTEGER, pending_hlc INTEGER, eager_seq INTEGER, eager_pending INTEGER) WITHOUT ROWID;
 -- What each peer has confirmed applying of THIS store's stream (the sender's
 -- side of a watermark: store/gc.py), and when it last said so (unix ms).
 -- Compaction forgets deletes only below every holding peer's ack.
@@ -170,6 +172,7 @@ _ADDED_COLUMNS = (
     ("_p2p_tombs", "prev_hlc", "INTEGER"), ("_p2p_tombs", "prev_origin", "INTEGER"),
     ("_p2p_watermarks", "stream", "TEXT"), ("_p2p_conflicts", "other_col", "TEXT"),
     ("_p2p_watermarks", "own_hlc", "INTEGER"), ("_p2p_watermarks", "pending_hlc", "INTEGER"),
+    ("_p2p_watermarks", "eager_seq", "INTEGER"), ("_p2p_watermarks", "eager_pending", "INTEGER"),
 )
 
 

@@ -1131,16 +1131,19 @@ class Store:
     # -- sync (called by the sync engine) -------------------------------------
 
     async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500,
-                           max_bytes: int | None = None, covered: Mapping[str, int] | None = None) -> changes.OutBatch:
+                           max_bytes: int | None = None, covered: Mapping[str, int] | None = None,
+                           own: bool = False) -> changes.OutBatch:
         """The next slice of this store's change stream after ``since``
-        (``covered``: the peer's origin marks, see ``changes_since``).
+        (``covered``: the peer's origin marks; ``own``: this device's own
+        changes only; see ``changes_since``).
 
         Pending outside writes are stamped (and announced) first, in the same
         transaction, so every change read has its clock.
         """
 
         return await self._stamped(
-            lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered),
+            lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
+                                       own_only=own),
             after=self._note_sent, background=True)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
@@ -1183,14 +1186,15 @@ class Store:
         """Our watermark for ``peer``'s copy of this store: (seq, its stream ID)."""
         return await self.run(merge.position, peer)
 
-    async def receiving(self, peer: str) -> tuple[int, str | None, list[tuple[str, int]]]:
+    async def receiving(self, peer: str, own: bool = False) -> tuple[int, str | None, list[tuple[str, int]]]:
         """What a session receiving from ``peer`` opens with, in one read: our
-        watermark for it (``position``) and what we hold per origin
+        watermark for it (``position``; for a push of its own changes only,
+        ``own``, the eager position) and what we hold per origin
         (``merge.origin_marks``; none for a collaborative store: only
         single_version streams relay, so marks leave nothing else out)."""
 
         def op(conn: sqlite3.Connection) -> tuple[int, str | None, list[tuple[str, int]]]:
-            since, stream = merge.position(conn, peer)
+            since, stream = merge.eager_position(conn, peer) if own else merge.position(conn, peer)
             marks = merge.origin_marks(conn, self.clock.last) if self.table_type == TableType.SINGLE_VERSION else []
             return since, stream, marks
 

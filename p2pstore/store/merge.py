@@ -295,6 +295,15 @@ def position(conn: sqlite3.Connection, peer: str) -> tuple[int, str | None]:
     return (int(row[0]), row[1]) if row is not None else (0, None)
 
 
+def eager_position(conn: sqlite3.Connection, peer: str) -> tuple[int, str | None]:
+    """Where in ``peer``'s stream every change the peer itself made is here
+    — its watermark, or further on after pushes of its own changes only
+    (``_advance_watermark``) — and the stream: where such a push starts."""
+    row = conn.execute("SELECT max(received_seq, ifnull(eager_seq, 0)), stream FROM _p2p_watermarks WHERE peer = ?",
+                       (peer,)).fetchone()
+    return (int(row[0]), row[1]) if row is not None else (0, None)
+
+
 def watermark(conn: sqlite3.Connection, peer: str) -> int:
     """The highest ``seq`` of ``peer``'s stream applied here (0: nothing yet)."""
     return position(conn, peer)[0]
@@ -346,26 +355,47 @@ def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> 
     what it writes later gets a newer clock than anything it had seen.
     Before the end, a row the sender changed again later is not in the
     batch (its newer state comes further on), so an older change of it,
-    with a smaller clock, may not be here yet."""
-    found = conn.execute("SELECT received_seq, stream, own_hlc, pending_hlc FROM _p2p_watermarks WHERE peer = ?",
-                         (peer,)).fetchone()
-    current, stream, own, pending = found if found is not None else (0, None, None, None)
+    with a smaller clock, may not be here yet.
+
+    A batch of the peer's own changes only (``batch.own``) moves the eager
+    position instead, by the same rule, and the mark with it: each row it
+    left out holds, there, a newer change that another device made, which
+    comes from that device (or any other) as that device's change — an
+    older change of the peer to that row, covered by the mark and left out
+    by other senders, would lose to it anyway."""
+    found = conn.execute("SELECT received_seq, stream, own_hlc, pending_hlc, eager_seq, eager_pending FROM _p2p_watermarks "
+                         "WHERE peer = ?", (peer,)).fetchone()
+    current, stream, own, pending, eager, eager_pending = found if found is not None else (0, None, None, None, None, None)
     if stream != batch.stream:
-        current, own, pending = 0, None, None  # another stream (the sender's store is new or restored): its seqs start over
+        # another stream (the sender's store is new or restored): its seqs start over
+        current, own, pending, eager, eager_pending = 0, None, None, None, None
     resynced = batch.snapshot_hlc is not None and not batch.more  # a resync moves it once, at its end (store/gc.py)
+    if batch.own and not resynced:
+        at = max(current, eager or 0)
+        if batch.since_seq <= at < batch.last_seq:
+            eager_pending = max(eager_pending or 0, _newest(batch)) or None
+            if not batch.more and eager_pending is not None:
+                own = max(own or 0, eager_pending)
+            _save_position(conn, peer, current, batch.stream, own, pending, batch.last_seq, eager_pending)
+        return int(current)
     if resynced or (batch.full and batch.snapshot_hlc is None and batch.since_seq <= current < batch.last_seq):
         if not resynced:
             pending = max(pending or 0, _newest(batch)) or None
             if not batch.more and pending is not None:
                 own = max(own or 0, pending)
-        conn.execute(
-            "INSERT INTO _p2p_watermarks(peer, received_seq, stream, own_hlc, pending_hlc) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq, stream = excluded.stream, "
-            "own_hlc = excluded.own_hlc, pending_hlc = excluded.pending_hlc",
-            (peer, batch.last_seq, batch.stream, own, pending),
-        )
+        _save_position(conn, peer, batch.last_seq, batch.stream, own, pending, eager, eager_pending)
         return batch.last_seq
     return int(current)
+
+
+def _save_position(conn: sqlite3.Connection, peer: str, *values: Any) -> None:
+    conn.execute(
+        "INSERT INTO _p2p_watermarks(peer, received_seq, stream, own_hlc, pending_hlc, eager_seq, eager_pending) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE SET received_seq = excluded.received_seq, "
+        "stream = excluded.stream, own_hlc = excluded.own_hlc, pending_hlc = excluded.pending_hlc, "
+        "eager_seq = excluded.eager_seq, eager_pending = excluded.eager_pending",
+        (peer, *values),
+    )
 
 
 def _newest(batch: OutBatch) -> int:

@@ -70,6 +70,7 @@ def changes_since(
     max_bytes: int | None = None,
     columnar: bool = True,
     covered: Mapping[str, int] | None = None,
+    own_only: bool = False,
 ) -> OutBatch:
     """The changes a peer whose watermark is ``since_seq`` has not applied.
 
@@ -97,6 +98,12 @@ def changes_since(
     ``OriginMark``): single_version rows whose every clock they cover are
     left out (``_uncovered``); the interval, and what the peer's watermark
     may do, stay the same.
+
+    ``own_only`` (a push of this device's own changes, protocol 4
+    ``SyncOpen.own``): single_version rows none of whose clocks is this
+    device's are left out too; a batch that so left out a row ``covered``
+    did not is not ``full`` (the receiver's watermark stays: another
+    device's change may still reach it only through a whole stream).
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -150,8 +157,26 @@ def changes_since(
         rows.sort(key=lambda r: r.seq)
         if covered and mode == SINGLE_VERSION:
             rows, blocks = _uncovered(rows, blocks, covered)
-        return OutBatch(mode, since_seq, last, tuple(rows), more, table is None and where is None, capture.stream_id(conn),
-                        blocks=tuple(blocks))
+        full = table is None and where is None
+        if own_only and mode == SINGLE_VERSION:
+            rows, blocks, left_out = _own_only(rows, blocks, me)
+            full = full and not left_out
+        return OutBatch(mode, since_seq, last, tuple(rows), more, full, capture.stream_id(conn), blocks=tuple(blocks))
+
+
+def _own_only(rows: list[RowChange], blocks: list[Block], me: str) -> tuple[list[RowChange], list[Block], int]:
+    """``rows`` and ``blocks`` without the rows that hold no clock of ``me``,
+    and how many were left out."""
+    kept_rows = [r for r in rows if r.tomb_origin == me or any(c.origin == me for c in r.cells)]
+    left = len(rows) - len(kept_rows)
+    kept_blocks = []
+    for b in blocks:
+        mine = [origin == me for origin in b.origins]
+        kept = [r for r in b.rows if (r[HLC] is not None and mine[r[ORIGIN]]) or (r[TOMB_HLC] is not None and mine[r[TOMB_ORIGIN]])]
+        left += len(b.rows) - len(kept)
+        if kept:
+            kept_blocks.append(b._replace(rows=kept))
+    return kept_rows, kept_blocks, left
 
 
 def _uncovered(rows: list[RowChange], blocks: list[Block], covered: Mapping[str, int]) -> tuple[list[RowChange], list[Block]]:

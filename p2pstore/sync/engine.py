@@ -75,6 +75,7 @@ from p2pstore.net.channel import Channel
 from p2pstore.net.devices import DeviceDirectory
 from p2pstore.net.identity import normalize_device_id
 from p2pstore.net.peers import PeerManager
+from p2pstore.protocol.batch import own_push_part
 from p2pstore.protocol.replica_kind import PARTNER as REPLICA_PARTNER, ReplicaKind, problem as replica_problem
 from p2pstore.protocol.table_type import TableType
 from p2pstore.protocol.messages import (
@@ -155,6 +156,9 @@ AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 #: last batches: an application write that comes meanwhile waits for it.
 GROUP_COMMIT_BATCHES = 4
 GROUP_COMMIT_BUDGET_S = 0.05
+#: Seconds of quiet after a push of own changes that left out relayed ones
+#: before the whole stream follows (``Engine._left_out``).
+WHOLE_AFTER_S = 1.0
 #: Peers a device passes a received change on to (``relay_fanout``).
 DEFAULT_RELAY_FANOUT = 1
 #: Seconds between anti-entropy pulls of each auto-sync store (``anti_entropy_interval_s``; 0: none).
@@ -376,6 +380,8 @@ class SyncEngine:
         self._sessions = Requests(inbox_size=INBOX_SIZE, overflow=Overflow.END)
         self._running_syncs: set[tuple[str, str]] = set()
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
+        self._auto_whole: set[tuple[tuple[str, str], str]] = set()  # the next auto push sends the whole stream
+        self._whole_timers: dict[tuple[tuple[str, str], str], asyncio.TimerHandle] = {}  # (``_left_out``)
         self._tasks = TaskSet(log)
         #: One catch-up of a restored store at a time (store -> lock).
         self._catch_ups: dict[tuple[str, str], asyncio.Lock] = {}
@@ -396,6 +402,9 @@ class SyncEngine:
             self._spawn(self._anti_entropy_loop(), "anti-entropy")
 
     async def stop(self) -> None:
+        for timer in self._whole_timers.values():
+            timer.cancel()
+        self._whole_timers.clear()
         await self._tasks.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -505,7 +514,8 @@ class SyncEngine:
                            progress: Progress | None, *, opening: SyncOpen | None = None, since: int = 0,
                            snapshot: int | None = None, copy_of: str | None = None, refresh: bool = False,
                            marks: bool = False, have: tuple[OriginMark, ...] = (),
-                           linger: Callable[[], bool] | None = None) -> Stats:
+                           linger: Callable[[], bool] | None = None, own: bool = False,
+                           left_out: Callable[[], None] | None = None) -> Stats:
         """Sender: batches until the stream is drained, each acked, then SyncEnd
         — or, with ``linger`` (an auto push), on in the same session while
         ``linger()`` says changes came meanwhile (protocol/sync_session.py).
@@ -520,6 +530,11 @@ class SyncEngine:
         ``copy_of`` (the peer): our copy of its rows, for its catch-up
         (store/restore.py). The peer's last ack of a whole-stream batch is
         recorded for compaction.
+
+        ``own`` (an auto push after local changes): only rows with a change of
+        this device; ``left_out`` is called when a batch had to leave out a
+        relayed one the receiver's marks did not cover (it then still needs a
+        whole-stream push).
         """
         machine = Sender(session.req, window=self.window, linger=linger is not None)
         cursor: Any = None
@@ -544,7 +559,9 @@ class SyncEngine:
                     batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 else:
                     batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
-                                                     max_bytes=MAX_BATCH_BYTES, covered=covered)
+                                                     max_bytes=MAX_BATCH_BYTES, covered=covered, own=own and snapshot is None)
+                    if own and not batch.full and left_out is not None:
+                        left_out()
                 return machine.batch_read(batch)
             if isinstance(action, Acked):
                 if marks and not refresh and action.ack.have:
@@ -572,10 +589,11 @@ class SyncEngine:
         return await self._drive(session, machine, actions, do)
 
     async def _receive_stream(self, session: Request, store: Store, progress: Progress | None, opening: Message, *,
-                              marks: bool = True) -> Stats:
+                              marks: bool = True, own: bool = False) -> Stats:
         """Receiver: send ``opening`` (a push's SyncReady, a pull's SyncOpen),
         then apply each batch (with the watermark) and ack it, until SyncEnd;
-        ``marks``: each ack says what the store now holds (none for a ``refresh`` pull)."""
+        ``marks``: each ack says what the store now holds (none for a ``refresh`` pull);
+        ``own``: a push of the sender's own changes only (its partial batches move the eager position)."""
         machine = Receiver(session.req)
         per_batch_s: list[float] = []  # how long applying one batch took, last time
 
@@ -589,6 +607,8 @@ class SyncEngine:
                 # budget at the pace measured so far; not while the application writes.
                 fit = int(GROUP_COMMIT_BUDGET_S / per_batch_s[-1])
                 group += machine.take_waiting(min(GROUP_COMMIT_BATCHES, fit) - 1)
+            if own:
+                group = [(own_push_part(batch), size) for batch, size in group]
             started = time.monotonic()
             results = await store.apply_changes_group([batch for batch, _ in group], session.peer)
             per_batch_s[:] = [max((time.monotonic() - started) / len(group), 1e-4)]
@@ -628,9 +648,9 @@ class SyncEngine:
             _check_replicas(store, peer, msg.mode, ReplicaKind(msg.replica))
             if msg.mode == "push":  # the peer sends, we receive
                 await self._refuse_if_behind(store, peer)
-                since, stream, marks = await store.receiving(peer)
+                since, stream, marks = await store.receiving(peer, own=msg.own)
                 ready = SyncReady(msg.req, since, table_offers(store), stream, have=_origin_marks(marks))
-                stats = await self._receive_stream(session, store, None, ready)
+                stats = await self._receive_stream(session, store, None, ready, own=msg.own)
                 log.info("received %d change(s) of %s/%s from %s (%s)", stats.sent, msg.bundle, msg.store, peer, stats.outcome())
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
                 self.directory.check_may_receive(peer, store)
@@ -820,10 +840,11 @@ class SyncEngine:
         table, where, where_text = selection.table, selection.where, selection.where_text()
         try:
             if mode == "push":
+                own = selection.own and store.table_type == TableType.SINGLE_VERSION  # (a collaborative stream is all own)
                 opening = SyncOpen(req, store.bundle, store.name, "push", table, where_text, None, table_offers(store),
-                                   replica=store.replica(peer).kind.value)
+                                   replica=store.replica(peer).kind.value, own=own)
                 return await self._send_stream(session, store, table, where, progress, opening=opening, refresh=selection.refresh,
-                                               marks=True, linger=selection.linger)
+                                               marks=True, linger=selection.linger, own=own, left_out=selection.left_out)
             await self._refuse_if_behind(store, peer)
             since, stream, marks = await store.receiving(peer)
             if selection.refresh:
@@ -964,42 +985,78 @@ class SyncEngine:
             self._anti_entropy_running.discard(key)
 
     def on_local_changes(self, store: Store, tables: list[str]) -> None:
-        """Local writes to auto-sync tables go to every online trusted peer."""
+        """Local writes to auto-sync tables go to every online trusted peer,
+        in pushes of this device's own changes (``_auto_push``)."""
         if not self.auto_sync_enabled or not any(store.auto_sync.get(t) for t in tables):
             return
         for peer in self._online_trusted():
-            self._schedule_auto(store, peer)
+            self._schedule_auto(store, peer, own=True)
 
-    def _schedule_auto(self, store: Store, peer: str) -> None:
+    def _schedule_auto(self, store: Store, peer: str, own: bool = False) -> None:
+        """Push ``store`` to ``peer`` soon: its own changes only (``own``, after
+        a local write), or the whole stream (a relay, a reconnect)."""
         if not _auto_sends(store, peer):
             return  # a receive or checkout end, or a closed link: auto-sync follows the kind
         key = ((store.bundle, store.name), peer)
+        if not own:
+            self._auto_whole.add(key)
+            timer = self._whole_timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
         if key in self._auto:
             self._auto[key] = True  # running: go again when it finishes
             return
         self._auto[key] = False
         self._spawn(self._auto_push(store, peer, key), f"auto-sync {store.name} -> {peer}")
 
-    def _take_dirty(self, key: tuple[tuple[str, str], str]) -> bool:
+    def _take_dirty(self, key: tuple[tuple[str, str], str], whole: bool) -> bool:
         """Whether changes came for ``key``'s running auto push since it last
-        read (then the push goes on with them in the same session: coalescing)."""
+        read (then the push goes on with them in the same session: coalescing)
+        — unless a push of own changes only (``whole`` False) is asked for the
+        whole stream: that one ends, and the next session sends it."""
+        if not whole and key in self._auto_whole:
+            return False
         if self._auto.get(key):
             self._auto[key] = False
             return True
         return False
 
+    def _left_out(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
+        """A push of own changes left out relayed ones the peer may lack: a
+        whole-stream push follows once the store has been quiet for
+        ``WHOLE_AFTER_S`` (each such push puts it off), which also moves the
+        peer's watermark. In a burst, the writers' own pushes bring it
+        almost everything first, and its origin marks leave that out."""
+        timer = self._whole_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._whole_timers[key] = asyncio.get_running_loop().call_later(WHOLE_AFTER_S, self._whole_due, store, peer, key)
+
+    def _whole_due(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
+        self._whole_timers.pop(key, None)
+        if self.auto_sync_enabled and self.peers.is_online(peer):
+            self._schedule_auto(store, peer)
+
     async def _auto_push(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
         """Push until nothing new is left: ``self._auto[key]`` (dirty) is set by
         every change while a push runs; a failed push is tried again after
-        ``AUTO_RETRY_DELAYS`` (it may have left changes behind, old or new)."""
+        ``AUTO_RETRY_DELAYS`` (it may have left changes behind, old or new).
+
+        Dissemination (docs/sync.md, "Auto-sync in a fleet"): a push after
+        local writes carries only this device's own changes — every peer
+        gets them from here, the writer — unless a relay, a reconnect or a
+        failed try asked for the whole stream (``_auto_whole``)."""
         failures = 0
         try:
             while True:
                 self._auto[key] = False
+                whole = key in self._auto_whole or failures > 0
+                self._auto_whole.discard(key)
+                selection = Selection(linger=lambda: self._take_dirty(key, whole), own=not whole,
+                                      left_out=lambda: self._left_out(store, peer, key))
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
-                        stats = await self._logged_session(store, "push", peer, Selection(linger=lambda: self._take_dirty(key)),
-                                                           None, "auto")
+                        stats = await self._logged_session(store, "push", peer, selection, None, "auto")
                     failures = 0
                     if stats.sent:
                         log.debug("auto-sync pushed %d change(s) of %s to %s", stats.sent, store.name, peer)
@@ -1023,7 +1080,7 @@ class SyncEngine:
                             store.name, peer, code, exc.message, delay)
                     await asyncio.sleep(delay)
                     continue
-                if not self._auto.get(key):
+                if not self._auto.get(key) and key not in self._auto_whole:
                     return
         finally:
             self._auto.pop(key, None)
@@ -1042,6 +1099,10 @@ class Selection:
     #: (An auto push.) Whether changes came while its batches were in flight:
     #: then the session reads on instead of ending (``Sender`` ``linger``).
     linger: Callable[[], bool] | None = field(default=None, compare=False)
+    #: (An auto push after local changes.) Only this device's own changes
+    #: (``SyncOpen.own``); ``left_out`` is told when it left out relayed ones.
+    own: bool = False
+    left_out: Callable[[], None] | None = field(default=None, compare=False)
 
     def where_text(self) -> str | None:
         """The filter as it travels and is logged (BLOBs as ``$blob``)."""

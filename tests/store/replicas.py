@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pstore.clock import HybridClock
+from p2pstore.protocol.batch import own_push_part
 from p2pstore.protocol.messages import pack_values, unpack
 from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import accepted_schema, capture, cells, changes, merge, policies, stream
@@ -129,13 +130,13 @@ class Replica:
 
     def read(self, since: int, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
              where: CompiledQuery | None = None, max_bytes: int | None = None,
-             covered: dict[str, int] | None = None) -> changes.OutBatch:
+             covered: dict[str, int] | None = None, own_only: bool = False) -> changes.OutBatch:
         """What the sender does: stamp, then read, in one transaction."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
             batch = stream.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes,
-                                         covered=covered)
+                                         covered=covered, own_only=own_only)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -182,21 +183,27 @@ class Replica:
             raise
 
     def push(self, other: Replica, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
-             plain: bool = True, max_bytes: int | None = None, marks: bool = False) -> list[merge.ApplyResult]:
+             plain: bool = True, max_bytes: int | None = None, marks: bool = False,
+             own: bool = False) -> list[merge.ApplyResult]:
         """Send ``other`` everything it has not applied from us, in batches.
 
         ``plain`` sends each batch through its msgpack-ready form and back,
         as the wire will. ``marks``: leave out what ``other``'s origin marks
-        say it holds, as the daemons do (protocol 3).
+        say it holds, as the daemons do (protocol 3). ``own``: an auto push
+        after local writes (protocol 4): our own changes only, from where
+        ``other`` holds all of them, with marks.
         """
         results = []
-        since = self.start_position(*merge.position(other.conn, self.id))
-        covered = dict(merge.origin_marks(other.conn, other.clock.last)) if marks else None
+        position = merge.eager_position if own else merge.position
+        since = self.start_position(*position(other.conn, self.id))
+        covered = dict(merge.origin_marks(other.conn, other.clock.last)) if marks or own else None
         while True:
-            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes, covered=covered)
+            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes, covered=covered, own_only=own)
             if plain:
                 wire = pack_values(changes.batch_to_plain(batch))
                 batch = changes.batch_from_plain(unpack(wire, "batch", raw_text=True))
+            if own:
+                batch = own_push_part(batch)
             results.append(other.apply(batch, self.id))
             since = batch.last_seq
             if not batch.more:

@@ -699,8 +699,10 @@ _sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.inte
 # concurrent updates meet deletes (partial resurrection) and each other.
 # A sync whose sender leaves out what the receiver's origin marks say it holds (protocol 3).
 _marked_sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4), st.just("marks"))
+# An auto push after local writes: the sender's own changes only, from the receiver's eager position (protocol 4).
+_own_sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4), st.just("own"))
 _op = st.one_of(
-    _upsert, _set, _set, _delete, _sync, _sync, _marked_sync,
+    _upsert, _set, _set, _delete, _sync, _sync, _marked_sync, _own_sync, _own_sync,
     st.tuples(st.just("rekey"), st.integers(0, 2), st.sampled_from(KEYS), st.sampled_from(KEYS)),
     st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 3)),
     st.tuples(st.just("compact"), st.integers(0, 2)),
@@ -720,11 +722,15 @@ def _write_op(r: Replica, op: tuple[Any, ...]) -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(_op, min_size=20, max_size=60), walls=st.lists(st.sampled_from([1_000, 1_000, 1_001]), min_size=3, max_size=3))
-def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...]], walls: list[int]) -> None:
+@given(ops=st.lists(_op, min_size=20, max_size=60), walls=st.lists(st.sampled_from([1_000, 1_000, 1_001]), min_size=3, max_size=3),
+       own_first=st.booleans())
+def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...]], walls: list[int], own_first: bool) -> None:
     """Random writes on 3 replicas with nearly equal (often identical) wall
-    clocks, exchanged pairwise in random orders and routes and batch sizes,
-    then everything with everyone: the synced contents are identical."""
+    clocks, exchanged pairwise in random orders and routes and batch sizes
+    (whole streams, with or without origin marks, and pushes of a device's
+    own changes), then everything with everyone: the synced contents are
+    identical. ``own_first``: that last round starts with own changes only,
+    so what the second leaves out rests on the marks those pushes gave."""
     with tempfile.TemporaryDirectory(prefix="p2p-conv-") as tmp:
         reps = []
         for device_id, wall in zip(DEVICES, walls):
@@ -745,7 +751,7 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
                 elif kind == "sync":
                     j, limit = op[2], op[3]
                     if i != j:
-                        r.push(reps[j], limit=limit, marks=len(op) > 4)
+                        r.push(reps[j], limit=limit, marks=len(op) > 4, own=op[4:] == ("own",))
                 elif kind == "compact":
                     r.compact()
                 else:
@@ -754,7 +760,7 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
                 for src in reps:
                     for dst in reps:
                         if src is not dst:
-                            src.push(dst, marks=hop == 1)
+                            src.push(dst, marks=hop == 1, own=own_first and hop == 0)
             contents = [r.rows(SYNCED) for r in reps]
             assert contents[0] == contents[1] == contents[2]
             assert [applied(src.push(dst)) for src in reps for dst in reps if src is not dst] == [0] * 6

@@ -7,6 +7,7 @@ and when."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -92,3 +93,74 @@ def test_a_device_that_dropped_rows_of_its_own_no_longer_claims_them(device, tmp
     restore.mark_restored(b.conn, capture.stream_id(b.conn))
     b.conn.execute("COMMIT")
     assert "DEVB" not in marks(b), "a file restored from a backup lacks what it wrote after the backup"
+
+
+# -- pushes of a device's own changes (protocol 4, ``SyncOpen.own``) -------------
+
+
+def test_an_own_push_carries_no_relayed_row_and_leaves_the_watermark_for_a_whole_push(device) -> None:
+    a, b, c = device("DEVA"), device("DEVB"), device("DEVC")
+    insert(a, "a1")
+    a.push(b)
+    insert(b, "b1")
+    # B's own push to C: B's row only; A's row, which C's marks don't cover, is left out ...
+    out = b.push(c, own=True)
+    assert applied(out) == 1 and c.rows(SYNCED) == [("b1", 1, "p")]
+    # ... so C's watermark for B stays (a whole push must still bring A's row); its eager position moves.
+    assert merge.position(c.conn, "DEVB")[0] == 0
+    assert merge.eager_position(c.conn, "DEVB")[0] == capture.last_seq(b.conn) > 0
+    out = b.push(c, marks=True)
+    assert applied(out) == 1 and c.rows(SYNCED) == b.rows(SYNCED) == [("a1", 1, "p"), ("b1", 1, "p")]
+    assert merge.position(c.conn, "DEVB")[0] == capture.last_seq(b.conn)
+    # The next own push starts where C holds all of B's changes: nothing again.
+    assert b.read(merge.eager_position(c.conn, "DEVB")[0], own_only=True).count == 0
+
+
+def test_an_own_push_with_nothing_relayed_to_leave_out_is_a_whole_one(device) -> None:
+    a, b, c = device("DEVA"), device("DEVB"), device("DEVC")
+    insert(a, "a1")
+    a.push(b)
+    a.push(c)  # C has A's row from A: its marks cover it
+    insert(b, "b1")
+    batch = b.read(0, covered=marks(c), own_only=True)
+    assert batch.full and batch.count == 1
+    b.push(c, own=True)
+    assert merge.position(c.conn, "DEVB")[0] == capture.last_seq(b.conn)
+
+
+def test_an_own_push_gives_the_mark_of_its_sender_only_from_where_all_its_changes_are_here(device) -> None:
+    b, c = device("DEVB"), device("DEVC")
+    insert(b, "b1")
+    first = newest(b)
+    insert(b, "b2")
+    # A run that starts past the first change (C never had it) says nothing of B's changes ...
+    late = b.read(1, own_only=True, covered={})
+    assert late.count == 1
+    c.apply(dataclasses.replace(late, full=False, own=True), "DEVB")
+    assert "DEVB" not in marks(c) and merge.eager_position(c.conn, "DEVB")[0] == 0
+    # ... one from where C holds all of them does, once it reaches the end.
+    b.push(c, own=True)
+    assert marks(c)["DEVB"] == newest(b) > first
+    # A whole push from elsewhere leaves out B's rows, which the mark covers.
+    a = device("DEVA")
+    b.push(a)
+    assert a.read(0, covered=marks(c)).count == 0
+
+
+def test_a_row_an_own_push_left_out_still_arrives_from_its_writer(device) -> None:
+    """B's older change to a row that A changed since is covered by C's mark
+    for B without ever reaching C: A's newer change does, from A."""
+    a, b, c = device("DEVA"), device("DEVB"), device("DEVC")
+    insert(b, "k")
+    b.push(a)
+    a.write("DELETE FROM items WHERE uid = 'k'")
+    a.write("INSERT INTO items(uid, a, b) VALUES ('k', 5, 'p')")  # every clock of k is A's now
+    a.push(b)
+    insert(b, "b2")
+    b.push(c, own=True)  # k: left out
+    assert c.rows(SYNCED) == [("b2", 1, "p")] and marks(c)["DEVB"] == b.rows(
+        "SELECT max(hlc) FROM _p2p_clocks WHERE origin IS NULL")[0][0]
+    # A whole push from B would leave k's older change by B out too (covered); A's own push brings it.
+    assert [r for r in b.read(0, covered=marks(c)).blocks[0].rows if r[0] == "k"]  # A's clocks: not covered
+    a.push(c, own=True)
+    assert c.rows(SYNCED) == b.rows(SYNCED) == [("b2", 1, "p"), ("k", 5, "p")]
