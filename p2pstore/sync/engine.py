@@ -37,7 +37,9 @@ Invariants:
   fails, is pushed again after it (bounded retries, then on the next change
   or when the peer comes back online).
 - Dissemination (docs/sync.md, "Auto-sync in a fleet"): a device pushes its
-  own changes to every online trusted peer, but passes on what it received
+  own changes to every online trusted peer — after a local write, those
+  alone (``SyncOpen.own``; a whole-stream push follows once they pause, if
+  they left relayed rows out) — but passes on what it received
   to at most ``relay_fanout`` of them, never back to the sender or to the
   changes' origin; every ``anti_entropy_interval`` (jittered) it pulls each
   auto-sync store from one random online trusted peer, which brings
