@@ -370,21 +370,22 @@ def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> 
         # another stream (the sender's store is new or restored): its seqs start over
         current, own, pending, eager, eager_pending = 0, None, None, None, None
     resynced = batch.snapshot_hlc is not None and not batch.more  # a resync moves it once, at its end (store/gc.py)
-    if batch.own and not resynced:
-        at = max(current, eager or 0)
-        if batch.since_seq <= at < batch.last_seq:
-            eager_pending = max(eager_pending or 0, _newest(batch)) or None
-            if not batch.more and eager_pending is not None:
-                own = max(own or 0, eager_pending)
-            _save_position(conn, peer, current, batch.stream, own, pending, batch.last_seq, eager_pending)
-        return int(current)
-    if resynced or (batch.full and batch.snapshot_hlc is None and batch.since_seq <= current < batch.last_seq):
+    whole = batch.full and batch.snapshot_hlc is None
+    if resynced or (whole and batch.since_seq <= current < batch.last_seq):
         if not resynced:
             pending = max(pending or 0, _newest(batch)) or None
             if not batch.more and pending is not None:
                 own = max(own or 0, pending)
         _save_position(conn, peer, batch.last_seq, batch.stream, own, pending, eager, eager_pending)
         return batch.last_seq
+    # A batch of an own push: one that left relayed rows out, or a whole one (it holds all of the
+    # sender's own changes too) that starts past the watermark, where an earlier own push ended.
+    at = max(current, eager or 0)
+    if (batch.own or whole) and batch.since_seq <= at < batch.last_seq:
+        eager_pending = max(eager_pending or 0, _newest(batch)) or None
+        if not batch.more and eager_pending is not None:
+            own = max(own or 0, eager_pending)
+        _save_position(conn, peer, current, batch.stream, own, pending, batch.last_seq, eager_pending)
     return int(current)
 
 

@@ -164,3 +164,20 @@ def test_a_row_an_own_push_left_out_still_arrives_from_its_writer(device) -> Non
     assert [r for r in b.read(0, covered=marks(c)).blocks[0].rows if r[0] == "k"]  # A's clocks: not covered
     a.push(c, own=True)
     assert c.rows(SYNCED) == b.rows(SYNCED) == [("b2", 1, "p"), ("k", 5, "p")]
+
+
+def test_an_own_push_that_left_nothing_out_goes_on_from_where_the_last_one_ended(device) -> None:
+    """Own pushes, one leaving A's row out, the next with nothing to leave out
+    (C got A's row meanwhile): that whole batch starts past C's watermark for
+    B, where the first one ended — it moves the eager position and the mark."""
+    a, b, c = device("DEVA"), device("DEVB"), device("DEVC")
+    insert(a, "a1")
+    a.push(b)
+    insert(b, "b1")
+    b.push(c, own=True)  # A's row left out: eager position, not watermark
+    a.push(c)
+    insert(b, "b2")
+    out = b.push(c, own=True)
+    assert applied(out) == 1 and merge.position(c.conn, "DEVB")[0] == 0
+    assert merge.eager_position(c.conn, "DEVB")[0] == capture.last_seq(b.conn)
+    assert marks(c)["DEVB"] == b.rows("SELECT max(hlc) FROM _p2p_clocks WHERE origin IS NULL")[0][0]
