@@ -161,6 +161,10 @@ GROUP_COMMIT_BUDGET_S = 0.05
 #: Seconds of quiet after a push of own changes that left out relayed ones
 #: before the whole stream follows (``Engine._left_out``).
 WHOLE_AFTER_S = 1.0
+#: Seconds a relay waits before its whole-stream push: by then the peer's
+#: origin marks say what it got from the writer itself, and the push leaves
+#: that out (Plumtree's lazy push, docs/sync.md).
+RELAY_DELAY_S = 0.5
 #: Peers a device passes a received change on to (``relay_fanout``).
 DEFAULT_RELAY_FANOUT = 1
 #: Seconds between anti-entropy pulls of each auto-sync store (``anti_entropy_interval_s``; 0: none).
@@ -628,7 +632,7 @@ class SyncEngine:
                     # Relay: what we received goes on to a few of our other peers (they dedupe).
                     # (A collaborative stream holds only a device's own rows: nothing to pass on.)
                     for other in self.relay_targets(session.peer, result.remote_devices(), store):
-                        self._schedule_auto(store, other)
+                        self._whole_later(store, other, RELAY_DELAY_S)
             return actions
 
         return await self._drive(session, machine, machine.start(opening), do)
@@ -1023,16 +1027,25 @@ class SyncEngine:
             return True
         return False
 
-    def _left_out(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
+    def _left_out(self, store: Store, peer: str) -> None:
         """A push of own changes left out relayed ones the peer may lack: a
-        whole-stream push follows once the store has been quiet for
+        whole-stream push follows once pushes to the peer have paused for
         ``WHOLE_AFTER_S`` (each such push puts it off), which also moves the
         peer's watermark. In a burst, the writers' own pushes bring it
         almost everything first, and its origin marks leave that out."""
-        timer = self._whole_timers.pop(key, None)
+        self._whole_later(store, peer, WHOLE_AFTER_S, put_off=True)
+
+    def _whole_later(self, store: Store, peer: str, delay: float, *, put_off: bool = False) -> None:
+        """A whole-stream auto push to ``peer`` in ``delay`` seconds (lazy: by
+        then its origin marks say what it got from the writers themselves);
+        one waits at a time per peer, and ``put_off`` moves it later."""
+        key = ((store.bundle, store.name), peer)
+        timer = self._whole_timers.get(key)
         if timer is not None:
+            if not put_off:
+                return
             timer.cancel()
-        self._whole_timers[key] = asyncio.get_running_loop().call_later(WHOLE_AFTER_S, self._whole_due, store, peer, key)
+        self._whole_timers[key] = asyncio.get_running_loop().call_later(delay, self._whole_due, store, peer, key)
 
     def _whole_due(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
         self._whole_timers.pop(key, None)
@@ -1055,7 +1068,7 @@ class SyncEngine:
                 whole = key in self._auto_whole or failures > 0
                 self._auto_whole.discard(key)
                 selection = Selection(linger=lambda: self._take_dirty(key, whole), own=not whole,
-                                      left_out=lambda: self._left_out(store, peer, key))
+                                      left_out=lambda: self._left_out(store, peer))
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
                         stats = await self._logged_session(store, "push", peer, selection, None, "auto")
