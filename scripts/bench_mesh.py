@@ -24,7 +24,9 @@ host. For each N it prints one JSON object:
 - ``log_problems``: ERROR / Traceback lines in all daemons' logs.
 
 Every wait is bounded; the testbed and the daemons are removed at the end,
-also when a step fails. Only the testbed's private bridge carries traffic.
+also when a step fails (``P2PSTORE_BENCH_KEEP=1`` keeps the daemons' data
+directories and logs, and says where). Only the testbed's private bridge
+carries traffic.
 """
 
 from __future__ import annotations
@@ -287,5 +289,8 @@ def bench_mesh(sizes: list[int]) -> list[dict[str, Any]]:
         except Exception as exc:  # one size failing still reports the others
             out.append({"bench": "mesh", "hosts": n, "error": f"{type(exc).__name__}: {exc}"})
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            if os.environ.get("P2PSTORE_BENCH_KEEP"):
+                print(f"kept {root} (P2PSTORE_BENCH_KEEP)", file=sys.stderr)
+            else:
+                shutil.rmtree(root, ignore_errors=True)
     return out

@@ -657,7 +657,8 @@ class SyncEngine:
                 since, stream, marks = await store.receiving(peer, own=msg.own)
                 ready = SyncReady(msg.req, since, table_offers(store), stream, have=_origin_marks(marks))
                 stats = await self._receive_stream(session, store, None, ready, own=msg.own)
-                log.info("received %d change(s) of %s/%s from %s (%s)", stats.sent, msg.bundle, msg.store, peer, stats.outcome())
+                log.info("received %d change(s) of %s/%s from %s (%s%s)", stats.sent, msg.bundle, msg.store, peer,
+                         "its own changes, " if msg.own else "", stats.outcome())
             elif msg.mode == "catchup":  # the peer was restored from a backup: our copy of its rows goes back to it
                 self.directory.check_may_receive(peer, store)
                 since, stream = await store.position(peer)
