@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -158,12 +159,13 @@ AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 #: last batches: an application write that comes meanwhile waits for it.
 GROUP_COMMIT_BATCHES = 4
 GROUP_COMMIT_BUDGET_S = 0.05
-#: Seconds of quiet after a push of own changes that left out relayed ones
-#: before the whole stream follows (``Engine._left_out``).
-WHOLE_AFTER_S = 1.0
-#: Seconds a relay waits before its whole-stream push: by then the peer's
-#: origin marks say what it got from the writer itself, and the push leaves
-#: that out (Plumtree's lazy push, docs/sync.md).
+#: A whole-stream auto push that follows own pushes (they left relayed rows
+#: out) or relays a change waits until the store has been quiet this long
+#: (``Engine._whole_later``), and at most ``WHOLE_MAX_WAIT_S``.
+WHOLE_QUIET_S = 1.0
+WHOLE_MAX_WAIT_S = 10.0
+#: Seconds a relay waits before its whole-stream push at the earliest
+#: (``Engine._whole_later``; Plumtree's lazy push, docs/sync.md).
 RELAY_DELAY_S = 0.5
 #: Peers a device passes a received change on to (``relay_fanout``).
 DEFAULT_RELAY_FANOUT = 1
@@ -387,7 +389,8 @@ class SyncEngine:
         self._running_syncs: set[tuple[str, str]] = set()
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
         self._auto_whole: set[tuple[tuple[str, str], str]] = set()  # the next auto push sends the whole stream
-        self._whole_timers: dict[tuple[tuple[str, str], str], asyncio.TimerHandle] = {}  # (``_left_out``)
+        self._whole_timers: dict[tuple[tuple[str, str], str], asyncio.TimerHandle] = {}  # (``_whole_later``)
+        self._active: dict[tuple[str, str], float] = {}  # store -> when it last wrote or applied a change (monotonic)
         self._tasks = TaskSet(log)
         #: One catch-up of a restored store at a time (store -> lock).
         self._catch_ups: dict[tuple[str, str], asyncio.Lock] = {}
@@ -631,6 +634,7 @@ class SyncEngine:
                         and store.table_type == TableType.SINGLE_VERSION):
                     # Relay: what we received goes on to a few of our other peers (they dedupe).
                     # (A collaborative stream holds only a device's own rows: nothing to pass on.)
+                    self._active[(store.bundle, store.name)] = time.monotonic()
                     for other in self.relay_targets(session.peer, result.remote_devices(), store):
                         self._whole_later(store, other, RELAY_DELAY_S)
             return actions
@@ -996,6 +1000,7 @@ class SyncEngine:
         in pushes of this device's own changes (``_auto_push``)."""
         if not self.auto_sync_enabled or not any(store.auto_sync.get(t) for t in tables):
             return
+        self._active[(store.bundle, store.name)] = time.monotonic()
         for peer in self._online_trusted():
             self._schedule_auto(store, peer, own=True)
 
@@ -1030,28 +1035,34 @@ class SyncEngine:
 
     def _left_out(self, store: Store, peer: str) -> None:
         """A push of own changes left out relayed ones the peer may lack: a
-        whole-stream push follows once pushes to the peer have paused for
-        ``WHOLE_AFTER_S`` (each such push puts it off), which also moves the
-        peer's watermark. In a burst, the writers' own pushes bring it
-        almost everything first, and its origin marks leave that out."""
-        self._whole_later(store, peer, WHOLE_AFTER_S, put_off=True)
+        whole-stream push follows (``_whole_later``), which also moves the
+        peer's watermark."""
+        self._whole_later(store, peer, WHOLE_QUIET_S)
 
-    def _whole_later(self, store: Store, peer: str, delay: float, *, put_off: bool = False) -> None:
-        """A whole-stream auto push to ``peer`` in ``delay`` seconds (lazy: by
-        then its origin marks say what it got from the writers themselves);
-        one waits at a time per peer, and ``put_off`` moves it later."""
+    def _whole_later(self, store: Store, peer: str, delay: float) -> None:
+        """A whole-stream auto push to ``peer`` in ``delay`` seconds at the
+        earliest, once the store has been quiet — no local write, nothing
+        applied from a peer — for ``WHOLE_QUIET_S`` (at most
+        ``WHOLE_MAX_WAIT_S`` after it was asked for). Lazy: while changes
+        still flow, the writers' own pushes are on their way and the peer's
+        origin marks lag behind them, so a whole stream would carry what the
+        peer is about to get anyway; once they stop, the marks say what it
+        got, and the push leaves that out. One waits per peer."""
         key = ((store.bundle, store.name), peer)
-        timer = self._whole_timers.get(key)
-        if timer is not None:
-            if not put_off:
-                return
-            timer.cancel()
-        self._whole_timers[key] = asyncio.get_running_loop().call_later(delay, self._whole_due, store, peer, key)
+        if key not in self._whole_timers:
+            self._whole_timers[key] = asyncio.get_running_loop().call_later(
+                delay, self._whole_due, store, peer, key, time.monotonic())
 
-    def _whole_due(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
+    def _whole_due(self, store: Store, peer: str, key: tuple[tuple[str, str], str], asked: float) -> None:
         self._whole_timers.pop(key, None)
-        if self.auto_sync_enabled and self.peers.is_online(peer):
-            self._schedule_auto(store, peer)
+        if not (self.auto_sync_enabled and self.peers.is_online(peer)):
+            return
+        now = time.monotonic()
+        wait = min(self._active.get(key[0], -math.inf) + WHOLE_QUIET_S, asked + WHOLE_MAX_WAIT_S) - now
+        if wait > 0:
+            self._whole_timers[key] = asyncio.get_running_loop().call_later(wait, self._whole_due, store, peer, key, asked)
+            return
+        self._schedule_auto(store, peer)
 
     async def _auto_push(self, store: Store, peer: str, key: tuple[tuple[str, str], str]) -> None:
         """Push until nothing new is left: ``self._auto[key]`` (dirty) is set by
