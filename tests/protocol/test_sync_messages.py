@@ -50,6 +50,7 @@ MESSAGES: list[Message] = [
     SyncReady(7, 2**63 - 1, (), STREAM),
     SyncReady(7, 3, (), STREAM, have=(OriginMark("DEV-A", 2**64 - 1), OriginMark("DEV-B", 0))),
     sync_open(mode="pull", have=(OriginMark("DEV-A", 5),)),
+    sync_open(mode="push", table=None, where=None, since=None, stream=None, own=True),
     SyncAck(7, 12, 10, 1, 1, 0, (OriginMark("DEV-A", 9),)),
     SyncBatch(7, b"\x00" * 100),
     SyncAck(7, 12, 10, 1, 1),
@@ -75,6 +76,9 @@ def test_round_trip(msg: Message) -> None:
     lambda: sync_open(table=""),
     lambda: sync_open(where="w" * (64 * 1024 + 1)),
     lambda: sync_open(since=None),  # a pull must say since which seq
+    lambda: sync_open(own=True),  # own changes only: a push, of the whole store
+    lambda: sync_open(mode="push", since=None, where=None, own=True),
+    lambda: sync_open(mode="push", table=None, where=None, since=None, own=1),
     lambda: sync_open(since=-1),
     lambda: sync_open(since=2**63),
     lambda: sync_open(stream=""),
@@ -182,3 +186,11 @@ def test_store_offer_refuses_bad_lag_figures(over: dict[str, Any]) -> None:
     del body["stores"][0]["tables"]
     with pytest.raises(ProtocolError):
         decode(msgpack.packb([tag, body], use_bin_type=True))
+
+
+def test_own_is_on_the_wire_only_when_set() -> None:
+    """A push of the whole stream reads as it did before protocol 4."""
+    plain = sync_open(mode="push", table=None, where=None, since=None, stream=None)
+    assert "own" not in msgpack.unpackb(encode(plain), raw=False, strict_map_key=False)[1]
+    own = sync_open(mode="push", table=None, where=None, since=None, stream=None, own=True)
+    assert msgpack.unpackb(encode(own), raw=False, strict_map_key=False)[1]["own"] is True
