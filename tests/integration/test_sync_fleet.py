@@ -9,6 +9,9 @@ bounded relay and anti-entropy, with real daemons on loopback.
   alone: the writers have no auto-sync (so they push nothing, on reconnect
   or otherwise) and each holds only its own rows, so the returning device
   must pull from each of them, picked at random, interval after interval.
+- A push after a local write carries the writer's own changes only; what it
+  left out comes in the whole-stream push that follows once the store is
+  quiet.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 from sync_helpers import (
     SV_REF,
     Node,
+    link,
     linked_daemons,  # noqa: F401  (fixture)
     setup_employee,
+    wait_linked,
     wait_until,
 )
 
@@ -103,3 +108,24 @@ def test_a_returning_device_converges_through_anti_entropy_alone(linked_daemons,
         [view] = [d for d in w.call("devices.list") if d["device_id"] == late.id]
         assert view["traffic"]["sessions_started"] == 0
         assert view["traffic"]["sessions_served"] >= 1
+
+
+def test_a_push_after_a_write_carries_own_changes_and_a_whole_one_follows(linked_daemons, short_tmp: Path) -> None:
+    """A - B - C, A and C strangers, no relay and no anti-entropy: B's push
+    after its own write carries B's row only (protocol 4, ``own``), and A's
+    row, which B left out, reaches C through the whole-stream push that
+    follows once B's store is quiet — the only way it can."""
+    flags = {i: config_flag(short_tmp, f"o{i}", "relay_fanout = 0\nanti_entropy_interval_s = 0\n") for i in range(3)}
+    a, b, c = linked_daemons(3, schema=True, flags=flags, link_all=False)
+    link(a, b)
+    link(b, c)
+    wait_linked([a, b])
+    wait_linked([b, c])
+    for node in (a, b, c):
+        setup_employee(node, auto_sync=True)
+    a.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "fromA", "AGE": 1})
+    wait_until(lambda: "fromA" in names(b), 10, "A's row on B")
+    b.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": "fromB", "AGE": 2})
+    wait_until(lambda: names(c) == {"fromA", "fromB"}, 15, "both rows on C")
+    log = c.proc.log()
+    assert f"received 1 change(s) of {SV_REF['bundle']}/{SV_REF['store']} from {b.id} (its own changes, 1 applied" in log, log
