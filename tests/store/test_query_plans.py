@@ -21,15 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from replicas import Replica, field, schema_doc
+from replicas import Replica
+from test_row_clocks import DOC, THINGS, WORDS  # the two kinds of single_version key
 
-THINGS = "CREATE TABLE things(id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, a INTEGER, b TEXT)"
-WORDS = "CREATE TABLE words(w TEXT PRIMARY KEY, n INTEGER)"
-DOC = schema_doc({
-    "things": ([field("id", "Integer", autoinc=True), field("uid", "Text", pk=True, not_null=True), field("a", "Integer"),
-                field("b", "Text")], ["uid", "a", "b"]),
-    "words": ([field("w", "Text", pk=True, not_null=True), field("n", "Integer")], ["w", "n"]),
-})
 NOTES = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"
 
 
