@@ -80,11 +80,6 @@ DEFAULT_BACKOFF_MAX = 10.0
 DEFAULT_MAX_HANDSHAKES = 64
 #: Untrusted devices remembered in ``pending()``.
 MAX_PENDING = 256
-#: Dials in flight at once. A fleet that trusts each other at once would
-#: otherwise start N − 1 TLS handshakes on every device together: at 64
-#: devices on 2 cores they took longer than their timeouts, and every
-#: retry added to the load (a 64-host testbed never came online).
-MAX_DIALS = 8
 
 OnChange = Callable[[str, bool], object]
 OnMessage = Callable[[str, Message, Channel], Awaitable[None]]
@@ -713,16 +708,13 @@ class PeerManager:
             self._wake.clear()
             now = loop.time()
             next_due = math.inf
-            dialing = sum(1 for entry in self._addresses.values() if entry.task is not None)
             for entry in list(self._addresses.values()):
                 if not self._should_dial(entry):
                     continue
-                if entry.next_attempt > now:
-                    next_due = min(next_due, entry.next_attempt)
-                elif dialing < MAX_DIALS:
-                    # (The rest wait for one of these to end: each end wakes this loop.)
+                if entry.next_attempt <= now:
                     entry.task = loop.create_task(self._dial(entry), name=f"p2pstore-dial-{entry.host}:{entry.port}")
-                    dialing += 1
+                else:
+                    next_due = min(next_due, entry.next_attempt)
             timeout = None if next_due == math.inf else max(0.0, next_due - now)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
