@@ -161,11 +161,11 @@ GROUP_COMMIT_BATCHES = 4
 GROUP_COMMIT_BUDGET_S = 0.05
 #: A whole-stream auto push that follows own pushes (they left relayed rows
 #: out) or relays a change waits until the store has been quiet this long
-#: (``Engine._whole_later``), and at most ``WHOLE_MAX_WAIT_S`` — the
-#: default anti-entropy interval: under writes that never pause, a relayed
-#: change is as late as one a missed push left to anti-entropy.
+#: (``Engine._whole_later``), and at most ``WHOLE_MAX_WAIT_S`` (30 s was
+#: tried: fewer duplicates, but slower bursts at 16 and 32 hosts,
+#: docs/performance.md "Fleet, round 3").
 WHOLE_QUIET_S = 1.0
-WHOLE_MAX_WAIT_S = 30.0
+WHOLE_MAX_WAIT_S = 10.0
 #: Seconds a relay waits before its whole-stream push at the earliest
 #: (``Engine._whole_later``; Plumtree's lazy push, docs/sync.md).
 RELAY_DELAY_S = 0.5
