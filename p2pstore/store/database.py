@@ -1132,9 +1132,9 @@ class Store:
 
     async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500,
                            max_bytes: int | None = None, covered: Mapping[str, int] | None = None,
-                           own: bool = False) -> changes.OutBatch:
+                           own_only: bool = False) -> changes.OutBatch:
         """The next slice of this store's change stream after ``since``
-        (``covered``: the peer's origin marks; ``own``: this device's own
+        (``covered``: the peer's origin marks; ``own_only``: this device's own
         changes only; see ``changes_since``).
 
         Pending outside writes are stamped (and announced) first, in the same
@@ -1143,7 +1143,7 @@ class Store:
 
         return await self._stamped(
             lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
-                                       own_only=own),
+                                       own_only=own_only),
             after=self._note_sent, background=True)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:

@@ -129,8 +129,8 @@ def changes_since(
         # Own (per-column) clocks of a single_version table: its rows that have
         # them go as row changes; without any, every row of the interval is a
         # block row, and the blocks size themselves while they are read.
-        own = {t.tid: modes.of(t.mode).has_irregular_rows(conn, t) for t in tables}
-        self_sized = devices is not None and not any(own.values())
+        irregular = {t.tid: modes.of(t.mode).has_irregular_rows(conn, t) for t in tables}
+        self_sized = devices is not None and not any(irregular.values())
         if max_bytes is not None and len(seqs) > 1 and not self_sized:
             fitting = _seqs_within(conn, tables, seqs, max_bytes)
             more = more or len(fitting) < len(seqs)
@@ -140,7 +140,7 @@ def changes_since(
         blocks: list[Block] = []
         if seqs and devices is not None:
             budget = max_bytes if self_sized and len(seqs) > 1 else None
-            read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, own[t.tid]) for t in tables]
+            read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, irregular[t.tid]) for t in tables]
             cut = _cut(read, budget)
             if cut is not None and cut < last:
                 last, more = cut, True

@@ -570,7 +570,7 @@ class SyncEngine:
                     batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 else:
                     batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
-                                                     max_bytes=MAX_BATCH_BYTES, covered=covered, own=own and snapshot is None)
+                                                     max_bytes=MAX_BATCH_BYTES, covered=covered, own_only=own)
                     if own and not batch.full and left_out is not None:
                         left_out()
                 return machine.batch_read(batch)
@@ -1035,15 +1035,10 @@ class SyncEngine:
             return True
         return False
 
-    def _left_out(self, store: Store, peer: str) -> None:
-        """A push of own changes left out relayed ones the peer may lack: a
-        whole-stream push follows (``_whole_later``), which also moves the
-        peer's watermark."""
-        self._whole_later(store, peer, WHOLE_QUIET_S)
-
     def _whole_later(self, store: Store, peer: str, delay: float) -> None:
-        """A whole-stream auto push to ``peer`` in ``delay`` seconds at the
-        earliest, once the store has been quiet — no local write, nothing
+        """A whole-stream auto push to ``peer`` (after a relay, or an own push
+        that left relayed rows out: it also moves the peer's watermark) in
+        ``delay`` seconds at the earliest, once the store has been quiet — no local write, nothing
         applied from a peer — for ``WHOLE_QUIET_S`` (at most
         ``WHOLE_MAX_WAIT_S`` after it was asked for). Lazy: while changes
         still flow, the writers' own pushes are on their way and the peer's
@@ -1082,7 +1077,7 @@ class SyncEngine:
                 whole = key in self._auto_whole or failures > 0
                 self._auto_whole.discard(key)
                 selection = Selection(linger=lambda: self._take_dirty(key, whole), own=not whole,
-                                      left_out=lambda: self._left_out(store, peer))
+                                      left_out=lambda: self._whole_later(store, peer, WHOLE_QUIET_S))
                 try:
                     with self.lag.session(peer, store.bundle, store.name, "send", session_code):
                         stats = await self._logged_session(store, "push", peer, selection, None, "auto")
