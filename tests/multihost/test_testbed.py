@@ -154,3 +154,61 @@ def test_loopback_is_separate_per_host() -> None:
         )
         assert same.returncode == 0, same.stderr
         server.wait(5)
+
+
+#: A fleet past the kernel's default neighbour-table room (1,024 entries for
+#: all namespaces together): 40 hosts that each know the other 39 hold 1,560.
+BIG_FLEET = 40
+#: One host of the mesh: listen, connect to every other host and hold the
+#: connections (a connection pins its neighbour entry, as a daemon's channels
+#: do), say how many connected, and close when told to (stdin).
+_MESH_HOST = """
+import asyncio, sys
+me, n = sys.argv[1], int(sys.argv[2])
+async def main():
+    server = await asyncio.start_server(lambda r, w: None, me, 7497)
+    print("listening", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # all are listening
+    async def dial(addr):
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(addr, 7497), 5)
+        except (OSError, TimeoutError):
+            return None
+    others = [f"10.77.0.{i}" for i in range(1, n + 1) if f"10.77.0.{i}" != me]
+    held = await asyncio.gather(*(dial(a) for a in others))
+    print(sum(c is not None for c in held), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # all have dialled
+    server.close()
+asyncio.run(main())
+"""
+
+
+def test_every_host_of_a_big_fleet_reaches_every_other() -> None:
+    """``up`` makes room in the kernel's neighbour tables for N x N entries:
+    with the default room the hosts past the first 30 or so could not
+    connect to most others ("No buffer space available" for new neighbours:
+    their SYNs never left), and 64 daemons never came online."""
+    prefix = unique_prefix("tn")
+    with Testbed(BIG_FLEET, prefix) as bed:
+        for family in ("ipv4", "ipv6"):
+            room = int(subprocess.run(["sysctl", "-n", f"net.{family}.neigh.default.gc_thresh3"],
+                                      capture_output=True, text=True, check=True).stdout)
+            assert room >= BIG_FLEET * BIG_FLEET, f"{family} neighbour table: room for {room} entries"
+        procs = [host.popen([sys.executable, "-c", _MESH_HOST, host.address, str(BIG_FLEET)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for host in bed.hosts]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            connected = [int(proc.stdout.readline() or -1) for proc in procs if proc.stdout is not None]
+            assert connected == [BIG_FLEET - 1] * BIG_FLEET
+        finally:
+            for proc in procs:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            for proc in procs:
+                proc.wait(10)
+    assert namespaces_with_prefix(prefix) == []
