@@ -639,6 +639,11 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     tid, name = table.tid, table.info.name
     keys = cells.RowKeys.of(table)
     ck = _ck_sql(table)
+    if _only_appended_rows(conn, table, first, last):
+        # Every row of the range is new, once, with no clock of its value anywhere: all are
+        # the common case below, without sorting the range by value to find it out.
+        conn.execute(_new_row_clocks_sql("", f"{ck} IS NOT NULL"), (offset, first, last, tid))
+        return
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_touched(ck PRIMARY KEY, plain INTEGER NOT NULL) WITHOUT ROWID")
     conn.execute("DELETE FROM temp._p2p_touched")
     conn.execute(
@@ -664,13 +669,8 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
         (tid,),
     )
     if conn.execute("SELECT count(*) FROM _p2p_sync_columns WHERE tbl = ?", (name,)).fetchone()[0]:
-        conn.execute(
-            "INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
-            "SELECT l.tid, l.pk, ?1 + l.seq, NULL, l.seq, NULL, NULL FROM _p2p_log l "
-            f"JOIN temp._p2p_touched x ON x.ck = {ck} AND x.plain "
-            f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.hlc IS NULL AND l.op = {OP_INSERT}",
-            (offset, first, last, tid),
-        )
+        conn.execute(_new_row_clocks_sql(f"JOIN temp._p2p_touched x ON x.ck = {ck} AND x.plain", f"l.op = {OP_INSERT}"),
+                     (offset, first, last, tid))
     if not conn.execute("SELECT 1 FROM temp._p2p_touched WHERE NOT plain LIMIT 1").fetchone():
         return
     conn.execute(_cells_sql(table, f" AND {ck} IN {_TOUCHED}"), (offset, first, last, name, tid))
@@ -678,6 +678,34 @@ def _stamp_cells(conn: sqlite3.Connection, table: CapturedTable, offset: int, fi
     if _detects_rows(conn, name):
         conn.execute(_ROW_PREV_SQL, (tid, first, last))
     cells.fold(conn, keys, _TOUCHED)
+
+
+def _new_row_clocks_sql(join: str, where: str) -> str:
+    """The row clock of each new row of log seqs ?2..?3 of table ?4 (the
+    ones ``join`` and ``where`` keep): its insert's seq on this device,
+    HLC ?1 + seq. It replaces an orphan clock its key still had."""
+    return ("INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
+            f"SELECT l.tid, l.pk, ?1 + l.seq, NULL, l.seq, NULL, NULL FROM _p2p_log l {join} "
+            f"WHERE l.seq BETWEEN ?2 AND ?3 AND l.tid = ?4 AND l.hlc IS NULL AND {where}")
+
+
+def _only_appended_rows(conn: sqlite3.Connection, table: CapturedTable, first: int, last: int) -> bool:
+    """Whether the range holds, for ``table``, only rows another program
+    appended (``_log_appended_rows``: inserts without a conflict value, one
+    per row), the table has no per-column clock nor tomb at all and its key
+    is not its conflict value (an insert then replaces no row clock): a
+    bulk insert into a new table. Each such row is then touched once in
+    the range, and its value, unique in the table, has no clock yet."""
+    if table.info.key == table.conflict_column:
+        return False
+    if conn.execute("SELECT count(*) FROM _p2p_sync_columns WHERE tbl = ?", (table.info.name,)).fetchone()[0] == 0:
+        return False
+    if conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ?1 UNION ALL SELECT 1 FROM _p2p_tombs WHERE tid = ?1 LIMIT 1",
+                    (table.tid,)).fetchone():
+        return False
+    return conn.execute(
+        f"SELECT 1 FROM _p2p_log WHERE seq BETWEEN ? AND ? AND tid = ? AND hlc IS NULL AND (op != {OP_INSERT} OR ck IS NOT NULL) "
+        "LIMIT 1", (first, last, table.tid)).fetchone() is None
 
 
 def _ck_sql(table: CapturedTable) -> str:

@@ -179,3 +179,57 @@ def test_the_orphan_sweep_walks_a_table_a_chunk_at_a_time(pair: tuple[Replica, R
     assert marks == [3, 6, 9, 11, None]  # 11 row clocks, 3 a call; the orphan (9) went in the third
     assert _orphans(a) == 0
     assert a.rows("SELECT count(*) FROM _p2p_rows r JOIN _p2p_tables t ON t.tid = r.tid WHERE t.name = 'things'") == [(10,)]
+
+
+def test_a_bulk_append_by_another_program_is_stamped_as_the_general_path_stamps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut of store/capture.py for a range of appended rows only
+    (``_only_appended_rows``) writes the same clocks, log and stream as the
+    statements it skips; a range with anything else takes the general path."""
+    from p2pstore.store import capture
+
+    taken: list[tuple[str, bool]] = []
+    shortcut = capture._only_appended_rows
+
+    def spy(conn: object, table: capture.CapturedTable, *args: object) -> bool:
+        taken.append((table.info.name, shortcut(conn, table, *args)))  # type: ignore[arg-type]
+        return taken[-1][1]
+
+    def replica(name: str) -> Replica:
+        r = Replica(tmp_path / f"{name}.db", "DEVA", wall=1_000)
+        r.write(THINGS)
+        r.write(WORDS)
+        r.make_distributed("things", "words", doc=DOC)
+        return r
+
+    def appended_then(r: Replica) -> None:
+        out = r.outside()
+        out.executemany("INSERT INTO things(uid, a, b) VALUES (?, ?, ?)", [(f"u{i}", i, None if i % 3 else "x") for i in range(50)])
+        out.close()
+        r.write("SELECT 1")
+        out = r.outside()  # then an update among appended rows: not a bulk append any more
+        out.executemany("INSERT INTO things(uid, a, b) VALUES (?, ?, ?)", [(f"v{i}", i, "y") for i in range(5)])
+        out.execute("UPDATE things SET a = 99 WHERE uid = 'u7'")
+        out.close()
+        r.write("SELECT 1")
+
+    state = "SELECT * FROM {} ORDER BY 1, 2"
+    fast, general = replica("fast"), replica("general")
+    monkeypatch.setattr(capture, "_only_appended_rows", spy)
+    appended_then(fast)
+    monkeypatch.setattr(capture, "_only_appended_rows", lambda *args: False)
+    appended_then(general)
+    assert [t for t in taken if t[0] == "things"] == [("things", True), ("things", False)]
+    for table in ("_p2p_rows", "_p2p_cells", "_p2p_tombs", "_p2p_log"):
+        assert fast.rows(state.format(table)) == general.rows(state.format(table)), table
+    assert fast.rows("SELECT count(*) FROM _p2p_rows") == [(55,)]  # one row clock a row
+    for r in (fast, general):
+        peer = Replica(tmp_path / f"peer-of-{r.path.stem}.db", "DEVB", wall=1_000)
+        peer.write(THINGS)
+        peer.write(WORDS)
+        peer.make_distributed("things", "words", doc=DOC)
+        r.push(peer)
+        assert peer.rows(SYNCED) == r.rows(SYNCED)
+        peer.close()
+    fast.close()
+    general.close()
