@@ -62,7 +62,8 @@ START_TIMEOUT = 30.0
 ONLINE_TIMEOUT = 180.0
 ONLINE_TIMEOUT_PER_HOST = 10.0
 REACH_TIMEOUT = 30.0
-QUIET_S = 1.0  # no new session for this long: the fleet is done with a write
+QUIET_S = 1.0  # no row moved for this long: the fleet is done with a write
+BACKGROUND_S = 10.0  # how long the quiet fleet is watched for its own sessions
 QUIET_TIMEOUT = 60.0  # at the least; ``QUIET_TIMEOUT_PER_HOST`` × N with more hosts
 #: 64 hosts right after coming online: their 4,032 catch-up sessions were not
 #: over 60 s later on 2 cores.
@@ -146,8 +147,14 @@ async def _traffic(hosts: list[_HostDaemon]) -> dict[str, int]:
     return total
 
 
+#: What moves while a write still travels. Sessions and batches don't tell:
+#: anti-entropy pulls of nothing start all the time in a big fleet (N every
+#: 30 s on average: 2 a second at 64 hosts), and 1 s without any was rare.
+MOVING = ("rows_sent", "rows_received")
+
+
 async def _quiet(hosts: list[_HostDaemon]) -> dict[str, int]:
-    """Traffic totals once no host opened a session for QUIET_S."""
+    """Traffic totals once no row moved between any hosts for QUIET_S."""
     last = await _traffic(hosts)
     since = time.monotonic()
     timeout = max(QUIET_TIMEOUT, QUIET_TIMEOUT_PER_HOST * len(hosts))
@@ -155,11 +162,20 @@ async def _quiet(hosts: list[_HostDaemon]) -> dict[str, int]:
     while time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         now = await _traffic(hosts)
-        if now["sessions_started"] != last["sessions_started"] or now["batches_sent"] != last["batches_sent"]:
+        if any(now[key] != last[key] for key in MOVING):
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= QUIET_S:
             return now
     raise RuntimeError(f"the fleet did not go quiet within {timeout} s")
+
+
+async def _background(hosts: list[_HostDaemon], seconds: float) -> float:
+    """Sessions a second the quiet fleet opens by itself (anti-entropy pulls):
+    what the per-insert session counts hold besides the insert's own."""
+    start, t0 = await _traffic(hosts), time.monotonic()
+    await asyncio.sleep(seconds)
+    end = await _traffic(hosts)
+    return (end["sessions_started"] - start["sessions_started"]) / (time.monotonic() - t0)
 
 
 async def _digest(h: _HostDaemon) -> tuple[int, str]:
@@ -216,8 +232,10 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
         subs = {}
         for h in hosts:
             subs[h.name] = await h.call("store.subscribe", **SV, type="remote")
+        await _quiet(hosts)
+        background = await _background(hosts, BACKGROUND_S)
         before = await _quiet(hosts)
-        reach, per_insert = [], []
+        reach, per_insert, spans = [], [], []
         for k in range(INSERTS):
             writer = hosts[k % n]
             others = [h for h in hosts if h is not writer]
@@ -230,6 +248,7 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
             arrived = await asyncio.gather(*(_data_change(h) for h in others))
             reach.append((max(arrived) - t_written) * 1000)
             after = await _quiet(hosts)
+            spans.append(time.perf_counter() - t_written)
             per_insert.append({key: after[key] - before[key] for key in after})
             before = after
 
@@ -252,6 +271,11 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
                 "batches_per_insert": statistics.median(p["batches_sent"] for p in per_insert),
                 "duplicates_per_insert": statistics.median(p["duplicates_received"] for p in per_insert),
                 "goal_sessions_per_insert": 2 * (n - 1),
+                # Anti-entropy pulls the quiet fleet opened a second, and the median
+                # seconds from a write to quiet: their product is the share of
+                # sessions_per_insert that is not the insert's.
+                "background_sessions_per_s": round(background, 2),
+                "insert_to_quiet_s": round(statistics.median(spans), 2),
             },
             "burst": {
                 "rows_per_host": BURST_ROWS,

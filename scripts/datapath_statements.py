@@ -82,7 +82,7 @@ def main() -> None:
         since, read_s, apply_s = 0, 0.0, 0.0
         while True:
             t = time.perf_counter()
-            batch = a.read(since, limit=DEFAULT_BATCH_ROWS, max_bytes=MAX_BATCH_BYTES)
+            batch = a.read(since, limit=int(os.environ.get("ROWS", DEFAULT_BATCH_ROWS)), max_bytes=int(os.environ.get("BYTES", MAX_BATCH_BYTES)))
             read_s += time.perf_counter() - t
             batch = changes.batch_from_plain(unpack(pack_values(changes.batch_to_plain(batch)), "batch", raw_text=True))
             t = time.perf_counter()
