@@ -1155,11 +1155,19 @@ class Store:
         the last ``BACKGROUND_QUIET_S`` (``run_background``)."""
         return not self._foreground and time.monotonic() - self._foreground_ended > BACKGROUND_QUIET_S
 
-    async def apply_changes_group(self, batches: Sequence[changes.OutBatch], from_device: str) -> list[merge.ApplyResult]:
+    async def apply_changes_group(self, batches: Sequence[changes.OutBatch], from_device: str, *,
+                                  budget_s: float | None = None) -> list[merge.ApplyResult]:
         """Apply a peer's consecutive batches, each moving its watermark, in
         one transaction: one commit for all (a commit rewrites every page
         the batch touched, which a random-keyed index spreads over the
         file: most of a large sync's time, docs/performance.md).
+
+        ``budget_s``: the transaction takes no further batch once it has run
+        that long or an operation of the application waits for the
+        connection — so an application's write waits for one batch and the
+        commit, never for the whole group — and the results are those of the
+        batches applied, in order (at least the first); the caller applies
+        the rest in a later transaction. None: all of them.
 
         The transaction is ours (each batch is a savepoint in it), so its
         COMMIT checks the file first like every other write. On a full disk
@@ -1168,8 +1176,14 @@ class Store:
         """
 
         def op(conn: sqlite3.Connection) -> list[merge.ApplyResult]:
+            started = time.monotonic()
+            results: list[merge.ApplyResult] = []
             with self._transaction(conn):  # a rollback reloads the cached capture state
-                return [merge.apply_batch(conn, self.capture, self.clock, batch, from_device) for batch in batches]
+                for batch in batches:
+                    if results and budget_s is not None and (self._foreground or time.monotonic() - started > budget_s):
+                        break  # (``_foreground`` is the event loop's counter: read here, a snapshot is enough)
+                    results.append(merge.apply_batch(conn, self.capture, self.clock, batch, from_device))
+            return results
 
         try:
             results = await self.run_background(op)

@@ -119,6 +119,7 @@ from p2pstore.protocol.sync_session import (  # noqa: F401 - Code, code_name, Se
 from p2pstore.schema.predicates import compile_predicates, decode_predicates, devices_of, encode_predicates
 from p2pstore.store.database import Store, sync_work
 from p2pstore.store import evolutions, policies, sync_log
+from p2pstore.store.changes import OutBatch
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
 from p2pstore.sync.lag import LagTracker
@@ -155,10 +156,12 @@ CHANNEL_RETRIES = 3
 AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 #: Batches of a session a receiver applies in one transaction at most, when
 #: they are waiting and the application is quiet (``Receiver.take_waiting``),
-#: and the time such a transaction should take at the pace of the session's
-#: last batches: an application write that comes meanwhile waits for it.
-GROUP_COMMIT_BATCHES = 4
-GROUP_COMMIT_BUDGET_S = 0.05
+#: and the time such a transaction takes at most. An application's write
+#: that comes meanwhile ends it after the batch being applied
+#: (``Store.apply_changes_group``), so it waits for one batch and the commit;
+#: another program's write waits for the whole transaction (its busy timeout).
+GROUP_COMMIT_BATCHES = 8
+GROUP_COMMIT_BUDGET_S = 0.25
 #: A whole-stream auto push that follows own pushes (they left relayed rows
 #: out) or relays a change waits until the store has been quiet this long
 #: (``Engine._whole_later``), and at most ``WHOLE_MAX_WAIT_S`` (30 s was
@@ -620,11 +623,16 @@ class SyncEngine:
                 group += machine.take_waiting(min(GROUP_COMMIT_BATCHES, fit) - 1)
             if own:
                 group = [(own_push_part(batch), size) for batch, size in group]
-            started = time.monotonic()
-            results = await store.apply_changes_group([batch for batch, _ in group], session.peer)
-            per_batch_s[:] = [max((time.monotonic() - started) / len(group), 1e-4)]
+            done: list[tuple[tuple[OutBatch, int], ApplyResult]] = []
+            while len(done) < len(group):  # more than once when the application wrote meanwhile
+                rest = group[len(done):]
+                started = time.monotonic()
+                results = await store.apply_changes_group([batch for batch, _ in rest], session.peer,
+                                                          budget_s=GROUP_COMMIT_BUDGET_S)
+                per_batch_s[:] = [max((time.monotonic() - started) / len(results), 1e-4)]
+                done += zip(rest, results)
             actions: list[Action] = []
-            for (batch, size), result in zip(group, results):
+            for (batch, size), result in done:
                 self.on_applied(store, session.peer, result)
                 self.lag.received(session.peer, store.bundle, store.name, batch)
                 self.traffic.received(session.peer, size, batch.count, result.applied, result.conflicts, result.failed)

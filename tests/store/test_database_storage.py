@@ -8,9 +8,11 @@ that nothing is half-written, and what works again afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sqlite3
+import threading
 from typing import Any
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from storage_mounts import read_only, resize_tmpfs, small_tmpfs
 
 from p2pstore.errors import DiskFull, StoreFileChanged, StoreInvalid, StoreReadOnly
 from p2pstore.schema.predicates import quote_ident
+from p2pstore.store import merge
 from p2pstore.store.database import Store
 from p2pstore.store.tables import device_table_name
 
@@ -331,6 +334,54 @@ async def test_a_group_of_batches_applies_as_they_apply_one_by_one(tmp_path: Pat
     finally:
         for s in (sender, one, group):
             await s.close()
+
+
+async def test_a_group_transaction_ends_after_the_batch_in_hand_when_the_application_asks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group commit with a budget (the engine's) stops taking batches once
+    an application operation waits for the connection: the application
+    waits for one batch and the commit, not for the whole group, and the
+    caller applies the rest later. A budget of 0 takes one batch a time."""
+    sender = await open_store(tmp_path / "src.db", PEER)
+    receiver = await open_store(tmp_path / "dst.db")
+    try:
+        for s in (sender, receiver):
+            await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v BLOB)")
+            await s.set_distributed_tables(["T"])
+        for i in range(60):
+            await sender.insert("T", {"id": i, "v": os.urandom(10)})
+        batches = await _batches(sender, 6)
+        started, release = threading.Event(), threading.Event()
+        apply_batch = merge.apply_batch
+
+        def held_first(conn: sqlite3.Connection, *args: Any) -> Any:
+            if not started.is_set():
+                started.set()
+                assert release.wait(10)
+            return apply_batch(conn, *args)
+
+        monkeypatch.setattr(merge, "apply_batch", held_first)
+        group = asyncio.create_task(receiver.apply_changes_group(batches, PEER, budget_s=60))
+        assert await asyncio.to_thread(started.wait, 10)  # the group's first batch is being applied
+        copy = quote_ident(device_table_name(PEER, "T"))
+        query = asyncio.create_task(receiver.query(f"SELECT count(*) FROM {copy}"))
+        for _ in range(1000):  # bounded: the query is counted as waiting at its first step
+            if receiver._foreground:
+                break
+            await asyncio.sleep(0)
+        assert receiver._foreground
+        release.set()
+        first = await group
+        assert [r.applied for r in first] == [10]  # the application asked: the group ended there
+        assert (await query)["rows"] == [[10]]  # and the query ran next, before the rest
+        assert [r.applied for r in await receiver.apply_changes_group(batches[1:3], PEER, budget_s=0)] == [10]
+        rest = await receiver.apply_changes_group(batches[2:], PEER, budget_s=60)  # quiet: all of them
+        assert [r.applied for r in rest] == [10] * 4
+        assert (await receiver.position(PEER))[0] == batches[-1].last_seq
+        assert (await receiver.query(f"SELECT count(*) FROM {copy}"))["rows"] == [[60]]
+    finally:
+        await sender.close()
+        await receiver.close()
 
 
 async def test_a_group_of_batches_on_a_full_disk_applies_nothing_of_any(tmp_path: Path, small_disk: Path) -> None:
