@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
