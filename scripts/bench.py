@@ -655,13 +655,14 @@ def bench_size(quick: bool) -> dict:
     n = BIG_ROWS if BIG_ROWS is not None else 20_000 if quick else 100_000
     seed = 11
     load = _load()
-    _, plain = _raw_outside_rate(n, seed, runs=1)
-    out: dict = {"bench": "size", "rows": n, "loadavg_at_start": load, "plain_table_file_bytes": plain}
+    raw, plain = _raw_outside_rate(n, seed, runs=1)
+    out: dict = {"bench": "size", "rows": n, "loadavg_at_start": load, "plain_table_file_bytes": plain,
+                 "raw_sqlite_executemany_rows_per_s": round(raw)}
     for variant, sv in (("collaborative", False), ("single_version", True)):
         r = _in_tmp(_outside_run, n, sv, "push", seed, True)
         sides = ("a", "b", "a_compacted", "b_compacted")
         out[variant] = {
-            "push_rows_per_s": round(r["rows_per_s"]),
+            "push_rows_per_s": round(r["rows_per_s"]), "push_ratio_vs_raw": round(r["rows_per_s"] / raw, 3),
             **{side: {**r[side], "ratio_vs_plain": round(r[side]["file_bytes"] / plain, 2)} for side in sides},
         }
         out[variant]["met"] = all(r[side]["file_bytes"] / plain <= 1.6 for side in ("a", "b"))
