@@ -169,6 +169,20 @@ GROUP_COMMIT_BUDGET_S = 0.25
 #: docs/performance.md "Fleet, round 3").
 WHOLE_QUIET_S = 1.0
 WHOLE_MAX_WAIT_S = 10.0
+#: In a fleet (``LINGER_PACE_FROM_PEERS`` peers online or more), a lingering
+#: push — auto-sync whose batch was still in flight when more changes came —
+#: reads on at most once per this many seconds times the peers online, and
+#: at most ``LINGER_PACE_MAX_S`` (``SyncEngine._pace``): a busy link then
+#: carries one batch per pace however fast the writes come, so the sync work
+#: of a burst stays bounded as the fleet grows (each batch costs some ms
+#: whatever it holds: docs/sync.md, "Paced pushes in a fleet"). The first
+#: batch of a session goes at once, and a push whose batch was acked before
+#: the next change ends (the next change starts a new one): only a link that
+#: is slower than the writes coalesces. Up to four devices are not paced at
+#: all (the auto-sync latency goals).
+LINGER_PACE_FROM_PEERS = 4
+LINGER_PACE_PER_PEER_S = 0.2
+LINGER_PACE_MAX_S = 5.0
 #: Seconds a relay waits before its whole-stream push at the earliest
 #: (``Engine._whole_later``; Plumtree's lazy push, docs/sync.md).
 RELAY_DELAY_S = 0.5
@@ -553,9 +567,10 @@ class SyncEngine:
         machine = Sender(session.req, window=self.window, linger=linger is not None)
         cursor: Any = None
         covered = _covered(have) if marks else None
+        read_at = time.monotonic()  # when the last batch was read (``_pace``)
 
         async def do(action: Action) -> list[Action]:
-            nonlocal cursor, snapshot, covered
+            nonlocal cursor, snapshot, covered, read_at
             if isinstance(action, Prepare):
                 ready = action.ready
                 self._learn(session.peer, store, ready.tables)
@@ -567,6 +582,7 @@ class SyncEngine:
                     covered = _covered(ready.have)
                 return machine.begin(start, always_send=snapshot is not None)
             if isinstance(action, ReadBatch):
+                read_at = time.monotonic()
                 if copy_of is not None:
                     batch, cursor = await store.read_copy(copy_of, cursor, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 elif snapshot is not None:
@@ -593,7 +609,10 @@ class SyncEngine:
                 return []
             if isinstance(action, Drained):
                 assert linger is not None
-                return machine.resume() if linger() else machine.stop()
+                if not linger():
+                    return machine.stop()
+                await asyncio.sleep(max(0.0, read_at + self._pace() - time.monotonic()))
+                return machine.resume()
             raise TypeError(f"a sender has no {type(action).__name__}")
 
         if opening is not None:
@@ -952,6 +971,11 @@ class SyncEngine:
             log.warning("store %s/%s: %s", store.bundle, store.name, end.message)
 
     # -- auto-sync ------------------------------------------------------------
+
+    def _pace(self) -> float:
+        """Seconds between a lingering push's reads (``LINGER_PACE_PER_PEER_S``)."""
+        peers = len(self.peers.channels())
+        return 0.0 if peers < LINGER_PACE_FROM_PEERS else min(LINGER_PACE_PER_PEER_S * peers, LINGER_PACE_MAX_S)
 
     def _online_trusted(self) -> list[str]:
         return sorted(d for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
