@@ -413,6 +413,7 @@ class SyncEngine:
         self._whole_timers: dict[tuple[tuple[str, str], str], asyncio.TimerHandle] = {}  # (``_whole_later``)
         self._active: dict[tuple[str, str], float] = {}  # store -> when it last wrote or applied a change (monotonic)
         self._tasks = TaskSet(log)
+        self._stopped = False
         #: One catch-up of a restored store at a time (store -> lock).
         self._catch_ups: dict[tuple[str, str], asyncio.Lock] = {}
         #: Each peer's tables per store as last seen in a sync session (fresher than its HELLO).
@@ -432,12 +433,16 @@ class SyncEngine:
             self._spawn(self._anti_entropy_loop(), "anti-entropy")
 
     async def stop(self) -> None:
+        self._stopped = True  # a session a peer opens from now on is not served: the stores close next
         for timer in self._whole_timers.values():
             timer.cancel()
         self._whole_timers.clear()
         await self._tasks.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
+        if self._stopped:
+            coro.close()
+            return
         self._tasks.spawn(coro, name)
 
     # -- messages from peers ---------------------------------------------------
@@ -452,6 +457,9 @@ class SyncEngine:
             self.lag.offered(peer, msg.stores)
             return
         if isinstance(msg, SyncOpen):
+            if self._stopped:
+                log.debug("session %d from %s not served: this daemon is stopping", msg.req, peer)
+                return
             session = self._sessions.accept(peer, msg.req, channel)
             if session is None:
                 log.warning("peer %s reused session id %d; ignored", peer, msg.req)
