@@ -43,11 +43,11 @@ Invariants:
   to at most ``relay_fanout`` of them, never back to the sender or to the
   changes' origin; every ``anti_entropy_interval`` (jittered) it pulls each
   auto-sync store from one random online trusted peer, which brings
-  anything a lost or bounded push left out. In a fleet, a push that lingers
-  reads on at most once per pace (``LINGER_PACE_PER_PEER_S``), so a burst
-  costs each link one batch per pace, not one per round trip. So one change costs about
+  anything a lost or bounded push left out. So one change costs about
   (1 + fanout) x (N - 1) sessions in a fleet of N, not (N - 1)^2, and a
-  device that missed it still converges.
+  device that missed it still converges. In a fleet, a push that lingers
+  reads on at most once per pace (``LINGER_PACE_PER_PEER_S``), so a burst
+  costs each link one batch per pace, not one per round trip.
 """
 
 from __future__ import annotations
