@@ -138,7 +138,7 @@ def _traffic_lines(t: dict[str, int] | None) -> list[str]:
 
 
 def _device_line(d: dict) -> str:
-    state = "online " if d["online"] else "offline"
+    state = "offline" if not d["online"] else "online " if d.get("connected", True) else "online (not connected: outside the active set)"
     trust = "trusted" if d["trusted"] else "PENDING"
     line = f"{d['device_id']}  {state}  {trust}  {d['security_level'] or '--'}  {d['name'] or '?'}  {', '.join(d['addresses'])}"
     for m in d.get("schema_mismatches", []):

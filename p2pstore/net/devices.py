@@ -57,6 +57,9 @@ class DeviceView:
     discovered: bool
     #: The protocol the device announced (mDNS ``pv``, or its HELLO); None: unknown.
     protocol_version: int | None = None
+    #: A channel to it is open. ``online`` and not connected: in view, but outside this
+    #: device's active set in a large fleet (net/overlay.py); a sync or query reaches it on demand.
+    connected: bool = False
 
     @property
     def protocol_problem(self) -> str | None:
@@ -71,6 +74,7 @@ class DeviceView:
             "device_id": self.device_id,
             "name": self.name,
             "online": self.online,
+            "connected": self.connected,
             "trusted": self.trusted,
             "pending": self.pending,
             "addresses": list(self.addresses),
@@ -229,7 +233,8 @@ class DeviceDirectory:
         seen = [t for t in (info.last_seen if info else None, knock.last_seen if knock else None,
                             self._discovered_at.get(device_id), entry.last_seen if entry else None) if t]
         return DeviceView(
-            device_id=device_id, name=name, online=bool(info and info.online), trusted=trusted,
+            device_id=device_id, name=name, trusted=trusted, connected=bool(info and info.online),
+            online=bool(info and info.online) or (trusted and disc is not None and self.peers.outside_active_set(device_id)),
             pending=not trusted, addresses=tuple(dict.fromkeys(addresses)), security_level=level,
             last_seen=max(seen) if seen else None, discovered=disc is not None,
             protocol_version=info.hello.protocol_version if info and info.hello else disc.protocol_version if disc else None,

@@ -31,6 +31,14 @@ What it guarantees:
 - **Reconnects** with exponential backoff per address: a fast first retry
   (``backoff_initial``), doubling to ``backoff_max``. A channel that lived at
   least ``backoff_max`` seconds resets the backoff.
+- **A bounded active set in a large fleet** (net/overlay.py): with more
+  than ``active_set`` + 1 trusted devices in view (those with an address,
+  and those connected), a device dials only the ``active_set`` it chooses,
+  accepts every trusted device that chose it, closes a channel it dialed
+  to a device it no longer chooses once the channel has carried nothing
+  for ``idle_close`` seconds, and beyond 3 × ``active_set`` channels closes
+  the oldest one outside its links. ``reach()`` dials a device outside the
+  set on demand (a sync or a query asked for it).
 
 Background work (the dial loop) can be switched off with ``auto_dial=False``;
 ``connect()`` then drives one dial by hand.
@@ -68,6 +76,7 @@ from p2pstore.net.channel import (
     listen,
 )
 from p2pstore.net.identity import Identity, normalize_device_id
+from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, Overlay
 from p2pstore.net.trust import TrustStore
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import Hello, Message
@@ -80,6 +89,8 @@ DEFAULT_BACKOFF_MAX = 10.0
 DEFAULT_MAX_HANDSHAKES = 64
 #: Untrusted devices remembered in ``pending()``.
 MAX_PENDING = 256
+#: Seconds a channel outside the active set may carry nothing before the dialer closes it.
+DEFAULT_IDLE_CLOSE = 60.0
 
 OnChange = Callable[[str, bool], object]
 OnMessage = Callable[[str, Message, Channel], Awaitable[None]]
@@ -198,6 +209,8 @@ class PeerManager:
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_frame_size: int = MAX_FRAME_SIZE,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        active_set: int = DEFAULT_ACTIVE_SET,
+        idle_close: float = DEFAULT_IDLE_CLOSE,
         rng: random.Random | None = None,
     ) -> None:
         self._identity = identity
@@ -219,6 +232,11 @@ class PeerManager:
         self._max_frame_size = max_frame_size
         self._queue_size = queue_size
         self._rng = rng or random.Random()
+        if active_set < 0:
+            raise ConfigError(f"active set size must be >= 0 (0: no bound), not {active_set}")
+        #: Who this device keeps channels to, and the trees changes travel on (net/overlay.py).
+        self.overlay = Overlay(identity.device_id, active_set)
+        self._idle_close = idle_close
         if not 0 < keepalive_interval < dead_after:
             # A channel must hear a keepalive before it gives the peer up.
             raise ConfigError(f"peer dead-after time ({dead_after} s) must exceed the keepalive interval ({keepalive_interval} s)")
@@ -327,6 +345,7 @@ class PeerManager:
     def remove_address(self, host: str, port: int) -> bool:
         """Forget an address (e.g. discovery saw the device leave)."""
         entry = self._addresses.pop((host, int(port)), None)
+        self._wake.set()
         return entry is not None
 
     # -- queries ---------------------------------------------------------------
@@ -361,6 +380,31 @@ class PeerManager:
         self._settled = asyncio.Event()
 
     def is_online(self, device_id: str) -> bool:
+        return device_id in self._channels
+
+    def outside_active_set(self, device_id: str) -> bool:
+        """Whether the device is in view but, in a large fleet, not one this
+        device keeps a channel to (``devices.list``: online, not connected)."""
+        self._refresh_overlay()
+        return self.overlay.sparse and device_id in self.overlay.view() and device_id not in self.overlay.links()
+
+    async def reach(self, device_id: str) -> bool:
+        """Whether a channel to the device is open — dialing it now if it is
+        a trusted device outside the active set (a sync or a remote query
+        asked for it; the channel closes once idle, ``idle_close``)."""
+        if device_id in self._channels:
+            return True
+        if not (self._trust.is_trusted(device_id) and self.outside_active_set(device_id)):
+            return False
+        for entry in [a for a in self._addresses.values() if a.device_id == device_id]:
+            try:
+                await self.connect(entry.host, entry.port, entry.claimed_id)
+            except (ChannelError, ProtocolError, DeviceUntrusted) as exc:
+                log.info("could not reach %s outside the active set at %s: %s", device_id,
+                         format_address(entry.key), getattr(exc, "message", exc))
+                continue
+            log.info("channel to %s opened on demand (outside the active set)", device_id)
+            return True
         return device_id in self._channels
 
     def peer_info(self, device_id: str) -> PeerInfo | None:
@@ -688,6 +732,34 @@ class PeerManager:
             entry.next_attempt = now + self._backoff(entry.failures)
         self._wake.set()
 
+    def _refresh_overlay(self) -> None:
+        """The view the active set is chosen from: trusted devices connected,
+        or with an address whose dials have not failed three times in a row."""
+        view = {a.device_id for a in self._addresses.values()
+                if a.device_id and a.failures < 3 and self._trust.is_trusted(a.device_id)}
+        self.overlay.update(view | set(self._channels))
+
+    def _prune(self, now: float) -> float:
+        """Close what the active set no longer wants (module docstring);
+        returns when to look again."""
+        if not self.overlay.sparse:
+            return math.inf
+        links, next_due = self.overlay.links(), math.inf
+        for peer, channel in list(self._channels.items()):
+            if peer in links or not channel.is_dialer or channel.closed:
+                continue
+            if now - channel.last_used >= self._idle_close:
+                channel.close("outside the active set and idle")
+            else:
+                next_due = min(next_due, channel.last_used + self._idle_close)
+        cap = 3 * self.overlay.k
+        if len(self._channels) > cap:
+            outside = sorted((c for p, c in self._channels.items() if p not in links and not c.closed),
+                             key=lambda c: c.opened_at)
+            for channel in outside[:len(self._channels) - cap]:
+                channel.close(f"more than {cap} channels; this one is outside the active set")
+        return next_due
+
     def _should_dial(self, entry: _Address) -> bool:
         if entry.task is not None:
             return False
@@ -698,6 +770,8 @@ class PeerManager:
             return False
         if peer in self._channels or peer in self._outgoing or self._connecting.get(peer):
             return False
+        if self.overlay.sparse and peer in self.overlay.view() and peer not in self.overlay.chosen():
+            return False  # a large fleet: the devices that chose this one dial it (net/overlay.py)
         # A discovered device is dialed only once trusted; a static address is
         # retried anyway (slowly, see _dial) in case another device moves in.
         return entry.claimed_id is None or self._trust.is_trusted(peer)
@@ -706,8 +780,9 @@ class PeerManager:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            self._refresh_overlay()
             now = loop.time()
-            next_due = math.inf
+            next_due = self._prune(time.monotonic()) - time.monotonic() + now
             for entry in list(self._addresses.values()):
                 if not self._should_dial(entry):
                     continue

@@ -71,6 +71,7 @@ def changes_since(
     columnar: bool = True,
     covered: Mapping[str, int] | None = None,
     own_only: bool = False,
+    forwarding: frozenset[str] = frozenset(),
 ) -> OutBatch:
     """The changes a peer whose watermark is ``since_seq`` has not applied.
 
@@ -104,6 +105,10 @@ def changes_since(
     device's are left out too; a batch that so left out a row ``covered``
     did not is not ``full`` (the receiver's watermark stays: another
     device's change may still reach it only through a whole stream).
+    ``forwarding``: with ``own_only``, rows with a clock of these devices go
+    too — in a large fleet this device passes their changes on along their
+    trees (net/overlay.py); the eager push is then this device's own and
+    theirs.
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -159,19 +164,19 @@ def changes_since(
             rows, blocks = _uncovered(rows, blocks, covered)
         full = table is None and where is None
         if own_only and mode == SINGLE_VERSION:
-            rows, blocks, left_out = _own_only(rows, blocks, me)
+            rows, blocks, left_out = _own_only(rows, blocks, {me} | forwarding)
             full = full and not left_out
         return OutBatch(mode, since_seq, last, tuple(rows), more, full, capture.stream_id(conn), blocks=tuple(blocks))
 
 
-def _own_only(rows: list[RowChange], blocks: list[Block], me: str) -> tuple[list[RowChange], list[Block], int]:
-    """``rows`` and ``blocks`` without the rows that hold no clock of ``me``,
-    and how many were left out."""
-    kept_rows = [r for r in rows if r.tomb_origin == me or any(c.origin == me for c in r.cells)]
+def _own_only(rows: list[RowChange], blocks: list[Block], eager: set[str]) -> tuple[list[RowChange], list[Block], int]:
+    """``rows`` and ``blocks`` without the rows that hold no clock of a
+    device in ``eager``, and how many were left out."""
+    kept_rows = [r for r in rows if r.tomb_origin in eager or any(c.origin in eager for c in r.cells)]
     left = len(rows) - len(kept_rows)
     kept_blocks = []
     for b in blocks:
-        mine = [origin == me for origin in b.origins]
+        mine = [origin in eager for origin in b.origins]
         kept = [r for r in b.rows if (r[HLC] is not None and mine[r[ORIGIN]]) or (r[TOMB_HLC] is not None and mine[r[TOMB_ORIGIN]])]
         left += len(b.rows) - len(kept)
         if kept:

@@ -598,9 +598,13 @@ class SyncEngine:
                 elif snapshot is not None:
                     batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 else:
+                    forwarding = self.peers.overlay.forwarding(session.peer) if own else frozenset()
                     batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
-                                                     max_bytes=MAX_BATCH_BYTES, covered=covered, own_only=own)
-                    if own and not batch.full and left_out is not None:
+                                                     max_bytes=MAX_BATCH_BYTES, covered=covered, own_only=own,
+                                                     forwarding=forwarding)
+                    if own and not batch.full and left_out is not None and not self.peers.overlay.sparse:
+                        # (In a large fleet what an eager push leaves out comes along its own writer's
+                        # tree; relays and anti-entropy repair the rest, as for any lost push.)
                         left_out()
                 return machine.batch_read(batch)
             if isinstance(action, Acked):
@@ -674,6 +678,8 @@ class SyncEngine:
                     # Relay: what we received goes on to a few of our other peers (they dedupe).
                     # (A collaborative stream holds only a device's own rows: nothing to pass on.)
                     self._active[(store.bundle, store.name)] = time.monotonic()
+                    for child in self.tree_children(session.peer, result.remote_devices()):
+                        self._schedule_auto(store, child, own=True)  # eager, along the writer's tree
                     for other in self.relay_targets(session.peer, result.remote_devices(), store):
                         self._whole_later(store, other, RELAY_DELAY_S)
             return actions
@@ -856,7 +862,7 @@ class SyncEngine:
                            progress: Progress | None) -> Stats:
         if not self.directory.trust_store.is_trusted(peer):
             raise ended(Problem.NOT_TRUSTED, "the device is not trusted")
-        if not self.peers.is_online(peer):
+        if not await self.peers.reach(peer):  # (a device outside the active set: a channel on demand)
             raise ended(Problem.CHANNEL_CLOSED, "the device is offline")
         store.require_consistent()
         _check_replicas(store, peer, mode, None)
@@ -989,6 +995,15 @@ class SyncEngine:
 
     def _online_trusted(self) -> list[str]:
         return sorted(d for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
+
+    def tree_children(self, sender: str, origins: list[str]) -> list[str]:
+        """The online peers a change received from ``sender`` goes on to at
+        once: this device's children in the trees of the changes' writers
+        (net/overlay.py; none in a full mesh, where each writer reaches
+        everyone itself)."""
+        online = set(self._online_trusted())
+        found = {c for o in origins for c in self.peers.overlay.children(o)}
+        return sorted(found & online - {sender, *origins})
 
     def relay_targets(self, sender: str, origins: list[str], store: Store | None = None) -> list[str]:
         """The peers a change received from ``sender`` goes on to: at most

@@ -235,7 +235,7 @@ class RemoteQueries:
         """``store.remote_query``: all rows, or a clear error."""
         if not self.directory.trust_store.is_trusted(device):
             raise DeviceUntrusted(f"device {device} is not trusted", data={"device_id": device})
-        if not self.peers.is_online(device):
+        if not await self.peers.reach(device):  # (a device outside the active set: a channel on demand)
             raise DeviceOffline(f"device {device} is offline", data={"device_id": device})
         predicates = {k: v for k, v in (predicates or {}).items() if k not in ("table", "devices")}
         try:

@@ -1,0 +1,135 @@
+"""Who keeps a channel to whom in a large fleet, and along which links a
+change travels: the bounded active set.
+
+A full mesh costs N − 1 channels per device and N (N − 1) links whose
+sessions all compete under a burst. Beyond ``active_set`` + 1 devices each
+device instead *chooses* ``active_set`` peers by rendezvous hashing over
+the trusted devices it sees (highest ``sha256(own id | peer id)`` first)
+and dials only those; a link exists where either end chose the other. Every
+device computes every device's choice from the same view, so all of them
+know the same graph without a message about it: a random K-out graph,
+connected with high probability for K ≥ 2, in which a device joining or
+leaving moves only the links that touch it.
+
+A change then travels eagerly along a spanning tree of that graph rooted at
+its writer (breadth-first, neighbours taken in ID order, so every device
+finds the same parent for itself and the same children under it): N − 1
+sessions per change, Plumtree's eager push without its PRUNE messages,
+since the tree is known beforehand. Where two devices' views differ (one
+has not seen a newcomer yet), a change may miss part of a tree; the lazy
+relays and anti-entropy pulls of sync/engine.py repair that, as they repair
+any lost push.
+
+Pure functions of device IDs: no sockets, no clocks (tests/net/test_overlay.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterable, Mapping
+
+#: Peers each device chooses to dial in a fleet larger than it + 1 (config ``active_set``).
+DEFAULT_ACTIVE_SET = 8
+
+Graph = Mapping[str, frozenset[str]]
+
+
+def _score(chooser: str, peer: str) -> bytes:
+    return hashlib.sha256(f"{chooser}|{peer}".encode()).digest()
+
+
+def chosen(me: str, view: Iterable[str], k: int) -> frozenset[str]:
+    """The peers ``me`` dials among the devices of ``view``: all of them in a
+    fleet of at most ``k`` + 1 (or with ``k`` 0: no bound), else the ``k``
+    ranked highest for ``me``."""
+    others = sorted(set(view) - {me})
+    if k <= 0 or len(others) <= k:
+        return frozenset(others)
+    return frozenset(sorted(others, key=lambda p: _score(me, p), reverse=True)[:k])
+
+
+def graph(view: Iterable[str], k: int) -> dict[str, frozenset[str]]:
+    """Every device's links: an edge wherever either end chose the other."""
+    devices = sorted(set(view))
+    links: dict[str, set[str]] = {d: set() for d in devices}
+    for d in devices:
+        for p in chosen(d, devices, k):
+            links[d].add(p)
+            links[p].add(d)
+    return {d: frozenset(ps) for d, ps in links.items()}
+
+
+def children(links: Graph, origin: str, me: str) -> frozenset[str]:
+    """The devices ``me`` passes ``origin``'s changes on to: its children in
+    the breadth-first tree of ``links`` rooted at ``origin`` (empty when
+    either is not in the graph)."""
+    if origin not in links or me not in links:
+        return frozenset()
+    parent: dict[str, str | None] = {origin: None}
+    queue = deque([origin])
+    while queue:
+        node = queue.popleft()
+        for nxt in sorted(links[node]):
+            if nxt not in parent:
+                parent[nxt] = node
+                queue.append(nxt)
+    return frozenset(d for d, p in parent.items() if p == me)
+
+
+class Overlay:
+    """One device's view of the overlay, recomputed only when the view changes.
+
+    ``update(view)`` with the trusted devices it sees (itself included or
+    not); then ``links()``, ``chosen()`` and ``children(origin)`` answer
+    from a cache, so the engine may ask once per received batch.
+    """
+
+    def __init__(self, me: str, k: int = DEFAULT_ACTIVE_SET) -> None:
+        self.me = me
+        self.k = k
+        self._view: frozenset[str] = frozenset({me})
+        self._graph: dict[str, frozenset[str]] = {me: frozenset()}
+        self._children: dict[str, frozenset[str]] = {}
+        self._forwarding: dict[str, frozenset[str]] = {}
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the bound applies (the fleet is larger than ``k`` + 1)."""
+        return 0 < self.k < len(self._view) - 1
+
+    def update(self, view: Iterable[str]) -> bool:
+        """Take a new view; True if it differs from the last one."""
+        new = frozenset(view) | {self.me}
+        if new == self._view:
+            return False
+        self._view = new
+        self._graph = graph(new, self.k)
+        self._children = {}
+        self._forwarding = {}
+        return True
+
+    def view(self) -> frozenset[str]:
+        return self._view
+
+    def chosen(self) -> frozenset[str]:
+        return chosen(self.me, self._view, self.k)
+
+    def links(self) -> frozenset[str]:
+        return self._graph.get(self.me, frozenset())
+
+    def children(self, origin: str) -> frozenset[str]:
+        found = self._children.get(origin)
+        if found is None:
+            found = self._children[origin] = children(self._graph, origin, self.me)
+        return found
+
+    def forwarding(self, peer: str) -> frozenset[str]:
+        """The other devices whose changes this one passes on to ``peer``:
+        those under whose tree ``peer`` is its child (none in a full mesh,
+        where every writer reaches every device itself)."""
+        found = self._forwarding.get(peer)
+        if found is None:
+            found = self._forwarding[peer] = frozenset(
+                o for o in self._view if o not in (self.me, peer) and peer in self.children(o))
+        return found
