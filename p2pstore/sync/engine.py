@@ -485,7 +485,7 @@ class SyncEngine:
             for store in self.registry.stores():
                 if store.restore_pending:  # a restored store catches up as soon as a peer is there
                     self._spawn(self._catch_up_quietly(store, peer), f"catch-up {store.name} from {peer}")
-                elif self.auto_sync_enabled and any(store.auto_sync.values()):
+                elif self.auto_sync_enabled and any(store.auto_sync.values()) and peer in self._auto_peers():
                     # (Re)connected: push what the peer missed; it does the same towards us.
                     self._schedule_auto(store, peer)
 
@@ -976,7 +976,7 @@ class SyncEngine:
             log.warning("store %s/%s caught up from %s after its restore: %d row(s) back or brought up to date, %d deleted",
                         store.bundle, store.name, peer, back, deleted)
         if self.auto_sync_enabled and any(store.auto_sync.values()):
-            for other in self._online_trusted():
+            for other in self._auto_peers():
                 self._schedule_auto(store, other)
 
     async def _catch_up_quietly(self, store: Store, peer: str) -> None:
@@ -990,18 +990,29 @@ class SyncEngine:
 
     def _pace(self) -> float:
         """Seconds between a lingering push's reads (``LINGER_PACE_PER_PEER_S``)."""
-        peers = len(self.peers.channels())
+        peers = len(self._auto_peers())
         return 0.0 if peers < LINGER_PACE_FROM_PEERS else min(LINGER_PACE_PER_PEER_S * peers, LINGER_PACE_MAX_S)
 
     def _online_trusted(self) -> list[str]:
         return sorted(d for d in self.peers.channels() if self.directory.trust_store.is_trusted(d))
+
+    def _auto_peers(self) -> list[str]:
+        """The online trusted peers auto-sync, relays and anti-entropy talk
+        to: all of them, or in a large fleet those on this device's links
+        (net/overlay.py) — a channel opened on demand for a sync or a query
+        carries no auto-sync, so it goes idle and closes."""
+        online = self._online_trusted()
+        if not self.peers.overlay.sparse:
+            return online
+        links = self.peers.overlay.links()
+        return [p for p in online if p in links]
 
     def tree_children(self, sender: str, origins: list[str]) -> list[str]:
         """The online peers a change received from ``sender`` goes on to at
         once: this device's children in the trees of the changes' writers
         (net/overlay.py; none in a full mesh, where each writer reaches
         everyone itself)."""
-        online = set(self._online_trusted())
+        online = set(self._auto_peers())
         found = {c for o in origins for c in self.peers.overlay.children(o)}
         return sorted(found & online - {sender, *origins})
 
@@ -1012,7 +1023,7 @@ class SyncEngine:
         the peers it reaches; anti-entropy covers what nobody passed on),
         nor one ``store``'s replica links do not auto-send to."""
         skip = {sender, *origins}
-        others = [p for p in self._online_trusted() if p not in skip and (store is None or _auto_sends(store, p))]
+        others = [p for p in self._auto_peers() if p not in skip and (store is None or _auto_sends(store, p))]
         if len(others) <= self.relay_fanout:
             return others
         return sorted(self._rng.sample(others, self.relay_fanout))
@@ -1022,7 +1033,7 @@ class SyncEngine:
         pulled from one random online trusted peer that offered it."""
         while True:
             await asyncio.sleep(self.anti_entropy_interval * self._rng.uniform(*ANTI_ENTROPY_JITTER))
-            online = self._online_trusted()
+            online = self._auto_peers()
             for store in self.registry.stores():
                 if not any(store.auto_sync.values()) or store.restore_pending or store.inconsistent is not None:
                     continue
@@ -1060,7 +1071,7 @@ class SyncEngine:
         if not self.auto_sync_enabled or not any(store.auto_sync.get(t) for t in tables):
             return
         self._active[(store.bundle, store.name)] = time.monotonic()
-        for peer in self._online_trusted():
+        for peer in self._auto_peers():
             self._schedule_auto(store, peer, own=True)
 
     def _schedule_auto(self, store: Store, peer: str, own: bool = False) -> None:

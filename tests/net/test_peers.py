@@ -374,3 +374,44 @@ async def test_listens_on_several_addresses_with_one_port(devices: Callable[...,
     await b.manager.start()
     channel = await b.manager.connect("127.0.0.2", a.port, a.id)
     assert channel.peer_address == ("127.0.0.2", a.port)
+
+
+# ------------------------------------------------------------------ the bounded active set (net/overlay.py)
+
+async def test_a_large_view_dials_only_the_chosen_peers(devices: Callable[..., Device]) -> None:
+    a = devices("a", active_set=2, idle_close=1.0)
+    others = [devices(f"o{i}") for i in range(5)]
+    trust_each_other(a, *others)
+    for d in (a, *others):
+        await d.manager.start()
+    for o in others:  # only a knows addresses: the others never dial
+        a.manager.add_address(o.id, "127.0.0.1", o.port, name=o.name, source="mdns")
+    await eventually(lambda: a.manager.overlay.sparse and set(a.manager.channels()) == set(a.manager.overlay.chosen()),
+                     5.0, "a connects to the two it chose")
+    chosen = a.manager.overlay.chosen()
+    assert len(chosen) == 2 and chosen < {o.id for o in others}
+    outside = next(o for o in others if o.id not in a.manager.overlay.links())
+    assert a.manager.outside_active_set(outside.id) and not a.manager.is_online(outside.id)
+    await asyncio.sleep(0.5)  # the dial loop had every chance to dial more
+    assert set(a.manager.channels()) == set(chosen)
+    # on demand: a channel outside the set, closed again once idle
+    assert await a.manager.reach(outside.id)
+    assert a.manager.is_online(outside.id)
+    await eventually(lambda: not a.manager.is_online(outside.id), 5.0, "the idle on-demand channel closes")
+    assert set(a.manager.channels()) == set(chosen)
+
+
+async def test_inbound_channels_beyond_three_times_the_set_are_closed_oldest_first(devices: Callable[..., Device]) -> None:
+    hub = devices("hub", active_set=1)
+    others = [devices(f"o{i}") for i in range(6)]
+    trust_each_other(hub, *others)
+    for d in (hub, *others):
+        await d.manager.start()
+    for o in others:  # each dials the hub by hand; the hub dials nobody (it knows no address)
+        await o.manager.connect("127.0.0.1", hub.port, hub.id)
+    links = hub.manager.overlay.links
+    await eventually(lambda: len(hub.manager.channels()) <= 3, 5.0, "the hub keeps at most 3 × active_set channels")
+    kept = set(hub.manager.channels())
+    assert kept >= links() & {o.id for o in others}  # its links stay
+    await asyncio.sleep(0.3)
+    assert set(hub.manager.channels()) == kept
