@@ -9,4 +9,5 @@ __version__ = "0.1.0"
 #: 2: sync batches may carry columnar blocks (protocol/batch.py ``Block``).
 #: 3: a session's receiver says what it holds per origin (protocol/messages.py ``OriginMark``).
 #: 4: an auto push may carry only the sender's own changes (``SyncOpen.own``).
-PROTOCOL_VERSION = 4
+#: 5: an eager push's last batch may grant origin marks for the devices it forwards (protocol/batch.py ``Grant``).
+PROTOCOL_VERSION = 5

@@ -753,10 +753,10 @@ class PeerManager:
             else:
                 next_due = min(next_due, channel.last_used + self._idle_close)
         cap = 3 * self.overlay.k
-        if len(self._channels) > cap:
-            outside = sorted((c for p, c in self._channels.items() if p not in links and not c.closed),
-                             key=lambda c: c.opened_at)
-            for channel in outside[:len(self._channels) - cap]:
+        live = [(p, c) for p, c in self._channels.items() if not c.closed]
+        if len(live) > cap:
+            outside = sorted((c for p, c in live if p not in links), key=lambda c: c.opened_at)
+            for channel in outside[:len(live) - cap]:
                 channel.close(f"more than {cap} channels; this one is outside the active set")
         return next_due
 

@@ -132,6 +132,18 @@ class RowChange(NamedTuple):
         return (self.tomb_prev_hlc, self.tomb_prev_origin)
 
 
+class Grant(NamedTuple):
+    """See ``OutBatch.grants``."""
+
+    device: str
+    hlc: int
+    from_seq: int
+
+
+#: Most grants one batch carries (one per device of a fleet, as origin marks).
+MAX_GRANTS = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class OutBatch:
     """One bounded slice of a store's change stream.
@@ -171,6 +183,14 @@ class OutBatch:
     #: row, straight from one cursor to one ``executemany`` (see ``Block``).
     #: A batch's ``rows`` and ``blocks`` never hold the same key of a table.
     blocks: tuple[Block, ...] = ()
+    #: (Protocol 5; the last batch of an eager push that forwards other
+    #: devices' changes along their trees, net/overlay.py.) ``(device, hlc,
+    #: from_seq)``: the sender holds every change ``device`` wrote up to
+    #: ``hlc``, and since ``from_seq`` of its stream it has pushed every one of
+    #: them to this receiver; a receiver that holds the sender's stream up to
+    #: ``from_seq`` and took the push to its end holds them all (store/merge.py
+    #: ``_advance_watermark``), and its origin marks say so.
+    grants: tuple[Grant, ...] = ()
 
     @property
     def count(self) -> int:
@@ -274,6 +294,8 @@ def batch_to_plain(batch: OutBatch, *, columnar: bool = True) -> dict[str, Any]:
         plain["snapshot"] = [batch.snapshot_hlc, batch.snapshot_first]
     if batch.blocks:
         plain["blocks"] = [[b.table, b.key_column, list(b.columns), list(b.origins), b.rows] for b in batch.blocks]
+    if batch.grants:
+        plain["grants"] = [list(g) for g in batch.grants]
     return plain
 
 
@@ -530,8 +552,9 @@ def block_from_plain(obj: Any, mode: str) -> Block:
 def batch_from_plain(obj: Any) -> OutBatch:
     """Check and build a received batch; any defect raises ``ProtocolError``."""
     if (not isinstance(obj, dict)
-            or set(obj) - {"snapshot", "blocks"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}):
-        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows (and snapshot, blocks)")
+            or set(obj) - {"snapshot", "blocks", "grants"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}):
+        raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows "
+                            "(and snapshot, blocks, grants)")
     snapshot = obj.get("snapshot")
     if snapshot is not None and (not isinstance(snapshot, (list, tuple)) or len(snapshot) != 2 or type(snapshot[1]) is not bool
                                  or not obj["full"]):
@@ -556,7 +579,19 @@ def batch_from_plain(obj: Any) -> OutBatch:
     if len(rows) + sum(len(b.rows) for b in blocks) > MAX_BATCH_ROWS:
         raise ProtocolError(f"a batch holds at most {MAX_BATCH_ROWS} row changes")
     return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
-                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True, blocks=blocks)
+                    snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True, blocks=blocks,
+                    grants=_grants(obj.get("grants", [])))
+
+
+def _grants(plain: Any) -> tuple[Grant, ...]:
+    if not isinstance(plain, list) or len(plain) > MAX_GRANTS:
+        raise ProtocolError(f"grants must be a list of at most {MAX_GRANTS} [device, hlc, from_seq]")
+    grants = []
+    for g in plain:
+        if not isinstance(g, (list, tuple)) or len(g) != 3:
+            raise ProtocolError("a grant must be [device, hlc, from_seq]")
+        grants.append(Grant(_name(g[0], "grant device"), _int(g[1], "grant hlc", 0, MAX_HLC), _int(g[2], "grant from_seq")))
+    return tuple(grants)
 
 
 def own_push_part(batch: OutBatch) -> OutBatch:

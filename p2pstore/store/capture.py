@@ -136,6 +136,9 @@ CREATE INDEX IF NOT EXISTS _p2p_tombs_seq ON _p2p_tombs(seq);
 -- changes only move it, not received_seq); eager_pending: pending_hlc of those pushes.
 CREATE TABLE IF NOT EXISTS _p2p_watermarks(peer TEXT PRIMARY KEY, received_seq INTEGER NOT NULL, stream TEXT,
     own_hlc INTEGER, pending_hlc INTEGER, eager_seq INTEGER, eager_pending INTEGER) WITHOUT ROWID;
+-- Origin marks granted by the peers that forward a device's changes along its tree (protocol 5,
+-- net/overlay.py): every change ``device`` wrote with an hlc up to ``hlc`` is here (store/merge.py).
+CREATE TABLE IF NOT EXISTS _p2p_granted(device TEXT PRIMARY KEY, hlc INTEGER NOT NULL) WITHOUT ROWID;
 -- What each peer has confirmed applying of THIS store's stream (the sender's
 -- side of a watermark: store/gc.py), and when it last said so (unix ms).
 -- Compaction forgets deletes only below every holding peer's ack.
@@ -174,6 +177,19 @@ _ADDED_COLUMNS = (
     ("_p2p_watermarks", "own_hlc", "INTEGER"), ("_p2p_watermarks", "pending_hlc", "INTEGER"),
     ("_p2p_watermarks", "eager_seq", "INTEGER"), ("_p2p_watermarks", "eager_pending", "INTEGER"),
 )
+
+
+def held_marks(conn: sqlite3.Connection) -> dict[str, int]:
+    """What this store holds of other devices' changes, per device: up to
+    which clock it holds every change that device wrote — from the device's
+    own stream taken to its end (``_p2p_watermarks.own_hlc``) or granted by
+    a device that forwarded them (``_p2p_granted``). The peers' part of
+    store/merge.py ``origin_marks``."""
+    held: dict[str, int] = {}
+    for device, hlc in conn.execute("SELECT peer, own_hlc FROM _p2p_watermarks WHERE own_hlc IS NOT NULL "
+                                    "UNION ALL SELECT device, hlc FROM _p2p_granted"):
+        held[device] = max(held.get(device, 0), int(hlc))
+    return held
 
 
 def ensure_schema(conn: sqlite3.Connection) -> None:

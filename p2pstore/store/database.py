@@ -1132,10 +1132,12 @@ class Store:
 
     async def read_changes(self, table: str | None, since: int, *, where: Any = None, limit: int = 500,
                            max_bytes: int | None = None, covered: Mapping[str, int] | None = None,
-                           own_only: bool = False, forwarding: frozenset[str] = frozenset()) -> changes.OutBatch:
+                           own_only: bool = False, forwarding: frozenset[str] = frozenset(),
+                           grants: Mapping[str, int] | None = None) -> changes.OutBatch:
         """The next slice of this store's change stream after ``since``
         (``covered``: the peer's origin marks; ``own_only``: this device's own
-        changes only, and those of the ``forwarding`` devices; see ``changes_since``).
+        changes only, and those of the ``forwarding`` devices, granting marks
+        for ``grants``; see ``changes_since``).
 
         Pending outside writes are stamped (and announced) first, in the same
         transaction, so every change read has its clock.
@@ -1143,7 +1145,7 @@ class Store:
 
         return await self._stamped(
             lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
-                                       own_only=own_only, forwarding=forwarding),
+                                       own_only=own_only, forwarding=forwarding, grants=grants),
             after=self._note_sent, background=True)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:

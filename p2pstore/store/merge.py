@@ -371,6 +371,10 @@ def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> 
         current, own, pending, eager, eager_pending = 0, None, None, None, None
     resynced = batch.snapshot_hlc is not None and not batch.more  # a resync moves it once, at its end (store/gc.py)
     whole = batch.full and batch.snapshot_hlc is None
+    if whole and batch.since_seq <= current:
+        _take_grants(conn, batch, batch.last_seq)  # (all of the stream up to last_seq is here)
+    elif (batch.own or whole) and batch.since_seq <= max(current, eager or 0):
+        _take_grants(conn, batch, current)  # (an own push, on from where the last one ended)
     if resynced or (whole and batch.since_seq <= current < batch.last_seq):
         if not resynced:
             pending = max(pending or 0, _newest(batch)) or None
@@ -387,6 +391,21 @@ def _advance_watermark(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> 
             own = max(own or 0, eager_pending)
         _save_position(conn, peer, current, batch.stream, own, pending, batch.last_seq, eager_pending)
     return int(current)
+
+
+def _take_grants(conn: sqlite3.Connection, batch: OutBatch, held_to: int) -> None:
+    """The origin marks the last batch of an eager push grants (protocol 5,
+    ``OutBatch.grants``), where they hold: the push ran here to its end,
+    contiguously (the caller checked), and this device holds the sender's
+    stream whole up to ``held_to`` — so also up to each grant's ``from_seq``,
+    after which the sender pushed every change of that device to it."""
+    if batch.more:
+        return
+    me = capture.device_id(conn)
+    for g in batch.grants:
+        if g.from_seq <= held_to and g.device != me:
+            conn.execute("INSERT INTO _p2p_granted(device, hlc) VALUES (?, ?) ON CONFLICT(device) DO UPDATE "
+                         "SET hlc = max(hlc, excluded.hlc)", (g.device, g.hlc))
 
 
 def _save_position(conn: sqlite3.Connection, peer: str, *values: Any) -> None:
@@ -417,8 +436,8 @@ def origin_marks(conn: sqlite3.Connection, newest_own: int) -> list[tuple[str, i
     rows of its own (``capture.OWN_ROWS_LOST_KEY``). A sender leaves out rows whose
     every clock is covered (store/stream.py): in a fleet, most of a
     device's stream was relayed, and its peers had it from the writer."""
-    marks = [(peer, int(hlc)) for peer, hlc in conn.execute(
-        "SELECT peer, own_hlc FROM _p2p_watermarks WHERE own_hlc IS NOT NULL ORDER BY peer")]
+    me = capture.device_id(conn)
+    marks = [(peer, hlc) for peer, hlc in sorted(capture.held_marks(conn).items()) if peer != me]
     if newest_own > 0 and not capture.get_meta(conn, capture.OWN_ROWS_LOST_KEY):
         marks.append((capture.device_id(conn), newest_own))
     return marks

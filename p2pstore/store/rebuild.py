@@ -76,5 +76,6 @@ def drop_copy(conn: sqlite3.Connection, table: SyncTable) -> Dropped:
     finally:
         conn.execute("DELETE FROM _p2p_apply")
     conn.execute("DELETE FROM _p2p_watermarks")
+    conn.execute("DELETE FROM _p2p_granted")
     capture.set_meta(conn, capture.OWN_ROWS_LOST_KEY, 1)  # its own rows come back from peers: none may leave them out
     return Dropped(tuple(name for _, name in targets), rows)

@@ -53,7 +53,7 @@ from typing import Any
 from p2pstore.errors import InvalidParams, StoreInvalid
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, modes
-from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN
+from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN, Grant
 from p2pstore.store.changes import (
     DEFAULT_BATCH_ROWS, KEY, MAX_BATCH_ROWS, ROW_OVERHEAD, SEQ, Block, OutBatch, RowChange, SyncTable, filter_sql, origin_list,
     read_snapshot, stable_bound, store_mode, sync_tables,
@@ -72,6 +72,7 @@ def changes_since(
     covered: Mapping[str, int] | None = None,
     own_only: bool = False,
     forwarding: frozenset[str] = frozenset(),
+    grants: Mapping[str, int] | None = None,
 ) -> OutBatch:
     """The changes a peer whose watermark is ``since_seq`` has not applied.
 
@@ -108,7 +109,10 @@ def changes_since(
     ``forwarding``: with ``own_only``, rows with a clock of these devices go
     too — in a large fleet this device passes their changes on along their
     trees (net/overlay.py); the eager push is then this device's own and
-    theirs.
+    theirs. ``grants`` (device → from_seq: this device has pushed every
+    change of that device past from_seq to the peer): the batch that ends
+    the stream grants the peer this device's marks for them
+    (``OutBatch.grants``).
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -163,10 +167,26 @@ def changes_since(
         if covered and mode == SINGLE_VERSION:
             rows, blocks = _uncovered(rows, blocks, covered)
         full = table is None and where is None
+        granted: tuple[Grant, ...] = ()
         if own_only and mode == SINGLE_VERSION:
             rows, blocks, left_out = _own_only(rows, blocks, {me} | forwarding)
             full = full and not left_out
-        return OutBatch(mode, since_seq, last, tuple(rows), more, full, capture.stream_id(conn), blocks=tuple(blocks))
+            if grants and not more:
+                held = capture.held_marks(conn)
+                granted = tuple(Grant(d, held[d], f) for d, f in sorted(grants.items()) if d in held)
+        return OutBatch(mode, since_seq, last, tuple(rows), more, full, capture.stream_id(conn), blocks=tuple(blocks),
+                        grants=granted)
+
+
+def forwarded_since(book: Mapping[str, int], forwarding: frozenset[str], since: int) -> dict[str, int]:
+    """The bookkeeping a grant needs (``changes_since`` ``grants``), for one
+    peer: ``book`` (device → seq) after one more eager read from ``since``
+    that forwards ``forwarding`` — a device no longer forwarded drops out,
+    one newly forwarded starts at this read."""
+    kept = {d: at for d, at in book.items() if d in forwarding}
+    for d in forwarding:
+        kept.setdefault(d, since)
+    return kept
 
 
 def _own_only(rows: list[RowChange], blocks: list[Block], eager: set[str]) -> tuple[list[RowChange], list[Block], int]:

@@ -53,6 +53,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -124,6 +125,7 @@ from p2pstore.store import evolutions, policies, sync_log
 from p2pstore.store.changes import OutBatch
 from p2pstore.store.merge import ApplyResult
 from p2pstore.store.registry import StoreRegistry
+from p2pstore.store.stream import forwarded_since
 from p2pstore.sync.lag import LagTracker
 from p2pstore.sync.traffic import Traffic
 from p2pstore.sync.requests import Delivery, Ended, Overflow, Request, Requests, Why
@@ -412,6 +414,8 @@ class SyncEngine:
         self._auto_whole: set[tuple[tuple[str, str], str]] = set()  # the next auto push sends the whole stream
         self._whole_timers: dict[tuple[tuple[str, str], str], asyncio.TimerHandle] = {}  # (``_whole_later``)
         self._active: dict[tuple[str, str], float] = {}  # store -> when it last wrote or applied a change (monotonic)
+        #: (store, peer) -> (this store's stream, {device: since which seq every eager read for the peer forwarded it})
+        self._forwarded: dict[tuple[str, str, str], tuple[str | None, dict[str, int]]] = {}
         self._tasks = TaskSet(log)
         self._stopped = False
         #: One catch-up of a restored store at a time (store -> lock).
@@ -598,10 +602,12 @@ class SyncEngine:
                 elif snapshot is not None:
                     batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 else:
-                    forwarding = self.peers.overlay.forwarding(session.peer) if own else frozenset()
+                    forwarding, grants = self._forwarding(store, session.peer, action.since) if own else (frozenset(), {})
                     batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
                                                      max_bytes=MAX_BATCH_BYTES, covered=covered, own_only=own,
-                                                     forwarding=forwarding)
+                                                     forwarding=forwarding, grants=grants)
+                    if own:
+                        batch = self._check_forwarding_stream(store, session.peer, action.since, forwarding, batch)
                     if own and not batch.full and left_out is not None and not self.peers.overlay.sparse:
                         # (In a large fleet what an eager push leaves out comes along its own writer's
                         # tree; relays and anti-entropy repair the rest, as for any lost push.)
@@ -1006,6 +1012,33 @@ class SyncEngine:
             return online
         links = self.peers.overlay.links()
         return [p for p in online if p in links]
+
+    def _forwarding(self, store: Store, peer: str, since: int) -> tuple[frozenset[str], dict[str, int]]:
+        """What an eager push to ``peer`` that reads on from ``since`` passes
+        on besides this device's own changes (the devices under whose trees
+        ``peer`` is this device's child, net/overlay.py), and for each of them
+        since which seq of this store's stream every read for ``peer`` has
+        carried its changes: what a grant of its mark needs (protocol 5,
+        ``OutBatch.grants``). Kept in memory: after a restart grants wait for
+        the peer's watermark to pass the first read again."""
+        forwarding = self.peers.overlay.forwarding(peer)
+        key = (store.bundle, store.name, peer)
+        stream, book = self._forwarded.get(key, (None, {}))
+        book = forwarded_since(book, forwarding, since)
+        self._forwarded[key] = (stream, book)
+        return forwarding, (book if stream is not None else {})
+
+    def _check_forwarding_stream(self, store: Store, peer: str, since: int, forwarding: frozenset[str],
+                                 batch: OutBatch) -> OutBatch:
+        """``_forwarding``'s positions belong to one stream of this store: on
+        the first read, or when the stream changed (a restore), they start
+        again from this read and the batch grants nothing."""
+        key = (store.bundle, store.name, peer)
+        stream, book = self._forwarded[key]
+        if stream == batch.stream:
+            return batch
+        self._forwarded[key] = (batch.stream, {o: since for o in forwarding})
+        return dataclasses.replace(batch, grants=()) if batch.grants else batch
 
     def tree_children(self, sender: str, origins: list[str]) -> list[str]:
         """The online peers a change received from ``sender`` goes on to at

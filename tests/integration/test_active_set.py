@@ -59,7 +59,7 @@ def fleet(daemon_factory, short_tmp: Path, loopback_multicast) -> list[Node]:
     nodes = [Node(daemon_factory(name, *MDNS, "--config", str(config))) for name in names]
     ids = {n.id for n in nodes}
     wait_until(lambda: all({d["device_id"] for d in n.call("devices.list")} >= ids - {n.id} for n in nodes),
-               20, "every daemon discovers the others by mDNS")
+               60, "every daemon discovers the others by mDNS")
     for n in nodes:  # the bulk form: one call per device
         n.call("devices.trust", devices=[{"device_id": o.id, "name": o.name} for o in nodes if o is not n])
     return nodes

@@ -77,3 +77,24 @@ def test_decode_of_any_bytes_is_a_batch_or_a_protocol_error(data: bytes) -> None
         wire_batch.decode(bytes(mutated))
     except ProtocolError:
         pass
+
+
+def test_grants_round_trip_and_leave_a_batch_without_them_as_it_was() -> None:
+    """Protocol 5: an eager push's last batch may grant marks; a batch without
+    grants is encoded exactly as before (no ``grants`` key)."""
+    import dataclasses
+
+    granted = dataclasses.replace(BATCH, grants=(wire_batch.Grant("DEVA", 123, 4), wire_batch.Grant("DEVC", 0, 0)))
+    assert wire_batch.decode(wire_batch.encode(granted)).grants == granted.grants
+    assert b"grants" not in wire_batch.encode(BATCH)
+
+
+@pytest.mark.parametrize("grants", [
+    "DEVA", [["DEVA", 1]], [["DEVA", -1, 0]], [["DEVA", 1, -2]], [["", 1, 0]], [[7, 1, 0]],
+    [["DEVA", 1 << 64, 0]], [["DEVA", 1, 0]] * (wire_batch.MAX_GRANTS + 1),
+])
+def test_bad_grants_are_a_protocol_error(grants: object) -> None:
+    plain = wire_batch.batch_to_plain(BATCH)
+    plain["grants"] = grants
+    with pytest.raises(ProtocolError):
+        wire_batch.batch_from_plain(plain)

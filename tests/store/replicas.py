@@ -130,13 +130,14 @@ class Replica:
 
     def read(self, since: int, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
              where: CompiledQuery | None = None, max_bytes: int | None = None,
-             covered: dict[str, int] | None = None, own_only: bool = False) -> changes.OutBatch:
+             covered: dict[str, int] | None = None, own_only: bool = False,
+             forwarding: frozenset[str] = frozenset(), grants: dict[str, int] | None = None) -> changes.OutBatch:
         """What the sender does: stamp, then read, in one transaction."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             capture.stamp(self.conn, self.state, self.clock, wall=self.wall)
             batch = stream.changes_since(self.conn, table, since, limit=limit, where=where, max_bytes=max_bytes,
-                                         covered=covered, own_only=own_only)
+                                         covered=covered, own_only=own_only, forwarding=forwarding, grants=grants)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -184,21 +185,32 @@ class Replica:
 
     def push(self, other: Replica, *, table: str | None = None, limit: int = changes.DEFAULT_BATCH_ROWS,
              plain: bool = True, max_bytes: int | None = None, marks: bool = False,
-             own: bool = False) -> list[merge.ApplyResult]:
+             own: bool = False, forwarding: frozenset[str] = frozenset(),
+             book: dict[str, int] | None = None) -> list[merge.ApplyResult]:
         """Send ``other`` everything it has not applied from us, in batches.
 
         ``plain`` sends each batch through its msgpack-ready form and back,
         as the wire will. ``marks``: leave out what ``other``'s origin marks
         say it holds, as the daemons do (protocol 3). ``own``: an auto push
         after local writes (protocol 4): our own changes only, from where
-        ``other`` holds all of them, with marks.
+        ``other`` holds all of them, with marks; with ``forwarding``, those
+        devices' changes too, and with ``book`` (the engine's bookkeeping
+        for ``other``, kept by the caller across pushes: ``stream.forwarded_since``)
+        the marks it grants for them (protocol 5).
         """
         results = []
         position = merge.eager_position if own else merge.position
         since = self.start_position(*position(other.conn, self.id))
         covered = dict(merge.origin_marks(other.conn, other.clock.last)) if marks or own else None
         while True:
-            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes, covered=covered, own_only=own)
+            grants = None
+            if book is not None:
+                kept = stream.forwarded_since(book, forwarding, since)
+                book.clear()
+                book.update(kept)
+                grants = dict(book)
+            batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes, covered=covered, own_only=own,
+                              forwarding=forwarding, grants=grants)
             if plain:
                 wire = pack_values(changes.batch_to_plain(batch))
                 batch = changes.batch_from_plain(unpack(wire, "batch", raw_text=True))

@@ -701,8 +701,12 @@ _sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.inte
 _marked_sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4), st.just("marks"))
 # An auto push after local writes: the sender's own changes only, from the receiver's eager position (protocol 4).
 _own_sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4), st.just("own"))
+# An eager push that also forwards other devices' changes along their trees, granting marks for
+# them from the sender's bookkeeping (protocol 5); the forwarded set changes from push to push.
+_fwd_sync = st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2), st.integers(1, 4), st.just("fwd"),
+                      st.integers(0, 7))
 _op = st.one_of(
-    _upsert, _set, _set, _delete, _sync, _sync, _marked_sync, _own_sync, _own_sync,
+    _upsert, _set, _set, _delete, _sync, _sync, _marked_sync, _own_sync, _own_sync, _fwd_sync, _fwd_sync,
     st.tuples(st.just("rekey"), st.integers(0, 2), st.sampled_from(KEYS), st.sampled_from(KEYS)),
     st.tuples(st.just("tick"), st.integers(0, 2), st.integers(0, 3)),
     st.tuples(st.just("compact"), st.integers(0, 2)),
@@ -723,14 +727,19 @@ def _write_op(r: Replica, op: tuple[Any, ...]) -> None:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(_op, min_size=20, max_size=60), walls=st.lists(st.sampled_from([1_000, 1_000, 1_001]), min_size=3, max_size=3),
-       own_first=st.booleans())
-def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...]], walls: list[int], own_first: bool) -> None:
+       own_first=st.booleans(), marked=st.booleans())
+def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...]], walls: list[int], own_first: bool,
+                                                        marked: bool) -> None:
     """Random writes on 3 replicas with nearly equal (often identical) wall
     clocks, exchanged pairwise in random orders and routes and batch sizes
     (whole streams, with or without origin marks, and pushes of a device's
-    own changes), then everything with everyone: the synced contents are
+    own changes, and eager pushes forwarding others' changes with the marks
+    they grant), then everything with everyone: the synced contents are
     identical. ``own_first``: that last round starts with own changes only,
-    so what the second leaves out rests on the marks those pushes gave."""
+    so what the second leaves out rests on the marks those pushes gave;
+    ``marked``: both rounds leave out what the marks cover, so a mark that
+    claims a row its device lacks leaves the replicas apart."""
+    books: dict[tuple[int, int], dict[str, int]] = {}  # (sender, receiver) -> the engine's grant bookkeeping
     with tempfile.TemporaryDirectory(prefix="p2p-conv-") as tmp:
         reps = []
         for device_id, wall in zip(DEVICES, walls):
@@ -750,7 +759,10 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
                         r.write("UPDATE items SET uid = ? WHERE uid = ?", (new, old))
                 elif kind == "sync":
                     j, limit = op[2], op[3]
-                    if i != j:
+                    if i != j and op[4:5] == ("fwd",):
+                        forwarding = frozenset(DEVICES[k] for k in range(3) if op[5] >> k & 1 and k not in (i, j))
+                        r.push(reps[j], limit=limit, own=True, forwarding=forwarding, book=books.setdefault((i, j), {}))
+                    elif i != j:
                         r.push(reps[j], limit=limit, marks=len(op) > 4, own=op[4:] == ("own",))
                 elif kind == "compact":
                     r.compact()
@@ -760,7 +772,7 @@ def test_replicas_converge_whatever_the_order_and_route(ops: list[tuple[Any, ...
                 for src in reps:
                     for dst in reps:
                         if src is not dst:
-                            src.push(dst, marks=hop == 1, own=own_first and hop == 0)
+                            src.push(dst, marks=hop == 1 or marked, own=own_first and hop == 0)
             contents = [r.rows(SYNCED) for r in reps]
             assert contents[0] == contents[1] == contents[2]
             assert [applied(src.push(dst)) for src in reps for dst in reps if src is not dst] == [0] * 6

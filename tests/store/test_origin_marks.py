@@ -181,3 +181,61 @@ def test_an_own_push_that_left_nothing_out_goes_on_from_where_the_last_one_ended
     assert applied(out) == 1 and merge.position(c.conn, "DEVB")[0] == 0
     assert merge.eager_position(c.conn, "DEVB")[0] == capture.last_seq(b.conn)
     assert marks(c)["DEVB"] == b.rows("SELECT max(hlc) FROM _p2p_clocks WHERE origin IS NULL")[0][0]
+
+
+# -- marks granted along a writer's tree (protocol 5, ``OutBatch.grants``) --------
+
+
+def test_a_forwarded_push_grants_the_forwarder_s_mark_where_it_holds(device) -> None:
+    a, p, q = device("DEVA"), device("DEVP"), device("DEVQ")
+    insert(a, "a1", "a2")
+    a.push(p)  # P holds all of A's changes: its mark for A
+    assert marks(p)["DEVA"] == newest(a)
+    # P passes A's rows on to Q (Q under P in A's tree), having forwarded A since seq 0: Q holds them all
+    out = p.push(q, own=True, forwarding=frozenset({"DEVA"}), book={"DEVA": 0})
+    assert applied(out) == 2 and q.rows(SYNCED) == a.rows(SYNCED)
+    assert out[-1].marks and marks(q)["DEVA"] == newest(a)
+    # ... and a whole push from anyone now leaves A's rows out for Q
+    assert a.read(0, covered=marks(q)).count == 0
+
+
+def test_no_grant_without_the_stream_before_from_seq_or_before_the_end(device) -> None:
+    a, p, q = device("DEVA"), device("DEVP"), device("DEVQ")
+    insert(a, "a1")
+    a.push(p)
+    insert(p, "p1")
+    p.push(q, own=True)  # P did not forward A then: a1 stays behind, Q's eager position moves past it
+    assert q.rows(SYNCED) == [("p1", 1, "p")]
+    start = merge.eager_position(q.conn, "DEVP")[0]
+    insert(a, "a2")
+    a.push(p)
+    # from here on P forwards A: a2 arrives, but Q lacks a1, before from_seq: no mark for A
+    out = p.push(q, own=True, forwarding=frozenset({"DEVA"}), book={"DEVA": start})
+    assert applied(out) == 1 and "DEVA" not in marks(q)
+    # a run cut before its end grants nothing either, even from seq 0
+    r = device("DEVR")
+    first = p.read(0, limit=1, own_only=True, forwarding=frozenset({"DEVA"}), grants={"DEVA": 0})
+    assert first.more and first.grants == ()
+    r.apply(dataclasses.replace(first, own=not first.full), "DEVP")
+    assert "DEVA" not in marks(r)
+    # once Q holds P's stream whole (a whole push brings a1), the same claim holds
+    p.push(q, marks=True)
+    assert q.rows(SYNCED) == p.rows(SYNCED)
+    insert(p, "p2")
+    p.push(q, own=True, forwarding=frozenset({"DEVA"}), book={"DEVA": start})
+    assert marks(q)["DEVA"] == newest(a)
+
+
+def test_grants_travel_on_the_wire_and_a_rebuild_drops_them(device) -> None:
+    from p2pstore.protocol.batch import Grant, decode, encode
+
+    a, p, q = device("DEVA"), device("DEVP"), device("DEVQ")
+    insert(a, "a1")
+    a.push(p)
+    batch = p.read(0, own_only=True, forwarding=frozenset({"DEVA"}), grants={"DEVA": 0})
+    assert batch.grants == (Grant("DEVA", newest(a), 0),)
+    assert decode(encode(batch)).grants == batch.grants
+    p.push(q, own=True, forwarding=frozenset({"DEVA"}), book={"DEVA": 0})
+    assert marks(q)["DEVA"] == newest(a)
+    rebuild.drop_copy(q.conn, sync_tables(q.conn, "items")[0])  # a rebuild: the rows come back from peers
+    assert "DEVA" not in marks(q)

@@ -23,6 +23,7 @@ from peer_agent import Device, eventually, make_hello
 from sync_helpers import Node
 
 from p2pstore.net.channel import Channel
+from p2pstore.net.overlay import Overlay
 from p2pstore.net.peers import PeerManager
 from p2pstore.protocol import batch as wire_batch
 from p2pstore.protocol.messages import Message, SyncAck, SyncBatch, SyncEnd, SyncOpen, SyncReady, TableOffer
@@ -127,5 +128,6 @@ def test_a_lingering_push_in_a_fleet_reads_once_per_pace_and_loses_nothing(short
 @pytest.mark.parametrize(("peers", "pace"), [(1, 0.0), (PEERS - 1, 0.0), (PEERS, PACE), (100, engine.LINGER_PACE_MAX_S)])
 def test_the_pace_starts_at_a_fleet_and_grows_with_it_up_to_a_bound(peers: int, pace: float) -> None:
     e: Any = engine.SyncEngine.__new__(engine.SyncEngine)
-    e.peers = type("Peers", (), {"channels": lambda self: [f"P{i}" for i in range(peers)]})()
+    e.peers = type("Peers", (), {"channels": lambda self: [f"P{i}" for i in range(peers)], "overlay": Overlay("ME", 0)})()
+    e.directory = type("Directory", (), {"trust_store": type("Trust", (), {"is_trusted": lambda self, d: True})()})()
     assert e._pace() == pytest.approx(pace)

@@ -9,6 +9,7 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
+from p2pstore.net.overlay import Overlay
 from p2pstore.sync.engine import SyncEngine
 
 PEERS = ["P1", "P2", "P3", "P4", "P5", "P6"]
@@ -16,7 +17,7 @@ PEERS = ["P1", "P2", "P3", "P4", "P5", "P6"]
 
 def engine(fanout: int, online: list[str], trusted: set[str] | None = None, seed: int = 1) -> SyncEngine:
     trusted = set(online) if trusted is None else trusted
-    peers: Any = SimpleNamespace(channels=lambda: list(online))
+    peers: Any = SimpleNamespace(channels=lambda: list(online), overlay=Overlay("ME", 0))  # (no bound: a full mesh)
     directory: Any = SimpleNamespace(trust_store=SimpleNamespace(is_trusted=lambda d: d in trusted))
     registry: Any = SimpleNamespace(stores=lambda: [])
     return SyncEngine(registry=registry, peers=peers, directory=directory, on_applied=lambda *a: None,
