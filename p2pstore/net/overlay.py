@@ -12,8 +12,10 @@ connected with high probability for K ≥ 2, in which a device joining or
 leaving moves only the links that touch it.
 
 A change then travels eagerly along a spanning tree of that graph rooted at
-its writer (breadth-first, neighbours taken in ID order, so every device
-finds the same parent for itself and the same children under it): N − 1
+its writer (breadth-first, neighbours taken in the order of
+``sha256(writer | device)``, so every device finds the same parent for
+itself and the same children under it, and the forwarding is spread over
+the devices instead of falling on those with the smallest IDs): N − 1
 sessions per change, Plumtree's eager push without its PRUNE messages,
 since the tree is known beforehand. Where two devices' views differ (one
 has not seen a newcomer yet), a change may miss part of a tree; the lazy
@@ -62,15 +64,16 @@ def graph(view: Iterable[str], k: int) -> dict[str, frozenset[str]]:
 
 def children(links: Graph, origin: str, me: str) -> frozenset[str]:
     """The devices ``me`` passes ``origin``'s changes on to: its children in
-    the breadth-first tree of ``links`` rooted at ``origin`` (empty when
-    either is not in the graph)."""
+    the breadth-first tree of ``links`` rooted at ``origin``, neighbours
+    visited in the order of their hash with ``origin`` (empty when either is
+    not in the graph)."""
     if origin not in links or me not in links:
         return frozenset()
     parent: dict[str, str | None] = {origin: None}
     queue = deque([origin])
     while queue:
         node = queue.popleft()
-        for nxt in sorted(links[node]):
+        for nxt in sorted(links[node], key=lambda d: _score(origin, d)):
             if nxt not in parent:
                 parent[nxt] = node
                 queue.append(nxt)
