@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 
 #: Peers each device chooses to dial in a fleet larger than it + 1 (config ``active_set``).
-DEFAULT_ACTIVE_SET = 8
+DEFAULT_ACTIVE_SET = 16
 
 Graph = Mapping[str, frozenset[str]]
 
