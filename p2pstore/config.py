@@ -100,8 +100,10 @@ class Config:
     sync_window: int = 4
     #: Peers a received change is passed on to (sync/engine.py; 0: none, anti-entropy only).
     relay_fanout: int = 1
-    #: Peers a device chooses to keep channels to in a fleet of more than this + 1 (net/overlay.py; 0: full mesh).
-    active_set: int = 16
+    #: Peers a device chooses to keep channels to in a large fleet (net/overlay.py; 0: always a full mesh).
+    active_set: int = 8
+    #: Peers in view up to which every device still connects to every other (a full mesh).
+    full_mesh_peers: int = 16
     #: Seconds a channel outside the active set (opened on demand) may be idle before its dialer closes it.
     idle_close_s: float = 60.0
     #: Seconds between anti-entropy pulls of each auto-sync store from a random peer (0: off).

@@ -195,6 +195,7 @@ class Daemon:
             self.identity, self.trust, hello_factory=self.hello,
             on_change=events.changed, on_message=events.message, on_channel_closed=events.channel_closed,
             host=list(config.interfaces) or "0.0.0.0", port=config.port, active_set=config.active_set,
+            full_mesh_peers=config.full_mesh_peers,
             idle_close=config.idle_close_s,
             **_given(keepalive_interval=config.keepalive_interval_s, dead_after=config.peer_dead_after_s,
                      backoff_max=config.redial_backoff_max_s),

@@ -2,7 +2,7 @@
 change travels: the bounded active set.
 
 A full mesh costs N − 1 channels per device and N (N − 1) links whose
-sessions all compete under a burst. Beyond ``active_set`` + 1 devices each
+sessions all compete under a burst. Beyond ``full_mesh_peers`` + 1 devices each
 device instead *chooses* ``active_set`` peers by rendezvous hashing over
 the trusted devices it sees (highest ``sha256(own id | peer id)`` first)
 and dials only those; a link exists where either end chose the other. Every
@@ -31,8 +31,11 @@ import hashlib
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-#: Peers each device chooses to dial in a fleet larger than it + 1 (config ``active_set``).
-DEFAULT_ACTIVE_SET = 16
+#: Peers each device chooses to dial in a large fleet (config ``active_set``).
+DEFAULT_ACTIVE_SET = 8
+#: Peers up to which every device still dials every other (config ``full_mesh_peers``): at 16 hosts
+#: the full mesh measured better than an 8-peer active set (docs/performance.md, "Fleet, round 5").
+DEFAULT_FULL_MESH_PEERS = 16
 
 Graph = Mapping[str, frozenset[str]]
 
@@ -41,22 +44,22 @@ def _score(chooser: str, peer: str) -> bytes:
     return hashlib.sha256(f"{chooser}|{peer}".encode()).digest()
 
 
-def chosen(me: str, view: Iterable[str], k: int) -> frozenset[str]:
+def chosen(me: str, view: Iterable[str], k: int, mesh: int = 0) -> frozenset[str]:
     """The peers ``me`` dials among the devices of ``view``: all of them in a
-    fleet of at most ``k`` + 1 (or with ``k`` 0: no bound), else the ``k``
-    ranked highest for ``me``."""
+    fleet of at most max(``k``, ``mesh``) + 1 (or with ``k`` 0: no bound),
+    else the ``k`` ranked highest for ``me``."""
     others = sorted(set(view) - {me})
-    if k <= 0 or len(others) <= k:
+    if k <= 0 or len(others) <= max(k, mesh):
         return frozenset(others)
     return frozenset(sorted(others, key=lambda p: _score(me, p), reverse=True)[:k])
 
 
-def graph(view: Iterable[str], k: int) -> dict[str, frozenset[str]]:
+def graph(view: Iterable[str], k: int, mesh: int = 0) -> dict[str, frozenset[str]]:
     """Every device's links: an edge wherever either end chose the other."""
     devices = sorted(set(view))
     links: dict[str, set[str]] = {d: set() for d in devices}
     for d in devices:
-        for p in chosen(d, devices, k):
+        for p in chosen(d, devices, k, mesh):
             links[d].add(p)
             links[p].add(d)
     return {d: frozenset(ps) for d, ps in links.items()}
@@ -88,9 +91,10 @@ class Overlay:
     from a cache, so the engine may ask once per received batch.
     """
 
-    def __init__(self, me: str, k: int = DEFAULT_ACTIVE_SET) -> None:
+    def __init__(self, me: str, k: int = DEFAULT_ACTIVE_SET, mesh: int = DEFAULT_FULL_MESH_PEERS) -> None:
         self.me = me
         self.k = k
+        self.mesh = mesh
         self._view: frozenset[str] = frozenset({me})
         self._graph: dict[str, frozenset[str]] = {me: frozenset()}
         self._children: dict[str, frozenset[str]] = {}
@@ -98,8 +102,8 @@ class Overlay:
 
     @property
     def sparse(self) -> bool:
-        """Whether the bound applies (the fleet is larger than ``k`` + 1)."""
-        return 0 < self.k < len(self._view) - 1
+        """Whether the bound applies (more than max(``k``, ``mesh``) peers in view)."""
+        return 0 < self.k and max(self.k, self.mesh) < len(self._view) - 1
 
     def update(self, view: Iterable[str]) -> bool:
         """Take a new view; True if it differs from the last one."""
@@ -107,7 +111,7 @@ class Overlay:
         if new == self._view:
             return False
         self._view = new
-        self._graph = graph(new, self.k)
+        self._graph = graph(new, self.k, self.mesh)
         self._children = {}
         self._forwarding = {}
         return True
@@ -116,7 +120,7 @@ class Overlay:
         return self._view
 
     def chosen(self) -> frozenset[str]:
-        return chosen(self.me, self._view, self.k)
+        return chosen(self.me, self._view, self.k, self.mesh)
 
     def links(self) -> frozenset[str]:
         return self._graph.get(self.me, frozenset())

@@ -32,7 +32,7 @@ What it guarantees:
   (``backoff_initial``), doubling to ``backoff_max``. A channel that lived at
   least ``backoff_max`` seconds resets the backoff.
 - **A bounded active set in a large fleet** (net/overlay.py): with more
-  than ``active_set`` + 1 trusted devices in view (those with an address,
+  than ``full_mesh_peers`` other trusted devices in view (those with an address,
   and those connected), a device dials only the ``active_set`` it chooses,
   accepts every trusted device that chose it, closes a channel it dialed
   to a device it no longer chooses once the channel has carried nothing
@@ -76,7 +76,7 @@ from p2pstore.net.channel import (
     listen,
 )
 from p2pstore.net.identity import Identity, normalize_device_id
-from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, Overlay
+from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, DEFAULT_FULL_MESH_PEERS, Overlay
 from p2pstore.net.trust import TrustStore
 from p2pstore.protocol.framing import MAX_FRAME_SIZE
 from p2pstore.protocol.messages import Hello, Message
@@ -210,6 +210,7 @@ class PeerManager:
         max_frame_size: int = MAX_FRAME_SIZE,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         active_set: int = DEFAULT_ACTIVE_SET,
+        full_mesh_peers: int = DEFAULT_FULL_MESH_PEERS,
         idle_close: float = DEFAULT_IDLE_CLOSE,
         rng: random.Random | None = None,
     ) -> None:
@@ -235,7 +236,7 @@ class PeerManager:
         if active_set < 0:
             raise ConfigError(f"active set size must be >= 0 (0: no bound), not {active_set}")
         #: Who this device keeps channels to, and the trees changes travel on (net/overlay.py).
-        self.overlay = Overlay(identity.device_id, active_set)
+        self.overlay = Overlay(identity.device_id, active_set, full_mesh_peers)
         self._idle_close = idle_close
         if not 0 < keepalive_interval < dead_after:
             # A channel must hear a keepalive before it gives the peer up.

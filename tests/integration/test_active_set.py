@@ -51,7 +51,7 @@ def quiet_sessions(nodes: list[Node], quiet_s: float = 1.5) -> int:
 @pytest.fixture
 def fleet(daemon_factory, short_tmp: Path, loopback_multicast) -> list[Node]:
     config = short_tmp / "fleet.toml"
-    config.write_text(f"active_set = {K}\nidle_close_s = {IDLE_S}\nrelay_fanout = 1\nanti_entropy_interval_s = 0\n",
+    config.write_text(f"active_set = {K}\nfull_mesh_peers = {K}\nidle_close_s = {IDLE_S}\nrelay_fanout = 1\nanti_entropy_interval_s = 0\n",
                       encoding="utf-8")
     names = [chr(ord("a") + i) for i in range(N)]
     for name in names:

@@ -95,7 +95,7 @@ def test_each_origin_tree_spans_the_fleet_once(n: int) -> None:
 def test_overlay_caches_and_forwarding_matches_children() -> None:
     devices = ids(20)
     me = devices[0]
-    o = Overlay(me, 4)
+    o = Overlay(me, 4, mesh=0)
     assert o.update(devices) and not o.update(list(reversed(devices)))
     assert o.sparse and o.chosen() == overlay.chosen(me, devices, 4)
     assert o.links() == overlay.graph(devices, 4)[me]
@@ -112,3 +112,13 @@ def test_unknown_origin_has_no_tree() -> None:
     devices = ids(12)
     g = overlay.graph(devices, 4)
     assert overlay.children(g, "ELSEWHERE", devices[0]) == frozenset()
+
+
+def test_the_full_mesh_stays_up_to_its_own_bound() -> None:
+    devices = ids(17)  # 16 peers each: still a mesh with the defaults (active set 8, mesh up to 16)
+    o = Overlay(devices[0])
+    o.update(devices)
+    assert not o.sparse and o.links() == frozenset(devices[1:])
+    assert overlay.graph(devices, 8, 16)[devices[5]] == frozenset(devices) - {devices[5]}
+    o.update(ids(18))  # one more: the active set
+    assert o.sparse and len(o.chosen()) == 8 and o.chosen() <= o.links() < frozenset(ids(18)[1:])

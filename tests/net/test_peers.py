@@ -379,7 +379,7 @@ async def test_listens_on_several_addresses_with_one_port(devices: Callable[...,
 # ------------------------------------------------------------------ the bounded active set (net/overlay.py)
 
 async def test_a_large_view_dials_only_the_chosen_peers(devices: Callable[..., Device]) -> None:
-    a = devices("a", active_set=2, idle_close=1.0)
+    a = devices("a", active_set=2, full_mesh_peers=2, idle_close=1.0)
     others = [devices(f"o{i}") for i in range(5)]
     trust_each_other(a, *others)
     for d in (a, *others):
@@ -402,7 +402,7 @@ async def test_a_large_view_dials_only_the_chosen_peers(devices: Callable[..., D
 
 
 async def test_inbound_channels_beyond_three_times_the_set_are_closed_oldest_first(devices: Callable[..., Device]) -> None:
-    hub = devices("hub", active_set=1)
+    hub = devices("hub", active_set=1, full_mesh_peers=1)
     others = [devices(f"o{i}") for i in range(6)]
     trust_each_other(hub, *others)
     for d in (hub, *others):
