@@ -416,6 +416,8 @@ class SyncEngine:
         self._active: dict[tuple[str, str], float] = {}  # store -> when it last wrote or applied a change (monotonic)
         #: (store, peer) -> (this store's stream, {device: since which seq every eager read for the peer forwarded it})
         self._forwarded: dict[tuple[str, str, str], tuple[str | None, dict[str, int]]] = {}
+        #: (store, peer) -> the peer's watermark in our stream as it last acked a whole-stream batch
+        self._whole_acked: dict[tuple[str, str, str], int] = {}
         self._tasks = TaskSet(log)
         self._stopped = False
         #: One catch-up of a restored store at a time (store -> lock).
@@ -626,6 +628,7 @@ class SyncEngine:
                 return []
             if isinstance(action, RecordAck):
                 await store.record_ack(session.peer, action.seq, action.stream)
+                self._whole_acked[(store.bundle, store.name, session.peer)] = action.seq
                 return []
             if isinstance(action, Drained):
                 assert linger is not None
@@ -1023,9 +1026,14 @@ class SyncEngine:
         the peer's watermark to pass the first read again."""
         forwarding = self.peers.overlay.forwarding(peer)
         key = (store.bundle, store.name, peer)
-        stream, book = self._forwarded.get(key, (None, {}))
-        book = forwarded_since(book, forwarding, since)
+        stream, before = self._forwarded.get(key, (None, {}))
+        book = forwarded_since(before, forwarding, since)
         self._forwarded[key] = (stream, book)
+        acked = self._whole_acked.get(key)
+        if book.keys() - before.keys() and acked is not None and acked < since:
+            # A grant needs the peer's watermark past where forwarding began: a lazy whole push moves it
+            # (never synced whole since this daemon started: the next relay or reconnect will).
+            self._whole_later(store, peer, WHOLE_QUIET_S)
         return forwarding, (book if stream is not None else {})
 
     def _check_forwarding_stream(self, store: Store, peer: str, since: int, forwarding: frozenset[str],
