@@ -23,6 +23,9 @@ host. For each N it prints one JSON object:
   and a digest of the synced columns);
 - ``log_problems``: ERROR / Traceback lines in all daemons' logs.
 
+``P2PSTORE_BENCH_ACTIVE_SET=8`` runs every daemon with that ``active_set``
+(docs/config.md; 0, no bound, by default).
+
 Every wait is bounded; the testbed and the daemons are removed at the end,
 also when a step fails (``P2PSTORE_BENCH_KEEP=1`` keeps the daemons' data
 directories and logs, and says where). Only the testbed's private bridge
@@ -83,6 +86,11 @@ class _HostDaemon:
         self._log = open(self.log_path, "ab")
         argv = [sys.executable, "-m", "p2pstore", "daemon", "--data-dir", str(self.data_dir), "--socket", str(self.socket),
                 "--interface", host.address, "--name", self.name, "--log-level", "info"]
+        active_set = os.environ.get("P2PSTORE_BENCH_ACTIVE_SET")  # e.g. 8: the bounded active set (off by default)
+        if active_set:
+            config = self.data_dir / "bench.toml"
+            config.write_text(f"active_set = {int(active_set)}\n", encoding="utf-8")
+            argv += ["--config", str(config)]
         self.proc = host.popen(argv, cwd=REPO, stdout=self._log, stderr=self._log)
         self.client: Client | None = None
         self.id = ""

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -125,3 +126,45 @@ def client(daemon: DaemonProcess) -> Iterator[BlockingClient]:
     c = daemon.client()
     yield c
     c.close()
+
+
+# ------------------------------------------------------------------- multicast on loopback (mDNS)
+
+def _multicast_loopback_works() -> bool:
+    """Send one multicast datagram on lo with TTL 0 (never leaves the host) and see it return."""
+    group = "239.255.77.77"
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        receiver.bind(("", 0))
+        port = receiver.getsockname()[1]
+        receiver.setsockopt(
+            socket.IPPROTO_IP,
+            socket.IP_ADD_MEMBERSHIP,
+            socket.inet_aton(group) + socket.inet_aton("127.0.0.1"),
+        )
+        receiver.settimeout(1.0)
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("b", 0))
+        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        sender.sendto(b"p2pstore-probe", (group, port))
+        data, _ = receiver.recvfrom(64)
+        return data == b"p2pstore-probe"
+    except OSError:
+        return False
+    finally:
+        receiver.close()
+        sender.close()
+
+
+@pytest.fixture(scope="session")
+def loopback_multicast() -> None:
+    """Make sure mDNS can run on 127.0.0.1, or skip saying why not."""
+    if _multicast_loopback_works():
+        return
+    if os.geteuid() == 0 and shutil.which("ip"):
+        subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=False)
+        if _multicast_loopback_works():
+            return
+    pytest.skip("multicast on loopback does not work here (needs root for `ip link set lo multicast on`)")

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import struct
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,39 +62,3 @@ def raw_factory() -> Iterator[Callable[[Path], RawConnection]]:
     yield make
     for c in conns:
         c.close()
-
-
-# ------------------------------------------------------------------- multicast on loopback (mDNS)
-
-def _multicast_loopback_works() -> bool:
-    """One multicast datagram on lo with TTL 0 (never leaves the host)."""
-    group = "239.255.77.78"
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        receiver.bind(("", 0))
-        port = receiver.getsockname()[1]
-        receiver.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + socket.inet_aton("127.0.0.1"))
-        receiver.settimeout(1.0)
-        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, struct.pack("b", 0))
-        sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        sender.sendto(b"p2pstore-probe", (group, port))
-        return receiver.recvfrom(64)[0] == b"p2pstore-probe"
-    except OSError:
-        return False
-    finally:
-        receiver.close()
-        sender.close()
-
-
-@pytest.fixture(scope="module")
-def loopback_multicast() -> None:
-    if _multicast_loopback_works():
-        return
-    if os.geteuid() == 0 and shutil.which("ip"):
-        subprocess.run(["ip", "link", "set", "lo", "multicast", "on"], check=False)
-        if _multicast_loopback_works():
-            return
-    pytest.skip("multicast on loopback does not work here (needs root for `ip link set lo multicast on`)")

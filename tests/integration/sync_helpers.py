@@ -258,3 +258,22 @@ def collect_notifications(api: BlockingClient, until: Callable[[list[dict[str, A
         except TimeoutError:
             pass
     return got
+
+
+def fleet_sessions(nodes: Sequence[Node]) -> int:
+    """Sync sessions the fleet's daemons started, summed (``status`` ``traffic``)."""
+    return sum(n.call("status")["traffic"]["sessions_started"] for n in nodes)
+
+
+def quiet_sessions(nodes: Sequence[Node], quiet_s: float = 1.0, timeout: float = 30.0) -> int:
+    """The fleet's session count once it stopped growing for ``quiet_s`` (bounded)."""
+    last, since = fleet_sessions(nodes), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = fleet_sessions(nodes)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"the fleet did not go quiet in {timeout:g} s")

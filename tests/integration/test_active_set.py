@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sync_helpers import SV_REF, Node, setup_employee, wait_until, write_schema
+from sync_helpers import SV_REF, Node, quiet_sessions, setup_employee, wait_until, write_schema
 
 from p2pstore.net import overlay
 
@@ -29,23 +29,6 @@ MDNS = ("--discovery",)
 
 def connected(node: Node) -> set[str]:
     return {d["device_id"] for d in node.call("devices.list") if d["connected"]}
-
-
-def sessions(nodes: list[Node]) -> int:
-    return sum(n.call("status")["traffic"]["sessions_started"] for n in nodes)
-
-
-def quiet_sessions(nodes: list[Node], quiet_s: float = 1.5) -> int:
-    last, since = sessions(nodes), time.monotonic()
-    deadline = since + 30
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = sessions(nodes)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return now
-    raise AssertionError("the fleet did not go quiet in 30 s")
 
 
 @pytest.fixture
@@ -78,13 +61,13 @@ def test_channels_follow_the_overlay_and_a_write_reaches_everyone(fleet: list[No
                 assert views[o.id]["online"] and not views[o.id]["connected"], (n.name, views[o.id])
     for n in nodes:
         setup_employee(n, auto_sync=True)
-    before = quiet_sessions(nodes)
+    before = quiet_sessions(nodes, 1.5)
     for k, writer in enumerate(nodes[:3]):
         t0 = int(time.time() * 1000) - 5
         writer.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"one{k}", "AGE": k})
         wait_until(lambda: all(n.rows(SV_REF, "SELECT count(*) FROM EMPLOYEE WHERE NAME = ?", [f"one{k}"])[0][0] == 1
                                for n in nodes), 10, f"row one{k} on all {N} devices")
-        after = quiet_sessions(nodes)
+        after = quiet_sessions(nodes, 1.5)
         for n in nodes:  # each device got the row first from its parent in the writer's tree
             if n is writer:
                 continue

@@ -24,13 +24,13 @@ from sync_helpers import (
     Node,
     link,
     linked_daemons,  # noqa: F401  (fixture)
+    quiet_sessions,
     setup_employee,
     wait_linked,
     wait_until,
 )
 
 N = 5
-QUIET_S = 1.0
 
 
 def config_flag(root: Path, name: str, text: str) -> list[str]:
@@ -41,26 +41,6 @@ def config_flag(root: Path, name: str, text: str) -> list[str]:
 
 def names(node: Node) -> set[str]:
     return {r[0] for r in node.rows(SV_REF, "SELECT NAME FROM EMPLOYEE")}
-
-
-def sessions(nodes: list[Node]) -> int:
-    return sum(n.call("status")["traffic"]["sessions_started"] for n in nodes)
-
-
-def quiet_sessions(nodes: list[Node]) -> int:
-    """The fleet's session count once it stopped growing for QUIET_S."""
-    import time
-
-    last, since = sessions(nodes), time.monotonic()
-    deadline = since + 30
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = sessions(nodes)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= QUIET_S:
-            return now
-    raise AssertionError("the fleet did not go quiet in 30 s")
 
 
 def test_one_insert_costs_at_most_2_n_minus_1_sessions_and_reaches_everyone(linked_daemons, short_tmp: Path) -> None:

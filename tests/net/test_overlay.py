@@ -115,10 +115,16 @@ def test_unknown_origin_has_no_tree() -> None:
 
 
 def test_the_full_mesh_stays_up_to_its_own_bound() -> None:
-    devices = ids(17)  # 16 peers each: still a mesh with the defaults (active set 8, mesh up to 16)
-    o = Overlay(devices[0])
+    devices = ids(17)  # 16 peers each: still a mesh (active set 8, mesh up to 16 by default)
+    o = Overlay(devices[0], 8)
     o.update(devices)
     assert not o.sparse and o.links() == frozenset(devices[1:])
     assert overlay.graph(devices, 8, 16)[devices[5]] == frozenset(devices) - {devices[5]}
     o.update(ids(18))  # one more: the active set
     assert o.sparse and len(o.chosen()) == 8 and o.chosen() <= o.links() < frozenset(ids(18)[1:])
+
+
+def test_by_default_there_is_no_bound() -> None:
+    o = Overlay(ids(1)[0])
+    o.update(ids(100))
+    assert not o.sparse and o.links() == frozenset(ids(100)[1:])
