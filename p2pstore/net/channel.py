@@ -380,8 +380,8 @@ class Channel:
         self.close_reason: str | None = None
         self.opened_at = time.time()
         self.last_seen = time.time()
-        #: When a message (not a keepalive) last went either way (monotonic): how idle the channel is.
-        self.last_used = time.monotonic()
+        #: When a message (not a keepalive) last went either way (loop time): how idle the channel is.
+        self.last_used = loop.time()
         self.rtt: float | None = None
         self._pings: dict[int, float] = {}
         self._reader_task = loop.create_task(self._read_loop(), name=f"p2pstore-channel-read-{conn.peer_device_id[:7]}")
@@ -477,7 +477,7 @@ class Channel:
         if self._closed:
             raise ChannelError(f"channel to {self.peer_device_id} is closed: {self.close_reason}")
         self._write(self._session.send(msg))
-        self.last_used = time.monotonic()
+        self.last_used = asyncio.get_running_loop().time()
         try:
             await self._writer.drain()
         except (OSError, EOFError) as exc:
@@ -575,7 +575,7 @@ class Channel:
                         if not self._opened.done():
                             self._opened.set_result(event.hello)
                     elif isinstance(event, MessageReceived):
-                        self.last_used = time.monotonic()
+                        self.last_used = loop.time()
                         await self._slots.acquire()
                         self._queue.put_nowait(event.message)
                     elif isinstance(event, PongReceived):

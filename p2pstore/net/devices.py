@@ -232,9 +232,10 @@ class DeviceDirectory:
             level = disc.security_level
         seen = [t for t in (info.last_seen if info else None, knock.last_seen if knock else None,
                             self._discovered_at.get(device_id), entry.last_seen if entry else None) if t]
+        connected = bool(info and info.online)
         return DeviceView(
-            device_id=device_id, name=name, trusted=trusted, connected=bool(info and info.online),
-            online=bool(info and info.online) or (trusted and disc is not None and self.peers.outside_active_set(device_id)),
+            device_id=device_id, name=name, trusted=trusted, connected=connected,
+            online=connected or (trusted and disc is not None and self.peers.outside_active_set(device_id)),
             pending=not trusted, addresses=tuple(dict.fromkeys(addresses)), security_level=level,
             last_seen=max(seen) if seen else None, discovered=disc is not None,
             protocol_version=info.hello.protocol_version if info and info.hello else disc.protocol_version if disc else None,

@@ -742,7 +742,7 @@ class PeerManager:
 
     def _prune(self, now: float) -> float:
         """Close what the active set no longer wants (module docstring);
-        returns when to look again."""
+        returns when to look again (``now`` and both on the loop's clock)."""
         if not self.overlay.sparse:
             return math.inf
         links, next_due = self.overlay.links(), math.inf
@@ -783,7 +783,7 @@ class PeerManager:
             self._wake.clear()
             self._refresh_overlay()
             now = loop.time()
-            next_due = self._prune(time.monotonic()) - time.monotonic() + now
+            next_due = self._prune(now)
             for entry in list(self._addresses.values()):
                 if not self._should_dial(entry):
                     continue

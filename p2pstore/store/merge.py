@@ -439,7 +439,7 @@ def origin_marks(conn: sqlite3.Connection, newest_own: int) -> list[tuple[str, i
     me = capture.device_id(conn)
     marks = [(peer, hlc) for peer, hlc in sorted(capture.held_marks(conn).items()) if peer != me]
     if newest_own > 0 and not capture.get_meta(conn, capture.OWN_ROWS_LOST_KEY):
-        marks.append((capture.device_id(conn), newest_own))
+        marks.append((me, newest_own))
     return marks
 
 

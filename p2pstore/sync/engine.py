@@ -1045,7 +1045,7 @@ class SyncEngine:
         stream, book = self._forwarded[key]
         if stream == batch.stream:
             return batch
-        self._forwarded[key] = (batch.stream, {o: since for o in forwarding})
+        self._forwarded[key] = (batch.stream, forwarded_since({}, forwarding, since))
         return dataclasses.replace(batch, grants=()) if batch.grants else batch
 
     def tree_children(self, sender: str, origins: list[str]) -> list[str]:
