@@ -44,7 +44,7 @@ from p2pstore.net.trust import TrustStore
 from p2pstore.protocol.messages import Hello, Message, RevisionOffer, StoreOffer, StoresOffer
 from p2pstore.service import ServiceNotifier, log_handler
 from p2pstore.store.capture import ChangeBatch
-from p2pstore.store.database import Lag, Store
+from p2pstore.store.database import Lag, Store, sync_work
 from p2pstore.store.merge import ApplyResult
 from p2pstore.sync.engine import SyncEngine, table_offers
 from p2pstore.sync.remote_query import RemoteQueries
@@ -250,10 +250,11 @@ class Daemon:
     async def stores_offer(self, peer: str) -> StoresOffer:
         """Our stores for ``peer``, each with its lag figures for it (sync/lag.py)."""
         offers = []
-        for store in self.registry.stores():
-            if store.distributed:
-                acked = self.engine.lag.acked_position(peer, store.bundle, store.name)
-                offers.append(store_offer(store, await store.lag(peer, acked)))
+        with sync_work():  # the daemon's own reads when a peer connects: not the application's
+            for store in self.registry.stores():
+                if store.distributed:
+                    acked = self.engine.lag.acked_position(peer, store.bundle, store.name)
+                    offers.append(store_offer(store, await store.lag(peer, acked)))
         return StoresOffer(tuple(offers))
 
     def service_status(self) -> str:

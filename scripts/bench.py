@@ -581,6 +581,12 @@ def _dbstat(path: Path) -> dict:
     return {"file_bytes": path.stat().st_size, "freelist_bytes": free, "dbstat_bytes": by_name}
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _outside_run(root: Path, n: int, single_version: bool, direction: str, seed: int, sizes: bool = False) -> dict:
     label = f"{direction}_outside{'-sv' if single_version else ''}"
     pair = _Pair(root, label, schema=single_version)
@@ -592,11 +598,13 @@ async def _outside_run(root: Path, n: int, single_version: bool, direction: str,
             await client.call("store.set_distributed_tables", **ref, tables=[_OUTSIDE_TABLE],
                               config={"table_type": "single_version" if single_version else "collaborative", "auto_sync": False})
         write_s = _outside_write(_store_file(pair.a, ref), n, seed, False)
+        cpu0 = [_cpu_s(d.pid) for d in (pair.a, pair.b)]
         t0 = time.perf_counter()  # the outside commit is done: stamping counts from here
         _, result = await _transfer(pair, ref, direction)
         took = time.perf_counter() - t0
+        cpu = [round(_cpu_s(d.pid) - c, 2) for d, c in zip((pair.a, pair.b), cpu0)]
         _check_received(await _received(pair, ref, _OUTSIDE_TABLE, single_version), result, n)
-    out = {"seconds": took, "rows_per_s": n / took, "outside_write_s": write_s}
+    out = {"seconds": took, "rows_per_s": n / took, "outside_write_s": write_s, "cpu_s": cpu}
     if sizes:  # the daemons are stopped: their files are closed and checkpointed
         out["a"], out["b"] = _dbstat(_store_file(pair.a, ref)), _dbstat(_store_file(pair.b, ref))
         for side, daemon in (("a", pair.a), ("b", pair.b)):  # then what the daemon's minutely compaction leaves
@@ -633,6 +641,8 @@ def _bench_outside(direction: str, quick: bool) -> dict:
         rates = [r["rows_per_s"] for r in runs_out]
         rate = statistics.median(rates)
         out[variant] = {"rows_per_s": round(rate), "runs_rows_per_s": [round(x) for x in rates],
+                        "runs_seconds": [round(r["seconds"], 2) for r in runs_out],
+                        "runs_cpu_s_a_b": [r["cpu_s"] for r in runs_out],
                         "outside_write_rows_per_s": round(statistics.median(n / r["outside_write_s"] for r in runs_out)),
                         "ratio_vs_raw": round(rate / raw, 3), "goal_ratio": 0.5, "met": rate / raw >= 0.5}
     out["loadavg_at_end"] = _load()

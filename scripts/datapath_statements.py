@@ -8,6 +8,10 @@ says which statement a change to ``store/`` should look at, where py-spy
 (without ``--native``) only names the Python line.
 
     .venv/bin/python scripts/datapath_statements.py [sv|collab] [ROWS]
+
+Environment: ``ROWS`` / ``BYTES`` a batch's bounds, ``GROUP`` batches B
+applies in one transaction (the daemon's group commit; default 1),
+``WAL_PAGES`` the checkpoint interval.
 """
 
 from __future__ import annotations
@@ -80,13 +84,20 @@ def main() -> None:
         bench._outside_write(root / "a.db", n, 11, False)
         a.conn, b.conn = Timed(a.conn, "A"), Timed(b.conn, "B")  # type: ignore[assignment]
         since, read_s, apply_s = 0, 0.0, 0.0
+        group, held = int(os.environ.get("GROUP", 1)), 0  # batches B applies in one transaction
         while True:
             t = time.perf_counter()
             batch = a.read(since, limit=int(os.environ.get("ROWS", DEFAULT_BATCH_ROWS)), max_bytes=int(os.environ.get("BYTES", MAX_BATCH_BYTES)))
             read_s += time.perf_counter() - t
             batch = changes.batch_from_plain(unpack(pack_values(changes.batch_to_plain(batch)), "batch", raw_text=True))
             t = time.perf_counter()
+            if group > 1 and held == 0:
+                b.conn.execute("BEGIN IMMEDIATE")
             b.apply(batch, a.id)
+            held += 1
+            if group > 1 and (held == group or not batch.more):
+                b.conn.execute("COMMIT")
+                held = 0
             apply_s += time.perf_counter() - t
             since = batch.last_seq
             if not batch.more:

@@ -134,7 +134,7 @@ def _traffic_lines(t: dict[str, int] | None) -> list[str]:
             f"sent {t['batches_sent']} batch(es) {t['bytes_sent']} B {t['rows_sent']} row(s); "
             f"received {t['batches_received']} batch(es) {t['bytes_received']} B {t['rows_received']} row(s): "
             f"{t['rows_applied']} applied, {t['conflicts']} conflict(s), {t['failed']} failed, "
-            f"{t['duplicates_received']} duplicate(s)"]
+            f"{t['duplicates_received']} duplicate(s), in {t.get('commits_received', 0)} commit(s)"]
 
 
 def _device_line(d: dict) -> str:

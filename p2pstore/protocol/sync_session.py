@@ -12,10 +12,10 @@ the store, the timers; the machine owns the order of things and the codes.
 Invariants:
 
 - **Bounded window.** A sender has at most ``window`` batches unacked
-  (``DEFAULT_WINDOW``, 1..``MAX_WINDOW``, the ``sync_window`` option): it
-  asks for the next batch only while fewer are in flight, so reading batch
-  n+1 overlaps the receiver applying batch n, and memory stays bounded
-  whatever the size of the sync.
+  (``DEFAULT_WINDOW``, 1..``MAX_WINDOW``, the ``sync_window`` option), and
+  asks for another only while those hold less than ``MAX_UNACKED_BYTES``:
+  so reading batch n+1 overlaps the receiver applying batch n, and memory
+  stays bounded whatever the size of the sync.
 - **Acks come in order and move the watermark.** A receiver applies its
   batches in the order they came, each with its watermark in the
   transaction that applies it (store/merge.py; several waiting batches may
@@ -75,8 +75,14 @@ from p2pstore.protocol.messages import (
 )
 
 #: Batches a sender may have unacked, by default and at most (``sync_window``).
-DEFAULT_WINDOW = 4
+#: 16: a receiver applies the batches waiting for it in one transaction (a
+#: group commit, up to 8), and it finds 8 waiting only if the sender is that
+#: far ahead (docs/performance.md, round 6).
+DEFAULT_WINDOW = 16
 MIN_WINDOW, MAX_WINDOW = 1, 64
+#: Payload bytes a sender may have unacked, whatever its window: large rows
+#: go up to ~4 MiB a batch, and both sides hold what is in flight.
+MAX_UNACKED_BYTES = 16 * 1024 * 1024
 #: Times a lingering sender reads on after draining, before it ends its session anyway
 #: (so one session does not hold its sync slot for ever under constant writes).
 MAX_RESUMES = 64
@@ -397,6 +403,7 @@ class Sender(_Machine):
         self.always_send = False
         self.state = State.PREPARING
         self.unacked: deque[OutBatch] = deque()
+        self._unacked_sizes: deque[int] = deque()  # their payloads' bytes
         #: The receiver's watermark as its last ack of a whole-stream batch said, as (seq, stream).
         self.watermark: tuple[int, str] | None = None
         self._since = 0
@@ -444,6 +451,7 @@ class Sender(_Machine):
                                             f"bytes; a sync message carries at most {MAX_PAYLOAD}")))
             actions.append(Send(SyncBatch(self.req, payload)))
             self.unacked.append(batch)
+            self._unacked_sizes.append(len(payload))
         self._first = False
         self._since = batch.last_seq
         if not batch.more:
@@ -467,6 +475,7 @@ class Sender(_Machine):
         if not self.unacked:
             return self._finish(Finish(ended(Problem.UNEXPECTED_MESSAGE, "the peer acked a batch that was not sent")))
         batch = self.unacked.popleft()
+        self._unacked_sizes.popleft()
         moved = None
         if batch.full and (batch.snapshot_hlc is None or not batch.more):
             moved = self.watermark = (msg.last_seq, batch.stream)
@@ -480,7 +489,8 @@ class Sender(_Machine):
 
     def _read(self) -> list[Action]:
         """Ask for the next batch if the window has room and none is being read."""
-        if self.state is not State.STREAMING or self._reading or len(self.unacked) >= self.window:
+        if (self.state is not State.STREAMING or self._reading or len(self.unacked) >= self.window
+                or sum(self._unacked_sizes) >= MAX_UNACKED_BYTES):
             return []
         self._reading = True
         return [ReadBatch(self._since)]

@@ -1422,7 +1422,8 @@ class Store:
             with self._transaction(conn):
                 return capture.stamp(conn, self.capture, self.clock)
 
-        batch = await self.run(op)
+        with sync_work():  # the daemon's own check, every poll_interval_ms: not an operation of the application
+            batch = await self.run(op)
         self._announce(batch)
         return batch
 

@@ -373,6 +373,19 @@ async def _wait(session: Request, machine: Sender | Receiver, timeout: float) ->
     return machine.channel_closed(lost.message) if lost.channel_lost else machine.abort(lost)
 
 
+def _absorb(session: Request, machine: Receiver) -> list[Action]:
+    """Tell ``machine`` (applying a batch) of the messages that already
+    arrived, so the batches among them can join the transaction
+    (``take_waiting``): each wait hands it one message, and it asks to
+    apply the first batch at once. Stops at the first message it answers
+    (an end, a protocol error): its actions come back."""
+    for msg in session.arrived():
+        actions = machine.receive(msg)
+        if actions:
+            return actions
+    return []
+
+
 class SyncEngine:
     def __init__(
         self,
@@ -658,7 +671,8 @@ class SyncEngine:
                 raise TypeError(f"a receiver has no {type(action).__name__}")
             session.moved = True
             group = [(action.batch, action.size)]
-            if store.application_quiet() and per_batch_s:
+            early = _absorb(session, machine)
+            if not early and store.application_quiet() and per_batch_s:
                 # Batches that came meanwhile share the transaction (one commit), as many as fit the
                 # budget at the pace measured so far; not while the application writes.
                 fit = int(GROUP_COMMIT_BUDGET_S / per_batch_s[-1])
@@ -672,8 +686,9 @@ class SyncEngine:
                 results = await store.apply_changes_group([batch for batch, _ in rest], session.peer,
                                                           budget_s=GROUP_COMMIT_BUDGET_S)
                 per_batch_s[:] = [max((time.monotonic() - started) / len(results), 1e-4)]
+                self.traffic.committed(session.peer)
                 done += zip(rest, results)
-            actions: list[Action] = []
+            actions: list[Action] = list(early)
             for (batch, size), result in done:
                 self.on_applied(store, session.peer, result)
                 self.lag.received(session.peer, store.bundle, store.name, batch)

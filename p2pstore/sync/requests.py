@@ -93,6 +93,18 @@ class Request:
             return None
         return await asyncio.wait_for(self.inbox.get(), timeout)
 
+    def arrived(self) -> list[Message]:
+        """The messages already in the inbox, taken without waiting (not the
+        end marker: ``next`` still reports the end)."""
+        taken: list[Message] = []
+        while not self.inbox.empty():
+            msg = self.inbox.get_nowait()
+            if msg is None:
+                self.inbox.put_nowait(None)  # room: it was just taken
+                break
+            taken.append(msg)
+        return taken
+
     def __repr__(self) -> str:
         state = f"ended: {self.ended}" if self.ended else "live"
         return f"<Request {self.req} with {self.peer[:7]} {state}>"

@@ -20,7 +20,10 @@ Counted since the daemon started, in memory, per peer over all stores:
   applied from the peer, ``rows_applied``: rows that changed this store,
   ``conflicts`` / ``failed``: rows logged as losing changes or failures,
   ``duplicates_received``: the rest (rows this store already held, or
-  older than what it holds).
+  older than what it holds); ``commits_received``: the transactions those
+  batches were applied in (a receiver applies the batches waiting for it in
+  one: a group commit, sync/engine.py), so batches ÷ commits says how much
+  a large sync saved.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class PeerTraffic:
     conflicts: int = 0
     failed: int = 0
     duplicates_received: int = 0
+    commits_received: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -88,6 +92,10 @@ class Traffic:
         t.conflicts += conflicts
         t.failed += failed
         t.duplicates_received += max(0, rows - applied - conflicts - failed)
+
+    def committed(self, peer: str) -> None:
+        """One transaction applied batches of ``peer`` (``received`` counts each batch)."""
+        self.of(peer).commits_received += 1
 
     def peer_dict(self, peer: str) -> dict[str, int]:
         """One device's ``traffic`` (zeros for a peer never synced with)."""

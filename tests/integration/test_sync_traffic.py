@@ -47,7 +47,7 @@ def test_counters_follow_a_push_an_echo_and_a_pull(linked_daemons) -> None:
     zero = traffic(a, b)
     assert set(zero) >= {"sessions_started", "sessions_served", "batches_sent", "bytes_sent", "rows_sent",
                          "batches_received", "bytes_received", "rows_received", "rows_applied", "conflicts",
-                         "failed", "duplicates_received"}
+                         "failed", "duplicates_received", "commits_received"}
     assert not any(zero.values())
 
     insert(a, ROWS, "a")
@@ -57,6 +57,7 @@ def test_counters_follow_a_push_an_echo_and_a_pull(linked_daemons) -> None:
     assert got["sessions_served"] == 1 and got["sessions_started"] == 0
     assert sent["rows_sent"] == ROWS == got["rows_received"] == got["rows_applied"]
     assert sent["batches_sent"] == got["batches_received"] >= 2
+    assert 1 <= got["commits_received"] <= got["batches_received"]
     assert sent["bytes_sent"] == got["bytes_received"] > ROWS * 10
     assert got["duplicates_received"] == 0 and got["conflicts"] == 0 and got["failed"] == 0
     # devices.list carries the same counters as status

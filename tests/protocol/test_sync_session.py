@@ -213,6 +213,22 @@ def test_sender_never_has_more_than_window_unacked_and_fills_it(window: int, see
     assert peak == window if seed % 2 == 0 else peak <= window
 
 
+def test_sender_stops_reading_once_the_batches_in_flight_hold_the_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the window, what is unacked holds at most about
+    ``MAX_UNACKED_BYTES`` (large rows go ~4 MiB a batch): the sender asks
+    for no batch past the bound, and an ack makes room again."""
+    from p2pstore.protocol import sync_session
+
+    one = len(wire_batch.encode(batch(0, 3, more=True)))
+    monkeypatch.setattr(sync_session, "MAX_UNACKED_BYTES", 2 * one)
+    s, actions = streaming_sender(window=64)
+    assert actions == [ReadBatch(0)]
+    assert s.batch_read(batch(0, 3, more=True))[-1] == ReadBatch(3)
+    actions = s.batch_read(batch(3, 6, more=True))
+    assert not any(isinstance(a, ReadBatch) for a in actions) and len(s.unacked) == 2  # 2 × one bytes out
+    assert s.receive(ack(3))[-1] == ReadBatch(6)  # room again
+
+
 def test_sender_asks_for_one_batch_at_a_time_even_when_acks_arrive_while_it_reads() -> None:
     s, actions = streaming_sender(window=4)
     assert actions == [ReadBatch(0)]

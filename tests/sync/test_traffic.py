@@ -21,6 +21,9 @@ def test_rows_that_changed_nothing_count_as_duplicates() -> None:
     assert got["batches_received"] == 2 and got["bytes_received"] == 1500 and got["rows_received"] == 14
     assert got["rows_applied"] == 6 and got["conflicts"] == 1 and got["failed"] == 1
     assert got["duplicates_received"] == 2 + 4
+    assert got["commits_received"] == 0  # the engine says when a transaction applied them
+    t.committed("P")
+    assert t.peer_dict("P")["commits_received"] == 1 and t.totals()["commits_received"] == 1
 
 
 def test_sent_and_acked_and_totals_over_peers() -> None:
