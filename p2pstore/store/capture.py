@@ -431,6 +431,18 @@ class ChangeBatch:
     def __bool__(self) -> bool:
         return self.last_seq >= self.first_seq > 0
 
+    def add(self, later: ChangeBatch) -> None:
+        """Take in what the next stamp found (a bulk insert stamped in steps)."""
+        if not later:
+            return
+        if not self:
+            self.first_seq = later.first_seq
+        self.last_seq = later.last_seq
+        for table, lists in later.by_table.items():
+            mine = self.by_table.setdefault(table, {"inserted": [], "updated": [], "deleted": []})
+            for kind, keys in lists.items():
+                mine.setdefault(kind, []).extend(keys)
+
     def change_infos(self) -> list[dict[str, Any]]:
         return [{"table": table, "type": "data", **lists} for table, lists in sorted(self.by_table.items())]
 
@@ -599,21 +611,38 @@ def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo, colu
     return max(cursor.rowcount, 0)
 
 
-def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
+def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable, limit: int | None = None) -> None:
+    """Log the rows another program appended (rowid above the high-water
+    mark): the first ``limit`` of them in rowid order, or all."""
     if table.hw is None:
         return
     name = quote_ident(table.info.name)
     top = conn.execute(f"SELECT max(rowid) FROM {name}").fetchone()[0]
     if top is None or top <= table.hw:
         return
+    if limit is not None:
+        top = conn.execute(f"SELECT max(rowid) FROM (SELECT rowid FROM {name} WHERE rowid > ? ORDER BY rowid LIMIT ?)",
+                           (table.hw, limit)).fetchone()[0]
     # No conflict value: these rows are stamped in this transaction, and stamping reads it from the
     # table (``_ck_sql``), which holds what the log would: a single_version log row is 4 × smaller so.
     conn.execute(
-        f"INSERT INTO _p2p_log(tid, pk, op) SELECT ?, {table.info.key_expr}, {OP_INSERT} FROM {name} WHERE rowid > ? ORDER BY rowid",
-        (table.tid, table.hw),
+        f"INSERT INTO _p2p_log(tid, pk, op) SELECT ?, {table.info.key_expr}, {OP_INSERT} FROM {name} "
+        "WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
+        (table.tid, table.hw, top),
     )
     conn.execute("UPDATE _p2p_hw SET hw = ? WHERE tid = ?", (top, table.tid))
     table.hw = top
+
+
+def appended_left(conn: sqlite3.Connection, state: CaptureState) -> bool:
+    """Whether some table has rows another program appended that no stamp
+    logged yet (a stamp with ``append_limit`` leaves the rest for later)."""
+    for table in state.tables.values():
+        if table.hw is not None:
+            top = conn.execute(f"SELECT max(rowid) FROM {quote_ident(table.info.name)}").fetchone()[0]
+            if top is not None and top > table.hw:
+                return True
+    return False
 
 
 def skip_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
@@ -811,16 +840,24 @@ def last_seq(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT max(seq) FROM _p2p_log").fetchone()[0] or 0)
 
 
-def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, collect: bool = True, wall: int | None = None) -> ChangeBatch:
+def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, collect: bool = True, wall: int | None = None,
+          append_limit: int | None = None) -> ChangeBatch:
     """Log appended rows and give all new log rows their clock range.
 
     Runs inside the caller's write transaction, so the log, the high-water
     marks and the stamp commit together or not at all. ``state`` is updated
     only by this function; a rolled-back transaction must be followed by
     ``load_state`` (the store does that).
+
+    ``append_limit``: log at most that many of each table's appended rows
+    (``appended_left`` then says whether some are left): another program's
+    bulk insert is stamped in steps, so a push can send the first rows while
+    the rest wait. Only for a caller that writes no row itself — a row the
+    application inserts next lands above the same mark and must be logged
+    with the write that made it (every write stamps everything).
     """
     for table in state.tables.values():
-        _log_appended_rows(conn, table)
+        _log_appended_rows(conn, table, append_limit)
     last = last_seq(conn)
     batch = ChangeBatch()
     if last <= state.stamped_seq:

@@ -125,6 +125,12 @@ BACKGROUND_YIELD_S = 0.05
 #: thread then starts the next as soon as one ends, instead of idling for an
 #: event-loop round trip (with one, a row reached 16 hosts in p50 98 ms, not 50).
 BACKGROUND_QUEUED = 2
+#: Rows another program appended that one step of stamping logs (``poll``,
+#: ``read_changes``): ~20 ms of work, so a push starts on a bulk insert's
+#: first rows while the rest are stamped (docs/performance.md, round 6).
+STAMP_CHUNK_ROWS = 10_000
+#: Steps one poll takes at most (10M rows); the next poll goes on.
+MAX_STAMP_STEPS = 1_000
 #: The application counts as quiet (sync work queues freely) once none of its
 #: operations ran for this long.
 BACKGROUND_QUIET_S = 0.1
@@ -264,6 +270,8 @@ class Store:
         self._schema_changed = False  # the authorizer saw a user statement change the schema
         self._dropping: str | None = None  # ... or drop a distributed table (evolutions)
         self._data_version = -1
+        #: A stamp in steps (``poll``, ``read_changes``) left appended rows for the next poll.
+        self._appended_left = False
         #: (st_dev, st_ino) of the file the connection opened, and an fd on it
         #: for reading its header (never closed while SQLite has the file open:
         #: closing any fd of a file drops the process's POSIX locks on it).
@@ -1140,13 +1148,20 @@ class Store:
         for ``grants``; see ``changes_since``).
 
         Pending outside writes are stamped (and announced) first, in the same
-        transaction, so every change read has its clock.
+        transaction, so every change read has its clock — another program's
+        bulk insert ``STAMP_CHUNK_ROWS`` rows a read (see ``poll``): the
+        batch then says ``more`` until every row is stamped and read.
         """
 
-        return await self._stamped(
-            lambda conn: changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
-                                       own_only=own_only, forwarding=forwarding, grants=grants),
-            after=self._note_sent, background=True)
+        def read(conn: sqlite3.Connection) -> changes.OutBatch:
+            batch = changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
+                                  own_only=own_only, forwarding=forwarding, grants=grants)
+            self._appended_left = capture.appended_left(conn, self.capture)
+            if not batch.more and self._appended_left:
+                batch = replace(batch, more=True)  # the next read stamps the next step
+            return batch
+
+        return await self._stamped(read, after=self._note_sent, background=True, append_limit=STAMP_CHUNK_ROWS)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
         """Apply a peer's batch and move its watermark, in one transaction."""
@@ -1157,12 +1172,16 @@ class Store:
         the last ``BACKGROUND_QUIET_S`` (``run_background``)."""
         return not self._foreground and time.monotonic() - self._foreground_ended > BACKGROUND_QUIET_S
 
-    async def apply_changes_group(self, batches: Sequence[changes.OutBatch], from_device: str, *,
+    async def apply_changes_group(self, batches: Iterable[changes.OutBatch], from_device: str, *,
                                   budget_s: float | None = None) -> list[merge.ApplyResult]:
         """Apply a peer's consecutive batches, each moving its watermark, in
         one transaction: one commit for all (a commit rewrites every page
         the batch touched, which a random-keyed index spreads over the
         file: most of a large sync's time, docs/performance.md).
+
+        ``batches`` is taken one at a time on the connection's thread: the
+        engine hands them over from a queue as it decodes them, while the
+        first ones are applied.
 
         ``budget_s``: the transaction takes no further batch once it has run
         that long or an operation of the application waits for the
@@ -1409,23 +1428,35 @@ class Store:
     # -- capture of other processes' writes ----------------------------------
 
     async def poll(self) -> ChangeBatch:
-        """Stamp and announce changes committed by other connections, if any."""
+        """Stamp and announce changes committed by other connections, if any.
+
+        Another program's bulk insert is stamped ``STAMP_CHUNK_ROWS`` rows at
+        a time, each step its own transaction, so the connection's other work
+        (a push reading the first rows) goes between the steps. What the
+        steps found, together."""
 
         if self._broken is not None:
             return ChangeBatch()  # said once when found; a poll is no request to refuse
 
         def op(conn: sqlite3.Connection) -> ChangeBatch:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if version == self._data_version:
+            if version == self._data_version and not self._appended_left:
                 return ChangeBatch()
             self._data_version = version
             with self._transaction(conn):
-                return capture.stamp(conn, self.capture, self.clock)
+                batch = capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS)
+                self._appended_left = capture.appended_left(conn, self.capture)
+            return batch
 
+        found = ChangeBatch()
         with sync_work():  # the daemon's own check, every poll_interval_ms: not an operation of the application
-            batch = await self.run(op)
-        self._announce(batch)
-        return batch
+            for _ in range(MAX_STAMP_STEPS):  # bounded; each step logs rows or ends the loop
+                batch = await self.run(op)
+                self._announce(batch)
+                found.add(batch)
+                if not self._appended_left:
+                    break
+        return found
 
     async def _announced(self, fn: Callable[[sqlite3.Connection], tuple[T, ChangeBatch]], *, background: bool = False) -> T:
         """Run ``fn`` — a write that returns its result and what its stamp
@@ -1438,16 +1469,19 @@ class Store:
         return result
 
     async def _stamped(self, fn: Callable[[sqlite3.Connection], T], *, stamp_after: bool = False,
-                       after: Callable[[sqlite3.Connection], None] | None = None, background: bool = False) -> T:
+                       after: Callable[[sqlite3.Connection], None] | None = None, background: bool = False,
+                       append_limit: int | None = None) -> T:
         """``fn`` in one write transaction with pending outside writes stamped
         in it — first, so that what ``fn`` reads or merges has its clocks, or
         after ``fn`` (``stamp_after``: ``fn``'s own writes are local changes
         to capture) — announced once committed; ``after`` runs on the
-        connection's thread once the transaction is over."""
+        connection's thread once the transaction is over. ``append_limit``
+        (a ``fn`` that writes no row): see ``capture.stamp``."""
 
         def op(conn: sqlite3.Connection) -> tuple[T, ChangeBatch]:
             with self._transaction(conn):
-                local = ChangeBatch() if stamp_after else capture.stamp(conn, self.capture, self.clock)
+                local = ChangeBatch() if stamp_after else capture.stamp(conn, self.capture, self.clock,
+                                                                        append_limit=append_limit)
                 result = fn(conn)
                 if stamp_after:
                     local = capture.stamp(conn, self.capture, self.clock)

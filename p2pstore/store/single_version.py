@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_ORIGIN
+from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
 from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
@@ -702,41 +702,41 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     conn.execute("DELETE FROM temp._p2p_stage_origins")
     conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored) VALUES (?, ?)",
                      [(i, None if block.origins[i] == ap.me else _or(ap.origins.known(block.origins[i]), -1)) for i in used])
-    # fresh: 1 never seen here, 0 here already with the same row clock (and
-    # no column clock of its own) and the same tomb or none, NULL otherwise.
-    # A table with no column clocks (or no tombs) at all is not probed for them.
-    st = stage  # (UPDATE ... AS alias needs SQLite 3.35: columns are qualified by the table's name)
     mapped = "(SELECT m.stored FROM temp._p2p_stage_origins m WHERE m.idx = {0})"
     has = {t: conn.execute(f"SELECT 1 FROM {t} WHERE tid = ? LIMIT 1", (tid,)).fetchone() is not None
            for t in ("_p2p_cells", "_p2p_tombs")}
-    no_cells = f"NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k)" if has["_p2p_cells"] else "1"
-    no_tomb = f"NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k)" if has["_p2p_tombs"] else "1"
-    same_tomb = (f"EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
-                 f"AND t.origin IS {mapped.format(st + '.tor')})") if has["_p2p_tombs"] else "0"
-    # (A row not in the table has no row clock: store/cells.py.)
-    key = table.info.key_expr
-    conn.execute(
-        f"UPDATE temp.{st} SET fresh = CASE "
-        f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
-        f"AND {no_cells} AND {no_tomb} THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
-        f"WHEN EXISTS (SELECT 1 FROM {name} x JOIN _p2p_rows r ON r.tid = ?1 AND {cells.same_key('r.pk', 'x.' + key)} WHERE x.{ck} = {st}.k "
-        f"             AND r.hlc = {st}.hlc AND r.origin IS {mapped.format(st + '.o')}) "
-        f"AND {no_cells} AND ({st}.th IS NULL OR {same_tomb}) THEN 0 END",
-        (tid,),
-    )
-    origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
-    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh IS NULL LIMIT 1").fetchone() is not None:
-        return None
-    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh LIMIT 1").fetchone() is None:
-        return 0, [], None  # all echoes: nothing to write (an empty INSERT would still touch sqlite_sequence)
-    _number_origins(ap, block, stage, used)
     position = {c: f"v{i}" for i, c in enumerate(block.columns)}
     listed = ", ".join(quote_ident(c) for c in table.sync_columns)
     values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)
-    inserted = conn.execute(f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE fresh ORDER BY n").rowcount
-    seq = "?1 + row_number() OVER (ORDER BY s.n)"
-    pk, source, first = _new_keys(conn, table, stage, inserted)
+    insert = f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE {{}} ORDER BY n"
+    dense = False  # every staged row is fresh, n = 1 .. rows: seqs and keys follow n
+    if not has["_p2p_cells"] and not has["_p2p_tombs"] and not_none(fields[TOMB_HLC]) == [] and conn.execute(
+            f"SELECT NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = (SELECT k FROM temp.{stage} WHERE n = 1))").fetchone()[0]:
+        # The common case of a large sync, rows never seen here (the first is not): insert them
+        # all at once and see — the table's UNIQUE index on the conflict value is the probe. A
+        # row that was here already (an echo, or one for the planner) undoes it: the probe below.
+        conn.execute("SAVEPOINT p2p_fresh")
+        inserted = conn.execute(insert.format("true") + " ON CONFLICT DO NOTHING").rowcount
+        dense = inserted == len(block.rows)
+        conn.execute("RELEASE p2p_fresh" if dense else "ROLLBACK TO p2p_fresh")
+        if dense:
+            conn.execute(f"UPDATE temp.{stage} SET fresh = 1")
+        else:
+            conn.execute("RELEASE p2p_fresh")
+    if not dense:
+        found = _probe(conn, table, stage, tid, has, mapped)
+        if found == "planner":
+            return None
+        if found == "echoes":
+            return 0, [], None  # nothing to write (an empty INSERT would still touch sqlite_sequence)
+        _number_origins(ap, block, stage, used)
+        inserted = conn.execute(insert.format("fresh")).rowcount
+    else:
+        _number_origins(ap, block, stage, used)
+    seq = "?1 + s.n" if dense else "?1 + row_number() OVER (ORDER BY s.n)"
+    pk, source, first = _new_keys(conn, table, stage, inserted, dense)
     binds = (top, tid) if first is None else (top, tid, first)
+    origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
         f"SELECT {seq}, ?2, {pk}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
@@ -761,7 +761,39 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     return len(remote), remote, tid if remote else None
 
 
-def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: int) -> tuple[str, str, int | None]:
+def _probe(conn: sqlite3.Connection, table: SyncTable, stage: str, tid: int, has: dict[str, bool], mapped: str) -> str:
+    """Mark each staged row ``fresh``: 1 never seen here, 0 here already with
+    the same row clock (and no column clock of its own) and the same tomb or
+    none, NULL otherwise. A block with a NULL row is the planner's
+    ("planner"), one of echoes only has nothing to write ("echoes"), else
+    "fresh". A table with no column clocks (or no tombs) at all is not
+    probed for them."""
+    name, ck, st = quote_ident(table.info.name), quote_ident(table.conflict_column or ""), stage
+    # (UPDATE ... AS alias needs SQLite 3.35: columns are qualified by the table's name)
+    no_cells = f"NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {st}.k)" if has["_p2p_cells"] else "1"
+    no_tomb = f"NOT EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k)" if has["_p2p_tombs"] else "1"
+    same_tomb = (f"EXISTS (SELECT 1 FROM _p2p_tombs t WHERE t.tid = ?1 AND t.ck = {st}.k AND t.hlc = {st}.th "
+                 f"AND t.origin IS {mapped.format(st + '.tor')})") if has["_p2p_tombs"] else "0"
+    # (A row not in the table has no row clock: store/cells.py.)
+    key = table.info.key_expr
+    conn.execute(
+        f"UPDATE temp.{st} SET fresh = CASE "
+        f"WHEN NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = {st}.k) "
+        f"AND {no_cells} AND {no_tomb} THEN (CASE WHEN {st}.th IS NULL THEN 1 END) "
+        f"WHEN EXISTS (SELECT 1 FROM {name} x JOIN _p2p_rows r ON r.tid = ?1 AND {cells.same_key('r.pk', 'x.' + key)} WHERE x.{ck} = {st}.k "
+        f"             AND r.hlc = {st}.hlc AND r.origin IS {mapped.format(st + '.o')}) "
+        f"AND {no_cells} AND ({st}.th IS NULL OR {same_tomb}) THEN 0 END",
+        (tid,),
+    )
+    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh IS NULL LIMIT 1").fetchone() is not None:
+        return "planner"
+    if conn.execute(f"SELECT 1 FROM temp.{stage} WHERE fresh LIMIT 1").fetchone() is None:
+        return "echoes"
+    return "fresh"
+
+
+def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: int,
+              dense: bool = False) -> tuple[str, str, int | None]:
     """How ``write_block`` finds the local keys of the ``inserted`` rows it
     just wrote (the staging rows ``s`` that are fresh, in order): SQL of the
     key, the FROM clause, and the first key (bound as ?3).
@@ -784,7 +816,7 @@ def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: 
         found = conn.execute(f"SELECT count(*), (SELECT {ck} FROM {name} WHERE rowid = ?1), (SELECT {ck} FROM {name} WHERE rowid = ?2) "
                              f"FROM {name} WHERE rowid BETWEEN ?1 AND ?2", (first, last)).fetchone()
         if found == (inserted, *ends):
-            return "?3 + row_number() OVER (ORDER BY s.n) - 1", staged, first
+            return ("?3 + s.n - 1" if dense else "?3 + row_number() OVER (ORDER BY s.n) - 1"), staged, first
     return f"x.{table.info.key_expr}", f"{staged} JOIN {name} x ON x.{ck} = s.k", None
 
 

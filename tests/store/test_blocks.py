@@ -944,8 +944,8 @@ def test_a_block_gives_its_rows_clocks_under_the_keys_they_got(monkeypatch: pyte
     real = single_version._new_keys
     seen: list[str] = []
 
-    def spy(conn: Any, table: Any, stage: str, inserted: int) -> Any:
-        out = real(conn, table, stage, 0 if how == "ids looked up" else inserted)
+    def spy(conn: Any, table: Any, stage: str, inserted: int, dense: bool = False) -> Any:
+        out = real(conn, table, stage, 0 if how == "ids looked up" else inserted, dense)
         seen.append(out[0])
         return out
 
@@ -954,7 +954,40 @@ def test_a_block_gives_its_rows_clocks_under_the_keys_they_got(monkeypatch: pyte
         m.setattr(single_version, "_new_keys", spy)
         _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)
     assert taken == [True]
-    assert seen == [{"ids counted": "?3 + row_number() OVER (ORDER BY s.n) - 1", "ids looked up": 'x."id"',
+    assert seen == [{"ids counted": "?3 + row_number() OVER (ORDER BY s.n) - 1", "ids looked up": 'x."id"',  # (a tomb: probed)
                      "key is the value": "s.k"}[how]]
     key, mine = ("uid", 2) if how == "key is the value" else ("id", 1)
     assert x.rows(f"SELECT count(*) FROM _p2p_rows r JOIN items i ON i.{key} = r.pk") == [(40 + mine,)]
+
+
+def test_new_rows_are_inserted_without_a_probe_and_a_known_row_undoes_it(monkeypatch: pytest.MonkeyPatch,
+                                                                         device: Callable[..., Replica]) -> None:
+    """A single_version block of rows never seen here (no tomb nor column
+    clock in the table) is inserted at once, the table's UNIQUE index being
+    the probe (``_probe`` not called); a block whose first row is new but
+    later ones are known (echoes) rolls that insert back and is probed; one
+    whose first row is known is probed at once. Every time the store is what
+    row by row writes, and the known rows are not written twice."""
+    from p2pstore.store import single_version
+
+    a = device(SENDER, SINGLE_VERSION)
+    x, y = device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)
+    a.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{i:03d}', {i}, 'b{i}')" for i in range(30)))
+    probes: list[str] = []
+    real = single_version._probe
+
+    def spy(*args: Any) -> str:
+        probes.append(real(*args))
+        return probes[-1]
+
+    monkeypatch.setattr(single_version, "_probe", spy)
+    taken: list[bool] = []
+    _apply_pair(monkeypatch, x, y, a.read(10), SENDER, taken)  # u010 .. u029, all new here
+    assert probes == [] and x.rows("SELECT count(*) FROM items") == [(20,)]
+    log = x.rows("SELECT count(*) FROM _p2p_log")
+    _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)  # u000 new first, then the 20 known
+    assert probes == ["fresh"] and x.rows("SELECT count(*) FROM items") == [(30,)]
+    assert x.rows("SELECT count(*) FROM _p2p_log") == [(log[0][0] + 10,)]  # the 10 new rows only
+    _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)  # all known, the first too: probed at once
+    assert probes == ["fresh", "echoes"]
+    assert taken == [True, True, True]
