@@ -21,7 +21,6 @@ import jsonschema
 
 from p2pstore.clock import DEFAULT_MAX_OFFSET_MS
 from p2pstore.errors import ConfigError
-from p2pstore.protocol.sync_session import DEFAULT_WINDOW
 from p2pstore.schemas import load_json_schema
 
 DEFAULT_PORT = 7400
@@ -98,7 +97,7 @@ class Config:
     mdns_liveness_interval_s: float | None = None
     max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS
     #: Sync batches a sender may have unacknowledged (protocol/sync_session.py, 1..64).
-    sync_window: int = DEFAULT_WINDOW
+    sync_window: int = 16  # protocol.sync_session.DEFAULT_WINDOW (a lower layer: tests check they agree)
     #: Peers a received change is passed on to (sync/engine.py; 0: none, anti-entropy only).
     relay_fanout: int = 1
     #: Peers a device chooses to keep channels to in a large fleet (net/overlay.py; 0: always a full mesh).
