@@ -618,7 +618,7 @@ def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable, limit: in
         return
     name = quote_ident(table.info.name)
     top = conn.execute(f"SELECT max(rowid) FROM {name}").fetchone()[0]
-    if top is None or top <= table.hw:
+    if top is None or top <= table.hw or limit == 0:
         return
     if limit is not None:
         top = conn.execute(f"SELECT max(rowid) FROM (SELECT rowid FROM {name} WHERE rowid > ? ORDER BY rowid LIMIT ?)",

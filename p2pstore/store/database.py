@@ -131,6 +131,8 @@ BACKGROUND_QUEUED = 2
 STAMP_CHUNK_ROWS = 10_000
 #: Steps one poll takes at most (10M rows); the next poll goes on.
 MAX_STAMP_STEPS = 1_000
+#: A poll leaves the steps to a push that read this recently.
+READER_STAMPS_S = 0.5
 #: The application counts as quiet (sync work queues freely) once none of its
 #: operations ran for this long.
 BACKGROUND_QUIET_S = 0.1
@@ -272,6 +274,7 @@ class Store:
         self._data_version = -1
         #: A stamp in steps (``poll``, ``read_changes``) left appended rows for the next poll.
         self._appended_left = False
+        self._reading_at = -1e9  # time.monotonic() of the last ``read_changes``
         #: (st_dev, st_ino) of the file the connection opened, and an fd on it
         #: for reading its header (never closed while SQLite has the file open:
         #: closing any fd of a file drops the process's POSIX locks on it).
@@ -1148,20 +1151,33 @@ class Store:
         for ``grants``; see ``changes_since``).
 
         Pending outside writes are stamped (and announced) first, in the same
-        transaction, so every change read has its clock — another program's
-        bulk insert ``STAMP_CHUNK_ROWS`` rows a read (see ``poll``): the
-        batch then says ``more`` until every row is stamped and read.
+        transaction, so every change read has its clock. Rows another
+        program appended wait until the read finds nothing stamped left
+        to send: then ``STAMP_CHUNK_ROWS`` of them are stamped and read in
+        the same transaction (so a push of a bulk insert alternates ten
+        batches and one step of stamping, and its receiver starts at once),
+        and the batch says ``more`` until every row is stamped and read.
         """
 
-        def read(conn: sqlite3.Connection) -> changes.OutBatch:
-            batch = changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
-                                  own_only=own_only, forwarding=forwarding, grants=grants)
-            self._appended_left = capture.appended_left(conn, self.capture)
-            if not batch.more and self._appended_left:
-                batch = replace(batch, more=True)  # the next read stamps the next step
-            return batch
+        def op(conn: sqlite3.Connection) -> tuple[changes.OutBatch, ChangeBatch]:
+            self._reading_at = time.monotonic()
+            with self._transaction(conn):
+                local = capture.stamp(conn, self.capture, self.clock, append_limit=0)
+                batch = read(conn)
+                if not batch.more and capture.appended_left(conn, self.capture):
+                    local.add(capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS))
+                    batch = read(conn)
+                self._appended_left = capture.appended_left(conn, self.capture)
+                if not batch.more and self._appended_left:
+                    batch = replace(batch, more=True)  # the next read stamps the next step
+            self._note_sent(conn)
+            return batch, local
 
-        return await self._stamped(read, after=self._note_sent, background=True, append_limit=STAMP_CHUNK_ROWS)
+        def read(conn: sqlite3.Connection) -> changes.OutBatch:
+            return changes_since(conn, table, since, limit=limit, where=where, max_bytes=max_bytes, covered=covered,
+                                 own_only=own_only, forwarding=forwarding, grants=grants)
+
+        return await self._announced(op, background=True)
 
     async def apply_changes(self, batch: changes.OutBatch, from_device: str) -> merge.ApplyResult:
         """Apply a peer's batch and move its watermark, in one transaction."""
@@ -1432,8 +1448,9 @@ class Store:
 
         Another program's bulk insert is stamped ``STAMP_CHUNK_ROWS`` rows at
         a time, each step its own transaction, so the connection's other work
-        (a push reading the first rows) goes between the steps. What the
-        steps found, together."""
+        goes between the steps — and while a push reads (``read_changes``
+        in the last ``READER_STAMPS_S``), the push stamps the rest as it
+        needs them. What the steps found, together."""
 
         if self._broken is not None:
             return ChangeBatch()  # said once when found; a poll is no request to refuse
@@ -1454,8 +1471,8 @@ class Store:
                 batch = await self.run(op)
                 self._announce(batch)
                 found.add(batch)
-                if not self._appended_left:
-                    break
+                if not self._appended_left or time.monotonic() - self._reading_at < READER_STAMPS_S:
+                    break  # (a push reading now stamps the rest as it needs them: ``read_changes``)
         return found
 
     async def _announced(self, fn: Callable[[sqlite3.Connection], tuple[T, ChangeBatch]], *, background: bool = False) -> T:
@@ -1469,19 +1486,16 @@ class Store:
         return result
 
     async def _stamped(self, fn: Callable[[sqlite3.Connection], T], *, stamp_after: bool = False,
-                       after: Callable[[sqlite3.Connection], None] | None = None, background: bool = False,
-                       append_limit: int | None = None) -> T:
+                       after: Callable[[sqlite3.Connection], None] | None = None, background: bool = False) -> T:
         """``fn`` in one write transaction with pending outside writes stamped
         in it — first, so that what ``fn`` reads or merges has its clocks, or
         after ``fn`` (``stamp_after``: ``fn``'s own writes are local changes
         to capture) — announced once committed; ``after`` runs on the
-        connection's thread once the transaction is over. ``append_limit``
-        (a ``fn`` that writes no row): see ``capture.stamp``."""
+        connection's thread once the transaction is over."""
 
         def op(conn: sqlite3.Connection) -> tuple[T, ChangeBatch]:
             with self._transaction(conn):
-                local = ChangeBatch() if stamp_after else capture.stamp(conn, self.capture, self.clock,
-                                                                        append_limit=append_limit)
+                local = ChangeBatch() if stamp_after else capture.stamp(conn, self.capture, self.clock)
                 result = fn(conn)
                 if stamp_after:
                     local = capture.stamp(conn, self.capture, self.clock)

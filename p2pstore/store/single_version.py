@@ -180,7 +180,8 @@ def read_rows(
     row_filt, _ = filter_sql(t, f"x.{ck_col}", where)
     row_clock = (f"r.hlc, {origins.device_sql('r.origin', '?1')}, r.seq, r.prev_hlc, "
                  f"CASE WHEN r.prev_hlc IS NOT NULL THEN {origins.device_sql('r.prev_origin', '?1')} END")
-    shared = conn.execute(
+    # (Without any column clock in the table, every row with a row clock was in the block.)
+    shared = [] if only_irregular and not has_irregular_rows(conn, t) else conn.execute(
         f"SELECT x.{ck_col}, {row_clock} FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {name} x ON {cells.same_key('r.pk', 'x.' + t.info.key_expr)} "
         f"WHERE r.seq > ?2 AND r.seq <= ?3 AND r.tid = ?4{irregular}{row_filt}",
         (me, since, last, t.tid, *fparams),
