@@ -331,3 +331,70 @@ async def test_sqlite3_cli_cannot_write_a_device_table(store: Store, db_path: Pa
         assert result.returncode != 0, sql
         assert "READ_ONLY_TABLE" in result.stderr and "ABCDEFG-HIJKLMN-OPQRSTU" in result.stderr
     assert (await store.query(f'SELECT id, name FROM "{table}"'))["rows"] == [[1, "peer"]]
+
+
+# -- a bulk insert by another program, stamped in steps ------------------------------------
+
+BULK = 25_000
+
+
+def _bulk(outside: sqlite3.Connection) -> None:
+    outside.execute(f"INSERT INTO T(id, name, n) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                    f"WHERE x < {BULK}) SELECT x, 'o' || x, x FROM c")
+
+
+async def _logged(store: Store) -> int:
+    return (await store.query("SELECT count(*) FROM _p2p_log WHERE tid = (SELECT tid FROM _p2p_tables WHERE name = 'T')"))["rows"][0][0]
+
+
+async def test_a_poll_stamps_a_bulk_insert_in_steps_and_announces_every_row(
+    store: Store, outside: sqlite3.Connection, announced: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``STAMP_CHUNK_ROWS`` appended rows a step, each its own transaction,
+    until none is left; every row logged once, in rowid order, and announced."""
+    from p2pstore.store import database
+
+    monkeypatch.setattr(database, "STAMP_CHUNK_ROWS", 10_000)
+    _bulk(outside)
+    batch = await store.poll()
+    assert len(announced) == 3  # 10k + 10k + 5k
+    assert sorted(batch.by_table["T"]["inserted"]) == list(range(1, BULK + 1))
+    rows = (await store.query("SELECT pk FROM _p2p_changes WHERE tbl = 'T' ORDER BY seq"))["rows"]
+    assert [r[0] for r in rows] == list(range(1, BULK + 1))
+    assert not await store.poll()  # nothing left
+
+
+async def test_a_push_reading_a_bulk_insert_stamps_it_as_it_needs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read finds nothing stamped, stamps one step and reads it; the next
+    reads send those rows without stamping; each batch says ``more`` until
+    every appended row is stamped and sent; every row goes exactly once.
+    A poll meanwhile leaves the rest to the reading push."""
+    from p2pstore.store import database
+
+    monkeypatch.setattr(database, "STAMP_CHUNK_ROWS", 10_000)
+    path = tmp_path / "sender.db"
+    store = await Store.open(path, bundle="default", name="sender", device_id="DEVA")
+    try:
+        await store.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, name TEXT, n INTEGER)")
+        await store.set_distributed_tables(["T"])
+        announced: list[Any] = []
+        store.on_changes = lambda _s, batch: announced.append(batch.change_infos())
+        outside = sqlite3.connect(path, isolation_level=None)
+        _bulk(outside)
+        outside.close()
+        first = await store.read_changes(None, 0, limit=1000)
+        assert first.count == 1000 and first.more
+        assert await _logged(store) == 10_000  # one step, not the whole insert
+        await store.poll()  # a push is reading: the poll takes one step at most
+        assert await _logged(store) <= 20_000
+        keys, batch = [], first
+        for _ in range(100):  # bounded
+            keys += [r.key for r in batch.as_rows().rows]
+            if not batch.more:
+                break
+            batch = await store.read_changes(None, batch.last_seq, limit=1000)
+        assert sorted(keys) == list(range(1, BULK + 1)) and len(keys) == BULK
+        assert await _logged(store) == BULK
+        assert sum(len(info["inserted"]) for infos in announced for info in infos) == BULK
+    finally:
+        await store.close()
