@@ -11,7 +11,8 @@ says which statement a change to ``store/`` should look at, where py-spy
 
 Environment: ``ROWS`` / ``BYTES`` a batch's bounds, ``GROUP`` batches B
 applies in one transaction (the daemon's group commit; default 1),
-``WAL_PAGES`` the checkpoint interval.
+``WAL_PAGES`` the checkpoint interval, ``COMPACT`` (with ``GROUP``) the
+log compaction a large group does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import bench  # noqa: E402
 from replicas import Replica, field, schema_doc  # noqa: E402
 
 from p2pstore.protocol.messages import pack_values, unpack  # noqa: E402
-from p2pstore.store import changes, database  # noqa: E402
+from p2pstore.store import capture, changes, database  # noqa: E402
 from p2pstore.sync.engine import DEFAULT_BATCH_ROWS, MAX_BATCH_BYTES  # noqa: E402
 
 SECONDS: collections.Counter[str] = collections.Counter()
@@ -96,6 +97,8 @@ def main() -> None:
             b.apply(batch, a.id)
             held += 1
             if group > 1 and (held == group or not batch.more):
+                if os.environ.get("COMPACT"):  # what Store.apply_changes_group adds to a large group
+                    capture.compact(b.conn, b.state, chunk=2 * held * batch.count, keep_recent=capture.COMPACT_KEEP_RECENT)
                 b.conn.execute("COMMIT")
                 held = 0
             apply_s += time.perf_counter() - t

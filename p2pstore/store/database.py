@@ -129,6 +129,9 @@ BACKGROUND_QUEUED = 2
 #: ``read_changes``): ~20 ms of work, so a push starts on a bulk insert's
 #: first rows while the rest are stamped (docs/performance.md, round 6).
 STAMP_CHUNK_ROWS = 10_000
+#: Rows a group of received batches writes from which it compacts the log too
+#: (``apply_changes_group``): a large sync, not a single auto-synced change.
+COMPACT_WHILE_APPLYING_ROWS = 1_000
 #: Steps one poll takes at most (10M rows); the next poll goes on.
 MAX_STAMP_STEPS = 1_000
 #: A poll leaves the steps to a push that read this recently.
@@ -272,6 +275,8 @@ class Store:
         self._schema_changed = False  # the authorizer saw a user statement change the schema
         self._dropping: str | None = None  # ... or drop a distributed table (evolutions)
         self._data_version = -1
+        #: Log rows compaction leaves alone (the daemon's ``compact_keep_recent``).
+        self.compact_keep_recent = capture.COMPACT_KEEP_RECENT
         #: A stamp in steps (``poll``, ``read_changes``) left appended rows for the next poll.
         self._appended_left = False
         self._reading_at = -1e9  # time.monotonic() of the last ``read_changes``
@@ -1206,6 +1211,13 @@ class Store:
         batches applied, in order (at least the first); the caller applies
         the rest in a later transaction. None: all of them.
 
+        A group that wrote ``COMPACT_WHILE_APPLYING_ROWS`` rows or more also
+        drops as many log rows as compaction would (``capture.compact``, up
+        to twice the rows written): the log rows of received rows are
+        history nothing reads, and dropped here their pages hold the next
+        group's rows, so a large sync does not first grow the file by a log
+        that the minutely compaction takes minutes to drop.
+
         The transaction is ours (each batch is a savepoint in it), so its
         COMMIT checks the file first like every other write. On a full disk
         nothing is applied and the watermark stays: the sender sends it
@@ -1220,6 +1232,9 @@ class Store:
                     if results and budget_s is not None and (self._foreground or time.monotonic() - started > budget_s):
                         break  # (``_foreground`` is the event loop's counter: read here, a snapshot is enough)
                     results.append(merge.apply_batch(conn, self.capture, self.clock, batch, from_device))
+                applied = sum(r.applied for r in results)
+                if applied >= COMPACT_WHILE_APPLYING_ROWS:
+                    capture.compact(conn, self.capture, chunk=2 * applied, keep_recent=self.compact_keep_recent)
             return results
 
         try:

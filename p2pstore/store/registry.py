@@ -101,6 +101,7 @@ class StoreRegistry:
                     raise
             store.on_changes = self.on_changes
             store.on_offer_changed = self.on_offer_changed
+            store.compact_keep_recent = self.compact_keep_recent
             self._stores[(bundle, name)] = store
             log.info("opened store %s/%s at %s (label S%d, %d distributed table(s))",
                      bundle, name, path, store.security_label, len(store.distributed))

@@ -399,3 +399,45 @@ async def test_a_group_of_batches_on_a_full_disk_applies_nothing_of_any(tmp_path
     finally:
         await sender.close()
         await receiver.close()
+
+
+async def test_a_large_group_compacts_the_log_of_what_it_received(tmp_path: Path) -> None:
+    """A group that writes ``COMPACT_WHILE_APPLYING_ROWS`` rows or more drops
+    the log rows of received rows beyond the newest ``compact_keep_recent``
+    in its own transaction (a large sync does not first grow the file by a
+    log); a smaller one leaves the log to the minutely compaction. The rows
+    themselves, the watermark and the highest seq stay."""
+    from p2pstore.store import database
+
+    sender = await open_store(tmp_path / "src.db", PEER)
+    small, large = await open_store(tmp_path / "small.db"), await open_store(tmp_path / "large.db")
+    try:
+        for s in (sender, small, large):
+            await s.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v INTEGER)")
+            await s.set_distributed_tables(["T"])
+            s.compact_keep_recent = 100
+        await sender.execute("INSERT INTO T (id, v) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+                             "WHERE x < 3000) SELECT x, x FROM c")
+        batches, since = [], 0
+        for _ in range(10):  # bounded
+            batch = await sender.read_changes(None, since, limit=500)
+            batches.append(batch)
+            since = batch.last_seq
+            if not batch.more:
+                break
+        assert sum(b.count for b in batches) == 3000 and database.COMPACT_WHILE_APPLYING_ROWS <= 2000
+        for group in (batches[:4], batches[4:]):  # 2,000 rows, then 1,000 and an empty end
+            await large.apply_changes_group(group, PEER)
+        for b in batches:  # 500 rows a transaction
+            await small.apply_changes_group([b], PEER)
+        received = "SELECT count(*), max(seq) FROM _p2p_log WHERE origin IS NOT NULL"
+        (kept, top), = (await large.query(received))["rows"]
+        assert kept <= 100 + 1000 and top == 3000  # the newest stay, and the highest seq
+        assert (await small.query(received))["rows"] == [[3000, 3000]]
+        copy = quote_ident(device_table_name(PEER, "T"))
+        for s in (small, large):
+            assert (await s.query(f"SELECT count(*), sum(v) FROM {copy}"))["rows"] == [[3000, 3000 * 3001 // 2]]
+            assert (await s.position(PEER))[0] == since
+    finally:
+        for s in (sender, small, large):
+            await s.close()
