@@ -45,10 +45,11 @@ Done = tuple[int, list[tuple[str, str, int, Any]], "int | None"]
 def stage_table(conn: sqlite3.Connection, width: int) -> str:
     """An empty staging table for rows of ``width`` values (one per width,
     kept per connection in the temp schema); its ``n`` counts from 1 in
-    insertion order."""
+    insertion order. ``fresh`` is 1 (to write) until a writer's probe says
+    otherwise."""
     name = f"_p2p_stage_{width}"
     values = ", ".join(f"v{i}" for i in range(width))
-    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name}(n INTEGER PRIMARY KEY, {_FIXED}, {values}, fresh, existed)")
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name}(n INTEGER PRIMARY KEY, {_FIXED}, {values}, fresh DEFAULT 1, existed)")
     conn.execute(f"DELETE FROM temp.{name}")
     return name
 

@@ -720,9 +720,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         inserted = conn.execute(insert.format("true") + " ON CONFLICT DO NOTHING").rowcount
         dense = inserted == len(block.rows)
         conn.execute("RELEASE p2p_fresh" if dense else "ROLLBACK TO p2p_fresh")
-        if dense:
-            conn.execute(f"UPDATE temp.{stage} SET fresh = 1")
-        else:
+        if not dense:
             conn.execute("RELEASE p2p_fresh")
     if not dense:
         found = _probe(conn, table, stage, tid, has, mapped)
