@@ -1193,16 +1193,12 @@ class Store:
         the last ``BACKGROUND_QUIET_S`` (``run_background``)."""
         return not self._foreground and time.monotonic() - self._foreground_ended > BACKGROUND_QUIET_S
 
-    async def apply_changes_group(self, batches: Iterable[changes.OutBatch], from_device: str, *,
+    async def apply_changes_group(self, batches: Sequence[changes.OutBatch], from_device: str, *,
                                   budget_s: float | None = None) -> list[merge.ApplyResult]:
         """Apply a peer's consecutive batches, each moving its watermark, in
         one transaction: one commit for all (a commit rewrites every page
         the batch touched, which a random-keyed index spreads over the
         file: most of a large sync's time, docs/performance.md).
-
-        ``batches`` is taken one at a time on the connection's thread: the
-        engine hands them over from a queue as it decodes them, while the
-        first ones are applied.
 
         ``budget_s``: the transaction takes no further batch once it has run
         that long or an operation of the application waits for the

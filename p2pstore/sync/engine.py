@@ -57,11 +57,10 @@ import dataclasses
 import functools
 import logging
 import math
-import queue
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -374,10 +373,6 @@ async def _wait(session: Request, machine: Sender | Receiver, timeout: float) ->
     return machine.channel_closed(lost.message) if lost.channel_lost else machine.abort(lost)
 
 
-def _same(batch: OutBatch) -> OutBatch:
-    return batch
-
-
 def _absorb(session: Request, machine: Receiver) -> list[Action]:
     """Tell ``machine`` (applying a batch) of the messages that already
     arrived, so the batches among them can join the transaction
@@ -676,40 +671,23 @@ class SyncEngine:
                 raise TypeError(f"a receiver has no {type(action).__name__}")
             session.moved = True
             early = _absorb(session, machine)
-            more = 0
+            group = [(action.batch, action.size)]
             if not early and store.application_quiet() and per_batch_s:
                 # Batches that came meanwhile share the transaction (one commit), as many as fit the
                 # budget at the pace measured so far; not while the application writes.
-                more = min(GROUP_COMMIT_BATCHES, int(GROUP_COMMIT_BUDGET_S / per_batch_s[-1])) - 1
-            part = own_push_part if own else _same
-            group = [(part(action.batch), action.size)]
-
-            async def commit(batches: Iterable[OutBatch]) -> list[ApplyResult]:
-                started = time.monotonic()
-                results = await store.apply_changes_group(batches, session.peer, budget_s=GROUP_COMMIT_BUDGET_S)
-                per_batch_s[:] = [max((time.monotonic() - started) / max(len(results), 1), 1e-4)]
-                self.traffic.committed(session.peer)
-                return results
-
-            # The store's thread starts on the first batch while this loop decodes the others
-            # (``take_waiting``) and hands them over one by one; None ends the group.
-            feed: queue.SimpleQueue[OutBatch | None] = queue.SimpleQueue()
-            feed.put(group[0][0])
-            first = asyncio.ensure_future(commit(iter(feed.get, None)))
-            try:
-                await asyncio.sleep(0)  # (the apply is on its way to the store's thread)
-                for _ in range(more):
-                    taken = machine.take_waiting(1)
-                    if not taken:
-                        break
-                    group.append((part(taken[0][0]), taken[0][1]))
-                    feed.put(group[-1][0])
-            finally:
-                feed.put(None)
-            done: list[tuple[tuple[OutBatch, int], ApplyResult]] = list(zip(group, await first))
-            while len(done) < len(group):  # the application wrote meanwhile: the rest in another transaction
+                fit = int(GROUP_COMMIT_BUDGET_S / per_batch_s[-1])
+                group += machine.take_waiting(min(GROUP_COMMIT_BATCHES, fit) - 1)
+            if own:
+                group = [(own_push_part(batch), size) for batch, size in group]
+            done: list[tuple[tuple[OutBatch, int], ApplyResult]] = []
+            while len(done) < len(group):  # more than once when the application wrote meanwhile
                 rest = group[len(done):]
-                done += zip(rest, await commit([batch for batch, _ in rest]))
+                started = time.monotonic()
+                results = await store.apply_changes_group([batch for batch, _ in rest], session.peer,
+                                                          budget_s=GROUP_COMMIT_BUDGET_S)
+                per_batch_s[:] = [max((time.monotonic() - started) / len(results), 1e-4)]
+                self.traffic.committed(session.peer)
+                done += zip(rest, results)
             actions: list[Action] = list(early)
             for (batch, size), result in done:
                 self.on_applied(store, session.peer, result)
