@@ -29,7 +29,7 @@ import sqlite3
 from operator import itemgetter
 from typing import Any
 
-from p2pstore.protocol.batch import PREV_HLC, VALUES, Block
+from p2pstore.protocol.batch import PREV_HLC, SEQ, VALUES, Block
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.schema.table_shape import column_affinity
 
@@ -59,10 +59,11 @@ def load(conn: sqlite3.Connection, block: Block, fields: list[Any]) -> str:
     column by column. A fixed field that no row sets (prevs and tombs are
     NULL in most blocks) is left to the column's NULL instead of bound row
     by row: binding a NULL costs ``executemany`` as much as a value, and
-    those six are 40 % of a block's binds."""
+    those six are 40 % of a block's binds. Nor is the sender's ``seq``
+    bound: the writers number rows by ``n`` in this store's own seqs."""
     stage = stage_table(conn, len(block.columns))
     names = _FIXED.split(", ")
-    keep = [i for i in range(VALUES) if i < _OPTIONAL or any(v is not None for v in fields[i])]
+    keep = [i for i in range(VALUES) if i != SEQ and (i < _OPTIONAL or any(v is not None for v in fields[i]))]
     keep += range(VALUES, VALUES + len(block.columns))
     listed = ", ".join([names[i] for i in keep if i < VALUES] + [f"v{i - VALUES}" for i in keep if i >= VALUES])
     rows = block.rows if len(keep) == len(fields) else list(map(itemgetter(*keep), block.rows))
