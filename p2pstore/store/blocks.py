@@ -37,9 +37,10 @@ _FIXED = "k, seq, hlc, o, ph, po, th, tor, tph, tpo"
 #: The first of the fixed fields a block row may leave NULL (protocol/batch.py: PREV_HLC).
 _OPTIONAL = PREV_HLC
 
-#: What a block writer did: rows applied, (origin, table, op, key) to
-#: announce, and the tid of a table it appended rows to (or None).
-Done = tuple[int, list[tuple[str, str, int, Any]], "int | None"]
+#: What a block writer did: rows applied, (origin, table, op, keys) to
+#: announce (each list of keys in the block's order), and the tid of a
+#: table it appended rows to (or None).
+Done = tuple[int, list[tuple[str, str, int, list[Any]]], "int | None"]
 
 
 def stage_table(conn: sqlite3.Connection, width: int) -> str:
@@ -63,7 +64,7 @@ def load(conn: sqlite3.Connection, block: Block, fields: list[Any]) -> str:
     bound: the writers number rows by ``n`` in this store's own seqs."""
     stage = stage_table(conn, len(block.columns))
     names = _FIXED.split(", ")
-    keep = [i for i in range(VALUES) if i != SEQ and (i < _OPTIONAL or any(v is not None for v in fields[i]))]
+    keep = [i for i in range(VALUES) if i != SEQ and (i < _OPTIONAL or not all_none(fields[i]))]
     keep += range(VALUES, VALUES + len(block.columns))
     listed = ", ".join([names[i] for i in keep if i < VALUES] + [f"v{i - VALUES}" for i in keep if i >= VALUES])
     rows = block.rows if len(keep) == len(fields) else list(map(itemgetter(*keep), block.rows))
@@ -85,4 +86,18 @@ def keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_ty
 
 
 def not_none(values: Any) -> list[Any]:
-    return [v for v in values if v is not None]
+    return [] if all_none(values) else [v for v in values if v is not None]
+
+
+def all_none(values: tuple[Any, ...] | list[Any]) -> bool:
+    """Whether every one of ``values`` (a block's field, column by column) is
+    None: counted in C, as most optional fields of most blocks are."""
+    return values.count(None) == len(values)
+
+
+def top(values: tuple[Any, ...] | list[Any]) -> Any:
+    """The greatest of ``values`` that is not None (0 if none is)."""
+    missing = values.count(None)
+    if missing == 0:
+        return max(values, default=0)
+    return 0 if missing == len(values) else max(v for v in values if v is not None)

@@ -368,10 +368,8 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     )
     applied = conn.execute(f"SELECT count(*) FROM temp.{stage} WHERE fresh").fetchone()[0]
     name = target.table.info.name
-    remote = [
-        (ap.sender, name, OP_DELETE if deleted else OP_UPDATE if existed else OP_INSERT, k)
-        for k, existed, deleted in conn.execute(
-            f"SELECT k, existed, hlc IS NULL FROM temp.{stage} WHERE fresh AND (existed OR hlc IS NOT NULL) ORDER BY n"
-        )
-    ]
-    return applied, remote, None
+    changed: dict[int, list[Any]] = {OP_INSERT: [], OP_UPDATE: [], OP_DELETE: []}
+    for k, existed, deleted in conn.execute(
+            f"SELECT k, existed, hlc IS NULL FROM temp.{stage} WHERE fresh AND (existed OR hlc IS NOT NULL) ORDER BY n").fetchall():
+        changed[OP_DELETE if deleted else OP_UPDATE if existed else OP_INSERT].append(k)
+    return applied, [(ap.sender, name, op, keys) for op, keys in changed.items() if keys], None

@@ -80,7 +80,7 @@ from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import ConflictNotFound, FailureNotFound, ProtocolError
 from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, SINGLE_VERSION, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, has_raw_text
 from p2pstore.store import capture, gc, modes, origins, policies
-from p2pstore.store.blocks import not_none
+from p2pstore.store.blocks import top
 from p2pstore.store.capture import OP_NAMES, CaptureState, ChangeBatch
 from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind
 from p2pstore.store.changes import (
@@ -502,8 +502,8 @@ def apply_block(ap: _Applier, block: Block) -> bool:
     kinds = set(map(type, keys))
     if len(kinds) != 1 or not kinds <= {int, str} or len(set(keys)) != len(keys):
         return False
-    hlcs = [*not_none(fields[HLC]), *not_none(fields[TOMB_HLC])]
-    if max([*hlcs, *not_none(fields[PREV_HLC]), *not_none(fields[TOMB_PREV_HLC])], default=0) > ap.clock_limit:
+    newest = max(top(fields[HLC]), top(fields[TOMB_HLC]))
+    if max(newest, top(fields[PREV_HLC]), top(fields[TOMB_PREV_HLC])) > ap.clock_limit:
         return False  # the row path logs it as clock_ahead
     if any(map(has_raw_text, fields[VALUES:])):
         return False  # the row path binds it as the bytes it is
@@ -525,9 +525,9 @@ def apply_block(ap: _Applier, block: Block) -> bool:
     conn.execute("RELEASE p2p_block")
     applied, remote, appended = done
     ap.applied += applied
-    ap.max_hlc = max(ap.max_hlc, max(hlcs, default=0))
-    for origin, table_name, op, key in remote:
-        ap.announce(origin, table_name, op, key)
+    ap.max_hlc = max(ap.max_hlc, newest)
+    for origin, table_name, op, keys in remote:
+        ap.announce(origin, table_name, op, *keys)
     if appended is not None:
         ap.appended.add(appended)
     return True
@@ -643,9 +643,9 @@ class _Applier:
         )
         return int(cursor.lastrowid or 0)
 
-    def announce(self, origin: str, table: str, op: int, key: Value) -> None:
+    def announce(self, origin: str, table: str, op: int, *keys: Value) -> None:
         lists = self.remote.setdefault(origin, {}).setdefault(table, {"inserted": [], "updated": [], "deleted": []})
-        lists[OP_NAMES[op]].append(key)
+        lists[OP_NAMES[op]].extend(keys)
 
     def conflict(self, table: str, ck: Value, col: str | None, value: Value, winner: Stamp, loser: Stamp,
                  other_col: str | None = None) -> None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
-from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
+from p2pstore.store.blocks import Done, all_none, keys_stay_distinct, load, not_none
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
     IN_CHUNK, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
@@ -711,7 +711,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)
     insert = f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE {{}} ORDER BY n"
     dense = False  # every staged row is fresh, n = 1 .. rows: seqs and keys follow n
-    if not has["_p2p_cells"] and not has["_p2p_tombs"] and not_none(fields[TOMB_HLC]) == [] and conn.execute(
+    if not has["_p2p_cells"] and not has["_p2p_tombs"] and all_none(fields[TOMB_HLC]) and conn.execute(
             f"SELECT NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = (SELECT k FROM temp.{stage} WHERE n = 1))").fetchone()[0]:
         # The common case of a large sync, rows never seen here (the first is not): insert them
         # all at once and see — the table's UNIQUE index on the conflict value is the probe. A
@@ -750,14 +750,11 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"FROM {source} WHERE s.fresh ORDER BY s.n",
         binds,
     )
-    devices: dict[int, str] = {}
-    remote = []
-    for number, pk in conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)):
-        device = devices.get(number)
-        if device is None:
-            device = devices[number] = ap.origins.device(number)
-        remote.append((device, table.info.name, OP_INSERT, pk))
-    return len(remote), remote, tid if remote else None
+    by_origin: dict[int, list[Any]] = {}
+    for number, pk in conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)).fetchall():
+        by_origin.setdefault(number, []).append(pk)
+    remote = [(ap.origins.device(number), table.info.name, OP_INSERT, keys) for number, keys in by_origin.items()]
+    return inserted, remote, tid if inserted else None
 
 
 def _probe(conn: sqlite3.Connection, table: SyncTable, stage: str, tid: int, has: dict[str, bool], mapped: str) -> str:

@@ -104,13 +104,18 @@ def test_a_sender_keeps_exactly_its_window_in_flight(short_tmp: Path, window: in
         node.stop()
 
 
+async def open_push(peer: Device, node: Node) -> None:
+    """Connect and open a push of table T to the daemon; its ready came."""
+    await peer.manager.connect("127.0.0.1", node.port, node.id)
+    await peer.manager.send(node.id, SyncOpen(REQ, "default", REF["store"], "push", None, None, None,
+                                              (TableOffer("T", None, (), None),)))
+    await eventually(lambda: any(m.req == REQ for _, m in peer.messages if hasattr(m, "req")), 30, "sync_ready")
+
+
 async def push_garbage(peer: Device, node: Node) -> SyncEnd | None:
     await peer.manager.start()
     try:
-        await peer.manager.connect("127.0.0.1", node.port, node.id)
-        await peer.manager.send(node.id, SyncOpen(REQ, "default", REF["store"], "push", None, None, None,
-                                                  (TableOffer("T", None, (), None),)))
-        await eventually(lambda: any(m.req == REQ for _, m in peer.messages if hasattr(m, "req")), 30, "sync_ready")
+        await open_push(peer, node)
         await peer.manager.send(node.id, SyncBatch(REQ, b"\xc1 not a batch"))
         await eventually(lambda: ending(peer) is not None, 30, "sync_end")
         return ending(peer)
@@ -135,10 +140,7 @@ async def push_window(peer: Device, node: Node, payloads: list[bytes]) -> tuple[
     """Push ``payloads`` all at once, before any ack; then end the session."""
     await peer.manager.start()
     try:
-        await peer.manager.connect("127.0.0.1", node.port, node.id)
-        await peer.manager.send(node.id, SyncOpen(REQ, "default", REF["store"], "push", None, None, None,
-                                                  (TableOffer("T", None, (), None),)))
-        await eventually(lambda: any(m.req == REQ for _, m in peer.messages if hasattr(m, "req")), 30, "sync_ready")
+        await open_push(peer, node)
         for payload in payloads:
             await peer.manager.send(node.id, SyncBatch(REQ, payload))
 
