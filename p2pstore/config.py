@@ -97,7 +97,7 @@ class Config:
     mdns_liveness_interval_s: float | None = None
     max_clock_offset_ms: int = DEFAULT_MAX_OFFSET_MS
     #: Sync batches a sender may have unacknowledged (protocol/sync_session.py, 1..64).
-    sync_window: int = 16  # protocol.sync_session.DEFAULT_WINDOW (a lower layer: tests check they agree)
+    sync_window: int = 32  # protocol.sync_session.DEFAULT_WINDOW (a lower layer: tests check they agree)
     #: Peers a received change is passed on to (sync/engine.py; 0: none, anti-entropy only).
     relay_fanout: int = 1
     #: Peers a device chooses to keep channels to in a large fleet (net/overlay.py; 0: always a full mesh).

@@ -227,7 +227,7 @@ def test_max_clock_offset_reaches_the_config(tmp_path: Path) -> None:
 
 
 def test_sync_window_reaches_the_config(tmp_path: Path) -> None:
-    assert build_config().sync_window == 16  # docs/config.md
+    assert build_config().sync_window == 32  # docs/config.md
     assert build_config(write(tmp_path, "sync_window = 64\n")).sync_window == 64
     assert build_config(write(tmp_path, "sync_window = 1\n")).sync_window == 1
 

@@ -75,10 +75,10 @@ from p2pstore.protocol.messages import (
 )
 
 #: Batches a sender may have unacked, by default and at most (``sync_window``).
-#: 16: a receiver applies the batches waiting for it in one transaction (a
-#: group commit, up to 8), and it finds 8 waiting only if the sender is that
-#: far ahead (docs/performance.md, round 6).
-DEFAULT_WINDOW = 16
+#: 32: a receiver applies the batches waiting for it in one transaction (a
+#: group commit, up to 16), and it finds 16 waiting only if the sender is
+#: that far ahead (docs/performance.md, round 6).
+DEFAULT_WINDOW = 32
 MIN_WINDOW, MAX_WINDOW = 1, 64
 #: Payload bytes a sender may have unacked, whatever its window: large rows
 #: go up to ~4 MiB a batch, and both sides hold what is in flight.

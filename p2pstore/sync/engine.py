@@ -164,7 +164,7 @@ AUTO_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 #: that comes meanwhile ends it after the batch being applied
 #: (``Store.apply_changes_group``), so it waits for one batch and the commit;
 #: another program's write waits for the whole transaction (its busy timeout).
-GROUP_COMMIT_BATCHES = 8
+GROUP_COMMIT_BATCHES = 16
 GROUP_COMMIT_BUDGET_S = 0.25
 #: A whole-stream auto push that follows own pushes (they left relayed rows
 #: out) or relays a change waits until the store has been quiet this long
