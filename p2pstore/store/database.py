@@ -1169,11 +1169,13 @@ class Store:
             with self._transaction(conn):
                 local = capture.stamp(conn, self.capture, self.clock, append_limit=0)
                 batch = read(conn)
-                if not batch.more and capture.appended_left(conn, self.capture):
+                left = capture.appended_left(conn, self.capture)
+                if not batch.more and left:
                     local.add(capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS))
                     batch = read(conn)
-                self._appended_left = capture.appended_left(conn, self.capture)
-                if not batch.more and self._appended_left:
+                    left = capture.appended_left(conn, self.capture)
+                self._appended_left = left
+                if not batch.more and left:
                     batch = replace(batch, more=True)  # the next read stamps the next step
             self._note_sent(conn)
             return batch, local
@@ -1396,13 +1398,17 @@ class Store:
         await self.run(op)
 
     async def compact(self, max_chunks: int = 10, *, holders: Collection[str] | None = None, horizon_ms: int = 0,
-                      keep_recent: int = capture.COMPACT_KEEP_RECENT) -> int:
+                      keep_recent: int | None = None) -> int:
         """Drop log rows nothing reads any more (``capture.compact``), a chunk
         per transaction so API writes go between them; the number dropped.
 
         With ``holders`` (the trusted peers), also forget deletes and this
         device's own log rows that every holder that acked within
-        ``horizon_ms`` has applied (``gc.collect``)."""
+        ``horizon_ms`` has applied (``gc.collect``). ``keep_recent``: the
+        newest log rows left alone (default: ``compact_keep_recent``, as
+        the compaction of a large received group)."""
+        if keep_recent is None:
+            keep_recent = self.compact_keep_recent
 
         def chunk(conn: sqlite3.Connection) -> tuple[int, bool]:
             # Stamped first (_stamped): rows applied from peers since the last stamp count as stamped then.

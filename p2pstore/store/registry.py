@@ -256,7 +256,7 @@ class StoreRegistry:
         for store in list(self._stores.values()):
             try:
                 holders = set(self.gc_holders()) if self.gc_holders is not None else None
-                await store.compact(holders=holders, horizon_ms=self.tombstone_horizon_ms, keep_recent=self.compact_keep_recent)
+                await store.compact(holders=holders, horizon_ms=self.tombstone_horizon_ms)  # keep_recent: set at open
             except ValueError:
                 pass  # closed meanwhile
             except (P2PStoreError, sqlite3.Error) as exc:  # busy past the timeout: next time
