@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -57,6 +58,24 @@ log = logging.getLogger("p2pstore.daemon")
 #: A device offers its stores again after local changes at most this often
 #: (the peers' ``unreceived`` figures follow within that time).
 REOFFER_INTERVAL_S = 2.0
+#: Net allocations between two young-generation collections (``tune_gc``; CPython's default 700).
+GC_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a daemon that streams rows.
+
+    A sync allocates and frees a tuple per row and a list per batch — none
+    of them in cycles — and CPython's default (a collection every 700 net
+    allocations) ran ~5 % of a push's CPU on each side collecting them
+    (py-spy --native: ``gc_collect_main``), on a 2-core machine where the
+    two daemons' CPU is the bound. Collections every 20,000 allocations,
+    and the objects of start-up (modules, classes) frozen out of every
+    collection, as long-running Python servers do (``gc.freeze``'s docs):
+    cycles are still collected, later. docs/performance.md, round 7."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
 def setup_logging(level: str) -> None:

@@ -196,7 +196,9 @@ class _Daemon:
                 "--port", "0", "--no-discovery", "--log-level", "warning", *extra]
         if profile is not None:
             pyspy = Path(sys.executable).parent / "py-spy"
-            argv = [str(pyspy), "record", "--format", "raw", "--rate", "200", "--threads", "--nonblocking",
+            # P2PSTORE_BENCH_NATIVE=1: C frames too (SQLite, the gc); py-spy then pauses the process per sample.
+            how = "--native" if os.environ.get("P2PSTORE_BENCH_NATIVE") else "--nonblocking"
+            argv = [str(pyspy), "record", "--format", "raw", "--rate", "200", "--threads", how,
                     "--output", str(profile), "--", *argv]
         self.log_path = root / f"{name or 'd'}.log"
         self.log = open(self.log_path, "ab")

@@ -106,7 +106,7 @@ def main() -> None:
             if not batch.more:
                 break
         print(f"{'single_version' if single_version else 'collaborative'}, {n} rows: A read {read_s:.2f} s, B apply {apply_s:.2f} s")
-        for key, seconds in SECONDS.most_common(14):
+        for key, seconds in SECONDS.most_common(int(os.environ.get("TOP", 14))):
             print(f"{seconds:6.2f} s {CALLS[key]:5d}x  {key}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

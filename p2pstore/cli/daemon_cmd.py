@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser)
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so client-only commands start fast.
-    from p2pstore.daemon import Daemon, setup_logging
+    from p2pstore.daemon import Daemon, setup_logging, tune_gc
 
     config_file = args.config if args.config is not None else default_config_file()
     config = build_config(config_file, {
@@ -44,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
     })
     setup_logging(config.log_level)
     logging.getLogger("p2pstore.daemon").info("config: %s", config_file or "no config file (defaults and flags)")
+    tune_gc()
     asyncio.run(Daemon(config).run())
     return EXIT_OK
