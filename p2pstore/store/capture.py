@@ -47,6 +47,7 @@ import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from p2pstore.clock import HybridClock
@@ -872,14 +873,15 @@ def stamp(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, *, 
             _stamp_cells(conn, table, base - first, first, last)
     if collect:
         names = {t.tid: t.info.name for t in state.tables.values()}
-        seen: set[tuple[int, int, Any]] = set()
         # Rows applied from peers carry their own hlc: they are not local changes.
-        for tid, pk, op in conn.execute("SELECT tid, pk, op FROM _p2p_log WHERE seq >= ? AND hlc IS NULL", (first,)):
-            if (tid, op, pk) in seen or tid not in names:
-                continue
-            seen.add((tid, op, pk))
-            lists = batch.by_table.setdefault(names[tid], {"inserted": [], "updated": [], "deleted": []})
-            lists[OP_NAMES[op]].append(pk)
+        # Each (table, op)'s keys in one query, each key once in seq order (dict.fromkeys):
+        # no Python per log row, which a bulk insert of 100k rows would feel.
+        local = "FROM _p2p_log WHERE seq >= ?1 AND hlc IS NULL"
+        for tid, op in conn.execute(f"SELECT DISTINCT tid, op {local}", (first,)).fetchall():
+            if tid in names:
+                keys = conn.execute(f"SELECT pk {local} AND tid = ?2 AND op = ?3 ORDER BY seq", (first, tid, op))
+                lists = batch.by_table.setdefault(names[tid], {"inserted": [], "updated": [], "deleted": []})
+                lists[OP_NAMES[op]] = list(dict.fromkeys(map(itemgetter(0), keys)))
     return batch
 
 
