@@ -108,6 +108,11 @@ def main() -> None:
         print(f"{'single_version' if single_version else 'collaborative'}, {n} rows: A read {read_s:.2f} s, B apply {apply_s:.2f} s")
         for key, seconds in SECONDS.most_common(int(os.environ.get("TOP", 14))):
             print(f"{seconds:6.2f} s {CALLS[key]:5d}x  {key}")
+        for side in "AB":
+            mine = [k for k in SECONDS if k.startswith(side + " ")]
+            print(f"{side}: {sum(CALLS[k] for k in mine)} statements, {sum(SECONDS[k] for k in mine):.2f} s; "
+                  f"{sum(CALLS[k] for k in mine if SECONDS[k] / CALLS[k] < 1e-4)} of them under 0.1 ms each, "
+                  f"{sum(SECONDS[k] for k in mine if SECONDS[k] / CALLS[k] < 1e-4):.3f} s in all")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
