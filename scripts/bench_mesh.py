@@ -66,7 +66,6 @@ ONLINE_TIMEOUT = 180.0
 ONLINE_TIMEOUT_PER_HOST = 10.0
 REACH_TIMEOUT = 30.0
 QUIET_S = 1.0  # no row moved for this long: the fleet is done with a write
-BACKGROUND_S = 10.0  # how long the quiet fleet is watched for its own sessions
 QUIET_TIMEOUT = 60.0  # at the least; ``QUIET_TIMEOUT_PER_HOST`` × N with more hosts
 #: 64 hosts right after coming online: their 4,032 catch-up sessions were not
 #: over 60 s later on 2 cores.
@@ -177,13 +176,11 @@ async def _quiet(hosts: list[_HostDaemon]) -> dict[str, int]:
     raise RuntimeError(f"the fleet did not go quiet within {timeout} s")
 
 
-async def _background(hosts: list[_HostDaemon], seconds: float) -> float:
-    """Sessions a second the quiet fleet opens by itself (anti-entropy pulls):
-    what the per-insert session counts hold besides the insert's own."""
-    start, t0 = await _traffic(hosts), time.monotonic()
-    await asyncio.sleep(seconds)
-    end = await _traffic(hosts)
-    return (end["sessions_started"] - start["sessions_started"]) / (time.monotonic() - t0)
+async def _anti_entropy_since(hosts: list[_HostDaemon], since_ms: float) -> int:
+    """Anti-entropy pulls the hosts started at or after ``since_ms`` (unix ms;
+    their sync logs, which record every session with its kind)."""
+    logs = await asyncio.gather(*(h.call("store.sync_log", **SV, limit=500) for h in hosts))
+    return sum(1 for log in logs for e in log if e["kind"] == "anti-entropy" and e["at"] >= since_ms)
 
 
 async def _digest(h: _HostDaemon) -> tuple[int, str]:
@@ -241,7 +238,6 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
         for h in hosts:
             subs[h.name] = await h.call("store.subscribe", **SV, type="remote")
         await _quiet(hosts)
-        background = await _background(hosts, BACKGROUND_S)
         before = await _quiet(hosts)
         reach, per_insert, spans = [], [], []
         for k in range(INSERTS):
@@ -251,6 +247,7 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
                 assert h.client is not None
                 while not h.client.notifications.empty():
                     h.client.notifications.get_nowait()
+            started_ms = time.time() * 1000
             await _insert(writer, f"one-{k:03d}", k)
             t_written = time.perf_counter()
             arrived = await asyncio.gather(*(_data_change(h) for h in others))
@@ -258,6 +255,7 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
             after = await _quiet(hosts)
             spans.append(time.perf_counter() - t_written)
             per_insert.append({key: after[key] - before[key] for key in after})
+            per_insert[-1]["anti_entropy"] = await _anti_entropy_since(hosts, started_ms)
             before = after
 
         t_burst = time.perf_counter()
@@ -275,14 +273,14 @@ async def _mesh(bed: Testbed, root: Path, n: int) -> dict[str, Any]:
             "single_row": {
                 "inserts": INSERTS,
                 "reach_all_ms": {"p50": round(statistics.median(reach), 1), "max": round(max(reach), 1)},
-                "sessions_per_insert": statistics.median(p["sessions_started"] for p in per_insert),
+                # The insert's own sessions: those started while it spread, less the periodic
+                # anti-entropy pulls that fell in the same span (each device's, every ~30 s).
+                "sessions_per_insert": statistics.median(p["sessions_started"] - p["anti_entropy"] for p in per_insert),
+                "sessions_each_insert": [p["sessions_started"] - p["anti_entropy"] for p in per_insert],
+                "anti_entropy_each_insert": [p["anti_entropy"] for p in per_insert],
                 "batches_per_insert": statistics.median(p["batches_sent"] for p in per_insert),
                 "duplicates_per_insert": statistics.median(p["duplicates_received"] for p in per_insert),
                 "goal_sessions_per_insert": 2 * (n - 1),
-                # Anti-entropy pulls the quiet fleet opened a second, and the median
-                # seconds from a write to quiet: their product is the share of
-                # sessions_per_insert that is not the insert's.
-                "background_sessions_per_s": round(background, 2),
                 "insert_to_quiet_s": round(statistics.median(spans), 2),
             },
             "burst": {
