@@ -158,8 +158,9 @@ def changes_since(
                 last, more = cut, True
             for t, (block, _) in zip(tables, read):
                 # Whole columns at a time (map, itemgetter: in C): a block is ~1,000 rows.
-                within = block.rows if all(map(last.__ge__, map(_INTERVAL_SEQ, block.rows))) else \
-                    [r for r in block.rows if r[-2] <= last]
+                within = block.rows
+                if not all(map(last.__ge__, map(_INTERVAL_SEQ, within))):
+                    within = [r for r in within if r[-2] <= last]
                 kept = block._replace(rows=list(map(_WIRE_ROW, within)))
                 seqs = list(map(_SEQ, kept.rows))
                 if seqs != sorted(seqs):
