@@ -33,7 +33,8 @@ What it guarantees:
   least ``backoff_max`` seconds resets the backoff.
 - **A bounded active set in a large fleet** (net/overlay.py): with more
   than ``full_mesh_peers`` other trusted devices in view (those with an address,
-  and those connected), a device dials only the ``active_set`` it chooses,
+  and those connected; one whose dials keep failing leaves the view
+  ``VIEW_GRACE_S`` after it began to fail), a device dials only the ``active_set`` it chooses,
   accepts every trusted device that chose it, closes a channel it dialed
   to a device it no longer chooses once the channel has carried nothing
   for ``idle_close`` seconds, and beyond 3 × ``active_set`` channels closes
@@ -91,6 +92,8 @@ DEFAULT_MAX_HANDSHAKES = 64
 MAX_PENDING = 256
 #: Seconds a channel outside the active set may carry nothing before the dialer closes it.
 DEFAULT_IDLE_CLOSE = 60.0
+#: Seconds a trusted device whose dials keep failing stays in the active set's view (``_refresh_overlay``).
+VIEW_GRACE_S = 60.0
 
 OnChange = Callable[[str, bool], object]
 OnMessage = Callable[[str, Message, Channel], Awaitable[None]]
@@ -237,6 +240,8 @@ class PeerManager:
             raise ConfigError(f"active set size must be >= 0 (0: no bound), not {active_set}")
         #: Who this device keeps channels to, and the trees changes travel on (net/overlay.py).
         self.overlay = Overlay(identity.device_id, active_set, full_mesh_peers)
+        #: Trusted devices whose every address has failed three dials running: since when (``_refresh_overlay``).
+        self._failing_since: dict[str, float] = {}
         self._idle_close = idle_close
         if not 0 < keepalive_interval < dead_after:
             # A channel must hear a keepalive before it gives the peer up.
@@ -735,10 +740,28 @@ class PeerManager:
 
     def _refresh_overlay(self) -> None:
         """The view the active set is chosen from: trusted devices connected,
-        or with an address whose dials have not failed three times in a row."""
-        view = {a.device_id for a in self._addresses.values()
-                if a.device_id and a.failures < 3 and self._trust.is_trusted(a.device_id)}
-        self.overlay.update(view | set(self._channels))
+        or with an address whose dials have not failed three times in a row —
+        or began failing less than ``VIEW_GRACE_S`` ago. Every device must
+        compute the same graph from its view (net/overlay.py); a loaded
+        fleet's dials time out now and then, and a view that dropped a device
+        at its third failure changed, and the graph and trees with it, every
+        few seconds somewhere (64 hosts: docs/performance.md, round 5)."""
+        now = time.monotonic()
+        reachable: dict[str, bool] = {}
+        for a in self._addresses.values():
+            peer = a.device_id
+            if peer and self._trust.is_trusted(peer):
+                reachable[peer] = reachable.get(peer, False) or a.failures < 3 or peer in self._channels
+        view = set(self._channels)
+        for peer, fine in reachable.items():
+            if fine:
+                self._failing_since.pop(peer, None)
+                view.add(peer)
+            elif now - self._failing_since.setdefault(peer, now) < VIEW_GRACE_S:
+                view.add(peer)
+        for peer in [p for p in self._failing_since if p not in reachable]:
+            del self._failing_since[peer]
+        self.overlay.update(view)
 
     def _prune(self, now: float) -> float:
         """Close what the active set no longer wants (module docstring);
