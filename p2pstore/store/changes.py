@@ -24,10 +24,10 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-from operator import itemgetter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from p2pstore.errors import InvalidParams, ProtocolError

@@ -19,6 +19,7 @@ from p2pstore import PROTOCOL_VERSION
 from peer_agent import Device, agent_command, eventually, make_hello
 
 from p2pstore.errors import ChannelError, DeviceOffline, DeviceUntrusted
+from p2pstore.net import peers as peers_module
 from p2pstore.protocol.messages import Message, register
 
 pytestmark = pytest.mark.timeout(60)
@@ -429,8 +430,6 @@ async def test_a_chosen_device_that_stops_answering_stays_in_the_view_for_the_gr
     for ``VIEW_GRACE_S`` after they began to fail, not only until its third
     failure: every device computes the graph from its view, and in a loaded
     fleet dials time out now and then (net/peers.py ``_refresh_overlay``)."""
-    from p2pstore.net import peers as peers_module
-
     monkeypatch.setattr(peers_module, "VIEW_GRACE_S", 3.0)
     a = devices("a", active_set=2, full_mesh_peers=2)
     others = [devices(f"o{i}") for i in range(4)]
