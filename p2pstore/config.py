@@ -101,7 +101,7 @@ class Config:
     #: Peers a received change is passed on to (sync/engine.py; 0: none, anti-entropy only).
     relay_fanout: int = 1
     #: Peers a device chooses to keep channels to in a large fleet (net/overlay.py; 0: always a full mesh).
-    active_set: int = 0
+    active_set: int = 8  # net.overlay.DEFAULT_ACTIVE_SET (a higher layer: tests check they agree)
     #: Peers in view up to which every device still connects to every other (a full mesh).
     full_mesh_peers: int = 16
     #: Seconds a channel outside the active set (opened on demand) may be idle before its dialer closes it.

@@ -23,8 +23,8 @@ host. For each N it prints one JSON object:
   and a digest of the synced columns);
 - ``log_problems``: ERROR / Traceback lines in all daemons' logs.
 
-``P2PSTORE_BENCH_ACTIVE_SET=8`` runs every daemon with that ``active_set``
-(docs/config.md; 0, no bound, by default).
+``P2PSTORE_BENCH_ACTIVE_SET=K`` runs every daemon with that ``active_set``
+(docs/config.md; 0: a full mesh at every size).
 
 Every wait is bounded; the testbed and the daemons are removed at the end,
 also when a step fails (``P2PSTORE_BENCH_KEEP=1`` keeps the daemons' data
@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "tests" / "multihost"))
 from testbed import Testbed, unavailable_reason  # noqa: E402
 
 from p2pstore.client import Client  # noqa: E402
+from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, DEFAULT_FULL_MESH_PEERS  # noqa: E402
 
 SV = {"store": "RdbTest", "bundle": "com.example.rdbDataSync"}
 LONE = {"store": "lone"}
@@ -66,7 +67,7 @@ ONLINE_TIMEOUT = 180.0
 ONLINE_TIMEOUT_PER_HOST = 10.0
 REACH_TIMEOUT = 30.0
 QUIET_S = 1.0  # no row moved for this long: the fleet is done with a write
-ACTIVE_SET = os.environ.get("P2PSTORE_BENCH_ACTIVE_SET")  # e.g. 8: the bounded active set (off by default)
+ACTIVE_SET = os.environ.get("P2PSTORE_BENCH_ACTIVE_SET")  # e.g. 0: a full mesh at every size (default: the config's)
 QUIET_TIMEOUT = 60.0  # at the least; ``QUIET_TIMEOUT_PER_HOST`` × N with more hosts
 #: 64 hosts right after coming online: their 4,032 catch-up sessions were not
 #: over 60 s later on 2 cores.
@@ -165,6 +166,12 @@ MOVING = ("rows_sent", "rows_received")
 MOVING_SPARSE = ("rows_applied",)
 
 
+def _sparse(n: int) -> bool:
+    """Whether ``n`` daemons keep an active set rather than a full mesh (net/overlay.py)."""
+    k = int(ACTIVE_SET) if ACTIVE_SET else DEFAULT_ACTIVE_SET
+    return k > 0 and n - 1 > DEFAULT_FULL_MESH_PEERS
+
+
 async def _quiet(hosts: list[_HostDaemon]) -> dict[str, int]:
     """Traffic totals once no row moved between any hosts for QUIET_S."""
     last = await _traffic(hosts)
@@ -174,7 +181,7 @@ async def _quiet(hosts: list[_HostDaemon]) -> dict[str, int]:
     while time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         now = await _traffic(hosts)
-        if any(now[key] != last[key] for key in (MOVING_SPARSE if ACTIVE_SET else MOVING)):
+        if any(now[key] != last[key] for key in (MOVING_SPARSE if _sparse(len(hosts)) else MOVING)):
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= QUIET_S:
             return now

@@ -237,3 +237,11 @@ def test_fleet_options_reach_the_config(tmp_path: Path) -> None:
     assert default.relay_fanout == 1 and default.anti_entropy_interval_s == 30.0  # docs/config.md
     got = build_config(write(tmp_path, "relay_fanout = 0\nanti_entropy_interval_s = 2.5\n"))
     assert got.relay_fanout == 0 and got.anti_entropy_interval_s == 2.5
+
+
+def test_the_active_set_defaults_agree_with_the_overlay() -> None:
+    # config.py is layer 0 and can't import net/overlay.py: each states the default once, checked here.
+    from p2pstore.config import Config
+    from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, DEFAULT_FULL_MESH_PEERS
+
+    assert (Config().active_set, Config().full_mesh_peers) == (DEFAULT_ACTIVE_SET, DEFAULT_FULL_MESH_PEERS) == (8, 16)

@@ -124,7 +124,17 @@ def test_the_full_mesh_stays_up_to_its_own_bound() -> None:
     assert o.sparse and len(o.chosen()) == 8 and o.chosen() <= o.links() < frozenset(ids(18)[1:])
 
 
-def test_by_default_there_is_no_bound() -> None:
-    o = Overlay(ids(1)[0])
+def test_by_default_a_full_mesh_up_to_16_peers_then_8_chosen() -> None:
+    me = ids(1)[0]
+    small = Overlay(me)
+    small.update(ids(17))  # me and 16 others
+    assert not small.sparse and small.links() == frozenset(ids(17)[1:])
+    large = Overlay(me)
+    large.update(ids(100))
+    assert large.sparse and len(large.chosen()) == 8 and large.chosen() <= large.links() < frozenset(ids(100)[1:])
+
+
+def test_active_set_0_is_no_bound() -> None:
+    o = Overlay(ids(1)[0], k=0)
     o.update(ids(100))
     assert not o.sparse and o.links() == frozenset(ids(100)[1:])
