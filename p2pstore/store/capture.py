@@ -615,12 +615,12 @@ def log_all_rows_again(conn: sqlite3.Connection, tid: int, info: TableInfo, colu
 def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable, limit: int | None = None) -> None:
     """Log the rows another program appended (rowid above the high-water
     mark): the first ``limit`` of them in rowid order, or all."""
-    if table.hw is None:
+    if limit == 0:
+        return
+    top = _appended_top(conn, table)
+    if top is None:
         return
     name = quote_ident(table.info.name)
-    top = conn.execute(f"SELECT max(rowid) FROM {name}").fetchone()[0]
-    if top is None or top <= table.hw or limit == 0:
-        return
     if limit is not None:
         top = conn.execute(f"SELECT max(rowid) FROM (SELECT rowid FROM {name} WHERE rowid > ? ORDER BY rowid LIMIT ?)",
                            (table.hw, limit)).fetchone()[0]
@@ -638,12 +638,16 @@ def _log_appended_rows(conn: sqlite3.Connection, table: CapturedTable, limit: in
 def appended_left(conn: sqlite3.Connection, state: CaptureState) -> bool:
     """Whether some table has rows another program appended that no stamp
     logged yet (a stamp with ``append_limit`` leaves the rest for later)."""
-    for table in state.tables.values():
-        if table.hw is not None:
-            top = conn.execute(f"SELECT max(rowid) FROM {quote_ident(table.info.name)}").fetchone()[0]
-            if top is not None and top > table.hw:
-                return True
-    return False
+    return any(_appended_top(conn, table) is not None for table in state.tables.values())
+
+
+def _appended_top(conn: sqlite3.Connection, table: CapturedTable) -> int | None:
+    """The highest rowid of ``table`` if rows lie above its high-water mark
+    (another program appended them), else None (or a table not watched so)."""
+    if table.hw is None:
+        return None
+    top = conn.execute(f"SELECT max(rowid) FROM {quote_ident(table.info.name)}").fetchone()[0]
+    return top if top is not None and top > table.hw else None
 
 
 def skip_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
@@ -653,10 +657,8 @@ def skip_appended_rows(conn: sqlite3.Connection, table: CapturedTable) -> None:
     peers' rows: those rowids are above the mark and would otherwise be
     logged as local inserts by the next stamp (an echo).
     """
-    if table.hw is None:
-        return
-    top = conn.execute(f"SELECT max(rowid) FROM {quote_ident(table.info.name)}").fetchone()[0]
-    if top is not None and top > table.hw:
+    top = _appended_top(conn, table)
+    if top is not None:
         conn.execute("UPDATE _p2p_hw SET hw = ? WHERE tid = ?", (top, table.tid))
         table.hw = top
 

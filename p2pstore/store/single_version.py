@@ -719,9 +719,9 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         conn.execute("SAVEPOINT p2p_fresh")
         inserted = conn.execute(insert.format("true") + " ON CONFLICT DO NOTHING").rowcount
         dense = inserted == len(block.rows)
-        conn.execute("RELEASE p2p_fresh" if dense else "ROLLBACK TO p2p_fresh")
         if not dense:
-            conn.execute("RELEASE p2p_fresh")
+            conn.execute("ROLLBACK TO p2p_fresh")
+        conn.execute("RELEASE p2p_fresh")
     if not dense:
         found = _probe(conn, table, stage, tid, has, mapped)
         if found == "planner":
