@@ -67,13 +67,12 @@ def graph(view: Iterable[str], k: int, mesh: int = 0) -> dict[str, frozenset[str
     return {d: frozenset(ps) for d, ps in links.items()}
 
 
-def children(links: Graph, origin: str, me: str) -> frozenset[str]:
-    """The devices ``me`` passes ``origin``'s changes on to: its children in
-    the breadth-first tree of ``links`` rooted at ``origin``, neighbours
-    visited in the order of their hash with ``origin`` (empty when either is
-    not in the graph)."""
-    if origin not in links or me not in links:
-        return frozenset()
+def tree(links: Graph, origin: str) -> dict[str, str | None]:
+    """Each device's parent in the breadth-first tree of ``links`` rooted at
+    ``origin`` (``origin`` itself: None), neighbours visited in the order of
+    their hash with ``origin``; empty when ``origin`` is not in the graph."""
+    if origin not in links:
+        return {}
     parent: dict[str, str | None] = {origin: None}
     queue = deque([origin])
     while queue:
@@ -82,7 +81,15 @@ def children(links: Graph, origin: str, me: str) -> frozenset[str]:
             if nxt not in parent:
                 parent[nxt] = node
                 queue.append(nxt)
-    return frozenset(d for d, p in parent.items() if p == me)
+    return parent
+
+
+def children(links: Graph, origin: str, me: str) -> frozenset[str]:
+    """The devices ``me`` passes ``origin``'s changes on to: its children in
+    ``origin``'s tree (empty when either is not in the graph)."""
+    if me not in links:
+        return frozenset()
+    return frozenset(d for d, p in tree(links, origin).items() if p == me)
 
 
 class Overlay:
@@ -99,6 +106,7 @@ class Overlay:
         self.mesh = mesh
         self._view: frozenset[str] = frozenset({me})
         self._graph: dict[str, frozenset[str]] = {me: frozenset()}
+        self._trees: dict[str, dict[str, str | None]] = {}
         self._children: dict[str, frozenset[str]] = {}
         self._forwarding: dict[str, frozenset[str]] = {}
 
@@ -114,6 +122,7 @@ class Overlay:
             return False
         self._view = new
         self._graph = graph(new, self.k, self.mesh)
+        self._trees = {}
         self._children = {}
         self._forwarding = {}
         return True
@@ -127,11 +136,23 @@ class Overlay:
     def links(self) -> frozenset[str]:
         return self._graph.get(self.me, frozenset())
 
+    def _tree(self, origin: str) -> dict[str, str | None]:
+        found = self._trees.get(origin)
+        if found is None:
+            found = self._trees[origin] = tree(self._graph, origin)
+        return found
+
     def children(self, origin: str) -> frozenset[str]:
         found = self._children.get(origin)
         if found is None:
-            found = self._children[origin] = children(self._graph, origin, self.me)
+            mine = self._tree(origin)
+            found = self._children[origin] = frozenset(d for d, p in mine.items() if p == self.me)
         return found
+
+    def parent(self, origin: str) -> str | None:
+        """The device this one gets ``origin``'s changes from along
+        ``origin``'s tree (None for ``origin`` itself, or one not in view)."""
+        return self._tree(origin).get(self.me)
 
     def forwarding(self, peer: str) -> frozenset[str]:
         """The other devices whose changes this one passes on to ``peer``:

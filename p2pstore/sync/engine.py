@@ -45,7 +45,9 @@ Invariants:
   auto-sync store from one random online trusted peer, which brings
   anything a lost or bounded push left out. So one change costs about
   (1 + fanout) x (N - 1) sessions in a fleet of N, not (N - 1)^2, and a
-  device that missed it still converges. In a fleet, a push that lingers
+  device that missed it still converges. Beyond the full mesh (the active
+  set) a change goes along its writer's tree instead, N - 1 sessions, and
+  only one that came off its tree is relayed. In a fleet, a push that lingers
   reads on at most once per pace (``LINGER_PACE_PER_PEER_S``), so a burst
   costs each link one batch per pace, not one per round trip.
 """
@@ -1077,7 +1079,18 @@ class SyncEngine:
         ``relay_fanout`` online trusted ones, chosen at random, never the
         sender or a device the changes came from (it pushed them itself to
         the peers it reaches; anti-entropy covers what nobody passed on),
-        nor one ``store``'s replica links do not auto-send to."""
+        nor one ``store``'s replica links do not auto-send to.
+
+        In a large fleet (the active set), a change that came along its
+        writers' trees — ``sender`` is this device's parent in each of them
+        — goes on along those trees only (``tree_children``): they reach
+        every device in view, and a relay by each receiver was a second
+        session per device and change (docs/sync.md, "The active set"). A
+        change that came another way (a relay, a whole push, anti-entropy:
+        some tree missed a device) is relayed as before."""
+        overlay = self.peers.overlay
+        if overlay.sparse and all(overlay.parent(o) == sender for o in origins):
+            return []
         skip = {sender, *origins}
         others = [p for p in self._auto_peers() if p not in skip and (store is None or _auto_sends(store, p))]
         if len(others) <= self.relay_fanout:

@@ -9,6 +9,7 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
+from p2pstore.net import overlay
 from p2pstore.net.overlay import Overlay
 from p2pstore.sync.engine import SyncEngine
 
@@ -45,3 +46,32 @@ def test_targets_are_spread_over_the_other_peers() -> None:
     counts = Counter(e.relay_targets("P1", [])[0] for _ in range(1000))
     assert set(counts) == {"P2", "P3", "P4", "P5", "P6"}
     assert min(counts.values()) > 120  # about 200 each
+
+
+
+def sparse_engine(me: str, view: list[str], seed: int = 1) -> SyncEngine:
+    """An engine with a 2-peer active set over ``view`` (all online, trusted)."""
+    e = engine(1, [d for d in view if d != me], seed=seed)
+    e.peers.overlay = Overlay(me, 2, 2)
+    e.peers.overlay.update(view)
+    assert e.peers.overlay.sparse
+    return e
+
+
+def test_in_a_large_fleet_a_change_that_came_along_its_tree_is_not_relayed() -> None:
+    view = [f"D{i:02d}" for i in range(12)]
+    links = overlay.graph(view, 2, 2)
+    for me in view:
+        e = sparse_engine(me, view)
+        parent_of = {w: e.peers.overlay.parent(w) for w in view if w != me}
+        for writer, parent in parent_of.items():
+            assert parent is not None and me in overlay.children(links, writer, parent)
+            # from its parent in the writer's tree: the tree goes on, no relay
+            assert e.relay_targets(parent, [writer]) == []
+            # from anyone else (a relay, a whole push): one relay, as in a full mesh
+            other = next(d for d in view if d not in (me, parent, writer))
+            got = e.relay_targets(other, [writer])
+            assert len(got) == 1 and got[0] not in (other, writer, me)
+        # changes of several writers in one batch: no relay only if the sender is the parent in every tree
+        w1, w2 = sorted(parent_of)[:2]
+        assert (e.relay_targets(parent_of[w1], [w1, w2]) == []) == (parent_of[w1] == parent_of[w2])
