@@ -1047,9 +1047,10 @@ class SyncEngine:
         book = forwarded_since(before, forwarding, since)
         self._forwarded[key] = (stream, book)
         acked = self._whole_acked.get(key)
-        if book.keys() - before.keys() and acked is not None and acked < since:
-            # A grant needs the peer's watermark past where forwarding began: a lazy whole push moves it
-            # (never synced whole since this daemon started: the next relay or reconnect will).
+        if book and (acked is None or acked < max(book.values())):
+            # A grant needs the peer's watermark past where forwarding began: a lazy whole push moves
+            # it — once per link (and forwarding set) since this daemon started, as along the trees
+            # no relay does it (without it no grant formed in a 64-host fleet: docs/performance.md).
             self._whole_later(store, peer, WHOLE_QUIET_S)
         return forwarding, (book if stream is not None else {})
 

@@ -61,6 +61,11 @@ def test_channels_follow_the_overlay_and_a_write_reaches_everyone(fleet: list[No
                 assert views[o.id]["online"] and not views[o.id]["connected"], (n.name, views[o.id])
     for n in nodes:
         setup_employee(n, auto_sync=True)
+    # A first write on every device: each link's first eager push asks for one lazy whole push
+    # (the watermark a grant needs; sync/engine.py ``_forwarding``), once.
+    for n in nodes:
+        n.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"first-{n.name}", "AGE": 0})
+    wait_until(lambda: all(n.count(SV_REF, "EMPLOYEE") == N for n in nodes), 10, "the first writes everywhere")
     before = quiet_sessions(nodes, 1.5)
     for k, writer in enumerate(nodes[:3]):
         t0 = int(time.time() * 1000) - 5
@@ -80,6 +85,11 @@ def test_channels_follow_the_overlay_and_a_write_reaches_everyone(fleet: list[No
         assert N - 1 <= after - before <= N, f"insert {k}: {after - before} sessions"
         before = after
     assert all(connected(n) == links[n.id] for n in nodes)
+    # Each device's origin marks cover every writer — from its own links, or granted by its tree
+    # parents — so a pull from any linked peer (as anti-entropy does) moves no row at all.
+    for n in nodes:
+        got = n.sync("pull", SV_REF, sorted(links[n.id]))
+        assert all(r["code"] == 0 and r["sent"] == 0 for r in got.values()), (n.name, got)
 
 
 def test_sync_and_query_reach_a_device_outside_the_set_on_demand(fleet: list[Node]) -> None:

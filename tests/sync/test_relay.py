@@ -4,6 +4,7 @@ never the sender or an origin of the changes, spread at random."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from types import SimpleNamespace
@@ -75,3 +76,31 @@ def test_in_a_large_fleet_a_change_that_came_along_its_tree_is_not_relayed() -> 
         # changes of several writers in one batch: no relay only if the sender is the parent in every tree
         w1, w2 = sorted(parent_of)[:2]
         assert (e.relay_targets(parent_of[w1], [w1, w2]) == []) == (parent_of[w1] == parent_of[w2])
+
+
+def test_a_forwarding_link_gets_one_lazy_whole_push_until_the_peer_acked_past_where_forwarding_began() -> None:
+    """A grant (protocol 5) needs the peer's watermark past the seq where
+    forwarding to it began; along the trees no relay moves it, so the first
+    eager read on a link asks for a lazy whole push — also when this daemon
+    has seen no whole-stream ack from the peer yet (before, no grant ever
+    formed then) — and none once the peer acked past it."""
+    view = [f"D{i:02d}" for i in range(12)]
+    me = view[0]
+    store: Any = SimpleNamespace(bundle="b", name="s")
+
+    async def run() -> None:
+        e = sparse_engine(me, view)
+        peer = next(p for p in sorted(e.peers.overlay.links()) if e.peers.overlay.forwarding(p))
+        key = (("b", "s"), peer)
+        forwarding, _ = e._forwarding(store, peer, 10)  # first eager read, no whole ack known
+        assert forwarding and key in e._whole_timers
+        e._whole_timers.pop(key).cancel()
+        e._whole_acked[("b", "s", peer)] = 9  # a whole push acked, but short of where forwarding began
+        e._forwarding(store, peer, 12)
+        assert key in e._whole_timers
+        e._whole_timers.pop(key).cancel()
+        e._whole_acked[("b", "s", peer)] = 12  # past it: grants can form, no more whole pushes
+        e._forwarding(store, peer, 20)
+        assert key not in e._whole_timers
+
+    asyncio.run(run())
