@@ -199,6 +199,12 @@ DEFAULT_ANTI_ENTROPY_S = 30.0
 #: Each wait is the interval times a random factor in this range, so a fleet
 #: started at once does not pull in lockstep.
 ANTI_ENTROPY_JITTER = (0.75, 1.25)
+#: An anti-entropy pull that brought changes no push had brought is followed
+#: by another, from a holder not yet asked, once the store has been quiet for
+#: ``WHOLE_QUIET_S`` — up to this many in a row (``SyncEngine._follow_up``):
+#: pushes missed something (a link timed out under load), so the device
+#: keeps pulling while pulls are fruitful instead of waiting an interval each.
+ANTI_ENTROPY_STREAK = 8
 
 
 #: The result codes, the error -> code table and the session's rules live in
@@ -428,6 +434,7 @@ class SyncEngine:
         self._auto: dict[tuple[tuple[str, str], str], bool] = {}  # (store, peer) -> dirty again while running
         self._auto_whole: set[tuple[tuple[str, str], str]] = set()  # the next auto push sends the whole stream
         self._whole_timers: dict[tuple[tuple[str, str], str], asyncio.TimerHandle] = {}  # (``_whole_later``)
+        self._follow_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}  # store -> (``_follow_up``)
         self._active: dict[tuple[str, str], float] = {}  # store -> when it last wrote or applied a change (monotonic)
         #: (store, peer) -> (this store's stream, {device: since which seq every eager read for the peer forwarded it})
         self._forwarded: dict[tuple[str, str, str], tuple[str | None, dict[str, int]]] = {}
@@ -455,9 +462,10 @@ class SyncEngine:
 
     async def stop(self) -> None:
         self._stopped = True  # a session a peer opens from now on is not served: the stores close next
-        for timer in self._whole_timers.values():
-            timer.cancel()
-        self._whole_timers.clear()
+        for timers in (self._whole_timers, self._follow_timers):
+            for timer in timers.values():
+                timer.cancel()
+            timers.clear()
         await self._tasks.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -1103,32 +1111,62 @@ class SyncEngine:
         pulled from one random online trusted peer that offered it."""
         while True:
             await asyncio.sleep(self.anti_entropy_interval * self._rng.uniform(*ANTI_ENTROPY_JITTER))
-            online = self._auto_peers()
             for store in self.registry.stores():
-                if not any(store.auto_sync.values()) or store.restore_pending or store.inconsistent is not None:
-                    continue
-                holders = [p for p in online if (store.bundle, store.name) in self.peer_tables.get(p, {})
-                           and store.replica(p).kind in (ReplicaKind.TWO_WAY, ReplicaKind.RECEIVE)]
+                holders = self._anti_entropy_holders(store)
                 if holders:
                     self.anti_entropy(store, self._rng.choice(holders))
 
-    def anti_entropy(self, store: Store, peer: str) -> bool:
+    def _anti_entropy_holders(self, store: Store) -> list[str]:
+        """The online peers ``store`` may be pulled from in the background: it
+        has auto-sync tables, and they offered it and send to this device."""
+        if not any(store.auto_sync.values()) or store.restore_pending or store.inconsistent is not None:
+            return []
+        return [p for p in self._auto_peers() if (store.bundle, store.name) in self.peer_tables.get(p, {})
+                and store.replica(p).kind in (ReplicaKind.TWO_WAY, ReplicaKind.RECEIVE)]
+
+    def anti_entropy(self, store: Store, peer: str, streak: frozenset[str] = frozenset()) -> bool:
         """Pull ``store`` from ``peer`` in the background, unless such a pull
-        of the store is already running (False then)."""
+        of the store is already running (False then); ``streak``: the peers
+        the fruitful pulls just before this one asked (``_follow_up``)."""
         key = (store.bundle, store.name)
         if key in self._anti_entropy_running:
             return False
         self._anti_entropy_running.add(key)
-        self._spawn(self._anti_entropy_pull(store, peer, key), f"anti-entropy {store.name} <- {peer}")
+        self._spawn(self._anti_entropy_pull(store, peer, key, streak), f"anti-entropy {store.name} <- {peer}")
         return True
 
-    async def _anti_entropy_pull(self, store: Store, peer: str, key: tuple[str, str]) -> None:
+    def _follow_up(self, store: Store, streak: frozenset[str], asked: float) -> None:
+        """The pull after a fruitful one (``ANTI_ENTROPY_STREAK``), from a
+        holder this streak has not asked yet if there is one, once the store
+        has been quiet for ``WHOLE_QUIET_S`` (while changes still flow the
+        pushes are on their way); dropped if that takes an interval."""
+        key = (store.bundle, store.name)
+        self._follow_timers.pop(key, None)
+        if self._stopped:
+            return
+        now = time.monotonic()
+        wait = self._active.get(key, -math.inf) + WHOLE_QUIET_S - now
+        if wait > 0:
+            if now - asked < self.anti_entropy_interval:
+                self._follow_timers[key] = asyncio.get_running_loop().call_later(
+                    wait, self._follow_up, store, streak, asked)
+            return
+        holders = self._anti_entropy_holders(store)
+        others = [p for p in holders if p not in streak] or holders
+        if others:
+            self.anti_entropy(store, self._rng.choice(others), streak)
+
+    async def _anti_entropy_pull(self, store: Store, peer: str, key: tuple[str, str],
+                                 streak: frozenset[str] = frozenset()) -> None:
         try:
             with self.lag.session(peer, store.bundle, store.name, "receive", session_code):
                 stats = await self._logged_session(store, "pull", peer, Selection(), None, "anti-entropy")
             if stats.applied:
                 log.info("anti-entropy: %d change(s) of %s/%s from %s that no push had brought",
                          stats.applied, store.bundle, store.name, peer)
+                if len(streak) < ANTI_ENTROPY_STREAK and key not in self._follow_timers:
+                    self._follow_timers[key] = asyncio.get_running_loop().call_later(
+                        WHOLE_QUIET_S, self._follow_up, store, streak | {peer}, time.monotonic())
         except (SessionEnded, P2PStoreError) as exc:
             log.debug("anti-entropy pull of %s/%s from %s: code %d %s", store.bundle, store.name, peer,
                       session_code(exc), getattr(exc, "message", exc))

@@ -90,6 +90,33 @@ def test_a_returning_device_converges_through_anti_entropy_alone(linked_daemons,
         assert view["traffic"]["sessions_served"] >= 1
 
 
+def test_a_fruitful_anti_entropy_pull_is_followed_by_pulls_from_the_other_holders(linked_daemons, short_tmp: Path) -> None:
+    """Pushes missed changes (here: the writers push nothing): after a pull
+    that brought some, the device pulls again from a holder it has not asked
+    yet, about a second later, instead of waiting an interval for each
+    (sync/engine.py ``ANTI_ENTROPY_STREAK``) — so the three writers' rows all
+    arrive before a second regular pull could even start."""
+    interval = 8.0
+    quiet = "relay_fanout = 0\nanti_entropy_interval_s = 0\n"
+    flags: dict[int, Any] = {i: config_flag(short_tmp, f"w{i}", quiet) for i in range(3)}
+    flags[3] = config_flag(short_tmp, "puller", f"relay_fanout = 0\nanti_entropy_interval_s = {interval}\n")
+    *writers, puller = linked_daemons(4, schema=True, flags=flags)
+    for i, w in enumerate(writers):
+        setup_employee(w, auto_sync=False)  # they push nothing, ever
+        for k in range(10):
+            w.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"w{i}-{k}", "AGE": k})
+    setup_employee(puller, auto_sync=True)
+    expected = {f"w{i}-{k}" for i in range(3) for k in range(10)}
+    wait_until(lambda: names(puller) == expected, 6 * interval, "the puller has every writer's rows", interval=0.1)
+
+    pulls = sorted((e for e in puller.call("store.sync_log", **SV_REF, limit=100)
+                    if e["kind"] == "anti-entropy" and e["applied"]), key=lambda e: e["at"])
+    assert sorted(e["peer"] for e in pulls) == sorted(w.id for w in writers), pulls  # each writer once
+    span_s = (pulls[-1]["at"] - pulls[0]["at"]) / 1000
+    # regular pulls come at least 0.75 x the interval apart (ANTI_ENTROPY_JITTER)
+    assert span_s < 0.75 * interval, f"the three fruitful pulls took {span_s:.1f} s: {pulls}"
+
+
 def test_a_push_after_a_write_carries_own_changes_and_a_whole_one_follows(linked_daemons, short_tmp: Path) -> None:
     """A - B - C, A and C strangers, no relay and no anti-entropy: B's push
     after its own write carries B's row only (protocol 4, ``own``), and A's
