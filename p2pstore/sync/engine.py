@@ -1135,11 +1135,12 @@ class SyncEngine:
         self._spawn(self._anti_entropy_pull(store, peer, key, streak), f"anti-entropy {store.name} <- {peer}")
         return True
 
-    def _follow_up(self, store: Store, streak: frozenset[str], asked: float) -> None:
+    def _follow_up(self, store: Store, streak: frozenset[str], since: float) -> None:
         """The pull after a fruitful one (``ANTI_ENTROPY_STREAK``), from a
         holder this streak has not asked yet if there is one, once the store
         has been quiet for ``WHOLE_QUIET_S`` (while changes still flow the
-        pushes are on their way); dropped if that takes an interval."""
+        pushes are on their way); dropped if that takes an interval from
+        ``since``, when the fruitful pull ended."""
         key = (store.bundle, store.name)
         self._follow_timers.pop(key, None)
         if self._stopped:
@@ -1147,9 +1148,9 @@ class SyncEngine:
         now = time.monotonic()
         wait = self._active.get(key, -math.inf) + WHOLE_QUIET_S - now
         if wait > 0:
-            if now - asked < self.anti_entropy_interval:
+            if now - since < self.anti_entropy_interval:
                 self._follow_timers[key] = asyncio.get_running_loop().call_later(
-                    wait, self._follow_up, store, streak, asked)
+                    wait, self._follow_up, store, streak, since)
             return
         holders = self._anti_entropy_holders(store)
         others = [p for p in holders if p not in streak] or holders
