@@ -43,7 +43,10 @@ Invariants:
   sweep keeps resolving it for ``DORMANT_SECONDS``, because when that device
   comes back (restarted after a crash) its announcement repeats a record the
   browser already has and raises no event of its own. A goodbye removes the
-  record, so a return after one is announced as usual.
+  record, so a return after one is announced as usual. A *new* instance
+  whose first resolve got no reply (its answer lost on a loaded host) is
+  kept dormant the same way: the browser holds its PTR and would raise no
+  second event, so it would stay unknown.
 """
 
 from __future__ import annotations
@@ -596,8 +599,12 @@ class Discovery:
                 log.info("service %r stopped answering (no reply within %d ms)", name, self._resolve_timeout_ms)
                 self._forget_instance(key)
                 self._keep_dormant(key, name)
-            else:
-                log.debug("service %r did not answer within %d ms; ignoring it", name, self._resolve_timeout_ms)
+            elif key not in self._dormant:
+                # A new service whose answer was lost (a loaded host, a lossy link): the browser
+                # raises no second event for a record it holds, so without this it stayed unknown.
+                log.info("service %r did not answer within %d ms; trying again every %g s",
+                         name, self._resolve_timeout_ms, self._liveness_interval)
+                self._keep_dormant(key, name)
             return
         instance = name[: -len(SERVICE_TYPE) - 1] if name.lower().endswith(SERVICE_TYPE.lower()) else name
         try:
@@ -611,7 +618,7 @@ class Discovery:
         if self._info is not None and key == self._info.name.lower():
             self._resolve_conflict(peer.device_id)
         if self._dormant.pop(key, None) is not None:
-            log.info("service %r answers again", name)
+            log.info("service %r answers (after a resolve that got no reply)", name)
         old_id = self._instances.get(key)
         self._instances[key] = peer.device_id
         self._names[key] = name

@@ -605,3 +605,32 @@ def test_avahi_browse_sees_our_service(avahi: dict[str, str]) -> None:
             assert item in fields[9]
     finally:
         agent.stop()
+
+
+async def test_a_new_service_whose_first_resolve_got_no_reply_is_found_by_the_sweep(loopback_multicast, monkeypatch) -> None:
+    """The browser raises one Added event per instance; if resolving it then
+    times out (an answer lost on a loaded host), the sweep resolves it again
+    every ``liveness_interval`` until it answers — before, the device stayed
+    unknown for as long as its PTR record was cached."""
+    tag = _tag()
+    b_id = f"b{tag}"
+    refused: list[str] = []
+
+    class FirstTimeUnanswered(AsyncServiceInfo):
+        async def async_request(self, zc, timeout, *args, **kwargs):  # type: ignore[override]
+            if f"beta-{tag}" in self.name and not refused:
+                refused.append(self.name)
+                return False  # as if no reply came within the timeout
+            return await super().async_request(zc, timeout, *args, **kwargs)
+
+    monkeypatch.setattr("p2pstore.net.discovery.AsyncServiceInfo", FirstTimeUnanswered)
+    ra, rb = Recorder(), Recorder()
+    a = _discovery(f"a{tag}", f"alpha-{tag}", ra, port=7401, liveness_interval=0.5)
+    b = _discovery(b_id, f"beta-{tag}", rb, port=7402)
+    try:
+        await asyncio.gather(a.start(), b.start())
+        await ra.wait_until(lambda: b_id in a.peers(), FIND_TIMEOUT, "a to find b after a resolve without reply")
+        assert refused, "the first resolve of b was not the refused one"
+    finally:
+        await a.stop()
+        await b.stop()
