@@ -66,7 +66,7 @@ def test_channels_follow_the_overlay_and_a_write_reaches_everyone(fleet: list[No
     for n in nodes:
         n.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"first-{n.name}", "AGE": 0})
     wait_until(lambda: all(n.count(SV_REF, "EMPLOYEE") == N for n in nodes), 10, "the first writes everywhere")
-    before = quiet_sessions(nodes, 1.5)
+    before = quiet_sessions(nodes, 3.0)  # (those whole pushes wait for 1 s of quiet: WHOLE_QUIET_S)
     for k, writer in enumerate(nodes[:3]):
         t0 = int(time.time() * 1000) - 5
         writer.call("store.insert", **SV_REF, table="EMPLOYEE", values={"NAME": f"one{k}", "AGE": k})
