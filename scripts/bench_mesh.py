@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests" / "multihost"))
 from testbed import Testbed, unavailable_reason  # noqa: E402
 
 from p2pstore.client import Client  # noqa: E402
-from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, DEFAULT_FULL_MESH_PEERS  # noqa: E402
+from p2pstore.net.overlay import DEFAULT_ACTIVE_SET, DEFAULT_FULL_MESH_PEERS, sparse  # noqa: E402
 
 SV = {"store": "RdbTest", "bundle": "com.example.rdbDataSync"}
 LONE = {"store": "lone"}
@@ -169,7 +169,7 @@ MOVING_SPARSE = ("rows_applied",)
 def _sparse(n: int) -> bool:
     """Whether ``n`` daemons keep an active set rather than a full mesh (net/overlay.py)."""
     k = int(ACTIVE_SET) if ACTIVE_SET else DEFAULT_ACTIVE_SET
-    return k > 0 and n - 1 > DEFAULT_FULL_MESH_PEERS
+    return sparse(n, k, DEFAULT_FULL_MESH_PEERS)
 
 
 async def _quiet(hosts: list[_HostDaemon]) -> dict[str, int]:

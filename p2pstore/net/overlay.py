@@ -46,12 +46,17 @@ def _score(chooser: str, peer: str) -> bytes:
     return hashlib.sha256(f"{chooser}|{peer}".encode()).digest()
 
 
+def sparse(devices: int, k: int, mesh: int = 0) -> bool:
+    """Whether a fleet of ``devices`` keeps an active set of ``k`` (more than
+    max(``k``, ``mesh``) peers each) rather than a full mesh; ``k`` 0: never."""
+    return 0 < k and max(k, mesh) < devices - 1
+
+
 def chosen(me: str, view: Iterable[str], k: int, mesh: int = 0) -> frozenset[str]:
-    """The peers ``me`` dials among the devices of ``view``: all of them in a
-    fleet of at most max(``k``, ``mesh``) + 1 (or with ``k`` 0: no bound),
-    else the ``k`` ranked highest for ``me``."""
+    """The peers ``me`` dials among the devices of ``view``: all of them
+    unless the fleet is ``sparse``, else the ``k`` ranked highest for ``me``."""
     others = sorted(set(view) - {me})
-    if k <= 0 or len(others) <= max(k, mesh):
+    if not sparse(len(others) + 1, k, mesh):
         return frozenset(others)
     return frozenset(sorted(others, key=lambda p: _score(me, p), reverse=True)[:k])
 
@@ -113,7 +118,7 @@ class Overlay:
     @property
     def sparse(self) -> bool:
         """Whether the bound applies (more than max(``k``, ``mesh``) peers in view)."""
-        return 0 < self.k and max(self.k, self.mesh) < len(self._view) - 1
+        return sparse(len(self._view), self.k, self.mesh)
 
     def update(self, view: Iterable[str]) -> bool:
         """Take a new view; True if it differs from the last one."""

@@ -160,7 +160,7 @@ def changes_since(
                 # Whole columns at a time (map, itemgetter: in C): a block is ~1,000 rows.
                 within = block.rows
                 if not all(map(last.__ge__, map(_INTERVAL_SEQ, within))):
-                    within = [r for r in within if r[-2] <= last]
+                    within = [r for r in within if _INTERVAL_SEQ(r) <= last]
                 kept = block._replace(rows=list(map(_WIRE_ROW, within)))
                 seqs = list(map(_SEQ, kept.rows))
                 if seqs != sorted(seqs):

@@ -1135,6 +1135,11 @@ class SyncEngine:
         self._spawn(self._anti_entropy_pull(store, peer, key, streak), f"anti-entropy {store.name} <- {peer}")
         return True
 
+    def _quiet_in(self, key: tuple[str, str]) -> float:
+        """Seconds until store ``key`` has been quiet (no change applied from
+        a peer) for ``WHOLE_QUIET_S``; 0 or less: it has."""
+        return self._active.get(key, -math.inf) + WHOLE_QUIET_S - time.monotonic()
+
     def _follow_up(self, store: Store, streak: frozenset[str], since: float) -> None:
         """The pull after a fruitful one (``ANTI_ENTROPY_STREAK``), from a
         holder this streak has not asked yet if there is one, once the store
@@ -1145,10 +1150,9 @@ class SyncEngine:
         self._follow_timers.pop(key, None)
         if self._stopped:
             return
-        now = time.monotonic()
-        wait = self._active.get(key, -math.inf) + WHOLE_QUIET_S - now
+        wait = self._quiet_in(key)
         if wait > 0:
-            if now - since < self.anti_entropy_interval:
+            if time.monotonic() - since < self.anti_entropy_interval:
                 self._follow_timers[key] = asyncio.get_running_loop().call_later(
                     wait, self._follow_up, store, streak, since)
             return
@@ -1231,8 +1235,7 @@ class SyncEngine:
         self._whole_timers.pop(key, None)
         if not (self.auto_sync_enabled and self.peers.is_online(peer)):
             return
-        now = time.monotonic()
-        wait = min(self._active.get(key[0], -math.inf) + WHOLE_QUIET_S, asked + WHOLE_MAX_WAIT_S) - now
+        wait = min(self._quiet_in(key[0]), asked + WHOLE_MAX_WAIT_S - time.monotonic())
         if wait > 0:
             self._whole_timers[key] = asyncio.get_running_loop().call_later(wait, self._whole_due, store, peer, key, asked)
             return
