@@ -439,15 +439,23 @@ def row_problem(mode: str, row: RowChange, *, clocks_checked: bool = False) -> s
 
 
 _VALUE_TYPES = frozenset((int, float, str, bytes, type(None)))
+
+
+def _unless_all_none(values: Sequence[Any]) -> bool:
+    """Whether some item of ``values`` is not None (counted in C)."""
+    return values.count(None) != len(values)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def _column_ints(values: Sequence[Any], what: str, low: int, high: int, *, optional: bool) -> None:
     """Every item an int in ``low..high`` (or None, if ``optional``): one pass in C where it can."""
+    if optional:
+        missing = values.count(None)
+        if missing == len(values):
+            return
+        if missing:
+            values = [v for v in values if v is not None]
     kinds = set(map(type, values))
-    if optional and type(None) in kinds:
-        kinds.discard(type(None))
-        values = [v for v in values if v is not None]
     if not kinds <= {int}:
         raise ProtocolError(f"{what} must be integers")
     if values and (min(values) < low or max(values) > high):
@@ -455,7 +463,10 @@ def _column_ints(values: Sequence[Any], what: str, low: int, high: int, *, optio
 
 
 def _together(hlcs: Sequence[Any], origins: Sequence[Any], what: str) -> None:
-    if list(map(operator.is_, hlcs, repeat(None))) != list(map(operator.is_, origins, repeat(None))):
+    missing = hlcs.count(None)
+    if missing != origins.count(None):
+        raise ProtocolError(f"{what}: hlc and origin go together")
+    if 0 < missing < len(hlcs) and list(map(operator.is_, hlcs, repeat(None))) != list(map(operator.is_, origins, repeat(None))):
         raise ProtocolError(f"{what}: hlc and origin go together")
 
 
@@ -534,17 +545,20 @@ def block_from_plain(obj: Any, mode: str) -> Block:
     if has_raw_text(keys):
         raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
     hlcs, tombs = fields[HLC], fields[TOMB_HLC]
-    # What no row change can hold (``row_changes`` would drop it silently).
-    if any(h is None and p is not None for h, p in zip(hlcs, fields[PREV_HLC])):
+    # What no row change can hold (``row_changes`` would drop it silently). Counted
+    # first (in C): most blocks have every row clock and no tomb, and need no pass.
+    no_hlc, no_tomb, n = hlcs.count(None), tombs.count(None), len(rows)
+    if no_hlc and _unless_all_none(fields[PREV_HLC]) and any(h is None and p is not None for h, p in zip(hlcs, fields[PREV_HLC])):
         raise ProtocolError(f"{table}: a prev clock on a row without cells")
-    if any(t is None and p is not None for t, p in zip(tombs, fields[TOMB_PREV_HLC])):
+    if no_tomb and _unless_all_none(fields[TOMB_PREV_HLC]) and any(
+            t is None and p is not None for t, p in zip(tombs, fields[TOMB_PREV_HLC])):
         raise ProtocolError(f"{table}: a tomb prev clock on a row without a tomb")
-    if None in hlcs and any(r[HLC] is None and any(v is not None for v in r[VALUES:]) for r in rows):
+    if no_hlc and any(r[HLC] is None and any(v is not None for v in r[VALUES:]) for r in rows):
         raise ProtocolError(f"{table}: values on a row without cells")
     if mode == COLLABORATIVE:
-        if any((h is None) is (t is None) for h, t in zip(hlcs, tombs)):
+        if (no_hlc + no_tomb != n) or (no_hlc and no_tomb and any((h is None) is (t is None) for h, t in zip(hlcs, tombs))):
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
-    elif any(h is None and t is None for h, t in zip(hlcs, tombs)):
+    elif no_hlc and no_tomb and any(h is None and t is None for h, t in zip(hlcs, tombs)):
         raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
     return Block(table, key_column, columns, devices, rows)
 

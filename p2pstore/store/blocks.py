@@ -29,7 +29,7 @@ import sqlite3
 from operator import itemgetter
 from typing import Any
 
-from p2pstore.protocol.batch import PREV_HLC, SEQ, VALUES, Block
+from p2pstore.protocol.batch import KEY, PREV_HLC, SEQ, VALUES, Block
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.schema.table_shape import column_affinity
 
@@ -57,18 +57,33 @@ def stage_table(conn: sqlite3.Connection, width: int) -> str:
 
 def load(conn: sqlite3.Connection, block: Block, fields: list[Any]) -> str:
     """``block``'s rows into a staging table; ``fields``: its rows' fields
-    column by column. A fixed field that no row sets (prevs and tombs are
-    NULL in most blocks) is left to the column's NULL instead of bound row
-    by row: binding a NULL costs ``executemany`` as much as a value, and
-    those six are 40 % of a block's binds. Nor is the sender's ``seq``
-    bound: the writers number rows by ``n`` in this store's own seqs."""
+    column by column. Bound row by row is only what varies: a fixed field
+    that no row sets (prevs and tombs are NULL in most blocks) is left to
+    the column's NULL, one with the same integer in every row (the origin
+    of a block from one device) is a literal, and the value of the key's
+    own column is not staged (the writers read the key as ``k``; its ``v``
+    column stays NULL). Nor is the sender's ``seq`` bound: the writers
+    number rows by ``n`` in this store's own seqs."""
     stage = stage_table(conn, len(block.columns))
-    names = _FIXED.split(", ")
-    keep = [i for i in range(VALUES) if i != SEQ and (i < _OPTIONAL or not all_none(fields[i]))]
-    keep += range(VALUES, VALUES + len(block.columns))
-    listed = ", ".join([names[i] for i in keep if i < VALUES] + [f"v{i - VALUES}" for i in keep if i >= VALUES])
-    rows = block.rows if len(keep) == len(fields) else list(map(itemgetter(*keep), block.rows))
-    conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES ({', '.join('?' * len(keep))})", rows)
+    names = [*_FIXED.split(", "), *(f"v{i}" for i in range(len(block.columns)))]
+    bound: list[int] = []
+    literal: dict[int, int] = {}
+    for i in range(len(names)):
+        if i == SEQ or (i >= _OPTIONAL and i < VALUES and all_none(fields[i])):
+            continue
+        if i >= VALUES and block.columns[i - VALUES] == block.key_column:
+            continue
+        if KEY < i < VALUES and len(block.rows) > 1:
+            first = fields[i][0]
+            if type(first) is int and fields[i].count(first) == len(fields[i]) and set(map(type, fields[i])) == {int}:
+                literal[i] = first  # (type-checked: 1 == True == 1.0 for count)
+                continue
+        bound.append(i)
+    listed = ", ".join([names[i] for i in bound] + [names[i] for i in literal])
+    marks = ", ".join(["?"] * len(bound) + [str(v) for v in literal.values()])
+    # (bound holds KEY always; itemgetter of one index gives the value, not a tuple)
+    rows = map(itemgetter(*bound), block.rows) if len(bound) > 1 else zip(fields[KEY])
+    conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES ({marks})", rows)
     return stage
 
 

@@ -74,6 +74,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from p2pstore.clock import HybridClock, wall_ms
@@ -423,9 +424,11 @@ def _newest(batch: OutBatch) -> int:
     hlcs = [c.hlc for r in batch.rows for c in r.cells]
     hlcs += [r.tomb_hlc for r in batch.rows if r.tomb_hlc is not None]
     for block in batch.blocks:
-        hlcs += [r[HLC] for r in block.rows if r[HLC] is not None]
-        hlcs += [r[TOMB_HLC] for r in block.rows if r[TOMB_HLC] is not None]
+        hlcs += (top(list(map(_ROW_HLC, block.rows))), top(list(map(_TOMB_HLC, block.rows))))
     return max(hlcs, default=0)
+
+
+_ROW_HLC, _TOMB_HLC = itemgetter(HLC), itemgetter(TOMB_HLC)
 
 
 def origin_marks(conn: sqlite3.Connection, newest_own: int) -> list[tuple[str, int]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN
@@ -750,11 +751,19 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"FROM {source} WHERE s.fresh ORDER BY s.n",
         binds,
     )
-    by_origin: dict[int, list[Any]] = {}
-    for number, pk in conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)).fetchall():
-        by_origin.setdefault(number, []).append(pk)
+    logged = conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)).fetchall()
+    numbers = set(map(_FIRST, logged))
+    if len(numbers) == 1:  # a block from one device (grouped in C)
+        by_origin = {numbers.pop(): list(map(_SECOND, logged))}
+    else:
+        by_origin = {}
+        for number, pk in logged:
+            by_origin.setdefault(number, []).append(pk)
     remote = [(ap.origins.device(number), table.info.name, OP_INSERT, keys) for number, keys in by_origin.items()]
     return inserted, remote, tid if inserted else None
+
+
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 
 
 def _probe(conn: sqlite3.Connection, table: SyncTable, stage: str, tid: int, has: dict[str, bool], mapped: str) -> str:

@@ -650,6 +650,14 @@ _BAD: list[tuple[str, list[str], Callable[[list[Any]], None]]] = [
     # what a row change is
     ("collaborative row both full and delete", [COLLABORATIVE], _all(_set(0, TOMB_HLC, H), _set(0, TOMB_ORIGIN, 0))),
     ("collaborative row neither full nor delete", [COLLABORATIVE], _all(_set(1, TOMB_HLC, None), _set(1, TOMB_ORIGIN, None))),
+    # (as many NULLs in each field as a good block could have, in the wrong rows: the
+    # counts agree, the rows don't)
+    ("hlc and origin missing in different rows", _BOTH, _all(_set(0, ORIGIN, None), _set(1, ORIGIN, 0))),
+    ("collaborative rows one both full and delete, one neither", [COLLABORATIVE],
+     _all(_set(0, TOMB_HLC, H), _set(0, TOMB_ORIGIN, 0), _set(1, TOMB_HLC, None), _set(1, TOMB_ORIGIN, None))),
+    ("single_version rows one with neither cells nor tomb, one with both", [SINGLE_VERSION],
+     _all(_set(1, TOMB_HLC, None), _set(1, TOMB_ORIGIN, None), _set(1, TOMB_PREV_HLC, None), _set(1, TOMB_PREV_ORIGIN, None),
+          _set(0, TOMB_HLC, H + 1), _set(0, TOMB_ORIGIN, 0))),
     ("single_version row with neither cells nor tomb", [SINGLE_VERSION], _all(_set(1, TOMB_HLC, None), _set(1, TOMB_ORIGIN, None),
                                                                           _set(1, TOMB_PREV_HLC, None), _set(1, TOMB_PREV_ORIGIN, None))),
 ]
@@ -879,6 +887,33 @@ def test_a_block_the_set_based_path_does_not_take_applies_as_its_rows_do(
     res, _ = _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
     assert taken == [False]
     assert res.applied + res.failed >= 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_whose_rows_share_one_clock_applies_as_its_rows_do(
+        monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica], mode: str) -> None:
+    """The staging binds only what varies: fields equal in every row (here
+    the clock) go as literals, the key's own column not at all. Also a
+    block whose only column is its key (a bare key a row: one field bound)."""
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    table = "words" if mode == COLLABORATIVE else "items"
+    if mode == SINGLE_VERSION:
+        a.write("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'p'), ('u2', 2, 'q'), ('u3', 3, 'r')")
+    else:
+        a.write("INSERT INTO words(w, n) VALUES ('w1', 1), ('w2', 2), ('w3', 3)")
+    batch = a.read(0, table=table)
+    (block,) = batch.blocks
+    def one_clock(hlc: int) -> list[list[Any]]:
+        return [[*r[:HLC], hlc, 0, *r[PREV_HLC:]] for r in block.rows]
+
+    forms = [block._replace(rows=one_clock(WALL + 5))]
+    if mode == COLLABORATIVE:  # the key alone, a later change
+        forms.append(block._replace(columns=("w",), rows=[[*r[:VALUES], r[KEY]] for r in one_clock(WALL + 6)]))
+    for form in forms:
+        taken: list[bool] = []
+        res, _ = _apply_pair(monkeypatch, x, y, dataclasses.replace(batch, blocks=(form,)), SENDER, taken)
+        assert taken == [True] and res.applied == 3 and res.failed == 0
 
 
 # --------------------------------------------------------------------------
