@@ -115,7 +115,10 @@ def changes_since(
     theirs. ``grants`` (device → from_seq: this device has pushed every
     change of that device past from_seq to the peer): the batch that ends
     the stream grants the peer this device's marks for them
-    (``OutBatch.grants``).
+    (``OutBatch.grants``) — the end of an eager push, or of a whole one:
+    the lazy whole push that moves the peer's watermark past ``from_seq``
+    may be the last push of a quiet fleet, and without its grants the
+    peer's marks would wait for the next write.
 
     Call it after ``capture.stamp`` in the same transaction, so pending
     outside writes have their clocks (see the module invariants).
@@ -179,9 +182,9 @@ def changes_since(
         if own_only and mode == SINGLE_VERSION:
             rows, blocks, left_out = _own_only(rows, blocks, {me} | forwarding)
             full = full and not left_out
-            if grants and not more:
-                held = capture.held_marks(conn)
-                granted = tuple(Grant(d, held[d], f) for d, f in sorted(grants.items()) if d in held)
+        if grants and not more and mode == SINGLE_VERSION and (own_only or full):
+            held = capture.held_marks(conn)
+            granted = tuple(Grant(d, held[d], f) for d, f in sorted(grants.items()) if d in held)
         return OutBatch(mode, since_seq, last, tuple(rows), more, full, capture.stream_id(conn), blocks=tuple(blocks),
                         grants=granted)
 

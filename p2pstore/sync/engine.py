@@ -627,12 +627,15 @@ class SyncEngine:
                 elif snapshot is not None:
                     batch, cursor = await store.read_resync(cursor, snapshot, limit=self.batch_rows, max_bytes=MAX_BATCH_BYTES)
                 else:
-                    forwarding, grants = self._forwarding(store, session.peer, action.since) if own else (frozenset(), {})
+                    forwarding, grants = (self._forwarding(store, session.peer, action.since) if own
+                                          else (frozenset(), self._granting(store, session.peer)))
                     batch = await store.read_changes(table, action.since, where=where, limit=self.batch_rows,
                                                      max_bytes=MAX_BATCH_BYTES, covered=covered, own_only=own,
                                                      forwarding=forwarding, grants=grants)
                     if own:
                         batch = self._check_forwarding_stream(store, session.peer, action.since, forwarding, batch)
+                    elif batch.grants and self._forwarded[(store.bundle, store.name, session.peer)][0] != batch.stream:
+                        batch = dataclasses.replace(batch, grants=())  # (the book is another stream's: a restore)
                     if own and not batch.full and left_out is not None and not self.peers.overlay.sparse:
                         # (In a large fleet what an eager push leaves out comes along its own writer's
                         # tree; relays and anti-entropy repair the rest, as for any lost push.)
@@ -1061,6 +1064,16 @@ class SyncEngine:
             # no relay does it (without it no grant formed in a 64-host fleet: docs/performance.md).
             self._whole_later(store, peer, WHOLE_QUIET_S)
         return forwarding, (book if stream is not None else {})
+
+    def _granting(self, store: Store, peer: str) -> dict[str, int]:
+        """What a whole push to ``peer`` grants at its end: the book of the
+        eager pushes (``_forwarding``), unchanged — a whole push carries every
+        change, so what the book says still holds after it. It is often the
+        lazy whole push that moves the peer's watermark past the book's
+        seqs, and the last push of a quiet fleet: with no grant on it, the
+        peer's marks would lag until the next write."""
+        stream, book = self._forwarded.get((store.bundle, store.name, peer), (None, {}))
+        return dict(book) if stream is not None else {}
 
     def _check_forwarding_stream(self, store: Store, peer: str, since: int, forwarding: frozenset[str],
                                  batch: OutBatch) -> OutBatch:

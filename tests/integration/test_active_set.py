@@ -86,10 +86,14 @@ def test_channels_follow_the_overlay_and_a_write_reaches_everyone(fleet: list[No
         before = after
     assert all(connected(n) == links[n.id] for n in nodes)
     # Each device's origin marks cover every writer — from its own links, or granted by its tree
-    # parents — so a pull from any linked peer (as anti-entropy does) moves no row at all.
+    # parents — so a pull from any linked peer (as anti-entropy does) moves no row at all. A grant
+    # comes with a lazy whole push, which waits for 1 s of quiet after the last change applied: 3 s
+    # of quiet (not the 1.5 s above) leaves a loaded machine time for the last of them.
+    quiet_sessions(nodes, 3.0)
     for n in nodes:
         got = n.sync("pull", SV_REF, sorted(links[n.id]))
-        assert all(r["code"] == 0 and r["sent"] == 0 for r in got.values()), (n.name, got)
+        assert all(r["code"] == 0 and r["sent"] == 0 for r in got.values()), \
+            (n.name, {peer[:7]: (r["code"], r["sent"]) for peer, r in got.items()})
 
 
 def test_sync_and_query_reach_a_device_outside_the_set_on_demand(fleet: list[Node]) -> None:

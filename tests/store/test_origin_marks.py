@@ -15,6 +15,7 @@ import pytest
 from replicas import Replica, applied, replica_maker
 from test_merge import ITEMS, ITEMS_DOC, NOTES, SYNCED
 
+from p2pstore.protocol.batch import Grant
 from p2pstore.store import capture, merge, rebuild, restore
 from p2pstore.store.changes import sync_tables
 
@@ -226,8 +227,33 @@ def test_no_grant_without_the_stream_before_from_seq_or_before_the_end(device) -
     assert marks(q)["DEVA"] == newest(a)
 
 
+def test_the_whole_push_that_moves_the_watermark_grants_too(device) -> None:
+    """The lazy whole push that brings a peer P's stream up to where its
+    forwarding began is often the last push of a quiet fleet: it carries
+    the grants itself (a table's or a filtered sync's batches do not), so
+    the peer's marks don't wait for the next write."""
+    a, p, q = device("DEVA"), device("DEVP"), device("DEVQ")
+    insert(a, "a1")
+    a.push(p)
+    insert(p, "p1")
+    p.push(q, own=True)  # a1 stays behind on P
+    start = merge.eager_position(q.conn, "DEVP")[0]
+    insert(a, "a2")
+    a.push(p)
+    p.push(q, own=True, forwarding=frozenset({"DEVA"}), book={"DEVA": start})
+    assert "DEVA" not in marks(q)  # Q lacks a1, before from_seq: the grant could not be taken
+    for table in ("items", None):
+        since = merge.position(q.conn, "DEVP")[0]
+        batch = p.read(since, table=table, covered=marks(q), grants={"DEVA": start})
+        assert not batch.more and batch.full is (table is None)
+        assert batch.grants == (() if table else (Grant("DEVA", newest(a), start),))
+        q.apply(batch, "DEVP")
+        assert ("DEVA" in marks(q)) is (table is None)
+    assert q.rows(SYNCED) == p.rows(SYNCED) and marks(q)["DEVA"] == newest(a)
+
+
 def test_grants_travel_on_the_wire_and_a_rebuild_drops_them(device) -> None:
-    from p2pstore.protocol.batch import Grant, decode, encode
+    from p2pstore.protocol.batch import decode, encode
 
     a, p, q = device("DEVA"), device("DEVP"), device("DEVQ")
     insert(a, "a1")
