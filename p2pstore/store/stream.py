@@ -208,6 +208,10 @@ def _own_only(rows: list[RowChange], blocks: list[Block], eager: set[str]) -> tu
     kept_blocks = []
     for b in blocks:
         mine = [origin in eager for origin in b.origins]
+        used = set(map(_ORIGIN, b.rows))
+        if None not in used and all(mine[i] for i in used):  # (every row's clock is eager: no pass row by row)
+            kept_blocks.append(b)
+            continue
         kept = [r for r in b.rows if (r[HLC] is not None and mine[r[ORIGIN]]) or (r[TOMB_HLC] is not None and mine[r[TOMB_ORIGIN]])]
         left += len(b.rows) - len(kept)
         if kept:
@@ -229,6 +233,10 @@ def _uncovered(rows: list[RowChange], blocks: list[Block], covered: Mapping[str,
     kept_blocks = []
     for b in blocks:
         marks = [covered.get(origin, -1) for origin in b.origins]
+        hlcs, used = list(map(_HLC, b.rows)), set(map(_ORIGIN, b.rows))
+        if None not in used and min(hlcs) > max(marks[i] for i in used):
+            kept_blocks.append(b)  # (the usual fresh rows: every row clock past its origin's mark; found in C)
+            continue
         kept = [r for r in b.rows if not ((r[HLC] is None or r[HLC] <= marks[r[ORIGIN]])
                                           and (r[TOMB_HLC] is None or r[TOMB_HLC] <= marks[r[TOMB_ORIGIN]]))]
         if kept:
@@ -298,7 +306,7 @@ def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: li
 
 # A block row as read: its wire fields, then its interval seq and its size (``read_block``).
 _INTERVAL_SEQ, _SEQ_SIZE, _WIRE_ROW = itemgetter(-2), itemgetter(-2, -1), itemgetter(slice(None, -2))
-_SEQ, _KEY = itemgetter(SEQ), itemgetter(KEY)
+_SEQ, _KEY, _HLC, _ORIGIN = itemgetter(SEQ), itemgetter(KEY), itemgetter(HLC), itemgetter(ORIGIN)
 
 
 def _cut(read: Sequence[tuple[Block, bool]], budget: int | None) -> int | None:
