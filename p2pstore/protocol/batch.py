@@ -439,12 +439,13 @@ def row_problem(mode: str, row: RowChange, *, clocks_checked: bool = False) -> s
 
 
 _VALUE_TYPES = frozenset((int, float, str, bytes, type(None)))
-
-
-def _unless_all_none(values: Sequence[Any]) -> bool:
-    """Whether some item of ``values`` is not None (counted in C)."""
-    return values.count(None) != len(values)
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def all_none(values: tuple[Any, ...] | list[Any]) -> bool:
+    """Whether every one of ``values`` (a block's field, column by column) is
+    None: counted in C, as most optional fields of most blocks are."""
+    return values.count(None) == len(values)
 
 
 def _column_ints(values: Sequence[Any], what: str, low: int, high: int, *, optional: bool) -> None:
@@ -548,9 +549,9 @@ def block_from_plain(obj: Any, mode: str) -> Block:
     # What no row change can hold (``row_changes`` would drop it silently). Counted
     # first (in C): most blocks have every row clock and no tomb, and need no pass.
     no_hlc, no_tomb, n = hlcs.count(None), tombs.count(None), len(rows)
-    if no_hlc and _unless_all_none(fields[PREV_HLC]) and any(h is None and p is not None for h, p in zip(hlcs, fields[PREV_HLC])):
+    if no_hlc and not all_none(fields[PREV_HLC]) and any(h is None and p is not None for h, p in zip(hlcs, fields[PREV_HLC])):
         raise ProtocolError(f"{table}: a prev clock on a row without cells")
-    if no_tomb and _unless_all_none(fields[TOMB_PREV_HLC]) and any(
+    if no_tomb and not all_none(fields[TOMB_PREV_HLC]) and any(
             t is None and p is not None for t, p in zip(tombs, fields[TOMB_PREV_HLC])):
         raise ProtocolError(f"{table}: a tomb prev clock on a row without a tomb")
     if no_hlc and any(r[HLC] is None and any(v is not None for v in r[VALUES:]) for r in rows):

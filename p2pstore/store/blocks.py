@@ -29,7 +29,7 @@ import sqlite3
 from operator import itemgetter
 from typing import Any
 
-from p2pstore.protocol.batch import KEY, PREV_HLC, SEQ, VALUES, Block
+from p2pstore.protocol.batch import KEY, PREV_HLC, SEQ, VALUES, Block, all_none
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.schema.table_shape import column_affinity
 
@@ -102,12 +102,6 @@ def keys_stay_distinct(conn: sqlite3.Connection, table: str, column: str, key_ty
 
 def not_none(values: Any) -> list[Any]:
     return [] if all_none(values) else [v for v in values if v is not None]
-
-
-def all_none(values: tuple[Any, ...] | list[Any]) -> bool:
-    """Whether every one of ``values`` (a block's field, column by column) is
-    None: counted in C, as most optional fields of most blocks are."""
-    return values.count(None) == len(values)
 
 
 def top(values: tuple[Any, ...] | list[Any]) -> Any:

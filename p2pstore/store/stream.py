@@ -209,7 +209,7 @@ def _own_only(rows: list[RowChange], blocks: list[Block], eager: set[str]) -> tu
     for b in blocks:
         mine = [origin in eager for origin in b.origins]
         used = set(map(_ORIGIN, b.rows))
-        if None not in used and all(mine[i] for i in used):  # (every row's clock is eager: no pass row by row)
+        if used and None not in used and all(mine[i] for i in used):  # (every row's clock is eager: no pass row by row)
             kept_blocks.append(b)
             continue
         kept = [r for r in b.rows if (r[HLC] is not None and mine[r[ORIGIN]]) or (r[TOMB_HLC] is not None and mine[r[TOMB_ORIGIN]])]
@@ -234,7 +234,7 @@ def _uncovered(rows: list[RowChange], blocks: list[Block], covered: Mapping[str,
     for b in blocks:
         marks = [covered.get(origin, -1) for origin in b.origins]
         hlcs, used = list(map(_HLC, b.rows)), set(map(_ORIGIN, b.rows))
-        if None not in used and min(hlcs) > max(marks[i] for i in used):
+        if hlcs and None not in used and min(hlcs) > max(marks[i] for i in used):
             kept_blocks.append(b)  # (the usual fresh rows: every row clock past its origin's mark; found in C)
             continue
         kept = [r for r in b.rows if not ((r[HLC] is None or r[HLC] <= marks[r[ORIGIN]])
