@@ -634,8 +634,8 @@ class SyncEngine:
                                                      forwarding=forwarding, grants=grants)
                     if own:
                         batch = self._check_forwarding_stream(store, session.peer, action.since, forwarding, batch)
-                    elif batch.grants and self._forwarded[(store.bundle, store.name, session.peer)][0] != batch.stream:
-                        batch = dataclasses.replace(batch, grants=())  # (the book is another stream's: a restore)
+                    else:
+                        batch = self._check_granting_stream(store, session.peer, batch)
                     if own and not batch.full and left_out is not None and not self.peers.overlay.sparse:
                         # (In a large fleet what an eager push leaves out comes along its own writer's
                         # tree; relays and anti-entropy repair the rest, as for any lost push.)
@@ -1074,6 +1074,13 @@ class SyncEngine:
         peer's marks would lag until the next write."""
         stream, book = self._forwarded.get((store.bundle, store.name, peer), (None, {}))
         return dict(book) if stream is not None else {}
+
+    def _check_granting_stream(self, store: Store, peer: str, batch: OutBatch) -> OutBatch:
+        """A whole push's batch without its grants if the book they came from
+        is another stream's (the store was restored since): it proves nothing
+        about this one."""
+        stream, _ = self._forwarded.get((store.bundle, store.name, peer), (None, {}))
+        return dataclasses.replace(batch, grants=()) if batch.grants and stream != batch.stream else batch
 
     def _check_forwarding_stream(self, store: Store, peer: str, since: int, forwarding: frozenset[str],
                                  batch: OutBatch) -> OutBatch:

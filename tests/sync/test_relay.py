@@ -104,3 +104,34 @@ def test_a_forwarding_link_gets_one_lazy_whole_push_until_the_peer_acked_past_wh
         assert key not in e._whole_timers
 
     asyncio.run(run())
+
+
+def test_a_whole_push_grants_what_the_eager_pushes_book_says() -> None:
+    """The lazy whole push that moves the peer's watermark past where
+    forwarding began carries the grants itself (``_granting``): the book of
+    the eager reads, unchanged by the whole push, and nothing before any
+    eager read; a batch of another stream (the store restored since) loses
+    them (``_check_granting_stream``)."""
+    from p2pstore.protocol.batch import Grant, OutBatch
+
+    view = [f"D{i:02d}" for i in range(12)]
+    store: Any = SimpleNamespace(bundle="b", name="s")
+
+    async def run() -> None:
+        e = sparse_engine(view[0], view)
+        peer = next(p for p in sorted(e.peers.overlay.links()) if e.peers.overlay.forwarding(p))
+        assert e._granting(store, peer) == {}  # no eager read yet: no book
+        forwarding, _ = e._forwarding(store, peer, 10)
+        first = OutBatch("single_version", 10, 10, (), False, False, "S1")
+        e._check_forwarding_stream(store, peer, 10, forwarding, first)  # the book's stream: S1, from seq 10
+        for t in e._whole_timers.values():
+            t.cancel()
+        book = e._granting(store, peer)
+        assert book == {d: 10 for d in forwarding}
+        assert e._granting(store, peer) == book  # (reading it changes nothing)
+        granted = OutBatch("single_version", 10, 30, (), False, True, "S1", grants=(Grant(sorted(forwarding)[0], 99, 10),))
+        assert e._check_granting_stream(store, peer, granted) is granted
+        restored = OutBatch("single_version", 0, 30, (), False, True, "S2", grants=granted.grants)
+        assert e._check_granting_stream(store, peer, restored).grants == ()
+
+    asyncio.run(run())
