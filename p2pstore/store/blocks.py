@@ -69,7 +69,7 @@ def load(conn: sqlite3.Connection, block: Block, fields: list[Any]) -> str:
     bound: list[int] = []
     literal: dict[int, int] = {}
     for i in range(len(names)):
-        if i == SEQ or (i >= _OPTIONAL and i < VALUES and all_none(fields[i])):
+        if i == SEQ or (_OPTIONAL <= i < VALUES and all_none(fields[i])):
             continue
         if i >= VALUES and block.columns[i - VALUES] == block.key_column:
             continue
