@@ -283,14 +283,14 @@ def bench_notify(quick: bool) -> dict:
 # Sync benches (issue 5): two daemons on loopback, TLS channels
 
 
-def _raw_executemany_rate(rows: list[tuple], runs: int = 3) -> float:
-    """Raw SQLite: executemany of ``rows`` into a fresh plain table, one transaction (median)."""
+def _raw_executemany_rate(rows: list[tuple], runs: int = 3, shape: str = SHAPE) -> float:
+    """Raw SQLite: executemany of ``rows`` into a fresh plain table of ``shape``, one transaction (median)."""
     tmp = Path(tempfile.mkdtemp(prefix="p2ps-bench-"))
     try:
         rates = []
         for r in range(runs):
             conn = _connect(tmp / f"raw{r}.db")
-            conn.execute(f"CREATE TABLE plain {SHAPE}")
+            conn.execute(f"CREATE TABLE plain {shape}")
             rates.append(_rate(conn, "plain", rows, False))
             conn.close()
         return statistics.median(rates)
@@ -405,8 +405,9 @@ class _Pair:
 
 _COLLAB = {"store": "bench"}
 _SV = {"store": "RdbTest", "bundle": "com.example.rdbDataSync"}
-_SV_CREATE = ("CREATE TABLE EMPLOYEE (ID INTEGER PRIMARY KEY AUTOINCREMENT, "
-              "NAME TEXT NOT NULL UNIQUE, AGE INTEGER, SALARY REAL, CODES BLOB)")
+#: single_version's table: SHAPE with its conflict column UNIQUE (sync_schema.json)
+_SV_SHAPE = "(ID INTEGER PRIMARY KEY AUTOINCREMENT, NAME TEXT NOT NULL UNIQUE, AGE INTEGER, SALARY REAL, CODES BLOB)"
+_SV_CREATE = f"CREATE TABLE EMPLOYEE {_SV_SHAPE}"
 _FILL_CHUNK = 50_000
 
 
@@ -494,11 +495,11 @@ def bench_push(quick: bool) -> dict:
     n = 20_000 if quick else 100_000
     runs = 1 if quick else 3
     load = _load()
-    raw = _raw_executemany_rate(_rows(n))
-    out: dict = {"bench": "push", "rows": n, "runs": runs, "loadavg_at_start": load, "raw_sqlite_executemany_rows_per_s": round(raw)}
+    out: dict = {"bench": "push", "rows": n, "runs": runs, "loadavg_at_start": load}
     goal = 0.5
     for variant, sv in (("collaborative", False), ("single_version", True)):
-        out[variant] = {}
+        raw = _raw_executemany_rate(_rows(n), shape=_SV_SHAPE if sv else SHAPE)  # the mode's own table shape
+        out[variant] = {"raw_sqlite_executemany_rows_per_s": round(raw)}
         for direction in ("push", "pull"):
             rates = [_in_tmp(_push_run, n, sv, direction)["rows_per_s"] for _ in range(runs)]
             rate = statistics.median(rates)
@@ -507,7 +508,8 @@ def bench_push(quick: bool) -> dict:
     out["loadavg_at_end"] = _load()
     out["note"] = ("push = store.sync(mode=push) on A, pull = store.sync(mode=pull) on B, until it returns (every batch "
                    "applied and acked by B), over TLS on 127.0.0.1; A's rows written through the API beforehand (not timed); "
-                   "raw = executemany of the same rows into a plain table of the same shape, one transaction, same run")
+                   "raw = executemany of the same rows into a plain table of the mode's shape (single_version's NAME is UNIQUE), "
+                   "one transaction, same run; the receiver's floor: scripts/sync_floor.py")
     return out
 
 
