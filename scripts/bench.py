@@ -474,9 +474,11 @@ async def _push_run(root: Path, n: int, single_version: bool, direction: str = "
         t0 = time.perf_counter()
         await _fill(pair.ca, ref, table, n)
         fill_s = time.perf_counter() - t0
+        cpu0 = [_cpu_s(d.pid) for d in (pair.a, pair.b)]
         took, result = await _transfer(pair, ref, direction)
+        cpu = [round(_cpu_s(d.pid) - c, 2) for d, c in zip((pair.a, pair.b), cpu0)]
         _check_received(await _received(pair, ref, table, single_version), result, n)
-        return {"seconds": took, "rows_per_s": n / took, "fill_s": fill_s}
+        return {"seconds": took, "rows_per_s": n / took, "fill_s": fill_s, "cpu_s": cpu}
 
 
 def _load() -> list[float]:
@@ -501,9 +503,10 @@ def bench_push(quick: bool) -> dict:
         raw = _raw_executemany_rate(_rows(n), shape=_SV_SHAPE if sv else SHAPE)  # the mode's own table shape
         out[variant] = {"raw_sqlite_executemany_rows_per_s": round(raw)}
         for direction in ("push", "pull"):
-            rates = [_in_tmp(_push_run, n, sv, direction)["rows_per_s"] for _ in range(runs)]
-            rate = statistics.median(rates)
-            out[variant][direction] = {"rows_per_s": round(rate), "runs_rows_per_s": [round(x) for x in rates],
+            done = [_in_tmp(_push_run, n, sv, direction) for _ in range(runs)]
+            rate = statistics.median(r["rows_per_s"] for r in done)
+            out[variant][direction] = {"rows_per_s": round(rate), "runs_rows_per_s": [round(r["rows_per_s"]) for r in done],
+                                       "runs_cpu_s_a_b": [r["cpu_s"] for r in done],
                                        "ratio_vs_raw": round(rate / raw, 3), "goal_ratio": goal, "met": rate / raw >= goal}
     out["loadavg_at_end"] = _load()
     out["note"] = ("push = store.sync(mode=push) on A, pull = store.sync(mode=pull) on B, until it returns (every batch "

@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import ORIGIN, PREV_HLC, TOMB_ORIGIN, TOMB_PREV_HLC
+from p2pstore.protocol.batch import KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, all_none
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, origins
 from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
@@ -320,6 +320,21 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
     return True
 
 
+def _past_every_key(conn: sqlite3.Connection, dest_tid: int, dest: str, key: str, least: int) -> bool:
+    """Whether a block of integer keys from ``least`` up is past every key
+    the device table and its row clocks hold — a peer's rows appended since
+    the last sync, the usual block. Then no row existed and none has a
+    clock here, and the per-row probes are left out (the staging's
+    ``fresh`` stays 1, ``existed`` NULL). Two index lookups. Integers only:
+    they compare the same under any collation and affinity, and a text or
+    blob key held here sorts after every integer, so it never lets the
+    shortcut pass wrongly."""
+    past = conn.execute(
+        f"SELECT (SELECT max({key}) FROM {dest}) < ?2, (SELECT max(ck) FROM _p2p_cells WHERE tid = ?1) < ?2", (dest_tid, least)
+    ).fetchone()
+    return all(p is None or p for p in past)  # (None: nothing held there)
+
+
 def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None:
     """Upserts and deletes into the sender's device table; a change not
     newer than the row's clock there is stale (a repeat) and skipped."""
@@ -340,12 +355,15 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     dest, key = quote_ident(target.dest), quote_ident(key_col)
     newer = f"(c.hlc > coalesce({stage}.hlc, {stage}.th) OR (c.hlc = coalesce({stage}.hlc, {stage}.th) AND " \
             f"{origins.device_sql('c.origin', '?3')} >= ?2))"
-    conn.execute(
-        f"UPDATE temp.{stage} SET existed = EXISTS (SELECT 1 FROM {dest} d WHERE d.{key} = {stage}.k), "
-        f"fresh = NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {stage}.k AND c.col = '*' AND {newer})",
-        (target.dest_tid, ap.sender, ap.me),
-    )
-    conn.execute(f"DELETE FROM {dest} WHERE {key} IN (SELECT k FROM temp.{stage} WHERE fresh AND hlc IS NULL)")
+    every_fresh = kind is int and _past_every_key(conn, target.dest_tid, dest, key, min(fields[KEY]))
+    if not every_fresh:
+        conn.execute(
+            f"UPDATE temp.{stage} SET existed = EXISTS (SELECT 1 FROM {dest} d WHERE d.{key} = {stage}.k), "
+            f"fresh = NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {stage}.k AND c.col = '*' AND {newer})",
+            (target.dest_tid, ap.sender, ap.me),
+        )
+    if not all_none(fields[TOMB_HLC]):
+        conn.execute(f"DELETE FROM {dest} WHERE {key} IN (SELECT k FROM temp.{stage} WHERE fresh AND hlc IS NULL)")
     names = [(c, f"v{i}") for i, c in enumerate(block.columns) if c != key_col]
     sets = ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}" for c, _ in names)
     conn.execute(
@@ -353,7 +371,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"SELECT k{''.join(', ' + v for _, v in names)} FROM temp.{stage} WHERE fresh AND hlc IS NOT NULL ORDER BY n "
         f"ON CONFLICT({key}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING")
     )
-    seq = "?1 + row_number() OVER (ORDER BY n)"
+    seq = "?1 + n" if every_fresh else "?1 + row_number() OVER (ORDER BY n)"  # (n counts the staged rows from 1)
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
         f"SELECT {seq}, ?2, k, CASE WHEN hlc IS NULL THEN {OP_DELETE} WHEN existed THEN {OP_UPDATE} ELSE {OP_INSERT} END, "

@@ -1026,3 +1026,44 @@ def test_new_rows_are_inserted_without_a_probe_and_a_known_row_undoes_it(monkeyp
     _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)  # all known, the first too: probed at once
     assert probes == ["fresh", "echoes"]
     assert taken == [True, True, True]
+
+
+def test_collaborative_rows_past_every_key_are_written_without_a_probe(monkeypatch: pytest.MonkeyPatch,
+                                                                       device: Callable[..., Replica]) -> None:
+    """A collaborative block of integer keys past every key the device table
+    and its row clocks hold (rows appended since the last sync) is written
+    without the per-row probes and with seqs counted from the staging; a
+    block that starts below a known key is probed; so is one whose keys
+    pass the table's but not its row clocks' (a deleted row's clock stays):
+    a stale copy of that row must not come back. Each time the store is what
+    row by row writes."""
+    from p2pstore.store import collaborative
+
+    a = device(SENDER, COLLABORATIVE)
+    x, y = device(ME, COLLABORATIVE), device(ME, COLLABORATIVE)
+    shortcuts: list[bool] = []
+    real = collaborative._past_every_key
+
+    def spy(*args: Any) -> bool:
+        shortcuts.append(real(*args))
+        return shortcuts[-1]
+
+    monkeypatch.setattr(collaborative, "_past_every_key", spy)
+    a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join(f"({i}, 'b{i}', {i})" for i in range(1, 21)))
+    taken: list[bool] = []
+    _apply_pair(monkeypatch, x, y, a.read(10), SENDER, taken)  # ids 11 .. 20, all new here
+    assert shortcuts == [True] and x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(10,)]
+    stale = a.read(0)  # ids 1 .. 20 as they are now
+    _apply_pair(monkeypatch, x, y, stale, SENDER, taken)  # 1 .. 10 new, 11 .. 20 known (repeats): probed
+    assert shortcuts == [True, False] and x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(20,)]
+    a.write("DELETE FROM notes WHERE id = 20")
+    a.write("INSERT INTO notes(id, body, n) VALUES (21, 'b21', 21)")
+    _apply_pair(monkeypatch, x, y, a.read(20), SENDER, taken)  # the delete of 20 and the new 21
+    assert x.rows("SELECT max(id) FROM dev_DEVA_notes") == [(21,)]
+    a.write("DELETE FROM notes WHERE id = 21")
+    _apply_pair(monkeypatch, x, y, a.read(22), SENDER, taken)  # the table's keys end at 19, its clocks at 21
+    assert x.rows("SELECT max(id) FROM dev_DEVA_notes") == [(19,)]
+    resend = dataclasses.replace(stale, blocks=tuple(b._replace(rows=[r for r in b.rows if r[KEY] == 20]) for b in stale.blocks))
+    _apply_pair(monkeypatch, x, y, resend, SENDER, taken)  # 20's old row, past the table's keys but not its clocks
+    assert x.rows("SELECT count(*) FROM dev_DEVA_notes WHERE id = 20") == [(0,)]
+    assert shortcuts == [True, False, False, False, False] and taken == [True] * 5
