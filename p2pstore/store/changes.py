@@ -254,6 +254,8 @@ def fetch(cursor: sqlite3.Cursor, budget: int | None) -> list[Any]:
 
 
 def size_sql(columns: Sequence[str], prefix: str) -> str:
+    """A row's size as the byte budgets count it: the ``length()`` of each
+    value (SQLite answers it for a blob without reading the blob)."""
     return " + ".join(f"coalesce(length({prefix}{quote_ident(c)}), 0)" for c in columns) or "0"
 
 

@@ -102,7 +102,7 @@ def unsent(conn: sqlite3.Connection, since: int) -> int:
 def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]:
     """(seq, stored size of the current row it sends) for the log rows of ``seqs``."""
     name = quote_ident(t.info.name)
-    total = " + ".join(f"coalesce(length({quote_ident(c)}), 0)" for c in t.info.columns) or "0"
+    total = size_sql(t.info.columns, "")
     marks = ", ".join("?" * len(seqs))
     return conn.execute(
         f"SELECT l.seq, (SELECT {total} FROM {name} WHERE {t.info.key_expr} = l.pk) FROM _p2p_log l "

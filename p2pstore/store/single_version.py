@@ -94,7 +94,7 @@ def unsent(conn: sqlite3.Connection, since: int) -> int:
 def seq_sizes(conn: sqlite3.Connection, t: SyncTable, seqs: Sequence[int]) -> Iterable[tuple[int, int]]:
     """(seq, stored size of the sync columns of the row it sends) for ``seqs``."""
     keys = cells.RowKeys.of(t)
-    total = " + ".join(f"coalesce(length(x.{quote_ident(c)}), 0)" for c in t.sync_columns) or "0"
+    total = size_sql(t.sync_columns, "x.")
     marks = ", ".join("?" * len(seqs))
     # INDEXED BY: left alone, SQLite walks every cell of the table by its (tid, ...) key.
     return conn.execute(
