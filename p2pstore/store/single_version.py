@@ -27,7 +27,7 @@ tests/store/test_blocks.py).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -736,18 +736,18 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     seq = "?1 + s.n" if dense else "?1 + row_number() OVER (ORDER BY s.n)"
     pk, source, first = _new_keys(conn, table, stage, inserted, dense)
     binds = (top, tid) if first is None else (top, tid, first)
-    origin = "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})"
+    origin = _origin_sql(ap, block, used)
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
-        f"SELECT {seq}, ?2, {pk}, {OP_INSERT}, s.hlc, {origin.format('logged', 'o')}, NULL "
+        f"SELECT {seq}, ?2, {pk}, {OP_INSERT}, s.hlc, {origin('logged', 'o')}, NULL "
         f"FROM {source} WHERE s.fresh ORDER BY s.n",
         binds,
     )
     # OR REPLACE: an orphan row clock under a key a new row took (store/cells.py).
     conn.execute(
         "INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
-        f"SELECT ?2, {pk}, s.hlc, {origin.format('stored', 'o')}, {seq}, s.ph, "
-        f"CASE WHEN s.ph IS NOT NULL THEN {origin.format('stored', 'po')} END "
+        f"SELECT ?2, {pk}, s.hlc, {origin('stored', 'o')}, {seq}, s.ph, "
+        f"CASE WHEN s.ph IS NOT NULL THEN {origin('stored', 'po')} END "
         f"FROM {source} WHERE s.fresh ORDER BY s.n",
         binds,
     )
@@ -823,6 +823,20 @@ def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: 
         if found == (inserted, *ends):
             return ("?3 + s.n - 1" if dense else "?3 + row_number() OVER (ORDER BY s.n) - 1"), staged, first
     return f"x.{table.info.key_expr}", f"{staged} JOIN {name} x ON x.{ck} = s.k", None
+
+
+def _origin_sql(ap: _Applier, block: Block, used: set[int]) -> Callable[[str, str], str]:
+    """SQL of a staged row's origin in this store's numbers, ``logged`` (the
+    log's: this device too is a number) or ``stored`` (a clock's: NULL for
+    this device), from the staging field ``o`` or ``po``: a lookup in the
+    staging map, or, for a block whose clocks are all one device's (the
+    usual block), that device's number as a literal (no lookup per row).
+    After ``_number_origins``."""
+    if len(used) == 1:
+        device = block.origins[next(iter(used))]
+        number = {"logged": ap.origins.known(device), "stored": None if device == ap.me else ap.origins.known(device)}
+        return lambda which, _field: "NULL" if number[which] is None else str(int(number[which]))
+    return "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})".format
 
 
 def _or(value: Any, default: Any) -> Any:

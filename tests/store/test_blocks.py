@@ -1067,3 +1067,22 @@ def test_collaborative_rows_past_every_key_are_written_without_a_probe(monkeypat
     _apply_pair(monkeypatch, x, y, resend, SENDER, taken)  # 20's old row, past the table's keys but not its clocks
     assert x.rows("SELECT count(*) FROM dev_DEVA_notes WHERE id = 20") == [(0,)]
     assert shortcuts == [True, False, False, False, False] and taken == [True] * 5
+
+
+def test_a_block_of_this_devices_own_rows_coming_back_applies_as_its_rows_do(monkeypatch: pytest.MonkeyPatch,
+                                                                             device: Callable[..., Replica]) -> None:
+    """Rows this device wrote, relayed back to it after it lost them (a store
+    made again, or restored from an old backup): a single_version block of
+    one origin, this device, fresh here. Their clocks keep this device as
+    their origin the way row by row stores it (NULL in a clock, a number in
+    the log), and both copies end the same."""
+    old = device(ME, SINGLE_VERSION)
+    a = device(SENDER, SINGLE_VERSION)
+    old.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{i:03d}', {i}, 'b{i}')" for i in range(12)))
+    old.push(a)
+    x, y = device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)  # this device's store, made again
+    taken: list[bool] = []
+    batch = a.read(0)
+    assert {b.origins[i] for b in batch.blocks for i in {r[ORIGIN] for r in b.rows}} == {ME}
+    _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
+    assert taken == [True] and x.rows("SELECT count(*) FROM _p2p_rows WHERE origin IS NULL") == [(12,)]
