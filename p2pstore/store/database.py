@@ -129,8 +129,9 @@ BACKGROUND_QUEUED = 2
 #: ``read_changes``): ~20 ms of work, so a push starts on a bulk insert's
 #: first rows while the rest are stamped (docs/performance.md, round 6).
 STAMP_CHUNK_ROWS = 10_000
-#: Rows a group of received batches writes from which it compacts the log too
-#: (``apply_changes_group``): a large sync, not a single auto-synced change.
+#: Rows a group of received batches writes, or a step of stamping logs, from
+#: which it compacts the log too (``apply_changes_group``, ``_stamp_step``): a
+#: large sync or bulk insert, not a single auto-synced change.
 COMPACT_WHILE_APPLYING_ROWS = 1_000
 #: Steps one poll takes at most (10M rows); the next poll goes on.
 MAX_STAMP_STEPS = 1_000
@@ -1171,7 +1172,7 @@ class Store:
                 batch = read(conn)
                 left = capture.appended_left(conn, self.capture)
                 if not batch.more and left:
-                    local.add(capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS))
+                    local.add(self._stamp_step(conn))
                     batch = read(conn)
                     left = capture.appended_left(conn, self.capture)
                 self._appended_left = left
@@ -1478,7 +1479,7 @@ class Store:
                 return ChangeBatch()
             self._data_version = version
             with self._transaction(conn):
-                batch = capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS)
+                batch = self._stamp_step(conn)
                 self._appended_left = capture.appended_left(conn, self.capture)
             return batch
 
@@ -1491,6 +1492,24 @@ class Store:
                 if not self._appended_left or time.monotonic() - self._reading_at < READER_STAMPS_S:
                     break  # (a push reading now stamps the rest as it needs them: ``read_changes``)
         return found
+
+    def _stamp_step(self, conn: sqlite3.Connection) -> ChangeBatch:
+        """One step of stamping another program's bulk insert
+        (``STAMP_CHUNK_ROWS`` of its rows; ``poll`` and ``read_changes``),
+        in the caller's transaction. A step that logged
+        ``COMPACT_WHILE_APPLYING_ROWS`` rows or more also compacts as many
+        (``capture.compact``): the log rows of a single_version table's rows
+        are history once stamped (their clocks are the row clocks), so
+        dropped here their pages hold the next step's rows, and a bulk
+        insert of 1M rows does not first grow the file by an 18 MB log that
+        the minutely compaction takes minutes to drop — as
+        ``apply_changes_group`` does for the rows a sync receives.
+        (Collaborative log rows are the stream's: compaction keeps them.)"""
+        step = capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS)
+        stamped = step.last_seq - step.first_seq + 1 if step else 0
+        if stamped >= COMPACT_WHILE_APPLYING_ROWS:
+            capture.compact(conn, self.capture, chunk=2 * stamped, keep_recent=self.compact_keep_recent)
+        return step
 
     async def _announced(self, fn: Callable[[sqlite3.Connection], tuple[T, ChangeBatch]], *, background: bool = False) -> T:
         """Run ``fn`` — a write that returns its result and what its stamp

@@ -398,3 +398,51 @@ async def test_a_push_reading_a_bulk_insert_stamps_it_as_it_needs_it(tmp_path: P
         assert sum(len(info["inserted"]) for infos in announced for info in infos) == BULK
     finally:
         await store.close()
+
+
+async def test_stamping_a_bulk_insert_into_a_single_version_table_keeps_its_log_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step of stamping another program's bulk insert (a poll's, a
+    reading push's) drops the log rows of the single_version rows stamped
+    before it beyond the newest ``compact_keep_recent``: the log stays near a
+    step long instead of growing by a row per row until the minutely
+    compaction. Every row still gets its row clock, is read by the push
+    exactly once and announced; the highest seq stays."""
+    import json
+
+    from replicas import BUNDLE, STORE, field, schema_doc
+
+    from p2pstore.store import accepted_schema, database
+
+    monkeypatch.setattr(database, "STAMP_CHUNK_ROWS", 5_000)
+    schema = tmp_path / "sync_schema.json"
+    schema.write_text(json.dumps(schema_doc({"T": ([field("id", "Integer", autoinc=True), field("name", "Text", pk=True, not_null=True),
+                                                   field("n", "Integer")], ["name", "n"])})), encoding="utf-8")
+    path = tmp_path / "sender.db"
+    store = await Store.open(path, bundle=BUNDLE, name=STORE, device_id="DEVA")
+    try:
+        await store.execute("CREATE TABLE T (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, n INTEGER)")
+        await accepted_schema.set_tables(store, ["T"], auto_sync=False, schema_path=schema)
+        store.compact_keep_recent = 1_000
+        announced: list[Any] = []
+        store.on_changes = lambda _s, batch: announced.append(batch.change_infos())
+        outside = sqlite3.connect(path, isolation_level=None)
+        _bulk(outside)
+        outside.close()
+        await store.poll()  # no push is reading: the poll stamps it all, step by step
+        log = "SELECT count(*), max(seq) FROM _p2p_log"
+        (kept, top), = (await store.query(log))["rows"]
+        assert kept <= 1_000 + 5_000 and top == BULK  # not BULK rows: each step dropped the ones before
+        assert (await store.query("SELECT count(*) FROM _p2p_rows"))["rows"] == [[BULK]]
+        assert sum(len(info["inserted"]) for infos in announced for info in infos) == BULK
+        keys: list[Any] = []
+        batch = await store.read_changes(None, 0, limit=1000)
+        for _ in range(100):  # bounded
+            keys += [r.key for r in batch.as_rows().rows]
+            if not batch.more:
+                break
+            batch = await store.read_changes(None, batch.last_seq, limit=1000)
+        assert sorted(keys) == sorted(f"o{i}" for i in range(1, BULK + 1))
+    finally:
+        await store.close()
