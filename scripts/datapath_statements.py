@@ -98,7 +98,7 @@ def main() -> None:
             held += 1
             if group > 1 and (held == group or not batch.more):
                 if os.environ.get("COMPACT"):  # what Store.apply_changes_group adds to a large group
-                    capture.compact(b.conn, b.state, chunk=2 * held * batch.count, keep_recent=capture.COMPACT_KEEP_RECENT)
+                    capture.compact(b.conn, b.state, chunk=2 * held * batch.count, keep_recent=capture.COMPACT_KEEP_RECENT, sweep=False)
                 b.conn.execute("COMMIT")
                 held = 0
             apply_s += time.perf_counter() - t

@@ -913,7 +913,8 @@ def drop_unused_stamps(conn: sqlite3.Connection, low: int, end: int) -> None:
     )
 
 
-def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_CHUNK, keep_recent: int = 0) -> int:
+def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_CHUNK, keep_recent: int = 0,
+            *, sweep: bool = True) -> int:
     """Delete log rows that nothing reads any more; the number deleted.
 
     The log would otherwise grow by a row per change forever. What must stay:
@@ -933,9 +934,12 @@ def compact(conn: sqlite3.Connection, state: CaptureState, chunk: int = COMPACT_
     in a transaction; it looks at ``chunk`` log rows past the last call's
     mark, so repeated calls walk the whole log once. Each call also looks
     at a chunk of each single_version table's row clocks for orphans
-    (``cells.sweep_orphans``).
+    (``cells.sweep_orphans``) — unless ``sweep`` is False: the compactions a
+    large sync or bulk insert makes as it goes drop log rows only (a sweep
+    there would probe the table twice over for every row written), and
+    leave the orphans to the periodic one.
     """
-    for table in state.tables.values():
+    for table in state.tables.values() if sweep else ():
         if table.conflict_column is not None:
             mark = f"{ORPHANS_KEY}{table.tid}"
             set_meta(conn, mark, cells.sweep_orphans(conn, cells.RowKeys.of(table), get_meta(conn, mark)))

@@ -1233,7 +1233,7 @@ class Store:
                     results.append(merge.apply_batch(conn, self.capture, self.clock, batch, from_device))
                 applied = sum(r.applied for r in results)
                 if applied >= COMPACT_WHILE_APPLYING_ROWS:
-                    capture.compact(conn, self.capture, chunk=2 * applied, keep_recent=self.compact_keep_recent)
+                    capture.compact(conn, self.capture, chunk=2 * applied, keep_recent=self.compact_keep_recent, sweep=False)
             return results
 
         try:
@@ -1508,7 +1508,7 @@ class Store:
         step = capture.stamp(conn, self.capture, self.clock, append_limit=STAMP_CHUNK_ROWS)
         stamped = step.last_seq - step.first_seq + 1 if step else 0
         if stamped >= COMPACT_WHILE_APPLYING_ROWS:
-            capture.compact(conn, self.capture, chunk=2 * stamped, keep_recent=self.compact_keep_recent)
+            capture.compact(conn, self.capture, chunk=2 * stamped, keep_recent=self.compact_keep_recent, sweep=False)
         return step
 
     async def _announced(self, fn: Callable[[sqlite3.Connection], tuple[T, ChangeBatch]], *, background: bool = False) -> T:
