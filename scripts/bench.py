@@ -644,10 +644,16 @@ def _bench_outside(direction: str, quick: bool) -> dict:
     out: dict = {"bench": f"{direction}_outside", "rows": n, "runs": runs, "loadavg_at_start": load,
                  "raw_sqlite_executemany_rows_per_s": round(raw)}
     for variant, sv in (("collaborative", False), ("single_version", True)):
-        runs_out = [_in_tmp(_outside_run, n, sv, direction, seed) for _ in range(runs)]
+        runs_out, paired = [], []
+        for _ in range(runs):  # raw again right before each run: a ratio of two figures taken under the same load
+            raw_now, _ = _raw_outside_rate(n, seed, runs=1)
+            runs_out.append(_in_tmp(_outside_run, n, sv, direction, seed))
+            paired.append(runs_out[-1]["rows_per_s"] / raw_now)
         rates = [r["rows_per_s"] for r in runs_out]
         rate = statistics.median(rates)
         out[variant] = {"rows_per_s": round(rate), "runs_rows_per_s": [round(x) for x in rates],
+                        "runs_ratio_vs_raw_just_before": [round(x, 3) for x in paired],
+                        "median_ratio_vs_raw_just_before": round(statistics.median(paired), 3),
                         "runs_seconds": [round(r["seconds"], 2) for r in runs_out],
                         "runs_cpu_s_a_b": [r["cpu_s"] for r in runs_out],
                         "outside_write_rows_per_s": round(statistics.median(n / r["outside_write_s"] for r in runs_out)),
@@ -656,7 +662,8 @@ def _bench_outside(direction: str, quick: bool) -> dict:
     out["note"] = (f"rows written into A's distributed table by another process (one executemany transaction, random uuid4 "
                    f"NAME, UNIQUE), then store.sync {direction} {'on A' if direction == 'push' else 'on B'}; timed from the "
                    "outside commit, so A's stamping of the rows counts; raw = that process's executemany of the same rows "
-                   "into the same shape in a fresh file, same settings, same run")
+                   "into the same shape in a fresh file, same settings, same run (ratio_vs_raw: the median rate over the "
+                   "raw measured at the start; runs_ratio_vs_raw_just_before: each run over a raw write made right before it)")
     return out
 
 
