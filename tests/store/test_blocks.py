@@ -149,6 +149,19 @@ def _apply_pair(monkeypatch: pytest.MonkeyPatch, x: Replica, y: Replica, batch: 
     return a, b
 
 
+def _record(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[Any]:
+    """What each call of ``owner.name`` returns from now on (the calls go through)."""
+    returned: list[Any] = []
+    real = getattr(owner, name)
+
+    def spy(*args: Any) -> Any:
+        returned.append(real(*args))
+        return returned[-1]
+
+    monkeypatch.setattr(owner, name, spy)
+    return returned
+
+
 def _sync(monkeypatch: pytest.MonkeyPatch, src: Replica, x: Replica, y: Replica, *, limit: int = 500,
           repeat: bool = False, since: int | None = None, table: str | None = None,
           taken: list[bool] | None = None) -> None:
@@ -1008,14 +1021,7 @@ def test_new_rows_are_inserted_without_a_probe_and_a_known_row_undoes_it(monkeyp
     a = device(SENDER, SINGLE_VERSION)
     x, y = device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)
     a.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{i:03d}', {i}, 'b{i}')" for i in range(30)))
-    probes: list[str] = []
-    real = single_version._probe
-
-    def spy(*args: Any) -> str:
-        probes.append(real(*args))
-        return probes[-1]
-
-    monkeypatch.setattr(single_version, "_probe", spy)
+    probes = _record(monkeypatch, single_version, "_probe")
     taken: list[bool] = []
     _apply_pair(monkeypatch, x, y, a.read(10), SENDER, taken)  # u010 .. u029, all new here
     assert probes == [] and x.rows("SELECT count(*) FROM items") == [(20,)]
@@ -1041,14 +1047,7 @@ def test_collaborative_rows_past_every_key_are_written_without_a_probe(monkeypat
 
     a = device(SENDER, COLLABORATIVE)
     x, y = device(ME, COLLABORATIVE), device(ME, COLLABORATIVE)
-    shortcuts: list[bool] = []
-    real = collaborative._past_every_key
-
-    def spy(*args: Any) -> bool:
-        shortcuts.append(real(*args))
-        return shortcuts[-1]
-
-    monkeypatch.setattr(collaborative, "_past_every_key", spy)
+    shortcuts = _record(monkeypatch, collaborative, "_past_every_key")
     a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join(f"({i}, 'b{i}', {i})" for i in range(1, 21)))
     taken: list[bool] = []
     _apply_pair(monkeypatch, x, y, a.read(10), SENDER, taken)  # ids 11 .. 20, all new here
