@@ -26,6 +26,7 @@ Invariants (tests/store/test_blocks.py checks them against row by row):
 from __future__ import annotations
 
 import sqlite3
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -34,6 +35,10 @@ from p2pstore.schema.predicates import quote_ident
 from p2pstore.schema.table_shape import column_affinity
 
 _FIXED = "k, seq, hlc, o, ph, po, th, tor, tph, tpo"
+#: Staged rows one INSERT statement carries (``load``), and the values it may
+#: bind at most (SQLite's smallest limit, before 3.32: 999).
+ROWS_PER_INSERT = 50
+MAX_BINDS = 999
 #: The first of the fixed fields a block row may leave NULL (protocol/batch.py: PREV_HLC).
 _OPTIONAL = PREV_HLC
 
@@ -80,10 +85,22 @@ def load(conn: sqlite3.Connection, block: Block, fields: list[Any]) -> str:
                 continue
         bound.append(i)
     listed = ", ".join([names[i] for i in bound] + [names[i] for i in literal])
-    marks = ", ".join(["?"] * len(bound) + [str(v) for v in literal.values()])
-    # (bound holds KEY always; itemgetter of one index gives the value, not a tuple)
-    rows = map(itemgetter(*bound), block.rows) if len(bound) > 1 else zip(fields[KEY])
-    conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES ({marks})", rows)
+    row = "(" + ", ".join(["?"] * len(bound) + [str(v) for v in literal.values()]) + ")"
+    # Several rows a statement: Python's executemany pays a step, a reset and
+    # a release of the GIL per run, which ROWS_PER_INSERT rows share (a
+    # 1,000-row block: 1.2 -> 0.8 ms). The rest, a row a run.
+    per = max(1, min(ROWS_PER_INSERT, MAX_BINDS // len(bound)))
+    whole = len(block.rows) // per * per
+    if whole:
+        # (bound holds KEY always; itemgetter of one index gives the value, not a tuple)
+        flat = list(chain.from_iterable(map(itemgetter(*bound), block.rows[:whole]))) if len(bound) > 1 else fields[KEY][:whole]
+        step = per * len(bound)
+        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {', '.join([row] * per)}",
+                         [flat[i:i + step] for i in range(0, len(flat), step)])
+    rest = block.rows[whole:]
+    if rest:
+        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {row}",
+                         map(itemgetter(*bound), rest) if len(bound) > 1 else zip(fields[KEY][whole:]))
     return stage
 
 

@@ -1085,3 +1085,31 @@ def test_a_block_of_this_devices_own_rows_coming_back_applies_as_its_rows_do(mon
     assert {b.origins[i] for b in batch.blocks for i in {r[ORIGIN] for r in b.rows}} == {ME}
     _apply_pair(monkeypatch, x, y, batch, SENDER, taken)
     assert taken == [True] and x.rows("SELECT count(*) FROM _p2p_rows WHERE origin IS NULL") == [(12,)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per", [3, None])  # several statements and a rest; the daemon's own size
+def test_rows_staged_several_to_a_statement_apply_as_row_by_row(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
+                                                                mode: str, per: int | None) -> None:
+    """``blocks.load`` stages ``ROWS_PER_INSERT`` rows a statement and the
+    rest a row a run: blocks of every remainder, and a block longer than
+    one statement of the daemon's size, write what row by row writes (the
+    staging's ``n`` keeps the block's order: seqs and keys follow it)."""
+    from p2pstore.store import blocks
+
+    if per is not None:
+        monkeypatch.setattr(blocks, "ROWS_PER_INSERT", per)
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    insert = ("INSERT INTO items(uid, a, b) VALUES ('u{0:04d}', {0}, 'b{0}')" if mode == SINGLE_VERSION
+              else "INSERT INTO notes(id, body, n) VALUES ({0}, 'b{0}', {0})")
+    taken: list[bool] = []
+    done = 0
+    for size in [1, 2, 3, 4, 5, 7, 131]:
+        for i in range(done, done + size):
+            a.write(insert.format(i + 1))
+        _apply_pair(monkeypatch, x, y, a.read(done), SENDER, taken)
+        done += size
+    assert taken == [True] * 7
+    table = "items" if mode == SINGLE_VERSION else "dev_DEVA_notes"
+    assert x.rows(f"SELECT count(*) FROM {table}") == [(done,)]
