@@ -850,8 +850,11 @@ def _number_origins(ap: _Applier, block: Block, stage: str, used: set[int]) -> N
     none for this device) — and fill in the staging map. The walk ends once
     no device is left without a number: at once, in the usual case."""
     devices = block.origins
-    logged = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT o FROM temp.{stage} WHERE fresh")}
-    stored = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT po FROM temp.{stage} WHERE fresh AND ph IS NOT NULL")}
+    if len(used) == 1:  # one device's block: every fresh row's origin (and any prev's) is that device
+        logged, stored = {devices[next(iter(used))]}, set()
+    else:
+        logged = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT o FROM temp.{stage} WHERE fresh")}
+        stored = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT po FROM temp.{stage} WHERE fresh AND ph IS NOT NULL")}
     todo = {d for d in logged | (stored - {ap.me}) if ap.origins.known(d) is None}
     if todo:
         for o, po, ph in ap.conn.execute(f"SELECT o, po, ph FROM temp.{stage} WHERE fresh ORDER BY n").fetchall():
