@@ -46,7 +46,9 @@ Invariants:
   record, so a return after one is announced as usual. A *new* instance
   whose first resolve got no reply (its answer lost on a loaded host) is
   kept dormant the same way: the browser holds its PTR and would raise no
-  second event, so it would stay unknown.
+  second event, so it would stay unknown. It is also asked once more
+  ``NEW_RETRY_S`` after that first try, not only at the next sweep: one lost
+  answer then costs a new device a few seconds, not ``liveness_interval``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ DEFAULT_LIVENESS_INTERVAL = 30.0
 #: how many such instances at most.
 DORMANT_SECONDS = 1125.0
 MAX_DORMANT = 256
+#: Seconds after a new instance's first resolve got no reply until it is
+#: resolved once more (later tries: the sweep, every ``liveness_interval``).
+NEW_RETRY_S = 1.0
 # A device that keeps its name in a conflict re-announces at most this often,
 # so an impostor that never renames can't make us flood the link.
 CONFLICT_DEFEND_INTERVAL = 10.0
@@ -602,9 +607,10 @@ class Discovery:
             elif key not in self._dormant:
                 # A new service whose answer was lost (a loaded host, a lossy link): the browser
                 # raises no second event for a record it holds, so without this it stayed unknown.
-                log.info("service %r did not answer within %d ms; trying again every %g s",
-                         name, self._resolve_timeout_ms, self._liveness_interval)
+                log.info("service %r did not answer within %d ms; trying again in %g s, then every %g s",
+                         name, self._resolve_timeout_ms, NEW_RETRY_S, self._liveness_interval)
                 self._keep_dormant(key, name)
+                asyncio.get_running_loop().call_later(NEW_RETRY_S, self._retry_dormant, key, name)
             return
         instance = name[: -len(SERVICE_TYPE) - 1] if name.lower().endswith(SERVICE_TYPE.lower()) else name
         try:
@@ -655,6 +661,12 @@ class Discovery:
                     del self._dormant[key]
                 elif key not in self._resolving:
                     self._start_resolve(name)
+
+    def _retry_dormant(self, key: str, name: str) -> None:
+        """Resolve a dormant instance once more, unless it was found, gone or
+        is being resolved meanwhile (or discovery stopped)."""
+        if self._running and key in self._dormant and key not in self._resolving:
+            self._start_resolve(name)
 
     def _keep_dormant(self, key: str, name: str) -> None:
         if len(self._dormant) >= MAX_DORMANT:

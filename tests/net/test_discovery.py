@@ -607,30 +607,34 @@ def test_avahi_browse_sees_our_service(avahi: dict[str, str]) -> None:
         agent.stop()
 
 
-async def test_a_new_service_whose_first_resolve_got_no_reply_is_found_by_the_sweep(loopback_multicast, monkeypatch) -> None:
+@pytest.mark.parametrize("unanswered, liveness", [(1, 60.0), (2, 0.5)])
+async def test_a_new_service_whose_first_resolve_got_no_reply_is_found_again(loopback_multicast, monkeypatch,
+                                                                             unanswered: int, liveness: float) -> None:
     """The browser raises one Added event per instance; if resolving it then
-    times out (an answer lost on a loaded host), the sweep resolves it again
-    every ``liveness_interval`` until it answers — before, the device stayed
-    unknown for as long as its PTR record was cached."""
+    times out (an answer lost on a loaded host), it is resolved once more
+    ``NEW_RETRY_S`` later (found within the 5 s of discovery although the
+    sweep is a minute away), and then by the sweep every ``liveness_interval``
+    until it answers — before, the device stayed unknown for as long as its
+    PTR record was cached, and later for a whole ``liveness_interval``."""
     tag = _tag()
     b_id = f"b{tag}"
     refused: list[str] = []
 
-    class FirstTimeUnanswered(AsyncServiceInfo):
+    class FirstTimesUnanswered(AsyncServiceInfo):
         async def async_request(self, zc, timeout, *args, **kwargs):  # type: ignore[override]
-            if f"beta-{tag}" in self.name and not refused:
+            if f"beta-{tag}" in self.name and len(refused) < unanswered:
                 refused.append(self.name)
                 return False  # as if no reply came within the timeout
             return await super().async_request(zc, timeout, *args, **kwargs)
 
-    monkeypatch.setattr("p2pstore.net.discovery.AsyncServiceInfo", FirstTimeUnanswered)
+    monkeypatch.setattr("p2pstore.net.discovery.AsyncServiceInfo", FirstTimesUnanswered)
     ra, rb = Recorder(), Recorder()
-    a = _discovery(f"a{tag}", f"alpha-{tag}", ra, port=7401, liveness_interval=0.5)
+    a = _discovery(f"a{tag}", f"alpha-{tag}", ra, port=7401, liveness_interval=liveness)
     b = _discovery(b_id, f"beta-{tag}", rb, port=7402)
     try:
         await asyncio.gather(a.start(), b.start())
         await ra.wait_until(lambda: b_id in a.peers(), FIND_TIMEOUT, "a to find b after a resolve without reply")
-        assert refused, "the first resolve of b was not the refused one"
+        assert len(refused) == unanswered, "the first resolves of b were not the refused ones"
     finally:
         await a.stop()
         await b.stop()
