@@ -700,6 +700,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     # -1: a device with no number yet, so no stored clock can be its). The
     # fresh rows' devices get theirs below (``_number_origins``).
     used = {*fields[ORIGIN], *not_none(fields[PREV_ORIGIN]), *not_none(fields[TOMB_ORIGIN])}
+    one = block.origins[next(iter(used))] if len(used) == 1 else None  # the device of a one-device block (the usual)
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _p2p_stage_origins(idx INTEGER PRIMARY KEY, stored, logged)")
     conn.execute("DELETE FROM temp._p2p_stage_origins")
     conn.executemany("INSERT INTO temp._p2p_stage_origins(idx, stored) VALUES (?, ?)",
@@ -729,14 +730,14 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
             return None
         if found == "echoes":
             return 0, [], None  # nothing to write (an empty INSERT would still touch sqlite_sequence)
-        _number_origins(ap, block, stage, used)
+        _number_origins(ap, block, stage, used, one)
         inserted = conn.execute(insert.format("fresh")).rowcount
     else:
-        _number_origins(ap, block, stage, used)
+        _number_origins(ap, block, stage, used, one)
     seq = "?1 + s.n" if dense else "?1 + row_number() OVER (ORDER BY s.n)"
     pk, source, first = _new_keys(conn, table, stage, inserted, dense)
     binds = (top, tid) if first is None else (top, tid, first)
-    origin = _origin_sql(ap, block, used)
+    origin = _origin_sql(ap, one)
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
         f"SELECT {seq}, ?2, {pk}, {OP_INSERT}, s.hlc, {origin('logged', 'o')}, NULL "
@@ -825,16 +826,15 @@ def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: 
     return f"x.{table.info.key_expr}", f"{staged} JOIN {name} x ON x.{ck} = s.k", None
 
 
-def _origin_sql(ap: _Applier, block: Block, used: set[int]) -> Callable[[str, str], str]:
+def _origin_sql(ap: _Applier, one: str | None) -> Callable[[str, str], str]:
     """SQL of a staged row's origin in this store's numbers, ``logged`` (the
     log's: this device too is a number) or ``stored`` (a clock's: NULL for
     this device), from the staging field ``o`` or ``po``: a lookup in the
-    staging map, or, for a block whose clocks are all one device's (the
+    staging map, or, for a block whose clocks are all device ``one``'s (the
     usual block), that device's number as a literal (no lookup per row).
     After ``_number_origins``."""
-    if len(used) == 1:
-        device = block.origins[next(iter(used))]
-        number = {"logged": ap.origins.known(device), "stored": None if device == ap.me else ap.origins.known(device)}
+    if one is not None:
+        number = {"logged": ap.origins.known(one), "stored": None if one == ap.me else ap.origins.known(one)}
         return lambda which, _field: "NULL" if number[which] is None else str(int(number[which]))
     return "(SELECT m.{0} FROM temp._p2p_stage_origins m WHERE m.idx = s.{1})".format
 
@@ -843,15 +843,17 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _number_origins(ap: _Applier, block: Block, stage: str, used: set[int]) -> None:
+def _number_origins(ap: _Applier, block: Block, stage: str, used: set[int], one: str | None) -> None:
     """Give the fresh rows' devices their numbers (store/origins.py) in the
     order the row path gives them, as it writes each row — its origin
     (logged: always a number, this device too), then its prev's (stored:
-    none for this device) — and fill in the staging map. The walk ends once
-    no device is left without a number: at once, in the usual case."""
+    none for this device) — and fill in the staging map ``_origin_sql``
+    looks them up in (not needed for the block of ``one`` device, whose
+    number it writes as it is). The walk ends once no device is left
+    without a number: at once, in the usual case."""
     devices = block.origins
-    if len(used) == 1:  # one device's block: every fresh row's origin (and any prev's) is that device
-        logged, stored = {devices[next(iter(used))]}, set()
+    if one is not None:  # every fresh row's origin (and any prev's) is that device
+        logged, stored = {one}, set()
     else:
         logged = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT o FROM temp.{stage} WHERE fresh")}
         stored = {devices[i] for (i,) in ap.conn.execute(f"SELECT DISTINCT po FROM temp.{stage} WHERE fresh AND ph IS NOT NULL")}
@@ -863,6 +865,8 @@ def _number_origins(ap: _Applier, block: Block, stage: str, used: set[int]) -> N
                 ap.stored(devices[po])
             if all(ap.origins.known(d) is not None for d in todo):
                 break
+    if one is not None:
+        return
     ap.conn.executemany("UPDATE temp._p2p_stage_origins SET stored = ?, logged = ? WHERE idx = ?",
                         [(None if devices[i] == ap.me else ap.origins.known(devices[i]), ap.origins.known(devices[i]), i)
                          for i in used])
