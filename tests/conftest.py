@@ -101,9 +101,35 @@ def short_tmp() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Keep each phase's report on the item, so a fixture can tell its test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+#: Of a failed test's daemon logs, the discovery lines and the last lines are printed.
+LOG_TAIL_LINES = 40
+LOG_DISCOVERY_LINES = 120
+
+
+def print_daemon_logs(daemons: list[DaemonProcess]) -> None:
+    """A failed test's daemons' logs (shown under "Captured stdout teardown"):
+    the temp dir goes with the test, and a flaky failure needs them to be read."""
+    for d in daemons:
+        lines = d.log().splitlines()
+        discovery = [line for line in lines if "discovery" in line or "zeroconf" in line]
+        print(f"----- daemon {d.name}: {len(lines)} log lines; discovery lines (last {LOG_DISCOVERY_LINES}):")
+        print("\n".join(discovery[-LOG_DISCOVERY_LINES:]))
+        print(f"----- daemon {d.name}: last {LOG_TAIL_LINES} lines:")
+        print("\n".join(lines[-LOG_TAIL_LINES:]))
+
+
 @pytest.fixture
-def daemon_factory(short_tmp: Path) -> Iterator[callable]:
-    """``start(name="a", *extra_flags)`` -> a running DaemonProcess (stopped at teardown)."""
+def daemon_factory(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[callable]:
+    """``start(name="a", *extra_flags)`` -> a running DaemonProcess (stopped at
+    teardown; its log printed if the test failed)."""
     started: list[DaemonProcess] = []
 
     def start(name: str = "a", *extra: str) -> DaemonProcess:
@@ -114,6 +140,9 @@ def daemon_factory(short_tmp: Path) -> Iterator[callable]:
     yield start
     for d in started:
         d.stop()
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        print_daemon_logs(started)
 
 
 @pytest.fixture

@@ -26,10 +26,11 @@ Invariants:
   healed), the one with the greater device ID moves and the other keeps the
   name and re-announces it: a rule both sides compute alike, so exactly one
   renames and nothing flaps. The TXT ``name`` always carries the real name.
-* We browse with QM (multicast-answer) questions. QU answers are unicast,
-  and several daemons on one host share UDP port 5353 with SO_REUSEPORT, so
-  a unicast answer reaches only one of them; multicast reaches all, which
-  also lets zeroconf's probe see a name that is already taken.
+* We browse and resolve with QM (multicast-answer) questions. QU answers
+  are unicast, and several daemons on one host share UDP port 5353 with
+  SO_REUSEPORT, so a unicast answer reaches only one of them, not always
+  the one that asked; multicast reaches all, which also lets zeroconf's
+  probe see a name that is already taken.
 * ``on_found`` is called when a device appears *or when anything it
   advertises changes* (address, port, level): callers treat it as an upsert.
   ``on_lost`` is called once when the last instance of a device disappears:
@@ -595,7 +596,9 @@ class Discovery:
         key = name.lower()
         info = AsyncServiceInfo(SERVICE_TYPE, name)
         try:
-            answered = await info.async_request(zc.zeroconf, self._resolve_timeout_ms)
+            # QM: zeroconf asks its first question QU, and a unicast answer goes to
+            # just one of the sockets sharing port 5353 on the asking host.
+            answered = await info.async_request(zc.zeroconf, self._resolve_timeout_ms, question_type=DNSQuestionType.QM)
         except Exception as exc:  # zeroconf closing under us, or a socket error
             log.debug("resolving %r failed: %s", name, exc)
             return

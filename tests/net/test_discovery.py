@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zeroconf import IPVersion, ServiceStateChange
+from zeroconf import DNSIncoming, DNSOutgoing, DNSPointer, DNSQuestion, IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from discovery_agent import AgentProcess, agent_command
@@ -638,3 +638,53 @@ async def test_a_new_service_whose_first_resolve_got_no_reply_is_found_again(loo
     finally:
         await a.stop()
         await b.stop()
+
+
+def _mdns_listener() -> socket.socket:
+    """A socket that hears every mDNS packet multicast on 127.0.0.1 (shares port 5353)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("", 5353))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton("224.0.0.251") + socket.inet_aton(LOOPBACK))
+    sock.setblocking(False)
+    return sock
+
+
+async def test_resolves_ask_for_multicast_answers(loopback_multicast) -> None:
+    """Several daemons on one host share UDP port 5353, so a unicast (QU) answer
+    reaches only one of them, maybe not the one that asked: the questions that
+    resolve a newly seen instance must all ask for multicast answers (QM).
+    The instance here is a bare PTR with no SRV/TXT behind it, so every
+    question of the resolve goes to the network and is heard."""
+    tag = _tag()
+    ghost = f"ghost-{tag}.{SERVICE_TYPE}"
+    observer = _discovery(f"o{tag}", f"observer-{tag}", Recorder(), resolve_timeout=1.5)
+    listener = _mdns_listener()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(LOOPBACK))
+    sender.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+    try:
+        await observer.start()
+        announce = DNSOutgoing(0x8400)
+        announce.add_answer_at_time(DNSPointer(SERVICE_TYPE, 12, 1, 120, ghost), 0)
+        for packet in announce.packets():
+            sender.sendto(packet, ("224.0.0.251", 5353))
+        questions: list[DNSQuestion] = []
+        queries = 0
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and queries < 2:  # the first query and a repeat
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(listener, 9000), 0.2)
+            except TimeoutError:
+                continue
+            about = [q for q in DNSIncoming(data).questions if q.name.lower() == ghost.lower()]
+            queries += bool(about)
+            questions += about
+        assert queries >= 2, f"the observer did not try (twice) to resolve {ghost}: {questions}"
+        assert not [q for q in questions if q.unicast], f"a resolve asked for a unicast answer: {questions}"
+    finally:
+        await observer.stop()
+        listener.close()
+        sender.close()
