@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, all_none
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, all_none
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, origins
 from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
@@ -384,8 +384,10 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         "ON CONFLICT(tid, ck, col) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, seq = excluded.seq",
         (top, target.dest_tid, ap.stored(ap.sender)),
     )
-    applied = conn.execute(f"SELECT count(*) FROM temp.{stage} WHERE fresh").fetchone()[0]
     name = target.table.info.name
+    if every_fresh and None not in fields[HLC]:  # an append: every row is new and written, in the block's order
+        return len(block.rows), [(ap.sender, name, OP_INSERT, list(fields[KEY]))], None
+    applied = conn.execute(f"SELECT count(*) FROM temp.{stage} WHERE fresh").fetchone()[0]
     changed: dict[int, list[Any]] = {OP_INSERT: [], OP_UPDATE: [], OP_DELETE: []}
     for k, existed, deleted in conn.execute(
             f"SELECT k, existed, hlc IS NULL FROM temp.{stage} WHERE fresh AND (existed OR hlc IS NOT NULL) ORDER BY n").fetchall():
