@@ -78,9 +78,24 @@ SEQ_SOURCES = (("_p2p_rows INDEXED BY _p2p_rows_seq", " AND EXISTS (SELECT 1 FRO
 def unsent(conn: sqlite3.Connection, since: int) -> int:
     """The rows a peer at position ``since`` has not been sent: the distinct
     rows with a row clock, column clock or tomb above it. One seq belongs to
-    one row: grouping by seq first halves the rows to deduplicate."""
+    one row: grouping by seq first halves the rows to deduplicate. With only
+    row clocks above it (the usual: no concurrent edit, no delete), no
+    deduplication: a row has one row clock and its own conflict value (the
+    column is UNIQUE and NOT NULL), so a count of the joined row clocks is
+    the same — without the temporary index of 100k random values that the
+    UNION builds (0.08 s of the sender's CPU in a 100k-row push: every local
+    change re-offers the stores, and an offer counts this, daemon.py)."""
     total = 0
     for keys in cells.single_version_tables(conn):
+        if conn.execute("SELECT NOT EXISTS (SELECT 1 FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 AND tid = ?2) "
+                        "AND NOT EXISTS (SELECT 1 FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1 AND tid = ?2)",
+                        (since, keys.tid)).fetchone()[0]:
+            total += conn.execute(
+                f"SELECT count(*) FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {keys.table} x "
+                f"ON {cells.same_key('r.pk', 'x.' + keys.key)} WHERE r.seq > ?1 AND r.tid = ?2",
+                (since, keys.tid),
+            ).fetchone()[0]
+            continue
         total += conn.execute(
             f"SELECT count(*) FROM (SELECT x.{keys.ck} FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
             f"JOIN {keys.table} x ON {cells.same_key('r.pk', 'x.' + keys.key)} WHERE r.seq > ?1 AND r.tid = ?2 "
