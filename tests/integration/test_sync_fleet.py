@@ -109,8 +109,13 @@ def test_a_fruitful_anti_entropy_pull_is_followed_by_pulls_from_the_other_holder
     expected = {f"w{i}-{k}" for i in range(3) for k in range(10)}
     wait_until(lambda: names(puller) == expected, 6 * interval, "the puller has every writer's rows", interval=0.1)
 
-    pulls = sorted((e for e in puller.call("store.sync_log", **SV_REF, limit=100)
-                    if e["kind"] == "anti-entropy" and e["applied"]), key=lambda e: e["at"])
+    def fruitful_pulls() -> list[dict[str, Any]]:
+        return sorted((e for e in puller.call("store.sync_log", **SV_REF, limit=100)
+                       if e["kind"] == "anti-entropy" and e["applied"]), key=lambda e: e["at"])
+
+    # A session is logged when it ends, a moment after its rows are in the table.
+    wait_until(lambda: len(fruitful_pulls()) >= len(writers), 5, "the last fruitful pull's log entry", interval=0.05)
+    pulls = fruitful_pulls()
     assert sorted(e["peer"] for e in pulls) == sorted(w.id for w in writers), pulls  # each writer once
     span_s = (pulls[-1]["at"] - pulls[0]["at"]) / 1000
     # regular pulls come at least 0.75 x the interval apart (ANTI_ENTROPY_JITTER)
