@@ -139,10 +139,12 @@ T = TypeVar("T")
 #: transaction, and local API writes wait for both. Fewer, bigger commits matter with
 #: random keys (each commit rewrites every index page its keys touched: 250-row batches
 #: rewrote most of a random-keyed index every time); a bigger batch holds local writes
-#: longer. Measured (docs/performance.md, scripts/bench): 2000 rows gave single_version
-#: +15 % push speed but a p99 of 48 ms for writes on the receiver during a 1M-row push;
-#: 1000 rows, 27 ms (goal 50), with the same collaborative speed.
-DEFAULT_BATCH_ROWS = 1000
+#: longer. Measured (docs/performance.md, scripts/bench): 2000 rows once gave single_version
+#: +15 % push speed but a p99 of 48 ms for writes on the receiver during a 1M-row push
+#: (1000 rows: 27 ms, goal 50); with the receiver of round 10 (an apply takes half as long),
+#: 2000 rows: push_outside +9-10 % in both modes, the 1M push 127k-139k -> 163k-167k rows/s,
+#: that p99 17.7-25.0 ms (1000 rows: 18.6-19.6 ms).
+DEFAULT_BATCH_ROWS = 2000
 DEFAULT_TIMEOUT = 30.0
 #: Messages a session may have waiting: a sender's whole window (at most
 #: MAX_WINDOW batches, whatever its ``sync_window``) and its end; a peer that

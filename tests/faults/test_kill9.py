@@ -42,13 +42,16 @@ from p2ps_helpers import LOOPBACK, DaemonProcess
 from sync_helpers import LO, SV_REF, Node, link, setup_employee, wait_linked, wait_until, write_schema
 
 from p2pstore.client import BlockingClient
+from p2pstore.sync.engine import DEFAULT_BATCH_ROWS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROWS = 200_000
-#: Sync batches are 250 rows (sync/engine.py DEFAULT_BATCH_ROWS): ~800 progress notes a push.
-#: Kill after 3..600 of them, i.e. somewhere in the first three quarters.
-KILL_AFTER_NOTES = (3, 600)
+#: A push sends a progress note a batch (sync/engine.py DEFAULT_BATCH_ROWS rows each).
+NOTES_PER_PUSH = ROWS // DEFAULT_BATCH_ROWS
+#: Kill after 3 .. three quarters of them: somewhere in the push, never after its end
+#: (a fixed 3..600 outlived the push in most runs once batches grew to 1,000 rows).
+KILL_AFTER_NOTES = (3, NOTES_PER_PUSH * 3 // 4)
 KILL_EXTRA_MS = (0, 40)
 #: How long the pushes after a restart may take together (a loaded 2-core machine is slow).
 RESUME_BUDGET_S = 400
@@ -193,7 +196,7 @@ def kill_during_push(pair: Pair, target: Target, victim: Node, notes_before_kill
         future = pool.submit(push, pair.a, target.ref, pair.b, caller)
         notes = 0
         finished_first = False
-        for _ in range(100_000):  # bounded: a 200k push makes ~800 notes
+        for _ in range(100_000):  # bounded: a push makes NOTES_PER_PUSH notes
             if future.done():
                 finished_first = True
                 break
@@ -275,6 +278,7 @@ def test_kill_9_mid_push_loses_duplicates_and_changes_nothing(pairs: dict[str, P
         killed = pair.b if victim == "receiver" else pair.a
         what = kill_during_push(pair, target, killed, notes_before_kill, extra_ms)
         print(f"  loaded {ROWS} rows in {load_s:.1f} s; {what}")
+        assert not what["finished_before_kill"], f"the push ended before the kill: nothing was tested ({what})"
 
         killed.restart()
         wait_linked([pair.a, pair.b], timeout=30)
