@@ -141,9 +141,9 @@ T = TypeVar("T")
 #: rewrote most of a random-keyed index every time); a bigger batch holds local writes
 #: longer. Measured (docs/performance.md, scripts/bench): 2000 rows once gave single_version
 #: +15 % push speed but a p99 of 48 ms for writes on the receiver during a 1M-row push
-#: (1000 rows: 27 ms, goal 50); with the receiver of round 10 (an apply takes half as long),
-#: 2000 rows: push_outside +9-10 % in both modes, the 1M push 127k-139k -> 163k-167k rows/s,
-#: that p99 17.7-25.0 ms (1000 rows: 18.6-19.6 ms).
+#: (1000 rows: 27 ms, goal 50); with round 10's receiver (a batch's apply cheaper), 2000
+#: rows: push_outside +9-10 % in both modes, the 1M push 127k-139k -> 163k-167k rows/s,
+#: that p99 17.7-25.0 ms (1000 rows: 18.6-19.6 ms; round 10 in docs/performance.md).
 DEFAULT_BATCH_ROWS = 2000
 DEFAULT_TIMEOUT = 30.0
 #: Messages a session may have waiting: a sender's whole window (at most
