@@ -87,18 +87,15 @@ def unsent(conn: sqlite3.Connection, since: int) -> int:
     change re-offers the stores, and an offer counts this, daemon.py)."""
     total = 0
     for keys in cells.single_version_tables(conn):
-        if conn.execute("SELECT NOT EXISTS (SELECT 1 FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 AND tid = ?2) "
-                        "AND NOT EXISTS (SELECT 1 FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1 AND tid = ?2)",
-                        (since, keys.tid)).fetchone()[0]:
-            total += conn.execute(
-                f"SELECT count(*) FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {keys.table} x "
-                f"ON {cells.same_key('r.pk', 'x.' + keys.key)} WHERE r.seq > ?1 AND r.tid = ?2",
-                (since, keys.tid),
-            ).fetchone()[0]
-            continue
+        joined = (f"FROM _p2p_rows r INDEXED BY _p2p_rows_seq JOIN {keys.table} x "
+                  f"ON {cells.same_key('r.pk', 'x.' + keys.key)} WHERE r.seq > ?1 AND r.tid = ?2")
+        only_rows = conn.execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 AND tid = ?2) "
+            "AND NOT EXISTS (SELECT 1 FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1 AND tid = ?2)",
+            (since, keys.tid)).fetchone()[0]
         total += conn.execute(
-            f"SELECT count(*) FROM (SELECT x.{keys.ck} FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
-            f"JOIN {keys.table} x ON {cells.same_key('r.pk', 'x.' + keys.key)} WHERE r.seq > ?1 AND r.tid = ?2 "
+            f"SELECT count(*) {joined}" if only_rows else
+            f"SELECT count(*) FROM (SELECT x.{keys.ck} {joined} "
             "UNION SELECT ck FROM _p2p_cells INDEXED BY _p2p_cells_seq WHERE seq > ?1 AND tid = ?2 GROUP BY seq "
             "UNION SELECT ck FROM _p2p_tombs INDEXED BY _p2p_tombs_seq WHERE seq > ?1 AND tid = ?2)",
             (since, keys.tid),
