@@ -30,7 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 MDNS_ON_LOOPBACK = "loopback_multicast"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tryfirst: pytest-xdist reads the groups in its own hook of this name,
+    # which pluggy would otherwise call before this one (it registers later).
     for item in items:
         if MDNS_ON_LOOPBACK in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("mdns-on-loopback"))
@@ -129,11 +132,18 @@ def print_daemon_logs(daemons: list[DaemonProcess]) -> None:
 @pytest.fixture
 def daemon_factory(short_tmp: Path, request: pytest.FixtureRequest) -> Iterator[callable]:
     """``start(name="a", *extra_flags)`` -> a running DaemonProcess (stopped at
-    teardown; its log printed if the test failed)."""
+    teardown; its log printed if the test failed). mDNS is off unless the
+    flags say ``--discovery``, and then on 127.0.0.1 unless they name an interface."""
     started: list[DaemonProcess] = []
 
     def start(name: str = "a", *extra: str) -> DaemonProcess:
-        d = DaemonProcess(short_tmp, name, ["--no-discovery", *extra] if "--discovery" not in extra else [e for e in extra if e != "--discovery"])
+        if "--discovery" not in extra:
+            flags = ["--no-discovery", *extra]
+        else:  # mDNS in a test: on loopback only, never on the host's real interfaces
+            flags = [e for e in extra if e != "--discovery"]
+            if "--interface" not in flags:
+                flags = ["--interface", "127.0.0.1", *flags]
+        d = DaemonProcess(short_tmp, name, flags)
         started.append(d.start())
         return d
 
