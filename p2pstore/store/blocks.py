@@ -89,18 +89,17 @@ def load(conn: sqlite3.Connection, block: Block, fields: list[Any]) -> str:
     # Several rows a statement: Python's executemany pays a step, a reset and
     # a release of the GIL per run, which ROWS_PER_INSERT rows share (a
     # 1,000-row block: 1.2 -> 0.8 ms). The rest, a row a run.
+    # (bound holds KEY always; itemgetter of one index gives the value, not a tuple)
+    pick = itemgetter(*bound) if len(bound) > 1 else (lambda r: (r[KEY],))
     per = max(1, min(ROWS_PER_INSERT, MAX_BINDS // len(bound)))
     whole = len(block.rows) // per * per
     if whole:
-        # (bound holds KEY always; itemgetter of one index gives the value, not a tuple)
-        flat = list(chain.from_iterable(map(itemgetter(*bound), block.rows[:whole]))) if len(bound) > 1 else fields[KEY][:whole]
+        flat = list(chain.from_iterable(map(pick, block.rows[:whole])))
         step = per * len(bound)
         conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {', '.join([row] * per)}",
                          [flat[i:i + step] for i in range(0, len(flat), step)])
-    rest = block.rows[whole:]
-    if rest:
-        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {row}",
-                         map(itemgetter(*bound), rest) if len(bound) > 1 else zip(fields[KEY][whole:]))
+    if whole < len(block.rows):
+        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {row}", map(pick, block.rows[whole:]))
     return stage
 
 

@@ -766,7 +766,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     )
     if dense and one is not None and first is not None:  # the log just written: one device's, keys first, first + 1, ...
         keys = list(range(first, first + inserted))
-        return inserted, [(ap.origins.device(ap.origins.known(one)), table.info.name, OP_INSERT, keys)], tid
+        return inserted, [(one, table.info.name, OP_INSERT, keys)], tid
     logged = conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)).fetchall()
     numbers = set(map(_FIRST, logged))
     if len(numbers) == 1:  # a block from one device (grouped in C)
