@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, all_none
@@ -128,25 +129,37 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     its delete if the row is gone. What ``read_rows`` reads, as
     ``Block`` rows (tests/store/test_blocks.py compares them). Each row ends
     in its seq and its size (``_fetch``; the caller strips both); the flag
-    says whether every row of the interval was read."""
+    says whether every row of the interval was read.
+
+    Read flat first, a row a log row in seq order: where no key repeats
+    among the rows read, the usual case, each is its key's newest log row
+    up to the last one read — all a batch that ends there holds, as
+    ``read_rows`` would give it — with no GROUP BY and no sort back into
+    seq order (15 % of the read). Where a key repeats, read again grouped,
+    each key at its newest log row."""
     name, key = quote_ident(t.info.name), t.info.key_expr
     cols = ", ".join(f"x.{quote_ident(c)}" for c in t.info.columns)
     # A joined row has a non-NULL key (it equals l.pk), a missing one NULL.
     here = f"x.{key} IS NOT NULL"
-    cursor = conn.execute(
-        f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
-        f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols}, "
-        f"l.seq, {size_sql(t.info.columns, 'x.')} "
-        "FROM (SELECT g.pk, g.seq, (SELECT s.base_hlc + g.seq - s.first_seq FROM _p2p_stamps s "
-        "      WHERE s.first_seq <= g.seq ORDER BY s.first_seq DESC LIMIT 1) AS hlc "
-        "      FROM (SELECT pk, max(seq) AS seq FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL "
-        "            GROUP BY pk) g) l "
-        f"LEFT JOIN {name} x ON x.{key} = l.pk "
-        "WHERE l.hlc IS NOT NULL ORDER BY l.seq",
-        (since, last, t.tid),
-    )
-    rows = fetch(cursor, budget)
-    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, rows)), cursor.fetchone() is None
+    hlc = capture.interval_hlc_sql(conn, "seq", since, last)
+    own = "FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND tid = ?3 AND origin IS NULL"
+    for changes in (f"SELECT pk, seq, {hlc} AS hlc {own}",
+                    f"SELECT pk, seq, {hlc} AS hlc FROM (SELECT pk, max(seq) AS seq {own} GROUP BY pk)"):
+        cursor = conn.execute(
+            f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
+            f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols}, "
+            f"l.seq, {size_sql(t.info.columns, 'x.')} "
+            f"FROM ({changes}) l LEFT JOIN {name} x ON x.{key} = l.pk WHERE l.hlc IS NOT NULL ORDER BY l.seq",
+            (since, last, t.tid),
+        )
+        rows = fetch(cursor, budget)
+        complete = cursor.fetchone() is None
+        if len(set(map(_KEY, rows))) == len(rows):
+            break
+    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, rows)), complete
+
+
+_KEY = itemgetter(KEY)
 
 
 def read_rows(
@@ -154,9 +167,7 @@ def read_rows(
 ) -> Iterator[RowChange]:
     filt, fparams = filter_sql(t, "l.pk", where)
     latest = conn.execute(
-        "SELECT l.pk, l.seq, (SELECT s.base_hlc + l.seq - s.first_seq FROM _p2p_stamps s "
-        "                    WHERE s.first_seq <= l.seq ORDER BY s.first_seq DESC LIMIT 1) "
-        "FROM _p2p_log l WHERE l.seq IN ("
+        f"SELECT l.pk, l.seq, {capture.hlc_sql('l.seq')} FROM _p2p_log l WHERE l.seq IN ("
         "  SELECT max(seq) FROM _p2p_log WHERE seq > ? AND seq <= ? AND tid = ? AND origin IS NULL GROUP BY pk) "
         f"{filt} ORDER BY l.seq",
         (since, last, t.tid, *fparams),

@@ -285,8 +285,7 @@ def _newest_clocks(conn: sqlite3.Connection, tid: int, keys: list[Any]) -> dict[
     for i in range(0, len(keys), IN_CHUNK):
         chunk = keys[i:i + IN_CHUNK]
         for pk, hlc in conn.execute(
-            "SELECT l.pk, (SELECT s.base_hlc + l.seq - s.first_seq FROM _p2p_stamps s WHERE s.first_seq <= l.seq "
-            "ORDER BY s.first_seq DESC LIMIT 1) FROM _p2p_log l WHERE l.seq IN (SELECT max(seq) FROM _p2p_log "
+            f"SELECT l.pk, {capture.hlc_sql('l.seq')} FROM _p2p_log l WHERE l.seq IN (SELECT max(seq) FROM _p2p_log "
             f"WHERE tid = ? AND origin IS NULL AND pk IN ({', '.join('?' * len(chunk))}) GROUP BY pk)",
             (tid, *chunk),
         ):

@@ -270,21 +270,22 @@ def _next_seqs(
     carry records of ``tables``. Each source is read in ``seq`` index order
     and stops after ``limit`` seqs, so a batch costs the same at the start
     of a large backlog as at its end."""
-    parts: list[str] = []
-    params: list[Any] = []
+    if bound <= since:
+        return []
+    found: list[list[int]] = []
     for t in tables:
         for source, extra, key in modes.of(t.mode).SEQ_SOURCES:
             filt, fparams = filter_sql(t, key, where, local_key=key == "pk")
             extra = extra.format(table=quote_ident(t.info.name), key=t.info.key_expr)
-            parts.append(
-                f"SELECT * FROM (SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} "
-                "ORDER BY seq LIMIT ?)"
-            )
-            params += [since, bound, t.tid, *fparams, limit]
-    if not parts or bound <= since:
-        return []
-    sql = f"SELECT DISTINCT seq FROM ({' UNION ALL '.join(parts)}) ORDER BY seq LIMIT ?"
-    return [r[0] for r in conn.execute(sql, (*params, limit))]
+            seqs = [r[0] for r in conn.execute(
+                f"SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} ORDER BY seq LIMIT ?",
+                (since, bound, t.tid, *fparams, limit))]
+            if seqs:
+                found.append(seqs)
+    # Most intervals have one source (a table's rows, no cells, no tombs): its
+    # seqs as they are; else merged here, in C (SQL's UNION of the sources sorted
+    # them all again: 10 % of a single_version read).
+    return found[0] if len(found) == 1 else sorted(set().union(*found))[:limit]
 
 
 def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: list[int], max_bytes: int) -> list[int]:
