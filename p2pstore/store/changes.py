@@ -249,7 +249,7 @@ def fetch(cursor: sqlite3.Cursor, budget: int | None) -> list[Any]:
         if not chunk:
             break
         rows += chunk
-        used += sum(r[-1] for r in chunk) + ROW_OVERHEAD * len(chunk)
+        used += sum(map(itemgetter(-1), chunk)) + ROW_OVERHEAD * len(chunk)
     return rows
 
 

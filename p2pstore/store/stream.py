@@ -306,7 +306,7 @@ def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: li
 
 
 # A block row as read: its wire fields, then its interval seq and its size (``read_block``).
-_INTERVAL_SEQ, _SEQ_SIZE, _WIRE_ROW = itemgetter(-2), itemgetter(-2, -1), itemgetter(slice(None, -2))
+_INTERVAL_SEQ, _SIZE, _SEQ_SIZE, _WIRE_ROW = itemgetter(-2), itemgetter(-1), itemgetter(-2, -1), itemgetter(slice(None, -2))
 _SEQ, _KEY, _HLC, _ORIGIN = itemgetter(SEQ), itemgetter(KEY), itemgetter(HLC), itemgetter(ORIGIN)
 
 
@@ -316,8 +316,10 @@ def _cut(read: Sequence[tuple[Block, bool]], budget: int | None) -> int | None:
     None when everything read fits. The same estimate as ``_seqs_within``."""
     if budget is None:
         return None
-    sizes = sorted(itertools.chain.from_iterable(map(_SEQ_SIZE, block.rows) for block, _ in read))
     complete = all(done for _, done in read)
+    if complete and sum(sum(map(_SIZE, block.rows)) + ROW_OVERHEAD * len(block.rows) for block, _ in read) <= budget:
+        return None  # (the usual batch: all of it fits, and no row needs sorting)
+    sizes = sorted(itertools.chain.from_iterable(map(_SEQ_SIZE, block.rows) for block, _ in read))
     used = list(itertools.accumulate(map(ROW_OVERHEAD.__add__, map(itemgetter(1), sizes))))
     over = max(bisect.bisect_right(used, budget), 1)  # the first row past the budget (never the first row)
     if over < len(sizes):
