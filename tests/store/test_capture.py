@@ -446,3 +446,34 @@ async def test_stamping_a_bulk_insert_into_a_single_version_table_keeps_its_log_
         assert sorted(keys) == sorted(f"o{i}" for i in range(1, BULK + 1))
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("ranges", [1, 3, 16, 17, 40])
+def test_an_intervals_clocks_written_in_are_the_clocks_looked_up(ranges: int) -> None:
+    """``interval_hlc_sql`` (a block query's clocks, the ranges over the
+    interval as literals) gives each row the clock ``hlc_sql`` looks up —
+    across range boundaries, before the first range (none), with more
+    ranges than it writes in (the lookup itself) — for every interval."""
+    from p2pstore.store import capture
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(capture.SCHEMA_SQL)
+    conn.executemany("INSERT INTO _p2p_log(seq, tid, pk, op) VALUES (?, 1, ?, 1)", [(s, s) for s in range(1, 3 * ranges + 6)])
+    # Ranges of 1..3 seqs from seq 4 on (seqs 1-3: no range yet), bases far apart.
+    first, stamps = 4, []
+    for i in range(ranges):
+        last = first + i % 3
+        stamps.append((first, last, 1_000_000 * (i + 1)))
+        first = last + 1
+    conn.executemany("INSERT INTO _p2p_stamps(first_seq, last_seq, base_hlc) VALUES (?, ?, ?)", stamps)
+    top = first - 1
+    looked_up = dict(conn.execute(f"SELECT seq, {capture.hlc_sql('seq')} FROM _p2p_log"))
+    assert looked_up[3] is None and looked_up[4] == 1_000_000 and looked_up[top] is not None
+    literal = 0
+    for since in range(0, top + 1):
+        for last in range(since, top + 2):
+            sql = capture.interval_hlc_sql(conn, "seq", since, last)
+            literal += "_p2p_stamps" not in sql
+            got = dict(conn.execute(f"SELECT seq, {sql} FROM _p2p_log WHERE seq > ? AND seq <= ?", (since, last)))
+            assert got == {s: looked_up[s] for s in range(since + 1, last + 1) if s in looked_up}, (since, last, sql)
+    assert literal  # (every interval of a few ranges is written in)
