@@ -496,12 +496,21 @@ def _check_values(column: Sequence[Any], what: str) -> None:
 
 def has_raw_text(column: Sequence[Any]) -> bool:
     """Whether any value of ``column`` is raw text (``is_raw_text``); a
-    column of text (and NULLs) is checked with one ``isascii`` in C."""
+    column of text (and NULLs) is checked whole in C: one ``isascii``, or
+    for other text (names in Chinese) one ``encode`` — raw text holds lone
+    surrogates, which no join pairs up and which ``encode`` refuses."""
     kinds = set(map(type, column))
     if str not in kinds:
         return False
-    if kinds <= {str, type(None)} and "".join(filter(None, column)).isascii():
-        return False
+    if kinds <= {str, type(None)}:
+        text = "".join(filter(None, column))
+        if text.isascii():
+            return False
+        try:
+            text.encode()
+            return False
+        except UnicodeEncodeError:
+            pass
     return any(type(v) is str and is_raw_text(v) for v in column)
 
 

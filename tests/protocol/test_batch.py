@@ -54,6 +54,16 @@ def test_raw_text_travels_byte_exact() -> None:
     assert wire_batch.decode(wire_batch.encode(b)) == b
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(), st.binary(max_size=4).map(lambda b: b.decode("utf-8", "surrogateescape")),
+                          st.integers(), st.binary(max_size=4)), max_size=20))
+def test_a_column_has_raw_text_when_one_of_its_values_is(column: list[object]) -> None:
+    """The whole-column check (one ``isascii`` or one ``encode`` in C) says
+    what asking each value says: raw text holds lone surrogates, which no
+    neighbour pairs up."""
+    assert wire_batch.has_raw_text(column) == any(wire_batch.is_raw_text(v) for v in column)
+
+
 @pytest.mark.parametrize("payload", [
     b"", b"\xc1", b"\x90", wire_batch.pack_values({"mode": "collaborative"}),
     wire_batch.pack_values([1, 2, 3]), RELEASE1_PAYLOAD[:-3],
