@@ -51,7 +51,6 @@ import itertools
 import sqlite3
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
-from typing import Any
 
 from p2pstore.errors import InvalidParams, StoreInvalid
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
