@@ -283,7 +283,7 @@ def _next_seqs(
                 found.append(seqs)
     # Most intervals have one source (a table's rows, no cells, no tombs): its
     # seqs as they are; else merged here, in C (SQL's UNION of the sources sorted
-    # them all again: 10 % of a single_version read).
+    # them all again: a fifth of this function's time).
     return found[0] if len(found) == 1 else sorted(set().union(*found))[:limit]
 
 
