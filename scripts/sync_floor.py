@@ -22,6 +22,10 @@ transaction, median of 3, in microseconds a row:
 - ``sender``: the stream's read, the row clocks by seq joined to the table,
   ``fetchmany`` of 1,000, without building a batch.
 
+Then the same receiver by what it writes a row (round 11): today's table,
+row clock and log row against less metadata (a clock inline in the table,
+no log row, the table alone).
+
 If the receiver's floor alone is near 0.5 x raw, no data path that keeps a
 row clock and a log row per synced row (issue 11, item 1) can reach it once
 the decode, the sender, TLS and two event loops share the machine.
@@ -141,6 +145,57 @@ def main() -> None:
         for name, runs in seconds.items():
             s = statistics.median(runs)
             print(f"  {name:24s} {s * 1e6 / N:5.2f} us a row  {N / s / 1e3:6.1f}k rows/s  {base / s:4.2f} x raw")
+    layouts()
+
+
+#: What a collaborative receiver writes for each row (round 11): the device table, its row clock
+#: (``_p2p_cells`` and its seq index) and the log row — and what it would write with less.
+LAYOUTS = {
+    "table, row clock, log (today)": ("cells", "log"),
+    "table, row clock": ("cells",),
+    "table, log": ("log",),
+    "table with its clock inline, log": ("inline", "log"),
+    "table only": (),
+}
+
+
+def _layout(d: Path, name: str, parts: tuple[str, ...]) -> float:
+    """2,000-row batches staged from Python and written as ``parts`` say, a transaction each."""
+    conn = _connect(d / f"layout-{len(parts)}-{'-'.join(parts)}.db")
+    conn.executescript(capture.SCHEMA_SQL)
+    inline = "inline" in parts
+    conn.execute("CREATE TABLE T(ID INTEGER PRIMARY KEY, NAME TEXT NOT NULL, AGE INTEGER, SALARY REAL, CODES BLOB"
+                 + (", hlc INTEGER, seq INTEGER)" if inline else ")"))
+    conn.execute("CREATE TEMP TABLE s(n INTEGER PRIMARY KEY, k, hlc, a, b, c, d)")
+    batch = 2 * BATCH
+    t = time.perf_counter()
+    for start in range(0, N, batch):
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM temp.s")
+        conn.executemany("INSERT INTO temp.s(k, hlc, a, b, c, d) VALUES (?, ?, ?, ?, ?, ?)",
+                         [(start + j + 1, HLC0 + start + j, *row) for j, row in enumerate(ROWS[start:start + batch])])
+        conn.execute("INSERT INTO T SELECT k, a, b, c, d" + (", hlc, ?1 + n" if inline else "") + " FROM temp.s ORDER BY n",
+                     (start,) if inline else ())
+        if "cells" in parts:
+            conn.execute("INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) SELECT 2, k, '*', hlc, ?2, ?1 + n FROM temp.s ORDER BY n",
+                         (start, ORIGIN))
+        if "log" in parts:
+            conn.execute("INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin) SELECT ?1 + n, 2, k, 1, hlc, ?2 FROM temp.s ORDER BY n",
+                         (start, ORIGIN))
+        conn.execute("COMMIT")
+    return time.perf_counter() - t
+
+
+def layouts() -> None:
+    seconds: dict[str, list[float]] = {name: [] for name in LAYOUTS}
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(prefix="p2ps-floor-", dir="/tmp") as d:
+            for name, parts in LAYOUTS.items():
+                seconds[name].append(_layout(Path(d), name, parts))
+    print(f"collaborative receiver by what it writes a row, {N} rows, 2,000-row batches, a transaction each:")
+    for name, runs in seconds.items():
+        s = statistics.median(runs)
+        print(f"  {name:34s} {s * 1e6 / N:5.2f} us a row")
 
 
 if __name__ == "__main__":
