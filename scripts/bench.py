@@ -500,19 +500,27 @@ def bench_push(quick: bool) -> dict:
     out: dict = {"bench": "push", "rows": n, "runs": runs, "loadavg_at_start": load}
     goal = 0.5
     for variant, sv in (("collaborative", False), ("single_version", True)):
-        raw = _raw_executemany_rate(_rows(n), shape=_SV_SHAPE if sv else SHAPE)  # the mode's own table shape
+        shape = _SV_SHAPE if sv else SHAPE  # the mode's own table shape
+        raw = _raw_executemany_rate(_rows(n), shape=shape)
         out[variant] = {"raw_sqlite_executemany_rows_per_s": round(raw)}
         for direction in ("push", "pull"):
-            done = [_in_tmp(_push_run, n, sv, direction) for _ in range(runs)]
+            done, paired = [], []
+            for _ in range(runs):  # raw again right before each run: a ratio of two figures taken under the same load
+                raw_now = _raw_executemany_rate(_rows(n), runs=1, shape=shape)
+                done.append(_in_tmp(_push_run, n, sv, direction))
+                paired.append(done[-1]["rows_per_s"] / raw_now)
             rate = statistics.median(r["rows_per_s"] for r in done)
             out[variant][direction] = {"rows_per_s": round(rate), "runs_rows_per_s": [round(r["rows_per_s"]) for r in done],
+                                       "runs_ratio_vs_raw_just_before": [round(x, 3) for x in paired],
+                                       "median_ratio_vs_raw_just_before": round(statistics.median(paired), 3),
                                        "runs_cpu_s_a_b": [r["cpu_s"] for r in done],
                                        "ratio_vs_raw": round(rate / raw, 3), "goal_ratio": goal, "met": rate / raw >= goal}
     out["loadavg_at_end"] = _load()
     out["note"] = ("push = store.sync(mode=push) on A, pull = store.sync(mode=pull) on B, until it returns (every batch "
                    "applied and acked by B), over TLS on 127.0.0.1; A's rows written through the API beforehand (not timed); "
                    "raw = executemany of the same rows into a plain table of the mode's shape (single_version's NAME is UNIQUE), "
-                   "one transaction, same run, median of 5 (a 0.15 s run: one slow moment of the VM moved a median of 3 by 40 %); "
+                   "one transaction, same run, median of 5 (a 0.15 s run: one slow moment of the VM moved a median of 3 by 40 %; "
+                   "runs_ratio_vs_raw_just_before: each run over one raw write made right before it); "
                    "the receiver's floor: scripts/sync_floor.py")
     return out
 
