@@ -160,9 +160,7 @@ def _collect_log(conn: sqlite3.Connection, low: int, bound: int, chunk: int) -> 
     newest = conn.execute("SELECT max(seq) FROM _p2p_log WHERE seq > ? AND seq <= ? AND origin IS NULL", (low, end)).fetchone()[0]
     hlc = None
     if newest is not None:
-        hlc = conn.execute("SELECT base_hlc + ? - first_seq FROM _p2p_stamps WHERE first_seq <= ? ORDER BY first_seq DESC LIMIT 1",
-                           (newest, newest)).fetchone()
-        hlc = hlc[0] if hlc is not None else None
+        hlc = conn.execute(f"SELECT {capture.hlc_sql('?1')}", (newest,)).fetchone()[0]
     dropped = conn.execute("DELETE FROM _p2p_log WHERE seq > ? AND seq <= ? AND origin IS NULL", (low, end)).rowcount
     capture.drop_unused_stamps(conn, low, end)
     if dropped:
