@@ -137,23 +137,26 @@ def changes_since(
                 raise StoreInvalid(f"table {t.info.name} is captured as {t.mode} in a {mode} store; register it again")
         bound = stable_bound(conn)
         filt = where if where is not None and where.where else None
-        seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt)
-        more = len(seqs) == limit
-        devices = origin_list(conn, me) if columnar and filt is None and seqs else None
         # Own (per-column) clocks of a single_version table: its rows that have
         # them go as row changes; without any, every row of the interval is a
         # block row, and the blocks size themselves while they are read.
         irregular = {t.tid: modes.of(t.mode).has_irregular_rows(conn, t) for t in tables}
-        self_sized = devices is not None and not any(irregular.values())
-        if max_bytes is not None and len(seqs) > 1 and not self_sized:
+        blockwise = columnar and filt is None
+        self_sized = blockwise and not any(irregular.values())
+        # The seqs themselves are needed only to size them here; else their number and the last.
+        sized_here = max_bytes is not None and not self_sized
+        count, top, seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt, listed=sized_here)
+        more = count == limit
+        devices = origin_list(conn, me) if blockwise and count else None
+        if seqs is not None and max_bytes is not None and count > 1:  # (seqs: only when sized here)
             fitting = _seqs_within(conn, tables, seqs, max_bytes)
-            more = more or len(fitting) < len(seqs)
-            seqs = fitting
-        last = seqs[-1] if more else max(since_seq, bound)
+            more = more or len(fitting) < count
+            count, top = len(fitting), fitting[-1]
+        last = top if more else max(since_seq, bound)
         rows: list[RowChange] = []
         blocks: list[Block] = []
-        if seqs and devices is not None:
-            budget = max_bytes if self_sized and len(seqs) > 1 else None
+        if count and devices is not None:
+            budget = max_bytes if self_sized and count > 1 else None
             read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, irregular[t.tid]) for t in tables]
             cut = _cut(read, budget)
             if cut is not None and cut < last:
@@ -170,7 +173,7 @@ def changes_since(
                 if kept.rows:
                     blocks.append(kept)
                 rows.extend(modes.of(t.mode).read_irregular(conn, t, since_seq, last, me, set(map(_KEY, kept.rows))))
-        elif seqs:
+        elif count:
             for t in tables:
                 rows.extend(modes.of(t.mode).read_rows(conn, t, since_seq, last, me, filt))
         rows.sort(key=lambda r: r.seq)
@@ -263,28 +266,36 @@ def unsent_rows(conn: sqlite3.Connection, since_seq: int, stream: str | None) ->
 
 
 def _next_seqs(
-    conn: sqlite3.Connection, tables: Sequence[SyncTable], since: int, bound: int, limit: int, where: CompiledQuery | None
-) -> list[int]:
+    conn: sqlite3.Connection, tables: Sequence[SyncTable], since: int, bound: int, limit: int, where: CompiledQuery | None,
+    *, listed: bool,
+) -> tuple[int, int, list[int] | None]:
     """The first ``limit`` distinct seqs after ``since`` (up to ``bound``) that
-    carry records of ``tables``. Each source is read in ``seq`` index order
-    and stops after ``limit`` seqs, so a batch costs the same at the start
-    of a large backlog as at its end."""
+    carry records of ``tables``: how many, the last (0 if none), and — when
+    ``listed`` — the seqs themselves (else None). Each source is read in
+    ``seq`` index order and stops after ``limit`` seqs, so a batch costs the
+    same at the start of a large backlog as at its end.
+
+    Most intervals have one source (a table's rows, no cells, no tombs):
+    SQLite counts its seqs and gives the last, and no seq becomes a Python
+    object (a list of them was 8-10 % of a sender's CPU in a large push).
+    Seqs of several sources are merged here, in C (SQL's UNION sorted them
+    all again)."""
     if bound <= since:
-        return []
-    found: list[list[int]] = []
+        return 0, 0, [] if listed else None
+    queries = []
     for t in tables:
         for source, extra, key in modes.of(t.mode).SEQ_SOURCES:
             filt, fparams = filter_sql(t, key, where, local_key=key == "pk")
             extra = extra.format(table=quote_ident(t.info.name), key=t.info.key_expr)
-            seqs = [r[0] for r in conn.execute(
-                f"SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} ORDER BY seq LIMIT ?",
-                (since, bound, t.tid, *fparams, limit))]
-            if seqs:
-                found.append(seqs)
-    # Most intervals have one source (a table's rows, no cells, no tombs): its
-    # seqs as they are; else merged here, in C (SQL's UNION of the sources sorted
-    # them all again: a fifth of this function's time).
-    return found[0] if len(found) == 1 else sorted(set().union(*found))[:limit]
+            queries.append((f"SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} "
+                            "ORDER BY seq LIMIT ?", (since, bound, t.tid, *fparams, limit)))
+    spans = [conn.execute(f"SELECT count(*), max(seq) FROM ({sql})", params).fetchone() for sql, params in queries]
+    found = [(sql, params) for (sql, params), (count, _) in zip(queries, spans) if count]
+    if len(found) == 1 and not listed:
+        count, top = next(span for span in spans if span[0])
+        return count, top, None
+    seqs = sorted(set().union(*([r[0] for r in conn.execute(sql, params)] for sql, params in found)))[:limit]
+    return len(seqs), seqs[-1] if seqs else 0, seqs if listed else None
 
 
 def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: list[int], max_bytes: int) -> list[int]:

@@ -530,6 +530,43 @@ def test_a_columnar_read_holds_blocks_and_rows(device: Callable[..., Replica]) -
     assert [r[KEY] for r in columnar.blocks[0].rows] == [1, 2] and columnar.blocks[0].rows[1][TOMB_HLC] is not None
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_counting_an_intervals_seqs_in_sql_gives_what_listing_them_gives(device: Callable[..., Replica], mode: str) -> None:
+    """``_next_seqs`` counts the seqs of an interval (and takes the last) in
+    SQL where the caller needs no list; over every interval and limit it
+    gives what the listed seqs give — with one source holding seqs, and with
+    several (two tables; a single_version table's row clocks, own cells
+    and tombs)."""
+    a = device(SENDER, mode)
+    if mode == SINGLE_VERSION:
+        a.write("INSERT INTO items(uid, a, b) VALUES ('a1', 1, 'p'), ('a2', 2, 'q'), ('a3', 3, 'r')")
+        a.write("UPDATE items SET a = 9 WHERE uid = 'a1'")
+        a.write("DELETE FROM items WHERE uid = 'a2'")
+        a.write("INSERT INTO items(uid, a, b) VALUES ('a4', 4, 's'), ('a5', 5, 't')")
+    else:
+        a.write("INSERT INTO notes(id, body) VALUES (1, 'x'), (2, 'y'), (3, 'z')")
+        a.write("INSERT INTO tags(name) VALUES ('t'), ('u')")
+        a.write("DELETE FROM notes WHERE id = 2")
+        a.write("INSERT INTO notes(id, body) VALUES (4, 'w')")
+    _read(a, 0, columnar=True)  # stamps every change
+    conn = a.conn
+    tables = changes.sync_tables(conn)
+    bound = changes.stable_bound(conn)
+    sources = ("SELECT (SELECT count(*) > 0 FROM _p2p_rows WHERE seq > ?1 AND seq <= ?2) + (SELECT count(*) > 0 FROM _p2p_cells "
+               "WHERE seq > ?1 AND seq <= ?2) + (SELECT count(*) > 0 FROM _p2p_tombs WHERE seq > ?1 AND seq <= ?2)"
+               if mode == SINGLE_VERSION else
+               "SELECT count(DISTINCT tid) FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND origin IS NULL")
+    several = 0
+    for since in range(bound + 1):
+        several += conn.execute(sources, (since, bound)).fetchone()[0] > 1
+        for limit in range(1, bound + 2):
+            count, top, listed = stream._next_seqs(conn, tables, since, bound, limit, None, listed=True)
+            assert listed is not None and (count, top) == (len(listed), listed[-1] if listed else 0)
+            assert listed == sorted(set(listed)) and len(listed) <= limit
+            assert stream._next_seqs(conn, tables, since, bound, limit, None, listed=False) == (count, top, None)
+    assert several and bound > 4  # not vacuous: intervals whose seqs are in more than one source
+
+
 # --------------------------------------------------------------------------
 # Decoding: every malformed block is a ProtocolError
 
