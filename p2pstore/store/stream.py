@@ -289,12 +289,14 @@ def _next_seqs(
             extra = extra.format(table=quote_ident(t.info.name), key=t.info.key_expr)
             queries.append((f"SELECT DISTINCT seq FROM {source} WHERE seq > ? AND seq <= ? AND tid = ?{extra}{filt} "
                             "ORDER BY seq LIMIT ?", (since, bound, t.tid, *fparams, limit)))
-    spans = [conn.execute(f"SELECT count(*), max(seq) FROM ({sql})", params).fetchone() for sql, params in queries]
-    found = [(sql, params) for (sql, params), (count, _) in zip(queries, spans) if count]
-    if len(found) == 1 and not listed:
-        count, top = next(span for span in spans if span[0])
-        return count, top, None
-    seqs = sorted(set().union(*([r[0] for r in conn.execute(sql, params)] for sql, params in found)))[:limit]
+    if not listed:
+        spans = [conn.execute(f"SELECT count(*), max(seq) FROM ({sql})", params).fetchone() for sql, params in queries]
+        with_seqs = [i for i, (count, _) in enumerate(spans) if count]
+        if len(with_seqs) <= 1:
+            count, top = spans[with_seqs[0]] if with_seqs else (0, 0)
+            return count, top, None
+        queries = [queries[i] for i in with_seqs]
+    seqs = sorted(set().union(*([r[0] for r in conn.execute(sql, params)] for sql, params in queries)))[:limit]
     return len(seqs), seqs[-1] if seqs else 0, seqs if listed else None
 
 
