@@ -128,7 +128,7 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     current row of each key changed (the clock of its newest log row), or
     its delete if the row is gone. What ``read_rows`` reads, as
     ``Block`` rows (tests/store/test_blocks.py compares them). Each row ends
-    in its seq and its size (``_fetch``; the caller strips both); the flag
+    in its seq and its size (``fetch``; the caller strips both); the flag
     says whether every row of the interval was read.
 
     Read flat first, a row a log row in seq order: where no key repeats
@@ -145,15 +145,14 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     own = "FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND tid = ?3 AND origin IS NULL"
     for changes in (f"SELECT pk, seq, {hlc} AS hlc {own}",
                     f"SELECT pk, seq, {hlc} AS hlc FROM (SELECT pk, max(seq) AS seq {own} GROUP BY pk)"):
-        cursor = conn.execute(
+        rows, complete = fetch(
+            conn,
             f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
             f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols}, "
             f"l.seq, {size_sql(t.info.columns, 'x.')} "
             f"FROM ({changes}) l LEFT JOIN {name} x ON x.{key} = l.pk WHERE l.hlc IS NOT NULL ORDER BY l.seq",
-            (since, last, t.tid),
+            (since, last, t.tid), budget,
         )
-        rows = fetch(cursor, budget)
-        complete = cursor.fetchone() is None
         if len(set(map(_KEY, rows))) == len(rows):
             break
     return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, rows)), complete

@@ -146,7 +146,8 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
     values = ", ".join(f"CASE WHEN {visible} THEN x.{quote_ident(c)} END" for c in columns)
     key = t.info.key_expr
-    cursor = conn.execute(
+    rows, complete = fetch(
+        conn,
         f"SELECT x.{ck}, CASE WHEN tb.seq > ?1 THEN max(r.seq, tb.seq) ELSE r.seq END, r.hlc, coalesce(r.origin, 0), "
         "r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END, "
         "tb.hlc, CASE WHEN tb.hlc IS NOT NULL THEN coalesce(tb.origin, 0) END, "
@@ -158,10 +159,9 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
         "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
         + (f" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck})" if irregular else "")
         + " ORDER BY r.seq",  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
-        (since, last, t.tid, devices[0]),
+        (since, last, t.tid, devices[0]), budget,
     )
-    rows = fetch(cursor, budget)
-    return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), cursor.fetchone() is None
+    return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), complete
 
 
 def read_rows(
