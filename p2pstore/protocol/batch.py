@@ -191,11 +191,22 @@ class OutBatch:
     #: ``from_seq`` and took the push to its end holds them all (store/merge.py
     #: ``_advance_watermark``), and its origin marks say so.
     grants: tuple[Grant, ...] = ()
+    #: (block, its rows column by column) as ``decode`` checked them (never
+    #: on the wire; empty for a batch not decoded): the receiver's set-based
+    #: path starts from them instead of regrouping the rows again
+    #: (``fields_of``).
+    block_fields: tuple[tuple[Block, list[Sequence[Value]]], ...] = field(default=(), compare=False)
 
     @property
     def count(self) -> int:
         """How many row changes the batch carries, in either form."""
         return len(self.rows) + sum(len(b.rows) for b in self.blocks)
+
+    def fields_of(self, block: Block) -> list[Sequence[Value]] | None:
+        """``block``'s rows column by column, if ``decode`` kept them — for
+        this very block: one put in its place since (a replaced block is
+        another object) has none."""
+        return next((f for b, f in self.block_fields if b is block), None)
 
     def tables(self) -> dict[str, int]:
         """Row changes per table."""
@@ -218,7 +229,7 @@ class OutBatch:
         if not self.blocks:
             return self
         rows = sorted([*self.rows, *(r for b in self.blocks for r in b.row_changes())], key=lambda r: r.seq)
-        return dataclasses.replace(self, rows=tuple(rows), blocks=())
+        return dataclasses.replace(self, rows=tuple(rows), blocks=(), block_fields=())
 
 
 # Positions in a block row (``Block``); the table's values follow from VALUES on.
@@ -514,10 +525,11 @@ def has_raw_text(column: Sequence[Any]) -> bool:
     return any(type(v) is str and is_raw_text(v) for v in column)
 
 
-def block_from_plain(obj: Any, mode: str) -> Block:
-    """Check and build one block; every check runs over whole columns (the
-    point of the form: no per-row objects), with the same rules as
-    ``row_from_plain`` for each row. Any defect raises ``ProtocolError``."""
+def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]:
+    """Check and build one block, and give its rows column by column too;
+    every check runs over whole columns (the point of the form: no per-row
+    objects), with the same rules as ``row_from_plain`` for each row. Any
+    defect raises ``ProtocolError``."""
     if not isinstance(obj, list) or len(obj) != 5:
         raise ProtocolError("a block must be [table, key column, columns, origins, rows]")
     table, key_column, columns, devices, rows = obj
@@ -570,7 +582,7 @@ def block_from_plain(obj: Any, mode: str) -> Block:
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
     elif no_hlc and no_tomb and any(h is None and t is None for h, t in zip(hlcs, tombs)):
         raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
-    return Block(table, key_column, columns, devices, rows)
+    return Block(table, key_column, columns, devices, rows), fields
 
 
 def batch_from_plain(obj: Any) -> OutBatch:
@@ -599,12 +611,13 @@ def batch_from_plain(obj: Any) -> OutBatch:
     plain_blocks = obj.get("blocks", [])
     if not isinstance(plain_blocks, list) or len(plain_blocks) > MAX_BATCH_ROWS:
         raise ProtocolError("blocks must be a list")
-    blocks = tuple(block_from_plain(b, mode) for b in plain_blocks)
+    checked = [block_from_plain(b, mode) for b in plain_blocks]
+    blocks = tuple(b for b, _ in checked)
     if len(rows) + sum(len(b.rows) for b in blocks) > MAX_BATCH_ROWS:
         raise ProtocolError(f"a batch holds at most {MAX_BATCH_ROWS} row changes")
     return OutBatch(mode, since, last, tuple(row_from_plain(r, mode) for r in rows), obj["more"], obj["full"], stream,
                     snap_hlc, bool(snapshot[1]) if snapshot is not None else False, checked=True, blocks=blocks,
-                    grants=_grants(obj.get("grants", [])))
+                    grants=_grants(obj.get("grants", [])), block_fields=tuple(checked))
 
 
 def _grants(plain: Any) -> tuple[Grant, ...]:

@@ -200,7 +200,7 @@ def apply_batch(
         # A batch that is one block goes set-based (store/blocks.py); any
         # other, or a block that path leaves, as row changes.
         if batch.blocks and (batch.rows or len(batch.blocks) > 1 or batch.snapshot_hlc is not None
-                             or not apply_block(applier, batch.blocks[0])):
+                             or not apply_block(applier, batch.blocks[0], batch.fields_of(batch.blocks[0]))):
             batch = batch.as_rows()
         if batch.rows and not applier.apply_bulk(batch.rows, checked=batch.checked):
             for row in batch.rows:
@@ -494,13 +494,15 @@ def settle(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, en
     return {**done, "queued": policies.queued(conn)}
 
 
-def apply_block(ap: _Applier, block: Block) -> bool:
+def apply_block(ap: _Applier, block: Block, fields: list[Any] | None = None) -> bool:
     """Apply ``block`` set-based (store/blocks.py; the table type writes it),
-    or return False having changed nothing."""
+    or return False having changed nothing. ``fields``: its rows column by
+    column, if ``decode`` kept them (``OutBatch.fields_of``)."""
     table = ap.tables.get(block.table)
     if table is None or table.mode != ap.mode or block.key_column != table.key_column or block.table in ap.decides:
         return False  # (a table whose conflicts this device decides: row by row, where they are queued or decided)
-    fields = list(zip(*block.rows))
+    if fields is None:
+        fields = list(zip(*block.rows))
     keys = fields[KEY]
     kinds = set(map(type, keys))
     if len(kinds) != 1 or not kinds <= {int, str} or len(set(keys)) != len(keys):

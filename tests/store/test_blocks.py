@@ -130,8 +130,8 @@ def _apply_pair(monkeypatch: pytest.MonkeyPatch, x: Replica, y: Replica, batch: 
     calls: list[bool] = []
     real = merge.apply_block
 
-    def spy(ap: merge._Applier, block: Block) -> bool:
-        calls.append(real(ap, block))
+    def spy(ap: merge._Applier, block: Block, fields: Any = None) -> bool:
+        calls.append(real(ap, block, fields))
         return calls[-1]
 
     with monkeypatch.context() as m:
@@ -345,8 +345,8 @@ def test_a_fresh_batch_never_reaches_the_row_paths(monkeypatch: pytest.MonkeyPat
     calls: list[bool] = []
     real = merge.apply_block
 
-    def spy(ap: merge._Applier, block: Block) -> bool:
-        calls.append(real(ap, block))
+    def spy(ap: merge._Applier, block: Block, fields: Any = None) -> bool:
+        calls.append(real(ap, block, fields))
         return calls[-1]
 
     def forbidden(*args: Any, **kw: Any) -> Any:
@@ -720,6 +720,21 @@ def test_the_well_formed_base_decodes(mode: str) -> None:
     assert not batch.rows and batch.count == 3 and batch.checked
     (block,) = batch.blocks
     assert block == Block(*plain["blocks"][0][:2], tuple(plain["blocks"][0][2]), tuple(plain["blocks"][0][3]), plain["blocks"][0][4])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_decoded_block_keeps_its_columns_for_itself_only(mode: str) -> None:
+    """decode hands the receiver each block's rows column by column
+    (``OutBatch.fields_of``), so the set-based path need not regroup them;
+    a block put in its place since has none, and is regrouped from its own
+    rows, never read from another block's columns."""
+    batch = decode(pack_values(_good_plain(mode)))
+    (block,) = batch.blocks
+    assert batch.fields_of(block) == list(zip(*block.rows))
+    changed = block._replace(rows=[[*r] for r in block.rows])
+    assert batch.fields_of(changed) is None
+    assert dataclasses.replace(batch, blocks=(changed,)).fields_of(changed) is None
+    assert not batch.as_rows().block_fields
 
 
 @pytest.mark.parametrize(("what", "mode", "change"), [(w, m, c) for w, modes, c in _BAD for m in modes],
