@@ -382,11 +382,12 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"ON CONFLICT({key}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING")
     )
     seq = "?1 + n" if every_fresh else "?1 + row_number() OVER (ORDER BY n)"  # (n counts the staged rows from 1)
+    last_only = every_fresh and not ap.log_all  # (every row fresh: the last is n = rows)
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
         f"SELECT {seq}, ?2, k, CASE WHEN hlc IS NULL THEN {OP_DELETE} WHEN existed THEN {OP_UPDATE} ELSE {OP_INSERT} END, "
-        f"coalesce(hlc, th), ?3, NULL FROM temp.{stage} WHERE fresh ORDER BY n",
-        (top, target.dest_tid, ap.logged(ap.sender)),
+        f"coalesce(hlc, th), ?3, NULL FROM temp.{stage} WHERE fresh{' AND n = ?4' if last_only else ''} ORDER BY n",
+        (top, target.dest_tid, ap.logged(ap.sender), *((len(block.rows),) if last_only else ())),
     )
     conn.execute(
         "INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) "

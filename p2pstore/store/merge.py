@@ -184,18 +184,21 @@ def apply_batch(
     from_device: str,
     *,
     wall: int | None = None,
+    log_all: bool = True,
 ) -> ApplyResult:
     """Apply ``batch`` received from ``from_device`` atomically (see the module docstring).
 
     ``from_device`` is the authenticated peer, never a value from the batch.
     The connection must be in autocommit mode (``isolation_level=None``), as
-    the store's is.
+    the store's is. ``log_all`` False: the set-based path logs only the last
+    change of each block, the seq counter's (``_Applier.log_all``).
     """
     if not isinstance(from_device, str) or not from_device:
         raise ValueError("from_device must be a device ID")
     with _atomic(conn, state):
         local = capture.stamp(conn, state, clock, wall=wall)
         applier = _Applier(conn, state, clock, batch.mode, from_device, wall)
+        applier.log_all = log_all
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         # A batch that is one block goes set-based (store/blocks.py); any
         # other, or a block that path leaves, as row changes.
@@ -568,6 +571,15 @@ class _Applier:
         self.queued = 0
         self.max_hlc = 0
         self.remote: dict[str, dict[str, dict[str, list[Any]]]] = {}
+        #: Whether a block written set-based logs every change it applies. A
+        #: received change's log row is history only (the stream sends a
+        #: received row from its table and row clock, never from the log), and
+        #: a large group's compaction drops all but the newest
+        #: ``compact_keep_recent`` in the same transaction; so a batch of such
+        #: a group with that many rows after it logs only its blocks' last
+        #: change, which keeps the seq counter (``capture.last_seq``)
+        #: (store/database.py ``apply_changes_group``).
+        self.log_all = True
 
     def now(self) -> int:
         return self.wall if self.wall is not None else wall_ms()

@@ -750,10 +750,13 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     pk, source, first = _new_keys(conn, table, stage, inserted, dense)
     binds = (top, tid) if first is None else (top, tid, first)
     origin = _origin_sql(ap, one)
+    # (Only the last change logged, ``_Applier.log_all``: where the keys announced below are
+    # not read back from the log.)
+    last_only = dense and one is not None and not ap.log_all
     conn.execute(
         "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
         f"SELECT {seq}, ?2, {pk}, {OP_INSERT}, s.hlc, {origin('logged', 'o')}, NULL "
-        f"FROM {source} WHERE s.fresh ORDER BY s.n",
+        f"FROM {source} WHERE s.fresh{f' AND s.n = {inserted}' if last_only else ''} ORDER BY s.n",
         binds,
     )
     # OR REPLACE: an orphan row clock under a key a new row took (store/cells.py).
@@ -764,8 +767,9 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         f"FROM {source} WHERE s.fresh ORDER BY s.n",
         binds,
     )
-    if dense and one is not None and first is not None:  # the log just written: one device's, keys first, first + 1, ...
-        keys = list(range(first, first + inserted))
+    if dense and one is not None:  # every staged row written, one device's: keys first, first + 1, ... or the staged ones
+        keys = list(range(first, first + inserted)) if first is not None else \
+            [k for (k,) in conn.execute(f"SELECT {pk} FROM {source} ORDER BY s.n", binds[2:])]
         return inserted, [(one, table.info.name, OP_INSERT, keys)], tid
     logged = conn.execute("SELECT origin, pk FROM _p2p_log WHERE seq > ? ORDER BY seq", (top,)).fetchall()
     numbers = set(map(_FIRST, logged))

@@ -1165,3 +1165,46 @@ def test_rows_staged_several_to_a_statement_apply_as_row_by_row(monkeypatch: pyt
     assert taken == [True] * 7
     table = "items" if mode == SINGLE_VERSION else "dev_DEVA_notes"
     assert x.rows(f"SELECT count(*) FROM {table}") == [(done,)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_that_logs_only_its_last_change_writes_all_else_alike(monkeypatch: pytest.MonkeyPatch,
+                                                                      device: Callable[..., Replica], mode: str) -> None:
+    """``log_all`` False (a batch early in a large group, store/database.py):
+    a block of fresh rows logs only its last change — the seq counter's —
+    and writes every row, row clock, seq and announcement as one that logs
+    them all; a block that is not all fresh rows logs every change anyway.
+    Compaction would drop the others (received changes' log rows are
+    history only)."""
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    if mode == COLLABORATIVE:
+        a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join(f"({i}, 'b{i}', {i})" for i in range(1, 31)))
+    else:
+        a.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{i:03d}', {i}, 'b{i}')" for i in range(30)))
+    taken: list[bool] = []
+    real = merge.apply_block
+
+    def spy(ap: merge._Applier, block: Block, fields: Any = None) -> bool:
+        taken.append(real(ap, block, fields))
+        return taken[-1]
+
+    monkeypatch.setattr(merge, "apply_block", spy)
+    received = "SELECT seq, tid, pk, op, hlc, origin, ck FROM _p2p_log WHERE origin IS NOT NULL ORDER BY seq"
+
+    def both(batch: OutBatch) -> list[Any]:
+        """``batch`` to x logging last changes only, to y logging all; what y logged."""
+        before = y.rows(received)
+        got = [_result(merge.apply_batch(r.conn, r.state, r.clock, batch, SENDER, wall=r.wall, log_all=r is y))
+               for r in (x, y)]
+        assert got[0] == got[1]
+        return [row for row in y.rows(received) if row not in before]
+
+    fresh = both(decode(encode(a.read(10))))  # 20 rows never seen here: one block, all fresh
+    assert len(fresh) == 20 and x.rows(received) == [fresh[-1]]
+    again = both(decode(encode(a.read(0))))  # 10 new rows, then 20 known: not all fresh, logged whole
+    assert len(again) == 10 and x.rows(received) == [fresh[-1], *again]
+    assert taken == [True] * 4
+    dx, dy = _dump(x), _dump(y)
+    assert dx.pop("_p2p_log") != dy.pop("_p2p_log") and dx == dy
+    assert capture.last_seq(x.conn) == capture.last_seq(y.conn) == again[-1][0]

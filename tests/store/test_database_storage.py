@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sqlite3
 import threading
 from typing import Any
@@ -22,7 +21,7 @@ from storage_mounts import read_only, resize_tmpfs, small_tmpfs
 
 from p2pstore.errors import DiskFull, StoreFileChanged, StoreInvalid, StoreReadOnly
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import merge
+from p2pstore.store import capture, merge
 from p2pstore.store.database import Store
 from p2pstore.store.tables import device_table_name
 
@@ -354,11 +353,11 @@ async def test_a_group_transaction_ends_after_the_batch_in_hand_when_the_applica
         started, release = threading.Event(), threading.Event()
         apply_batch = merge.apply_batch
 
-        def held_first(conn: sqlite3.Connection, *args: Any) -> Any:
+        def held_first(conn: sqlite3.Connection, *args: Any, **kw: Any) -> Any:
             if not started.is_set():
                 started.set()
                 assert release.wait(10)
-            return apply_batch(conn, *args)
+            return apply_batch(conn, *args, **kw)
 
         monkeypatch.setattr(merge, "apply_batch", held_first)
         group = asyncio.create_task(receiver.apply_changes_group(batches, PEER, budget_s=60))
@@ -405,8 +404,9 @@ async def test_a_large_group_compacts_the_log_of_what_it_received(tmp_path: Path
     """A group that writes ``COMPACT_WHILE_APPLYING_ROWS`` rows or more drops
     the log rows of received rows beyond the newest ``compact_keep_recent``
     in its own transaction (a large sync does not first grow the file by a
-    log); a smaller one leaves the log to the minutely compaction. The rows
-    themselves, the watermark and the highest seq stay."""
+    log), and does not write most of them in the first place; a smaller one
+    leaves the log to the minutely compaction. The rows themselves, the
+    watermark, the highest seq and the newest log rows stay."""
     from p2pstore.store import database
 
     sender = await open_store(tmp_path / "src.db", PEER)
@@ -434,6 +434,27 @@ async def test_a_large_group_compacts_the_log_of_what_it_received(tmp_path: Path
         (kept, top), = (await large.query(received))["rows"]
         assert kept <= 100 + 1000 and top == 3000  # the newest stay, and the highest seq
         assert (await small.query(received))["rows"] == [[3000, 3000]]
+        # What compaction drops is not even written (a batch with 100 rows or more after it in
+        # its group logs only its last change): the newest 100 are there exactly as small logged them.
+        newest = "SELECT seq, tid, pk, op, hlc FROM _p2p_log WHERE origin IS NOT NULL AND seq > 2900 ORDER BY seq"
+        assert (await large.query(newest))["rows"] == (await small.query(newest))["rows"]
+        assert len((await small.query(newest))["rows"]) == 100
+        # Without the compaction (to see what was written): each batch with 100 rows or more after
+        # it in its group logged its last change only — 3 of the first group's 4 batches, 1 of the
+        # second's — and the rest every change.
+        unpacked = await open_store(tmp_path / "unpacked.db")
+        try:
+            await unpacked.execute("CREATE TABLE T (id INTEGER PRIMARY KEY, v INTEGER)")
+            await unpacked.set_distributed_tables(["T"])
+            unpacked.compact_keep_recent = 100
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(capture, "compact", lambda *args, **kw: 0)
+                for group in (batches[:4], batches[4:]):
+                    await unpacked.apply_changes_group(group, PEER)
+            assert (await unpacked.query(received))["rows"] == [[3 + 500 + 1 + 500, 3000]]
+            assert (await unpacked.query(newest))["rows"] == (await small.query(newest))["rows"]
+        finally:
+            await unpacked.close()
         copy = quote_ident(device_table_name(PEER, "T"))
         for s in (small, large):
             assert (await s.query(f"SELECT count(*), sum(v) FROM {copy}"))["rows"] == [[3000, 3000 * 3001 // 2]]
