@@ -10,4 +10,5 @@ __version__ = "0.1.0"
 #: 3: a session's receiver says what it holds per origin (protocol/messages.py ``OriginMark``).
 #: 4: an auto push may carry only the sender's own changes (``SyncOpen.own``).
 #: 5: an eager push's last batch may grant origin marks for the devices it forwards (protocol/batch.py ``Grant``).
-PROTOCOL_VERSION = 5
+#: 6: a block's rows travel field by field, a field the same in every row once (protocol/batch.py ``block_from_plain``).
+PROTOCOL_VERSION = 6

@@ -292,6 +292,23 @@ def row_to_plain(row: RowChange) -> list[Any]:
     ]
 
 
+def _fields_to_plain(rows: Sequence[Sequence[Value]]) -> list[Sequence[Value]]:
+    """A block's rows as its fields (protocol 6), each a value per row, or
+    once when every row holds the same (the origin of a one-device block,
+    prevs and tombs most blocks leave NULL). Equal is not enough for
+    numbers (1 == 1.0, 0.0 == -0.0): an integer field goes once only when
+    every value is an integer, a float field never."""
+    out: list[Sequence[Value]] = []
+    for column in zip(*rows):
+        first = column[0]
+        if (column[-1] == first and column.count(first) == len(column)
+                and (first is None or type(first) in (str, bytes) or (type(first) is int and set(map(type, column)) == {int}))):
+            out.append([first])
+        else:
+            out.append(column)
+    return out
+
+
 def batch_to_plain(batch: OutBatch, *, columnar: bool = True) -> dict[str, Any]:
     """The plain form; ``columnar`` False: blocks as row changes (what a
     protocol-1 peer reads: it refuses a batch with ``blocks``)."""
@@ -304,7 +321,8 @@ def batch_to_plain(batch: OutBatch, *, columnar: bool = True) -> dict[str, Any]:
     if batch.snapshot_hlc is not None:
         plain["snapshot"] = [batch.snapshot_hlc, batch.snapshot_first]
     if batch.blocks:
-        plain["blocks"] = [[b.table, b.key_column, list(b.columns), list(b.origins), b.rows] for b in batch.blocks]
+        plain["blocks"] = [[b.table, b.key_column, list(b.columns), list(b.origins), len(b.rows), _fields_to_plain(b.rows)]
+                           for b in batch.blocks]
     if batch.grants:
         plain["grants"] = [list(g) for g in batch.grants]
     return plain
@@ -530,9 +548,9 @@ def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]
     every check runs over whole columns (the point of the form: no per-row
     objects), with the same rules as ``row_from_plain`` for each row. Any
     defect raises ``ProtocolError``."""
-    if not isinstance(obj, list) or len(obj) != 5:
-        raise ProtocolError("a block must be [table, key column, columns, origins, rows]")
-    table, key_column, columns, devices, rows = obj
+    if not isinstance(obj, list) or len(obj) != 6:
+        raise ProtocolError("a block must be [table, key column, columns, origins, row count, fields]")
+    table, key_column, columns, devices, n, plain = obj
     table = _name(table, "block table")
     key_column = _name(key_column, f"{table}: key column", empty=mode == COLLABORATIVE)
     if mode == SINGLE_VERSION and not key_column:
@@ -545,44 +563,47 @@ def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]
     if not isinstance(devices, list) or not devices or len(devices) > MAX_BATCH_ROWS:
         raise ProtocolError(f"{table}: a block's origins must be a non-empty list")
     devices = tuple(_name(d, f"{table}: origin") for d in devices)
-    if not isinstance(rows, list) or not rows or len(rows) > MAX_BATCH_ROWS:
-        raise ProtocolError(f"{table}: a block's rows must be a list of 1..{MAX_BATCH_ROWS} rows")
+    if type(n) is not int or not 1 <= n <= MAX_BATCH_ROWS:
+        raise ProtocolError(f"{table}: a block holds 1..{MAX_BATCH_ROWS} rows")
     width = VALUES + len(columns)
-    if set(map(type, rows)) != {list} or set(map(len, rows)) != {width}:
-        raise ProtocolError(f"{table}: every block row must be a list of {width} items")
-    fields = list(zip(*rows))
+    if not isinstance(plain, list) or len(plain) != width or set(map(type, plain)) != {list}:
+        raise ProtocolError(f"{table}: a block's fields must be a list of {width} lists")
+    if not set(map(len, plain)) <= {1, n}:
+        raise ProtocolError(f"{table}: a field holds a value for each of the {n} rows, or one for all of them")
+    # Checked as they came (a field the same in every row: its one value), then whole.
+    fields: list[Sequence[Value]] = [f * n if len(f) < n else f for f in plain]
     keys = fields[KEY]
-    if not set(map(type, keys)) <= _VALUE_TYPES - {type(None)}:
+    if not set(map(type, plain[KEY])) <= _VALUE_TYPES - {type(None)}:
         raise ProtocolError(f"{table}: a row key can't be NULL" if None in keys else f"{table}: key must be an integer, a float, a string or bytes")
-    _column_ints(fields[SEQ], f"{table}: seq", 0, _INT64[1], optional=False)
+    _column_ints(plain[SEQ], f"{table}: seq", 0, _INT64[1], optional=False)
     last_origin = len(devices) - 1
     for hlc, origin, what in ((HLC, ORIGIN, "clock"), (PREV_HLC, PREV_ORIGIN, "prev"),
                               (TOMB_HLC, TOMB_ORIGIN, "tomb"), (TOMB_PREV_HLC, TOMB_PREV_ORIGIN, "tomb prev")):
-        _column_ints(fields[hlc], f"{table}: {what} hlc", 0, MAX_HLC, optional=True)
-        _column_ints(fields[origin], f"{table}: {what} origin", 0, last_origin, optional=True)
+        _column_ints(plain[hlc], f"{table}: {what} hlc", 0, MAX_HLC, optional=True)
+        _column_ints(plain[origin], f"{table}: {what} origin", 0, last_origin, optional=True)
         _together(fields[hlc], fields[origin], f"{table}: {what}")
-    for name, column in zip(columns, fields[VALUES:]):
+    for name, column in zip(columns, plain[VALUES:]):
         _check_values(column, f"{table}: column {name}")
-    _check_values(keys, f"{table}: key")
-    if has_raw_text(keys):
+    _check_values(plain[KEY], f"{table}: key")
+    if has_raw_text(plain[KEY]):
         raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
     hlcs, tombs = fields[HLC], fields[TOMB_HLC]
     # What no row change can hold (``row_changes`` would drop it silently). Counted
     # first (in C): most blocks have every row clock and no tomb, and need no pass.
-    no_hlc, no_tomb, n = hlcs.count(None), tombs.count(None), len(rows)
+    no_hlc, no_tomb = hlcs.count(None), tombs.count(None)
     if no_hlc and not all_none(fields[PREV_HLC]) and any(h is None and p is not None for h, p in zip(hlcs, fields[PREV_HLC])):
         raise ProtocolError(f"{table}: a prev clock on a row without cells")
     if no_tomb and not all_none(fields[TOMB_PREV_HLC]) and any(
             t is None and p is not None for t, p in zip(tombs, fields[TOMB_PREV_HLC])):
         raise ProtocolError(f"{table}: a tomb prev clock on a row without a tomb")
-    if no_hlc and any(r[HLC] is None and any(v is not None for v in r[VALUES:]) for r in rows):
+    if no_hlc and any(h is None and any(v is not None for v in r) for h, *r in zip(hlcs, *fields[VALUES:])):
         raise ProtocolError(f"{table}: values on a row without cells")
     if mode == COLLABORATIVE:
         if (no_hlc + no_tomb != n) or (no_hlc and no_tomb and any((h is None) is (t is None) for h, t in zip(hlcs, tombs))):
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
     elif no_hlc and no_tomb and any(h is None and t is None for h, t in zip(hlcs, tombs)):
         raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
-    return Block(table, key_column, columns, devices, rows), fields
+    return Block(table, key_column, columns, devices, list(zip(*fields))), fields
 
 
 def batch_from_plain(obj: Any) -> OutBatch:
