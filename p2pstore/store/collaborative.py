@@ -374,6 +374,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
         )
     if not all_none(fields[TOMB_HLC]):
         conn.execute(f"DELETE FROM {dest} WHERE {key} IN (SELECT k FROM temp.{stage} WHERE fresh AND hlc IS NULL)")
+    ap.lift(target.dest)
     names = [(c, f"v{i}") for i, c in enumerate(block.columns) if c != key_col]
     sets = ", ".join(f"{quote_ident(c)} = excluded.{quote_ident(c)}" for c, _ in names)
     conn.execute(

@@ -133,6 +133,11 @@ STAMP_CHUNK_ROWS = 10_000
 #: which it compacts the log too (``apply_changes_group``, ``_stamp_step``): a
 #: large sync or bulk insert, not a single auto-synced change.
 COMPACT_WHILE_APPLYING_ROWS = 1_000
+#: Rows a group of received batches holds from which it lifts the store's own
+#: insert triggers on the tables it writes (``merge._Applier.lift``): each lift
+#: is schema changes (a drop, a create) that make every cached statement be
+#: prepared again; worth it from a few blocks' rows on.
+LIFT_TRIGGERS_ROWS = 8_000
 #: Steps one poll takes at most (10M rows); the next poll goes on.
 MAX_STAMP_STEPS = 1_000
 #: A poll leaves the steps to a push that read this recently.
@@ -1236,13 +1241,17 @@ class Store:
             results: list[merge.ApplyResult] = []
             with self._transaction(conn):  # a rollback reloads the cached capture state
                 later = total = sum(b.count for b in batches)
+                lifted: dict[str, tuple[str, str]] | None = {} if total >= LIFT_TRIGGERS_ROWS else None
                 for batch in batches:
                     if results and budget_s is not None and (self._foreground or time.monotonic() - started > budget_s):
                         break  # (``_foreground`` is the event loop's counter: read here, a snapshot is enough)
                     later -= batch.count
                     # What the compaction below would drop is not logged at all (``_Applier.log_all``).
                     log_all = total < COMPACT_WHILE_APPLYING_ROWS or later < self.compact_keep_recent
-                    results.append(merge.apply_batch(conn, self.capture, self.clock, batch, from_device, log_all=log_all))
+                    results.append(merge.apply_batch(conn, self.capture, self.clock, batch, from_device, log_all=log_all,
+                                                     lifted=lifted))
+                if lifted:
+                    merge.put_back(conn, lifted)
                 applied = sum(r.applied for r in results)
                 if applied >= COMPACT_WHILE_APPLYING_ROWS:
                     capture.compact(conn, self.capture, chunk=2 * applied, keep_recent=self.compact_keep_recent, sweep=False)

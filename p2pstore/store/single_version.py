@@ -724,6 +724,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     listed = ", ".join(quote_ident(c) for c in table.sync_columns)
     values = ", ".join("k" if c == ck_col else position[c] for c in table.sync_columns)
     insert = f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE {{}} ORDER BY n"
+    ap.lift(table.info.name)
     dense = False  # every staged row is fresh, n = 1 .. rows: seqs and keys follow n
     if not has["_p2p_cells"] and not has["_p2p_tombs"] and all_none(fields[TOMB_HLC]) and conn.execute(
             f"SELECT NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = (SELECT k FROM temp.{stage} WHERE n = 1))").fetchone()[0]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1267,3 +1268,69 @@ def test_a_block_that_logs_only_its_last_change_writes_all_else_alike(monkeypatc
     dx, dy = _dump(x), _dump(y)
     assert dx.pop("_p2p_log") != dy.pop("_p2p_log") and dx == dy
     assert capture.last_seq(x.conn) == capture.last_seq(y.conn) == again[-1][0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_large_groups_lifted_triggers_are_put_back_as_they_were(device: Callable[..., Replica], mode: str) -> None:
+    """A large group drops the store's own insert triggers on the tables it
+    writes (they do nothing while a batch applies) and puts them back before
+    it commits (``_Applier.lift``, ``put_back``): the store ends exactly as
+    one that applied the same batches with its triggers in place, the
+    triggers are the same SQL, and they work after — a write into a device
+    table is refused, a single_version table's write is captured."""
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    if mode == COLLABORATIVE:
+        a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join(f"({i}, 'b{i}', {i})" for i in range(1, 31)))
+        table = "dev_DEVA_notes"
+    else:
+        a.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{i:03d}', {i}, 'b{i}')" for i in range(30)))
+        table = "items"
+    triggers = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+    lifted: dict[str, tuple[str, str]] = {}
+    x.conn.execute("BEGIN IMMEDIATE")
+    for since in (0, 10, 20):  # three batches in one transaction on x (a group), one at a time on y
+        batch = decode(encode(a.read(since, limit=10)))
+        merge.apply_batch(x.conn, x.state, x.clock, batch, SENDER, wall=x.wall, lifted=lifted)
+        y.apply(batch, SENDER)
+        assert lifted and not [n for n in lifted if x.rows("SELECT 1 FROM sqlite_master WHERE name = ?", (n,))]
+    assert {t for t, _ in lifted.values()} == {table}
+    merge.put_back(x.conn, lifted)
+    x.conn.execute("COMMIT")
+    assert not lifted and x.rows(triggers) == y.rows(triggers) and any(table in n for n, _ in x.rows(triggers))
+    assert _dump(x) == _dump(y)
+    if mode == COLLABORATIVE:
+        with pytest.raises(sqlite3.DatabaseError, match="READ_ONLY_TABLE"):
+            x.conn.execute(f"INSERT INTO {table}(id, body, n) VALUES (99, 'x', 1)")
+    else:
+        captured = x.write("INSERT INTO items(uid, a, b) VALUES ('mine', 1, 'b')")
+        assert captured.by_table["items"]["inserted"] == [x.rows("SELECT rowid FROM items WHERE uid = 'mine'")[0][0]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triggers_a_rolled_back_batch_lifted_are_put_back_once(device: Callable[..., Replica], mode: str) -> None:
+    """A batch rolled back after it lifted triggers (a savepoint: its block
+    left to the row path, a failed batch) had them back already, or took
+    them with the device table it made: ``put_back`` makes none twice, and
+    none on a table that is gone."""
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    a.write("INSERT INTO notes(id, body, n) VALUES (1, 'b', 1)" if mode == COLLABORATIVE
+            else "INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'b')")
+    batch = decode(encode(a.read(0)))
+    triggers = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+    before = x.rows(triggers)
+    lifted: dict[str, tuple[str, str]] = {}
+    x.conn.execute("BEGIN IMMEDIATE")
+    x.conn.execute("SAVEPOINT undone")
+    merge.apply_batch(x.conn, x.state, x.clock, batch, SENDER, wall=x.wall, lifted=lifted)
+    assert lifted
+    x.conn.execute("ROLLBACK TO undone")
+    x.conn.execute("RELEASE undone")
+    merge.put_back(x.conn, lifted)
+    x.conn.execute("COMMIT")
+    x.state = capture.load_state(x.conn, x.clock)
+    assert x.rows(triggers) == before
+    y.apply(batch, SENDER)
+    x.apply(batch, SENDER)  # (now for good, without lifting)
+    assert x.rows(triggers) == y.rows(triggers) and _dump(x) == _dump(y)

@@ -426,8 +426,20 @@ async def test_a_large_group_compacts_the_log_of_what_it_received(tmp_path: Path
             if not batch.more:
                 break
         assert sum(b.count for b in batches) == 3000 and database.COMPACT_WHILE_APPLYING_ROWS <= 2000
-        for group in (batches[:4], batches[4:]):  # 2,000 rows, then 1,000 and an empty end
-            await large.apply_changes_group(group, PEER)
+        put_back: list[list[str]] = []
+        real_put_back = merge.put_back
+
+        def spy(conn: sqlite3.Connection, lifted: dict[str, Any]) -> None:
+            put_back.append(sorted(lifted))
+            real_put_back(conn, lifted)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(merge, "put_back", spy)
+            m.setattr(database, "LIFT_TRIGGERS_ROWS", 1500)
+            for group in (batches[:4], batches[4:]):  # 2,000 rows, then 1,000 and an empty end
+                await large.apply_changes_group(group, PEER)
+        # The first group lifted the device table's insert guard and put it back; the second, smaller, did not lift.
+        assert put_back == [[capture.read_only_trigger_names(device_table_name(PEER, "T"))[0]]]
         for b in batches:  # 500 rows a transaction
             await small.apply_changes_group([b], PEER)
         received = "SELECT count(*), max(seq) FROM _p2p_log WHERE origin IS NOT NULL"
@@ -456,6 +468,8 @@ async def test_a_large_group_compacts_the_log_of_what_it_received(tmp_path: Path
         finally:
             await unpacked.close()
         copy = quote_ident(device_table_name(PEER, "T"))
+        triggers = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        assert (await large.query(triggers))["rows"] == (await small.query(triggers))["rows"]
         for s in (small, large):
             assert (await s.query(f"SELECT count(*), sum(v) FROM {copy}"))["rows"] == [[3000, 3000 * 3001 // 2]]
             assert (await s.position(PEER))[0] == since
