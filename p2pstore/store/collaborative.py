@@ -117,7 +117,7 @@ def has_irregular_rows(conn: sqlite3.Connection, t: SyncTable) -> bool:
     return False
 
 
-def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, skip: set[Any]) -> Iterator[RowChange]:
+def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, block: Block) -> Iterator[RowChange]:
     """Nothing: the block held every row of the interval."""
     return iter(())
 

@@ -442,7 +442,11 @@ def _newest(batch: OutBatch) -> int:
     hlcs = [c.hlc for r in batch.rows for c in r.cells]
     hlcs += [r.tomb_hlc for r in batch.rows if r.tomb_hlc is not None]
     for block in batch.blocks:
-        hlcs += (top(list(map(_ROW_HLC, block.rows))), top(list(map(_TOMB_HLC, block.rows))))
+        fields = batch.fields_of(block)
+        if fields is not None:  # (as decoded: no pass over the rows)
+            hlcs += (top(fields[HLC]), top(fields[TOMB_HLC]))
+        else:
+            hlcs += (top(list(map(_ROW_HLC, block.rows))), top(list(map(_TOMB_HLC, block.rows))))
     return max(hlcs, default=0)
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
 from p2pstore.store.blocks import Done, all_none, keys_stay_distinct, load, not_none
@@ -124,9 +124,9 @@ def has_irregular_rows(conn: sqlite3.Connection, t: SyncTable) -> bool:
     return conn.execute("SELECT 1 FROM _p2p_cells WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is not None
 
 
-def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, skip: set[Any]) -> Iterator[RowChange]:
-    """The interval's rows the block did not hold (``skip``: those it did)."""
-    return read_rows(conn, t, since, last, me, None, skip, only_irregular=True)
+def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, block: Block) -> Iterator[RowChange]:
+    """The interval's rows ``block`` did not hold."""
+    return read_rows(conn, t, since, last, me, None, set(map(itemgetter(KEY), block.rows)), only_irregular=True)
 
 
 def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],

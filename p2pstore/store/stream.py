@@ -159,12 +159,13 @@ def changes_since(
             budget = max_bytes if self_sized and count > 1 else None
             read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, irregular[t.tid]) for t in tables]
             cut = _cut(read, budget)
-            if cut is not None and cut < last:
+            shortened = cut is not None and cut < last
+            if shortened:
                 last, more = cut, True
             for t, (block, _) in zip(tables, read):
                 # Whole columns at a time (map, itemgetter: in C): a block is ~1,000 rows.
                 within = block.rows
-                if not all(map(last.__ge__, map(_INTERVAL_SEQ, within))):
+                if shortened:  # (else every row read is within the interval: the query's bound)
                     within = [r for r in within if _INTERVAL_SEQ(r) <= last]
                 kept = block._replace(rows=list(map(_WIRE_ROW, within)))
                 seqs = list(map(_SEQ, kept.rows))
@@ -172,7 +173,7 @@ def changes_since(
                     kept.rows.sort(key=_SEQ)  # a later tomb raised a row's seq: as as_rows() orders
                 if kept.rows:
                     blocks.append(kept)
-                rows.extend(modes.of(t.mode).read_irregular(conn, t, since_seq, last, me, set(map(_KEY, kept.rows))))
+                rows.extend(modes.of(t.mode).read_irregular(conn, t, since_seq, last, me, kept))
         elif count:
             for t in tables:
                 rows.extend(modes.of(t.mode).read_rows(conn, t, since_seq, last, me, filt))
