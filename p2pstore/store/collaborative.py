@@ -136,26 +136,55 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     up to the last one read — all a batch that ends there holds, as
     ``read_rows`` would give it — with no GROUP BY and no sort back into
     seq order (15 % of the read). Where a key repeats, read again grouped,
-    each key at its newest log row."""
+    each key at its newest log row.
+
+    The statement reads only what varies — the key, seq and clock, the
+    row's values (the key's own column says whether the row is here) and
+    its size — and the wire row's other fields are filled in here, a field
+    at a time: a value SQLite hands Python costs more than the row's join
+    (17 columns a row: 0.24 s per 100k rows; these 8: 0.14)."""
     name, key = quote_ident(t.info.name), t.info.key_expr
-    cols = ", ".join(f"x.{quote_ident(c)}" for c in t.info.columns)
-    # A joined row has a non-NULL key (it equals l.pk), a missing one NULL.
-    here = f"x.{key} IS NOT NULL"
+    others = [c for c in t.info.columns if c != t.info.key]
+    cols = "".join(f", x.{quote_ident(c)}" for c in others)
     hlc = capture.interval_hlc_sql(conn, "seq", since, last)
     own = "FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND tid = ?3 AND origin IS NULL"
     for changes in (f"SELECT pk, seq, {hlc} AS hlc {own}",
                     f"SELECT pk, seq, {hlc} AS hlc FROM (SELECT pk, max(seq) AS seq {own} GROUP BY pk)"):
         rows, complete = fetch(
             conn,
-            f"SELECT l.pk, l.seq, CASE WHEN {here} THEN l.hlc END, CASE WHEN {here} THEN 0 END, NULL, NULL, "
-            f"CASE WHEN {here} THEN NULL ELSE l.hlc END, CASE WHEN {here} THEN NULL ELSE 0 END, NULL, NULL, {cols}, "
-            f"l.seq, {size_sql(t.info.columns, 'x.')} "
+            f"SELECT l.pk, l.seq, l.hlc, x.{key}{cols}, {size_sql(t.info.columns, 'x.')} "
             f"FROM ({changes}) l LEFT JOIN {name} x ON x.{key} = l.pk WHERE l.hlc IS NOT NULL ORDER BY l.seq",
             (since, last, t.tid), budget,
         )
         if len(set(map(_KEY, rows))) == len(rows):
             break
-    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, rows)), complete
+    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, _wire_rows(t.info, rows))), complete
+
+
+def _wire_rows(info: TableInfo, read: list[Any]) -> list[Any]:
+    """``read_block``'s rows ``(key, seq, hlc, here, other values..., size)``
+    as wire rows, each ending in its seq and size: an upsert (the row is
+    here: ``here``, the key column's value or the rowid, is not NULL) with
+    its clock, this device's (origin 0), or a delete with the clock as its
+    tomb; no prevs (collaborative rows have none)."""
+    if not read:
+        return []
+    keys, seqs, hlcs, here, *values, sizes = map(list, zip(*read))
+    n = len(keys)
+    nothing = [None] * n
+    if here.count(None) == 0:  # no delete: the usual block
+        clock, origin, tomb, tomb_origin = hlcs, [0] * n, nothing, nothing
+    else:
+        gone = [h is None for h in here]
+        clock = [None if g else h for g, h in zip(gone, hlcs)]
+        origin = [None if g else 0 for g in gone]
+        tomb = [h if g else None for g, h in zip(gone, hlcs)]
+        tomb_origin = [0 if g else None for g in gone]
+    fields = dict(zip([c for c in info.columns if c != info.key], values))
+    if info.key is not None:
+        fields[info.key] = here
+    return list(zip(keys, seqs, clock, origin, nothing, nothing, tomb, tomb_origin, nothing, nothing,
+                    *(fields[c] for c in info.columns), seqs, sizes))
 
 
 _KEY = itemgetter(KEY)
