@@ -500,35 +500,41 @@ def _together(hlcs: Sequence[Any], origins: Sequence[Any], what: str) -> None:
         raise ProtocolError(f"{what}: hlc and origin go together")
 
 
-def _check_values(column: Sequence[Any], what: str) -> None:
+def _check_values(column: Sequence[Any], what: str) -> set[type]:
     """One column of a block: SQLite values only, integers in 64 bits, no
-    NaN. A column of one type (and NULLs) is checked in C (``min``/``max``,
-    ``map``); a mixed one value by value."""
+    NaN; its types, for the caller's further checks. A column of one type
+    (and NULLs) is checked in C (``min``/``max``, ``sum``); a mixed one
+    value by value."""
     kinds = set(map(type, column))
     if not kinds <= _VALUE_TYPES:
         raise ProtocolError(f"{what}: a value must be null, an integer, a float, a string or bytes")
-    kinds.discard(type(None))
-    if kinds == {int}:
-        ints = list(filter(None, column))  # (drops NULLs, and zeros: in range anyway)
+    some = kinds - {type(None)}
+    if some == {int}:
+        ints = column if len(kinds) == 1 else list(filter(None, column))  # (filter drops NULLs, and zeros: in range anyway)
         if ints and (min(ints) < _INT64[0] or max(ints) > _INT64[1]):
             raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
-    elif kinds == {float}:
-        if any(map(math.isnan, filter(None, column))):
+    elif some == {float}:
+        floats = column if len(kinds) == 1 else list(filter(None, column))
+        # (A sum is NaN if a value is, or if both infinities are there: then look value by value.)
+        if math.isnan(sum(floats)) and any(map(math.isnan, floats)):
             raise ProtocolError(f"{what}: NaN can't be stored")
-    elif int in kinds or float in kinds:
+    elif int in some or float in some:
         for v in column:
             if type(v) is int and not _INT64[0] <= v <= _INT64[1]:
                 raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
             if type(v) is float and v != v:
                 raise ProtocolError(f"{what}: NaN can't be stored")
+    return kinds
 
 
-def has_raw_text(column: Sequence[Any]) -> bool:
+def has_raw_text(column: Sequence[Any], kinds: set[type] | None = None) -> bool:
     """Whether any value of ``column`` is raw text (``is_raw_text``); a
     column of text (and NULLs) is checked whole in C: one ``isascii``, or
     for other text (names in Chinese) one ``encode`` — raw text holds lone
-    surrogates, which no join pairs up and which ``encode`` refuses."""
-    kinds = set(map(type, column))
+    surrogates, which no join pairs up and which ``encode`` refuses.
+    ``kinds``: the column's types, if known."""
+    if kinds is None:
+        kinds = set(map(type, column))
     if str not in kinds:
         return False
     if kinds <= {str, type(None)}:
@@ -573,7 +579,8 @@ def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]
     # Checked as they came (a field the same in every row: its one value), then whole.
     fields: list[Sequence[Value]] = [f * n if len(f) < n else f for f in plain]
     keys = fields[KEY]
-    if not set(map(type, plain[KEY])) <= _VALUE_TYPES - {type(None)}:
+    key_kinds = set(map(type, plain[KEY]))
+    if not key_kinds <= _VALUE_TYPES - {type(None)}:
         raise ProtocolError(f"{table}: a row key can't be NULL" if None in keys else f"{table}: key must be an integer, a float, a string or bytes")
     _column_ints(plain[SEQ], f"{table}: seq", 0, _INT64[1], optional=False)
     last_origin = len(devices) - 1
@@ -585,7 +592,7 @@ def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]
     for name, column in zip(columns, plain[VALUES:]):
         _check_values(column, f"{table}: column {name}")
     _check_values(plain[KEY], f"{table}: key")
-    if has_raw_text(plain[KEY]):
+    if has_raw_text(plain[KEY], key_kinds):
         raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
     hlcs, tombs = fields[HLC], fields[TOMB_HLC]
     # What no row change can hold (``row_changes`` would drop it silently). Counted

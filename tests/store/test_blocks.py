@@ -1334,3 +1334,26 @@ def test_triggers_a_rolled_back_batch_lifted_are_put_back_once(device: Callable[
     y.apply(batch, SENDER)
     x.apply(batch, SENDER)  # (now for good, without lifting)
     assert x.rows(triggers) == y.rows(triggers) and _dump(x) == _dump(y)
+
+
+@pytest.mark.parametrize(("values", "refused"), [
+    ([float("inf"), float("-inf"), 1.5], False),  # (their sum is NaN: the values are looked at one by one)
+    ([float("inf"), float("-inf"), float("nan")], True),
+    ([1.5, None, float("nan")], True),
+    ([1.5, None, -0.0], False),
+])
+def test_a_float_column_is_refused_for_a_nan_only(values: list[Any], refused: bool) -> None:
+    """A column of floats is checked whole (its sum), and value by value
+    only when the sum says a NaN may be there (or both infinities are)."""
+    block = _good_rows(COLLABORATIVE)
+    delete = block[4][1]  # made an upsert: every row holds a value
+    delete[HLC], delete[ORIGIN], delete[TOMB_HLC], delete[TOMB_ORIGIN] = H + 1, 0, None, None
+    delete[V:] = [2, "y", 0.5]
+    for row, value in zip(block[4], values):
+        row[V + 2] = value
+    plain = _good_plain(COLLABORATIVE) | {"blocks": [_wire(block)]}
+    if refused:
+        with pytest.raises(ProtocolError, match="NaN"):
+            decode(pack_values(plain))
+    else:
+        assert [r[V + 2] for r in decode(pack_values(plain)).blocks[0].rows] == values
