@@ -1357,3 +1357,28 @@ def test_a_float_column_is_refused_for_a_nan_only(values: list[Any], refused: bo
             decode(pack_values(plain))
     else:
         assert [r[V + 2] for r in decode(pack_values(plain)).blocks[0].rows] == values
+
+
+@pytest.mark.parametrize("tomb", [False, True], ids=["no tomb in the table", "a tomb elsewhere"])
+def test_a_single_version_block_carries_its_rows_prev_clocks(device: Callable[..., Replica], tomb: bool) -> None:
+    """Rows whose clock records what their writer superseded (prev; here
+    received so) go on in a block with their prevs, whether the table holds
+    a tomb (the block query with its tomb join) or none (the query that
+    reads only what varies): the columnar read is the row read, prevs
+    included."""
+    x = device(ME, SINGLE_VERSION)
+    table, key_column, columns, origins, rows = _good_rows(SINGLE_VERSION)
+    rows = [[*r[:TOMB_HLC], None, None, None, None, *r[VALUES:]] for r in rows if r[HLC] is not None]  # no tomb
+    assert any(r[PREV_HLC] is not None for r in rows)
+    block = Block(table, key_column, tuple(columns), tuple(origins), list(map(tuple, rows)))
+    x.apply(decode(encode(OutBatch(SINGLE_VERSION, 0, 3, (), False, True, "s1", blocks=(block,)))), SENDER)
+    if tomb:
+        x.write("INSERT INTO items(uid, a, b) VALUES ('gone', 0, 'x')")
+        x.write("DELETE FROM items WHERE uid = 'gone'")
+    assert bool(x.rows("SELECT 1 FROM _p2p_tombs")) == tomb
+    assert x.rows("SELECT count(*) FROM _p2p_rows WHERE prev_hlc IS NOT NULL") == [(1,)]
+    columnar, as_rows = _both_forms(x, 0)
+    _check_forms(columnar, as_rows)
+    (sent,) = columnar.blocks
+    with_prev = [r for r in sent.rows if r[PREV_HLC] is not None]
+    assert [(r[KEY], r[PREV_HLC], sent.origins[r[PREV_ORIGIN]]) for r in with_prev] == [("u1", H - 1, SENDER)]
