@@ -1242,6 +1242,7 @@ class Store:
             with self._transaction(conn):  # a rollback reloads the cached capture state
                 later = total = sum(b.count for b in batches)
                 lifted: dict[str, tuple[str, str]] | None = {} if total >= LIFT_TRIGGERS_ROWS else None
+                tables = changes.sync_tables(conn)  # (once a group: no batch changes them)
                 for batch in batches:
                     if results and budget_s is not None and (self._foreground or time.monotonic() - started > budget_s):
                         break  # (``_foreground`` is the event loop's counter: read here, a snapshot is enough)
@@ -1249,7 +1250,7 @@ class Store:
                     # What the compaction below would drop is not logged at all (``_Applier.log_all``).
                     log_all = total < COMPACT_WHILE_APPLYING_ROWS or later < self.compact_keep_recent
                     results.append(merge.apply_batch(conn, self.capture, self.clock, batch, from_device, log_all=log_all,
-                                                     lifted=lifted))
+                                                     lifted=lifted, tables=tables))
                 if lifted:
                     merge.put_back(conn, lifted)
                 applied = sum(r.applied for r in results)

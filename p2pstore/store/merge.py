@@ -88,6 +88,7 @@ from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind
 from p2pstore.store.changes import (
     OutBatch,
     RowChange,
+    SyncTable,
     Value,
     decode_change,
     encode_change,
@@ -187,6 +188,7 @@ def apply_batch(
     wall: int | None = None,
     log_all: bool = True,
     lifted: dict[str, tuple[str, str]] | None = None,
+    tables: Sequence[SyncTable] | None = None,
 ) -> ApplyResult:
     """Apply ``batch`` received from ``from_device`` atomically (see the module docstring).
 
@@ -195,13 +197,15 @@ def apply_batch(
     the store's is. ``log_all`` False: the set-based path logs only the last
     change of each block, the seq counter's (``_Applier.log_all``).
     ``lifted``: a large group's triggers lifted so far (``_Applier.lift``),
-    which the caller must ``put_back`` before it commits.
+    which the caller must ``put_back`` before it commits. ``tables``: the
+    store's distributed tables (``sync_tables``), if the caller read them in
+    this transaction (a group reads them once: no batch changes them).
     """
     if not isinstance(from_device, str) or not from_device:
         raise ValueError("from_device must be a device ID")
     with _atomic(conn, state):
         local = capture.stamp(conn, state, clock, wall=wall)
-        applier = _Applier(conn, state, clock, batch.mode, from_device, wall)
+        applier = _Applier(conn, state, clock, batch.mode, from_device, wall, tables)
         applier.log_all, applier.lifted = log_all, lifted
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         # A batch that is one block goes set-based (store/blocks.py); any
@@ -564,7 +568,7 @@ class _Applier:
     """Applies the row changes of one batch (or one retried failure)."""
 
     def __init__(self, conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, mode: str, sender: str,
-                 wall: int | None) -> None:
+                 wall: int | None, tables: Sequence[SyncTable] | None = None) -> None:
         self.conn = conn
         self.state = state
         self.clock = clock
@@ -576,7 +580,7 @@ class _Applier:
         self.clock_limit = clock.limit(self.checked_at)
         self.me = capture.device_id(conn)
         self.origins = origins.Origins(conn)
-        self.tables = {t.info.name: t for t in sync_tables(conn)}
+        self.tables = {t.info.name: t for t in (sync_tables(conn) if tables is None else tables)}
         self.targets: dict[str, Target] = {}
         self.sql: dict[str, Any] = {}  # statements a table type builds once per batch (single_version.statements)
         self.appended: set[int] = set()

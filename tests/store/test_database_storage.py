@@ -433,11 +433,14 @@ async def test_a_large_group_compacts_the_log_of_what_it_received(tmp_path: Path
             put_back.append(sorted(lifted))
             real_put_back(conn, lifted)
 
+        read_by_a_batch: list[Any] = []
         with pytest.MonkeyPatch.context() as m:
             m.setattr(merge, "put_back", spy)
             m.setattr(database, "LIFT_TRIGGERS_ROWS", 1500)
+            m.setattr(merge, "sync_tables", lambda *args: read_by_a_batch.append(args) or [])
             for group in (batches[:4], batches[4:]):  # 2,000 rows, then 1,000 and an empty end
                 await large.apply_changes_group(group, PEER)
+        assert read_by_a_batch == []  # the group read its tables once, for every batch
         # The first group lifted the device table's insert guard and put it back; the second, smaller, did not lift.
         assert put_back == [[capture.read_only_trigger_names(device_table_name(PEER, "T"))[0]]]
         for b in batches:  # 500 rows a transaction
