@@ -141,13 +141,14 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     assert t.conflict_column is not None
     name, ck = quote_ident(t.info.name), quote_ident(t.conflict_column)
     columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
-    rows_of_interval = (
-        "FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
-        f"JOIN {name} x ON {cells.same_key('r.pk', 'x.' + t.info.key_expr)} {{tombs}}"
-        "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
-        + (f" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck})" if irregular else "")
-        + " ORDER BY r.seq"  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
-    )
+
+    def rows_of_interval(tombs: str) -> str:
+        return ("FROM _p2p_rows r INDEXED BY _p2p_rows_seq "
+                f"JOIN {name} x ON {cells.same_key('r.pk', 'x.' + t.info.key_expr)} {tombs}"
+                "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
+                + (f" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck})" if irregular else "")
+                + " ORDER BY r.seq")  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
+
     row_clock = "r.hlc, coalesce(r.origin, 0), r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END"
     if conn.execute("SELECT 1 FROM _p2p_tombs WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is None:
         # No tomb in the table (the usual): every value shows, and no row has tomb fields. Only
@@ -156,7 +157,7 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
         read, complete = fetch(
             conn,
             f"SELECT x.{ck}, r.seq, {row_clock}{''.join(f', x.{quote_ident(c)}' for c in columns)}, {size_sql(columns, 'x.')} "
-            + rows_of_interval.format(tombs=""),
+            + rows_of_interval(""),
             (since, last, t.tid), budget,
         )
         rows = _untombed_wire_rows(read)
@@ -171,7 +172,7 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
             "tb.hlc, CASE WHEN tb.hlc IS NOT NULL THEN coalesce(tb.origin, 0) END, "
             "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
             f"{values}, r.seq, {size_sql(columns, 'x.')} "
-            + rows_of_interval.format(tombs=f"LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = x.{ck} "),
+            + rows_of_interval(f"LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = x.{ck} "),
             (since, last, t.tid, devices[0]), budget,
         )
     return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), complete

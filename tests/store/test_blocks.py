@@ -1382,3 +1382,26 @@ def test_a_single_version_block_carries_its_rows_prev_clocks(device: Callable[..
     (sent,) = columnar.blocks
     with_prev = [r for r in sent.rows if r[PREV_HLC] is not None]
     assert [(r[KEY], r[PREV_HLC], sent.origins[r[PREV_ORIGIN]]) for r in with_prev] == [("u1", H - 1, SENDER)]
+
+
+@pytest.mark.parametrize("tomb", [False, True], ids=["no tomb in the table", "a tomb elsewhere"])
+def test_names_with_braces_are_read_as_names(tmp_path: Path, tomb: bool) -> None:
+    """A single_version table and columns whose names hold ``{`` and ``}``
+    (quoted identifiers may): the block queries put names in as SQL, never
+    through a format string, and the columnar read is the row read."""
+    table, ck = "it{0}ems", "u{id}"
+    doc = schema_doc({table: ([field("id", "Integer", autoinc=True), field(ck, "Text", pk=True, not_null=True),
+                               field("a{}", "Integer")], [ck, "a{}"])})
+    a = Replica(tmp_path / "braces.db", SENDER, wall=WALL)
+    try:
+        a.write(f'CREATE TABLE "{table}"(id INTEGER PRIMARY KEY AUTOINCREMENT, "{ck}" TEXT NOT NULL UNIQUE, "a{{}}" INTEGER)')
+        a.make_distributed(table, doc=doc)
+        a.write(f'INSERT INTO "{table}"("{ck}", "a{{}}") VALUES (\'k1\', 1), (\'k2\', 2), (\'k3\', 3)')
+        if tomb:
+            a.write(f'DELETE FROM "{table}" WHERE "{ck}" = \'k3\'')
+        columnar, rows = _both_forms(a, 0)
+        _check_forms(columnar, rows)
+        (block,) = columnar.blocks
+        assert sorted([*(r[KEY] for r in block.rows), *(r.key for r in columnar.rows)]) == ["k1", "k2", "k3"]
+    finally:
+        a.close()
