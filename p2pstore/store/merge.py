@@ -205,8 +205,7 @@ def apply_batch(
         raise ValueError("from_device must be a device ID")
     with _atomic(conn, state):
         local = capture.stamp(conn, state, clock, wall=wall)
-        applier = _Applier(conn, state, clock, batch.mode, from_device, wall, tables)
-        applier.log_all, applier.lifted = log_all, lifted
+        applier = _Applier(conn, state, clock, batch.mode, from_device, wall, tables, log_all=log_all, lifted=lifted)
         conn.execute("INSERT INTO _p2p_apply(x) VALUES (1)")
         # A batch that is one block goes set-based (store/blocks.py); any
         # other, or a block that path leaves, as row changes.
@@ -568,7 +567,8 @@ class _Applier:
     """Applies the row changes of one batch (or one retried failure)."""
 
     def __init__(self, conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, mode: str, sender: str,
-                 wall: int | None, tables: Sequence[SyncTable] | None = None) -> None:
+                 wall: int | None, tables: Sequence[SyncTable] | None = None, *, log_all: bool = True,
+                 lifted: dict[str, tuple[str, str]] | None = None) -> None:
         self.conn = conn
         self.state = state
         self.clock = clock
@@ -602,9 +602,9 @@ class _Applier:
         #: a group with that many rows after it logs only its blocks' last
         #: change, which keeps the seq counter (``capture.last_seq``)
         #: (store/database.py ``apply_changes_group``).
-        self.log_all = True
+        self.log_all = log_all
         #: A large group's triggers lifted (``lift``): name -> (table, SQL); None: none are.
-        self.lifted: dict[str, tuple[str, str]] | None = None
+        self.lifted = lifted
 
     def now(self) -> int:
         return self.wall if self.wall is not None else wall_ms()
