@@ -59,11 +59,11 @@ def main() -> None:
     conn.execute("PRAGMA temp_store = MEMORY")
     payload = wire.encode(batch)
     decoded = wire.decode(payload).blocks[0]
-    fields = list(zip(*decoded.rows))
+    columns = wire.Columns.of(decoded)
     print("msgpack bytes", len(payload))
     print("encode (msgpack) ms", median_ms(lambda: wire.encode(batch)))
     print("decode (unpack + checks) ms", median_ms(lambda: wire.decode(payload)))
-    print("staging executemany ms", median_ms(lambda: blocks.load(conn, decoded, fields)))
+    print("staging executemany ms", median_ms(lambda: blocks.load(conn, decoded, columns)))
 
     def image() -> bytes:
         mem = sqlite3.connect(":memory:")

@@ -194,19 +194,19 @@ class OutBatch:
     #: (block, its rows column by column) as ``decode`` checked them (never
     #: on the wire; empty for a batch not decoded): the receiver's set-based
     #: path starts from them instead of regrouping the rows again
-    #: (``fields_of``).
-    block_fields: tuple[tuple[Block, list[Sequence[Value]]], ...] = field(default=(), compare=False)
+    #: (``columns_of``).
+    block_fields: tuple[tuple[Block, Columns], ...] = field(default=(), compare=False)
 
     @property
     def count(self) -> int:
         """How many row changes the batch carries, in either form."""
         return len(self.rows) + sum(len(b.rows) for b in self.blocks)
 
-    def fields_of(self, block: Block) -> list[Sequence[Value]] | None:
+    def columns_of(self, block: Block) -> Columns | None:
         """``block``'s rows column by column, if ``decode`` kept them — for
         this very block: one put in its place since (a replaced block is
         another object) has none."""
-        return next((f for b, f in self.block_fields if b is block), None)
+        return next((c for b, c in self.block_fields if b is block), None)
 
     def tables(self) -> dict[str, int]:
         """Row changes per table."""
@@ -278,6 +278,27 @@ class Block(NamedTuple):
                 tomb = (tomb_hlc, devices[r[TOMB_ORIGIN]], tomb_prev, devices[r[TOMB_PREV_ORIGIN]] if tomb_prev is not None else None)
             out.append(RowChange(self.table, self.key_column, r[KEY], r[SEQ], cells, *tomb))
         return out
+
+
+class Columns(NamedTuple):
+    """A block's rows column by column (``fields``, one per field of
+    ``Block``'s row), with what is known of their values: each table
+    column's types (``kinds``, one set per ``Block.columns`` entry), and
+    whether any text of them may be raw (``raw_text``: not valid UTF-8;
+    False only where ``decode`` read the whole payload as UTF-8). The
+    set-based apply (store/blocks.py) binds and checks them a column at a
+    time; ``decode`` learns all of it checking the block, so the receiver
+    need not look at each value again."""
+
+    fields: list[Sequence[Value]]
+    kinds: tuple[set[type], ...]
+    raw_text: bool = True
+
+    @classmethod
+    def of(cls, block: Block) -> Columns:
+        """A block's columns found from its rows (one not decoded)."""
+        fields: list[Sequence[Value]] = [list(f) for f in zip(*block.rows)]
+        return cls(fields, tuple(set(map(type, f)) for f in fields[VALUES:]))
 
 
 # --------------------------------------------------------------------------
@@ -549,11 +570,12 @@ def has_raw_text(column: Sequence[Any], kinds: set[type] | None = None) -> bool:
     return any(type(v) is str and is_raw_text(v) for v in column)
 
 
-def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]:
+def block_from_plain(obj: Any, mode: str, *, raw_text: bool = True) -> tuple[Block, Columns]:
     """Check and build one block, and give its rows column by column too;
     every check runs over whole columns (the point of the form: no per-row
     objects), with the same rules as ``row_from_plain`` for each row. Any
-    defect raises ``ProtocolError``."""
+    defect raises ``ProtocolError``. ``raw_text`` False: no str of ``obj``
+    is raw text (``decode`` read it as UTF-8), and none is looked at for it."""
     if not isinstance(obj, list) or len(obj) != 6:
         raise ProtocolError("a block must be [table, key column, columns, origins, row count, fields]")
     table, key_column, columns, devices, n, plain = obj
@@ -589,10 +611,9 @@ def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]
         _column_ints(plain[hlc], f"{table}: {what} hlc", 0, MAX_HLC, optional=True)
         _column_ints(plain[origin], f"{table}: {what} origin", 0, last_origin, optional=True)
         _together(fields[hlc], fields[origin], f"{table}: {what}")
-    for name, column in zip(columns, plain[VALUES:]):
-        _check_values(column, f"{table}: column {name}")
+    kinds = tuple(_check_values(column, f"{table}: column {name}") for name, column in zip(columns, plain[VALUES:]))
     _check_values(plain[KEY], f"{table}: key")
-    if has_raw_text(plain[KEY], key_kinds):
+    if raw_text and has_raw_text(plain[KEY], key_kinds):
         raise ProtocolError(f"{table}: a row key that is not valid UTF-8 text can't be synced")
     hlcs, tombs = fields[HLC], fields[TOMB_HLC]
     # What no row change can hold (``row_changes`` would drop it silently). Counted
@@ -610,11 +631,12 @@ def block_from_plain(obj: Any, mode: str) -> tuple[Block, list[Sequence[Value]]]
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
     elif no_hlc and no_tomb and any(h is None and t is None for h, t in zip(hlcs, tombs)):
         raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
-    return Block(table, key_column, columns, devices, list(zip(*fields))), fields
+    return Block(table, key_column, columns, devices, list(zip(*fields))), Columns(fields, kinds, raw_text)
 
 
-def batch_from_plain(obj: Any) -> OutBatch:
-    """Check and build a received batch; any defect raises ``ProtocolError``."""
+def batch_from_plain(obj: Any, *, raw_text: bool = True) -> OutBatch:
+    """Check and build a received batch; any defect raises ``ProtocolError``.
+    ``raw_text`` False: no str of ``obj`` is raw text (``decode``)."""
     if (not isinstance(obj, dict)
             or set(obj) - {"snapshot", "blocks", "grants"} != {"mode", "since_seq", "last_seq", "more", "full", "stream", "rows"}):
         raise ProtocolError("a change batch must be a map of mode, since_seq, last_seq, more, full, stream, rows "
@@ -639,7 +661,7 @@ def batch_from_plain(obj: Any) -> OutBatch:
     plain_blocks = obj.get("blocks", [])
     if not isinstance(plain_blocks, list) or len(plain_blocks) > MAX_BATCH_ROWS:
         raise ProtocolError("blocks must be a list")
-    checked = [block_from_plain(b, mode) for b in plain_blocks]
+    checked = [block_from_plain(b, mode, raw_text=raw_text) for b in plain_blocks]
     blocks = tuple(b for b, _ in checked)
     if len(rows) + sum(len(b.rows) for b in blocks) > MAX_BATCH_ROWS:
         raise ProtocolError(f"a batch holds at most {MAX_BATCH_ROWS} row changes")
@@ -672,10 +694,17 @@ def encode(batch: OutBatch, *, columnar: bool = True) -> bytes:
 
 
 def decode(payload: bytes) -> OutBatch:
-    """A received ``SyncBatch.payload``; any defect is a ``ProtocolError``."""
-    plain = unpack(payload, "batch", raw_text=True)
+    """A received ``SyncBatch.payload``; any defect is a ``ProtocolError``.
+
+    Read as UTF-8 first: then no text in it is raw, which spares the
+    receiver a look at every str for it; only a payload that is not (TEXT
+    that is not valid UTF-8 travels byte-exact) is read again with raw text."""
     try:
-        return batch_from_plain(plain)
+        plain, raw_text = unpack(payload, "batch"), False
+    except ProtocolError:
+        plain, raw_text = unpack(payload, "batch", raw_text=True), True
+    try:
+        return batch_from_plain(plain, raw_text=raw_text)
     except ProtocolError:
         raise
     except Exception as exc:  # batch_from_plain promises ProtocolError; belt and braces for peer input

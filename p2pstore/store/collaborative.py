@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, all_none
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, Columns, all_none
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, origins
 from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
@@ -375,9 +375,10 @@ def _past_every_key(conn: sqlite3.Connection, dest_tid: int, dest: str, key: str
     return all(p is None or p for p in past)  # (None: nothing held there)
 
 
-def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None:
+def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Done | None:
     """Upserts and deletes into the sender's device table; a change not
     newer than the row's clock there is stale (a repeat) and skipped."""
+    fields = columns.fields
     used = {*not_none(fields[ORIGIN]), *not_none(fields[TOMB_ORIGIN])}
     if any(block.origins[i] != ap.sender for i in used) or not_none(fields[PREV_HLC]) or not_none(fields[TOMB_PREV_HLC]):
         return None  # rows are only taken from their own device (the row path says why)
@@ -391,7 +392,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     top = capture.last_seq(conn)
     if top + len(block.rows) >= 1 << 63:
         return None
-    stage = load(conn, block, fields)
+    stage = load(conn, block, columns)
     dest, key = quote_ident(target.dest), quote_ident(key_col)
     newer = f"(c.hlc > coalesce({stage}.hlc, {stage}.th) OR (c.hlc = coalesce({stage}.hlc, {stage}.th) AND " \
             f"{origins.device_sql('c.origin', '?3')} >= ?2))"

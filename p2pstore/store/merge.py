@@ -79,7 +79,7 @@ from typing import Any
 
 from p2pstore.clock import HybridClock, wall_ms
 from p2pstore.errors import ConflictNotFound, FailureNotFound, ProtocolError
-from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, SINGLE_VERSION, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, has_raw_text
+from p2pstore.protocol.batch import HLC, KEY, PREV_HLC, SINGLE_VERSION, TOMB_HLC, TOMB_PREV_HLC, VALUES, Block, Columns, has_raw_text
 from p2pstore.schema.predicates import quote_ident
 from p2pstore.store import capture, gc, modes, origins, policies
 from p2pstore.store.blocks import top
@@ -210,7 +210,7 @@ def apply_batch(
         # A batch that is one block goes set-based (store/blocks.py); any
         # other, or a block that path leaves, as row changes.
         if batch.blocks and (batch.rows or len(batch.blocks) > 1 or batch.snapshot_hlc is not None
-                             or not apply_block(applier, batch.blocks[0], batch.fields_of(batch.blocks[0]))):
+                             or not apply_block(applier, batch.blocks[0], batch.columns_of(batch.blocks[0]))):
             batch = batch.as_rows()
         if batch.rows and not applier.apply_bulk(batch.rows, checked=batch.checked):
             for row in batch.rows:
@@ -445,9 +445,9 @@ def _newest(batch: OutBatch) -> int:
     hlcs = [c.hlc for r in batch.rows for c in r.cells]
     hlcs += [r.tomb_hlc for r in batch.rows if r.tomb_hlc is not None]
     for block in batch.blocks:
-        fields = batch.fields_of(block)
-        if fields is not None:  # (as decoded: no pass over the rows)
-            hlcs += (top(fields[HLC]), top(fields[TOMB_HLC]))
+        columns = batch.columns_of(block)
+        if columns is not None:  # (as decoded: no pass over the rows)
+            hlcs += (top(columns.fields[HLC]), top(columns.fields[TOMB_HLC]))
         else:
             hlcs += (top(list(map(_ROW_HLC, block.rows))), top(list(map(_TOMB_HLC, block.rows))))
     return max(hlcs, default=0)
@@ -519,15 +519,16 @@ def settle(conn: sqlite3.Connection, state: CaptureState, clock: HybridClock, en
     return {**done, "queued": policies.queued(conn)}
 
 
-def apply_block(ap: _Applier, block: Block, fields: list[Any] | None = None) -> bool:
+def apply_block(ap: _Applier, block: Block, columns: Columns | None = None) -> bool:
     """Apply ``block`` set-based (store/blocks.py; the table type writes it),
-    or return False having changed nothing. ``fields``: its rows column by
-    column, if ``decode`` kept them (``OutBatch.fields_of``)."""
+    or return False having changed nothing. ``columns``: its rows column by
+    column, if ``decode`` kept them (``OutBatch.columns_of``)."""
     table = ap.tables.get(block.table)
     if table is None or table.mode != ap.mode or block.key_column != table.key_column or block.table in ap.decides:
         return False  # (a table whose conflicts this device decides: row by row, where they are queued or decided)
-    if fields is None:
-        fields = list(zip(*block.rows))
+    if columns is None:
+        columns = Columns.of(block)
+    fields = columns.fields
     keys = fields[KEY]
     kinds = set(map(type, keys))
     if len(kinds) != 1 or not kinds <= {int, str} or len(set(keys)) != len(keys):
@@ -535,12 +536,12 @@ def apply_block(ap: _Applier, block: Block, fields: list[Any] | None = None) -> 
     newest = max(top(fields[HLC]), top(fields[TOMB_HLC]))
     if max(newest, top(fields[PREV_HLC]), top(fields[TOMB_PREV_HLC])) > ap.clock_limit:
         return False  # the row path logs it as clock_ahead
-    if any(map(has_raw_text, fields[VALUES:])):
+    if columns.raw_text and any(map(has_raw_text, fields[VALUES:], columns.kinds)):
         return False  # the row path binds it as the bytes it is
     conn = ap.conn
     conn.execute("SAVEPOINT p2p_block")
     try:
-        done = modes.of(ap.mode).write_block(ap, block, fields, kinds.pop())
+        done = modes.of(ap.mode).write_block(ap, block, columns, kinds.pop())
     except sqlite3.Error:
         if not conn.in_transaction:  # SQLite rolled it all back (disk full, I/O error)
             raise

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from p2pstore.protocol.batch import Columns
 from p2pstore.protocol.table_type import TableType
 from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import collaborative, single_version
@@ -59,7 +60,7 @@ class Mode(Protocol):
 
     def merge_bulk(self, ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Value]], types: dict[str, type]) -> bool: ...
 
-    def write_block(self, ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None: ...
+    def write_block(self, ap: _Applier, block: Block, columns: Columns, kind: type) -> Done | None: ...
 
 
 _MODES: dict[str, Mode] = {

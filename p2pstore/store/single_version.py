@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, Columns
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
 from p2pstore.store.blocks import Done, all_none, keys_stay_distinct, load, not_none
@@ -715,11 +715,12 @@ def inserted_keys(ap: _Applier, plans: Sequence[RowPlan]) -> dict[tuple[int, Val
     return found
 
 
-def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Done | None:
+def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Done | None:
     """A single_version block whose rows are all either never seen here
     (inserted whole) or already here exactly as they come (an echo: a row
     relayed back, a batch sent twice — skipped, as the planner would skip
     it); any other block is the planner's (None)."""
+    fields = columns.fields
     table = ap.tables[block.table]
     ck_col = table.conflict_column
     assert ck_col is not None
@@ -731,7 +732,7 @@ def write_block(ap: _Applier, block: Block, fields: list[Any], kind: type) -> Do
     top = capture.last_seq(conn)
     if top + len(block.rows) >= 1 << 63:
         return None
-    stage = load(conn, block, fields)
+    stage = load(conn, block, columns)
     name, ck, tid = quote_ident(table.info.name), quote_ident(ck_col), table.tid
     # The block's origin indexes -> this store's numbers (NULL: this device;
     # -1: a device with no number yet, so no stored clock can be its). The

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from p2pstore.clock import HybridClock
-from p2pstore.protocol.batch import own_push_part
-from p2pstore.protocol.messages import pack_values, unpack
+from p2pstore.protocol.batch import decode, own_push_part
+from p2pstore.protocol.messages import pack_values
 from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import accepted_schema, capture, cells, changes, merge, policies, stream
 from p2pstore.store.capture import ChangeBatch
@@ -212,8 +212,7 @@ class Replica:
             batch = self.read(since, table=table, limit=limit, max_bytes=max_bytes, covered=covered, own_only=own,
                               forwarding=forwarding, grants=grants)
             if plain:
-                wire = pack_values(changes.batch_to_plain(batch))
-                batch = changes.batch_from_plain(unpack(wire, "batch", raw_text=True))
+                batch = decode(pack_values(changes.batch_to_plain(batch)))  # (as a daemon receives it)
             if own:
                 batch = own_push_part(batch)
             results.append(other.apply(batch, self.id))

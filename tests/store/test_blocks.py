@@ -187,7 +187,7 @@ def _sync(monkeypatch: pytest.MonkeyPatch, src: Replica, x: Replica, y: Replica,
 # Local operations (hypothesis)
 
 _KEY = st.integers(1, 5)
-_VALUE = st.sampled_from([None, 0, 1, -7, 1 << 62, -(1 << 63), 1.5, "x", "é", "", b"\x00\xff"])
+_VALUE = st.sampled_from([None, 0, 1, -7, 1 << 62, -(1 << 63), 1.5, "x", "é", "", b"\x00\xff", b""])
 _RAW = st.sampled_from([b"\xff", b"a\xfe\xfdz"])  # bytes that are not UTF-8, stored as TEXT by another program
 _UID = _KEY.map("u{}".format)
 
@@ -753,7 +753,7 @@ def test_the_well_formed_base_decodes(mode: str) -> None:
     (block,) = batch.blocks
     table, key_column, columns, origins, rows = _good_rows(mode)
     assert block == Block(table, key_column, tuple(columns), tuple(origins), list(map(tuple, rows)))
-    assert batch.fields_of(block) == [list(f) for f in zip(*rows)]
+    assert batch.columns_of(block).fields == [list(f) for f in zip(*rows)]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -787,15 +787,15 @@ def test_a_field_the_same_in_every_row_travels_once(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_decoded_block_keeps_its_columns_for_itself_only(mode: str) -> None:
     """decode hands the receiver each block's rows column by column
-    (``OutBatch.fields_of``), so the set-based path need not regroup them;
+    (``OutBatch.columns_of``), so the set-based path need not regroup them;
     a block put in its place since has none, and is regrouped from its own
     rows, never read from another block's columns."""
     batch = decode(pack_values(_good_plain(mode)))
     (block,) = batch.blocks
-    assert batch.fields_of(block) == [list(f) for f in zip(*block.rows)]
+    assert batch.columns_of(block).fields == [list(f) for f in zip(*block.rows)]
     changed = block._replace(rows=[[*r] for r in block.rows])
-    assert batch.fields_of(changed) is None
-    assert dataclasses.replace(batch, blocks=(changed,)).fields_of(changed) is None
+    assert batch.columns_of(changed) is None
+    assert dataclasses.replace(batch, blocks=(changed,)).columns_of(changed) is None
     assert not batch.as_rows().block_fields
 
 
@@ -1225,6 +1225,65 @@ def test_rows_staged_several_to_a_statement_apply_as_row_by_row(monkeypatch: pyt
     assert taken == [True] * 7
     table = "items" if mode == SINGLE_VERSION else "dev_DEVA_notes"
     assert x.rows(f"SELECT count(*) FROM {table}") == [(done,)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_blob_values_are_staged_as_the_bytes_they_are(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
+                                                      mode: str) -> None:
+    """The staging binds a column's bytes as bytearrays (``blocks._bindable``,
+    a quarter of the cost): blobs — empty, with NUL bytes, beside NULLs,
+    integers and text in one column, or alone in it — land as the same
+    BLOBs, never NULL or TEXT, as row by row writes them."""
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    mixed = [b"", None, 7, b"\x00\xff", "t", b"z" * 300]
+    if mode == SINGLE_VERSION:
+        a.write("INSERT INTO items(uid, a, b) VALUES (?, ?, ?), (?, ?, ?), (?, ?, ?), (?, ?, ?), (?, ?, ?), (?, ?, ?)",
+                [v for i, m in enumerate(mixed) for v in (f"u{i}", b"\x01" * i, m)])
+        read = "SELECT uid, a, typeof(a), b, typeof(b) FROM items ORDER BY uid"
+    else:
+        a.write("INSERT INTO notes(id, body, n) VALUES (?, ?, ?), (?, ?, ?), (?, ?, ?), (?, ?, ?), (?, ?, ?), (?, ?, ?)",
+                [v for i, m in enumerate(mixed) for v in (i + 1, m, b"\x01" * i)])
+        read = "SELECT id, n, typeof(n), body, typeof(body) FROM dev_DEVA_notes ORDER BY id"
+    taken: list[bool] = []
+    _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)
+    assert taken == [True]
+    got = x.rows(read)
+    assert [(r[1], r[2]) for r in got] == [(b"\x01" * i, "blob") for i in range(len(mixed))]
+    assert [r[3] for r in got] == [b"", None, "7", b"\x00\xff", "t", b"z" * 300]  # (7: the TEXT column's affinity)
+    assert [r[4] for r in got] == ["blob", "null", "text", "blob", "text", "blob"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_says_when_no_text_can_be_raw(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica], mode: str) -> None:
+    """``decode`` reads a payload as UTF-8 first: then no text of it is raw,
+    and the receiver does not look at every value for it. Text another
+    program stored as bytes that are not UTF-8 makes it read the payload
+    again with raw text: the block is marked so, and still applies as row
+    by row applies it, byte-exact."""
+    a = device(SENDER, mode)
+    x, y = device(ME, mode), device(ME, mode)
+    write = ("INSERT INTO items(uid, a, b) VALUES ('u3', 3, CAST(? AS TEXT))" if mode == SINGLE_VERSION
+             else "INSERT INTO notes(id, body, n) VALUES (3, CAST(? AS TEXT), 3)")
+    if mode == SINGLE_VERSION:
+        a.write("INSERT INTO items(uid, a, b) VALUES ('u1', 1, 'é'), ('u2', 2, 'b')")
+    else:
+        a.write("INSERT INTO notes(id, body, n) VALUES (1, 'é', 1), (2, 'b', 2)")
+    plain = decode(encode(a.read(0)))
+    assert plain.columns_of(plain.blocks[0]).raw_text is False
+    assert [k - {type(None)} for k in plain.columns_of(plain.blocks[0]).kinds] == [
+        {int} if c in ("a", "n", "id") else {str} for c in plain.blocks[0].columns]
+    top = a.read(0).last_seq
+    a.write(write, (b"\xffraw",))
+    raw = decode(encode(a.read(top)))
+    assert raw.columns_of(raw.blocks[0]).raw_text is True
+    taken: list[bool] = []
+    _apply_pair(monkeypatch, x, y, a.read(0), SENDER, taken)
+    assert taken == [False]  # (the raw text goes by the row path, which binds it as its bytes)
+    table = "items" if mode == SINGLE_VERSION else "dev_DEVA_notes"
+    column = "b" if mode == SINGLE_VERSION else "body"
+    assert x.rows(f"SELECT CAST({column} AS BLOB), typeof({column}) FROM {table} ORDER BY 1") == [
+        (b"b", "text"), ("é".encode(), "text"), (b"\xffraw", "text")]
 
 
 @pytest.mark.parametrize("mode", MODES)
