@@ -42,6 +42,7 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import secrets
 import sqlite3
@@ -908,26 +909,38 @@ def hlc_sql(seq: str) -> str:
             "ORDER BY s.first_seq DESC LIMIT 1)")
 
 
-#: Stamp ranges ``interval_hlc_sql`` writes into a statement at most.
+#: Stamp ranges ``interval_stamps`` lists at most.
 LITERAL_STAMPS = 16
 
 
-def interval_hlc_sql(conn: sqlite3.Connection, seq: str, since: int, last: int) -> str:
-    """``hlc_sql`` for rows whose seq is in (``since``, ``last``], with the
-    ranges over that interval written in as literals: a batch of appended
-    rows lies in one to three ranges, and SQLite then computes each row's
-    clock instead of looking its range up (the sender's block query: 15 %
-    of its time). More ranges than ``LITERAL_STAMPS`` (many small
-    transactions): the lookup."""
+def interval_stamps(conn: sqlite3.Connection, since: int, last: int) -> list[tuple[int, int]] | None:
+    """The stamp ranges over log rows whose seq is in (``since``, ``last``],
+    as (first seq, base clock) in seq order — a batch of appended rows lies
+    in one to three — for ``stamped`` to work out each row's clock from its
+    seq, as ``hlc_sql`` would; None: more than ``LITERAL_STAMPS`` (many
+    small transactions), to look each row's range up with ``hlc_sql``."""
     ranges = conn.execute(
         "SELECT first_seq, base_hlc FROM _p2p_stamps WHERE first_seq <= ?2 AND first_seq >= "
         "coalesce((SELECT max(first_seq) FROM _p2p_stamps WHERE first_seq <= ?1), ?1) ORDER BY first_seq DESC LIMIT ?3",
         (since + 1, last, LITERAL_STAMPS + 1),
     ).fetchall()
     if len(ranges) > LITERAL_STAMPS:
-        return hlc_sql(seq)
-    whens = " ".join(f"WHEN {seq} >= {int(first)} THEN {seq} + {int(base) - int(first)}" for first, base in ranges)
-    return f"(CASE {whens} END)" if ranges else "NULL"
+        return None
+    return [(int(first), int(base)) for first, base in reversed(ranges)]
+
+
+def stamped(seqs: Sequence[int], stamps: Sequence[tuple[int, int]]) -> list[int]:
+    """The clocks of the log rows at ``seqs`` (ascending, none before the
+    first of ``stamps``: ``interval_stamps``), a run of rows per range:
+    within a range a row's clock is its seq plus the range's offset. The
+    sender's block query then reads a value less a row (a value SQLite hands
+    Python costs more than this addition)."""
+    out: list[int] = []
+    for i, (first, base) in enumerate(stamps):
+        end = bisect.bisect_left(seqs, stamps[i + 1][0]) if i + 1 < len(stamps) else len(seqs)
+        offset = base - first
+        out += [seq + offset for seq in seqs[len(out):end]]
+    return out
 
 
 def drop_unused_stamps(conn: sqlite3.Connection, low: int, end: int) -> None:

@@ -138,52 +138,67 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     seq order (15 % of the read). Where a key repeats, read again grouped,
     each key at its newest log row.
 
-    The statement reads only what varies — the key, seq and clock, the
-    row's values (the key's own column says whether the row is here) and
-    its size — and the wire row's other fields are filled in here, a field
-    at a time: a value SQLite hands Python costs more than the row's join
-    (the benches' table: 17 values a row before, 9 now; the sender's read
-    of 100k rows 0.29 -> 0.21 s)."""
+    The statement reads only what varies — the key and seq, the row's
+    values, and its size (-1: the row is gone) — and the wire row's other
+    fields are filled in here, a field at a time: a value SQLite hands
+    Python costs more than the row's join (the benches' table: 17 values a
+    row before, 7 now; the sender's read of 100k rows 0.29 -> 0.19 s). A
+    row's clock is worked out from its seq (``capture.stamped``) unless the
+    interval spans many stamp ranges; the key column's value is the key
+    itself where the key is the rowid (or an alias of it)."""
     name, key = quote_ident(t.info.name), t.info.key_expr
-    others = [c for c in t.info.columns if c != t.info.key]
+    stamps = capture.interval_stamps(conn, since, last)
+    if stamps == []:
+        return Block(t.info.name, t.key_column, t.info.columns, devices, []), True  # (nothing stamped: stable_bound keeps this from happening)
+    keyed = t.info.key is not None and not t.info.key_is_rowid_alias  # (its value read: the key only matches it)
+    others = [c for c in t.info.columns if c != t.info.key or keyed]
     cols = "".join(f", x.{quote_ident(c)}" for c in others)
-    hlc = capture.interval_hlc_sql(conn, "seq", since, last)
-    own = "FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND tid = ?3 AND origin IS NULL"
+    hlc, stamped_from = (capture.hlc_sql("seq"), "1") if stamps is None else ("NULL", str(stamps[0][0]))
+    own = f"FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND tid = ?3 AND origin IS NULL AND seq >= {stamped_from}"
+    clock = ", l.hlc" if stamps is None else ""
     for changes in (f"SELECT pk, seq, {hlc} AS hlc {own}",
                     f"SELECT pk, seq, {hlc} AS hlc FROM (SELECT pk, max(seq) AS seq {own} GROUP BY pk)"):
         rows, complete = fetch(
             conn,
-            f"SELECT l.pk, l.seq, l.hlc, x.{key}{cols}, {size_sql(t.info.columns, 'x.')} "
-            f"FROM ({changes}) l LEFT JOIN {name} x ON x.{key} = l.pk WHERE l.hlc IS NOT NULL ORDER BY l.seq",
+            f"SELECT l.pk, l.seq{clock}{cols}, CASE WHEN x.{key} IS NULL THEN -1 ELSE {size_sql(t.info.columns, 'x.')} END "
+            f"FROM ({changes}) l LEFT JOIN {name} x ON x.{key} = l.pk WHERE {'l.hlc IS NOT NULL' if stamps is None else '1'} "
+            "ORDER BY l.seq",
             (since, last, t.tid), budget,
         )
         if len(set(map(_KEY, rows))) == len(rows):
             break
-    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, _wire_rows(t.info, rows))), complete
+    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, _wire_rows(t.info, rows, stamps, others))), complete
 
 
-def _wire_rows(info: TableInfo, read: list[Any]) -> list[Any]:
-    """``read_block``'s rows ``(key, seq, hlc, here, other values..., size)``
+def _wire_rows(info: TableInfo, read: list[Any], stamps: list[tuple[int, int]] | None, others: list[str]) -> list[Any]:
+    """``read_block``'s rows ``(key, seq, [hlc,] values of others..., size)``
     as wire rows, each ending in its seq and size: an upsert (the row is
-    here: ``here``, the key column's value or the rowid, is not NULL) with
-    its clock, this device's (origin 0), or a delete with the clock as its
-    tomb; no prevs (collaborative rows have none)."""
+    here: its size is not -1) with its clock, this device's (origin 0), or a
+    delete with the clock as its tomb; no prevs (collaborative rows have
+    none). ``stamps`` None: each row's clock was read too."""
     if not read:
         return []
-    keys, seqs, hlcs, here, *values, sizes = map(list, zip(*read))
+    if stamps is None:
+        keys, seqs, hlcs, *values, sizes = map(list, zip(*read))
+    else:
+        keys, seqs, *values, sizes = map(list, zip(*read))
+        hlcs = capture.stamped(seqs, stamps)
     n = len(keys)
     nothing = [None] * n
-    if here.count(None) == 0:  # no delete: the usual block
+    fields = dict(zip(others, values))
+    if min(sizes) >= 0:  # no delete: the usual block
         clock, origin, tomb, tomb_origin = hlcs, [0] * n, nothing, nothing
+        if info.key is not None and info.key not in fields:
+            fields[info.key] = keys
     else:
-        gone = [h is None for h in here]
+        gone = [size < 0 for size in sizes]
         clock = [None if g else h for g, h in zip(gone, hlcs)]
         origin = [None if g else 0 for g in gone]
         tomb = [h if g else None for g, h in zip(gone, hlcs)]
         tomb_origin = [0 if g else None for g in gone]
-    fields = dict(zip([c for c in info.columns if c != info.key], values))
-    if info.key is not None:
-        fields[info.key] = here
+        sizes = [0 if g else size for g, size in zip(gone, sizes)]
+        if info.key is not None and info.key not in fields:
+            fields[info.key] = [None if g else k for g, k in zip(gone, keys)]
     return list(zip(keys, seqs, clock, origin, nothing, nothing, tomb, tomb_origin, nothing, nothing,
                     *(fields[c] for c in info.columns), seqs, sizes))
 

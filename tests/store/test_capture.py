@@ -449,11 +449,12 @@ async def test_stamping_a_bulk_insert_into_a_single_version_table_keeps_its_log_
 
 
 @pytest.mark.parametrize("ranges", [1, 3, 16, 17, 40])
-def test_an_intervals_clocks_written_in_are_the_clocks_looked_up(ranges: int) -> None:
-    """``interval_hlc_sql`` (a block query's clocks, the ranges over the
-    interval as literals) gives each row the clock ``hlc_sql`` looks up —
-    across range boundaries, before the first range (none), with more
-    ranges than it writes in (the lookup itself) — for every interval."""
+def test_an_intervals_clocks_worked_out_are_the_clocks_looked_up(ranges: int) -> None:
+    """``interval_stamps`` and ``stamped`` (a block query's clocks, worked
+    out from the seqs and the ranges over the interval) give each row the
+    clock ``hlc_sql`` looks up — across range boundaries, for every
+    interval; rows before the first range (none) are left out by the
+    caller; with more ranges than ``LITERAL_STAMPS`` the caller looks up."""
     from p2pstore.store import capture
 
     conn = sqlite3.connect(":memory:", isolation_level=None)
@@ -469,11 +470,19 @@ def test_an_intervals_clocks_written_in_are_the_clocks_looked_up(ranges: int) ->
     top = first - 1
     looked_up = dict(conn.execute(f"SELECT seq, {capture.hlc_sql('seq')} FROM _p2p_log"))
     assert looked_up[3] is None and looked_up[4] == 1_000_000 and looked_up[top] is not None
-    literal = 0
+    literal = lookups = 0
     for since in range(0, top + 1):
         for last in range(since, top + 2):
-            sql = capture.interval_hlc_sql(conn, "seq", since, last)
-            literal += "_p2p_stamps" not in sql
-            got = dict(conn.execute(f"SELECT seq, {sql} FROM _p2p_log WHERE seq > ? AND seq <= ?", (since, last)))
-            assert got == {s: looked_up[s] for s in range(since + 1, last + 1) if s in looked_up}, (since, last, sql)
+            over = capture.interval_stamps(conn, since, last)
+            seqs = [s for s in range(since + 1, last + 1) if s in looked_up]
+            if over is None:
+                lookups += 1
+                assert ranges > capture.LITERAL_STAMPS
+                continue
+            literal += 1
+            assert over == sorted(over) and len(over) <= capture.LITERAL_STAMPS
+            stamped_seqs = [s for s in seqs if over and s >= over[0][0]]
+            assert all(looked_up[s] is None for s in seqs if s not in stamped_seqs), (since, last, over)
+            assert capture.stamped(stamped_seqs, over) == [looked_up[s] for s in stamped_seqs], (since, last, over)
+    assert lookups or ranges <= capture.LITERAL_STAMPS
     assert literal  # (every interval of a few ranges is written in)
