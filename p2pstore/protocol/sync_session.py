@@ -530,7 +530,11 @@ class Receiver(_Machine):
     """The side that applies the peer's batches, in order, and acks each.
 
     Messages that arrive while a batch is being applied wait in the machine
-    (at most ``MAX_WINDOW`` batches: no sender may have more in flight).
+    (at most ``MAX_WINDOW`` batches: no sender may have more in flight). A
+    batch is decoded as it arrives: a driver that hands the machine what
+    arrives while it applies a batch (sync/engine.py) decodes the next
+    batches meanwhile, instead of after. One that fails to decode waits in
+    its turn like any other, and ends the session there.
     ``await_ready``: the opener of a catch-up waits for the sender's ready.
     """
 
@@ -539,7 +543,7 @@ class Receiver(_Machine):
         self.await_ready = await_ready
         if await_ready:
             self.state = State.AWAIT_READY
-        self.pending: deque[SyncBatch | SyncEnd] = deque()
+        self.pending: deque[_Arrived | SyncEnd] = deque()
         self.applying: OutBatch | None = None
         #: Batches taken to apply with ``applying`` in one transaction (``take_waiting``), in order.
         self.grouped: deque[OutBatch] = deque()
@@ -565,10 +569,10 @@ class Receiver(_Machine):
             return self._peer_ended(msg)  # batches still waiting are not applied: the next session resends them
         if not isinstance(msg, (SyncBatch, SyncEnd)):
             return self._finish(_unexpected("a batch", msg))
-        if sum(isinstance(m, SyncBatch) for m in self.pending) >= MAX_WINDOW:
+        if sum(isinstance(m, _Arrived) for m in self.pending) >= MAX_WINDOW:
             return self._finish(Finish(ended(Problem.PEER_TOO_FAR_AHEAD,
                                              f"the peer sent more than {MAX_WINDOW} batches ahead of their acks")))
-        self.pending.append(msg)
+        self.pending.append(_Arrived.of(msg) if isinstance(msg, SyncBatch) else msg)
         return self._next()
 
     def applied(self, last_seq: int, applied: int, conflicts: int, failed: int, parked: int = 0,
@@ -592,27 +596,40 @@ class Receiver(_Machine):
         order; each ack goes out as before. A batch that fails to decode is
         left waiting: it ends the session in its turn."""
         taken: list[tuple[OutBatch, int]] = []
-        while self.applying is not None and len(taken) < limit and self.pending and isinstance(self.pending[0], SyncBatch):
-            payload = self.pending[0].payload
-            try:
-                batch = wire_batch.decode(payload)
-            except ProtocolError:
+        while self.applying is not None and len(taken) < limit and self.pending:
+            arrived = self.pending[0]
+            if not isinstance(arrived, _Arrived) or arrived.batch is None:
                 break
             self.pending.popleft()
-            self.grouped.append(batch)
-            taken.append((batch, len(payload)))
+            self.grouped.append(arrived.batch)
+            taken.append((arrived.batch, arrived.size))
         return taken
 
     def _next(self) -> list[Action]:
         """Start on the oldest waiting message unless a batch is being applied."""
         if self.applying is not None or not self.pending:
             return []
-        msg = self.pending.popleft()
-        if isinstance(msg, SyncEnd):
+        arrived = self.pending.popleft()
+        if isinstance(arrived, SyncEnd):
             return self._finish(_success())
+        if arrived.batch is None:
+            assert arrived.error is not None
+            return self._finish(Finish(SessionEnded(result_code(arrived.error), str(arrived.error))))
+        self.applying = arrived.batch
+        return [Apply(arrived.batch, arrived.size)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrived:
+    """A batch as it arrived (``Receiver.receive``): decoded, or why it can't be."""
+
+    size: int
+    batch: OutBatch | None
+    error: ProtocolError | None = None
+
+    @classmethod
+    def of(cls, msg: SyncBatch) -> _Arrived:
         try:
-            batch = wire_batch.decode(msg.payload)
+            return cls(len(msg.payload), wire_batch.decode(msg.payload))
         except ProtocolError as exc:
-            return self._finish(Finish(SessionEnded(result_code(exc), str(exc))))
-        self.applying = batch
-        return [Apply(batch, len(msg.payload))]
+            return cls(len(msg.payload), None, exc)

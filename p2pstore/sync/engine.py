@@ -396,6 +396,34 @@ def _absorb(session: Request, machine: Receiver) -> list[Action]:
     return []
 
 
+async def _absorb_while(session: Request, machine: Receiver, busy: asyncio.Future[Any]) -> list[Action]:
+    """``_absorb`` for as long as ``busy`` (the store applying batches)
+    runs: each message that arrives meanwhile goes to ``machine`` at once,
+    which decodes a batch as it arrives — while the store applies the ones
+    before in its own thread (SQLite runs without the GIL), not after them.
+    Stops at the first message the machine answers, as ``_absorb`` does,
+    and at the session's end, which the next wait reports."""
+    while not busy.done():
+        actions = _absorb(session, machine)
+        if actions:
+            return actions
+        if session.ended is not None:
+            return []
+        getting = asyncio.ensure_future(session.inbox.get())
+        await asyncio.wait({busy, getting}, return_when=asyncio.FIRST_COMPLETED)
+        if not getting.done():
+            getting.cancel()  # (a cancelled get leaves its message in the inbox)
+            return []
+        msg = getting.result()
+        if msg is None:
+            session.inbox.put_nowait(None)  # the end marker, for the next wait (room: it was just taken)
+            return []
+        actions = machine.receive(msg)
+        if actions:
+            return actions
+    return []
+
+
 class SyncEngine:
     def __init__(
         self,
@@ -698,8 +726,15 @@ class SyncEngine:
             while len(done) < len(group):  # more than once when the application wrote meanwhile
                 rest = group[len(done):]
                 started = time.monotonic()
-                results = await store.apply_changes_group([batch for batch, _ in rest], session.peer,
-                                                          budget_s=GROUP_COMMIT_BUDGET_S)
+                applying = asyncio.ensure_future(store.apply_changes_group([batch for batch, _ in rest], session.peer,
+                                                                           budget_s=GROUP_COMMIT_BUDGET_S))
+                try:
+                    if not early:
+                        early = await _absorb_while(session, machine, applying)
+                    results = await applying
+                except BaseException:
+                    applying.cancel()
+                    raise
                 per_batch_s[:] = [max((time.monotonic() - started) / len(results), 1e-4)]
                 self.traffic.committed(session.peer)
                 done += zip(rest, results)
