@@ -32,7 +32,7 @@ import operator
 from itertools import repeat
 import dataclasses
 from dataclasses import dataclass, field
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from p2pstore.clock import MAX_HLC
@@ -278,6 +278,45 @@ class Block(NamedTuple):
                 tomb = (tomb_hlc, devices[r[TOMB_ORIGIN]], tomb_prev, devices[r[TOMB_PREV_ORIGIN]] if tomb_prev is not None else None)
             out.append(RowChange(self.table, self.key_column, r[KEY], r[SEQ], cells, *tomb))
         return out
+
+
+class Rows(Sequence[Sequence[Value]]):
+    """A decoded block's rows (``Block.rows``), built from its fields when
+    first looked at — most never are: the set-based apply takes the fields
+    themselves (``Columns``), and a tuple a row cost the receiver more than
+    the rest of decode (2,000 tuples a block, each tracked by the garbage
+    collector while its group waits and applies: a third of the receiving
+    event loop's time, py-spy)."""
+
+    __slots__ = ("_fields", "_n", "_rows")
+
+    def __init__(self, fields: Sequence[Sequence[Value]], n: int) -> None:
+        self._fields, self._n = fields, n
+        self._rows: list[tuple[Value, ...]] | None = None
+
+    def _built(self) -> list[tuple[Value, ...]]:
+        if self._rows is None:
+            self._rows = list(zip(*self._fields))
+        return self._rows
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._built()[i]
+
+    def __iter__(self) -> Iterator[tuple[Value, ...]]:
+        return iter(self._built())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, Rows)):
+            return self._built() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # (as a list's)
+
+    def __repr__(self) -> str:
+        return repr(self._built())
 
 
 class Columns(NamedTuple):
@@ -631,7 +670,7 @@ def block_from_plain(obj: Any, mode: str, *, raw_text: bool = True) -> tuple[Blo
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
     elif no_hlc and no_tomb and any(h is None and t is None for h, t in zip(hlcs, tombs)):
         raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
-    return Block(table, key_column, columns, devices, list(zip(*fields))), Columns(fields, kinds, raw_text)
+    return Block(table, key_column, columns, devices, Rows(fields, n)), Columns(fields, kinds, raw_text)
 
 
 def batch_from_plain(obj: Any, *, raw_text: bool = True) -> OutBatch:
