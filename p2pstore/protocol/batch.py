@@ -288,15 +288,17 @@ class Rows(Sequence[Sequence[Value]]):
     collector while its group waits and applies: a third of the receiving
     event loop's time, py-spy)."""
 
-    __slots__ = ("_fields", "_n", "_rows")
+    __slots__ = ("fields", "_n", "_rows")
 
     def __init__(self, fields: Sequence[Sequence[Value]], n: int) -> None:
-        self._fields, self._n = fields, n
+        #: The rows field by field (read only: the rows are built from them).
+        self.fields = fields
+        self._n = n
         self._rows: list[tuple[Value, ...]] | None = None
 
     def _built(self) -> list[tuple[Value, ...]]:
         if self._rows is None:
-            self._rows = list(zip(*self._fields))
+            self._rows = list(zip(*self.fields))
         return self._rows
 
     def __len__(self) -> int:
@@ -317,6 +319,14 @@ class Rows(Sequence[Sequence[Value]]):
 
     def __repr__(self) -> str:
         return repr(self._built())
+
+
+def field_of(rows: Sequence[Sequence[Value]], i: int) -> Sequence[Value]:
+    """Field ``i`` of every row of a block: kept whole by ``Rows``, else
+    gathered (in C). Read only."""
+    if isinstance(rows, Rows):
+        return rows.fields[i]
+    return list(map(operator.itemgetter(i), rows))
 
 
 class Columns(NamedTuple):
@@ -359,7 +369,7 @@ def _fields_to_plain(rows: Sequence[Sequence[Value]]) -> list[Sequence[Value]]:
     numbers (1 == 1.0, 0.0 == -0.0): an integer field goes once only when
     every value is an integer, a float field never."""
     out: list[Sequence[Value]] = []
-    for column in zip(*rows):
+    for column in (rows.fields if isinstance(rows, Rows) else map(list, zip(*rows))):
         first = column[0]
         if (column[-1] == first and column.count(first) == len(column)
                 and (first is None or type(first) in (str, bytes) or (type(first) is int and set(map(type, column)) == {int}))):

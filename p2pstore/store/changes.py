@@ -53,6 +53,7 @@ from p2pstore.protocol.batch import (  # noqa: F401 - re-exported
     Value,
     batch_from_plain,
     batch_to_plain,
+    field_of,
     has_raw_text,
     is_raw_text,
     row_from_plain,
@@ -227,7 +228,7 @@ def origin_list(conn: sqlite3.Connection, me: str) -> tuple[str, ...]:
 
 def sendable(t: SyncTable, rows: list[Any]) -> list[Any]:
     """``rows`` without those keyed by raw text (logged, see ``unsendable``)."""
-    if has_raw_text(list(map(itemgetter(KEY), rows))):  # (a column of ASCII keys: one check in C)
+    if has_raw_text(field_of(rows, KEY)):  # (a column of ASCII keys: one check in C)
         for r in rows:
             if type(r[KEY]) is str and is_raw_text(r[KEY]):
                 unsendable(t, r[KEY])

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, Columns, all_none
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, Columns, Rows, all_none
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, origins
 from p2pstore.store.blocks import Done, keys_stay_distinct, load, not_none
@@ -170,12 +170,13 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, _wire_rows(t.info, rows, stamps, others))), complete
 
 
-def _wire_rows(info: TableInfo, read: list[Any], stamps: list[tuple[int, int]] | None, others: list[str]) -> list[Any]:
+def _wire_rows(info: TableInfo, read: list[Any], stamps: list[tuple[int, int]] | None, others: list[str]) -> Sequence[Any]:
     """``read_block``'s rows ``(key, seq, [hlc,] values of others..., size)``
     as wire rows, each ending in its seq and size: an upsert (the row is
     here: its size is not -1) with its clock, this device's (origin 0), or a
     delete with the clock as its tomb; no prevs (collaborative rows have
-    none). ``stamps`` None: each row's clock was read too."""
+    none). Kept field by field (``Rows``): the wire takes them so.
+    ``stamps`` None: each row's clock was read too."""
     if not read:
         return []
     if stamps is None:
@@ -199,8 +200,8 @@ def _wire_rows(info: TableInfo, read: list[Any], stamps: list[tuple[int, int]] |
         sizes = [0 if g else size for g, size in zip(gone, sizes)]
         if info.key is not None and info.key not in fields:
             fields[info.key] = [None if g else k for g, k in zip(gone, keys)]
-    return list(zip(keys, seqs, clock, origin, nothing, nothing, tomb, tomb_origin, nothing, nothing,
-                    *(fields[c] for c in info.columns), seqs, sizes))
+    return Rows([keys, seqs, clock, origin, nothing, nothing, tomb, tomb_origin, nothing, nothing,
+                 *(fields[c] for c in info.columns), seqs, sizes], n)
 
 
 _KEY = itemgetter(KEY)

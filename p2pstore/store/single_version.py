@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, Columns
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, Columns, Rows, field_of
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
 from p2pstore.store.blocks import Done, all_none, keys_stay_distinct, load, not_none
@@ -126,7 +126,7 @@ def has_irregular_rows(conn: sqlite3.Connection, t: SyncTable) -> bool:
 
 def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str, block: Block) -> Iterator[RowChange]:
     """The interval's rows ``block`` did not hold."""
-    return read_rows(conn, t, since, last, me, None, set(map(itemgetter(KEY), block.rows)), only_irregular=True)
+    return read_rows(conn, t, since, last, me, None, set(field_of(block.rows, KEY)), only_irregular=True)
 
 
 def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
@@ -178,15 +178,15 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), complete
 
 
-def _untombed_wire_rows(read: list[Any]) -> list[Any]:
+def _untombed_wire_rows(read: list[Any]) -> Sequence[Any]:
     """``read_block``'s rows ``(key, seq, hlc, origin, prev_hlc,
     prev_origin, values..., size)`` of a table with no tomb as wire rows,
-    each ending in its seq and size."""
+    each ending in its seq and size; kept field by field (``Rows``)."""
     if not read:
         return []
     keys, seqs, hlcs, origins_, prevs, prev_origins, *values, sizes = map(list, zip(*read))
     nothing = [None] * len(keys)
-    return list(zip(keys, seqs, hlcs, origins_, prevs, prev_origins, nothing, nothing, nothing, nothing, *values, seqs, sizes))
+    return Rows([keys, seqs, hlcs, origins_, prevs, prev_origins, nothing, nothing, nothing, nothing, *values, seqs, sizes], len(keys))
 
 
 def read_rows(

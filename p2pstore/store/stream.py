@@ -51,13 +51,14 @@ import itertools
 import sqlite3
 from collections.abc import Mapping, Sequence
 from operator import itemgetter
+from typing import Any
 
 from p2pstore.errors import InvalidParams, StoreInvalid
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, modes
-from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN, Grant
+from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN, Grant, Rows, field_of
 from p2pstore.store.changes import (
-    DEFAULT_BATCH_ROWS, KEY, MAX_BATCH_ROWS, ROW_OVERHEAD, SEQ, Block, OutBatch, RowChange, SyncTable, filter_sql, origin_list,
+    DEFAULT_BATCH_ROWS, MAX_BATCH_ROWS, ROW_OVERHEAD, SEQ, Block, OutBatch, RowChange, SyncTable, filter_sql, origin_list,
     read_snapshot, stable_bound, store_mode, sync_tables,
 )
 
@@ -163,14 +164,11 @@ def changes_since(
             if shortened:
                 last, more = cut, True
             for t, (block, _) in zip(tables, read):
-                # Whole columns at a time (map, itemgetter: in C): a block is ~1,000 rows.
-                within = block.rows
-                if shortened:  # (else every row read is within the interval: the query's bound)
-                    within = [r for r in within if _INTERVAL_SEQ(r) <= last]
-                kept = block._replace(rows=list(map(_WIRE_ROW, within)))
-                seqs = list(map(_SEQ, kept.rows))
+                # Whole fields at a time: a block is ~1,000 rows, kept field by field (Rows) as read.
+                kept = block._replace(rows=_wire_part(block.rows, last if shortened else None))
+                seqs = field_of(kept.rows, SEQ)
                 if seqs != sorted(seqs):
-                    kept.rows.sort(key=_SEQ)  # a later tomb raised a row's seq: as as_rows() orders
+                    kept = kept._replace(rows=sorted(kept.rows, key=_SEQ))  # a later tomb raised a row's seq: as as_rows() orders
                 if kept.rows:
                     blocks.append(kept)
                 rows.extend(modes.of(t.mode).read_irregular(conn, t, since_seq, last, me, kept))
@@ -211,7 +209,7 @@ def _own_only(rows: list[RowChange], blocks: list[Block], eager: set[str]) -> tu
     kept_blocks = []
     for b in blocks:
         mine = [origin in eager for origin in b.origins]
-        used = set(map(_ORIGIN, b.rows))
+        used = set(field_of(b.rows, ORIGIN))
         if used and None not in used and all(mine[i] for i in used):  # (every row's clock is eager: no pass row by row)
             kept_blocks.append(b)
             continue
@@ -236,7 +234,7 @@ def _uncovered(rows: list[RowChange], blocks: list[Block], covered: Mapping[str,
     kept_blocks = []
     for b in blocks:
         marks = [covered.get(origin, -1) for origin in b.origins]
-        hlcs, used = list(map(_HLC, b.rows)), set(map(_ORIGIN, b.rows))
+        hlcs, used = field_of(b.rows, HLC), set(field_of(b.rows, ORIGIN))
         if hlcs and None not in used and min(hlcs) > max(marks[i] for i in used):
             kept_blocks.append(b)  # (the usual fresh rows: every row clock past its origin's mark; found in C)
             continue
@@ -319,8 +317,18 @@ def _seqs_within(conn: sqlite3.Connection, tables: Sequence[SyncTable], seqs: li
 
 
 # A block row as read: its wire fields, then its interval seq and its size (``read_block``).
-_INTERVAL_SEQ, _SIZE, _SEQ_SIZE, _WIRE_ROW = itemgetter(-2), itemgetter(-1), itemgetter(-2, -1), itemgetter(slice(None, -2))
-_SEQ, _KEY, _HLC, _ORIGIN = itemgetter(SEQ), itemgetter(KEY), itemgetter(HLC), itemgetter(ORIGIN)
+_INTERVAL_SEQ, _WIRE_ROW = itemgetter(-2), itemgetter(slice(None, -2))
+
+
+def _wire_part(rows: Sequence[Any], last: int | None) -> Sequence[Any]:
+    """A block's rows as read without their interval seq and size; ``last``:
+    only those of the interval up to it (the batch was cut short)."""
+    if last is None and isinstance(rows, Rows):
+        return Rows(rows.fields[:-2], len(rows))
+    return [_WIRE_ROW(r) for r in rows if last is None or _INTERVAL_SEQ(r) <= last]
+
+
+_SEQ = itemgetter(SEQ)
 
 
 def _cut(read: Sequence[tuple[Block, bool]], budget: int | None) -> int | None:
@@ -330,9 +338,9 @@ def _cut(read: Sequence[tuple[Block, bool]], budget: int | None) -> int | None:
     if budget is None:
         return None
     complete = all(done for _, done in read)
-    if complete and sum(sum(map(_SIZE, block.rows)) + ROW_OVERHEAD * len(block.rows) for block, _ in read) <= budget:
+    if complete and sum(sum(field_of(block.rows, -1)) + ROW_OVERHEAD * len(block.rows) for block, _ in read) <= budget:
         return None  # (the usual batch: all of it fits, and no row needs sorting)
-    sizes = sorted(itertools.chain.from_iterable(map(_SEQ_SIZE, block.rows) for block, _ in read))
+    sizes = sorted(itertools.chain.from_iterable(zip(field_of(block.rows, -2), field_of(block.rows, -1)) for block, _ in read))
     used = list(itertools.accumulate(map(ROW_OVERHEAD.__add__, map(itemgetter(1), sizes))))
     over = max(bisect.bisect_right(used, budget), 1)  # the first row past the budget (never the first row)
     if over < len(sizes):
