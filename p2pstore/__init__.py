@@ -11,4 +11,5 @@ __version__ = "0.1.0"
 #: 4: an auto push may carry only the sender's own changes (``SyncOpen.own``).
 #: 5: an eager push's last batch may grant origin marks for the devices it forwards (protocol/batch.py ``Grant``).
 #: 6: a block's rows travel field by field, a field the same in every row once (protocol/batch.py ``block_from_plain``).
-PROTOCOL_VERSION = 6
+#: 7: a block's field of integers that counts travels as its first value and step (protocol/batch.py ``_counted``).
+PROTOCOL_VERSION = 7

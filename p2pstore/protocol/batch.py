@@ -368,15 +368,47 @@ def _fields_to_plain(rows: Sequence[Sequence[Value]]) -> list[Sequence[Value]]:
     prevs and tombs most blocks leave NULL). Equal is not enough for
     numbers (1 == 1.0, 0.0 == -0.0): an integer field goes once only when
     every value is an integer, a float field never."""
-    out: list[Sequence[Value]] = []
+    out: list[Any] = []
     for column in (rows.fields if isinstance(rows, Rows) else map(list, zip(*rows))):
         first = column[0]
         if (column[-1] == first and column.count(first) == len(column)
                 and (first is None or type(first) in (str, bytes) or (type(first) is int and set(map(type, column)) == {int}))):
             out.append([first])
+        elif (step := _counting_step(column)) is not None:
+            out.append({"from": first, "step": step})
         else:
             out.append(column)
     return out
+
+
+def _counting_step(column: list[Value]) -> int | None:
+    """The step of a field of integers that counts — each value the one
+    before plus the same step, as keys, seqs and clocks of rows appended
+    together do (protocol 7) — of at least three rows; else None."""
+    if len(column) < 3:
+        return None
+    first, second, last = column[0], column[1], column[-1]
+    if type(first) is not int or type(second) is not int or type(last) is not int:
+        return None
+    step = second - first
+    if step == 0 or last != first + (len(column) - 1) * step:
+        return None
+    if column != list(range(first, last + step, step)) or set(map(type, column)) != {int}:  # (1 == 1.0 == True)
+        return None
+    return step
+
+
+def _counted(field: Any, n: int, what: str) -> tuple[list[int], list[int]]:
+    """A field that counts (``{"from": first, "step": step}``): its first
+    and last value, which the checks of a field of integers need alone (its
+    least and greatest), and its ``n`` values."""
+    if set(field) != {"from", "step"} or type(field["from"]) is not int or type(field["step"]) is not int:
+        raise ProtocolError(f"{what}: a field that counts must be {{from, step}}, two integers")
+    first, step = field["from"], field["step"]
+    last = first + (n - 1) * step
+    if not (_INT64[0] <= first <= _INT64[1] and _INT64[0] <= last <= _INT64[1]):
+        raise ProtocolError(f"{what}: integer out of SQLite's 64-bit range")
+    return [first, last], ([first] * n if step == 0 else list(range(first, last + step, step)))
 
 
 def batch_to_plain(batch: OutBatch, *, columnar: bool = True) -> dict[str, Any]:
@@ -643,12 +675,17 @@ def block_from_plain(obj: Any, mode: str, *, raw_text: bool = True) -> tuple[Blo
     if type(n) is not int or not 1 <= n <= MAX_BATCH_ROWS:
         raise ProtocolError(f"{table}: a block holds 1..{MAX_BATCH_ROWS} rows")
     width = VALUES + len(columns)
-    if not isinstance(plain, list) or len(plain) != width or set(map(type, plain)) != {list}:
-        raise ProtocolError(f"{table}: a block's fields must be a list of {width} lists")
-    if not set(map(len, plain)) <= {1, n}:
+    if not isinstance(plain, list) or len(plain) != width or not set(map(type, plain)) <= {list, dict}:
+        raise ProtocolError(f"{table}: a block's fields must be a list of {width} lists (or counts)")
+    if not set(len(f) for f in plain if type(f) is list) <= {1, n}:
         raise ProtocolError(f"{table}: a field holds a value for each of the {n} rows, or one for all of them")
-    # Checked as they came (a field the same in every row: its one value), then whole.
-    fields: list[Sequence[Value]] = [f * n if len(f) < n else f for f in plain]
+    # Checked as they came (a field the same in every row: its one value; one
+    # that counts: its first and last), then whole.
+    fields: list[Sequence[Value]] = [f * n if type(f) is list and len(f) < n else f for f in plain]
+    plain = list(plain)  # (the caller's stays as it was)
+    for i, f in enumerate(plain):
+        if type(f) is dict:
+            plain[i], fields[i] = _counted(f, n, f"{table}: field {i}")
     keys = fields[KEY]
     key_kinds = set(map(type, plain[KEY]))
     if not key_kinds <= _VALUE_TYPES - {type(None)}:

@@ -683,6 +683,16 @@ _BAD: list[tuple[str, list[str], Callable[[list[Any]], None]]] = [
     ("one raw text key for every row", _BOTH, _field(KEY, ["u\udcff"])),
     ("one float seq for every row", _BOTH, _field(SEQ, [2.0])),
     ("one hlc for every row, and a row without cells", _BOTH, _field(HLC, [H])),
+    # a field that counts (protocol 7): its form, and its field's rules over every value it stands for
+    ("a count without its step", _BOTH, _field(SEQ, {"from": 1})),
+    ("a count with a third item", _BOTH, _field(SEQ, {"from": 1, "step": 1, "to": 3})),
+    ("a count from a float", _BOTH, _field(SEQ, {"from": 1.0, "step": 1})),
+    ("a count by a bool", _BOTH, _field(SEQ, {"from": 1, "step": True})),
+    ("a count of keys from null", _BOTH, _field(KEY, {"from": None, "step": 1})),
+    ("a count past 64 bits", _BOTH, _field(V, {"from": (1 << 63) - 2, "step": 1})),
+    ("a count below 64 bits", _BOTH, _field(V, {"from": -(1 << 63) + 1, "step": -1})),
+    ("a count of seqs below zero", _BOTH, _field(SEQ, {"from": 1, "step": -1})),
+    ("a count of origins past the origins", _BOTH, _field(ORIGIN, {"from": 0, "step": 1})),
     # values
     ("bool value", _BOTH, _set(0, V + 1, True)),
     ("list value", _BOTH, _set(0, V + 1, [1])),
@@ -785,6 +795,47 @@ def test_a_field_the_same_in_every_row_travels_once(mode: str) -> None:
             continue  # (a bool is no SQLite value: the receiver refuses it, test_a_malformed_block_is_a_protocol_error)
         again = decode(encode(dataclasses.replace(batch, blocks=(changed,)))).blocks[0]
         assert [(type(r[V]), math.copysign(1, r[V])) for r in again.rows] == [(type(v), math.copysign(1, v)) for v in odd]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_field_that_counts_travels_as_its_first_value_and_step(mode: str) -> None:
+    """Protocol 7: a field of integers that counts (keys, seqs and clocks of
+    rows appended together; any column of integers) travels as its first
+    value and step, and decodes to every value, in every direction and up
+    to the ends of 64 bits. A field that only looks like it — a value off
+    the count, a float equal to an integer of it, two rows — travels whole,
+    and comes back exactly."""
+    table, key_column, columns, origins, rows = _good_rows(mode)
+    base = [r for r in rows if r[HLC] is not None][0]
+    top = (1 << 63) - 1
+    wanted = {V: (10, -3), V + 1: (top - 4, 1)} if mode == COLLABORATIVE else {V: (top - 4, 1), V + 1: (10, -3)}
+    made = []
+    for i in range(5):
+        r = [*base]
+        r[KEY] = 5 + 2 * i if mode == COLLABORATIVE else f"u{i}"
+        r[SEQ], r[HLC] = i + 1, H + i
+        for f, (first, step) in wanted.items():
+            r[f] = first + step * i
+        r[V + 2] = [1, 2, 3, 5, 6][i] if mode == COLLABORATIVE else f"u{i}"
+        made.append(tuple(r))
+    block = Block(table, key_column, tuple(columns), tuple(origins), made)
+    batch = OutBatch(mode, 0, 5, (), False, True, "s1", blocks=(block,))
+    fields = batch_to_plain(batch)["blocks"][0][5]
+    assert fields[SEQ] == {"from": 1, "step": 1} and fields[HLC] == {"from": H, "step": 1}
+    assert fields[KEY] == ({"from": 5, "step": 2} if mode == COLLABORATIVE else [f"u{i}" for i in range(5)])
+    assert [fields[f] for f in wanted] == [{"from": first, "step": step} for first, step in wanted.values()]
+    assert isinstance(fields[V + 2], list)  # (1, 2, 3, 5, 6 does not count; text never does)
+    assert decode(encode(batch)).blocks == batch.blocks
+    for odd in ([1, 2, 3.0, 4, 5], [-1, 0, True, 2, 3], [1, 2, 4, 4, 5], [1, 2.0, 3, 4, 5], [1, 2, 3, 4, 4]):
+        changed = block._replace(rows=[(*r[:V + 2], v) for r, v in zip(block.rows, odd)])
+        wired = batch_to_plain(dataclasses.replace(batch, blocks=(changed,)))["blocks"][0][5]
+        assert wired[V + 2] == odd and type(wired[V + 2]) is list, odd
+        if True in odd:
+            continue  # (a bool is no SQLite value: the receiver refuses it)
+        again = decode(encode(dataclasses.replace(batch, blocks=(changed,)))).blocks[0]
+        assert [(type(r[V + 2]), r[V + 2]) for r in again.rows] == [(type(v), v) for v in odd]
+    two = block._replace(rows=block.rows[:2])
+    assert all(type(f) is list for f in batch_to_plain(dataclasses.replace(batch, blocks=(two,)))["blocks"][0][5])
 
 
 @pytest.mark.parametrize("mode", MODES)
