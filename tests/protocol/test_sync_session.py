@@ -473,6 +473,32 @@ def test_receiver_group_commit_leaves_a_batch_that_does_not_decode_for_its_turn(
     assert r.watermark == 5
 
 
+def test_receiver_decodes_a_batch_as_it_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that arrives while another is applied is decoded at once (the
+    engine hands it over meanwhile, so its decode overlaps that apply), and
+    never again in its turn; one that fails to decode still ends the session
+    in its turn only, after the batches before it."""
+    decoded: list[bytes] = []
+    real = wire_batch.decode
+
+    def spy(data: bytes) -> OutBatch:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(wire_batch, "decode", spy)
+    r = Receiver(REQ)
+    r.start()
+    first, second = batch(0, 5, more=True), batch(5, 9, more=True)
+    assert r.receive(payload(first)) == [Apply(first)]
+    assert r.receive(payload(second)) == [] and decoded == [payload(first).payload, payload(second).payload]
+    assert r.receive(SyncBatch(REQ, b"\xc1 not msgpack")) == [] and len(decoded) == 3  # (not the end yet)
+    actions = r.applied(5, 5, 0, 0)
+    assert actions == [Send(SyncAck(REQ, 5, 5, 0, 0)), Apply(second)] and len(decoded) == 3
+    actions = r.applied(9, 4, 0, 0)
+    assert actions[0] == Send(SyncAck(REQ, 9, 4, 0, 0))
+    assert finish(actions).end.code == Code.CORRUPTED and r.watermark == 9
+
+
 def test_receiver_out_of_turn_completion_does_not_move_the_watermark() -> None:
     r = Receiver(REQ)
     r.start()
