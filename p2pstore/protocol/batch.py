@@ -342,12 +342,26 @@ class Columns(NamedTuple):
     fields: list[Sequence[Value]]
     kinds: tuple[set[type], ...]
     raw_text: bool = True
+    #: Field -> step, for the fields that came as a count (protocol 7) or as
+    #: one integer for every row (step 0); None: not known (found by ``step``).
+    counts: dict[int, int] | None = None
 
     @classmethod
     def of(cls, block: Block) -> Columns:
         """A block's columns found from its rows (one not decoded)."""
         fields: list[Sequence[Value]] = [list(f) for f in zip(*block.rows)]
         return cls(fields, tuple(set(map(type, f)) for f in fields[VALUES:]))
+
+    def step(self, i: int) -> int | None:
+        """The step of field ``i`` if its values are integers that count
+        (0: the same integer in every row), else None."""
+        if self.counts is not None:
+            return self.counts.get(i)
+        field = list(self.fields[i])
+        first = field[0] if field else None
+        if type(first) is int and field.count(first) == len(field) and set(map(type, field)) == {int}:
+            return 0
+        return _counting_step(field)
 
 
 # --------------------------------------------------------------------------
@@ -683,9 +697,13 @@ def block_from_plain(obj: Any, mode: str, *, raw_text: bool = True) -> tuple[Blo
     # that counts: its first and last), then whole.
     fields: list[Sequence[Value]] = [f * n if type(f) is list and len(f) < n else f for f in plain]
     plain = list(plain)  # (the caller's stays as it was)
+    counts: dict[int, int] = {}
     for i, f in enumerate(plain):
         if type(f) is dict:
             plain[i], fields[i] = _counted(f, n, f"{table}: field {i}")
+            counts[i] = f["step"]
+        elif len(f) == 1 and type(f[0]) is int:
+            counts[i] = 0
     keys = fields[KEY]
     key_kinds = set(map(type, plain[KEY]))
     if not key_kinds <= _VALUE_TYPES - {type(None)}:
@@ -717,7 +735,7 @@ def block_from_plain(obj: Any, mode: str, *, raw_text: bool = True) -> tuple[Blo
             raise ProtocolError(f"{table}: a collaborative row change is either a full row or a delete")
     elif no_hlc and no_tomb and any(h is None and t is None for h, t in zip(hlcs, tombs)):
         raise ProtocolError(f"{table}: a single_version row change carries cells or a tomb")
-    return Block(table, key_column, columns, devices, Rows(fields, n)), Columns(fields, kinds, raw_text)
+    return Block(table, key_column, columns, devices, Rows(fields, n)), Columns(fields, kinds, raw_text, counts)
 
 
 def batch_from_plain(obj: Any, *, raw_text: bool = True) -> OutBatch:

@@ -68,7 +68,7 @@ def load(conn: sqlite3.Connection, block: Block, columns: Columns) -> str:
     own column is not staged (the writers read the key as ``k``; its ``v``
     column stays NULL). Nor is the sender's ``seq`` bound: the writers
     number rows by ``n`` in this store's own seqs. A column's bytes are
-    bound as bytearrays (``_bindable``)."""
+    bound as bytearrays (``bindable``)."""
     fields = columns.fields
     stage = stage_table(conn, len(block.columns))
     names = [*_FIXED.split(", "), *(f"v{i}" for i in range(len(block.columns)))]
@@ -87,28 +87,34 @@ def load(conn: sqlite3.Connection, block: Block, columns: Columns) -> str:
         bound.append(i)
     listed = ", ".join([names[i] for i in bound] + [names[i] for i in literal])
     row = "(" + ", ".join(["?"] * len(bound) + [str(v) for v in literal.values()]) + ")"
-    # Several rows a statement: Python's executemany pays a step, a reset and
-    # a release of the GIL per run, which ROWS_PER_INSERT rows share (a
-    # 1,000-row block: 1.2 -> 0.8 ms). The rest, a row a run. The values
-    # are laid out row after row a field at a time (slice assignment, in C):
-    # no tuple a row.
-    values = [_bindable(fields[i], columns.kinds[i - VALUES]) if i >= VALUES else fields[i] for i in bound]
-    width, n = len(bound), len(block.rows)
-    per = max(1, min(ROWS_PER_INSERT, MAX_BINDS // width))
-    whole = n // per * per
+    values = [bindable(fields[i], columns.kinds[i - VALUES]) if i >= VALUES else fields[i] for i in bound]
+    per, whole, rest = runs(values, len(block.rows))
     if whole:
-        flat: list[Any] = [None] * (whole * width)
-        for j, field in enumerate(values):
-            flat[j::width] = field[:whole]
-        step = per * width
-        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {', '.join([row] * per)}",
-                         [flat[i:i + step] for i in range(0, len(flat), step)])
-    if whole < n:
-        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {row}", zip(*[field[whole:] for field in values]))
+        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {', '.join([row] * per)}", whole)
+    if rest:
+        conn.executemany(f"INSERT INTO temp.{stage}({listed}) VALUES {row}", rest)
     return stage
 
 
-def _bindable(column: Sequence[Any], kinds: set[type]) -> Sequence[Any]:
+def runs(values: list[Sequence[Any]], n: int, extra: int = 0) -> tuple[int, list[list[Any]], list[tuple[Any, ...]]]:
+    """``n`` rows' bound ``values`` (a field at a time) as ``executemany``
+    runs: (rows a statement, each full statement's values, the rows left
+    over, one a run). Several rows a statement: Python's executemany pays a
+    step, a reset and a release of the GIL per run, which ``ROWS_PER_INSERT``
+    rows share (a 1,000-row block: 1.2 -> 0.8 ms). The values are laid out
+    row after row a field at a time (slice assignment, in C): no tuple a
+    row. ``extra``: values a statement binds besides its rows'."""
+    width = len(values)
+    per = max(1, min(ROWS_PER_INSERT, (MAX_BINDS - extra) // width))
+    whole = n // per * per
+    flat: list[Any] = [None] * (whole * width)
+    for j, field in enumerate(values):
+        flat[j::width] = field[:whole]
+    step = per * width
+    return per, [flat[i:i + step] for i in range(0, len(flat), step)], list(zip(*[field[whole:] for field in values]))
+
+
+def bindable(column: Sequence[Any], kinds: set[type]) -> Sequence[Any]:
     """``column`` with its bytes as bytearrays, which bind the same (a BLOB)
     at a quarter of the cost: CPython's sqlite3 binds a bytearray at once,
     but looks a bytes value up in its adapters (and in both sides'

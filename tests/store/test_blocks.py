@@ -1234,6 +1234,44 @@ def test_collaborative_rows_past_every_key_are_written_without_a_probe(monkeypat
     assert shortcuts == [True, False, False, False, False] and taken == [True] * 5
 
 
+def test_collaborative_rows_appended_together_go_straight_to_the_device_table(monkeypatch: pytest.MonkeyPatch,
+                                                                               device: Callable[..., Replica]) -> None:
+    """A block of rows past every key here whose keys and clocks count (a
+    peer's rows appended together: protocol 7 sends them as counts) is
+    written without the staging table (``collaborative._append``): up,
+    down and by two, a statement's worth and a remainder. Each time the
+    store is what row by row writes (logging only the last change, as a
+    large group's batch does: test_a_block_that_logs_only_its_last_change_...). Blocks of one or two rows (no count), or keys that
+    do not count, are staged."""
+    from p2pstore.store import blocks, collaborative
+
+    a = device(SENDER, COLLABORATIVE)
+    x, y = device(ME, COLLABORATIVE), device(ME, COLLABORATIVE)
+    appended = _record(monkeypatch, collaborative, "_append")
+    staged = _record(monkeypatch, collaborative, "load")
+    writes = [
+        [(i, f"b{i}", i) for i in range(1, 51)],  # a statement's worth (ROWS_PER_INSERT)
+        [(i, f"b{i}", i * 2) for i in range(52, 191)],  # statements and a remainder
+        [(300, "one", 1)],  # one row: no count
+        [(301, "x", 1), (302, "y", 2)],  # two rows: no count
+        [(i, "odd", i) for i in (400, 401, 403)],  # keys that do not count
+    ]
+    taken: list[bool] = []
+    for rows in writes:
+        top = capture.last_seq(a.conn)
+        a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join("(?, ?, ?)" for _ in rows), [v for r in rows for v in r])
+        _apply_pair(monkeypatch, x, y, a.read(top), SENDER, taken)
+    # Keys that count down, or by two, a statement's worth and more (as another device's writes may come).
+    for n, (first, step), at in [(130, (1130, -1), 1000), (120, (2001, 2), 2000)]:
+        rows = [(first + i * step, at + i, H + at + i, 0, None, None, None, None, None, None, first + i * step, f"r{i}", i)
+                for i in range(n)]
+        block = Block("notes", "id", ("id", "body", "n"), (SENDER,), rows)
+        _apply_pair(monkeypatch, x, y, OutBatch(COLLABORATIVE, at - 1, at + n, (), False, True, "s1", blocks=(block,)), SENDER, taken)
+    assert taken == [True] * (len(writes) + 2)
+    assert len(appended) == 4 and len(staged) == 3
+    assert x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(sum(map(len, writes)) + 250,)]
+
+
 def test_a_block_of_this_devices_own_rows_coming_back_applies_as_its_rows_do(monkeypatch: pytest.MonkeyPatch,
                                                                              device: Callable[..., Replica]) -> None:
     """Rows this device wrote, relayed back to it after it lost them (a store
@@ -1284,7 +1322,7 @@ def test_rows_staged_several_to_a_statement_apply_as_row_by_row(monkeypatch: pyt
 @pytest.mark.parametrize("mode", MODES)
 def test_blob_values_are_staged_as_the_bytes_they_are(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica],
                                                       mode: str) -> None:
-    """The staging binds a column's bytes as bytearrays (``blocks._bindable``,
+    """The staging binds a column's bytes as bytearrays (``blocks.bindable``,
     a quarter of the cost): blobs — empty, with NUL bytes, beside NULLs,
     integers and text in one column, or alone in it — land as the same
     BLOBs, never NULL or TEXT, as row by row writes them."""
@@ -1373,8 +1411,12 @@ def test_a_block_that_logs_only_its_last_change_writes_all_else_alike(monkeypatc
         assert got[0] == got[1]
         return [row for row in y.rows(received) if row not in before]
 
+    from p2pstore.store import collaborative
+
+    appended = _record(monkeypatch, collaborative, "_append")
     fresh = both(decode(encode(a.read(10))))  # 20 rows never seen here: one block, all fresh
     assert len(fresh) == 20 and x.rows(received) == [fresh[-1]]
+    assert len(appended) == (2 if mode == COLLABORATIVE else 0)  # (keys and clocks that count: no staging)
     again = both(decode(encode(a.read(0))))  # 10 new rows, then 20 known: not all fresh, logged whole
     assert len(again) == 10 and x.rows(received) == [fresh[-1], *again]
     assert taken == [True] * 4
