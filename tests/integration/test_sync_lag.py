@@ -25,7 +25,7 @@ from sync_helpers import (
 COLLAB = {"store": "lag", "bundle": "default"}
 #: A's reoffer after local changes comes within REOFFER_INTERVAL_S (2 s); room for a loaded machine.
 OFFER_TIMEOUT = 15.0
-BIG = 100_000
+BIG = 300_000  # (a push of it lasts ~1 s: enough lag samples mid-push)
 
 
 def setup(node: Node, mode: str) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def test_status_during_a_big_push_shows_throughput_and_falling_lag(linked_daemon
         if not thread.is_alive() or time.monotonic() > deadline:
             break
         samples.append((lag(a, b, ref, api=watch_a), lag(b, a, ref, api=watch_b)))
-        time.sleep(0.01)  # (a push of BIG rows takes well under a second now: sample often)
+        time.sleep(0.02)
     thread.join(60)
     assert not thread.is_alive(), "the push did not finish"
     [result] = outcome["results"]
