@@ -411,7 +411,8 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
     dest, key = quote_ident(target.dest), quote_ident(key_col)
     every_fresh = kind is int and _past_every_key(conn, target.dest_tid, dest, key, min(fields[KEY]))
     key_step, hlc_step = columns.step(KEY), columns.step(HLC)
-    if every_fresh and key_step and hlc_step is not None and any(c != key_col for c in block.columns):
+    if (every_fresh and key_step and hlc_step is not None and abs(key_step) * len(block.rows) < 1 << 62
+            and any(c != key_col for c in block.columns)):  # (keys whose differences SQLite computes exactly)
         return _append(ap, target, block, columns, top, key_step, hlc_step)
     stage = load(conn, block, columns)
     newer = f"(c.hlc > coalesce({stage}.hlc, {stage}.th) OR (c.hlc = coalesce({stage}.hlc, {stage}.th) AND " \

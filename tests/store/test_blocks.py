@@ -1262,14 +1262,15 @@ def test_collaborative_rows_appended_together_go_straight_to_the_device_table(mo
         a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join("(?, ?, ?)" for _ in rows), [v for r in rows for v in r])
         _apply_pair(monkeypatch, x, y, a.read(top), SENDER, taken)
     # Keys that count down, or by two, a statement's worth and more (as another device's writes may come).
-    for n, (first, step), at in [(130, (1130, -1), 1000), (120, (2001, 2), 2000)]:
+    # (And keys 2^61 apart, past every key: their differences near the ends of 64 bits, staged.)
+    for n, (first, step), at in [(130, (1130, -1), 1000), (120, (2001, 2), 2000), (3, (1 << 60, 1 << 61), 3000)]:
         rows = [(first + i * step, at + i, H + at + i, 0, None, None, None, None, None, None, first + i * step, f"r{i}", i)
                 for i in range(n)]
         block = Block("notes", "id", ("id", "body", "n"), (SENDER,), rows)
         _apply_pair(monkeypatch, x, y, OutBatch(COLLABORATIVE, at - 1, at + n, (), False, True, "s1", blocks=(block,)), SENDER, taken)
-    assert taken == [True] * (len(writes) + 2)
-    assert len(appended) == 4 and len(staged) == 3
-    assert x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(sum(map(len, writes)) + 250,)]
+    assert taken == [True] * (len(writes) + 3)
+    assert len(appended) == 4 and len(staged) == 4
+    assert x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(sum(map(len, writes)) + 253,)]
 
 
 def test_a_block_of_this_devices_own_rows_coming_back_applies_as_its_rows_do(monkeypatch: pytest.MonkeyPatch,
