@@ -1241,9 +1241,10 @@ def test_collaborative_rows_appended_together_go_straight_to_the_device_table(mo
     written without the staging table (``collaborative._append``): up,
     down and by two, a statement's worth and a remainder. Each time the
     store is what row by row writes (logging only the last change, as a
-    large group's batch does: test_a_block_that_logs_only_its_last_change_...). Blocks of one or two rows (no count), or keys that
-    do not count, are staged."""
-    from p2pstore.store import blocks, collaborative
+    large group's batch does: test_a_block_that_logs_only_its_last_change_
+    writes_all_else_alike). Blocks of one or two rows (no count), or keys
+    that do not count, are staged."""
+    from p2pstore.store import collaborative
 
     a = device(SENDER, COLLABORATIVE)
     x, y = device(ME, COLLABORATIVE), device(ME, COLLABORATIVE)
