@@ -154,13 +154,14 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
         # No tomb in the table (the usual): every value shows, and no row has tomb fields. Only
         # what varies is read (a value SQLite hands Python costs more than the row's join), the
         # rest filled in a field at a time (collaborative ``read_block`` says the same).
+        others = [c for c in columns if c != t.conflict_column]  # (the conflict column's value is the key: read once)
         read, complete = fetch(
             conn,
-            f"SELECT x.{ck}, r.seq, {row_clock}{''.join(f', x.{quote_ident(c)}' for c in columns)}, {size_sql(columns, 'x.')} "
+            f"SELECT x.{ck}, r.seq, {row_clock}{''.join(f', x.{quote_ident(c)}' for c in others)}, {size_sql(columns, 'x.')} "
             + rows_of_interval(""),
             (since, last, t.tid), budget,
         )
-        rows = _untombed_wire_rows(read)
+        rows = _untombed_wire_rows(read, columns, others)
     else:
         me_dev = "?4"
         visible = (f"(tb.hlc IS NULL OR r.hlc > tb.hlc OR (r.hlc = tb.hlc AND {origins.device_sql('r.origin', me_dev)} > "
@@ -178,15 +179,18 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), complete
 
 
-def _untombed_wire_rows(read: list[Any]) -> Sequence[Any]:
+def _untombed_wire_rows(read: list[Any], columns: Sequence[str], others: list[str]) -> Sequence[Any]:
     """``read_block``'s rows ``(key, seq, hlc, origin, prev_hlc,
-    prev_origin, values..., size)`` of a table with no tomb as wire rows,
-    each ending in its seq and size; kept field by field (``Rows``)."""
+    prev_origin, values of others..., size)`` of a table with no tomb as
+    wire rows (a value for each of ``columns``: the conflict column's is
+    the key), each ending in its seq and size; kept field by field (``Rows``)."""
     if not read:
         return []
     keys, seqs, hlcs, origins_, prevs, prev_origins, *values, sizes = map(list, zip(*read))
     nothing = [None] * len(keys)
-    return Rows([keys, seqs, hlcs, origins_, prevs, prev_origins, nothing, nothing, nothing, nothing, *values, seqs, sizes], len(keys))
+    known = dict(zip(others, values))
+    return Rows([keys, seqs, hlcs, origins_, prevs, prev_origins, nothing, nothing, nothing, nothing,
+                 *(known.get(c, keys) for c in columns), seqs, sizes], len(keys))
 
 
 def read_rows(
