@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, Columns, Rows, field_of
+from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, VALUES, Columns, Rows, field_of
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
-from p2pstore.store.blocks import Done, all_none, keys_stay_distinct, load, not_none
+from p2pstore.store.blocks import Done, all_none, bindable, keys_stay_distinct, load, not_none, runs
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
     IN_CHUNK, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
@@ -736,6 +736,9 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
     top = capture.last_seq(conn)
     if top + len(block.rows) >= 1 << 63:
         return None
+    appended = _append(ap, table, block, columns, top)
+    if appended is not None:
+        return appended
     stage = load(conn, block, columns)
     name, ck, tid = quote_ident(table.info.name), quote_ident(ck_col), table.tid
     # The block's origin indexes -> this store's numbers (NULL: this device;
@@ -815,6 +818,66 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
 
 
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
+
+
+def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top: int) -> Done | None:
+    """``write_block`` for the usual block of a large sync: rows never seen
+    here (the first is not, and the table has no column clock or tomb), one
+    device's, with no prev and no tomb, whose clocks count, into a table
+    keyed by its rowid. They go straight into the table — SQLite numbers
+    them one after another, checked as ``_new_keys`` checks it — and their
+    log rows and row clocks are written from the keys just written: row *i*
+    gets seq ``top + 1 + i`` and clock ``first + i × step``, what staging
+    them gives (tests/store/test_blocks.py compares both with row by row).
+    None: not such a block, or a row was here after all (undone; the staged
+    path decides)."""
+    conn, fields, n = ap.conn, columns.fields, len(block.rows)
+    hlc_step = columns.step(HLC)
+    used = set(fields[ORIGIN])
+    ck_col = table.conflict_column
+    if (hlc_step is None or len(used) != 1 or not table.info.key_is_rowid_alias or table.info.key == ck_col
+            or not all_none(fields[PREV_HLC]) or not all_none(fields[TOMB_HLC])):
+        return None
+    tid, name, ck, key = table.tid, quote_ident(table.info.name), quote_ident(ck_col or ""), table.info.key_expr
+    keys = fields[KEY]
+    if conn.execute(f"SELECT EXISTS (SELECT 1 FROM _p2p_cells WHERE tid = ?1) OR EXISTS (SELECT 1 FROM _p2p_tombs WHERE tid = ?1) "
+                    f"OR EXISTS (SELECT 1 FROM {name} WHERE {ck} = ?2)", (tid, keys[0])).fetchone()[0]:
+        return None
+    ap.lift(table.info.name)
+    at = {c: i for i, c in enumerate(block.columns)}
+    values = [keys if c == ck_col else bindable(fields[VALUES + at[c]], columns.kinds[at[c]]) for c in table.sync_columns]
+    per, whole, rest = runs(values, n)
+    insert = f"INSERT INTO {name} ({', '.join(quote_ident(c) for c in table.sync_columns)}) VALUES "
+    row = "(" + ", ".join("?" * len(values)) + ")"
+    conn.execute("SAVEPOINT p2p_fresh")
+    inserted = 0
+    if whole:
+        inserted += conn.executemany(insert + ", ".join([row] * per) + " ON CONFLICT DO NOTHING", whole).rowcount
+    if rest:
+        inserted += conn.executemany(insert + row + " ON CONFLICT DO NOTHING", rest).rowcount
+    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    first = last - n + 1
+    found = conn.execute(f"SELECT count(*), (SELECT {ck} FROM {name} WHERE {key} = ?1), (SELECT {ck} FROM {name} WHERE {key} = ?2) "
+                         f"FROM {name} WHERE {key} BETWEEN ?1 AND ?2", (first, last)).fetchone()
+    if inserted != n or tuple(found) != (n, keys[0], keys[-1]):
+        conn.execute("ROLLBACK TO p2p_fresh")
+        conn.execute("RELEASE p2p_fresh")
+        return None
+    conn.execute("RELEASE p2p_fresh")
+    one = block.origins[used.pop()]
+    logged, stored = ap.logged(one), (None if one == ap.me else ap.origins.known(one))  # (numbered as the row path numbers it)
+    i = f"(x.{key} - ?3)"  # row i of the block, from its key
+    span = (top, tid, first, fields[HLC][0], hlc_step, last)
+    written = f"FROM {name} x WHERE x.{key} BETWEEN ?3 AND ?6"
+    log = "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
+    if ap.log_all:
+        conn.execute(log + f"SELECT ?1 + 1 + {i}, ?2, x.{key}, {OP_INSERT}, ?4 + {i} * ?5, ?7, NULL {written}", (*span, logged))
+    else:  # (the seq counter's row: the last)
+        conn.execute(log + "VALUES (?, ?, ?, ?, ?, ?, NULL)", (top + n, tid, last, OP_INSERT, fields[HLC][-1], logged))
+    # OR REPLACE: an orphan row clock under a key a new row took (store/cells.py).
+    conn.execute("INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
+                 f"SELECT ?2, x.{key}, ?4 + {i} * ?5, ?7, ?1 + 1 + {i}, NULL, NULL {written}", (*span, stored))
+    return n, [(one, table.info.name, OP_INSERT, list(range(first, last + 1)))], tid
 
 
 def _probe(conn: sqlite3.Connection, table: SyncTable, stage: str, tid: int, has: dict[str, bool], mapped: str) -> str:

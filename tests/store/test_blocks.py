@@ -1274,6 +1274,42 @@ def test_collaborative_rows_appended_together_go_straight_to_the_device_table(mo
     assert x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(sum(map(len, writes)) + 253,)]
 
 
+def test_single_version_rows_never_seen_go_straight_into_the_table(monkeypatch: pytest.MonkeyPatch,
+                                                                    device: Callable[..., Replica]) -> None:
+    """A single_version block of rows never seen here, one device's, with no
+    prev and no tomb, whose clocks count, is written without the staging
+    table (``single_version._append``): the table numbers the rows, and
+    their row clocks and log come from the keys just written — a
+    statement's worth and a remainder. A block whose later row is here
+    already (an echo among new rows) is undone and staged, and so is one
+    whose first row is; each time the store is what row by row writes."""
+    from p2pstore.store import single_version
+
+    a, c = device(SENDER, SINGLE_VERSION), device(OTHER, SINGLE_VERSION)
+    x, y = device(ME, SINGLE_VERSION), device(ME, SINGLE_VERSION)
+    appended = _record(monkeypatch, single_version, "_append")
+    taken: list[bool] = []
+
+    def write(r: Replica, uids: list[int]) -> OutBatch:
+        top = capture.last_seq(r.conn)
+        r.write("INSERT INTO items(uid, a, b) VALUES " + ", ".join(f"('u{u:04d}', {u}, 'b{u}')" for u in uids))
+        return r.read(top)
+
+    for uids in (list(range(1, 51)), list(range(51, 190)), [300], [301, 302]):
+        _apply_pair(monkeypatch, x, y, write(a, uids), SENDER, taken)
+    assert [d is not None for d in appended] == [True, True, True, False]  # (two rows' clocks travel as a list: no count)
+    # C wrote u0400 .. u0409; a block of A's rows u0390 .. u0409 then holds new rows and, later, rows C's rows made
+    # known here (another clock): the insert meets them, is undone, and the staged path (the planner) decides.
+    from_c = write(c, list(range(400, 410)))
+    _apply_pair(monkeypatch, x, y, from_c, OTHER, taken)
+    _apply_pair(monkeypatch, x, y, write(a, list(range(390, 410))), SENDER, taken)
+    _apply_pair(monkeypatch, x, y, write(c, list(range(500, 505))), OTHER, taken)
+    _apply_pair(monkeypatch, x, y, write(a, list(range(500, 520))), SENDER, taken)  # its first row is here: not tried
+    assert [d is not None for d in appended] == [True, True, True, False, True, False, True, False]
+    assert taken == [True] * 5 + [False, True, False]  # (the planner's: rows known here with another clock)
+    assert x.rows("SELECT count(*) FROM items") == [(50 + 139 + 3 + 20 + 20,)]  # (u0400-09 and u0500-04 from both)
+
+
 def test_a_block_of_this_devices_own_rows_coming_back_applies_as_its_rows_do(monkeypatch: pytest.MonkeyPatch,
                                                                              device: Callable[..., Replica]) -> None:
     """Rows this device wrote, relayed back to it after it lost them (a store
