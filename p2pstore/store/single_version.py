@@ -736,7 +736,7 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
     top = capture.last_seq(conn)
     if top + len(block.rows) >= 1 << 63:
         return None
-    appended = _append(ap, table, block, columns, top)
+    appended, tried = _append(ap, table, block, columns, top)
     if appended is not None:
         return appended
     stage = load(conn, block, columns)
@@ -759,7 +759,7 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
     insert = f"INSERT INTO {name} ({listed}) SELECT {values} FROM temp.{stage} WHERE {{}} ORDER BY n"
     ap.lift(table.info.name)
     dense = False  # every staged row is fresh, n = 1 .. rows: seqs and keys follow n
-    if not has["_p2p_cells"] and not has["_p2p_tombs"] and all_none(fields[TOMB_HLC]) and conn.execute(
+    if not tried and not has["_p2p_cells"] and not has["_p2p_tombs"] and all_none(fields[TOMB_HLC]) and conn.execute(
             f"SELECT NOT EXISTS (SELECT 1 FROM {name} x WHERE x.{ck} = (SELECT k FROM temp.{stage} WHERE n = 1))").fetchone()[0]:
         # The common case of a large sync, rows never seen here (the first is not): insert them
         # all at once and see — the table's UNIQUE index on the conflict value is the probe. A
@@ -820,7 +820,7 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
 
 
-def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top: int) -> Done | None:
+def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top: int) -> tuple[Done | None, bool]:
     """``write_block`` for the usual block of a large sync: rows never seen
     here (the first is not, and the table has no column clock or tomb), one
     device's, with no prev and no tomb, whose clocks count, into a table
@@ -829,20 +829,21 @@ def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top:
     log rows and row clocks are written from the keys just written: row *i*
     gets seq ``top + 1 + i`` and clock ``first + i × step``, what staging
     them gives (tests/store/test_blocks.py compares both with row by row).
-    None: not such a block, or a row was here after all (undone; the staged
-    path decides)."""
+    (None, tried): not such a block, or — ``tried`` — a row was here after
+    all (undone: the staged path then probes, without trying the insert
+    again)."""
     conn, fields, n = ap.conn, columns.fields, len(block.rows)
     hlc_step = columns.step(HLC)
     used = set(fields[ORIGIN])
     ck_col = table.conflict_column
     if (hlc_step is None or len(used) != 1 or not table.info.key_is_rowid_alias or table.info.key == ck_col
             or not all_none(fields[PREV_HLC]) or not all_none(fields[TOMB_HLC])):
-        return None
+        return None, False
     tid, name, ck, key = table.tid, quote_ident(table.info.name), quote_ident(ck_col or ""), table.info.key_expr
     keys = fields[KEY]
     if conn.execute(f"SELECT EXISTS (SELECT 1 FROM _p2p_cells WHERE tid = ?1) OR EXISTS (SELECT 1 FROM _p2p_tombs WHERE tid = ?1) "
                     f"OR EXISTS (SELECT 1 FROM {name} WHERE {ck} = ?2)", (tid, keys[0])).fetchone()[0]:
-        return None
+        return None, False
     ap.lift(table.info.name)
     at = {c: i for i, c in enumerate(block.columns)}
     values = [keys if c == ck_col else bindable(fields[VALUES + at[c]], columns.kinds[at[c]]) for c in table.sync_columns]
@@ -862,7 +863,7 @@ def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top:
     if inserted != n or tuple(found) != (n, keys[0], keys[-1]):
         conn.execute("ROLLBACK TO p2p_fresh")
         conn.execute("RELEASE p2p_fresh")
-        return None
+        return None, True
     conn.execute("RELEASE p2p_fresh")
     one = block.origins[used.pop()]
     logged, stored = ap.logged(one), (None if one == ap.me else ap.origins.known(one))  # (numbered as the row path numbers it)
@@ -877,7 +878,7 @@ def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top:
     # OR REPLACE: an orphan row clock under a key a new row took (store/cells.py).
     conn.execute("INSERT OR REPLACE INTO _p2p_rows(tid, pk, hlc, origin, seq, prev_hlc, prev_origin) "
                  f"SELECT ?2, x.{key}, ?4 + {i} * ?5, ?7, ?1 + 1 + {i}, NULL, NULL {written}", (*span, stored))
-    return n, [(one, table.info.name, OP_INSERT, list(range(first, last + 1)))], tid
+    return (n, [(one, table.info.name, OP_INSERT, list(range(first, last + 1)))], tid), True
 
 
 def _probe(conn: sqlite3.Connection, table: SyncTable, stage: str, tid: int, has: dict[str, bool], mapped: str) -> str:

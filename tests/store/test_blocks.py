@@ -1297,15 +1297,20 @@ def test_single_version_rows_never_seen_go_straight_into_the_table(monkeypatch: 
 
     for uids in (list(range(1, 51)), list(range(51, 190)), [300], [301, 302]):
         _apply_pair(monkeypatch, x, y, write(a, uids), SENDER, taken)
-    assert [d is not None for d in appended] == [True, True, True, False]  # (two rows' clocks travel as a list: no count)
+    assert [d is not None for d, _ in appended] == [True, True, True, False]  # (two rows' clocks travel as a list: no count)
     # C wrote u0400 .. u0409; a block of A's rows u0390 .. u0409 then holds new rows and, later, rows C's rows made
     # known here (another clock): the insert meets them, is undone, and the staged path (the planner) decides.
     from_c = write(c, list(range(400, 410)))
     _apply_pair(monkeypatch, x, y, from_c, OTHER, taken)
+    statements: list[str] = []
+    x.conn.set_trace_callback(statements.append)
     _apply_pair(monkeypatch, x, y, write(a, list(range(390, 410))), SENDER, taken)
+    x.conn.set_trace_callback(None)
+    assert sum(s.startswith("SAVEPOINT p2p_fresh") for s in statements) == 1  # (undone once; the staged path only probes)
     _apply_pair(monkeypatch, x, y, write(c, list(range(500, 505))), OTHER, taken)
     _apply_pair(monkeypatch, x, y, write(a, list(range(500, 520))), SENDER, taken)  # its first row is here: not tried
-    assert [d is not None for d in appended] == [True, True, True, False, True, False, True, False]
+    assert [d is not None for d, _ in appended] == [True, True, True, False, True, False, True, False]
+    assert [tried for d, tried in appended if d is None] == [False, True, False]  # (undone once, then probed)
     assert taken == [True] * 5 + [False, True, False]  # (the planner's: rows known here with another clock)
     assert x.rows("SELECT count(*) FROM items") == [(50 + 139 + 3 + 20 + 20,)]  # (u0400-09 and u0500-04 from both)
 
