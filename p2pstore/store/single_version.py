@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, PREV_ORIGIN, TOMB_HLC, TOMB_ORIGIN, VALUES, Columns, Rows, field_of
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import accepted_schema, capture, cells, origins, policies
-from p2pstore.store.blocks import Done, all_none, bindable, keys_stay_distinct, load, not_none, runs
+from p2pstore.store.blocks import ROWS_PER_INSERT, Done, all_none, bindable, keys_stay_distinct, load, not_none, runs
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
     IN_CHUNK, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
@@ -833,6 +833,8 @@ def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top:
     all (undone: the staged path then probes, without trying the insert
     again)."""
     conn, fields, n = ap.conn, columns.fields, len(block.rows)
+    if n < ROWS_PER_INSERT:  # (an auto-sync's few rows, often partly here already: staged, as before)
+        return None, False
     hlc_step = columns.step(HLC)
     used = set(fields[ORIGIN])
     ck_col = table.conflict_column

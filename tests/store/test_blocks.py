@@ -1280,7 +1280,8 @@ def test_single_version_rows_never_seen_go_straight_into_the_table(monkeypatch: 
     prev and no tomb, whose clocks count, is written without the staging
     table (``single_version._append``): the table numbers the rows, and
     their row clocks and log come from the keys just written — a
-    statement's worth and a remainder. A block whose later row is here
+    statement's worth and a remainder; fewer rows than a statement's worth
+    (an auto-sync's) are staged. A block whose later row is here
     already (an echo among new rows) is undone and staged, and so is one
     whose first row is; each time the store is what row by row writes."""
     from p2pstore.store import single_version
@@ -1297,22 +1298,22 @@ def test_single_version_rows_never_seen_go_straight_into_the_table(monkeypatch: 
 
     for uids in (list(range(1, 51)), list(range(51, 190)), [300], [301, 302]):
         _apply_pair(monkeypatch, x, y, write(a, uids), SENDER, taken)
-    assert [d is not None for d, _ in appended] == [True, True, True, False]  # (two rows' clocks travel as a list: no count)
-    # C wrote u0400 .. u0409; a block of A's rows u0390 .. u0409 then holds new rows and, later, rows C's rows made
+    assert [d is not None for d, _ in appended] == [True, True, False, False]  # (a block of fewer than ROWS_PER_INSERT rows: staged)
+    # C wrote u0440 .. u0459; a block of A's rows u0400 .. u0459 then holds new rows and, later, rows C's rows made
     # known here (another clock): the insert meets them, is undone, and the staged path (the planner) decides.
-    from_c = write(c, list(range(400, 410)))
+    from_c = write(c, list(range(440, 460)))
     _apply_pair(monkeypatch, x, y, from_c, OTHER, taken)
     statements: list[str] = []
     x.conn.set_trace_callback(statements.append)
-    _apply_pair(monkeypatch, x, y, write(a, list(range(390, 410))), SENDER, taken)
+    _apply_pair(monkeypatch, x, y, write(a, list(range(400, 460))), SENDER, taken)
     x.conn.set_trace_callback(None)
     assert sum(s.startswith("SAVEPOINT p2p_fresh") for s in statements) == 1  # (undone once; the staged path only probes)
     _apply_pair(monkeypatch, x, y, write(c, list(range(500, 505))), OTHER, taken)
-    _apply_pair(monkeypatch, x, y, write(a, list(range(500, 520))), SENDER, taken)  # its first row is here: not tried
-    assert [d is not None for d, _ in appended] == [True, True, True, False, True, False, True, False]
-    assert [tried for d, tried in appended if d is None] == [False, True, False]  # (undone once, then probed)
+    _apply_pair(monkeypatch, x, y, write(a, list(range(500, 560))), SENDER, taken)  # its first row is here: not tried
+    assert [d is not None for d, _ in appended] == [True, True, False, False, False, False, False, False]
+    assert [tried for d, tried in appended] == [True, True, False, False, False, True, False, False]  # (undone once, then probed)
     assert taken == [True] * 5 + [False, True, False]  # (the planner's: rows known here with another clock)
-    assert x.rows("SELECT count(*) FROM items") == [(50 + 139 + 3 + 20 + 20,)]  # (u0400-09 and u0500-04 from both)
+    assert x.rows("SELECT count(*) FROM items") == [(50 + 139 + 3 + 60 + 60,)]  # (u0440-59 and u0500-04 from both)
 
 
 def test_a_block_of_this_devices_own_rows_coming_back_applies_as_its_rows_do(monkeypatch: pytest.MonkeyPatch,
