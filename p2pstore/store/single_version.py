@@ -825,7 +825,7 @@ def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top:
     here (the first is not, and the table has no column clock or tomb), one
     device's, with no prev and no tomb, whose clocks count, into a table
     keyed by its rowid. They go straight into the table — SQLite numbers
-    them one after another, checked as ``_new_keys`` checks it — and their
+    them one after another (``_numbered``) — and their
     log rows and row clocks are written from the keys just written: row *i*
     gets seq ``top + 1 + i`` and clock ``first + i × step``, what staging
     them gives (tests/store/test_blocks.py compares both with row by row).
@@ -858,15 +858,13 @@ def _append(ap: _Applier, table: SyncTable, block: Block, columns: Columns, top:
         inserted += conn.executemany(insert + ", ".join([row] * per) + " ON CONFLICT DO NOTHING", whole).rowcount
     if rest:
         inserted += conn.executemany(insert + row + " ON CONFLICT DO NOTHING", rest).rowcount
-    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-    first = last - n + 1
-    found = conn.execute(f"SELECT count(*), (SELECT {ck} FROM {name} WHERE {key} = ?1), (SELECT {ck} FROM {name} WHERE {key} = ?2) "
-                         f"FROM {name} WHERE {key} BETWEEN ?1 AND ?2", (first, last)).fetchone()
-    if inserted != n or tuple(found) != (n, keys[0], keys[-1]):
+    first = _numbered(conn, table, n, (keys[0], keys[-1])) if inserted == n else None
+    if first is None:
         conn.execute("ROLLBACK TO p2p_fresh")
         conn.execute("RELEASE p2p_fresh")
         return None, True
     conn.execute("RELEASE p2p_fresh")
+    last = first + n - 1
     one = block.origins[used.pop()]
     logged, stored = ap.logged(one), (None if one == ap.me else ap.origins.known(one))  # (numbered as the row path numbers it)
     i = f"(x.{key} - ?3)"  # row i of the block, from its key
@@ -931,15 +929,25 @@ def _new_keys(conn: sqlite3.Connection, table: SyncTable, stage: str, inserted: 
     if table.info.key == table.conflict_column:
         return "s.k", staged, None
     if table.info.key_is_rowid_alias and inserted > 0:
-        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        first = last - inserted + 1
         ends = conn.execute(f"SELECT (SELECT k FROM temp.{stage} WHERE fresh ORDER BY n LIMIT 1), "
                             f"(SELECT k FROM temp.{stage} WHERE fresh ORDER BY n DESC LIMIT 1)").fetchone()
-        found = conn.execute(f"SELECT count(*), (SELECT {ck} FROM {name} WHERE rowid = ?1), (SELECT {ck} FROM {name} WHERE rowid = ?2) "
-                             f"FROM {name} WHERE rowid BETWEEN ?1 AND ?2", (first, last)).fetchone()
-        if found == (inserted, *ends):
+        first = _numbered(conn, table, inserted, tuple(ends))
+        if first is not None:
             return ("?3 + s.n - 1" if dense else "?3 + row_number() OVER (ORDER BY s.n) - 1"), staged, first
     return f"x.{table.info.key_expr}", f"{staged} JOIN {name} x ON x.{ck} = s.k", None
+
+
+def _numbered(conn: sqlite3.Connection, table: SyncTable, inserted: int, ends: tuple[Any, Any]) -> int | None:
+    """The first rowid of the ``inserted`` rows the last INSERT wrote into
+    ``table`` (keyed by its rowid) if SQLite numbered them one after another
+    — the range up to ``last_insert_rowid()`` holds that many rows, its
+    first and last the conflict values ``ends`` — else None."""
+    name, ck = quote_ident(table.info.name), quote_ident(table.conflict_column or "")
+    last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    first = last - inserted + 1
+    found = conn.execute(f"SELECT count(*), (SELECT {ck} FROM {name} WHERE rowid = ?1), (SELECT {ck} FROM {name} WHERE rowid = ?2) "
+                         f"FROM {name} WHERE rowid BETWEEN ?1 AND ?2", (first, last)).fetchone()
+    return first if tuple(found) == (inserted, *ends) else None
 
 
 def _origin_sql(ap: _Applier, one: str | None) -> Callable[[str, str], str]:
