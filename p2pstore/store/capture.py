@@ -54,7 +54,7 @@ from typing import Any
 from p2pstore.clock import HybridClock
 from p2pstore.errors import StoreInvalid, TableNotDistributed, TableNotFound
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import cells, origins
+from p2pstore.store import cells, origins, row_runs
 from p2pstore.store.tables import TableInfo, device_table_name, read_table_info
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ CREATE TABLE IF NOT EXISTS _p2p_failures(
     reason TEXT NOT NULL,
     at INTEGER NOT NULL
 );
-""" + cells.SCHEMA_SQL
+""" + cells.SCHEMA_SQL + row_runs.SCHEMA_SQL
 
 #: Columns added to capture tables after their first release, with their
 #: definitions: ``ensure_schema`` adds them to files made before.

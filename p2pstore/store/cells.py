@@ -59,7 +59,7 @@ from typing import Any, Protocol
 
 from p2pstore.errors import CompositeKeyNotSupported, TableNotFound
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import origins
+from p2pstore.store import origins, row_runs
 from p2pstore.store.tables import TableInfo, read_table_info
 
 log = logging.getLogger(__name__)
@@ -385,6 +385,9 @@ def clocks_view(conn: sqlite3.Connection) -> None:
             f"{device.format('r.prev_origin')} FROM main._p2p_rows r JOIN main.{keys.table} x ON {same_key('r.pk', 'x.' + keys.key)} "
             f"JOIN main._p2p_sync_columns s ON s.tbl = '{keys.name.replace(chr(39), chr(39) * 2)}' WHERE r.tid = {keys.tid} "
             f"AND NOT EXISTS (SELECT 1 FROM main._p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{keys.ck} AND c.col = s.col)")
+    parts.append(  # (a collaborative device table's rows appended together: a run of clocks, store/row_runs.py)
+        f"SELECT e.tid, e.ck, '*', e.hlc, {device.format('e.origin')}, e.seq, NULL, NULL FROM {row_runs.entries_sql()} e "
+        "WHERE NOT EXISTS (SELECT 1 FROM main._p2p_cells c WHERE c.tid = e.tid AND c.ck = e.ck AND c.col = '*')")
     conn.execute("DROP VIEW IF EXISTS temp._p2p_clocks")
     conn.execute(f"CREATE TEMP VIEW _p2p_clocks AS {' UNION ALL '.join(parts)}")
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from p2pstore.errors import InvalidParams, ProtocolError
 from p2pstore.protocol.messages import pack_values, unpack
@@ -234,6 +234,27 @@ def sendable(t: SyncTable, rows: list[Any]) -> list[Any]:
                 unsendable(t, r[KEY])
         return [r for r in rows if not (type(r[KEY]) is str and is_raw_text(r[KEY]))]
     return rows
+
+
+class Read(NamedTuple):
+    """What a table type's ``read_block`` read of an interval: the block
+    (its rows in interval-seq order, each ending in its interval seq and
+    its size), whether it is every row up to the interval's end or the
+    budget stopped it (``fetch``), and — read with a ``limit`` — the seq of
+    its ``limit``-th row when it reached that many (the interval it holds
+    may go no further; None: it did not), and the interval seqs it read
+    where they are not its rows' (None: they are; a read grouped by key)."""
+
+    block: Block
+    complete: bool
+    end: int | None = None
+    seqs: Sequence[int] | None = None
+
+
+def limited_end(rows: Sequence[Any], complete: bool, limit: int | None, seq_at: int = 1) -> int | None:
+    """``Read.end`` of a block query's rows as read (interval seq at field
+    ``seq_at``), in interval-seq order with ``LIMIT limit``, a row a seq."""
+    return rows[-1][seq_at] if limit is not None and complete and len(rows) == limit else None
 
 
 def fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any], budget: int | None) -> tuple[list[Any], bool]:

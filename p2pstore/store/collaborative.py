@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from p2pstore.protocol.batch import HLC, KEY, ORIGIN, PREV_HLC, TOMB_HLC, TOMB_ORIGIN, TOMB_PREV_HLC, VALUES, Columns, Rows, all_none
 from p2pstore.schema.predicates import CompiledQuery, quote_ident
-from p2pstore.store import capture, origins
+from p2pstore.store import capture, origins, row_runs
 from p2pstore.store.blocks import Done, bindable, keys_stay_distinct, load, not_none, runs
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
-    IN_CHUNK, ROW_CLOCK_COLUMN, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
+    IN_CHUNK, ROW_CLOCK_COLUMN, Block, Cell, Read, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, limited_end, sendable,
+    size_sql, unsendable,
 )
 from p2pstore.store.lww import Clock, RowFailed, Target, bind, park
 from p2pstore.store.tables import TableInfo
@@ -122,8 +123,16 @@ def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int
     return iter(())
 
 
+def counts_interval(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, irregular: bool) -> bool:
+    """Whether ``read_block`` with a ``limit`` can count the batch itself:
+    every seq of the interval is a log row it reads. Always — but where the
+    whole interval spans many stamp ranges, each row's clock would be looked
+    up, so the batch is counted first and read over its own interval."""
+    return capture.interval_stamps(conn, since, last) is not None
+
+
 def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
-               budget: int | None = None, irregular: bool = False) -> tuple[Block, bool]:
+               budget: int | None = None, irregular: bool = False, limit: int | None = None) -> Read:
     """Every change of the interval in one statement, as wire rows: the
     current row of each key changed (the clock of its newest log row), or
     its delete if the row is gone. What ``read_rows`` reads, as
@@ -145,29 +154,40 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
     row before, 7 now; the sender's read of 100k rows 0.29 -> 0.19 s). A
     row's clock is worked out from its seq (``capture.stamped``) unless the
     interval spans many stamp ranges; the key column's value is the key
-    itself where the key is the rowid (or an alias of it)."""
+    itself where the key is the rowid (or an alias of it).
+
+    ``limit``: only the interval's first ``limit`` log rows (``Read.end``);
+    where a key repeats among them, read again grouped up to the last."""
     name, key = quote_ident(t.info.name), t.info.key_expr
     stamps = capture.interval_stamps(conn, since, last)
     if stamps == []:
-        return Block(t.info.name, t.key_column, t.info.columns, devices, []), True  # (nothing stamped: stable_bound keeps this from happening)
+        return Read(Block(t.info.name, t.key_column, t.info.columns, devices, []), True)  # (nothing stamped: stable_bound keeps this from happening)
     keyed = t.info.key is not None and not t.info.key_is_rowid_alias  # (its value read: the key only matches it)
     others = [c for c in t.info.columns if c != t.info.key or keyed]
     cols = "".join(f", x.{quote_ident(c)}" for c in others)
     hlc, stamped_from = (capture.hlc_sql("seq"), "1") if stamps is None else ("NULL", str(stamps[0][0]))
     own = f"FROM _p2p_log WHERE seq > ?1 AND seq <= ?2 AND tid = ?3 AND origin IS NULL AND seq >= {stamped_from}"
     clock = ", l.hlc" if stamps is None else ""
-    for changes in (f"SELECT pk, seq, {hlc} AS hlc {own}",
-                    f"SELECT pk, seq, {hlc} AS hlc FROM (SELECT pk, max(seq) AS seq {own} GROUP BY pk)"):
-        rows, complete = fetch(
+
+    def read(changes: str, params: tuple[Any, ...]) -> tuple[list[Any], bool]:
+        return fetch(
             conn,
             f"SELECT l.pk, l.seq{clock}{cols}, CASE WHEN x.{key} IS NULL THEN -1 ELSE {size_sql(t.info.columns, 'x.')} END "
             f"FROM ({changes}) l LEFT JOIN {name} x ON x.{key} = l.pk WHERE {'l.hlc IS NOT NULL' if stamps is None else '1'} "
-            "ORDER BY l.seq",
-            (since, last, t.tid), budget,
+            f"ORDER BY l.seq{' LIMIT ?4' if len(params) > 3 else ''}",  # (the LIMIT counts the rows read, in seq order)
+            params, budget,
         )
-        if len(set(map(_KEY, rows))) == len(rows):
-            break
-    return Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, _wire_rows(t.info, rows, stamps, others))), complete
+
+    rows, complete = read(f"SELECT pk, seq, {hlc} AS hlc {own}", (since, last, t.tid, *((limit,) if limit is not None else ())))
+    end, seqs = limited_end(rows, complete, limit), None
+    if len(set(map(_KEY, rows))) != len(rows):  # (a key repeats: read again grouped, over the interval the flat read held)
+        upto = rows[-1][1] if limit is not None else last
+        seqs = [row[1] for row in rows]
+        rows, grouped_complete = read(f"SELECT pk, seq, {hlc} AS hlc FROM (SELECT pk, max(seq) AS seq {own} GROUP BY pk)",
+                                      (since, upto, t.tid))
+        complete = complete and grouped_complete
+    block = Block(t.info.name, t.key_column, t.info.columns, devices, sendable(t, _wire_rows(t.info, rows, stamps, others)))
+    return Read(block, complete, end, seqs)
 
 
 def _wire_rows(info: TableInfo, read: list[Any], stamps: list[tuple[int, int]] | None, others: list[str]) -> Sequence[Any]:
@@ -267,9 +287,7 @@ def merge_row(ap: _Applier, target: Target, row: RowChange) -> bool:
     table = target.table
     if row.key_column != table.key_column:
         raise RowFailed(f"schema_mismatch: {table.info.name} is keyed by {table.key_column or 'rowid'} here, by {row.key_column or 'rowid'} on {ap.sender}")
-    stored = ap.conn.execute(
-        "SELECT hlc, origin FROM _p2p_cells WHERE tid = ? AND ck = ? AND col = ?", (target.dest_tid, row.key, ROW_CLOCK_COLUMN)
-    ).fetchone()
+    stored = _stored_clocks(ap.conn, target.dest_tid, [row.key]).get(row.key)
     if stored is not None and clock <= (stored[0], ap.local(stored[1])):
         return False  # stale or repeated
     dest = quote_ident(target.dest)
@@ -316,14 +334,10 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
         if not keys_stay_distinct(conn, target.dest, key_col, types[name]):
             return False
         stored[name], existing[name] = {}, set()
+        stored[name] = {ck: (hlc, ap.local(origin)) for ck, (hlc, origin) in _stored_clocks(conn, target.dest_tid, table_keys).items()}
         for i in range(0, len(table_keys), IN_CHUNK):
             chunk = table_keys[i:i + IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            for ck, hlc, origin in conn.execute(
-                f"SELECT ck, hlc, origin FROM _p2p_cells WHERE tid = ? AND col = ? AND ck IN ({marks})",
-                (target.dest_tid, ROW_CLOCK_COLUMN, *chunk),
-            ):
-                stored[name][ck] = (hlc, ap.local(origin))
             existing[name].update(
                 r[0] for r in conn.execute(
                     f"SELECT {quote_ident(key_col)} FROM {quote_ident(target.dest)} WHERE {quote_ident(key_col)} IN ({marks})", chunk
@@ -376,6 +390,21 @@ def merge_bulk(ap: _Applier, rows: Sequence[RowChange], keys: dict[str, list[Val
     return True
 
 
+def _stored_clocks(conn: sqlite3.Connection, dest_tid: int, keys: Sequence[Value]) -> dict[Value, tuple[int, int | None]]:
+    """The row clock (hlc, stored origin) held here for each of ``keys`` of
+    device table ``dest_tid`` that has one: its ``*`` entry, else its run's
+    (store/row_runs.py)."""
+    found: dict[Value, tuple[int, int | None]] = {}
+    for i in range(0, len(keys), IN_CHUNK):
+        chunk = keys[i:i + IN_CHUNK]
+        for ck, hlc, origin in conn.execute(
+            f"SELECT ck, hlc, origin FROM _p2p_cells WHERE tid = ? AND col = ? AND ck IN ({', '.join('?' * len(chunk))})",
+            (dest_tid, ROW_CLOCK_COLUMN, *chunk),
+        ):
+            found[ck] = (hlc, origin)
+    return row_runs.clocks(conn, dest_tid, [k for k in keys if k not in found]) | found
+
+
 def _past_every_key(conn: sqlite3.Connection, dest_tid: int, dest: str, key: str, least: int) -> bool:
     """Whether a block of integer keys from ``least`` up is past every key
     the device table and its row clocks hold — a peer's rows appended since
@@ -384,9 +413,11 @@ def _past_every_key(conn: sqlite3.Connection, dest_tid: int, dest: str, key: str
     ``fresh`` stays 1, ``existed`` NULL). Two index lookups. Integers only:
     they compare the same under any collation and affinity, and a text or
     blob key held here sorts after every integer, so it never lets the
-    shortcut pass wrongly."""
+    shortcut pass wrongly. (The run holding the highest key starts last:
+    store/row_runs.py.)"""
     past = conn.execute(
-        f"SELECT (SELECT max({key}) FROM {dest}) < ?2, (SELECT max(ck) FROM _p2p_cells WHERE tid = ?1) < ?2", (dest_tid, least)
+        f"SELECT (SELECT max({key}) FROM {dest}) < ?2, (SELECT max(ck) FROM _p2p_cells WHERE tid = ?1) < ?2, "
+        "(SELECT last FROM _p2p_row_runs WHERE tid = ?1 ORDER BY first DESC LIMIT 1) < ?2", (dest_tid, least)
     ).fetchone()
     return all(p is None or p for p in past)  # (None: nothing held there)
 
@@ -415,12 +446,18 @@ def write_block(ap: _Applier, block: Block, columns: Columns, kind: type) -> Don
             and any(c != key_col for c in block.columns)):  # (keys whose differences SQLite computes exactly)
         return _append(ap, target, block, columns, top, key_step, hlc_step)
     stage = load(conn, block, columns)
-    newer = f"(c.hlc > coalesce({stage}.hlc, {stage}.th) OR (c.hlc = coalesce({stage}.hlc, {stage}.th) AND " \
-            f"{origins.device_sql('c.origin', '?3')} >= ?2))"
+    def newer(hlc: str, origin: str) -> str:  # (a clock held here not older than the staged row's)
+        return (f"({hlc} > coalesce({stage}.hlc, {stage}.th) OR ({hlc} = coalesce({stage}.hlc, {stage}.th) AND "
+                f"{origins.device_sql(origin, '?3')} >= ?2))")
     if not every_fresh:
+        own_entry = f"SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {stage}.k AND c.col = '*'"
+        # (no entry of its own: its run's clock, if a run holds it, store/row_runs.py)
+        run_newer = (f" AND (EXISTS ({own_entry}) OR NOT EXISTS (SELECT 1 FROM _p2p_row_runs r WHERE "
+                     f"{row_runs.holds('?1', stage + '.k')} AND {newer(row_runs.hlc_sql(stage + '.k'), 'r.origin')}))"
+                     if row_runs.any_in(conn, target.dest_tid) else "")
         conn.execute(
             f"UPDATE temp.{stage} SET existed = EXISTS (SELECT 1 FROM {dest} d WHERE d.{key} = {stage}.k), "
-            f"fresh = NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = ?1 AND c.ck = {stage}.k AND c.col = '*' AND {newer})",
+            f"fresh = NOT EXISTS ({own_entry} AND {newer('c.hlc', 'c.origin')}){run_newer}",
             (target.dest_tid, ap.sender, ap.me),
         )
     if not all_none(fields[TOMB_HLC]):
@@ -465,7 +502,9 @@ def _append(ap: _Applier, target: Target, block: Block, columns: Columns, top: i
     statement binds its first key, a row only its values — and their row
     clocks and log rows are written from the keys just written: row *i*
     gets seq ``top + 1 + i`` and clock ``first + i × step``, what staging
-    them gives (tests/store/test_blocks.py compares both with row by row).
+    them gives (tests/store/test_blocks.py compares both with row by row);
+    keys one more each time (rowids) share one run of clocks
+    (store/row_runs.py), others get a ``*`` entry each.
     No staging table: a fifth of the receiver's store work on the benches'
     rows."""
     conn, fields, n = ap.conn, columns.fields, len(block.rows)
@@ -486,10 +525,13 @@ def _append(ap: _Applier, target: Target, block: Block, columns: Columns, top: i
     row = f"(x.{key} - ?3) / ?4"
     written = f"FROM {dest} x WHERE x.{key} BETWEEN ?5 AND ?6"
     span = (fields[HLC][0], keys[0], key_step, min(keys[0], keys[-1]), max(keys[0], keys[-1]), hlc_step)
-    conn.execute(
-        f"INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) SELECT ?8, x.{key}, '*', ?2 + {row} * ?7, ?9, ?1 + 1 + {row} {written}",
-        (top, *span, target.dest_tid, ap.stored(ap.sender)),
-    )
+    if key_step == 1:  # (one run holds their clocks: store/row_runs.py)
+        row_runs.write(conn, target.dest_tid, keys[0], keys[-1], fields[HLC][0], hlc_step, ap.stored(ap.sender), top + 1)
+    else:
+        conn.execute(
+            f"INSERT INTO _p2p_cells(tid, ck, col, hlc, origin, seq) SELECT ?8, x.{key}, '*', ?2 + {row} * ?7, ?9, ?1 + 1 + {row} {written}",
+            (top, *span, target.dest_tid, ap.stored(ap.sender)),
+        )
     log = "INSERT INTO _p2p_log(seq, tid, pk, op, hlc, origin, ck) "
     if ap.log_all:
         conn.execute(log + f"SELECT ?1 + 1 + {row}, ?8, x.{key}, {OP_INSERT}, ?2 + {row} * ?7, ?9, NULL {written}",

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture, cells
+from p2pstore.store import capture, cells, row_runs
 from p2pstore.store.capture import CaptureState, get_meta, set_meta
 from p2pstore.store.changes import (
     COLLABORATIVE,
@@ -319,6 +319,7 @@ def sweep(conn: sqlite3.Connection, peer: str, batch: OutBatch) -> int:
                 continue
             dest = quote_ident(device_table_name(peer, t.info.name))
             key = quote_ident(t.info.key or capture.DEVICE_ROWID_COLUMN)
+            row_runs.spell_out(conn, found[0])  # (its rows' clocks one by one: some go)
             removed += conn.execute(f"DELETE FROM {dest} WHERE {key} NOT IN ({marks})", (peer, t.tid)).rowcount
             conn.execute(f"DELETE FROM _p2p_cells WHERE tid = ? AND col = ? AND ck NOT IN ({marks})",
                          (found[0], ROW_CLOCK_COLUMN, peer, t.tid))

@@ -18,7 +18,7 @@ from p2pstore.schema.predicates import CompiledQuery
 from p2pstore.store import collaborative, single_version
 from p2pstore.store.blocks import Done
 from p2pstore.store.capture import CaptureState
-from p2pstore.store.changes import Block, RowChange, SyncTable, Value
+from p2pstore.store.changes import Block, Read, RowChange, SyncTable, Value
 from p2pstore.store.lww import Target
 from p2pstore.store.tables import TableInfo
 
@@ -44,8 +44,10 @@ class Mode(Protocol):
 
     def has_irregular_rows(self, conn: sqlite3.Connection, t: SyncTable) -> bool: ...
 
+    def counts_interval(self, conn: sqlite3.Connection, t: SyncTable, since: int, last: int, irregular: bool) -> bool: ...
+
     def read_block(self, conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
-                   budget: int | None = None, irregular: bool = ...) -> tuple[Block, bool]: ...
+                   budget: int | None = None, irregular: bool = ..., limit: int | None = None) -> Read: ...
 
     def read_irregular(self, conn: sqlite3.Connection, t: SyncTable, since: int, last: int, me: str,
                        block: Block) -> Iterator[RowChange]: ...

@@ -35,7 +35,7 @@ from p2pstore.store import capture
 from p2pstore.store.changes import SyncTable
 
 #: The store's tables that hold metadata keyed by a table's tid (and the change log, below).
-_BY_TID = ("_p2p_rows", "_p2p_cells", "_p2p_tombs", "_p2p_parked", "_p2p_resync")
+_BY_TID = ("_p2p_rows", "_p2p_cells", "_p2p_row_runs", "_p2p_tombs", "_p2p_parked", "_p2p_resync")
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pstore.schema.predicates import quote_ident
-from p2pstore.store import capture, cells
+from p2pstore.store import capture, cells, row_runs
 from p2pstore.store.capture import get_meta, set_meta
 from p2pstore.store.changes import COLLABORATIVE, IN_CHUNK, ROW_CLOCK_COLUMN, Cell, OutBatch, RowChange, store_mode, sync_tables
 from p2pstore.store.tables import read_table_info
@@ -203,10 +203,11 @@ def copy_batch(conn: sqlite3.Connection, origin: str, cursor: CopyCursor | None,
         columns = [c for c in info.columns if c != capture.DEVICE_ROWID_COLUMN]
         key_column = info.key or ""
         want = min(limit - len(rows), IN_CHUNK)
-        sql = (f"SELECT x.{key}, c.hlc{''.join(', x.' + quote_ident(c) for c in columns)} FROM {quote_ident(name)} x "
-               f"LEFT JOIN _p2p_cells c ON c.tid = ? AND c.ck = x.{key} AND c.col = ?"
-               + (f" WHERE x.{key} > ?" if last_key is not None else "") + f" ORDER BY x.{key} LIMIT ?")
-        page = conn.execute(sql, (tid, ROW_CLOCK_COLUMN, *((last_key,) if last_key is not None else ()), want)).fetchall()
+        sql = (f"SELECT x.{key}, coalesce(c.hlc, {row_runs.hlc_sql('x.' + key)}){''.join(', x.' + quote_ident(c) for c in columns)} "
+               f"FROM {quote_ident(name)} x LEFT JOIN _p2p_cells c ON c.tid = ?1 AND c.ck = x.{key} AND c.col = ?2 "
+               f"LEFT JOIN _p2p_row_runs r ON {row_runs.holds('?1', 'x.' + key)}"
+               + (f" WHERE x.{key} > ?4" if last_key is not None else "") + f" ORDER BY x.{key} LIMIT ?3")
+        page = conn.execute(sql, (tid, ROW_CLOCK_COLUMN, want, *((last_key,) if last_key is not None else ()))).fetchall()
         taken = 0
         for pk, hlc, *values in page:
             rows.append(RowChange(source, key_column, pk, 0,

@@ -38,7 +38,8 @@ from p2pstore.store import accepted_schema, capture, cells, origins, policies
 from p2pstore.store.blocks import ROWS_PER_INSERT, Done, all_none, bindable, keys_stay_distinct, load, not_none, runs
 from p2pstore.store.capture import OP_DELETE, OP_INSERT, OP_UPDATE, CaptureState
 from p2pstore.store.changes import (
-    IN_CHUNK, Block, Cell, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, sendable, size_sql, unsendable,
+    IN_CHUNK, Block, Cell, Read, RowChange, SyncTable, Value, fetch, filter_sql, is_raw_text, limited_end, sendable, size_sql,
+    unsendable,
 )
 from p2pstore.store.lww import Clock, RowFailed, Stamp, Target, bind, park, same, visible
 from p2pstore.store.tables import TableInfo
@@ -129,15 +130,28 @@ def read_irregular(conn: sqlite3.Connection, t: SyncTable, since: int, last: int
     return read_rows(conn, t, since, last, me, None, set(field_of(block.rows, KEY)), only_irregular=True)
 
 
+def counts_interval(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, irregular: bool) -> bool:
+    """Whether ``read_block`` with a ``limit`` can count the batch itself:
+    every seq of the interval is a row clock it reads — no column clock
+    (``irregular``) and no tomb in the table, each a seq of its own."""
+    return not irregular and not _has_tombs(conn, t)
+
+
+def _has_tombs(conn: sqlite3.Connection, t: SyncTable) -> bool:
+    return conn.execute("SELECT 1 FROM _p2p_tombs WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is not None
+
+
 def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, devices: tuple[str, ...],
-               budget: int | None = None, irregular: bool = True) -> tuple[Block, bool]:
+               budget: int | None = None, irregular: bool = True, limit: int | None = None) -> Read:
     """The interval's *regular* rows in one statement, as wire rows: rows
     whose sync columns share one clock (a ``_p2p_rows`` entry in the
     interval, no per-column entry: store/cells.py), with their tomb if they
     have one; a value the tomb hides travels as NULL, as in
     ``read_rows``, which reads every other row. ``irregular``: the
     table may have per-column entries (without any, no row is probed for
-    them). Rows end as collaborative ``read_block``'s do."""
+    them). Rows end as collaborative ``read_block``'s do. ``limit``: only
+    the interval's first ``limit`` row clocks (``Read.end``; where
+    ``counts_interval`` says so, one row a seq)."""
     assert t.conflict_column is not None
     name, ck = quote_ident(t.info.name), quote_ident(t.conflict_column)
     columns = tuple(sorted(t.sync_columns))  # in name order, as _single_version_rows gives cells
@@ -147,10 +161,10 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
                 f"JOIN {name} x ON {cells.same_key('r.pk', 'x.' + t.info.key_expr)} {tombs}"
                 "WHERE r.seq > ?1 AND r.seq <= ?2 AND r.tid = ?3"
                 + (f" AND NOT EXISTS (SELECT 1 FROM _p2p_cells c WHERE c.tid = r.tid AND c.ck = x.{ck})" if irregular else "")
-                + " ORDER BY r.seq")  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
+                + " ORDER BY r.seq" + (" LIMIT ?5" if limit is not None else ""))  # (the budget of fetch counts in this order; changes_since re-sorts by SEQ)
 
     row_clock = "r.hlc, coalesce(r.origin, 0), r.prev_hlc, CASE WHEN r.prev_hlc IS NOT NULL THEN coalesce(r.prev_origin, 0) END"
-    if conn.execute("SELECT 1 FROM _p2p_tombs WHERE tid = ? LIMIT 1", (t.tid,)).fetchone() is None:
+    if not _has_tombs(conn, t):
         # No tomb in the table (the usual): every value shows, and no row has tomb fields. Only
         # what varies is read (a value SQLite hands Python costs more than the row's join), the
         # rest filled in a field at a time (collaborative ``read_block`` says the same).
@@ -159,9 +173,9 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
             conn,
             f"SELECT x.{ck}, r.seq, {row_clock}{''.join(f', x.{quote_ident(c)}' for c in others)}, {size_sql(columns, 'x.')} "
             + rows_of_interval(""),
-            (since, last, t.tid), budget,
+            (since, last, t.tid, *((None, limit) if limit is not None else ())), budget,
         )
-        rows = _untombed_wire_rows(read, columns, others)
+        rows, end = _untombed_wire_rows(read, columns, others), limited_end(read, complete, limit)
     else:
         me_dev = "?4"
         visible = (f"(tb.hlc IS NULL OR r.hlc > tb.hlc OR (r.hlc = tb.hlc AND {origins.device_sql('r.origin', me_dev)} > "
@@ -174,9 +188,10 @@ def read_block(conn: sqlite3.Connection, t: SyncTable, since: int, last: int, de
             "tb.prev_hlc, CASE WHEN tb.prev_hlc IS NOT NULL THEN coalesce(tb.prev_origin, 0) END, "
             f"{values}, r.seq, {size_sql(columns, 'x.')} "
             + rows_of_interval(f"LEFT JOIN _p2p_tombs tb ON tb.tid = r.tid AND tb.ck = x.{ck} "),
-            (since, last, t.tid, devices[0]), budget,
+            (since, last, t.tid, devices[0], *((limit,) if limit is not None else ())), budget,
         )
-    return Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), complete
+        end = limited_end(rows, complete, limit, seq_at=-2)
+    return Read(Block(t.info.name, t.conflict_column, columns, devices, sendable(t, rows)), complete, end)
 
 
 def _untombed_wire_rows(read: list[Any], columns: Sequence[str], others: list[str]) -> Sequence[Any]:

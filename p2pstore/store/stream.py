@@ -58,7 +58,7 @@ from p2pstore.schema.predicates import CompiledQuery, quote_ident
 from p2pstore.store import capture, modes
 from p2pstore.protocol.batch import HLC, ORIGIN, SINGLE_VERSION, TOMB_HLC, TOMB_ORIGIN, Grant, Rows, field_of
 from p2pstore.store.changes import (
-    DEFAULT_BATCH_ROWS, MAX_BATCH_ROWS, ROW_OVERHEAD, SEQ, Block, OutBatch, RowChange, SyncTable, filter_sql, origin_list,
+    DEFAULT_BATCH_ROWS, MAX_BATCH_ROWS, ROW_OVERHEAD, SEQ, Block, OutBatch, Read, RowChange, SyncTable, filter_sql, origin_list,
     read_snapshot, stable_bound, store_mode, sync_tables,
 )
 
@@ -144,26 +144,45 @@ def changes_since(
         irregular = {t.tid: modes.of(t.mode).has_irregular_rows(conn, t) for t in tables}
         blockwise = columnar and filt is None
         self_sized = blockwise and not any(irregular.values())
-        # The seqs themselves are needed only to size them here; else their number and the last.
-        sized_here = max_bytes is not None and not self_sized
-        count, top, seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt, listed=sized_here)
-        more = count == limit
-        devices = origin_list(conn, me) if blockwise and count else None
-        if seqs is not None and max_bytes is not None and count > 1:  # (seqs: only when sized here)
-            fitting = _seqs_within(conn, tables, seqs, max_bytes)
-            more = more or len(fitting) < count
-            count, top = len(fitting), fitting[-1]
-        last = top if more else max(since_seq, bound)
+        # Where every seq of the interval is a row of the blocks (the usual), they count
+        # the batch as they are read (``_limited``): no query counts it first.
+        counted = self_sized and bound > since_seq and all(
+            modes.of(t.mode).counts_interval(conn, t, since_seq, bound, irregular[t.tid]) for t in tables)
+        read: list[Read] | None = None
+        shortened = False
+        if counted:
+            devices: tuple[str, ...] | None = origin_list(conn, me)
+            budget = max_bytes
+            read = [modes.of(t.mode).read_block(conn, t, since_seq, bound, devices, budget, False, limit) for t in tables]
+            last, more = _limited(read, limit, since_seq, bound)
+            # A block read grouped by key (a key repeats) over more than the batch holds
+            # is read again over the batch: a key's newest change up to ``last``, not past it.
+            read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, False)
+                    if r.seqs is not None and max(field_of(r.block.rows, -2), default=last) > last else r
+                    for t, r in zip(tables, read)]
+            count = sum(len(r.block.rows) for r in read)
+            shortened = more  # (rows past the last seq may have been read)
+        else:
+            # The seqs themselves are needed only to size them here; else their number and the last.
+            sized_here = max_bytes is not None and not self_sized
+            count, top, seqs = _next_seqs(conn, tables, since_seq, bound, limit, filt, listed=sized_here)
+            more = count == limit
+            devices = origin_list(conn, me) if blockwise and count else None
+            if seqs is not None and max_bytes is not None and count > 1:  # (seqs: only when sized here)
+                fitting = _seqs_within(conn, tables, seqs, max_bytes)
+                more = more or len(fitting) < count
+                count, top = len(fitting), fitting[-1]
+            last = top if more else max(since_seq, bound)
         rows: list[RowChange] = []
         blocks: list[Block] = []
         if count and devices is not None:
-            budget = max_bytes if self_sized and count > 1 else None
-            read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, irregular[t.tid]) for t in tables]
+            if read is None:
+                budget = max_bytes if self_sized and count > 1 else None
+                read = [modes.of(t.mode).read_block(conn, t, since_seq, last, devices, budget, irregular[t.tid]) for t in tables]
             cut = _cut(read, budget)
-            shortened = cut is not None and cut < last
-            if shortened:
-                last, more = cut, True
-            for t, (block, _) in zip(tables, read):
+            if cut is not None and cut < last:
+                last, more, shortened = cut, True, True
+            for t, block in zip(tables, (r.block for r in read)):
                 # Whole fields at a time: a block is ~1,000 rows, kept field by field (Rows) as read.
                 kept = block._replace(rows=_wire_part(block.rows, last if shortened else None))
                 seqs = field_of(kept.rows, SEQ)
@@ -322,25 +341,41 @@ _INTERVAL_SEQ, _WIRE_ROW = itemgetter(-2), itemgetter(slice(None, -2))
 
 def _wire_part(rows: Sequence[Any], last: int | None) -> Sequence[Any]:
     """A block's rows as read without their interval seq and size; ``last``:
-    only those of the interval up to it (the batch was cut short)."""
-    if last is None and isinstance(rows, Rows):
-        return Rows(rows.fields[:-2], len(rows))
+    only those of the interval up to it (the batch was cut short). Rows as
+    read are in interval-seq order, so those are a prefix."""
+    if isinstance(rows, Rows):
+        n = len(rows) if last is None else bisect.bisect_right(rows.fields[-2], last)
+        return Rows(rows.fields[:-2] if n == len(rows) else [f[:n] for f in rows.fields[:-2]], n)
     return [_WIRE_ROW(r) for r in rows if last is None or _INTERVAL_SEQ(r) <= last]
 
 
 _SEQ = itemgetter(SEQ)
 
 
-def _cut(read: Sequence[tuple[Block, bool]], budget: int | None) -> int | None:
+def _limited(read: Sequence[Read], limit: int, since: int, bound: int) -> tuple[int, bool]:
+    """The last seq of a batch of at most ``limit`` seqs from blocks read
+    over (``since``, ``bound``] with that ``limit`` each, and whether more
+    follow: what ``_next_seqs`` would have counted. A block that reached its
+    limit holds its interval only up to its end (``Read.end``), so the batch
+    ends there at the latest — or at the ``limit``-th seq of them all."""
+    ends = [r.end for r in read if r.end is not None]
+    cap = min(ends) if ends else None
+    seqs = sorted(itertools.chain.from_iterable(field_of(r.block.rows, -2) if r.seqs is None else r.seqs for r in read))
+    if (bisect.bisect_right(seqs, cap) if cap is not None else len(seqs)) >= limit:
+        cap = seqs[limit - 1]
+    return (cap, True) if cap is not None else (max(since, bound), False)
+
+
+def _cut(read: Sequence[Read], budget: int | None) -> int | None:
     """The last seq of the longest prefix of the blocks' rows (in seq order,
     over every table) whose sizes fit ``budget`` — at least one row — or
     None when everything read fits. The same estimate as ``_seqs_within``."""
     if budget is None:
         return None
-    complete = all(done for _, done in read)
-    if complete and sum(sum(field_of(block.rows, -1)) + ROW_OVERHEAD * len(block.rows) for block, _ in read) <= budget:
+    complete = all(r.complete for r in read)
+    if complete and sum(sum(field_of(r.block.rows, -1)) + ROW_OVERHEAD * len(r.block.rows) for r in read) <= budget:
         return None  # (the usual batch: all of it fits, and no row needs sorting)
-    sizes = sorted(itertools.chain.from_iterable(zip(field_of(block.rows, -2), field_of(block.rows, -1)) for block, _ in read))
+    sizes = sorted(itertools.chain.from_iterable(zip(field_of(r.block.rows, -2), field_of(r.block.rows, -1)) for r in read))
     used = list(itertools.accumulate(map(ROW_OVERHEAD.__add__, map(itemgetter(1), sizes))))
     over = max(bisect.bisect_right(used, budget), 1)  # the first row past the budget (never the first row)
     if over < len(sizes):

@@ -88,7 +88,9 @@ def device(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
 
 
 #: Rows that differ between any two stores: each has its own stream ID.
-_OWN = {"_p2p_meta": " WHERE key != 'stream'"}
+_DEVICE_TIDS = "(SELECT tid FROM _p2p_tables WHERE kind = 'device')"
+#: A device table's row clocks: a run of them (store/row_runs.py) or an entry each, compared as the clocks they are.
+_OWN = {"_p2p_meta": " WHERE key != 'stream'", "_p2p_cells": f" WHERE tid NOT IN {_DEVICE_TIDS}"}
 #: Columns holding origin numbers (store/origins.py): local to a file, they never travel.
 
 
@@ -96,7 +98,7 @@ def _dump(r: Replica) -> dict[str, Any]:
     """Everything a store holds, exactly (temp staging tables are not in
     sqlite_master): origin numbers and ``sqlite_sequence`` included."""
     names = [n for (n,) in r.rows("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-    skip = {"_p2p_failures", "_p2p_conflicts"}
+    skip = {"_p2p_failures", "_p2p_conflicts", "_p2p_row_runs"}
     out: dict[str, Any] = {}
     for n in names:
         if n in skip:
@@ -105,6 +107,7 @@ def _dump(r: Replica) -> dict[str, Any]:
         rows = [tuple(row) for row in cursor]
         out[n] = sorted(map(repr, rows))
     return out | {
+        "device row clocks": sorted(map(repr, r.rows(f"SELECT * FROM _p2p_clocks WHERE tid IN {_DEVICE_TIDS}"))),
         "failures": r.rows("SELECT origin, tbl, change, reason, at FROM _p2p_failures ORDER BY id"),
         "conflicts": r.rows("SELECT id, tbl, ck, col, losing_value, winner, winner_hlc, loser, loser_hlc, at "
                             "FROM _p2p_conflicts ORDER BY id"),
@@ -1272,6 +1275,67 @@ def test_collaborative_rows_appended_together_go_straight_to_the_device_table(mo
     assert taken == [True] * (len(writes) + 3)
     assert len(appended) == 4 and len(staged) == 4
     assert x.rows("SELECT count(*) FROM dev_DEVA_notes") == [(sum(map(len, writes)) + 253,)]
+
+
+def test_a_run_of_row_clocks_is_each_rows_clock(monkeypatch: pytest.MonkeyPatch, device: Callable[..., Replica]) -> None:
+    """Rows appended together keyed one more each time get one run of
+    clocks (store/row_runs.py), not an entry each — and every reader takes
+    the run for each row's clock: the same block again (a repeat) applies
+    nothing set-based, in bulk or row by row; a newer change of one row
+    gets that row an entry of its own, which wins over the run; a catch-up
+    copy reads each row with its clock; with the rows gone but no entry
+    written, a repeat is still a repeat (the run still holds their keys, so
+    the block is not taken for new rows, and runs never overlap)."""
+    from p2pstore.store import restore
+
+    a = device(SENDER, COLLABORATIVE)
+    x, y = device(ME, COLLABORATIVE), device(ME, COLLABORATIVE)
+    a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join(f"({i}, 'b{i}', {i})" for i in range(1, 61)))
+    batch = a.read(0)
+    _apply_pair(monkeypatch, x, y, batch, SENDER)
+    tid = x.rows("SELECT tid FROM _p2p_tables WHERE name = 'dev_DEVA_notes'")[0][0]
+    assert x.rows("SELECT first, last FROM _p2p_row_runs") == [(1, 60)]
+    assert x.rows("SELECT count(*) FROM _p2p_cells WHERE tid = ?", [tid]) == [(0,)]
+    clocks = x.rows("SELECT ck, hlc, origin, seq FROM _p2p_clocks WHERE tid = ? ORDER BY ck", [tid])
+    assert clocks == y.rows("SELECT ck, hlc, origin, seq FROM _p2p_clocks WHERE tid = ? ORDER BY ck", [tid])
+    assert [c[0] for c in clocks] == list(range(1, 61)) and len({c[1] for c in clocks}) == 60
+    rows = decode(encode(batch, columnar=False))
+    for patches in ([("apply_block", _no_block)], [("apply_block", _no_block), ("apply_bulk", _no_bulk)]):  # in bulk; row by row
+        with monkeypatch.context() as m:
+            for name, fn in patches:
+                m.setattr(merge if name == "apply_block" else merge._Applier, name, fn)
+            assert x.apply(rows, SENDER).applied == 0
+    assert x.apply(decode(encode(batch)), SENDER).applied == 0  # set-based
+    assert x.rows("SELECT ck, hlc, origin, seq FROM _p2p_clocks WHERE tid = ? ORDER BY ck", [tid]) == clocks
+    assert x.rows("SELECT * FROM dev_DEVA_notes ORDER BY id") == y.rows("SELECT * FROM dev_DEVA_notes ORDER BY id")
+    x.apply(rows, SENDER)  # (y too, so that both have seen as much)
+    # A newer change of row 7: an entry of its own, over the run.
+    top = capture.last_seq(a.conn)
+    a.write("UPDATE notes SET body = 'new' WHERE id = 7")
+    _apply_pair(monkeypatch, x, y, a.read(top), SENDER)
+    assert x.rows("SELECT ck FROM _p2p_cells WHERE tid = ?", [tid]) == [(7,)]
+    assert x.rows("SELECT body FROM dev_DEVA_notes WHERE id = 7") == [("new",)]
+    seven = x.rows("SELECT hlc FROM _p2p_clocks WHERE tid = ? AND ck = 7", [tid])
+    assert seven == y.rows("SELECT hlc FROM _p2p_clocks WHERE tid = ? AND ck = 7", [tid]) and seven[0][0] > clocks[6][1]
+    # A catch-up copy of A's rows: each with its clock, the run's or its own.
+    copied, _ = restore.copy_batch(x.conn, SENDER, None, limit=100)
+    assert sorted((r.key, r.cells[0].hlc) for r in copied.rows) == x.rows(
+        "SELECT ck, hlc FROM _p2p_clocks WHERE tid = ? ORDER BY ck", [tid])
+    # Rows gone without an entry of their own (sync never does that; the device table's
+    # guard let through): the same block again is still a repeat, not rows past every key.
+    top = capture.last_seq(a.conn)
+    a.write("INSERT INTO tags(name, x) VALUES " + ", ".join(f"('t{i}', {i})" for i in range(5)))  # (keyed by rowid)
+    tags = a.read(top)
+    _apply_pair(monkeypatch, x, y, tags, SENDER)
+    assert x.rows("SELECT last - first FROM _p2p_row_runs r JOIN _p2p_tables t ON t.tid = r.tid AND t.name = 'dev_DEVA_tags'") == [(4,)]
+    for r in (x, y):
+        other = r.outside()
+        other.executescript("INSERT INTO _p2p_apply(x) VALUES (1); DELETE FROM dev_DEVA_tags; DELETE FROM _p2p_apply")
+        other.close()
+    later = dataclasses.replace(tags, blocks=tuple(b._replace(rows=list(b.rows)[1:]) for b in tags.blocks))  # (its rows but the first)
+    for again in (tags, later):
+        _apply_pair(monkeypatch, x, y, again, SENDER)
+        assert x.rows("SELECT count(*) FROM dev_DEVA_tags") == [(0,)]
 
 
 def test_single_version_rows_never_seen_go_straight_into_the_table(monkeypatch: pytest.MonkeyPatch,

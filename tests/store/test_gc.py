@@ -173,10 +173,9 @@ def test_a_peer_behind_what_was_forgotten_is_resynced_without_resurrection(devic
 
 def test_collaborative_own_log_is_forgotten_and_a_late_peer_resynced(device) -> None:
     a, b, c = (device(i, kind="collaborative") for i in ("DEVA", "DEVB", "DEVC"))
-    for i in range(8):
-        a.write("INSERT INTO notes(id, body, n) VALUES (?, 'x', ?)", (i, i))
+    a.write("INSERT INTO notes(id, body, n) VALUES " + ", ".join(f"({i}, 'x', {i})" for i in range(8)))
     gc_push(a, b)
-    gc_push(a, c)
+    gc_push(a, c, limit=8)  # (rows appended together: one run of clocks on C, store/row_runs.py)
     a.write("DELETE FROM notes WHERE n < 3")
     a.write("UPDATE notes SET body = 'y' WHERE id = 5")
     gc_push(a, b)
@@ -193,8 +192,13 @@ def test_collaborative_own_log_is_forgotten_and_a_late_peer_resynced(device) -> 
     assert count(a, "_p2p_log") == 2
     expected = a.rows("SELECT id, body, n FROM notes ORDER BY id")
     dev_a = device_table_name("DEVA", "notes")
+    runs_before = count(c, "_p2p_row_runs")
     assert gc_push(a, c) == "resync"
     assert c.rows(f'SELECT id, body, n FROM "{dev_a}" ORDER BY id') == expected
+    # The rows the snapshot did not hold went with their clocks, a run's too (store/row_runs.py).
+    assert runs_before == 1 and count(c, "_p2p_row_runs") == 0
+    assert c.rows("SELECT ck FROM _p2p_clocks WHERE tid = (SELECT tid FROM _p2p_tables WHERE name = ?) ORDER BY ck",
+                  [dev_a]) == [(k,) for k, _, _ in expected]
     assert gc_push(a, c) == "stream"
     # A later change still wins over the snapshot's clocks on C.
     a.write("UPDATE notes SET body = 'z' WHERE id = 4")
