@@ -497,3 +497,25 @@ def test_unsent_rows_counts_relayed_rows_single_version(device) -> None:
     assert _unsent(b, c) == 3 == _sent_rows(b, 0)  # B passes A's rows on
     b.push(c)
     assert _unsent(b, c) == 0
+
+
+_SIZED = [None, 0, -5, 2 ** 62, -(2 ** 63), 1.5, -0.0, float("inf"), "", "abc", "12", "1e5", " 7", "é", "\x00x", b"", b"\x00\x01",
+          b"abc" * 40, "x" * 300]
+
+
+@pytest.mark.parametrize("decl", ["INTEGER", "TEXT", "REAL", "BLOB", "NUMERIC", "", "TEXT COLLATE NOCASE", "TEXT COLLATE RTRIM"])
+def test_a_row_size_counts_text_and_blobs_by_length_and_anything_else_as_8(decl: str) -> None:
+    """``changes.size_sql`` (the byte bound's size of a row): ``length()`` of
+    a text or blob value, 8 for a number or NULL — whatever the column's
+    affinity or collation turned the value into, and with ``>= ''`` in
+    place of ``typeof()`` the same as ``typeof()`` says."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"CREATE TABLE t(v {decl})")
+    conn.executemany("INSERT INTO t(v) VALUES (?)", [(v,) for v in _SIZED])
+    by_type = "CASE typeof(v) WHEN 'text' THEN length(v) WHEN 'blob' THEN length(v) ELSE 8 END"
+    got = conn.execute(f"SELECT typeof(v), {changes.size_sql(['v'], '')}, {by_type} FROM t").fetchall()
+    assert {t for t, _, _ in got} >= ({"integer", "real", "null", "text", "blob"} if decl in ("", "BLOB") else {"text", "null"})
+    assert [size for _, size, _ in got] == [expected for _, _, expected in got]
+    conn.close()
