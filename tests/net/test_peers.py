@@ -408,6 +408,19 @@ async def test_inbound_channels_beyond_three_times_the_set_are_closed_oldest_fir
     hub = devices("hub", active_set=1, full_mesh_peers=1)
     others = [devices(f"o{i}") for i in range(6)]
     trust_each_other(hub, *others)
+    # What each prune saw and did: the links it kept are those of that moment (the active
+    # set changes as devices arrive), so which channels went is judged against them.
+    pruned: list[tuple[frozenset[str], list[str], list[str]]] = []
+    real_prune = hub.manager._prune
+
+    def prune(now: float) -> float:
+        links = frozenset(hub.manager.overlay.links())
+        live = sorted((c.opened_at, p) for p, c in hub.manager._channels.items() if not c.closed)
+        due = real_prune(now)
+        pruned.append((links, [p for _, p in live], [p for p, c in hub.manager._channels.items() if c.closed]))
+        return due
+
+    hub.manager._prune = prune  # type: ignore[method-assign]
     for d in (hub, *others):
         await d.manager.start()
     for o in others:  # each dials the hub by hand; the hub dials nobody (it knows no address)
@@ -420,9 +433,13 @@ async def test_inbound_channels_beyond_three_times_the_set_are_closed_oldest_fir
     await eventually(lambda: len(hub.manager.channels()) <= bound, 5.0, "the hub keeps at most 3 × active_set channels")
     kept = set(hub.manager.channels())
     assert kept >= links  # its links stay
-    outside = [o.id for o in others if o.id not in links]  # in the order they connected
-    room = bound - len(links)
-    assert kept == links | set(outside[len(outside) - room:] if room else [])  # the oldest went first, no more
+    # Each prune closed the oldest channels outside the links of its moment, only as many as went past the cap.
+    closing = [(links_then, live, [p for p in live if p in closed]) for links_then, live, closed in pruned]
+    assert any(gone for _, _, gone in closing)
+    for links_then, live, gone in closing:
+        if gone:
+            assert not set(gone) & links_then
+            assert gone == [p for p in live if p not in links_then][:len(live) - 3]
     await asyncio.sleep(0.3)
     assert set(hub.manager.channels()) == kept
 
