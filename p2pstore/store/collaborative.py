@@ -413,11 +413,10 @@ def _past_every_key(conn: sqlite3.Connection, dest_tid: int, dest: str, key: str
     ``fresh`` stays 1, ``existed`` NULL). Two index lookups. Integers only:
     they compare the same under any collation and affinity, and a text or
     blob key held here sorts after every integer, so it never lets the
-    shortcut pass wrongly. (The run holding the highest key starts last:
-    store/row_runs.py.)"""
+    shortcut pass wrongly."""
     past = conn.execute(
         f"SELECT (SELECT max({key}) FROM {dest}) < ?2, (SELECT max(ck) FROM _p2p_cells WHERE tid = ?1) < ?2, "
-        "(SELECT last FROM _p2p_row_runs WHERE tid = ?1 ORDER BY first DESC LIMIT 1) < ?2", (dest_tid, least)
+        f"{row_runs.last_key_sql('?1')} < ?2", (dest_tid, least)
     ).fetchone()
     return all(p is None or p for p in past)  # (None: nothing held there)
 

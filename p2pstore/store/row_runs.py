@@ -18,7 +18,7 @@ keys), and only rows past every key the table and its clocks held
 and the run with the highest ``first`` holds the highest key.
 
 Every reader of a row's clock reads it through here: ``holds`` (SQL),
-``clocks`` (Python), ``spell_out``; ``cells.clocks_view`` shows each run's
+``clocks`` (Python), ``last_key_sql``, ``spell_out``; ``cells.clocks_view`` shows each run's
 keys as the entries they stand for (``entries_sql``). Writing the run instead of a row each
 took a fifth of the receiver's store work off a large collaborative push
 (docs/performance.md, round 15).
@@ -74,10 +74,11 @@ def any_in(conn: sqlite3.Connection, tid: int) -> bool:
     return conn.execute("SELECT 1 FROM _p2p_row_runs WHERE tid = ? LIMIT 1", (tid,)).fetchone() is not None
 
 
-def last_key(conn: sqlite3.Connection, tid: int) -> int | None:
-    """The highest key a run of device table ``tid`` holds (None: no run)."""
-    row = conn.execute("SELECT last FROM _p2p_row_runs WHERE tid = ? ORDER BY first DESC LIMIT 1", (tid,)).fetchone()
-    return None if row is None else int(row[0])
+def last_key_sql(tid: str) -> str:
+    """SQL: the highest key a run of device table ``tid`` holds (NULL: no
+    run) — the last run's: runs never overlap and each starts past every
+    key before it."""
+    return f"(SELECT last FROM _p2p_row_runs WHERE tid = {tid} ORDER BY first DESC LIMIT 1)"
 
 
 def clocks(conn: sqlite3.Connection, tid: int, keys: Sequence[Any]) -> dict[Any, tuple[int, int | None]]:
